@@ -1,0 +1,46 @@
+"""openflamingo-hf: OpenFlamingo as a transformers model.
+
+Importing this package registers the model with the Auto classes: `AutoConfig`, `AutoModelForImageTextToText`,
+`AutoModelForVision2Seq` (transformers 4.x), `AutoImageProcessor` and `AutoProcessor`.
+"""
+
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor
+
+from .configuration_openflamingo import OpenFlamingoConfig
+from .image_processing_openflamingo import OpenFlamingoImageProcessor
+from .modeling_openflamingo import (
+    OpenFlamingoCausalLMOutputWithPast,
+    OpenFlamingoForConditionalGeneration,
+    OpenFlamingoImageCache,
+    OpenFlamingoPreTrainedModel,
+)
+from .processing_openflamingo import OpenFlamingoProcessor
+
+__version__ = "0.1.0"
+
+AutoConfig.register("openflamingo", OpenFlamingoConfig, exist_ok=True)
+AutoModelForImageTextToText.register(OpenFlamingoConfig, OpenFlamingoForConditionalGeneration, exist_ok=True)
+try:  # transformers 4.x only
+    from transformers import AutoModelForVision2Seq
+
+    AutoModelForVision2Seq.register(OpenFlamingoConfig, OpenFlamingoForConditionalGeneration, exist_ok=True)
+except ImportError:
+    pass
+AutoImageProcessor.register(OpenFlamingoConfig, slow_image_processor_class=OpenFlamingoImageProcessor, exist_ok=True)
+AutoProcessor.register(OpenFlamingoConfig, OpenFlamingoProcessor, exist_ok=True)
+
+# `save_pretrained` writes an `auto_map` and copies the code, so saved folders load with `trust_remote_code=True`.
+OpenFlamingoConfig.register_for_auto_class()
+OpenFlamingoForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+OpenFlamingoImageProcessor.register_for_auto_class("AutoImageProcessor")
+OpenFlamingoProcessor.register_for_auto_class("AutoProcessor")
+
+__all__ = [
+    "OpenFlamingoCausalLMOutputWithPast",
+    "OpenFlamingoConfig",
+    "OpenFlamingoForConditionalGeneration",
+    "OpenFlamingoImageCache",
+    "OpenFlamingoImageProcessor",
+    "OpenFlamingoPreTrainedModel",
+    "OpenFlamingoProcessor",
+]

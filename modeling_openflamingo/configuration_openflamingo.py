@@ -1,0 +1,121 @@
+"""Configuration of OpenFlamingo: CLIP vision tower + Perceiver Resampler + gated cross-attention into a causal LM."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig, CLIPVisionConfig, PretrainedConfig
+
+# CLIP ViT-L/14 at 224 px (OpenAI weights), the vision tower of every released OpenFlamingo model.
+VIT_L_14_CONFIG: dict[str, Any] = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "patch_size": 14,
+    "image_size": 224,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "projection_dim": 768,
+}
+
+
+class OpenFlamingoConfig(PretrainedConfig):
+    r"""
+    Configuration of [`OpenFlamingoForConditionalGeneration`].
+
+    Args:
+        vision_config (`CLIPVisionConfig` or `dict`, *optional*):
+            The vision tower. Defaults to CLIP ViT-L/14 at 224 px with QuickGELU (the released models).
+        text_config (`PretrainedConfig` or `dict`, *optional*):
+            The language model's own config (`mpt`, `gpt_neox`, `llama`, or any decoder-only causal LM that
+            `AutoModelForCausalLM.from_config` builds). MosaicGPT (OpenFlamingo-3B) is an `MptConfig` whose
+            `attn_config.qk_ln` is `True`. Defaults to an `MptConfig`.
+        cross_attn_every_n_layers (`int`, defaults to 1):
+            A gated cross-attention block is placed before decoder layer `i` (0-based) when `(i + 1) % N == 0`.
+        cross_attn_heads (`int`, defaults to 8), cross_attn_dim_head (`int`, defaults to 64),
+        cross_attn_ff_mult (`int`, defaults to 4):
+            Shape of the gated cross-attention blocks.
+        only_attend_immediate_media (`bool`, defaults to `True`):
+            A text token attends only to the latents of the latest image at or before it. `False` lets it attend to
+            the latents of every image at or before it.
+        perceiver_depth (`int`, defaults to 6), perceiver_heads (`int`, defaults to 8),
+        perceiver_dim_head (`int`, defaults to 64), perceiver_num_latents (`int`, defaults to 64),
+        perceiver_ff_mult (`int`, defaults to 4):
+            Shape of the Perceiver Resampler.
+        use_cache (`bool`, defaults to `True`): whether the LM returns its key/value cache (also set on `text_config`).
+        media_token_id (`int`, *optional*): id of `<image>`.
+        eoc_token_id (`int`, *optional*): id of `<|endofchunk|>`.
+        pad_token_id (`int`, *optional*): id of `<PAD>`.
+    """
+
+    model_type = "openflamingo"
+    sub_configs = {"vision_config": CLIPVisionConfig, "text_config": AutoConfig}
+
+    def __init__(
+        self,
+        vision_config: CLIPVisionConfig | dict[str, Any] | None = None,
+        text_config: PretrainedConfig | dict[str, Any] | None = None,
+        cross_attn_every_n_layers: int = 1,
+        cross_attn_heads: int = 8,
+        cross_attn_dim_head: int = 64,
+        cross_attn_ff_mult: int = 4,
+        only_attend_immediate_media: bool = True,
+        perceiver_depth: int = 6,
+        perceiver_heads: int = 8,
+        perceiver_dim_head: int = 64,
+        perceiver_num_latents: int = 64,
+        perceiver_ff_mult: int = 4,
+        media_token_id: int | None = None,
+        eoc_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        use_cache: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        if vision_config is None:
+            vision_config = CLIPVisionConfig(**VIT_L_14_CONFIG)
+        elif isinstance(vision_config, dict):
+            vision_config = CLIPVisionConfig(**{k: v for k, v in vision_config.items() if k != "model_type"})
+        if text_config is None:
+            text_config = AutoConfig.for_model("mpt")
+        elif isinstance(text_config, dict):
+            if "model_type" not in text_config:
+                raise ValueError("`text_config` needs a `model_type` (for example 'mpt', 'gpt_neox' or 'llama').")
+            text_config = dict(text_config)
+            text_config = AutoConfig.for_model(text_config.pop("model_type"), **text_config)
+        if cross_attn_every_n_layers < 1:
+            raise ValueError(f"`cross_attn_every_n_layers` must be >= 1, got {cross_attn_every_n_layers}.")
+        # The composite's `use_cache` governs generation (transformers' MptConfig defaults it to False).
+        text_config.use_cache = use_cache
+        self.use_cache = use_cache
+        self.vision_config = vision_config
+        self.text_config = text_config
+        self.cross_attn_every_n_layers = cross_attn_every_n_layers
+        self.cross_attn_heads = cross_attn_heads
+        self.cross_attn_dim_head = cross_attn_dim_head
+        self.cross_attn_ff_mult = cross_attn_ff_mult
+        self.only_attend_immediate_media = only_attend_immediate_media
+        self.perceiver_depth = perceiver_depth
+        self.perceiver_heads = perceiver_heads
+        self.perceiver_dim_head = perceiver_dim_head
+        self.perceiver_num_latents = perceiver_num_latents
+        self.perceiver_ff_mult = perceiver_ff_mult
+        self.media_token_id = media_token_id
+        self.eoc_token_id = eoc_token_id
+        kwargs.setdefault("tie_word_embeddings", getattr(text_config, "tie_word_embeddings", False))
+        super().__init__(pad_token_id=pad_token_id, **kwargs)
+        # transformers 5.x no longer keeps token ids on the base config: keep ours explicitly.
+        self.pad_token_id = pad_token_id
+
+    @property
+    def cross_attn_layer_indices(self) -> list[int]:
+        """Indices of the decoder layers that a gated cross-attention block precedes."""
+        n = self.cross_attn_every_n_layers
+        return [i for i in range(self.text_config.num_hidden_layers) if (i + 1) % n == 0]
+
+    def get_text_config(self, *args: Any, **kwargs: Any) -> PretrainedConfig:
+        """The language model's config (used by generation and cache utilities)."""
+        return self.text_config
+
+
+__all__ = ["OpenFlamingoConfig"]

@@ -1,0 +1,729 @@
+"""OpenFlamingo as a transformers model.
+
+A frozen CLIP vision tower (`CLIPVisionModel`, patch features taken *without* `post_layernorm`) feeds a Perceiver
+Resampler; gated cross-attention blocks, kept outside the language model, run before every N-th decoder layer of an
+unmodified transformers causal LM (`AutoModelForCausalLM.from_config`). The LM's parameters keep their native names
+under `language_model.`.
+
+How the blocks reach the LM: each decoder layer that a block precedes gets a thin subclass of its own class (same
+name, same parameters) whose `__call__` applies the block to the layer's hidden states and then calls the layer
+unchanged. It reads the images of the running forward from a context variable that exists only for the duration of
+`OpenFlamingoForConditionalGeneration.forward`, so nothing is stored on modules between calls and the layers' own
+argument lists are never inspected. The block runs outside the layer's own gradient checkpoint and is checkpointed
+on its own, with the image tensors as explicit inputs.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, CLIPVisionModel, GenerationMixin, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput, logging
+
+from .configuration_openflamingo import OpenFlamingoConfig
+
+try:  # transformers >= 5: initialisers that leave loaded weights alone
+    from transformers import initialization as init
+except ImportError:  # transformers 4.x
+    from torch.nn import init
+
+logger = logging.get_logger(__name__)
+
+# transformers 5.24 renamed the cache argument and output field from `past_key_values` to `cache`.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+@dataclass
+class OpenFlamingoImageCache(ModelOutput):
+    """
+    What a continued forward (a decoding step, a scored continuation) needs of the images.
+
+    Args:
+        key_values (`tuple(tuple(torch.FloatTensor))`):
+            For each gated cross-attention block, in layer order, its keys and values over the image latents, each of
+            shape `(batch_size, heads, num_images * num_latents, dim_head)`.
+        last_image_index (`torch.LongTensor` of shape `(batch_size,)`):
+            The 1-based number of the last image of each row so far (0: the row has none); tokens that follow see it.
+    """
+
+    key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
+    last_image_index: torch.LongTensor | None = None
+
+
+@dataclass
+class OpenFlamingoCausalLMOutputWithPast(ModelOutput):
+    """
+    Output of [`OpenFlamingoForConditionalGeneration`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
+            The LM's shifted cross-entropy, mean over the label tokens that are not -100.
+        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
+            Scores of the language modelling head.
+        past_key_values (`Cache`, *optional*, returned when `use_cache=True`):
+            The language model's key/value cache (also exposed as `cache` on transformers >= 5.24).
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*): the LM's hidden states, when asked for.
+        attentions (`tuple(torch.FloatTensor)`, *optional*): the LM's self-attention weights, when asked for.
+        image_hidden_states (`torch.FloatTensor` of shape `(batch_size, num_images, num_latents, vision_hidden_size)`):
+            The Perceiver Resampler's output for the images of the batch, when images were given.
+        image_cache ([`OpenFlamingoImageCache`], *optional*, returned with a cache when images are involved):
+            Pass it back, with `past_key_values`, to continue these rows without re-encoding the images.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    # `past_key_values`, or `cache` on transformers >= 5.24 (whose ModelOutput maps the old name to the new one)
+    __annotations__[_CACHE_FIELD] = "Any | None"
+    vars()[_CACHE_FIELD] = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+    image_cache: OpenFlamingoImageCache | None = None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class OpenFlamingoFeedForward(nn.Module):
+    """LayerNorm -> Linear(dim, mult * dim) -> exact GELU -> Linear(mult * dim, dim), no biases in the Linears."""
+
+    def __init__(self, dim: int, mult: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, dim * mult, bias=False)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(dim * mult, dim, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(self.norm(hidden_states))))
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """`(..., seq, heads * dim_head)` -> `(..., heads, seq, dim_head)`."""
+    return x.unflatten(-1, (heads, -1)).transpose(-3, -2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """`(..., heads, seq, dim_head)` -> `(..., seq, heads * dim_head)`."""
+    return x.transpose(-3, -2).flatten(-2)
+
+
+class OpenFlamingoPerceiverAttention(nn.Module):
+    """Latents attend to `[media; latents]`; LayerNorms on media and latents, one Linear for keys and values."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int) -> None:
+        super().__init__()
+        self.heads = heads
+        inner = heads * dim_head
+        self.norm_media = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """`media`: `(..., num_media_tokens, dim)`, `latents`: `(..., num_latents, dim)` -> `(..., num_latents, dim)`."""
+        media = self.norm_media(media)
+        latents = self.norm_latents(latents)
+        q = _split_heads(self.to_q(latents), self.heads)
+        k, v = self.to_kv(torch.cat((media, latents), dim=-2)).chunk(2, dim=-1)
+        out = F.scaled_dot_product_attention(q, _split_heads(k, self.heads), _split_heads(v, self.heads))
+        return self.to_out(_merge_heads(out))
+
+
+class OpenFlamingoPerceiverLayer(GradientCheckpointingLayer):
+    def __init__(self, dim: int, heads: int, dim_head: int, ff_mult: int) -> None:
+        super().__init__()
+        self.attn = OpenFlamingoPerceiverAttention(dim, heads, dim_head)
+        self.ff = OpenFlamingoFeedForward(dim, ff_mult)
+
+    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        latents = self.attn(media, latents) + latents
+        return self.ff(latents) + latents
+
+
+class OpenFlamingoPerceiverResampler(nn.Module):
+    """Maps the patch features of each image to a fixed number of latents.
+
+    Input `(batch_size, num_images, num_patches, dim)`, output `(batch_size, num_images, num_latents, dim)`.
+    """
+
+    def __init__(self, config: OpenFlamingoConfig) -> None:
+        super().__init__()
+        dim = config.vision_config.hidden_size
+        self.latents = nn.Parameter(torch.randn(config.perceiver_num_latents, dim))
+        self.layers = nn.ModuleList(
+            OpenFlamingoPerceiverLayer(dim, config.perceiver_heads, config.perceiver_dim_head, config.perceiver_ff_mult)
+            for _ in range(config.perceiver_depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        latents = self.latents.to(image_features.dtype).expand(*image_features.shape[:-2], -1, -1)
+        for layer in self.layers:
+            latents = layer(image_features, latents)
+        return self.norm(latents)
+
+
+class OpenFlamingoCrossAttention(nn.Module):
+    """Text tokens attend to the latents of the image that `image_indices` names for them."""
+
+    def __init__(
+        self, dim: int, dim_visual: int, heads: int, dim_head: int, latents_per_image: int, only_attend_immediate_media: bool
+    ) -> None:
+        super().__init__()
+        self.heads = heads
+        self.latents_per_image = latents_per_image
+        self.only_attend_immediate_media = only_attend_immediate_media
+        inner = heads * dim_head
+        self.norm = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim_visual, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def key_values(self, image_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(batch, num_images, num_latents, dim_visual)` -> keys and values `(batch, heads, images * latents, dh)`."""
+        k, v = self.to_kv(image_hidden_states.flatten(1, 2)).chunk(2, dim=-1)
+        return _split_heads(k, self.heads), _split_heads(v, self.heads)
+
+    def forward(
+        self, hidden_states: torch.Tensor, key: torch.Tensor, value: torch.Tensor, image_indices: torch.Tensor
+    ) -> torch.Tensor:
+        """
+        Args:
+            hidden_states: `(batch, seq, dim)` text hidden states.
+            key, value: `(batch, heads, num_images * num_latents, dim_head)`, from [`key_values`].
+            image_indices: `(batch, seq)` long, the 1-based number of the image each token sees; 0 for none, whose
+                output is exactly zero.
+
+        Returns:
+            `(batch, seq, dim)`.
+        """
+        q = _split_heads(self.to_q(self.norm(hidden_states)), self.heads)
+        # 1-based image number of every latent: (num_images * num_latents,)
+        latent_image = torch.arange(key.shape[-2], device=key.device) // self.latents_per_image + 1
+        if self.only_attend_immediate_media:
+            allowed = image_indices.unsqueeze(-1) == latent_image
+        else:
+            allowed = image_indices.unsqueeze(-1) >= latent_image
+        sees_image = (image_indices > 0).unsqueeze(-1)
+        # Tokens that see no image attend to everything (so the softmax stays finite) and are zeroed below.
+        allowed = allowed | ~sees_image
+        out = F.scaled_dot_product_attention(q, key, value, attn_mask=allowed.unsqueeze(1))
+        return self.to_out(_merge_heads(out) * sees_image.to(out.dtype))
+
+
+class OpenFlamingoGatedCrossAttentionBlock(GradientCheckpointingLayer):
+    """`x = tanh(attn_gate) * xattn(x, images) + x;  x = tanh(ff_gate) * ff(x) + x`; gates start at 0."""
+
+    def __init__(self, config: OpenFlamingoConfig) -> None:
+        super().__init__()
+        dim = config.text_config.hidden_size
+        self.attn = OpenFlamingoCrossAttention(
+            dim,
+            config.vision_config.hidden_size,
+            config.cross_attn_heads,
+            config.cross_attn_dim_head,
+            config.perceiver_num_latents,
+            config.only_attend_immediate_media,
+        )
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.ff = OpenFlamingoFeedForward(dim, config.cross_attn_ff_mult)
+        self.ff_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
+        image_indices: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if key is not None:
+            attn = self.attn(hidden_states, key, value, image_indices)
+            hidden_states = attn * self.attn_gate.tanh().to(attn.dtype) + hidden_states
+        ff = self.ff(hidden_states)
+        return ff * self.ff_gate.tanh().to(ff.dtype) + hidden_states
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# How the gated blocks reach the language model (one mechanism for every decoder-only LM)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _ActiveCrossAttention:
+    """The images of the forward that is running, as the gated decoder layers need them."""
+
+    blocks: nn.ModuleDict
+    key_values: dict[str, tuple[torch.Tensor, torch.Tensor]] | None
+    image_indices: torch.Tensor | None
+
+
+_ACTIVE_CROSS_ATTENTION: contextvars.ContextVar[_ActiveCrossAttention | None] = contextvars.ContextVar(
+    "openflamingo_active_cross_attention", default=None
+)
+
+
+@contextmanager
+def _cross_attention_active(state: _ActiveCrossAttention) -> Iterator[None]:
+    token = _ACTIVE_CROSS_ATTENTION.set(state)
+    try:
+        yield
+    finally:
+        _ACTIVE_CROSS_ATTENTION.reset(token)
+
+
+class _GatedDecoderLayerMixin:
+    """Mixed into the class of each decoder layer that a gated cross-attention block precedes.
+
+    `__call__` (not `forward`) is overridden so that the block runs before, and outside, the layer's own gradient
+    checkpoint; the layer's arguments are passed on untouched except for its hidden states (the first positional
+    argument, or the `hidden_states` keyword).
+    """
+
+    flamingo_layer_idx: int
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        active = _ACTIVE_CROSS_ATTENTION.get()
+        if active is not None:
+            name = str(self.flamingo_layer_idx)
+            key, value = active.key_values[name] if active.key_values is not None else (None, None)
+            block = active.blocks[name]
+            if args:
+                args = (block(args[0], key, value, active.image_indices), *args[1:])
+            else:
+                kwargs["hidden_states"] = block(kwargs["hidden_states"], key, value, active.image_indices)
+        return super().__call__(*args, **kwargs)
+
+
+_GATED_LAYER_CLASSES: dict[type, type] = {}
+
+
+def _gated_layer_class(layer_class: type) -> type:
+    """The subclass of `layer_class` with the gated cross-attention call; same name, so FSDP wrap policies match."""
+    if issubclass(layer_class, _GatedDecoderLayerMixin):
+        return layer_class
+    if layer_class not in _GATED_LAYER_CLASSES:
+        _GATED_LAYER_CLASSES[layer_class] = type(
+            layer_class.__name__,
+            (_GatedDecoderLayerMixin, layer_class),
+            {"__module__": layer_class.__module__, "__qualname__": layer_class.__qualname__},
+        )
+    return _GATED_LAYER_CLASSES[layer_class]
+
+
+def find_decoder_layers(language_model: nn.Module, num_layers: int) -> nn.ModuleList:
+    """The `nn.ModuleList` of the LM's `num_layers` decoder layers (e.g. `transformer.blocks`, `model.layers`).
+
+    The outermost list of that length whose items all share one class is taken, so this works for any decoder-only
+    LM without a table of attribute names.
+    """
+    candidates = [
+        (name, module)
+        for name, module in language_model.named_modules()
+        if isinstance(module, nn.ModuleList)
+        and len(module) == num_layers
+        and len({type(layer) for layer in module}) == 1
+    ]
+    if not candidates:
+        raise ValueError(
+            f"Could not find the decoder layers of {type(language_model).__name__}: no nn.ModuleList of "
+            f"{num_layers} (text_config.num_hidden_layers) layers of one class."
+        )
+    return min(candidates, key=lambda item: item[0].count("."))[1]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# MosaicGPT's QK-LayerNorm on top of transformers' MPT
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _apply_qk_layernorm(attention: nn.Module, _module: nn.Module, _args: Any, fused_qkv: torch.Tensor) -> torch.Tensor:
+    """Forward hook on `Wqkv`: LayerNorm the query and key thirds of its output, as MosaicGPT does."""
+    q, k, v = fused_qkv.chunk(3, dim=-1)
+    return torch.cat((attention.q_ln(q).to(q.dtype), attention.k_ln(k).to(k.dtype), v), dim=-1)
+
+
+def _follow_wqkv(attention: nn.Module, _args: Any) -> None:
+    """Forward pre-hook on the attention: keep the QK-LayerNorm hook on whatever module `Wqkv` is now.
+
+    PEFT replaces `Wqkv` by a LoRA layer whose output is base + LoRA; the LayerNorm must see that sum, so the hook
+    moves to the LoRA layer (and back after `merge_and_unload`).
+    """
+    wqkv = attention.Wqkv
+    state = attention.__dict__
+    if state.get("_qk_ln_target") is not wqkv:
+        if state.get("_qk_ln_handle") is not None:
+            state["_qk_ln_handle"].remove()
+        state["_qk_ln_handle"] = wqkv.register_forward_hook(
+            lambda module, args, output: _apply_qk_layernorm(attention, module, args, output)
+        )
+        state["_qk_ln_target"] = wqkv
+
+
+def add_mpt_qk_layernorm(language_model: nn.Module, text_config: Any) -> None:
+    """Give transformers' MPT the QK-LayerNorm of MosaicGPT when `text_config.attn_config.qk_ln` is set.
+
+    `q_ln` / `k_ln` are bias-free LayerNorms over the full `d_model` (all heads together), applied to q and k right
+    after the fused `Wqkv` projection; their weights live at `...attn.q_ln.weight` / `...attn.k_ln.weight`, as in
+    MosaicGPT checkpoints. transformers' own MPT ignores `qk_ln`; this makes it count.
+    """
+    attn_config = getattr(text_config, "attn_config", None)
+    if getattr(text_config, "model_type", None) != "mpt" or not getattr(attn_config, "qk_ln", False):
+        return
+    if getattr(attn_config, "clip_qkv", None):
+        raise ValueError("MPT with both `qk_ln` and `clip_qkv` is not supported.")
+    eps = getattr(text_config, "layer_norm_epsilon", 1e-5)
+    attentions = [m for m in language_model.modules() if isinstance(getattr(m, "Wqkv", None), nn.Module)]
+    if not attentions:
+        raise ValueError(f"`qk_ln` is set but {type(language_model).__name__} has no `Wqkv` attention to apply it to.")
+    for attention in attentions:
+        d_model = attention.Wqkv.out_features // 3
+        attention.q_ln = nn.LayerNorm(d_model, eps=eps, bias=False)
+        attention.k_ln = nn.LayerNorm(d_model, eps=eps, bias=False)
+        attention.register_forward_pre_hook(_follow_wqkv)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class OpenFlamingoPreTrainedModel(PreTrainedModel):
+    config_class = OpenFlamingoConfig
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = getattr(self.config.text_config, "initializer_range", 0.02)
+        if isinstance(module, OpenFlamingoPerceiverResampler):
+            init.normal_(module.latents, mean=0.0, std=1.0)
+        elif isinstance(module, OpenFlamingoGatedCrossAttentionBlock):
+            init.zeros_(module.attn_gate)
+            init.zeros_(module.ff_gate)
+        elif isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            if module.weight is not None:
+                init.ones_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+
+
+def _accepted_kwargs(module: nn.Module) -> set[str] | None:
+    """Names that `module.forward` accepts, or None if it takes `**kwargs`."""
+    parameters = inspect.signature(module.forward).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return None
+    return set(parameters)
+
+
+class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, GenerationMixin):
+    """
+    OpenFlamingo: interleaved images and text in, text out.
+
+    Submodules: `vision_model` (`CLIPVisionModel`), `perceiver` (Perceiver Resampler), `language_model` (the causal LM,
+    native parameter names) and `gated_cross_attn_layers` (`ModuleDict` keyed by the index of the decoder layer that
+    each block precedes).
+    """
+
+    def __init__(self, config: OpenFlamingoConfig) -> None:
+        super().__init__(config)
+        self.vision_model = CLIPVisionModel(config.vision_config)
+        self.perceiver = OpenFlamingoPerceiverResampler(config)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        add_mpt_qk_layernorm(self.language_model, config.text_config)
+        self.gated_cross_attn_layers = nn.ModuleDict(
+            {str(i): OpenFlamingoGatedCrossAttentionBlock(config) for i in config.cross_attn_layer_indices}
+        )
+        decoder_layers = find_decoder_layers(self.language_model, config.text_config.num_hidden_layers)
+        for i in config.cross_attn_layer_indices:
+            layer = decoder_layers[i]
+            layer.__class__ = _gated_layer_class(type(layer))
+            layer.flamingo_layer_idx = i
+        self._no_split_modules = [
+            type(decoder_layers[0]).__name__,
+            "OpenFlamingoGatedCrossAttentionBlock",
+            "OpenFlamingoPerceiverLayer",
+            "CLIPEncoderLayer",
+        ]
+        self.post_init()
+
+    # ---- embeddings (delegated to the language model) ----
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.language_model.set_output_embeddings(new_embeddings)
+
+    def get_decoder(self) -> nn.Module:
+        return self.language_model.get_decoder()
+
+    # ---- images ----
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """
+        Encode images: CLIP patch features of the last layer (no CLS token, no `post_layernorm`), then the Perceiver.
+
+        Args:
+            pixel_values: `(batch, num_images, 3, H, W)`, or the original layout `(batch, num_images, 1, 3, H, W)`.
+
+        Returns:
+            `(batch, num_images, num_latents, vision_hidden_size)`.
+        """
+        pixel_values = self._check_pixel_values(pixel_values)
+        batch_size, num_images = pixel_values.shape[:2]
+        vision_trainable = any(p.requires_grad for p in self.vision_model.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and vision_trainable):
+            vision_dtype = self.vision_model.get_input_embeddings().weight.dtype
+            patches = self.vision_model(pixel_values=pixel_values.flatten(0, 1).to(vision_dtype)).last_hidden_state
+        patches = patches[:, 1:].unflatten(0, (batch_size, num_images))
+        return self.perceiver(patches.to(self.perceiver.latents.dtype))
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.ndim == 6:
+            if pixel_values.shape[2] != 1:
+                raise ValueError(
+                    f"pixel_values of shape {tuple(pixel_values.shape)} has {pixel_values.shape[2]} frames per image; "
+                    "OpenFlamingo takes one frame (batch, num_images, 1, 3, H, W)."
+                )
+            pixel_values = pixel_values.squeeze(2)
+        size = self.config.vision_config.image_size
+        channels = self.config.vision_config.num_channels
+        if pixel_values.ndim != 5 or tuple(pixel_values.shape[2:]) != (channels, size, size):
+            raise ValueError(
+                f"pixel_values must have shape (batch, num_images, {channels}, {size}, {size}) (or the original "
+                f"(batch, num_images, 1, {channels}, {size}, {size})); got {tuple(pixel_values.shape)}."
+            )
+        return pixel_values
+
+    def _image_indices(self, input_ids: torch.Tensor, num_images: int) -> torch.Tensor:
+        """1-based number of the latest `<image>` at or before each token (0 before the first one)."""
+        if self.config.media_token_id is None:
+            raise ValueError("config.media_token_id is not set: the model cannot find the <image> tokens.")
+        image_indices = (input_ids == self.config.media_token_id).cumsum(dim=-1)
+        counts = image_indices[:, -1]
+        if bool((counts > num_images).any()):
+            row = int(torch.argmax((counts > num_images).int()))
+            raise ValueError(
+                f"Row {row} of input_ids has {int(counts[row])} <image> tokens but only {num_images} images were given "
+                "(pixel_values.shape[1])."
+            )
+        return image_indices
+
+    def _cross_attention_key_values(self, image_hidden_states: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], ...]:
+        return tuple(block.attn.key_values(image_hidden_states) for block in self.gated_cross_attn_layers.values())
+
+    # ---- forward ----
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_hidden_states: torch.FloatTensor | None = None,
+        image_indices: torch.LongTensor | None = None,
+        image_cache: OpenFlamingoImageCache | None = None,
+        past_key_values: Any | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        cache: Any | None = None,
+        **kwargs: Any,
+    ) -> OpenFlamingoCausalLMOutputWithPast | tuple:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+                Token ids, with one `<image>` token where each image stands.
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+                1 for real tokens, 0 for padding.
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_images, 3, H, W)`, *optional*):
+                The images of each row, in the order of its `<image>` tokens; rows with fewer images are zero-padded
+                (padding images are never attended). The original 6-D layout `(batch, num_images, 1, 3, H, W)` is
+                accepted too.
+            image_hidden_states (`torch.FloatTensor` of shape `(batch_size, num_images, num_latents, dim)`, *optional*):
+                Already encoded images ([`get_image_features`]), instead of `pixel_values`.
+            image_indices (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                For each token, the 1-based number of the image it attends to (0: none). By default, the latest
+                `<image>` at or before the token; when continuing from a cache, the last image of the prompt.
+            image_cache (`OpenFlamingoImageCache`, *optional*):
+                `output.image_cache` of an earlier call on the same rows: the cross-attention keys and values over the
+                images, reused instead of recomputed. Pass it with `past_key_values` to continue a sequence.
+            past_key_values (`Cache`, *optional*): the LM's key/value cache (`cache` on transformers >= 5.24).
+            labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Targets for the LM loss; -100 is ignored. Shifted inside, as for any causal LM.
+
+        Returns:
+            [`OpenFlamingoCausalLMOutputWithPast`].
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        past = cache if cache is not None else past_key_values
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
+        if pixel_values is not None and image_hidden_states is not None:
+            raise ValueError("Pass pixel_values or image_hidden_states, not both.")
+        continuing = past is not None and past.get_seq_length() > 0
+
+        if pixel_values is not None:
+            image_hidden_states = self.get_image_features(pixel_values)
+        if image_hidden_states is not None:
+            key_values = self._cross_attention_key_values(image_hidden_states)
+            num_images = image_hidden_states.shape[1]
+        elif image_cache is not None:
+            key_values = image_cache.key_values
+            num_images = key_values[0][0].shape[-2] // self.config.perceiver_num_latents if key_values else 0
+        else:
+            key_values, num_images = None, 0
+
+        if image_indices is None and input_ids is not None and self.config.media_token_id is not None:
+            has_media = bool((input_ids == self.config.media_token_id).any())
+            if has_media and key_values is None:
+                raise ValueError(
+                    "input_ids contain <image> tokens but no images were given (pixel_values, image_hidden_states "
+                    "or image_cache)."
+                )
+            if continuing and image_cache is not None:
+                offset = image_cache.last_image_index.unsqueeze(-1)
+                image_indices = offset + self._image_indices(input_ids, num_images)
+                if bool((image_indices[:, -1] > num_images).any()):
+                    raise ValueError(
+                        f"The continued input_ids add <image> tokens beyond the {num_images} images of image_cache."
+                    )
+            elif key_values is not None:
+                if not has_media and not continuing:
+                    raise ValueError("Images were given but input_ids contain no <image> token to place them.")
+                if continuing:
+                    raise ValueError(
+                        "Continuing from past_key_values with images: pass `image_cache` (from the previous output) "
+                        "or `image_indices`, so that the new tokens know which image they follow."
+                    )
+                image_indices = self._image_indices(input_ids, num_images)
+        if key_values is not None and image_indices is None:
+            raise ValueError("With inputs_embeds and images, pass image_indices.")
+
+        named_key_values = dict(zip(self.gated_cross_attn_layers.keys(), key_values)) if key_values else None
+        lm_kwargs = self._language_model_kwargs(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        if past is not None:
+            lm_kwargs[_CACHE_FIELD if self._lm_accepts(_CACHE_FIELD) else "past_key_values"] = past
+        active = _ActiveCrossAttention(self.gated_cross_attn_layers, named_key_values, image_indices)
+        with _cross_attention_active(active):
+            outputs = self.language_model(input_ids=input_ids, inputs_embeds=inputs_embeds, return_dict=True, **lm_kwargs)
+
+        logits = outputs.logits
+        loss = None
+        if labels is not None:
+            loss = self._loss(logits, labels, num_items_in_batch)
+
+        new_cache = getattr(outputs, _CACHE_FIELD, None)
+        new_image_cache = None
+        if key_values is not None and (use_cache if use_cache is not None else new_cache is not None):
+            last = image_indices[:, -1] if image_indices.shape[-1] else image_cache.last_image_index
+            new_image_cache = OpenFlamingoImageCache(key_values=key_values, last_image_index=last)
+        output = OpenFlamingoCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_hidden_states,
+            image_cache=new_image_cache,
+            **{_CACHE_FIELD: new_cache},
+        )
+        return output if return_dict else output.to_tuple()
+
+    @staticmethod
+    def _loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+        """The causal LM loss: shifted cross-entropy in fp32, mean over labels != -100 (or sum / num_items_in_batch)."""
+        logits = logits[:, :-1].float().flatten(0, 1)
+        targets = labels[:, 1:].to(logits.device).flatten()
+        if num_items_in_batch is None:
+            return F.cross_entropy(logits, targets, ignore_index=-100)
+        loss = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        return loss / num_items_in_batch
+
+    def _lm_accepts(self, name: str) -> bool:
+        accepted = _accepted_kwargs(self.language_model)
+        return accepted is None or name in accepted
+
+    def _language_model_kwargs(self, **kwargs: Any) -> dict[str, Any]:
+        """Drop unset arguments, and those the LM's forward does not take (e.g. `position_ids` for ALiBi MPT)."""
+        accepted = _accepted_kwargs(self.language_model)
+        return {k: v for k, v in kwargs.items() if v is not None and (accepted is None or k in accepted)}
+
+    # ---- generation ----
+
+    def prepare_inputs_for_generation(
+        self, input_ids: torch.LongTensor, *args: Any, image_cache: OpenFlamingoImageCache | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        """After the prompt, images are not re-encoded: new tokens reuse `image_cache` and see the prompt's last image.
+
+        A generated `<image>` token is text like any other: there is no image for it, so it and the tokens after it
+        keep seeing the last image of the prompt, as in the original implementation.
+        """
+        model_inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        if image_cache is not None:
+            model_inputs.pop("pixel_values", None)
+            model_inputs.pop("image_hidden_states", None)
+            model_inputs["image_cache"] = image_cache
+            new_tokens = model_inputs["input_ids"].shape[-1]
+            model_inputs["image_indices"] = image_cache.last_image_index.unsqueeze(-1).expand(-1, new_tokens)
+        return model_inputs
+
+    def _update_model_kwargs_for_generation(
+        self, outputs: ModelOutput, model_kwargs: dict[str, Any], *args: Any, **kwargs: Any
+    ) -> dict[str, Any]:
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        if getattr(outputs, "image_cache", None) is not None:
+            model_kwargs["image_cache"] = outputs.image_cache
+        return model_kwargs
+
+
+__all__ = [
+    "OpenFlamingoCausalLMOutputWithPast",
+    "OpenFlamingoForConditionalGeneration",
+    "OpenFlamingoImageCache",
+    "OpenFlamingoPreTrainedModel",
+    "add_mpt_qk_layernorm",
+    "find_decoder_layers",
+]

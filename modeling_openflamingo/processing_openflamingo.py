@@ -1,0 +1,196 @@
+"""Processor of OpenFlamingo: the open_clip image transform plus the LM tokenizer with OpenFlamingo's three tokens."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import BatchFeature, ProcessorMixin
+
+IMAGE_TOKEN = "<image>"
+END_OF_CHUNK_TOKEN = "<|endofchunk|>"
+PAD_TOKEN = "<PAD>"
+
+
+def add_openflamingo_tokens(tokenizer: Any) -> Any:
+    """Add `<|endofchunk|>`, `<image>` (and `<PAD>` if the tokenizer has no pad token) in the original's order.
+
+    Idempotent: a tokenizer that already has them is returned unchanged.
+    """
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in (END_OF_CHUNK_TOKEN, IMAGE_TOKEN) if t not in vocab]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_additional_special_tokens=False)
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    return tokenizer
+
+
+def interleaved_label_mask(
+    input_ids: torch.Tensor, media_token_id: int, eoc_token_id: int, pad_token_id: int | None
+) -> torch.Tensor:
+    """Labels as the original's training code makes them for interleaved (MMC4-style) documents.
+
+    -100 for padding, `<image>`, every token before the first `<image>`, and the tokens after each `<|endofchunk|>`
+    up to (not including) the next `<image>`. The `<|endofchunk|>` tokens and eos stay in the loss.
+    """
+    labels = input_ids.clone()
+    # 1 between an <|endofchunk|> (exclusive) and the next <image> (exclusive), and before the first <image>.
+    is_media = input_ids == media_token_id
+    is_eoc = input_ids == eoc_token_id
+    outside = torch.zeros_like(input_ids, dtype=torch.bool)
+    state = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    for t in range(input_ids.shape[1]):
+        state = state & ~is_media[:, t]
+        outside[:, t] = state
+        state = state | is_eoc[:, t]
+    labels[outside] = -100
+    return caption_label_mask(labels, media_token_id, pad_token_id)
+
+
+def caption_label_mask(input_ids: torch.Tensor, media_token_id: int, pad_token_id: int | None) -> torch.Tensor:
+    """Labels as the original makes them for image-caption pairs: pad and `<image>` -> -100; eos stays."""
+    labels = input_ids.clone()
+    if pad_token_id is not None:
+        labels[labels == pad_token_id] = -100
+    labels[labels == media_token_id] = -100
+    return labels
+
+
+class OpenFlamingoProcessor(ProcessorMixin):
+    r"""
+    Builds OpenFlamingo inputs from interleaved images and text.
+
+    [`OpenFlamingoImageProcessor`] (the open_clip eval transform, exact) and the LM's tokenizer, to which
+    `<|endofchunk|>`, `<image>` and `<PAD>` are added in the original's order if they are missing.
+
+    Args:
+        image_processor ([`OpenFlamingoImageProcessor`]): the image transform.
+        tokenizer ([`PreTrainedTokenizerBase`]): the language model's tokenizer.
+        chat_template (`str`, *optional*): unused by the released models; kept for the `ProcessorMixin` API.
+    """
+
+    attributes = ["image_processor", "tokenizer"]
+    image_processor_class = "AutoImageProcessor"
+    tokenizer_class = "AutoTokenizer"
+
+    def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None, **kwargs):
+        if tokenizer is not None:
+            add_openflamingo_tokens(tokenizer)
+        self.image_token = IMAGE_TOKEN
+        self.end_of_chunk_token = END_OF_CHUNK_TOKEN
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    @property
+    def image_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+    @property
+    def end_of_chunk_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(END_OF_CHUNK_TOKEN)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "pixel_values"]
+
+    def __call__(
+        self,
+        images: Any = None,
+        text: str | list[str] | None = None,
+        padding: bool | str = "longest",
+        padding_side: str | None = None,
+        truncation: bool | None = None,
+        max_length: int | None = None,
+        return_labels: bool = False,
+        interleaved: bool = False,
+        return_tensors: str | None = "pt",
+        **kwargs: Any,
+    ) -> BatchFeature:
+        """
+        Args:
+            images: per row, the list of its images in the order of its `<image>` tokens
+                (`[[img, ...], [img, ...]]`); for a single `text` string, a list of images or one image. Rows may have
+                different numbers of images (and none); `pixel_values` is zero-padded to the batch's largest count.
+            text: one string or a list of strings, with one `<image>` where each image goes.
+            padding_side: "left" by default (inference), "right" when `return_labels=True` (training).
+            return_labels: also return `labels`: the input ids with pad and `<image>` set to -100 (eos stays), as
+                the original's training code makes them.
+            interleaved: with `return_labels`, also mask as for MMC4-style interleaved documents (everything before
+                the first `<image>` and between each `<|endofchunk|>` and the next `<image>`).
+
+        Returns:
+            [`BatchFeature`] with `input_ids` and `attention_mask` `(batch, seq)`, `pixel_values`
+            `(batch, max_images, 3, H, W)` when any row has images, and `labels` when asked for.
+        """
+        if text is None:
+            raise ValueError("OpenFlamingoProcessor needs `text`, with one <image> token where each image goes.")
+        single = isinstance(text, str)
+        texts = [text] if single else list(text)
+        image_rows = self._image_rows(images, len(texts), single)
+        for row, (row_text, row_images) in enumerate(zip(texts, image_rows)):
+            count = row_text.count(IMAGE_TOKEN)
+            if count != len(row_images):
+                raise ValueError(
+                    f"Text {row} has {count} {IMAGE_TOKEN} tokens but {len(row_images)} images were given for it."
+                )
+        if padding_side is None:
+            padding_side = "right" if return_labels else "left"
+        encoding = self.tokenizer(
+            texts,
+            padding=padding,
+            padding_side=padding_side,
+            truncation=truncation,
+            max_length=max_length,
+            return_tensors="pt",
+            **kwargs,
+        )
+        data = dict(encoding)
+        if truncation:
+            kept = (data["input_ids"] == self.image_token_id).sum(-1)
+            for row, row_images in enumerate(image_rows):
+                image_rows[row] = row_images[: int(kept[row])]
+        max_images = max((len(r) for r in image_rows), default=0)
+        if max_images:
+            flat = [image for row in image_rows for image in row]
+            pixels = torch.as_tensor(self.image_processor(flat, return_tensors="pt")["pixel_values"])
+            pixel_values = pixels.new_zeros((len(texts), max_images, *pixels.shape[1:]))
+            start = 0
+            for row, row_images in enumerate(image_rows):
+                pixel_values[row, : len(row_images)] = pixels[start : start + len(row_images)]
+                start += len(row_images)
+            data["pixel_values"] = pixel_values
+        if return_labels:
+            pad_id = self.tokenizer.pad_token_id
+            if interleaved:
+                labels = interleaved_label_mask(data["input_ids"], self.image_token_id, self.end_of_chunk_token_id, pad_id)
+            else:
+                labels = caption_label_mask(data["input_ids"], self.image_token_id, pad_id)
+            data["labels"] = labels.masked_fill(data["attention_mask"] == 0, -100)
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    @staticmethod
+    def _image_rows(images: Any, batch_size: int, single_text: bool) -> list[list[Any]]:
+        if images is None:
+            return [[] for _ in range(batch_size)]
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if single_text and not any(isinstance(i, (list, tuple)) for i in images):
+            images = [images]
+        if not all(isinstance(row, (list, tuple)) for row in images):
+            raise ValueError(
+                "For a batch of texts, `images` must hold one list of images per text (an empty list for none)."
+            )
+        if len(images) != batch_size:
+            raise ValueError(f"Got {batch_size} texts but {len(images)} lists of images.")
+        return [list(row) for row in images]
+
+    def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:
+        """Forwarded to the tokenizer's `batch_decode`."""
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args: Any, **kwargs: Any) -> str:
+        """Forwarded to the tokenizer's `decode`."""
+        return self.tokenizer.decode(*args, **kwargs)
+
+
+__all__ = ["OpenFlamingoProcessor", "add_openflamingo_tokens", "caption_label_mask", "interleaved_label_mask"]
