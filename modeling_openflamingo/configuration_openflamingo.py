@@ -113,6 +113,25 @@ class OpenFlamingoConfig(PretrainedConfig):
         n = self.cross_attn_every_n_layers
         return [i for i in range(self.text_config.num_hidden_layers) if (i + 1) % n == 0]
 
+    def to_dict(self) -> dict[str, Any]:
+        """As the base class, plus the legacy rotary keys that transformers 4.x reads, so one folder loads on both.
+
+        transformers 5.x writes rotary settings only as `rope_parameters`; 4.x ignores that and falls back to its
+        defaults (GPT-NeoX: `rotary_pct=0.25`), which would silently change the model.
+        """
+        output = super().to_dict()
+        text = output.get("text_config")
+        rope = text.get("rope_parameters") if isinstance(text, dict) else None
+        if isinstance(rope, dict) and rope.get("rope_type", "default") == "default":
+            if "rope_theta" in rope:
+                text.setdefault("rope_theta", rope["rope_theta"])
+            if "partial_rotary_factor" in rope:
+                text.setdefault("partial_rotary_factor", rope["partial_rotary_factor"])
+            if text.get("model_type") == "gpt_neox":
+                text.setdefault("rotary_pct", rope.get("partial_rotary_factor", 1.0))
+                text.setdefault("rotary_emb_base", rope.get("rope_theta", 10000))
+        return output
+
     def get_text_config(self, *args: Any, **kwargs: Any) -> PretrainedConfig:
         """The language model's config (used by generation and cache utilities)."""
         return self.text_config

@@ -39,6 +39,19 @@ except ImportError:  # transformers 4.x
 
 logger = logging.get_logger(__name__)
 
+# One on-disk layout for both transformers majors: 4.x's `CLIPVisionModel` nests its weights under `vision_model.`,
+# 5.x's does not. 5.x renames the 4.x names on load and back on save, so every saved folder loads on both.
+try:
+    from transformers.conversion_mapping import WeightRenaming, register_checkpoint_conversion_mapping
+
+    register_checkpoint_conversion_mapping(
+        "openflamingo",
+        [WeightRenaming(source_patterns=r"^vision_model\.vision_model\.", target_patterns="vision_model.")],
+        overwrite=True,
+    )
+except ImportError:  # transformers 4.x: its own layout is the on-disk one
+    pass
+
 # transformers 5.24 renamed the cache argument and output field from `past_key_values` to `cache`.
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 

@@ -20,7 +20,7 @@ def add_openflamingo_tokens(tokenizer: Any) -> Any:
     vocab = tokenizer.get_vocab()
     missing = [t for t in (END_OF_CHUNK_TOKEN, IMAGE_TOKEN) if t not in vocab]
     if missing:
-        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_additional_special_tokens=False)
+        tokenizer.add_special_tokens({"additional_special_tokens": missing})
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     return tokenizer

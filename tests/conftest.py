@@ -1,0 +1,80 @@
+"""Shared fixtures: the four tiny reference families converted through the conversion CLI, once per session."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import modeling_openflamingo  # noqa: F401 - registers the Auto classes
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FAMILIES = ["tiny-mpt", "tiny-mpt-1b-redpajama-200b", "tiny-neox", "tiny-llama"]
+
+
+def load_cli():
+    """The conversion CLI module (a script, not part of the package)."""
+    path = ROOT / "conversion" / "convert_openflamingo_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("convert_openflamingo_checkpoint", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cli_args(family: str, output_dir: Path, **overrides: str) -> list[str]:
+    src = FIXTURES / family
+    spec = json.loads((src / "spec.json").read_text())
+    args = {
+        "--checkpoint": str(src / "checkpoint.pt"),
+        "--lm": str(src / "lm"),
+        "--tokenizer": str(src / "tokenizer"),
+        "--open-clip-config": str(src / "open_clip_config.json"),
+        "--open-clip-weights": str(src / "open_clip.pt"),
+        "--cross-attn-every-n-layers": str(spec["cross_attn_every_n_layers"]),
+        "--output-dir": str(output_dir),
+    }
+    args.update(overrides)
+    return [item for pair in args.items() for item in pair]
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory):
+    """family -> folder converted by the CLI (cached for the session)."""
+    cache: dict[str, Path] = {}
+    cli = load_cli()
+
+    def get(family: str) -> Path:
+        if family not in cache:
+            out = tmp_path_factory.mktemp("converted") / family
+            assert cli.main(cli_args(family, out)) == 0
+            cache[family] = out
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """family -> (spec dict, reference tensors)."""
+
+    def get(family: str):
+        src = FIXTURES / family
+        return json.loads((src / "spec.json").read_text()), load_file(str(src / "reference.safetensors"))
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_images():
+    from PIL import Image
+
+    return [Image.open(FIXTURES / "tiny_images" / f"image_{i}.png") for i in range(6)]
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
