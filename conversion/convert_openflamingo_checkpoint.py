@@ -29,7 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, help="the released checkpoint.pt (or a training checkpoint)")
     parser.add_argument("--lm", required=True, help="folder of the language model (config.json + weights)")
     parser.add_argument("--tokenizer", required=True, help="folder of the LM's tokenizer")
-    parser.add_argument("--open-clip-config", required=True, help="open_clip model config JSON (vision_cfg, quick_gelu)")
+    parser.add_argument(
+        "--open-clip-config", required=True, help="open_clip model config JSON (vision_cfg, quick_gelu)"
+    )
     parser.add_argument("--open-clip-weights", required=True, help="open_clip state dict with the visual.* weights")
     parser.add_argument("--cross-attn-every-n-layers", type=int, required=True)
     parser.add_argument("--output-dir", required=True)

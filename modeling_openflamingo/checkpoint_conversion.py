@@ -112,7 +112,9 @@ def load_torch_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 f"{path}: refused to unpickle it with weights_only=True (it needs code to load, which is unsafe): "
                 f"{message}"
             ) from error
-        raise ConversionError(f"{path}: cannot be read as a torch checkpoint (truncated or corrupt?): {message}") from error
+        raise ConversionError(
+            f"{path}: cannot be read as a torch checkpoint (truncated or corrupt?): {message}"
+        ) from error
     if not isinstance(obj, Mapping):
         raise ConversionError(f"{path}: expected a dict of tensors, got {type(obj).__name__}.")
     return dict(obj)
@@ -147,8 +149,10 @@ def load_lm_state_dict(lm_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
         state_dict: dict[str, torch.Tensor] = {}
         for shard in shards:
             shard_path = lm_dir / shard
-            part = _load_safetensors(shard_path, load_file) if shard.endswith(".safetensors") else load_torch_file(
-                shard_path
+            part = (
+                _load_safetensors(shard_path, load_file)
+                if shard.endswith(".safetensors")
+                else load_torch_file(shard_path)
             )
             state_dict.update(part)
         return state_dict
@@ -266,7 +270,7 @@ def open_clip_to_clip_vision(state_dict: Mapping[str, torch.Tensor]) -> dict[str
         match = re.match(r"^transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$", key)
         if match:
             layer, kind = match.groups()
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0), strict=True):
                 out[f"encoder.layers.{layer}.self_attn.{name}.{kind}"] = part.clone()
             continue
         new_key = apply_rules(key, OPEN_CLIP_KEY_RULES)
@@ -291,7 +295,9 @@ def lm_state_dict_to_native(
     for key, value in state_dict.items():
         new_key = apply_rules(key, LM_KEY_RULES[family])
         if new_key is not None:
-            out["language_model." + _rename_to_model(new_key, {k[len("language_model.") :] for k in model_keys})] = value
+            out["language_model." + _rename_to_model(new_key, {k[len("language_model.") :] for k in model_keys})] = (
+                value
+            )
     return out
 
 
@@ -435,8 +441,10 @@ def convert_openflamingo_checkpoint(
                 f"{key}: the rows of the added tokens exist in no input; they were set to the mean of the other rows.",
                 stacklevel=2,
             )
-    vision_prefix = "vision_model.vision_model." if any(k.startswith("vision_model.vision_model.") for k in shapes) else (
-        "vision_model."
+    vision_prefix = (
+        "vision_model.vision_model."
+        if any(k.startswith("vision_model.vision_model.") for k in shapes)
+        else ("vision_model.")
     )
     vision_state = {
         vision_prefix + k: v for k, v in open_clip_to_clip_vision(load_torch_file(open_clip_weights)).items()

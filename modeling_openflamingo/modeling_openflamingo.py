@@ -147,7 +147,7 @@ class OpenFlamingoPerceiverAttention(nn.Module):
         self.to_out = nn.Linear(inner, dim, bias=False)
 
     def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        """`media`: `(..., num_media_tokens, dim)`, `latents`: `(..., num_latents, dim)` -> `(..., num_latents, dim)`."""
+        """`media` `(..., num_media_tokens, dim)` and `latents` `(..., num_latents, dim)` -> `(..., num_latents, dim)`."""
         media = self.norm_media(media)
         latents = self.norm_latents(latents)
         q = _split_heads(self.to_q(latents), self.heads)
@@ -194,7 +194,13 @@ class OpenFlamingoCrossAttention(nn.Module):
     """Text tokens attend to the latents of the image that `image_indices` names for them."""
 
     def __init__(
-        self, dim: int, dim_visual: int, heads: int, dim_head: int, latents_per_image: int, only_attend_immediate_media: bool
+        self,
+        dim: int,
+        dim_visual: int,
+        heads: int,
+        dim_head: int,
+        latents_per_image: int,
+        only_attend_immediate_media: bool,
     ) -> None:
         super().__init__()
         self.heads = heads
@@ -647,7 +653,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         if key_values is not None and image_indices is None:
             raise ValueError("With inputs_embeds and images, pass image_indices.")
 
-        named_key_values = dict(zip(self.gated_cross_attn_layers.keys(), key_values)) if key_values else None
+        named_key_values = None
+        if key_values:
+            named_key_values = dict(zip(self.gated_cross_attn_layers.keys(), key_values, strict=True))
         lm_kwargs = self._language_model_kwargs(
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -660,7 +668,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             lm_kwargs[_CACHE_FIELD if self._lm_accepts(_CACHE_FIELD) else "past_key_values"] = past
         active = _ActiveCrossAttention(self.gated_cross_attn_layers, named_key_values, image_indices)
         with _cross_attention_active(active):
-            outputs = self.language_model(input_ids=input_ids, inputs_embeds=inputs_embeds, return_dict=True, **lm_kwargs)
+            outputs = self.language_model(
+                input_ids=input_ids, inputs_embeds=inputs_embeds, return_dict=True, **lm_kwargs
+            )
 
         logits = outputs.logits
         loss = None

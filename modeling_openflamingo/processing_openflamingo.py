@@ -127,7 +127,7 @@ class OpenFlamingoProcessor(ProcessorMixin):
         single = isinstance(text, str)
         texts = [text] if single else list(text)
         image_rows = self._image_rows(images, len(texts), single)
-        for row, (row_text, row_images) in enumerate(zip(texts, image_rows)):
+        for row, (row_text, row_images) in enumerate(zip(texts, image_rows, strict=True)):
             count = row_text.count(IMAGE_TOKEN)
             if count != len(row_images):
                 raise ValueError(
@@ -162,7 +162,9 @@ class OpenFlamingoProcessor(ProcessorMixin):
         if return_labels:
             pad_id = self.tokenizer.pad_token_id
             if interleaved:
-                labels = interleaved_label_mask(data["input_ids"], self.image_token_id, self.end_of_chunk_token_id, pad_id)
+                labels = interleaved_label_mask(
+                    data["input_ids"], self.image_token_id, self.end_of_chunk_token_id, pad_id
+                )
             else:
                 labels = caption_label_mask(data["input_ids"], self.image_token_id, pad_id)
             data["labels"] = labels.masked_fill(data["attention_mask"] == 0, -100)
