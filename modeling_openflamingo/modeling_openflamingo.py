@@ -147,7 +147,7 @@ class OpenFlamingoPerceiverAttention(nn.Module):
         self.to_out = nn.Linear(inner, dim, bias=False)
 
     def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        """`media` `(..., num_media_tokens, dim)` and `latents` `(..., num_latents, dim)` -> `(..., num_latents, dim)`."""
+        """media `(..., num_media_tokens, dim)`, latents `(..., num_latents, dim)` -> `(..., num_latents, dim)`."""
         media = self.norm_media(media)
         latents = self.norm_latents(latents)
         q = _split_heads(self.to_q(latents), self.heads)
