@@ -142,6 +142,7 @@ class OpenFlamingoProcessor(ProcessorMixin):
             truncation=truncation,
             max_length=max_length,
             return_tensors="pt",
+            return_token_type_ids=False,
             **kwargs,
         )
         data = dict(encoding)

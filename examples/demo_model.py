@@ -1,0 +1,48 @@
+"""The tiny offline demo model: the MosaicGPT (OpenFlamingo-3B layout) reference fixture, converted once.
+
+Examples take `--model PATH_OR_HUB_ID` for a real converted model; without it they use this tiny model (random
+weights, so its text is gibberish, but every step is the real pipeline). No download is needed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+FIXTURE = ROOT / "tests" / "fixtures" / "tiny-mpt-1b-redpajama-200b"
+DEMO_IMAGES = ROOT / "tests" / "fixtures" / "tiny_images"
+
+
+def demo_model_dir() -> Path:
+    """Folder of the converted tiny demo model (made on first use, under the user's cache folder)."""
+    from modeling_openflamingo.checkpoint_conversion import convert_openflamingo_checkpoint
+
+    cache = Path(os.environ.get("OPENFLAMINGO_DEMO_DIR", Path.home() / ".cache" / "openflamingo-hf" / "tiny-demo"))
+    if not (cache / "config.json").is_file():
+        convert_openflamingo_checkpoint(
+            checkpoint=FIXTURE / "checkpoint.pt",
+            lm=FIXTURE / "lm",
+            tokenizer=FIXTURE / "tokenizer",
+            open_clip_config=FIXTURE / "open_clip_config.json",
+            open_clip_weights=FIXTURE / "open_clip.pt",
+            cross_attn_every_n_layers=1,
+            output_dir=cache,
+            overwrite=True,
+        )
+    return cache
+
+
+def demo_images() -> list:
+    """The six fixture images (assorted sizes and modes: RGB, RGBA, L, P)."""
+    from PIL import Image
+
+    return [Image.open(DEMO_IMAGES / f"image_{i}.png") for i in range(6)]
+
+
+def resolve_model(model: str | None) -> str:
+    """`--model` if given (a converted folder or hub id), else the tiny demo model."""
+    return model if model else str(demo_model_dir())
