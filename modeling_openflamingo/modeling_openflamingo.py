@@ -343,6 +343,11 @@ def _gated_layer_class(layer_class: type) -> type:
     return _GATED_LAYER_CLASSES[layer_class]
 
 
+def _original_layer_class(layer_class: type) -> type:
+    """The LM's own class of a decoder layer (the gated subclass counts as its parent)."""
+    return layer_class.__bases__[1] if issubclass(layer_class, _GatedDecoderLayerMixin) else layer_class
+
+
 def find_decoder_layers(language_model: nn.Module, num_layers: int) -> nn.ModuleList:
     """The `nn.ModuleList` of the LM's `num_layers` decoder layers (e.g. `transformer.blocks`, `model.layers`).
 
@@ -354,7 +359,7 @@ def find_decoder_layers(language_model: nn.Module, num_layers: int) -> nn.Module
         for name, module in language_model.named_modules()
         if isinstance(module, nn.ModuleList)
         and len(module) == num_layers
-        and len({type(layer) for layer in module}) == 1
+        and len({_original_layer_class(type(layer)) for layer in module}) == 1
     ]
     if not candidates:
         raise ValueError(
@@ -481,6 +486,12 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             layer = decoder_layers[i]
             layer.__class__ = _gated_layer_class(type(layer))
             layer.flamingo_layer_idx = i
+        if self._auto_class is not None:
+            # transformers 4.x's AutoModelForVision2Seq loads saved folders with trust_remote_code too.
+            config.auto_map = {
+                **(getattr(config, "auto_map", None) or {}),
+                "AutoModelForVision2Seq": f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}",
+            }
         self._no_split_modules = [
             type(decoder_layers[0]).__name__,
             "OpenFlamingoGatedCrossAttentionBlock",

@@ -1,0 +1,438 @@
+"""Config, model, processor and Auto-class behaviour of the core (no reference outputs needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import transformers
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    CLIPVisionConfig,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MptConfig,
+)
+
+from modeling_openflamingo import OpenFlamingoConfig, OpenFlamingoForConditionalGeneration
+from modeling_openflamingo.modeling_openflamingo import _ACTIVE_CROSS_ATTENTION, find_decoder_layers
+
+from .conftest import seeded
+
+IS_V4 = transformers.__version__.startswith("4.")
+MEDIA, EOC, PAD = 401, 400, 402
+
+
+def tiny_vision() -> CLIPVisionConfig:
+    return CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        patch_size=8,
+        image_size=32,
+        hidden_act="quick_gelu",
+    )
+
+
+TEXT_CONFIGS = {
+    "mpt": lambda: MptConfig(d_model=32, n_heads=4, n_layers=4, vocab_size=403, max_seq_len=64),
+    "mosaic_gpt": lambda: MptConfig(
+        d_model=32, n_heads=4, n_layers=4, vocab_size=403, max_seq_len=64, attn_config={"qk_ln": True}
+    ),
+    "gpt_neox": lambda: GPTNeoXConfig(
+        hidden_size=32,
+        num_attention_heads=4,
+        num_hidden_layers=4,
+        intermediate_size=64,
+        vocab_size=403,
+        rotary_pct=1.0,
+        use_parallel_residual=False,
+    ),
+    "llama": lambda: LlamaConfig(
+        hidden_size=32, num_attention_heads=4, num_hidden_layers=4, intermediate_size=64, vocab_size=403
+    ),
+}
+
+
+def tiny_config(family: str = "mpt", n: int = 2, **kwargs) -> OpenFlamingoConfig:
+    return OpenFlamingoConfig(
+        vision_config=tiny_vision(),
+        text_config=TEXT_CONFIGS[family](),
+        cross_attn_every_n_layers=n,
+        perceiver_depth=2,
+        perceiver_num_latents=4,
+        media_token_id=MEDIA,
+        eoc_token_id=EOC,
+        pad_token_id=PAD,
+        **kwargs,
+    )
+
+
+def tiny_model(family: str = "mpt", n: int = 2, seed: int = 0, **kwargs) -> OpenFlamingoForConditionalGeneration:
+    """A tiny model whose gates are open (random), so cross-attention changes the outputs."""
+    torch.manual_seed(seed)
+    model = OpenFlamingoForConditionalGeneration(tiny_config(family, n, **kwargs)).eval()
+    with torch.no_grad():
+        for block in model.gated_cross_attn_layers.values():
+            block.attn_gate.normal_()
+            block.ff_gate.normal_()
+    return model
+
+
+def inputs(batch: int = 2, seq: int = 10, images: int = 2, seed: int = 0):
+    g = seeded(seed)
+    ids = torch.randint(0, 400, (batch, seq), generator=g)
+    ids[:, 0] = MEDIA
+    ids[:, seq // 2] = MEDIA
+    pixel_values = torch.randn(batch, images, 3, 32, 32, generator=g)
+    return ids, pixel_values
+
+
+# ---- config ----
+
+
+@pytest.mark.parametrize("family", list(TEXT_CONFIGS))
+def test_config_round_trip(family, tmp_path):
+    config = tiny_config(family, n=2)
+    again = OpenFlamingoConfig.from_dict(config.to_dict())
+    assert again.to_dict() == config.to_dict()
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, OpenFlamingoConfig)
+    assert loaded.text_config.model_type == config.text_config.model_type
+    assert loaded.cross_attn_layer_indices == [1, 3]
+    assert (loaded.media_token_id, loaded.eoc_token_id, loaded.pad_token_id) == (MEDIA, EOC, PAD)
+    if family == "mosaic_gpt":
+        assert loaded.text_config.attn_config.qk_ln is True
+
+
+@pytest.mark.parametrize(("n", "expected"), [(1, [0, 1, 2, 3]), (2, [1, 3]), (4, [3]), (3, [2])])
+def test_cross_attn_layer_placement(n, expected):
+    model = OpenFlamingoForConditionalGeneration(tiny_config("llama", n))
+    assert model.config.cross_attn_layer_indices == expected
+    assert sorted(int(k) for k in model.gated_cross_attn_layers) == expected
+    layers = find_decoder_layers(model.language_model, 4)
+    assert [i for i, layer in enumerate(layers) if hasattr(layer, "flamingo_layer_idx")] == expected
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="model_type"):
+        OpenFlamingoConfig(text_config={"hidden_size": 4})
+    with pytest.raises(ValueError, match="cross_attn_every_n_layers"):
+        OpenFlamingoConfig(cross_attn_every_n_layers=0)
+
+
+# ---- model semantics ----
+
+
+@pytest.mark.parametrize("family", list(TEXT_CONFIGS))
+def test_native_parameter_names_and_closed_gates_equal_the_lm(family):
+    torch.manual_seed(0)
+    model = OpenFlamingoForConditionalGeneration(tiny_config(family)).eval()
+    names = set(dict(model.named_parameters()))
+    native = {"language_model." + n for n, _ in model.language_model.named_parameters()}
+    assert native <= names
+    if family in ("mpt", "mosaic_gpt"):
+        assert "language_model.transformer.blocks.3.attn.Wqkv.weight" in names
+    if family == "mosaic_gpt":
+        assert "language_model.transformer.blocks.0.attn.q_ln.weight" in names
+        assert "language_model.transformer.blocks.0.attn.k_ln.weight" in names
+    ids, pixel_values = inputs()
+    with torch.no_grad():
+        flamingo = model(input_ids=ids, pixel_values=pixel_values).logits
+        # The LM called on its own (no images in flight) runs without the blocks; with gates at 0 they are the identity.
+        alone = model.language_model(input_ids=ids).logits
+    torch.testing.assert_close(flamingo, alone, atol=1e-6, rtol=0)
+
+
+def test_qk_layernorm_is_applied():
+    model = tiny_model("mosaic_gpt")
+    ids, pixel_values = inputs()
+    with torch.no_grad():
+        before = model(input_ids=ids, pixel_values=pixel_values).logits
+        model.language_model.transformer.blocks[0].attn.q_ln.weight.mul_(3.0)
+        after = model(input_ids=ids, pixel_values=pixel_values).logits
+    assert not torch.allclose(before, after)
+
+
+def test_no_state_left_on_modules_after_forward():
+    model = tiny_model()
+    before = {name: set(vars(module)) for name, module in model.named_modules()}
+    ids, pixel_values = inputs()
+    model(input_ids=ids, pixel_values=pixel_values)
+    assert _ACTIVE_CROSS_ATTENTION.get() is None
+    after = {name: set(vars(module)) for name, module in model.named_modules()}
+    assert before.keys() == after.keys()
+    for name in before:
+        added = after[name] - before[name]
+        assert not {a for a in added if not a.startswith("_qk_ln")}, (name, added)
+
+
+def test_six_dim_pixel_values_equal_five_dim():
+    model = tiny_model()
+    ids, pixel_values = inputs()
+    with torch.no_grad():
+        five = model(input_ids=ids, pixel_values=pixel_values).logits
+        six = model(input_ids=ids, pixel_values=pixel_values.unsqueeze(2)).logits
+    torch.testing.assert_close(five, six, atol=0, rtol=0)
+
+
+def test_padding_images_are_never_attended():
+    model = tiny_model()
+    ids, pixel_values = inputs(images=3)
+    ids[1, 5] = 7  # row 1 now has a single <image>: its images 2 and 3 are padding
+    with torch.no_grad():
+        ref = model(input_ids=ids, pixel_values=pixel_values).logits
+        pixel_values[1, 1:] = torch.randn_like(pixel_values[1, 1:]) * 5
+        changed = model(input_ids=ids, pixel_values=pixel_values).logits
+    torch.testing.assert_close(ref[1], changed[1], atol=0, rtol=0)
+    with torch.no_grad():
+        pixel_values[0, 1] = 0
+        changed = model(input_ids=ids, pixel_values=pixel_values).logits
+    assert not torch.allclose(ref[0], changed[0])  # row 0's second image is real
+
+
+def test_tokens_see_only_their_latest_image():
+    model = tiny_model()
+    ids, pixel_values = inputs(batch=1, seq=10)
+    with torch.no_grad():
+        ref = model(input_ids=ids, pixel_values=pixel_values).logits
+        pixel_values[0, 1] += 1.0  # the second image: seen from position 5 on
+        changed = model(input_ids=ids, pixel_values=pixel_values).logits
+    torch.testing.assert_close(ref[0, :5], changed[0, :5], atol=1e-6, rtol=0)
+    assert not torch.allclose(ref[0, 5:], changed[0, 5:])
+
+
+def test_attend_to_all_previous_media_option():
+    model = tiny_model(only_attend_immediate_media=False)
+    ids, pixel_values = inputs(batch=1, seq=10)
+    with torch.no_grad():
+        ref = model(input_ids=ids, pixel_values=pixel_values).logits
+        pixel_values[0, 0] += 1.0  # the first image: now seen after the second image too
+        changed = model(input_ids=ids, pixel_values=pixel_values).logits
+    assert not torch.allclose(ref[0, 5:], changed[0, 5:])
+
+
+def test_text_before_the_first_image_gets_no_cross_attention():
+    model = tiny_model()
+    ids, pixel_values = inputs(batch=1, seq=10)
+    ids[0, 0] = 5  # first <image> is now at position 5
+    with torch.no_grad():
+        ref = model(input_ids=ids, pixel_values=pixel_values[:, :1]).logits
+        other = model(input_ids=ids, pixel_values=torch.randn_like(pixel_values[:, :1])).logits
+    torch.testing.assert_close(ref[0, :5], other[0, :5], atol=0, rtol=0)
+
+
+def test_text_only_forward_and_loss():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 400, (2, 8), generator=seeded())
+    out = model(input_ids=ids, labels=ids)
+    manual = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 403), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, manual)
+
+
+def test_loss_ignores_minus_100_and_supports_num_items_in_batch():
+    model = tiny_model()
+    ids, pixel_values = inputs()
+    labels = ids.clone()
+    labels[:, :3] = -100
+    out = model(input_ids=ids, pixel_values=pixel_values, labels=labels)
+    logits = out.logits[:, :-1].reshape(-1, 403)
+    target = labels[:, 1:].reshape(-1)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(logits, target, ignore_index=-100))
+    summed = model(input_ids=ids, pixel_values=pixel_values, labels=labels, num_items_in_batch=torch.tensor(7))
+    expected = torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum") / 7
+    torch.testing.assert_close(summed.loss, expected)
+
+
+def test_output_fields_and_tuple_output():
+    model = tiny_model()
+    ids, pixel_values = inputs()
+    out = model(input_ids=ids, pixel_values=pixel_values, use_cache=True)
+    assert out.image_hidden_states.shape == (2, 2, 4, 32)
+    assert len(out.image_cache.key_values) == len(model.gated_cross_attn_layers)
+    assert out.image_cache.last_image_index.tolist() == [2, 2]
+    assert isinstance(model(input_ids=ids, pixel_values=pixel_values, return_dict=False), tuple)
+
+
+def test_continuing_with_the_cache_equals_one_forward():
+    model = tiny_model("llama")
+    ids, pixel_values = inputs(seq=12)
+    with torch.no_grad():
+        full = model(input_ids=ids, pixel_values=pixel_values).logits
+        first = model(input_ids=ids[:, :8], pixel_values=pixel_values, use_cache=True)
+        second = model(input_ids=ids[:, 8:], past_key_values=first.past_key_values, image_cache=first.image_cache)
+    torch.testing.assert_close(second.logits, full[:, 8:], atol=1e-5, rtol=0)
+
+
+# ---- errors ----
+
+
+def test_errors_are_specific():
+    model = tiny_model()
+    ids, pixel_values = inputs(images=2)
+    ids[0, 7] = MEDIA  # row 0: three <image> tokens, two images
+    with pytest.raises(ValueError, match=r"Row 0 of input_ids has 3 <image> tokens but only 2 images"):
+        model(input_ids=ids, pixel_values=pixel_values)
+    ids, pixel_values = inputs()
+    with pytest.raises(ValueError, match="pixel_values must have shape"):
+        model(input_ids=ids, pixel_values=pixel_values[:, :, :, :16])
+    with pytest.raises(ValueError, match="frames"):
+        model(input_ids=ids, pixel_values=torch.stack([pixel_values, pixel_values], dim=2))
+    with pytest.raises(ValueError, match="no images were given"):
+        model(input_ids=ids)
+    text_only = torch.randint(0, 400, (2, 6))
+    with pytest.raises(ValueError, match="no <image> token"):
+        model(input_ids=text_only, pixel_values=pixel_values)
+    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+        model(pixel_values=pixel_values)
+    first = model(input_ids=ids, pixel_values=pixel_values, use_cache=True)
+    with pytest.raises(ValueError, match="image_cache"):
+        model(input_ids=ids[:, :1], pixel_values=pixel_values, past_key_values=first.past_key_values)
+
+
+def test_find_decoder_layers_error():
+    with pytest.raises(ValueError, match="Could not find the decoder layers"):
+        find_decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)), 4)
+
+
+# ---- save / load ----
+
+
+@pytest.mark.parametrize("family", ["mosaic_gpt", "gpt_neox"])
+def test_save_load_round_trip_sharded_no_warnings(family, tmp_path):
+    model = tiny_model(family)
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    loaded, info = AutoModelForImageTextToText.from_pretrained(tmp_path, output_loading_info=True)
+    assert type(loaded) is OpenFlamingoForConditionalGeneration
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    ids, pixel_values = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.eval()(input_ids=ids, pixel_values=pixel_values).logits,
+            model(input_ids=ids, pixel_values=pixel_values).logits,
+            atol=0,
+            rtol=0,
+        )
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"]["AutoConfig"] == "configuration_openflamingo.OpenFlamingoConfig"
+    assert "AutoModelForImageTextToText" in config["auto_map"]
+
+
+def test_tied_embeddings_survive_save_load(tmp_path):
+    model = tiny_model("mpt")
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    lm = loaded.language_model
+    assert lm.get_output_embeddings().weight.data_ptr() == lm.get_input_embeddings().weight.data_ptr()
+
+
+def test_bfloat16_load_and_forward(tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path)
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    ids, pixel_values = inputs()
+    out = model(input_ids=ids, pixel_values=pixel_values, labels=ids)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+
+
+@pytest.mark.skipif(not IS_V4, reason="AutoModelForVision2Seq exists on transformers 4.x only")
+def test_auto_model_for_vision2seq_on_v4(tmp_path):
+    from transformers import AutoModelForVision2Seq
+
+    tiny_model().save_pretrained(tmp_path)
+    assert type(AutoModelForVision2Seq.from_pretrained(tmp_path)) is OpenFlamingoForConditionalGeneration
+
+
+def test_trust_remote_code_without_the_package(converted, tmp_path):
+    """A saved folder (model + processor) loads in a Python where `modeling_openflamingo` cannot be imported."""
+    path = converted("tiny-mpt-1b-redpajama-200b")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["modeling_openflamingo"] = None  # make the package unimportable
+        import torch, transformers
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+        model = AutoModelForImageTextToText.from_pretrained({str(path)!r}, trust_remote_code=True)
+        processor = AutoProcessor.from_pretrained({str(path)!r}, trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        if transformers.__version__.startswith("4."):
+            from transformers import AutoModelForVision2Seq
+            AutoModelForVision2Seq.from_pretrained({str(path)!r}, trust_remote_code=True)
+        from PIL import Image
+        image = Image.new("RGB", (40, 30), (200, 10, 10))
+        batch = processor(images=[[image]], text=["<image>Output:"])
+        out = model.generate(**batch, max_new_tokens=3, min_new_tokens=3)
+        print("OK", tuple(out.shape))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OK" in result.stdout
+
+
+# ---- processor ----
+
+
+def test_processor_batches_rows_with_different_image_counts(converted, tiny_images):
+    processor = AutoProcessor.from_pretrained(converted("tiny-neox"))
+    batch = processor(
+        images=[[tiny_images[0], tiny_images[1]], [], [tiny_images[2]]],
+        text=["<image>a<image>b", "just text", "<image>c"],
+    )
+    assert batch["pixel_values"].shape == (3, 2, 3, 32, 32)
+    assert torch.equal(batch["pixel_values"][1], torch.zeros(2, 3, 32, 32))
+    assert torch.equal(batch["pixel_values"][2, 1], torch.zeros(3, 32, 32))
+    assert (batch["attention_mask"][:, -1] == 1).all()  # left padding by default
+    single = processor(images=[tiny_images[0]], text="<image>hello")
+    assert single["pixel_values"].shape == (1, 1, 3, 32, 32)
+    text_only = processor(text=["no images here"])
+    assert "pixel_values" not in text_only
+
+
+def test_processor_errors(converted, tiny_images):
+    processor = AutoProcessor.from_pretrained(converted("tiny-neox"))
+    with pytest.raises(ValueError, match="has 2 <image> tokens but 1 images"):
+        processor(images=[[tiny_images[0]]], text=["<image>a<image>b"])
+    with pytest.raises(ValueError, match="2 texts but 1 lists of images"):
+        processor(images=[[tiny_images[0]]], text=["<image>a", "b"])
+    with pytest.raises(ValueError, match="needs `text`"):
+        processor(images=[tiny_images[0]])
+
+
+def test_processor_training_labels(converted, tiny_images):
+    processor = AutoProcessor.from_pretrained(converted("tiny-neox"))
+    batch = processor(
+        images=[[tiny_images[0]], [tiny_images[1]]],
+        text=["<image>a b<|endofchunk|>", "<image>a<|endofchunk|>"],
+        return_labels=True,
+    )
+    ids, labels = batch["input_ids"], batch["labels"]
+    assert (batch["attention_mask"][:, 0] == 1).all()  # right padding
+    expected = ids.clone()
+    expected[(ids == processor.image_token_id) | (batch["attention_mask"] == 0)] = -100
+    assert torch.equal(labels, expected)
+    assert (labels == processor.end_of_chunk_token_id).sum() == 2  # <|endofchunk|> stays in the loss
+
+
+def test_processor_save_load_round_trip(converted, tmp_path, tiny_images):
+    processor = AutoProcessor.from_pretrained(converted("tiny-llama"))
+    processor.save_pretrained(tmp_path)
+    again = AutoProcessor.from_pretrained(tmp_path)
+    a = processor(images=[[tiny_images[3]]], text=["<image>x"])
+    b = again(images=[[tiny_images[3]]], text=["<image>x"])
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])
+    assert len(again.tokenizer) == len(processor.tokenizer) == 403
