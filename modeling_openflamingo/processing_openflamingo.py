@@ -35,16 +35,13 @@ def interleaved_label_mask(
     up to (not including) the next `<image>`. The `<|endofchunk|>` tokens and eos stay in the loss.
     """
     labels = input_ids.clone()
-    # 1 between an <|endofchunk|> (exclusive) and the next <image> (exclusive), and before the first <image>.
-    is_media = input_ids == media_token_id
-    is_eoc = input_ids == eoc_token_id
-    outside = torch.zeros_like(input_ids, dtype=torch.bool)
-    state = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    for t in range(input_ids.shape[1]):
-        state = state & ~is_media[:, t]
-        outside[:, t] = state
-        state = state | is_eoc[:, t]
-    labels[outside] = -100
+    positions = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
+    never = torch.full_like(positions, -1)
+    # position of the latest <image> at or before each token, and of the latest <|endofchunk|> strictly before it
+    last_media = torch.where(input_ids == media_token_id, positions, never).cummax(dim=-1).values
+    last_eoc = torch.where(input_ids == eoc_token_id, positions, never).cummax(dim=-1).values
+    last_eoc_before = torch.cat((never[..., :1], last_eoc[..., :-1]), dim=-1)
+    labels[(last_media < 0) | (last_eoc_before > last_media)] = -100
     return caption_label_mask(labels, media_token_id, pad_token_id)
 
 
