@@ -16,6 +16,7 @@ on its own, with the image tensors as explicit inputs.
 from __future__ import annotations
 
 import contextvars
+import functools
 import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -391,9 +392,8 @@ def _follow_wqkv(attention: nn.Module, _args: Any) -> None:
     if state.get("_qk_ln_target") is not wqkv:
         if state.get("_qk_ln_handle") is not None:
             state["_qk_ln_handle"].remove()
-        state["_qk_ln_handle"] = wqkv.register_forward_hook(
-            lambda module, args, output: _apply_qk_layernorm(attention, module, args, output)
-        )
+        # a partial, not a closure: `copy.deepcopy` copies its arguments, so a copied model uses its own q_ln/k_ln
+        state["_qk_ln_handle"] = wqkv.register_forward_hook(functools.partial(_apply_qk_layernorm, attention))
         state["_qk_ln_target"] = wqkv
 
 

@@ -163,6 +163,20 @@ def test_qk_layernorm_is_applied():
     assert not torch.allclose(before, after)
 
 
+def test_deepcopy_is_independent():
+    import copy
+
+    model = tiny_model("mosaic_gpt")
+    ids, pixel_values = inputs()
+    with torch.no_grad():
+        ref = model(input_ids=ids, pixel_values=pixel_values).logits
+        clone = copy.deepcopy(model)
+        torch.testing.assert_close(clone(input_ids=ids, pixel_values=pixel_values).logits, ref, atol=0, rtol=0)
+        clone.language_model.transformer.blocks[0].attn.q_ln.weight.mul_(3.0)
+        assert not torch.allclose(clone(input_ids=ids, pixel_values=pixel_values).logits, ref)
+        torch.testing.assert_close(model(input_ids=ids, pixel_values=pixel_values).logits, ref, atol=0, rtol=0)
+
+
 def test_no_state_left_on_modules_after_forward():
     model = tiny_model()
     before = {name: set(vars(module)) for name, module in model.named_modules()}
