@@ -22,7 +22,9 @@ def main() -> None:
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
     processor = AutoProcessor.from_pretrained(path)
     images = demo_images()
-    prompt = "<image>Output:A photo of two cats.<|endofchunk|><image>Output:A bathroom sink.<|endofchunk|><image>Output:"
+    prompt = (
+        "<image>Output:A photo of two cats.<|endofchunk|><image>Output:A bathroom sink.<|endofchunk|><image>Output:"
+    )
     inputs = processor(images=[images[:3]], text=[prompt])
     with torch.no_grad():
         generated = model.generate(**inputs, max_new_tokens=args.max_new_tokens, num_beams=3)
