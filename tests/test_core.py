@@ -450,3 +450,20 @@ def test_processor_save_load_round_trip(converted, tmp_path, tiny_images):
     b = again(images=[[tiny_images[3]]], text=["<image>x"])
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])
     assert len(again.tokenizer) == len(processor.tokenizer) == 403
+
+
+def test_demo_runs_offline(tmp_path):
+    """README's first set-up command: the offline demo."""
+    from .conftest import ROOT
+
+    env = {**os.environ, "OPENFLAMINGO_DEMO_DIR": str(tmp_path / "demo"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "examples/demo.py", "--max-new-tokens", "4"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "caption:" in result.stdout
