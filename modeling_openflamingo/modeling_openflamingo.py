@@ -16,9 +16,10 @@ on its own, with the image tensors as explicit inputs.
 from __future__ import annotations
 
 import contextvars
+import copy
 import functools
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -499,6 +500,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             "CLIPEncoderLayer",
         ]
         self.post_init()
+        if self.generation_config is not None and config.eoc_token_id is not None:
+            # Like the original's `generate`: stop at <|endofchunk|> by default, not at the LM's own eos.
+            self.generation_config.eos_token_id = config.eoc_token_id
 
     # ---- embeddings (delegated to the language model) ----
 
@@ -727,30 +731,281 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
 
     # ---- generation ----
 
+    @torch.no_grad()
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """
+        [`~GenerationMixin.generate`], with the images encoded once per call, before any beam or sample expansion.
+
+        Takes everything `GenerationMixin.generate` takes (decoding strategy, `generation_config`, logits processors,
+        stopping criteria, `streamer`, ...) plus the image inputs of [`forward`]:
+
+        - `input_ids` `(batch, prompt_len)`, left-padded, with one `<image>` token where each image stands;
+        - `attention_mask` `(batch, prompt_len)`;
+        - `pixel_values` `(batch, num_images, 3, H, W)` (zero-padded for rows with fewer images; omit it for
+          text-only prompts), or already encoded `image_hidden_states` `(batch, num_images, num_latents, dim)`.
+
+        The vision tower and the Perceiver run here, once, on the `batch` rows; the first forward computes the
+        cross-attention keys/values over the latents of the (beam- or sample-expanded) batch once, and every later step
+        reuses them (`image_cache`) together with the LM's KV cache. Every generated token sees the last image of its
+        row's prompt (none for a text-only row). A generated `<image>` token is text like any other: no image comes
+        with it, so it does not advance to another image. Without `eos_token_id`, generation stops at
+        `<|endofchunk|>` (`generation_config.eos_token_id`, set from `config.eoc_token_id`).
+
+        Returns:
+            As `GenerationMixin.generate`: `torch.LongTensor` of shape
+            `(batch * num_return_sequences, prompt_len + new_tokens)` (prompt included), or a `GenerateOutput` with
+            `return_dict_in_generate=True`.
+        """
+        input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+        self._prepare_images_for_generation(input_ids, kwargs)
+        return super().generate(*args, **kwargs)
+
+    def _prepare_images_for_generation(self, input_ids: Any, kwargs: dict[str, Any]) -> None:
+        """Encode `pixel_values` once and pin each prompt token's image (`image_indices`), in place in `kwargs`.
+
+        Inputs that the first forward rejects (`<image>` tokens without images, images without `<image>` tokens) are
+        left alone, so that `generate` raises the same errors as `forward`.
+        """
+        media = self.config.media_token_id
+        if (
+            media is None
+            or not torch.is_tensor(input_ids)
+            or input_ids.ndim != 2
+            or input_ids.is_floating_point()
+            or any(kwargs.get(k) is not None for k in ("inputs_embeds", "image_indices", "image_cache"))
+        ):
+            return
+        pixel_values, image_hidden_states = kwargs.get("pixel_values"), kwargs.get("image_hidden_states")
+        has_images = pixel_values is not None or image_hidden_states is not None
+        has_media = bool((input_ids == media).any())
+        if not has_media and not has_images:
+            # Text only: tokens see no image, a generated <image> included.
+            kwargs["image_indices"] = torch.zeros_like(input_ids)
+            return
+        if not has_media or not has_images or (pixel_values is not None and image_hidden_states is not None):
+            return
+        images = image_hidden_states if image_hidden_states is not None else pixel_values
+        image_indices = self._image_indices(input_ids, images.shape[1])  # the forward's error on a count mismatch
+        if pixel_values is not None:
+            kwargs["image_hidden_states"] = self.get_image_features(kwargs.pop("pixel_values"))
+        kwargs["image_indices"] = image_indices
+
     def prepare_inputs_for_generation(
-        self, input_ids: torch.LongTensor, *args: Any, image_cache: OpenFlamingoImageCache | None = None, **kwargs: Any
+        self,
+        input_ids: torch.LongTensor,
+        *args: Any,
+        image_cache: OpenFlamingoImageCache | None = None,
+        image_indices: torch.LongTensor | None = None,
+        **kwargs: Any,
     ) -> dict[str, Any]:
         """After the prompt, images are not re-encoded: new tokens reuse `image_cache` and see the prompt's last image.
 
-        A generated `<image>` token is text like any other: there is no image for it, so it and the tokens after it
-        keep seeing the last image of the prompt, as in the original implementation.
+        `image_indices` `(batch, prompt_len)` are the prompt's (set by [`generate`]); tokens generated after it get the
+        prompt's last image, `<image>` tokens included (there is no image for a generated `<image>`). So a step with
+        the LM cache and a full forward without it (`use_cache=False`) agree.
         """
         model_inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        if model_inputs.get("input_ids") is not None:
+            new_tokens = model_inputs["input_ids"].shape[-1]
+        elif model_inputs.get("inputs_embeds") is not None:
+            new_tokens = model_inputs["inputs_embeds"].shape[1]
+        else:
+            new_tokens = input_ids.shape[-1]
+        if image_indices is not None:
+            grown = input_ids.shape[-1] - image_indices.shape[-1]
+            if grown > 0:
+                image_indices = torch.cat((image_indices, image_indices[:, -1:].expand(-1, grown)), dim=-1)
+            model_inputs["image_indices"] = image_indices[:, image_indices.shape[-1] - new_tokens :]
         if image_cache is not None:
             model_inputs.pop("pixel_values", None)
             model_inputs.pop("image_hidden_states", None)
             model_inputs["image_cache"] = image_cache
-            new_tokens = model_inputs["input_ids"].shape[-1]
-            model_inputs["image_indices"] = image_cache.last_image_index.unsqueeze(-1).expand(-1, new_tokens)
+            if image_indices is None:
+                model_inputs["image_indices"] = image_cache.last_image_index.unsqueeze(-1).expand(-1, new_tokens)
         return model_inputs
 
     def _update_model_kwargs_for_generation(
         self, outputs: ModelOutput, model_kwargs: dict[str, Any], *args: Any, **kwargs: Any
     ) -> dict[str, Any]:
+        # Beam search reorders the LM cache only; the image state needs no reordering, as the beams of a row share it.
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
         if getattr(outputs, "image_cache", None) is not None:
             model_kwargs["image_cache"] = outputs.image_cache
         return model_kwargs
+
+    # ---- scoring ----
+
+    @torch.no_grad()
+    def score_continuations(
+        self,
+        input_ids: torch.LongTensor,
+        continuations: Sequence[Sequence[int]] | torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_hidden_states: torch.FloatTensor | None = None,
+        continuation_mask: torch.Tensor | None = None,
+        normalize_length: bool = False,
+        candidates_per_forward: int | None = None,
+    ) -> torch.FloatTensor:
+        """
+        Log-likelihood of each candidate continuation after each prompt (rank classification, as the original's
+        `get_rank_classifications`).
+
+        The prompts (e.g. few-shot demonstrations ending in `<image>Output:`) run through the model once, with their
+        images; the LM's KV cache and the cross-attention keys/values of that one forward are then shared by every
+        candidate, so scoring K class names costs one prompt forward plus one forward over the candidates' tokens
+        (none at all when every candidate is a single token), not K prompt forwards.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, prompt_len)`):
+                The prompts, left-padded (the processor's default), `<image>` where each image stands.
+            continuations (`list[list[int]]` or `torch.LongTensor` of shape `(num_candidates, max_len)`):
+                The K candidates' token ids, without special tokens (e.g.
+                `tokenizer(class_names, add_special_tokens=False)["input_ids"]`). As a tensor, right-padded, with
+                `continuation_mask`.
+            attention_mask (`torch.Tensor` of shape `(batch, prompt_len)`, *optional*): 1 for real prompt tokens.
+            pixel_values (`torch.FloatTensor` of shape `(batch, num_images, 3, H, W)`, *optional*):
+                The prompts' images (zero-padded rows), as for [`forward`].
+            image_hidden_states (`torch.FloatTensor` of shape `(batch, num_images, num_latents, dim)`, *optional*):
+                Already encoded images, instead of `pixel_values`.
+            continuation_mask (`torch.Tensor` of shape `(num_candidates, max_len)`, *optional*):
+                With a tensor `continuations`: 1 for real tokens, 0 for right padding.
+            normalize_length (`bool`, defaults to `False`):
+                Return the mean log-probability per candidate token instead of the sum.
+            candidates_per_forward (`int`, *optional*):
+                Score at most this many candidates per forward (bounds memory: the prompt cache is repeated for each
+                candidate of a chunk). Default: all at once.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch, num_candidates)` (fp32): for row `b` and candidate `k`,
+            `sum_t log p(c_k[t] | prompt_b, c_k[:t])` (or its mean over `t`).
+        """
+        candidates, candidate_mask = self._pad_continuations(continuations, continuation_mask, input_ids.device)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must have shape (batch, prompt_len); got {tuple(input_ids.shape)}.")
+        batch_size, prompt_len = input_ids.shape
+        if prompt_len == 0:
+            raise ValueError("score_continuations needs a non-empty prompt (input_ids of length >= 1).")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        num_candidates, max_len = candidates.shape
+
+        prompt = self(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            image_hidden_states=image_hidden_states,
+            position_ids=self._positions_from_mask(attention_mask),
+            use_cache=True,
+            return_dict=True,
+        )
+        cache = getattr(prompt, _CACHE_FIELD)
+        first = prompt.logits[:, -1].float().log_softmax(dim=-1)  # (batch, vocab): predicts each candidate's 1st token
+        scores = first[:, candidates[:, 0]]  # (batch, num_candidates)
+
+        if max_len > 1:
+            if cache is None:
+                raise ValueError("The language model returned no KV cache; score_continuations needs one.")
+            chunk = candidates_per_forward or num_candidates
+            if chunk < 1:
+                raise ValueError(f"candidates_per_forward must be >= 1, got {candidates_per_forward}.")
+            for start in range(0, num_candidates, chunk):
+                ids = candidates[start : start + chunk]
+                mask = candidate_mask[start : start + chunk]
+                k = ids.shape[0]
+                # rows ordered (prompt, candidate): row b * k + j is prompt b followed by candidate start + j
+                prompt_mask = attention_mask.repeat_interleave(k, dim=0)
+                full_mask = torch.cat((prompt_mask, mask[:, :-1].repeat(batch_size, 1).to(prompt_mask.dtype)), dim=1)
+                image_cache = None
+                if prompt.image_cache is not None:
+                    image_cache = OpenFlamingoImageCache(
+                        key_values=tuple(
+                            (key.repeat_interleave(k, dim=0), value.repeat_interleave(k, dim=0))
+                            for key, value in prompt.image_cache.key_values
+                        ),
+                        last_image_index=prompt.image_cache.last_image_index.repeat_interleave(k, dim=0),
+                    )
+                out = self(
+                    input_ids=ids[:, :-1].repeat(batch_size, 1),
+                    attention_mask=full_mask,
+                    position_ids=self._positions_from_mask(full_mask)[:, prompt_len:],
+                    image_cache=image_cache,
+                    use_cache=True,
+                    return_dict=True,
+                    **{_CACHE_FIELD: self._repeat_cache(cache, k)},
+                )
+                logits = out.logits.float()  # (batch * k, max_len - 1, vocab)
+                targets = ids[:, 1:].repeat(batch_size, 1)
+                token_scores = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
+                token_scores = token_scores.masked_fill(mask[:, 1:].repeat(batch_size, 1) == 0, 0.0)
+                scores[:, start : start + k] += token_scores.sum(dim=-1).view(batch_size, k)
+        if normalize_length:
+            scores = scores / candidate_mask.sum(dim=-1).to(scores.dtype)
+        return scores
+
+    @staticmethod
+    def _pad_continuations(
+        continuations: Sequence[Sequence[int]] | torch.Tensor, continuation_mask: torch.Tensor | None, device: Any
+    ) -> tuple[torch.LongTensor, torch.Tensor]:
+        """`(num_candidates, max_len)` right-padded ids and their mask; every candidate must have a first token."""
+        if torch.is_tensor(continuations):
+            if continuations.ndim != 2 or continuations.is_floating_point():
+                raise ValueError(
+                    "continuations must be a (num_candidates, max_len) tensor of token ids or a list of lists of ids; "
+                    f"got a tensor of shape {tuple(continuations.shape)} and dtype {continuations.dtype}."
+                )
+            ids = continuations.to(device=device, dtype=torch.long)
+            if continuation_mask is None:
+                mask = torch.ones_like(ids)
+            else:
+                if continuation_mask.shape != ids.shape:
+                    raise ValueError(
+                        f"continuation_mask has shape {tuple(continuation_mask.shape)}, continuations "
+                        f"{tuple(ids.shape)}."
+                    )
+                mask = continuation_mask.to(device=device, dtype=torch.long)
+                if bool((mask[:, 1:] > mask[:, :-1]).any()):
+                    raise ValueError("continuation_mask must be right padding: 1s, then 0s.")
+        else:
+            if continuation_mask is not None:
+                raise ValueError("continuation_mask goes with a tensor of continuations, not with lists of ids.")
+            rows = [list(row) for row in continuations]
+            if not rows:
+                raise ValueError("continuations is empty: pass at least one candidate.")
+            max_len = max(len(row) for row in rows)
+            ids = torch.zeros(len(rows), max(max_len, 1), dtype=torch.long, device=device)
+            mask = torch.zeros_like(ids)
+            for i, row in enumerate(rows):
+                ids[i, : len(row)] = torch.tensor(row, dtype=torch.long, device=device)
+                mask[i, : len(row)] = 1
+        if ids.shape[0] == 0:
+            raise ValueError("continuations is empty: pass at least one candidate.")
+        empty = (mask[:, 0] == 0).nonzero().flatten().tolist() if ids.shape[1] else list(range(ids.shape[0]))
+        if empty:
+            raise ValueError(f"Continuations {empty} are empty; every candidate needs at least one token.")
+        return ids, mask
+
+    @staticmethod
+    def _positions_from_mask(attention_mask: torch.Tensor) -> torch.LongTensor:
+        """Position ids that start at 0 on each row's first real token, as `generate` makes them (padding: 0)."""
+        return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+    @staticmethod
+    def _repeat_cache(cache: Any, repeats: int) -> Any:
+        """A new cache whose rows are each row of `cache` repeated `repeats` times; `cache` itself is left unchanged.
+
+        The layers are copied shallowly and their tensors replaced (`batch_repeat_interleave` rebinds them, and the
+        LM's `update` concatenates into new tensors), so the shared prompt cache is never written to.
+        """
+        if isinstance(cache, (tuple, list)):  # legacy tuple cache
+            return tuple(tuple(t.repeat_interleave(repeats, dim=0) for t in layer) for layer in cache)
+        if isinstance(getattr(cache, "layers", None), list):
+            repeated = copy.copy(cache)
+            repeated.layers = [copy.copy(layer) for layer in cache.layers]
+        else:
+            repeated = copy.deepcopy(cache)
+        repeated.batch_repeat_interleave(repeats)
+        return repeated
 
 
 __all__ = [

@@ -1,0 +1,621 @@
+"""Generation, streaming, scoring, pipeline and examples (issue 4), on the four tiny reference families."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    TextIteratorStreamer,
+    TextStreamer,
+    pipeline,
+)
+
+from modeling_openflamingo import OpenFlamingoConfig, OpenFlamingoForConditionalGeneration
+
+from .conftest import FAMILIES, ROOT
+
+CAPTION_PROMPT = (
+    "<image>Output:A photo of two cats.<|endofchunk|><image>Output:A bathroom sink.<|endofchunk|><image>Output:"
+)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def loaded(converted):
+    """family -> (fp32 model in eval mode, processor), loaded once per module."""
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            path = converted(family)
+            model = AutoModelForImageTextToText.from_pretrained(path).eval()
+            cache[family] = (model, AutoProcessor.from_pretrained(path))
+        return cache[family]
+
+    return get
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids as `generate` makes them from a left-padded mask (padding positions do not matter)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def reference_inputs(ref) -> dict:
+    return {
+        "input_ids": ref["input_ids_left"],
+        "attention_mask": ref["attention_mask_left"],
+        "pixel_values": ref["vision_x"],
+    }
+
+
+class ForceTokenAt(LogitsProcessor):
+    """Forces `token_id` as the `step`-th new token (0-based) of every row."""
+
+    def __init__(self, token_id: int, step: int, prompt_len: int) -> None:
+        self.token_id, self.step, self.prompt_len = token_id, step, prompt_len
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[-1] == self.prompt_len + self.step:
+            forced = torch.full_like(scores, -float("inf"))
+            forced[:, self.token_id] = 0.0
+            return forced
+        return scores
+
+
+class CallCounter:
+    """Counts forward calls of modules (forward pre-hooks) and remembers their first argument's shape."""
+
+    def __init__(self, **modules: torch.nn.Module) -> None:
+        self.calls: dict[str, int] = dict.fromkeys(modules, 0)
+        self.shapes: dict[str, list] = {name: [] for name in modules}
+        self.handles = [
+            module.register_forward_pre_hook(self._hook(name), with_kwargs=True) for name, module in modules.items()
+        ]
+
+    def _hook(self, name):
+        def hook(module, args, kwargs):
+            self.calls[name] += 1
+            tensors = [a for a in (*args, *kwargs.values()) if torch.is_tensor(a)]
+            if tensors:
+                self.shapes[name].append(tuple(tensors[0].shape))
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def make_row_batch(tiny_images):
+    """Rows with 3, 1, 0 and 2 images (zero-padded pixel values, left padding; one text-only row)."""
+    rows = [
+        (CAPTION_PROMPT, tiny_images[:3]),
+        ("<image>Question: What is it? Short answer:", [tiny_images[3]]),
+        ("A text-only row about cats and", []),
+        ("<image>Output:A dog.<|endofchunk|><image>Output:", tiny_images[4:6]),
+    ]
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# exactness against the original
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_and_beam_search_match_reference(family, loaded, reference):
+    """Token ids of the original's `generate` (greedy, and beam search with 3 beams), exactly.
+
+    The fixture settings are passed as the original was called: min_new_tokens = max_new_tokens, eos and pad from the
+    converted generation config (<|endofchunk|> and <PAD>), everything else at transformers' defaults (length_penalty
+    1.0, early_stopping False, do_sample False).
+    """
+    model, _ = loaded(family)
+    spec, ref = reference(family)
+    assert model.generation_config.eos_token_id == spec["eoc_token_id"]
+    assert model.generation_config.pad_token_id == spec["pad_token_id"]
+    for name in ("greedy", "beam3"):
+        settings = spec[name]
+        out = model.generate(
+            **reference_inputs(ref),
+            max_new_tokens=settings["max_new_tokens"],
+            min_new_tokens=settings["min_new_tokens"],
+            num_beams=settings["num_beams"],
+        )
+        assert torch.equal(out, ref[name]), (name, out[:, -settings["max_new_tokens"] :], ref[name][:, -8:])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_generation_equals_argmax_of_full_forwards(family, loaded, reference):
+    model, _ = loaded(family)
+    spec, ref = reference(family)
+    inputs = reference_inputs(ref)
+    steps = 6
+    out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps)
+    prompt_len = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        for t in range(steps):
+            ids = out[:, : prompt_len + t]
+            mask = torch.cat((inputs["attention_mask"], torch.ones(ids.shape[0], t, dtype=torch.long)), dim=1)
+            logits = model(
+                input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"], position_ids=positions(mask)
+            ).logits[:, -1]
+            logits[:, spec["eoc_token_id"]] = -float("inf")  # min_new_tokens
+            assert torch.equal(logits.argmax(-1), out[:, prompt_len + t]), t
+    uncached = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, use_cache=False)
+    assert torch.equal(uncached, out)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# images encoded once, image state through beams and samples
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"num_beams": 1},
+        {"num_beams": 3},
+        {"num_beams": 3, "num_return_sequences": 2},
+        {"do_sample": True, "num_return_sequences": 3},
+    ],
+    ids=["greedy", "beam3", "beam3-return2", "sample-return3"],
+)
+def test_images_and_cross_attention_keys_values_are_computed_once_per_generate(settings, loaded, reference):
+    model, _ = loaded("tiny-neox")  # cross-attention every 2 layers: 2 blocks
+    _, ref = reference("tiny-neox")
+    counter = CallCounter(
+        vision=model.vision_model,
+        perceiver=model.perceiver,
+        **{f"to_kv_{name}": block.attn.to_kv for name, block in model.gated_cross_attn_layers.items()},
+    )
+    try:
+        torch.manual_seed(0)
+        out = model.generate(**reference_inputs(ref), max_new_tokens=5, min_new_tokens=5, **settings)
+    finally:
+        counter.remove()
+    assert out.shape[0] == 2 * settings.get("num_return_sequences", 1)
+    assert len(model.gated_cross_attn_layers) == 2
+    assert counter.calls == dict.fromkeys(counter.calls, 1), counter.calls
+    # the vision tower sees the batch's 2 x 3 images once, not once per beam or sample
+    assert counter.shapes["vision"] == [(6, 3, 32, 32)]
+    assert counter.shapes["perceiver"] == [(2, 3, 16, 32)]
+
+
+def test_sampling_expands_each_rows_images(loaded, reference):
+    """Sampled sequences of a row see that row's images: top_k=1 sampling equals greedy for every returned copy."""
+    model, _ = loaded("tiny-llama")
+    _, ref = reference("tiny-llama")
+    greedy = model.generate(**reference_inputs(ref), max_new_tokens=6, min_new_tokens=6)
+    sampled = model.generate(
+        **reference_inputs(ref), max_new_tokens=6, min_new_tokens=6, do_sample=True, top_k=1, num_return_sequences=3
+    )
+    assert torch.equal(sampled, greedy.repeat_interleave(3, dim=0))
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(1234)
+        runs.append(model.generate(**reference_inputs(ref), max_new_tokens=6, do_sample=True, temperature=1.5))
+    assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("family", ["tiny-mpt-1b-redpajama-200b", "tiny-llama"])
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_batched_generation_equals_one_row_at_a_time(family, num_beams, loaded, tiny_images):
+    """Left padding, rows with 3, 1, 0 (text-only) and 2 images (zero-padded pixel values) in one batch."""
+    model, processor = loaded(family)
+    rows = make_row_batch(tiny_images)
+    steps = 6
+    batch = processor(images=[images for _, images in rows], text=[text for text, _ in rows])
+    assert batch["pixel_values"].shape[:2] == (4, 3)
+    assert batch["attention_mask"][:, 0].tolist().count(0) >= 1  # left padding is exercised
+    out = model.generate(**batch, max_new_tokens=steps, min_new_tokens=steps, num_beams=num_beams)
+    for i, (text, images) in enumerate(rows):
+        single = processor(images=[images], text=[text])
+        one = model.generate(**single, max_new_tokens=steps, min_new_tokens=steps, num_beams=num_beams)
+        assert "pixel_values" in single or not images
+        assert torch.equal(out[i, -steps:], one[0, -steps:]), (i, out[i, -steps:], one[0, -steps:])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_text_only_prompts_without_pixel_values(family, loaded):
+    model, processor = loaded(family)
+    texts = ["The cat sat on the", "A short text-only prompt about"]
+    batch = processor(text=texts)
+    assert "pixel_values" not in batch
+    out = model.generate(**batch, max_new_tokens=5, min_new_tokens=5)
+    for i, text in enumerate(texts):
+        one = model.generate(**processor(text=[text]), max_new_tokens=5, min_new_tokens=5)
+        assert torch.equal(out[i, -5:], one[0, -5:])
+    beams = model.generate(**batch, max_new_tokens=5, min_new_tokens=5, num_beams=3)
+    assert beams.shape == out.shape
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# stopping, logits processors, generation_config
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_stops_at_end_of_chunk_by_default(loaded, reference, converted):
+    model, _ = loaded("tiny-mpt")
+    spec, ref = reference("tiny-mpt")
+    eoc, pad = spec["eoc_token_id"], spec["pad_token_id"]
+    inputs = reference_inputs(ref)
+    prompt_len = inputs["input_ids"].shape[1]
+
+    class EndRowZeroAt(LogitsProcessor):  # row 0 emits <|endofchunk|> as its 3rd new token
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[-1] == prompt_len + 2:
+                scores = scores.clone()
+                scores[0] = -float("inf")
+                scores[0, eoc] = 0.0
+            return scores
+
+    out = model.generate(**inputs, max_new_tokens=6, logits_processor=LogitsProcessorList([EndRowZeroAt()]))
+    assert out.shape[1] == prompt_len + 6  # row 1 goes on
+    assert out[0, prompt_len + 2] == eoc
+    assert out[0, prompt_len + 3 :].tolist() == [pad] * 3  # row 0 stopped, padded with <PAD>
+    assert (out[1, prompt_len:] != pad).all()
+
+    # A model built from a config (no generation_config.json) also stops at <|endofchunk|>, not the LM's eos.
+    config = OpenFlamingoConfig.from_pretrained(converted("tiny-mpt"))
+    assert config.eoc_token_id == eoc and config.text_config.eos_token_id != eoc
+    built = OpenFlamingoForConditionalGeneration(config).eval()
+    assert built.generation_config.eos_token_id == eoc
+    assert built.generation_config.pad_token_id == pad
+    out = built.generate(
+        **{k: v[:1] for k, v in inputs.items()},
+        max_new_tokens=6,
+        logits_processor=LogitsProcessorList([ForceTokenAt(eoc, 2, prompt_len)]),
+    )
+    assert out.shape[1] == prompt_len + 3 and out[0, -1] == eoc
+
+
+def test_logits_processors_and_generation_config(loaded, reference):
+    model, _ = loaded("tiny-llama")
+    _, ref = reference("tiny-llama")
+    inputs = reference_inputs(ref)
+    prompt_len = inputs["input_ids"].shape[1]
+    greedy = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4)
+    # a GenerationConfig object
+    config = GenerationConfig(max_new_tokens=4, min_new_tokens=4, eos_token_id=400, pad_token_id=402)
+    assert torch.equal(model.generate(**inputs, generation_config=config), greedy)
+    # a built-in processor from kwargs: ban each row's greedy first token
+    banned = greedy[:, prompt_len].tolist()
+    out = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, bad_words_ids=[[t] for t in banned])
+    assert all(t not in banned for t in out[:, prompt_len:].flatten().tolist())
+    # a custom processor
+    out = model.generate(
+        **inputs,
+        max_new_tokens=4,
+        min_new_tokens=4,
+        logits_processor=LogitsProcessorList([ForceTokenAt(7, 1, prompt_len)]),
+    )
+    assert out[:, prompt_len + 1].tolist() == [7, 7]
+    assert torch.equal(out[:, prompt_len], greedy[:, prompt_len])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# a generated <image> token
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["tiny-mpt-1b-redpajama-200b", "tiny-neox"])
+def test_generated_image_token_is_text_and_keeps_the_prompts_last_image(family, loaded, reference):
+    """A generated `<image>` has no image: it and the tokens after it see the prompt's last image (none if none).
+
+    (The original re-reads media locations from each step's input: after a generated `<image>` its row attends to
+    image 1 and the other rows of the batch to no image at all; that is a side effect, not a design, and not copied.)
+    """
+    model, processor = loaded(family)
+    spec, ref = reference(family)
+    media, eoc = spec["media_token_id"], spec["eoc_token_id"]
+    inputs = reference_inputs(ref)
+    prompt_len = inputs["input_ids"].shape[1]
+    steps, forced_step = 6, 1
+    force = LogitsProcessorList([ForceTokenAt(media, forced_step, prompt_len)])
+    out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, logits_processor=force)
+    assert (out[:, prompt_len + forced_step] == media).all()
+    uncached = model.generate(
+        **inputs, max_new_tokens=steps, min_new_tokens=steps, logits_processor=force, use_cache=False
+    )
+    assert torch.equal(uncached, out)
+    # every later token is the argmax of a full forward in which the generated tokens see the prompt's last image
+    prompt_indices = (inputs["input_ids"] == media).cumsum(-1)
+    indices = torch.cat((prompt_indices, prompt_indices[:, -1:].expand(-1, steps - 1)), dim=1)
+    mask = torch.cat((inputs["attention_mask"], torch.ones(2, steps - 1, dtype=torch.long)), dim=1)
+    with torch.no_grad():
+        logits = model(
+            input_ids=out[:, :-1],
+            attention_mask=mask,
+            pixel_values=inputs["pixel_values"],
+            image_indices=indices,
+            position_ids=positions(mask),
+        ).logits[:, prompt_len - 1 :]
+    logits[..., eoc] = -float("inf")
+    for t in range(steps):
+        if t != forced_step:
+            assert torch.equal(logits[:, t].argmax(-1), out[:, prompt_len + t]), t
+    # beam search, and a text-only prompt, do not crash either
+    beams = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, num_beams=3, logits_processor=force)
+    assert (beams[:, prompt_len + forced_step] == media).all()
+    text = processor(text=["Only text, no images"])
+    length = text["input_ids"].shape[1]
+    force_text = LogitsProcessorList([ForceTokenAt(media, forced_step, length)])
+    cached = model.generate(**text, max_new_tokens=4, min_new_tokens=4, logits_processor=force_text)
+    no_cache = model.generate(**text, max_new_tokens=4, min_new_tokens=4, logits_processor=force_text, use_cache=False)
+    assert cached[0, length + forced_step] == media
+    assert torch.equal(cached, no_cache)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# errors
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_generate_raises_the_forward_errors(loaded, reference):
+    model, processor = loaded("tiny-mpt")
+    _, ref = reference("tiny-mpt")
+    inputs = reference_inputs(ref)
+    with pytest.raises(ValueError, match="input_ids contain <image> tokens but no images were given") as from_forward:
+        model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    with pytest.raises(ValueError, match="input_ids contain <image> tokens but no images were given") as from_generate:
+        model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=2)
+    assert str(from_generate.value) == str(from_forward.value)
+
+    text = processor(text=["no image token here", "nor here"])
+    with pytest.raises(ValueError, match="no <image> token to place them") as from_forward:
+        model(**text, pixel_values=inputs["pixel_values"])
+    with pytest.raises(ValueError, match="no <image> token to place them") as from_generate:
+        model.generate(**text, pixel_values=inputs["pixel_values"], max_new_tokens=2)
+    assert str(from_generate.value) == str(from_forward.value)
+
+    too_few = inputs["pixel_values"][:, :2]
+    with pytest.raises(ValueError, match="Row 0 of input_ids has 3 <image> tokens but only 2 images") as from_forward:
+        model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], pixel_values=too_few)
+    with pytest.raises(ValueError, match="Row 0 of input_ids has 3 <image> tokens but only 2 images") as from_generate:
+        model.generate(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            pixel_values=too_few,
+            max_new_tokens=2,
+        )
+    assert str(from_generate.value) == str(from_forward.value)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# bf16
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_generation_runs_and_first_tokens_agree_with_fp32(family, converted, reference):
+    spec, ref = reference(family)
+    model = AutoModelForImageTextToText.from_pretrained(converted(family)).eval().to(torch.bfloat16)
+    inputs = reference_inputs(ref)
+    prompt_len = inputs["input_ids"].shape[1]
+    out = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4)
+    assert out.shape == (2, prompt_len + 4)
+    assert torch.equal(out[:, prompt_len], ref["greedy"][:, prompt_len])
+    beams = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, num_beams=3)
+    assert beams.shape == (2, prompt_len + 3)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# streaming
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_text_streamer_and_text_iterator_streamer(loaded, tiny_images, capsys):
+    model, processor = loaded("tiny-llama")
+    inputs = processor(images=[tiny_images[:3]], text=[CAPTION_PROMPT])
+    prompt_len = inputs["input_ids"].shape[1]
+    expected_ids = model.generate(**inputs, max_new_tokens=8, min_new_tokens=8)
+    expected = processor.decode(expected_ids[0, prompt_len:], skip_special_tokens=True)
+
+    capsys.readouterr()
+    streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    out = model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, streamer=streamer)
+    assert torch.equal(out, expected_ids)
+    assert capsys.readouterr().out.rstrip("\n") == expected
+
+    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=60)
+    thread = threading.Thread(
+        target=model.generate, kwargs=dict(**inputs, max_new_tokens=8, min_new_tokens=8, streamer=streamer)
+    )
+    thread.start()
+    pieces = list(streamer)
+    thread.join()
+    assert "".join(pieces) == expected
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# scoring
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def brute_force_scores(model, input_ids, attention_mask, pixel_values, candidates) -> torch.Tensor:
+    """log p(candidate | prompt), one full forward over prompt + candidate per candidate."""
+    scores = torch.zeros(input_ids.shape[0], len(candidates))
+    prompt_len = input_ids.shape[1]
+    with torch.no_grad():
+        for k, candidate in enumerate(candidates):
+            tokens = torch.tensor(candidate).expand(input_ids.shape[0], -1)
+            ids = torch.cat((input_ids, tokens), dim=1)
+            mask = torch.cat((attention_mask, torch.ones_like(tokens)), dim=1)
+            logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, position_ids=positions(mask))
+            logprobs = logits.logits[:, prompt_len - 1 : -1].float().log_softmax(-1)
+            scores[:, k] = logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).sum(-1)
+    return scores
+
+
+CLASS_NAMES = ["cat", "bathroom sink", "a yellow school bus", "dog", "x"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_score_continuations_equals_brute_force_and_runs_the_prompt_once(family, loaded, tiny_images):
+    model, processor = loaded(family)
+    prompts = [
+        "<image>Output:cat<|endofchunk|><image>Output:dog<|endofchunk|><image>Output:",
+        "<image>Output:",
+    ]
+    batch = processor(images=[tiny_images[:3], tiny_images[3:4]], text=prompts)
+    candidates = processor.tokenizer(CLASS_NAMES, add_special_tokens=False)["input_ids"]
+    lengths = [len(c) for c in candidates]
+    assert min(lengths) == 1 and max(lengths) > 2
+
+    counter = CallCounter(vision=model.vision_model, embed=model.get_input_embeddings())
+    try:
+        scores = model.score_continuations(**batch, continuations=candidates)
+    finally:
+        counter.remove()
+    assert scores.shape == (2, len(CLASS_NAMES)) and scores.dtype == torch.float32
+    # the prompt (and its images) ran once; the candidates' tokens once, together: not K prompt forwards
+    assert counter.calls == {"vision": 1, "embed": 2}
+    batch_size, prompt_len = batch["input_ids"].shape
+    assert counter.shapes["embed"] == [(batch_size, prompt_len), (batch_size * len(CLASS_NAMES), max(lengths) - 1)]
+
+    expected = brute_force_scores(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], candidates)
+    torch.testing.assert_close(scores, expected, atol=1e-4, rtol=0)
+
+    mean = model.score_continuations(**batch, continuations=candidates, normalize_length=True)
+    torch.testing.assert_close(mean, expected / torch.tensor(lengths, dtype=torch.float32), atol=1e-4, rtol=0)
+    chunked = model.score_continuations(**batch, continuations=candidates, candidates_per_forward=2)
+    torch.testing.assert_close(chunked, scores, atol=1e-5, rtol=0)
+
+
+def test_score_continuations_inputs(loaded, tiny_images):
+    model, processor = loaded("tiny-llama")
+    batch = processor(images=[tiny_images[:1]], text=["<image>Output:"])
+    candidates = processor.tokenizer(CLASS_NAMES, add_special_tokens=False)["input_ids"]
+    scores = model.score_continuations(**batch, continuations=candidates)
+
+    # a padded tensor with a mask gives the same scores
+    width = max(len(c) for c in candidates)
+    ids = torch.zeros(len(candidates), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, c in enumerate(candidates):
+        ids[i, : len(c)], mask[i, : len(c)] = torch.tensor(c), 1
+    torch.testing.assert_close(
+        model.score_continuations(**batch, continuations=ids, continuation_mask=mask), scores, atol=1e-5, rtol=0
+    )
+    # single-token candidates need no second forward at all
+    counter = CallCounter(embed=model.get_input_embeddings())
+    try:
+        single = model.score_continuations(**batch, continuations=[[5], [9], [11]])
+    finally:
+        counter.remove()
+    assert counter.calls == {"embed": 1}
+    with torch.no_grad():
+        last = model(**batch).logits[:, -1].log_softmax(-1)
+    torch.testing.assert_close(single, last[:, [5, 9, 11]], atol=1e-5, rtol=0)
+    # already encoded images
+    hidden = model.get_image_features(batch["pixel_values"])
+    inputs = {k: v for k, v in batch.items() if k != "pixel_values"}
+    torch.testing.assert_close(
+        model.score_continuations(**inputs, image_hidden_states=hidden, continuations=candidates),
+        scores,
+        atol=1e-5,
+        rtol=0,
+    )
+    # a text-only prompt
+    text = processor(text=["The animal in the picture is a"])
+    expected = brute_force_scores(model, text["input_ids"], text["attention_mask"], None, candidates)
+    torch.testing.assert_close(model.score_continuations(**text, continuations=candidates), expected, atol=1e-4, rtol=0)
+    # errors
+    with pytest.raises(ValueError, match=r"Continuations \[1\] are empty"):
+        model.score_continuations(**batch, continuations=[[5], []])
+    with pytest.raises(ValueError, match="continuations is empty"):
+        model.score_continuations(**batch, continuations=[])
+    with pytest.raises(ValueError, match="right padding"):
+        model.score_continuations(**batch, continuations=ids, continuation_mask=mask.flip(-1))
+    with pytest.raises(ValueError, match="no images were given"):
+        model.score_continuations(input_ids=batch["input_ids"], continuations=candidates)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# pipeline
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_image_text_to_text_pipeline(converted, loaded, tiny_images):
+    path = converted("tiny-llama")
+    model, processor = loaded("tiny-llama")
+    pipe = pipeline("image-text-to-text", model=model, processor=processor)
+    prompt = "<image>Output:A cat.<|endofchunk|><image>Output:"
+    result = pipe(images=tiny_images[:2], text=prompt, max_new_tokens=5, generate_kwargs={"min_new_tokens": 5})
+    inputs = processor(images=[tiny_images[:2]], text=[prompt])
+    ids = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5)
+    new_text = processor.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert result == [{"input_text": prompt, "generated_text": prompt + new_text}]
+
+    new_only = pipe(
+        images=tiny_images[:2],
+        text=prompt,
+        max_new_tokens=5,
+        return_full_text=False,
+        generate_kwargs={"min_new_tokens": 5},
+    )
+    assert new_only[0]["generated_text"] == new_text
+    # a batch of rows with different numbers of images, and text-only input
+    batched = pipe(
+        images=[tiny_images[:2], tiny_images[2:3]],
+        text=[prompt, "<image>Output:"],
+        max_new_tokens=3,
+        return_full_text=False,
+    )
+    assert len(batched) == 2
+    assert len(pipe(text="Just text", max_new_tokens=3)) == 1
+    # built from the folder as well
+    assert pipeline("image-text-to-text", model=str(path)).processor is not None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# examples
+# --------------------------------------------------------------------------------------------------------------------
+
+
+EXAMPLE_RUNNER = """
+import runpy, sys
+model, scripts = sys.argv[1], sys.argv[2:]
+for script in scripts:
+    print(f"=== {script}", flush=True)
+    sys.argv = [script, "--model", model]
+    runpy.run_path(script, run_name="__main__")
+"""
+
+
+def test_examples_run_offline(converted):
+    """caption.py, vqa.py and classify.py, on the tiny converted model (one subprocess, to keep it fast)."""
+    scripts = [str(ROOT / "examples" / name) for name in ("caption.py", "vqa.py", "classify.py")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "examples"), str(ROOT)])}
+    model = str(converted("tiny-mpt-1b-redpajama-200b"))
+    result = subprocess.run(
+        [sys.executable, "-c", EXAMPLE_RUNNER, model, *scripts],
+        cwd=Path(ROOT),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    sections = result.stdout.split("=== ")[1:]
+    assert [section.split("\n", 1)[0] for section in sections] == scripts
+    caption, vqa, classify = (section.split("\n", 1)[1] for section in sections)
+    assert caption.count("image ") == 4
+    assert vqa.count(" -> ") == 3
+    assert classify.count("image ") == 4 and "(" in classify
