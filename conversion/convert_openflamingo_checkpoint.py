@@ -1,17 +1,29 @@
 #!/usr/bin/env python
-"""Convert an original OpenFlamingo checkpoint into a transformers `save_pretrained` folder.
+"""Convert an original OpenFlamingo model into a transformers `save_pretrained` folder (and publish it).
 
-    python conversion/convert_openflamingo_checkpoint.py --checkpoint checkpoint.pt --lm LM_DIR --tokenizer TOK_DIR \
-        --open-clip-config open_clip_config.json --open-clip-weights open_clip.pt \
-        --cross-attn-every-n-layers 1 --output-dir OUT
+One of the six released models, everything downloaded from the Hugging Face Hub:
 
-The result loads with `AutoModelForImageTextToText.from_pretrained(OUT)` and `AutoProcessor.from_pretrained(OUT)`
-(after `import modeling_openflamingo`, or with `trust_remote_code=True`).
+    python conversion/convert_openflamingo_checkpoint.py --preset OpenFlamingo-3B-vitl-mpt1b --output-dir OUT
+    python conversion/convert_openflamingo_checkpoint.py --preset OpenFlamingo-9B-deprecated --lm LLAMA_7B_HF \\
+        --output-dir OUT                                     # v1: LLaMA-7B is yours to supply
+
+Every part can be overridden, with a local path or a hub id (org/name[/file][@revision]):
+
+    python conversion/convert_openflamingo_checkpoint.py --checkpoint checkpoint.pt --lm LM_DIR --tokenizer TOK_DIR \\
+        --vision openai/clip-vit-large-patch14 --cross-attn-every-n-layers 1 --output-dir OUT
+
+Check a preset without downloading anything (the full-size model on the meta device):
+
+    python conversion/convert_openflamingo_checkpoint.py --preset OpenFlamingo-9B-vitl-mpt7b --dry-run
+
+The result loads with `AutoModelForImageTextToText.from_pretrained(OUT, trust_remote_code=True)` (or after
+`import modeling_openflamingo`) and `AutoProcessor.from_pretrained(OUT)`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -19,30 +31,104 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from modeling_openflamingo.checkpoint_conversion import ConversionError, convert_openflamingo_checkpoint  # noqa: E402
+from modeling_openflamingo.checkpoint_conversion import (  # noqa: E402
+    ConversionError,
+    convert_openflamingo_checkpoint,
+    dry_run,
+)
+from modeling_openflamingo.conversion_hub import push_folder_to_hub  # noqa: E402
+from modeling_openflamingo.conversion_presets import DEFAULT_VISION, PRESETS, TRANSFORMERS_VISION  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="the released checkpoint.pt (or a training checkpoint)")
-    parser.add_argument("--lm", required=True, help="folder of the language model (config.json + weights)")
-    parser.add_argument("--tokenizer", required=True, help="folder of the LM's tokenizer")
     parser.add_argument(
-        "--open-clip-config", required=True, help="open_clip model config JSON (vision_cfg, quick_gelu)"
+        "--preset",
+        help=f"one of the released models, which fills in every part: {', '.join(PRESETS)} (--list-presets)",
     )
-    parser.add_argument("--open-clip-weights", required=True, help="open_clip state dict with the visual.* weights")
-    parser.add_argument("--cross-attn-every-n-layers", type=int, required=True)
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's dtype")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty output folder")
-    return parser.parse_args(argv)
+    parser.add_argument("--list-presets", action="store_true", help="print the presets and their parts, then exit")
+    parts = parser.add_argument_group("parts (each a local path or a hub id; override the preset's)")
+    parts.add_argument("--checkpoint", help="checkpoint.pt, a training checkpoint, or a hub repo holding checkpoint.pt")
+    parts.add_argument("--lm", help="language model: HF folder or hub id (config.json + weights)")
+    parts.add_argument("--tokenizer", help="the LM's tokenizer (default: the preset's, else --lm)")
+    parts.add_argument(
+        "--vision",
+        help=f"vision tower: an open_clip folder/repo (default {DEFAULT_VISION}) or a transformers CLIP "
+        f"folder/repo (e.g. {TRANSFORMERS_VISION}); its vision weights are used",
+    )
+    parts.add_argument("--open-clip-config", help="open_clip model config JSON (with --open-clip-weights)")
+    parts.add_argument("--open-clip-weights", help="open_clip state dict (visual.* keys, or the visual tower alone)")
+    parts.add_argument("--cross-attn-every-n-layers", type=int, help="N: a gated block before every N-th layer")
+    parts.add_argument(
+        "--quick-gelu",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the vision tower's activation (default: QuickGELU for presets and OpenAI weights, else its config's)",
+    )
+    out = parser.add_argument_group("output")
+    out.add_argument("--output-dir", help="the folder to write (written elsewhere first, moved into place at the end)")
+    out.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's dtype")
+    out.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    out.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty output folder")
+    out.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the converted folder to this hub repo")
+    out.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    out.add_argument("--cache-dir", help="huggingface_hub cache folder for the downloads")
+    out.add_argument("--no-progress", action="store_true", help="no progress bars")
+    check = parser.add_argument_group("checking")
+    check.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build the full-size model on the meta device and check every key and shape; downloads no weights",
+    )
+    check.add_argument("--manifest", help="with --dry-run: write the checkpoint's expected keys and shapes (JSON)")
+    args = parser.parse_args(argv)
+    if not args.list_presets and not args.dry_run and not args.output_dir:
+        parser.error("--output-dir is required (unless --dry-run or --list-presets)")
+    if args.private and not args.push_to_hub:
+        parser.error("--private goes with --push-to-hub")
+    return args
+
+
+def list_presets() -> str:
+    """The presets as a table."""
+    lines = []
+    for preset in PRESETS.values():
+        lines.append(
+            f"{preset.name}\n    checkpoint: {preset.checkpoint}/checkpoint.pt\n"
+            f"    lm: {preset.lm or '(yours: --lm)'}  [{preset.lm_family}]\n"
+            f"    tokenizer: {preset.tokenizer or '(the LM folder)'}\n"
+            f"    vision: {DEFAULT_VISION} (or {TRANSFORMERS_VISION})\n"
+            f"    cross_attn_every_n_layers: {preset.cross_attn_every_n_layers}"
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the conversion; returns the exit status."""
     args = parse_args(argv)
+    if args.list_presets:
+        print(list_presets())
+        return 0
     try:
+        if args.dry_run:
+            report = dry_run(
+                preset=args.preset,
+                checkpoint=args.checkpoint,
+                lm=args.lm,
+                tokenizer=args.tokenizer,
+                cross_attn_every_n_layers=args.cross_attn_every_n_layers,
+                cache_dir=args.cache_dir,
+            )
+            print(report.summary())
+            if args.manifest:
+                Path(args.manifest).write_text(
+                    json.dumps({k: list(v) for k, v in report.checkpoint_manifest.items()}, indent=1) + "\n"
+                )
+                print(f"Wrote {args.manifest}")
+            return 0
         out = convert_openflamingo_checkpoint(
             checkpoint=args.checkpoint,
             lm=args.lm,
@@ -53,11 +139,22 @@ def main(argv: list[str] | None = None) -> int:
             output_dir=args.output_dir,
             dtype=DTYPES[args.dtype] if args.dtype else None,
             overwrite=args.overwrite,
+            preset=args.preset,
+            vision=args.vision,
+            quick_gelu=args.quick_gelu,
+            max_shard_size=args.max_shard_size,
+            cache_dir=args.cache_dir,
+            progress=not args.no_progress,
+            repo_id=args.push_to_hub,
         )
-    except (ConversionError, FileNotFoundError, FileExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"Wrote {out}")
+        if args.push_to_hub:
+            url = push_folder_to_hub(out, args.push_to_hub, private=args.private)
+            print(f"Pushed to https://huggingface.co/{args.push_to_hub} ({url})")
+    except (ConversionError, FileNotFoundError, FileExistsError, KeyError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"error: {message}", file=sys.stderr)
         return 1
-    print(f"Wrote {out}")
     return 0
 
 

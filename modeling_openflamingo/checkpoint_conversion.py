@@ -1,116 +1,336 @@
-"""Turning the original OpenFlamingo parts (LM folder, open_clip vision tower, `checkpoint.pt`) into our model.
+"""Converting between the original OpenFlamingo parts and our model, in both directions.
 
-Every renaming rule lives in the tables at the top of this file: one table per source, ordered regex rules.
+The original is three parts: a language model folder (HF layout), the CLIP vision tower (open_clip or transformers
+weights) and `checkpoint.pt` (perceiver, gated cross-attention blocks, token embeddings). Every renaming between them
+and our state dict is declared once, in the tables below, and read in both directions: `map_key` turns original names
+into ours, `unmap_key` turns ours back into the original's (for `convert_hf_to_openflamingo.py`).
+
+The conversion is planned before anything is read: every tensor of the model gets a source (file and key) and a
+shape, and every mismatch is reported with the file and the key. `--dry-run` runs the same planning on shapes only.
+Tensors are then read one at a time, cast to the target dtype and assigned to a model whose parameters were never
+allocated, so peak memory stays near one copy of the model.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterable, Mapping
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, CLIPVisionConfig, GenerationConfig, MptConfig, PretrainedConfig
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, CLIPVisionConfig, GenerationConfig, MptConfig, PretrainedConfig
 
-from .configuration_openflamingo import OpenFlamingoConfig
+from . import conversion_hub as hub
+from .configuration_openflamingo import VIT_L_14_CONFIG, OpenFlamingoConfig
+from .conversion_errors import ConversionError
+from .conversion_presets import CHECKPOINT_FILENAME, DEFAULT_VISION, Preset, get_preset
 from .image_processing_openflamingo import OpenFlamingoImageProcessor
 from .modeling_openflamingo import OpenFlamingoForConditionalGeneration
 from .processing_openflamingo import OpenFlamingoProcessor, add_openflamingo_tokens
 
-Rules = list[tuple[str, str | None]]  # (regex, replacement); a None replacement drops the key
+# ====================================================================================================================
+# The key tables
+# ====================================================================================================================
+#
+# A rule is `(original, ours)`: two templates for the same tensor names, in the original's naming and in ours.
+# `{i}` / `{j}` stand for a number, `{layers}` for the LM family's decoder-layer path (`DECODER_LAYERS`). A template
+# ending in "." renames a prefix (the rest of the key is kept); any other template names one whole key. `None` on one
+# side: the name has no counterpart on the other (dropped when converting in that direction). A tuple on our side: the
+# original tensor is fused and splits, along dim 0, into that many of ours. The first matching rule wins; a key that no
+# rule matches keeps its name.
 
-# ---- LM checkpoints (HF layout of the LM the original was built on) -> transformers' native names ----
+Template = str | tuple[str, ...] | None
+Rules = list[tuple[Template, Template]]
+
+# The decoder-layer list of each LM family (the modules the original wraps in `FlamingoLayer`).
+DECODER_LAYERS: dict[str, str] = {
+    "mosaic_gpt": "transformer.blocks",
+    "mpt": "transformer.blocks",
+    "gpt_neox": "gpt_neox.layers",
+    "llama": "model.layers",
+}
+
+# The LM's own weights: the LM's hub checkpoint names (original) -> transformers' native names (ours).
 LM_KEY_RULES: dict[str, Rules] = {
-    # MosaicGPT (examples v0.0.4, OpenFlamingo-3B) -> transformers MPT, as llm-foundry's convert_examples_ckpt.py
+    # MosaicGPT (examples v0.0.4, OpenFlamingo-3B) -> transformers MPT, as llm-foundry's convert_examples_ckpt.py does
     "mosaic_gpt": [
-        (r"^transformer\.blocks\.(\d+)\.ln_1\.", r"transformer.blocks.\1.norm_1."),
-        (r"^transformer\.blocks\.(\d+)\.ln_2\.", r"transformer.blocks.\1.norm_2."),
-        (r"^transformer\.blocks\.(\d+)\.mlp\.mlp_up\.", r"transformer.blocks.\1.ffn.up_proj."),
-        (r"^transformer\.blocks\.(\d+)\.mlp\.mlp_down\.", r"transformer.blocks.\1.ffn.down_proj."),
-        (r"^transformer\.ln_f\.", "transformer.norm_f."),
+        ("transformer.blocks.{i}.ln_1.", "transformer.blocks.{i}.norm_1."),
+        ("transformer.blocks.{i}.ln_2.", "transformer.blocks.{i}.norm_2."),
+        ("transformer.blocks.{i}.mlp.mlp_up.", "transformer.blocks.{i}.ffn.up_proj."),
+        ("transformer.blocks.{i}.mlp.mlp_down.", "transformer.blocks.{i}.ffn.down_proj."),
+        ("transformer.ln_f.", "transformer.norm_f."),
+        (None, "lm_head.weight"),  # the output layer is `transformer.wte` (tied): no tensor of its own
     ],
-    "mpt": [],
-    # transformers renamed GPT-NeoX's `embed_out` to `lm_head` in 5.14; the target name is checked against the
-    # model being built (see `_rename_to_model`), so both layouts load.
+    "mpt": [(None, "lm_head.weight")],
     "gpt_neox": [
-        (r"\.attention\.(bias|masked_bias)$", None),
-        (r"\.rotary_emb\.inv_freq$", None),
+        ("gpt_neox.layers.{i}.attention.bias", None),  # buffers of old checkpoints
+        ("gpt_neox.layers.{i}.attention.masked_bias", None),
+        ("gpt_neox.layers.{i}.attention.rotary_emb.inv_freq", None),
+        # transformers >= 5.14 calls GPT-NeoX's head `lm_head`; whichever name the model has is used
+        ("embed_out.", "lm_head."),
     ],
-    "llama": [(r"\.rotary_emb\.inv_freq$", None)],
+    "llama": [("model.layers.{i}.self_attn.rotary_emb.inv_freq", None)],
 }
 LM_FAMILIES = tuple(LM_KEY_RULES)
 
-# ---- open_clip visual tower -> transformers' CLIP vision transformer (`CLIPVisionModel` minus its wrapper prefix) ----
-OPEN_CLIP_KEY_RULES: Rules = [
-    (r"^conv1\.weight$", "embeddings.patch_embedding.weight"),
-    (r"^class_embedding$", "embeddings.class_embedding"),
-    (r"^positional_embedding$", "embeddings.position_embedding.weight"),
-    (r"^ln_pre\.", "pre_layrnorm."),
-    (r"^transformer\.resblocks\.(\d+)\.ln_1\.", r"encoder.layers.\1.layer_norm1."),
-    (r"^transformer\.resblocks\.(\d+)\.ln_2\.", r"encoder.layers.\1.layer_norm2."),
-    (r"^transformer\.resblocks\.(\d+)\.attn\.out_proj\.", r"encoder.layers.\1.self_attn.out_proj."),
-    (r"^transformer\.resblocks\.(\d+)\.mlp\.c_fc\.", r"encoder.layers.\1.mlp.fc1."),
-    (r"^transformer\.resblocks\.(\d+)\.mlp\.c_proj\.", r"encoder.layers.\1.mlp.fc2."),
-    (r"^ln_post\.", "post_layernorm."),
-    (r"^proj$", None),  # the CLIP projection is not part of CLIPVisionModel (and OpenFlamingo does not use it)
-    # in_proj_{weight,bias} are split into q/k/v by `_split_in_proj`
+# checkpoint.pt (keys of the original `Flamingo` module) -> ours. Keys left under `lang_encoder.` then go through the
+# LM's table and land under `language_model.`.
+FLAMINGO_KEY_RULES: Rules = [
+    ("perceiver.layers.{j}.0.", "perceiver.layers.{j}.attn."),
+    ("perceiver.layers.{j}.1.0.", "perceiver.layers.{j}.ff.norm."),
+    ("perceiver.layers.{j}.1.1.", "perceiver.layers.{j}.ff.fc1."),
+    ("perceiver.layers.{j}.1.3.", "perceiver.layers.{j}.ff.fc2."),
+    ("lang_encoder.{layers}.{i}.gated_cross_attn_layer.ff.0.", "gated_cross_attn_layers.{i}.ff.norm."),
+    ("lang_encoder.{layers}.{i}.gated_cross_attn_layer.ff.1.", "gated_cross_attn_layers.{i}.ff.fc1."),
+    ("lang_encoder.{layers}.{i}.gated_cross_attn_layer.ff.3.", "gated_cross_attn_layers.{i}.ff.fc2."),
+    ("lang_encoder.{layers}.{i}.gated_cross_attn_layer.", "gated_cross_attn_layers.{i}."),
+    # full (unfiltered) state dicts: each decoder layer is wrapped as `FlamingoLayer.decoder_layer`
+    ("lang_encoder.{layers}.{i}.decoder_layer.", "lang_encoder.{layers}.{i}."),
+    ("vision_encoder.", None),  # the vision tower comes from its own weights
 ]
 
-# ---- the released checkpoint.pt (perceiver + gated cross-attention + embeddings) -> our names ----
-FLAMINGO_KEY_RULES: Rules = [
-    (r"^perceiver\.layers\.(\d+)\.0\.", r"perceiver.layers.\1.attn."),
-    (r"^perceiver\.layers\.(\d+)\.1\.0\.", r"perceiver.layers.\1.ff.norm."),
-    (r"^perceiver\.layers\.(\d+)\.1\.1\.", r"perceiver.layers.\1.ff.fc1."),
-    (r"^perceiver\.layers\.(\d+)\.1\.3\.", r"perceiver.layers.\1.ff.fc2."),
-    (r"^perceiver\.", "perceiver."),
-    (r"^lang_encoder\.gated_cross_attn_layers\.", None),  # v1 duplicates of the blocks below
-    (r"^lang_encoder\.old_decoder_blocks\.", None),
-    (r"^lang_encoder\..+?\.(\d+)\.gated_cross_attn_layer\.ff\.0\.", r"gated_cross_attn_layers.\1.ff.norm."),
-    (r"^lang_encoder\..+?\.(\d+)\.gated_cross_attn_layer\.ff\.1\.", r"gated_cross_attn_layers.\1.ff.fc1."),
-    (r"^lang_encoder\..+?\.(\d+)\.gated_cross_attn_layer\.ff\.3\.", r"gated_cross_attn_layers.\1.ff.fc2."),
-    (r"^lang_encoder\..+?\.(\d+)\.gated_cross_attn_layer\.", r"gated_cross_attn_layers.\1."),
-    (r"^lang_encoder\.(.+?)\.(\d+)\.decoder_layer\.", r"lang_encoder.\1.\2."),  # unfiltered (full) state dicts
-    (r"^vision_encoder\.", None),  # the vision tower comes from its own weights
+# Second names of the same tensors in some checkpoints: (alias, primary), both in the original naming. The v1
+# (LLaMA) checkpoint holds every gated block twice; full state dicts hold every decoder layer twice. An alias must equal
+# its primary (checked); when the primary is absent, the alias is used in its place.
+CHECKPOINT_ALIASES: Rules = [
+    ("lang_encoder.gated_cross_attn_layers.{i}.", "lang_encoder.{layers}.{i}.gated_cross_attn_layer."),
+    ("lang_encoder.old_decoder_blocks.{i}.", "lang_encoder.{layers}.{i}.decoder_layer."),
 ]
+
+# What the released checkpoint.pt holds (the original's `filter_state_dict_to_trainable`): the trained modules (the
+# perceiver, the gated blocks, the LM's input embeddings) and every LM parameter whose name contains "embed"; nothing
+# of the vision tower.
+RELEASED_LM_KEYS_CONTAIN = "embed"
+INPUT_EMBEDDINGS: dict[str, str] = {
+    "mosaic_gpt": "transformer.wte.weight",
+    "mpt": "transformer.wte.weight",
+    "gpt_neox": "gpt_neox.embed_in.weight",
+    "llama": "model.embed_tokens.weight",
+}
+
+
+def in_released_checkpoint(original_key: str, family: str) -> bool:
+    """Whether a `checkpoint.pt` key (original naming) is part of the released format."""
+    if not original_key.startswith("lang_encoder."):
+        return not original_key.startswith("vision_encoder.")
+    lm_key = original_key[len("lang_encoder.") :]
+    return (
+        ".gated_cross_attn_layer." in original_key
+        or lm_key == INPUT_EMBEDDINGS[family]
+        or RELEASED_LM_KEYS_CONTAIN in lm_key
+    )
+
+
+# open_clip's visual tower -> transformers' CLIP vision transformer (`CLIPVisionModel` minus its wrapper prefix).
+OPEN_CLIP_KEY_RULES: Rules = [
+    ("conv1.weight", "embeddings.patch_embedding.weight"),
+    ("class_embedding", "embeddings.class_embedding"),
+    ("positional_embedding", "embeddings.position_embedding.weight"),
+    ("ln_pre.", "pre_layrnorm."),
+    ("transformer.resblocks.{i}.ln_1.", "encoder.layers.{i}.layer_norm1."),
+    ("transformer.resblocks.{i}.ln_2.", "encoder.layers.{i}.layer_norm2."),
+    (
+        "transformer.resblocks.{i}.attn.in_proj_weight",
+        tuple(f"encoder.layers.{{i}}.self_attn.{p}_proj.weight" for p in "qkv"),
+    ),
+    (
+        "transformer.resblocks.{i}.attn.in_proj_bias",
+        tuple(f"encoder.layers.{{i}}.self_attn.{p}_proj.bias" for p in "qkv"),
+    ),
+    ("transformer.resblocks.{i}.attn.out_proj.", "encoder.layers.{i}.self_attn.out_proj."),
+    ("transformer.resblocks.{i}.mlp.c_fc.", "encoder.layers.{i}.mlp.fc1."),
+    ("transformer.resblocks.{i}.mlp.c_proj.", "encoder.layers.{i}.mlp.fc2."),
+    ("ln_post.", "post_layernorm."),
+    ("proj", None),  # the CLIP projection is not part of CLIPVisionModel (and OpenFlamingo does not use it)
+]
+
+# A transformers CLIP checkpoint (`CLIPModel` or `CLIPVisionModel`) -> the same vision transformer names.
+TRANSFORMERS_CLIP_KEY_RULES: Rules = [
+    ("vision_model.embeddings.position_ids", None),  # a buffer that old checkpoints saved
+    ("vision_model.", ""),
+    ("text_model.", None),
+    ("visual_projection.", None),
+    ("text_projection.", None),
+    ("logit_scale", None),
+]
+
 CHECKPOINT_WRAPPER_PREFIXES = ("module.", "_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
+# ---- the rule engine ----
 
-class ConversionError(ValueError):
-    """A part that does not fit: names the file and the key."""
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
 
-def apply_rules(key: str, rules: Rules) -> str | None:
-    """Rename `key` by the first matching rule (None: drop it); keys no rule matches are kept as they are."""
-    for pattern, replacement in rules:
-        if re.search(pattern, key):
-            return None if replacement is None else re.sub(pattern, replacement, key, count=1)
+@functools.cache
+def _template_regex(template: str) -> re.Pattern[str]:
+    pattern, position = "^", 0
+    for match in _PLACEHOLDER.finditer(template):
+        pattern += re.escape(template[position : match.start()]) + rf"(?P<{match.group(1)}>\d+)"
+        position = match.end()
+    pattern += re.escape(template[position:])
+    is_prefix = template == "" or template.endswith(".")
+    return re.compile(pattern if is_prefix else pattern + "$")
+
+
+def _fill(template: str, values: Mapping[str, str]) -> str:
+    return _PLACEHOLDER.sub(lambda match: values[match.group(1)], template)
+
+
+def _with_layers(rules: Rules, layers: str) -> Rules:
+    def sub(template: Template) -> Template:
+        if isinstance(template, tuple):
+            return tuple(t.replace("{layers}", layers) for t in template)
+        return None if template is None else template.replace("{layers}", layers)
+
+    return [(sub(original), sub(ours)) for original, ours in rules]
+
+
+def map_key(key: str, rules: Rules) -> str | tuple[str, ...] | None:
+    """An original key in our naming: a name, a tuple of names (a fused tensor that splits), or None (no place)."""
+    for original, ours in rules:
+        if original is None or isinstance(original, tuple):
+            continue
+        match = _template_regex(original).match(key)
+        if match:
+            rest = key[match.end() :]
+            if ours is None:
+                return None
+            if isinstance(ours, tuple):
+                return tuple(_fill(t, match.groupdict()) + rest for t in ours)
+            return _fill(ours, match.groupdict()) + rest
     return key
 
 
-# --------------------------------------------------------------------------------------------------------------------
+def unmap_key(key: str, rules: Rules) -> str | tuple[str, int, int] | None:
+    """One of our keys in the original's naming: a name, `(fused name, part, parts)`, or None (no counterpart)."""
+    for original, ours in rules:
+        if ours is None:
+            continue
+        for index, template in enumerate(ours if isinstance(ours, tuple) else (ours,)):
+            match = _template_regex(template).match(key)
+            if match:
+                if original is None:
+                    return None
+                name = _fill(original, match.groupdict()) + key[match.end() :]
+                return (name, index, len(ours)) if isinstance(ours, tuple) else name
+    return key
+
+
+def lm_key_to_native(key: str, family: str, model_keys: Iterable[str] | None = None) -> str | None:
+    """An LM checkpoint key (the LM's hub naming) -> transformers' native name (None: not a weight of the model).
+
+    With `model_keys` (the LM's native keys), a renaming that the model does not use (GPT-NeoX `lm_head` on
+    transformers < 5.14) is not applied.
+    """
+    native = map_key(key, LM_KEY_RULES[family])
+    if model_keys is not None and native is not None:
+        model_keys = model_keys if isinstance(model_keys, (set, frozenset, dict)) else set(model_keys)
+        if native not in model_keys and key in model_keys:
+            return key
+    return native
+
+
+def lm_key_to_original(key: str, family: str) -> str | None:
+    """A native LM key -> the LM's hub checkpoint name (None: the original has no such tensor, e.g. a tied head)."""
+    original = unmap_key(key, LM_KEY_RULES[family])
+    return original if not isinstance(original, tuple) else original[0]
+
+
+@functools.cache
+def _flamingo_rules(family: str) -> Rules:
+    return _with_layers(FLAMINGO_KEY_RULES, DECODER_LAYERS[family])
+
+
+@functools.cache
+def _alias_rules(family: str) -> Rules:
+    return _with_layers(CHECKPOINT_ALIASES, DECODER_LAYERS[family])
+
+
+def checkpoint_key_to_native(key: str, family: str, model_keys: Iterable[str] | None = None) -> str | None:
+    """A `checkpoint.pt` key (without wrapper prefixes) -> our key; None: not a tensor of the model."""
+    mapped = map_key(key, _flamingo_rules(family))
+    if not isinstance(mapped, str):
+        return None
+    if not mapped.startswith("lang_encoder."):
+        return mapped
+    lm_keys = None
+    if model_keys is not None:
+        lm_keys = {k[len("language_model.") :] for k in model_keys if k.startswith("language_model.")}
+    native = lm_key_to_native(mapped[len("lang_encoder.") :], family, lm_keys)
+    return None if native is None else "language_model." + native
+
+
+def native_key_to_checkpoint(key: str, family: str) -> str | None:
+    """One of our keys (perceiver, gated blocks, LM) -> its `checkpoint.pt` name; None: it has no counterpart there.
+
+    LM keys get the original's full-state-dict names (`lang_encoder.<layers>.{i}.decoder_layer.*` for decoder layers);
+    the vision tower is not part of `checkpoint.pt` (see `export_openflamingo_state_dict`).
+    """
+    if key.startswith("language_model."):
+        original = lm_key_to_original(key[len("language_model.") :], family)
+        if original is None:
+            return None
+        key = "lang_encoder." + original
+    elif key.startswith("vision_model."):
+        return None
+    original = unmap_key(key, _flamingo_rules(family))
+    return original if isinstance(original, str) else None
+
+
+def checkpoint_alias_primary(key: str, family: str) -> str | None:
+    """The primary name of a `checkpoint.pt` alias key (v1 duplicate blocks, `old_decoder_blocks`), else None."""
+    primary = map_key(key, _alias_rules(family))
+    return primary if isinstance(primary, str) and primary != key else None
+
+
+def apply_rules(key: str, rules: Rules) -> str | None:
+    """`map_key` for rules without fused tensors (kept for callers of the earlier API)."""
+    mapped = map_key(key, rules)
+    if isinstance(mapped, tuple):
+        raise ConversionError(f"{key!r} is a fused tensor that splits into {mapped}; use map_key.")
+    return mapped
+
+
+# ====================================================================================================================
 # Reading files
-# --------------------------------------------------------------------------------------------------------------------
+# ====================================================================================================================
 
 
-def load_torch_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """`torch.load(..., weights_only=True)` with errors that name the file."""
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def load_torch_file(path: str | os.PathLike) -> dict[str, Any]:
+    """`torch.load(..., weights_only=True, mmap=True)` with errors that name the file (and, for pickles that need
+    code, the entry that needs it)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file.")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # noqa: BLE001 - re-raised with the file named
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        if "weights_only" in str(error) or "Unsupported global" in str(error):
+        message = _first_line(error)
+        if "weights_only" in str(error) or "Unsupported global" in str(error) or isinstance(error, pickle.PickleError):
+            culprit = _find_unsafe_pickle_entry(path)
+            where = f" {culprit}" if culprit else ""
             raise ConversionError(
-                f"{path}: refused to unpickle it with weights_only=True (it needs code to load, which is unsafe): "
-                f"{message}"
+                f"{path}:{where} refused with weights_only=True: the file needs code to load, which is unsafe. "
+                f"Load it in its own project and save the tensors alone (torch.save(state_dict) or safetensors). "
+                f"({message})"
             ) from error
         raise ConversionError(
             f"{path}: cannot be read as a torch checkpoint (truncated or corrupt?): {message}"
@@ -120,11 +340,91 @@ def load_torch_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
+class _Opaque:
+    """Stands for an object of a class that a pickle names; never imports or calls anything."""
+
+    qualname = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Opaque:
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.children: list[Any] = list(args)
+
+    def __setstate__(self, state: Any) -> None:
+        self.children.append(state)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.children.append({key: value})
+
+    def append(self, value: Any) -> None:
+        self.children.append(value)
+
+    def extend(self, values: Iterable[Any]) -> None:
+        self.children.extend(values)
+
+
+_SAFE_PICKLE_MODULES = ("torch", "collections", "builtins", "_codecs", "numpy")
+
+
+def _find_unsafe_pickle_entry(path: Path) -> str | None:
+    """Best effort: 'entry 'args' is a argparse.Namespace' for the first entry that needs non-torch code to load.
+
+    The pickle is walked with every class replaced by an inert stand-in, so nothing is imported or executed.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next(n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
+            data = archive.read(name)
+    except Exception:  # noqa: BLE001 - not a zip checkpoint: no details
+        return None
+
+    classes: dict[str, type] = {}
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> type:
+            qualname = f"{module}.{name}"
+            if qualname not in classes:
+                classes[qualname] = type(name, (_Opaque,), {"qualname": qualname})
+            return classes[qualname]
+
+        def persistent_load(self, pid: Any) -> None:
+            return None
+
+    try:
+        import io
+
+        root = Unpickler(io.BytesIO(data)).load()
+    except Exception:  # noqa: BLE001
+        return None
+
+    def walk(obj: Any, where: str, depth: int = 0) -> str | None:
+        if depth > 12:
+            return None
+        if isinstance(obj, _Opaque):
+            if not obj.qualname.startswith(_SAFE_PICKLE_MODULES):
+                return f"entry {where or '(top level)'!s} is a {obj.qualname}"
+            children: Iterable[tuple[str, Any]] = ((where, child) for child in obj.children)
+        elif isinstance(obj, Mapping):
+            children = ((f"{where}.{k}" if where else repr(k), v) for k, v in obj.items())
+        elif isinstance(obj, (list, tuple)):
+            children = ((f"{where}[{i}]", v) for i, v in enumerate(obj))
+        else:
+            return None
+        for child_where, child in children:
+            found = walk(child, child_where, depth + 1)
+            if found:
+                return found
+        return None
+
+    return walk(root, "")
+
+
 def unwrap_checkpoint(state_dict: Mapping[str, Any], path: str | os.PathLike = "checkpoint") -> dict[str, torch.Tensor]:
-    """Accept training checkpoints (`{"model_state_dict": ...}`) and DDP/FSDP/compile key prefixes."""
+    """Accept training checkpoints (`{"model_state_dict": ...}`) and DDP/FSDP/activation-checkpointing prefixes."""
     if "model_state_dict" in state_dict and isinstance(state_dict["model_state_dict"], Mapping):
         state_dict = state_dict["model_state_dict"]
-    out = {}
+    out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         for prefix in CHECKPOINT_WRAPPER_PREFIXES:
             key = key.replace(prefix, "")
@@ -134,45 +434,222 @@ def unwrap_checkpoint(state_dict: Mapping[str, Any], path: str | os.PathLike = "
     return out
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class TensorSource:
+    """Named tensors of one input (a file, a folder of shards, or a manifest of shapes), read one at a time.
+
+    The shapes and dtypes are known before any tensor is read, so a conversion can be planned and checked first.
+
+    Args:
+        name: how errors name the input (its path or hub id).
+        shapes: key -> shape.
+        dtypes: key -> dtype (optional).
+        loader: key -> tensor; None for a manifest (shapes only).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        shapes: Mapping[str, tuple[int, ...]],
+        dtypes: Mapping[str, torch.dtype] | None = None,
+        loader: Callable[[str], torch.Tensor] | None = None,
+    ) -> None:
+        self.name = name
+        self.shapes = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
+        self.dtypes = dict(dtypes or {})
+        self._loader = loader
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.shapes
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def keys(self) -> list[str]:
+        """The keys, in the input's order."""
+        return list(self.shapes)
+
+    @property
+    def is_manifest(self) -> bool:
+        """True when only the shapes are known (a dry run)."""
+        return self._loader is None
+
+    def load(self, key: str) -> torch.Tensor:
+        """Read one tensor; errors name the input and the key."""
+        if self._loader is None:
+            raise ConversionError(f"{self.name}: a manifest of shapes; tensor {key!r} cannot be read.")
+        try:
+            return self._loader(key)
+        except ConversionError:
+            raise
+        except Exception as error:  # noqa: BLE001 - re-raised with file and key named
+            raise ConversionError(
+                f"{self.name}: key {key!r} cannot be read (truncated or corrupt file?): {_first_line(error)}"
+            ) from error
+
+    def floating_dtype(self) -> torch.dtype | None:
+        """The dtype of the first floating-point tensor (the input's precision)."""
+        for key in self.shapes:
+            dtype = self.dtypes.get(key)
+            if dtype is not None and dtype.is_floating_point:
+                return dtype
+        return None
+
+    @classmethod
+    def from_state_dict(cls, name: str, state_dict: Mapping[str, torch.Tensor]) -> TensorSource:
+        """A source over tensors already in memory (or memory-mapped)."""
+        state_dict = dict(state_dict)
+        return cls(
+            name,
+            {k: tuple(v.shape) for k, v in state_dict.items()},
+            {k: v.dtype for k, v in state_dict.items()},
+            state_dict.__getitem__,
+        )
+
+    @classmethod
+    def from_manifest(
+        cls, name: str, shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype = torch.float32
+    ) -> TensorSource:
+        """A source of shapes only (for dry runs)."""
+        return cls(name, shapes, dict.fromkeys(shapes, dtype), None)
+
+
+def torch_file_source(path: str | os.PathLike) -> TensorSource:
+    """A `torch.save`d state dict (or training checkpoint), memory-mapped; wrapper prefixes removed."""
+    return TensorSource.from_state_dict(str(path), unwrap_checkpoint(load_torch_file(path), path))
+
+
+def safetensors_source(files: Iterable[str | os.PathLike], name: str | None = None) -> TensorSource:
+    """One or more safetensors files (shards) as one source; only headers are read until a tensor is asked for."""
+    from safetensors import safe_open
+
+    files = [Path(f) for f in files]
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    where: dict[str, Path] = {}
+    for path in files:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file.")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for key in handle.keys():
+                    view = handle.get_slice(key)
+                    shapes[key] = tuple(view.get_shape())
+                    dtypes[key] = _SAFETENSORS_DTYPES.get(view.get_dtype(), torch.float32)
+                    where[key] = path
+        except Exception as error:  # noqa: BLE001 - re-raised with the file named
+            raise ConversionError(
+                f"{path}: cannot be read as safetensors (truncated or corrupt?): {_first_line(error)}"
+            ) from error
+
+    handles: dict[Path, Any] = {}
+
+    def load(key: str) -> torch.Tensor:
+        path = where[key]
+        if path not in handles:
+            handles[path] = safe_open(str(path), framework="pt")
+        try:
+            return handles[path].get_tensor(key)
+        except Exception as error:  # noqa: BLE001
+            raise ConversionError(
+                f"{path}: key {key!r} cannot be read (truncated or corrupt?): {_first_line(error)}"
+            ) from error
+
+    return TensorSource(name or (str(files[0]) if len(files) == 1 else str(files[0].parent)), shapes, dtypes, load)
+
+
+def weights_source(path: str | os.PathLike) -> TensorSource:
+    """A weights file, by its format: safetensors, or a torch pickle (loaded with weights_only=True)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return safetensors_source([path])
+    return torch_file_source(path)
+
+
+_SHARD = r"(-\d+-of-\d+)?"
+
+
+def hf_weight_files(files: Iterable[str], stem: str = "model") -> list[str]:
+    """The weight files of a HF model folder: `model*.safetensors` (+ index) if any, else `pytorch_model*.bin`."""
+    files = list(files)
+    safetensors = [f for f in files if re.fullmatch(rf"{stem}{_SHARD}\.safetensors", f)]
+    if safetensors:
+        return safetensors + [f for f in files if f == f"{stem}.safetensors.index.json"]
+    bins = [f for f in files if re.fullmatch(rf"pytorch_{stem}{_SHARD}\.bin", f)]
+    return bins + [f for f in files if f == f"pytorch_{stem}.bin.index.json"]
+
+
+def hf_folder_source(folder: str | os.PathLike, stem: str = "model") -> TensorSource:
+    """The weights of a HF model folder (single file or sharded; safetensors preferred over .bin)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder.")
+    chosen = hf_weight_files((p.name for p in folder.iterdir()), stem)
+    index = next((f for f in chosen if f.endswith(".index.json")), None)
+    if index is not None:
+        try:
+            shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+        except Exception as error:  # noqa: BLE001
+            raise ConversionError(f"{folder / index}: not a valid shard index: {_first_line(error)}") from error
+    else:
+        shards = [f for f in chosen if not f.endswith(".json")][:1]
+    if not shards:
+        raise FileNotFoundError(f"{folder}: no weights ({stem}.safetensors, its shards, or pytorch_{stem}.bin) found.")
+    if shards[0].endswith(".safetensors"):
+        return safetensors_source(
+            [folder / s for s in shards], name=str(folder if len(shards) > 1 else folder / shards[0])
+        )
+    sources = [torch_file_source(folder / s) for s in shards]
+    if len(sources) == 1:
+        return sources[0]
+    owner = {key: source for source in sources for key in source.keys()}
+    return TensorSource(
+        str(folder),
+        {k: s.shapes[k] for k, s in owner.items()},
+        {k: s.dtypes[k] for k, s in owner.items()},
+        lambda key: owner[key].load(key),
+    )
+
+
 def load_lm_state_dict(lm_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The LM weights of a HF model folder: safetensors (single or sharded) or pytorch_model*.bin."""
-    from safetensors.torch import load_file
-
-    lm_dir = Path(lm_dir)
-    single_st, index_st = lm_dir / "model.safetensors", lm_dir / "model.safetensors.index.json"
-    single_bin, index_bin = lm_dir / "pytorch_model.bin", lm_dir / "pytorch_model.bin.index.json"
-    if single_st.is_file():
-        return _load_safetensors(single_st, load_file)
-    if index_st.is_file() or index_bin.is_file():
-        index = index_st if index_st.is_file() else index_bin
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state_dict: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            shard_path = lm_dir / shard
-            part = (
-                _load_safetensors(shard_path, load_file)
-                if shard.endswith(".safetensors")
-                else load_torch_file(shard_path)
-            )
-            state_dict.update(part)
-        return state_dict
-    if single_bin.is_file():
-        return load_torch_file(single_bin)
-    raise FileNotFoundError(f"{lm_dir}: no model.safetensors, pytorch_model.bin or shard index found.")
+    """All weights of a HF model folder, in memory (small models; conversions read tensors one at a time instead)."""
+    source = hf_folder_source(lm_dir)
+    return {key: source.load(key) for key in source.keys()}
 
 
-def _load_safetensors(path: Path, load_file: Any) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file.")
-    try:
-        return load_file(str(path))
-    except Exception as error:  # noqa: BLE001 - re-raised with the file named
-        raise ConversionError(f"{path}: cannot be read as safetensors (truncated or corrupt?): {error}") from error
-
-
-# --------------------------------------------------------------------------------------------------------------------
+# ====================================================================================================================
 # Configs
-# --------------------------------------------------------------------------------------------------------------------
+# ====================================================================================================================
+
+
+def lm_config_from_dict(raw: Mapping[str, Any], source: Any = "config.json") -> tuple[PretrainedConfig, str]:
+    """The LM's transformers config and its family from its hub `config.json` contents."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    family = raw.get("model_type")
+    if family not in LM_FAMILIES:
+        raise ConversionError(
+            f"{source}: unknown LM family model_type={family!r}; supported: {', '.join(LM_FAMILIES)}."
+        )
+    if family == "mosaic_gpt":
+        return mosaic_gpt_to_mpt_config(raw, source), family
+    if family == "mpt":
+        return mpt_config_from_dict(raw, source), family
+    clean = {k: v for k, v in raw.items() if k not in ("auto_map", "_name_or_path")}
+    return CONFIG_MAPPING[family].from_dict(clean), family
 
 
 def lm_config_from_folder(lm_dir: str | os.PathLike) -> tuple[PretrainedConfig, str]:
@@ -180,30 +657,37 @@ def lm_config_from_folder(lm_dir: str | os.PathLike) -> tuple[PretrainedConfig, 
     config_path = Path(lm_dir) / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path}: no such file (the LM folder needs its config.json).")
-    raw = json.loads(config_path.read_text())
-    family = raw.get("model_type")
-    if family not in LM_FAMILIES:
-        raise ConversionError(
-            f"{config_path}: unknown LM family model_type={family!r}; supported: {', '.join(LM_FAMILIES)}."
-        )
-    if family == "mosaic_gpt":
-        return mosaic_gpt_to_mpt_config(raw, config_path), family
-    return AutoConfig.from_pretrained(str(lm_dir)), family
+    try:
+        raw = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConversionError(f"{config_path}: not valid JSON: {error}") from error
+    return lm_config_from_dict(raw, config_path)
+
+
+def _int_if_whole(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _require(source: Any, what: str, options: Mapping[str, tuple[Any, Any]]) -> None:
+    for name, (value, needed) in options.items():
+        if value != needed:
+            raise ConversionError(f"{source}: {what} with {name}={value!r} is not supported (needs {needed!r}).")
 
 
 def mosaic_gpt_to_mpt_config(raw: Mapping[str, Any], source: Any = "config.json") -> MptConfig:
     """MosaicGPT's config as transformers' `MptConfig` (QK-LayerNorm kept in `attn_config.qk_ln`)."""
-    unsupported = {
-        "alibi": (raw.get("alibi", True), True),
-        "no_bias": (raw.get("no_bias", True), True),
-        "prefix_lm": (raw.get("prefix_lm", False), False),
-        "attn_uses_sequence_id": (raw.get("attn_uses_sequence_id", False), False),
-        "logit_scale": (raw.get("logit_scale"), None),
-    }
-    for name, (value, needed) in unsupported.items():
-        if value != needed:
-            raise ConversionError(f"{source}: MosaicGPT with {name}={value!r} is not supported (needs {needed!r}).")
-    attn_pdrop = raw.get("attn_pdrop", 0)
+    _require(
+        source,
+        "MosaicGPT",
+        {
+            "alibi": (raw.get("alibi", True), True),
+            "no_bias": (raw.get("no_bias", True), True),
+            "prefix_lm": (raw.get("prefix_lm", False), False),
+            "attn_uses_sequence_id": (raw.get("attn_uses_sequence_id", False), False),
+            "logit_scale": (raw.get("logit_scale"), None),
+            "mlp_ratio": (raw.get("mlp_ratio", 4), 4),
+        },
+    )
     return MptConfig(
         d_model=raw["d_model"],
         n_heads=raw["n_heads"],
@@ -222,278 +706,812 @@ def mosaic_gpt_to_mpt_config(raw: Mapping[str, Any], source: Any = "config.json"
             "softmax_scale": raw.get("softmax_scale"),
             "alibi": True,
             "alibi_bias_max": raw.get("alibi_bias_max", 8),
-            "attn_pdrop": int(attn_pdrop) if float(attn_pdrop).is_integer() else attn_pdrop,
+            "attn_pdrop": _int_if_whole(raw.get("attn_pdrop", 0)),
         },
         tie_word_embeddings=True,
         use_cache=True,
     )
 
 
-def open_clip_vision_config(open_clip_config: Mapping[str, Any]) -> CLIPVisionConfig:
-    """`CLIPVisionConfig` of an open_clip model config (`{"vision_cfg": ..., "quick_gelu": ...}`)."""
-    vision = open_clip_config.get("vision_cfg", open_clip_config)
-    width = vision["width"]
-    head_width = vision.get("head_width", 64)
-    image_size = vision["image_size"]
-    patch_size = vision["patch_size"]
+def mpt_config_from_dict(raw: Mapping[str, Any], source: Any = "config.json") -> MptConfig:
+    """An MPT config (llm-foundry's hub layout or transformers') as transformers' `MptConfig`.
+
+    Options that transformers' MPT silently ignores are refused unless they hold the value it implements.
+    """
+    attn = {k: v for k, v in dict(raw.get("attn_config") or {}).items() if k != "model_type"}
+    _require(
+        source,
+        "MPT",
+        {
+            "attn_config.alibi": (attn.get("alibi", True), True),
+            "attn_config.alibi_bias_max": (attn.get("alibi_bias_max", 8), 8),
+            "attn_config.attn_type": (attn.get("attn_type", "multihead_attention"), "multihead_attention"),
+            "attn_config.prefix_lm": (attn.get("prefix_lm", False), False),
+            "attn_config.attn_uses_sequence_id": (attn.get("attn_uses_sequence_id", False), False),
+            "no_bias": (raw.get("no_bias", True), True),
+            "logit_scale": (raw.get("logit_scale"), None),
+            "expansion_ratio": (raw.get("expansion_ratio", 4), 4),
+        },
+    )
+    return MptConfig(
+        d_model=raw["d_model"],
+        n_heads=raw["n_heads"],
+        n_layers=raw["n_layers"],
+        expansion_ratio=4,
+        max_seq_len=raw.get("max_seq_len", 2048),
+        vocab_size=raw["vocab_size"],
+        resid_pdrop=float(raw.get("resid_pdrop", 0.0)),
+        emb_pdrop=float(raw.get("emb_pdrop", 0.0)),
+        layer_norm_epsilon=raw.get("layer_norm_epsilon", 1e-5),
+        learned_pos_emb=bool(raw.get("learned_pos_emb", True)),
+        no_bias=True,
+        norm_type=raw.get("norm_type", "low_precision_layernorm"),
+        embedding_fraction=float(raw.get("embedding_fraction", 1.0)),
+        initializer_range=raw.get("initializer_range", 0.02),
+        attn_config={
+            "qk_ln": bool(attn.get("qk_ln", False)),
+            "clip_qkv": attn.get("clip_qkv"),
+            "softmax_scale": attn.get("softmax_scale"),
+            "alibi": True,
+            "alibi_bias_max": 8,
+            "attn_pdrop": _int_if_whole(attn.get("attn_pdrop", 0)),
+        },
+        tie_word_embeddings=True,
+        use_cache=True,
+    )
+
+
+def open_clip_vision_config(open_clip_config: Mapping[str, Any], quick_gelu: bool | None = None) -> CLIPVisionConfig:
+    """`CLIPVisionConfig` of an open_clip model config (`{"vision_cfg": ..., "quick_gelu": ...}`, or the hub's
+    `open_clip_config.json` with its `model_cfg`). `quick_gelu` overrides the config's activation."""
+    cfg = open_clip_config.get("model_cfg", open_clip_config)
+    vision = cfg.get("vision_cfg", cfg)
+    for name in ("width", "layers", "image_size", "patch_size"):
+        if name not in vision:
+            raise ConversionError(f"open_clip config: vision_cfg has no {name!r}.")
     for name in ("image_size", "patch_size"):
         if isinstance(vision[name], (list, tuple)):
             raise ConversionError(f"open_clip vision_cfg.{name}={vision[name]!r}: only square sizes are supported.")
+    width = vision["width"]
+    use_quick_gelu = cfg.get("quick_gelu", False) if quick_gelu is None else quick_gelu
     return CLIPVisionConfig(
         hidden_size=width,
         intermediate_size=int(width * vision.get("mlp_ratio", 4.0)),
         num_hidden_layers=vision["layers"],
-        num_attention_heads=width // head_width,
-        image_size=image_size,
-        patch_size=patch_size,
-        hidden_act="quick_gelu" if open_clip_config.get("quick_gelu", False) else "gelu",
+        num_attention_heads=width // vision.get("head_width", 64),
+        image_size=vision["image_size"],
+        patch_size=vision["patch_size"],
+        hidden_act="quick_gelu" if use_quick_gelu else "gelu",
         layer_norm_eps=1e-5,
-        projection_dim=open_clip_config.get("embed_dim", 512),
+        projection_dim=cfg.get("embed_dim", 512),
     )
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# State dicts
-# --------------------------------------------------------------------------------------------------------------------
+def transformers_clip_vision_config(raw: Mapping[str, Any], source: Any = "config.json") -> CLIPVisionConfig:
+    """The vision config of a transformers CLIP `config.json` (`clip` or `clip_vision_model`)."""
+    model_type = raw.get("model_type")
+    if model_type == "clip":
+        vision = dict(raw.get("vision_config") or {})
+        vision.setdefault("projection_dim", raw.get("projection_dim", 512))
+    elif model_type == "clip_vision_model":
+        vision = dict(raw)
+    else:
+        raise ConversionError(f"{source}: model_type={model_type!r} is not a transformers CLIP model.")
+    vision.pop("model_type", None)
+    return CLIPVisionConfig(
+        **{k: v for k, v in vision.items() if not k.startswith("_") and k != "transformers_version"}
+    )
 
 
-def open_clip_to_clip_vision(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """open_clip visual weights (with or without the `visual.` prefix) -> CLIP vision transformer names
-    (`embeddings.*`, `encoder.layers.*`, ...; `CLIPVisionModel` adds `vision_model.` to them on transformers 4.x)."""
-    has_prefix = any(k.startswith("visual.") for k in state_dict)
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        if has_prefix:
-            if not key.startswith("visual."):
-                continue  # the text tower of a full CLIP state dict
-            key = key[len("visual.") :]
-        match = re.match(r"^transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$", key)
-        if match:
-            layer, kind = match.groups()
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0), strict=True):
-                out[f"encoder.layers.{layer}.self_attn.{name}.{kind}"] = part.clone()
-            continue
-        new_key = apply_rules(key, OPEN_CLIP_KEY_RULES)
-        if new_key is not None:
-            out[new_key] = value
-    return out
+# ====================================================================================================================
+# Inputs: a preset plus overrides, each a local path or a hub id
+# ====================================================================================================================
+
+_TOKENIZER_FILES = re.compile(
+    r"(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab.*|merges\.txt|.*\.model|.*\.tiktoken|config\.json)"
+)
+_OPEN_CLIP_WEIGHTS = (
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.safetensors",
+    "open_clip_pytorch_model.bin",
+    "open_clip_pytorch_model.pth",
+)
 
 
-def _rename_to_model(key: str, model_keys: set[str]) -> str:
-    """GPT-NeoX head: `embed_out` (transformers < 5.14) vs `lm_head` (>= 5.14), whichever the model has."""
-    for old, new in (("embed_out.", "lm_head."), ("lm_head.", "embed_out.")):
-        if key.startswith(old) and key not in model_keys and new + key[len(old) :] in model_keys:
-            return new + key[len(old) :]
-    return key
+@dataclass
+class VisionInput:
+    """The vision tower: its config, its weights and how their names map (`OPEN_CLIP_KEY_RULES` or
+    `TRANSFORMERS_CLIP_KEY_RULES`)."""
+
+    config: CLIPVisionConfig
+    source: TensorSource
+    rules: Rules
+    kind: str  # "open_clip" or "transformers"
+    origin: str  # what the user asked for (path or hub id), for the model card
 
 
-def lm_state_dict_to_native(
-    state_dict: Mapping[str, torch.Tensor], family: str, model_keys: set[str]
-) -> dict[str, torch.Tensor]:
-    """LM weights renamed to transformers' native names, under `language_model.`."""
-    out = {}
-    for key, value in state_dict.items():
-        new_key = apply_rules(key, LM_KEY_RULES[family])
-        if new_key is not None:
-            out["language_model." + _rename_to_model(new_key, {k[len("language_model.") :] for k in model_keys})] = (
-                value
-            )
-    return out
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # noqa: BLE001
+        raise ConversionError(f"{what}: {path} is not valid JSON: {_first_line(error)}") from error
 
 
-def flamingo_checkpoint_to_native(
-    checkpoint: Mapping[str, torch.Tensor], family: str, model_keys: set[str]
-) -> dict[str, torch.Tensor]:
-    """`checkpoint.pt` keys -> our names (`perceiver.*`, `gated_cross_attn_layers.*`, `language_model.*`)."""
-    lm_keys = {k[len("language_model.") :] for k in model_keys if k.startswith("language_model.")}
-    out = {}
-    for key, value in checkpoint.items():
-        new_key = apply_rules(key, FLAMINGO_KEY_RULES)
-        if new_key is None:
-            continue
-        if new_key.startswith("lang_encoder."):
-            lm_key = apply_rules(new_key[len("lang_encoder.") :], LM_KEY_RULES[family])
-            if lm_key is None:
-                continue
-            new_key = "language_model." + _rename_to_model(lm_key, lm_keys)
-        out[new_key] = value
-    return out
+def resolve_vision(
+    vision: str | os.PathLike | None = None,
+    open_clip_config: str | os.PathLike | None = None,
+    open_clip_weights: str | os.PathLike | None = None,
+    quick_gelu: bool | None = None,
+    default_config: CLIPVisionConfig | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> VisionInput:
+    """The vision tower from open_clip files, an open_clip folder/hub repo, or a transformers CLIP folder/hub repo.
 
-
-def fit_embedding_rows(
-    lm_state: dict[str, torch.Tensor], model_shapes: Mapping[str, torch.Size], overridden: Iterable[str]
-) -> list[str]:
-    """Resize the LM's token rows to the model's vocabulary, as the original's `resize_token_embeddings` did.
-
-    A shrink keeps the first rows (deterministic, as the original). Rows the checkpoint provides are taken from it
-    (`overridden`). Rows that exist nowhere (the LLaMA `lm_head` rows of the 3 added tokens) are set to the mean of
-    the existing rows; the names of such tensors are returned so that the caller can warn.
+    `quick_gelu` forces the activation (the OpenAI weights need QuickGELU; when unset it is taken from the config,
+    and assumed for sources whose name contains "openai"). `default_config` is used for open_clip weights given
+    without a config (a preset's ViT-L/14).
     """
-    invented = []
-    for key, tensor in list(lm_state.items()):
-        target = model_shapes.get(key)
-        if target is None or tensor.ndim != 2 or tensor.shape == target or key in overridden:
-            continue
-        if tensor.shape[1] != target[1]:
-            continue  # reported as a shape mismatch later
-        if tensor.shape[0] >= target[0]:
-            lm_state[key] = tensor[: target[0]]
+    if vision is not None and open_clip_weights is not None:
+        raise ConversionError("Pass either a vision source (--vision) or open_clip weights (--open-clip-weights).")
+    if vision is not None and hub.is_local(vision) and Path(vision).expanduser().is_file():
+        open_clip_weights, vision = vision, None
+    origin = str(open_clip_weights or vision or DEFAULT_VISION)
+    if quick_gelu is None and "openai" in origin.lower():
+        quick_gelu = True
+
+    if open_clip_weights is not None:
+        weights = hub.resolve_file(open_clip_weights, _OPEN_CLIP_WEIGHTS[-2], "open_clip weights", cache_dir)
+        if open_clip_config is not None:
+            config_path = hub.resolve_file(open_clip_config, "open_clip_config.json", "open_clip config", cache_dir)
+            config = open_clip_vision_config(_read_json(config_path, "open_clip config"), quick_gelu)
+        elif default_config is not None:
+            config = CLIPVisionConfig(**default_config.to_dict())
+            if quick_gelu is not None:
+                config.hidden_act = "quick_gelu" if quick_gelu else "gelu"
         else:
-            extra = tensor.float().mean(dim=0, keepdim=True).to(tensor.dtype).expand(target[0] - tensor.shape[0], -1)
-            lm_state[key] = torch.cat((tensor, extra), dim=0)
-            invented.append(key)
-    return invented
+            raise ConversionError(f"{weights}: open_clip weights need their config (--open-clip-config).")
+        return VisionInput(config, weights_source(weights), OPEN_CLIP_KEY_RULES, "open_clip", origin)
+
+    spec = vision or DEFAULT_VISION
+    files = hub.list_files(spec, "vision tower")
+    open_clip_weight = next((f for f in _OPEN_CLIP_WEIGHTS if f in files), None)
+    if "open_clip_config.json" in files and open_clip_weight:
+        folder = hub.resolve_folder(
+            spec, "vision tower", lambda _: ["open_clip_config.json", open_clip_weight], cache_dir
+        )
+        config = open_clip_vision_config(_read_json(folder / "open_clip_config.json", "open_clip config"), quick_gelu)
+        return VisionInput(config, weights_source(folder / open_clip_weight), OPEN_CLIP_KEY_RULES, "open_clip", origin)
+    if "config.json" in files and hf_weight_files(files):
+        folder = hub.resolve_folder(spec, "vision tower", lambda fs: ["config.json", *hf_weight_files(fs)], cache_dir)
+        config = transformers_clip_vision_config(_read_json(folder / "config.json", "CLIP config"), folder)
+        if quick_gelu is not None:
+            config.hidden_act = "quick_gelu" if quick_gelu else "gelu"
+        return VisionInput(config, hf_folder_source(folder), TRANSFORMERS_CLIP_KEY_RULES, "transformers", origin)
+    raise ConversionError(
+        f"vision tower: {spec} holds neither open_clip files (open_clip_config.json + {_OPEN_CLIP_WEIGHTS[0]} or "
+        f"{_OPEN_CLIP_WEIGHTS[2]}) nor a transformers CLIP model (config.json + model.safetensors)."
+    )
 
 
-def check_state_dict(
-    state_dict: Mapping[str, torch.Tensor],
-    model: torch.nn.Module,
-    sources: Mapping[str, str],
-) -> None:
-    """Every model tensor present with the right shape, nothing extra; errors name the key and its source file."""
-    expected = model.state_dict()
-    tied = _tied_aliases(model)
-    missing = sorted(k for k in expected if k not in state_dict and k not in tied)
-    unexpected = sorted(k for k in state_dict if k not in expected)
-    if unexpected:
-        key = unexpected[0]
-        raise ConversionError(
-            f"{sources.get(key, '?')}: key {key!r} has no place in the model ({len(unexpected)} such keys: "
-            f"{unexpected[:5]}). Is the LM family or --cross-attn-every-n-layers right?"
-        )
-    if missing:
-        raise ConversionError(
-            f"The model needs {len(missing)} tensors that no input provides, e.g. {missing[:5]}. "
-            "Is --cross-attn-every-n-layers right, and is the checkpoint from this LM family?"
-        )
-    for key, tensor in state_dict.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
+@dataclass
+class ConversionInputs:
+    """Every part of a conversion, resolved to local files."""
+
+    checkpoint: TensorSource
+    checkpoint_origin: str
+    lm: TensorSource
+    lm_origin: str
+    lm_config: PretrainedConfig
+    lm_family: str
+    lm_raw_vocab_size: int
+    tokenizer: Any
+    tokenizer_origin: str
+    vision: VisionInput
+    cross_attn_every_n_layers: int
+    preset: Preset | None = None
+
+
+def _lm_files(files: list[str]) -> list[str]:
+    weights = hf_weight_files(files)
+    if not weights:
+        raise ConversionError("language model: the repo has no model*.safetensors or pytorch_model*.bin weights.")
+    return ["config.json", *weights]
+
+
+def resolve_inputs(
+    preset: str | Preset | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    lm: str | os.PathLike | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    vision: str | os.PathLike | None = None,
+    open_clip_config: str | os.PathLike | None = None,
+    open_clip_weights: str | os.PathLike | None = None,
+    cross_attn_every_n_layers: int | None = None,
+    quick_gelu: bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> ConversionInputs:
+    """Fill the parts a preset defines, apply the overrides, download what is a hub id, and open every input."""
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    if preset is not None:
+        if lm is None and preset.lm is None:
             raise ConversionError(
-                f"{sources.get(key, '?')}: key {key!r} has shape {tuple(tensor.shape)} but the config needs "
-                f"{tuple(expected[key].shape)}."
+                f"{preset.name}: its language model ({preset.lm_title}) is not on the hub under a fixed id; "
+                "pass it with --lm (a folder or hub id of the HF-format weights)."
             )
-
-
-def _tied_aliases(model: torch.nn.Module) -> set[str]:
-    """State-dict names that share their tensor with an earlier name (tied embeddings)."""
-    seen: dict[int, str] = {}
-    aliases = set()
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) in seen:
-            aliases.add(name)
-        else:
-            seen[id(tensor)] = name
-    return aliases
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The whole conversion
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def convert_openflamingo_checkpoint(
-    checkpoint: str | os.PathLike,
-    lm: str | os.PathLike,
-    tokenizer: str | os.PathLike,
-    open_clip_config: str | os.PathLike,
-    open_clip_weights: str | os.PathLike,
-    cross_attn_every_n_layers: int,
-    output_dir: str | os.PathLike,
-    dtype: torch.dtype | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Convert the original parts into a `save_pretrained` folder (model, processor, generation config).
-
-    The folder is written to a temporary sibling and moved into place at the end: a failed conversion leaves nothing.
-    """
-    output_dir = Path(output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{output_dir} exists and is not empty (pass overwrite=True / --overwrite).")
-
-    text_config, family = lm_config_from_folder(lm)
-    tok = add_openflamingo_tokens(AutoTokenizer.from_pretrained(str(tokenizer)))
-    open_clip_config_path = Path(open_clip_config)
-    if not open_clip_config_path.is_file():
-        raise FileNotFoundError(f"{open_clip_config_path}: no such file.")
-    vision_config = open_clip_vision_config(json.loads(open_clip_config_path.read_text()))
-
-    text_config.vocab_size = len(tok)
-    config = OpenFlamingoConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        cross_attn_every_n_layers=cross_attn_every_n_layers,
-        media_token_id=tok.convert_tokens_to_ids("<image>"),
-        eoc_token_id=tok.convert_tokens_to_ids("<|endofchunk|>"),
-        pad_token_id=tok.pad_token_id,
-    )
-    model = _empty_model(config)
-    model_state = model.state_dict()
-    model_keys = set(model_state)
-    shapes = {k: v.shape for k, v in model_state.items()}
-
-    ckpt = unwrap_checkpoint(load_torch_file(checkpoint), checkpoint)
-    flamingo_state = flamingo_checkpoint_to_native(ckpt, family, model_keys)
-    lm_state = lm_state_dict_to_native(load_lm_state_dict(lm), family, model_keys)
-    invented = fit_embedding_rows(lm_state, shapes, overridden=flamingo_state)
-    for key in invented:
-        if key not in flamingo_state:
-            warnings.warn(
-                f"{key}: the rows of the added tokens exist in no input; they were set to the mean of the other rows.",
-                stacklevel=2,
-            )
-    vision_prefix = (
-        "vision_model.vision_model."
-        if any(k.startswith("vision_model.vision_model.") for k in shapes)
-        else ("vision_model.")
-    )
-    vision_state = {
-        vision_prefix + k: v for k, v in open_clip_to_clip_vision(load_torch_file(open_clip_weights)).items()
-    }
-    state_dict = {**lm_state, **vision_state, **flamingo_state}
-    sources = {
-        **{k: str(lm) for k in lm_state},
-        **{k: str(open_clip_weights) for k in vision_state},
-        **{k: str(checkpoint) for k in flamingo_state},
-    }
-    _check_gated_layers(flamingo_state, config, checkpoint)
-    check_state_dict(state_dict, model, sources)
-
-    target_dtype = dtype or ckpt[next(iter(ckpt))].dtype
-    model.load_state_dict(state_dict, strict=False, assign=True)
-    model.tie_weights()
-    model.to(target_dtype)
-    model.generation_config = GenerationConfig(
-        eos_token_id=config.eoc_token_id, pad_token_id=config.pad_token_id, bos_token_id=tok.bos_token_id
-    )
-    processor = OpenFlamingoProcessor(
-        image_processor=OpenFlamingoImageProcessor(size=vision_config.image_size), tokenizer=tok
-    )
-    return save_atomically(output_dir, lambda tmp: (model.save_pretrained(tmp), processor.save_pretrained(tmp)))
-
-
-def _check_gated_layers(flamingo_state: Mapping[str, torch.Tensor], config: OpenFlamingoConfig, source: Any) -> None:
-    found = sorted({int(k.split(".")[1]) for k in flamingo_state if k.startswith("gated_cross_attn_layers.")})
-    if found != config.cross_attn_layer_indices:
-        raise ConversionError(
-            f"{source}: has gated cross-attention blocks before decoder layers {found}, but "
-            f"cross_attn_every_n_layers={config.cross_attn_every_n_layers} puts them before "
-            f"{config.cross_attn_layer_indices}. Is --cross-attn-every-n-layers right?"
+        checkpoint = checkpoint if checkpoint is not None else preset.checkpoint
+        lm = lm if lm is not None else preset.lm
+        tokenizer = tokenizer if tokenizer is not None else (preset.tokenizer if lm == preset.lm else lm)
+        if cross_attn_every_n_layers is None:
+            cross_attn_every_n_layers = preset.cross_attn_every_n_layers
+        if quick_gelu is None:
+            quick_gelu = True  # the released models use OpenAI's CLIP weights, which need QuickGELU
+    missing = [
+        flag
+        for flag, value in (
+            ("--checkpoint", checkpoint),
+            ("--lm", lm),
+            ("--cross-attn-every-n-layers", cross_attn_every_n_layers),
         )
+        if value is None
+    ]
+    if missing:
+        raise ConversionError(f"Without --preset, pass {', '.join(missing)}.")
+    tokenizer = tokenizer if tokenizer is not None else lm
+
+    checkpoint_path = hub.resolve_file(checkpoint, CHECKPOINT_FILENAME, "checkpoint", cache_dir)
+    lm_dir = hub.resolve_folder(lm, "language model", _lm_files, cache_dir)
+    lm_config_path = lm_dir / "config.json"
+    if not lm_config_path.is_file():
+        raise FileNotFoundError(f"{lm_config_path}: no such file (the LM folder needs its config.json).")
+    raw_lm_config = _read_json(lm_config_path, "language model config")
+    lm_config, family = lm_config_from_dict(raw_lm_config, lm_config_path)
+    tokenizer_dir = hub.resolve_folder(
+        tokenizer, "tokenizer", lambda fs: [f for f in fs if _TOKENIZER_FILES.fullmatch(f)], cache_dir
+    )
+    try:
+        tok = add_openflamingo_tokens(AutoTokenizer.from_pretrained(str(tokenizer_dir)))
+    except Exception as error:  # noqa: BLE001
+        raise ConversionError(f"tokenizer: {tokenizer_dir} cannot be loaded: {_first_line(error)}") from error
+    vision_input = resolve_vision(
+        vision,
+        open_clip_config,
+        open_clip_weights,
+        quick_gelu,
+        default_config=CLIPVisionConfig(**VIT_L_14_CONFIG) if preset is not None else None,
+        cache_dir=cache_dir,
+    )
+    return ConversionInputs(
+        checkpoint=torch_file_source(checkpoint_path),
+        checkpoint_origin=str(checkpoint),
+        lm=hf_folder_source(lm_dir),
+        lm_origin=str(lm),
+        lm_config=lm_config,
+        lm_family=family,
+        lm_raw_vocab_size=int(raw_lm_config.get("vocab_size", lm_config.vocab_size)),
+        tokenizer=tok,
+        tokenizer_origin=str(tokenizer),
+        vision=vision_input,
+        cross_attn_every_n_layers=int(cross_attn_every_n_layers),
+        preset=preset,
+    )
 
 
-def _empty_model(config: OpenFlamingoConfig) -> OpenFlamingoForConditionalGeneration:
-    """The model with no random initialisation (every tensor is overwritten by the conversion)."""
+# ====================================================================================================================
+# The model skeleton (no memory for parameters) and its layout
+# ====================================================================================================================
+
+
+@contextmanager
+def _no_init_weights() -> Iterator[None]:
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # transformers 4.x
         from transformers.modeling_utils import no_init_weights
     with no_init_weights():
+        yield
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device (no memory); buffers stay real."""
+    original = nn.Module.register_parameter
+
+    def register_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            registered = module._parameters[name]
+            kwargs = dict(registered.__dict__)
+            kwargs["requires_grad"] = registered.requires_grad
+            module._parameters[name] = type(registered)(registered.to("meta"), **kwargs)
+
+    nn.Module.register_parameter = register_parameter
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def build_empty_model(config: OpenFlamingoConfig) -> OpenFlamingoForConditionalGeneration:
+    """The model with every parameter on the meta device: no memory, no random initialisation.
+
+    Fill it with `load_state_dict(state_dict, assign=True)` and `tie_weights()`; for a dry run its shapes suffice.
+    """
+    with _no_init_weights(), parameters_on_meta():
         model = OpenFlamingoForConditionalGeneration(config)
     model.tie_weights()
     return model
 
 
-def save_atomically(output_dir: str | os.PathLike, write: Any) -> Path:
+@dataclass
+class ModelLayout:
+    """What a model needs: its state-dict keys and shapes, the names tied to another, and its embedding matrices."""
+
+    shapes: dict[str, tuple[int, ...]]
+    tied: set[str]
+    embedding_keys: set[str]
+    vision_prefix: str
+    gated_layers: list[int]
+    cross_attn_every_n_layers: int
+
+    @property
+    def required(self) -> list[str]:
+        """The keys an input must provide (tied aliases are filled by tying)."""
+        return [k for k in self.shapes if k not in self.tied]
+
+
+def model_layout(model: OpenFlamingoForConditionalGeneration) -> ModelLayout:
+    """The layout of a (possibly meta) model."""
+    state = model.state_dict(keep_vars=True)
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, tensor in state.items():
+        if id(tensor) in seen:
+            tied.add(name)
+        else:
+            seen[id(tensor)] = name
+    lm = model.language_model
+    embedding_params = {
+        id(p)
+        for module in (lm.get_input_embeddings(), lm.get_output_embeddings())
+        if module is not None
+        for p in module.parameters()
+    }
+    embedding_keys = {
+        "language_model." + n for n, p in lm.named_parameters(remove_duplicate=False) if id(p) in embedding_params
+    }
+    vision_prefix = (
+        "vision_model.vision_model."
+        if any(k.startswith("vision_model.vision_model.") for k in state)
+        else ("vision_model.")
+    )
+    return ModelLayout(
+        shapes={k: tuple(v.shape) for k, v in state.items()},
+        tied=tied,
+        embedding_keys=embedding_keys,
+        vision_prefix=vision_prefix,
+        gated_layers=list(model.config.cross_attn_layer_indices),
+        cross_attn_every_n_layers=model.config.cross_attn_every_n_layers,
+    )
+
+
+def make_config(
+    lm_config: PretrainedConfig,
+    vision_config: CLIPVisionConfig,
+    cross_attn_every_n_layers: int,
+    tokenizer_length: int,
+    media_token_id: int,
+    eoc_token_id: int,
+    pad_token_id: int | None,
+) -> OpenFlamingoConfig:
+    """Our config around the LM's and the vision tower's; the LM's vocabulary is the tokenizer's (the original's
+    `resize_token_embeddings(len(tokenizer))`)."""
+    lm_config.vocab_size = tokenizer_length
+    return OpenFlamingoConfig(
+        vision_config=vision_config,
+        text_config=lm_config,
+        cross_attn_every_n_layers=cross_attn_every_n_layers,
+        media_token_id=media_token_id,
+        eoc_token_id=eoc_token_id,
+        pad_token_id=pad_token_id,
+    )
+
+
+# ====================================================================================================================
+# Planning: where every tensor of the model comes from
+# ====================================================================================================================
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """How one tensor of the model is made: read `key` from `source`, take `part` (index, count) of it along dim 0
+    if it is fused, and with `fit_rows` cut its rows to `shape[0]` (or append the mean row up to it)."""
+
+    source: TensorSource
+    key: str
+    shape: tuple[int, ...]
+    part: tuple[int, int] | None = None
+    fit_rows: bool = False
+
+
+@dataclass
+class ConversionPlan:
+    """Every tensor of the model with its source, plus the aliases to verify and the rows that exist nowhere."""
+
+    tensors: dict[str, TensorPlan]
+    aliases: list[tuple[TensorSource, str, str]] = field(default_factory=list)
+    invented_rows: list[str] = field(default_factory=list)
+    unused: dict[str, list[str]] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        """How many tensors each input provides."""
+        counts: dict[str, int] = {}
+        for item in self.tensors.values():
+            counts[item.source.name] = counts.get(item.source.name, 0) + 1
+        return counts
+
+
+_FAMILY_TITLES = {"mosaic_gpt": "MosaicGPT", "mpt": "MPT", "gpt_neox": "GPT-NeoX", "llama": "LLaMA"}
+
+
+def _families_with_root(root: str) -> list[str]:
+    return [f for f, layers in DECODER_LAYERS.items() if layers.split(".")[0] == root]
+
+
+def _check_checkpoint_family(checkpoint: TensorSource, family: str, lm_origin: str) -> None:
+    """A checkpoint of another LM family names its LM tensors differently: say so, naming the key."""
+    own_root = DECODER_LAYERS[family].split(".")[0]
+    roots = {layers.split(".")[0] for layers in DECODER_LAYERS.values()}
+    for key in checkpoint.keys():
+        if not key.startswith("lang_encoder."):
+            continue
+        root = key.split(".")[1]
+        if root in roots and root != own_root:
+            families = " or ".join(_FAMILY_TITLES[f] for f in _families_with_root(root))
+            raise ConversionError(
+                f"{checkpoint.name}: key {key!r} belongs to a {families} language model, but the LM given "
+                f"({lm_origin}) is {_FAMILY_TITLES[family]}. The checkpoint is for another model: check --preset "
+                "or --lm."
+            )
+
+
+def _gated_index(target: str) -> int | None:
+    match = re.match(r"^gated_cross_attn_layers\.(\d+)\.", target)
+    return int(match.group(1)) if match else None
+
+
+def _check_gated_layers(found: Mapping[int, str], layout: ModelLayout, source: TensorSource) -> None:
+    expected = layout.gated_layers
+    if sorted(found) == expected:
+        return
+    found_indices = sorted(found)
+    bad = next((i for i in found_indices if i not in expected), None)
+    key = found[bad] if bad is not None else next(iter(found.values()), None)
+    steps = {b - a for a, b in zip(found_indices, found_indices[1:], strict=False)}
+    inferred = found_indices[0] + 1 if found_indices and steps <= {found_indices[0] + 1} else None
+    hint = (
+        f" The checkpoint was trained with N={inferred}: pass --cross-attn-every-n-layers {inferred}."
+        if inferred
+        else ""
+    )
+    raise ConversionError(
+        f"{source.name}: key {key!r}: the checkpoint has gated cross-attention blocks before decoder layers "
+        f"{found_indices}, but cross_attn_every_n_layers={layout.cross_attn_every_n_layers} places them before "
+        f"{expected}.{hint}"
+    )
+
+
+def _row_mismatch_hint(key: str, have: tuple[int, ...], need: tuple[int, ...], layout: ModelLayout) -> str:
+    if key in layout.embedding_keys and len(have) == 2 and have[1:] == need[1:]:
+        return (
+            f" The model's vocabulary ({need[0]}) is the tokenizer's length after adding <|endofchunk|>, <image> "
+            "and <PAD>: is the tokenizer the one the checkpoint was trained with?"
+        )
+    return " Is the checkpoint from this model size (LM and vision tower)?"
+
+
+def plan_conversion(
+    layout: ModelLayout,
+    family: str,
+    checkpoint: TensorSource,
+    lm: TensorSource,
+    vision: VisionInput | TensorSource,
+    vision_rules: Rules | None = None,
+    lm_origin: str | None = None,
+) -> ConversionPlan:
+    """Assign a source to every tensor of the model and check every key and shape; errors name the file and key.
+
+    Priority: the checkpoint (perceiver, gated blocks, embedding rows), then the LM, then the vision tower.
+    """
+    if isinstance(vision, VisionInput):
+        vision_source, vision_rules = vision.source, vision.rules
+    else:
+        vision_source = vision
+        if vision_rules is None:
+            raise ConversionError("plan_conversion: vision_rules is needed with a bare TensorSource.")
+    tensors: dict[str, TensorPlan] = {}
+    aliases: list[tuple[TensorSource, str, str]] = []
+    unused: dict[str, list[str]] = {}
+    model_keys = layout.shapes
+
+    # -- checkpoint.pt --
+    _check_checkpoint_family(checkpoint, family, lm_origin or lm.name)
+    gated_found: dict[int, str] = {}
+    for key in checkpoint.keys():
+        name = key
+        primary = checkpoint_alias_primary(key, family)
+        if primary is not None:
+            if primary in checkpoint:
+                aliases.append((checkpoint, key, primary))
+                continue
+            name = primary
+        target = checkpoint_key_to_native(name, family, model_keys)
+        if target is None:
+            unused.setdefault(checkpoint.name, []).append(key)
+            continue
+        index = _gated_index(target)
+        if index is not None:
+            gated_found.setdefault(index, key)
+            if index not in layout.gated_layers:
+                continue  # reported by _check_gated_layers with the layer lists
+        if target not in model_keys:
+            raise ConversionError(
+                f"{checkpoint.name}: key {key!r} has no place in the model (it would be {target!r}). Is the "
+                "checkpoint from this LM family and size?"
+            )
+        have, need = checkpoint.shapes[key], model_keys[target]
+        if have != need:
+            raise ConversionError(
+                f"{checkpoint.name}: key {key!r} has shape {have} but the model needs {need} for {target!r}."
+                + _row_mismatch_hint(target, have, need, layout)
+            )
+        tensors[target] = TensorPlan(checkpoint, key, need)
+    if gated_found or layout.gated_layers:
+        _check_gated_layers(gated_found, layout, checkpoint)
+
+    # -- the language model --
+    lm_keys = {k[len("language_model.") :] for k in model_keys if k.startswith("language_model.")}
+    invented: list[str] = []
+    for key in lm.keys():
+        native = lm_key_to_native(key, family, lm_keys)
+        if native is None:
+            unused.setdefault(lm.name, []).append(key)
+            continue
+        target = "language_model." + native
+        if target in tensors:
+            continue  # the checkpoint's rows win
+        if target not in model_keys:
+            raise ConversionError(
+                f"{lm.name}: key {key!r} has no place in the model (it would be {target!r}). Is the LM a "
+                f"{_FAMILY_TITLES[family]} model, as its config says?"
+            )
+        have, need = lm.shapes[key], model_keys[target]
+        if have == need:
+            tensors[target] = TensorPlan(lm, key, need)
+        elif target in layout.embedding_keys and len(have) == 2 and have[1:] == need[1:]:
+            tensors[target] = TensorPlan(lm, key, need, fit_rows=True)
+            if have[0] < need[0]:
+                invented.append(target)
+        else:
+            raise ConversionError(f"{lm.name}: key {key!r} has shape {have} but the model needs {need} for {target!r}.")
+
+    # -- the vision tower --
+    vision_keys = vision_source.keys()
+    only_visual = any(k.startswith("visual.") for k in vision_keys)  # a full open_clip CLIP state dict
+    for key in vision_keys:
+        if only_visual and not key.startswith("visual."):
+            continue
+        mapped = map_key(key[len("visual.") :] if only_visual else key, vision_rules)
+        if mapped is None:
+            continue
+        have = vision_source.shapes[key]
+        for index, name in enumerate(mapped if isinstance(mapped, tuple) else (mapped,)):
+            target = layout.vision_prefix + name
+            if target not in model_keys:
+                raise ConversionError(
+                    f"{vision_source.name}: key {key!r} has no place in the vision tower (it would be {target!r})."
+                )
+            need = model_keys[target]
+            count = len(mapped) if isinstance(mapped, tuple) else 1
+            expected = (need[0] * count, *need[1:]) if count > 1 else need
+            if have != expected:
+                raise ConversionError(
+                    f"{vision_source.name}: key {key!r} has shape {have} but the vision tower needs {expected} "
+                    "(is it the vision tower the checkpoint was trained with, e.g. CLIP ViT-L/14?)."
+                )
+            tensors[target] = TensorPlan(vision_source, key, need, part=(index, count) if count > 1 else None)
+
+    # -- anything missing --
+    missing = [k for k in layout.required if k not in tensors]
+    if missing:
+        by_part = {
+            "checkpoint": [k for k in missing if k.startswith(("perceiver.", "gated_cross_attn_layers."))],
+            "language model": [k for k in missing if k.startswith("language_model.")],
+            "vision tower": [k for k in missing if k.startswith("vision_model.")],
+        }
+        origin = {"checkpoint": checkpoint.name, "language model": lm.name, "vision tower": vision_source.name}
+        part, keys = next((p, ks) for p, ks in by_part.items() if ks) if any(by_part.values()) else ("?", missing)
+        raise ConversionError(
+            f"{origin.get(part, '?')}: the {part} lacks {len(keys)} tensors the model needs, e.g. {keys[:4]}."
+        )
+    return ConversionPlan(tensors=tensors, aliases=aliases, invented_rows=invented, unused=unused)
+
+
+def _fit_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    if tensor.shape[0] >= rows:
+        return tensor[:rows]
+    mean = torch.mean(tensor, dim=0, keepdim=True, dtype=torch.float32).to(tensor.dtype)
+    return torch.cat((tensor, mean.expand(rows - tensor.shape[0], -1)), dim=0)
+
+
+def _owns_storage(tensor: torch.Tensor) -> bool:
+    return tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size() and tensor.is_contiguous()
+
+
+def verify_aliases(plan: ConversionPlan) -> None:
+    """Every alias (v1 duplicate gated block, `old_decoder_blocks`) must equal its primary, bit for bit."""
+    for source, alias, primary in plan.aliases:
+        a, b = source.load(alias), source.load(primary)
+        if a.shape != b.shape or not torch.equal(a, b):
+            raise ConversionError(
+                f"{source.name}: key {alias!r} is a second copy of {primary!r} but differs from it; the checkpoint "
+                "is inconsistent (which copy did training update?)."
+            )
+
+
+def materialize(
+    plan: ConversionPlan, dtype: torch.dtype | None = None, progress: bool = True
+) -> dict[str, torch.Tensor]:
+    """Read every planned tensor, one at a time, in the target dtype (floating-point tensors only)."""
+    verify_aliases(plan)
+    out: dict[str, torch.Tensor] = {}
+    for target, item in tqdm(plan.tensors.items(), desc="Converting tensors", unit="tensor", disable=not progress):
+        tensor = item.source.load(item.key)
+        if item.part is not None:
+            index, count = item.part
+            tensor = tensor.chunk(count, dim=0)[index]
+        if item.fit_rows:
+            tensor = _fit_rows(tensor, item.shape[0])
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        if not _owns_storage(tensor):
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        if tuple(tensor.shape) != item.shape:  # the files changed under us, or a header lied
+            raise ConversionError(
+                f"{item.source.name}: key {item.key!r} read as {tuple(tensor.shape)}, expected {item.shape}."
+            )
+        out[target] = tensor
+    return out
+
+
+def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Assign the tensors to the (meta) model without copying, tie the embeddings, and check nothing is left empty."""
+    model.load_state_dict(state_dict, strict=False, assign=True)
+    model.tie_weights()
+    empty = [n for n, p in model.named_parameters() if p.is_meta]
+    if empty:
+        raise ConversionError(f"No input provided {len(empty)} parameters of the model, e.g. {empty[:4]}.")
+
+
+# ====================================================================================================================
+# The whole conversion
+# ====================================================================================================================
+
+
+@dataclass
+class ConvertedModel:
+    """A converted model in memory, with its processor and what the conversion did."""
+
+    model: OpenFlamingoForConditionalGeneration
+    processor: OpenFlamingoProcessor
+    inputs: ConversionInputs
+    plan: ConversionPlan
+    dtype: torch.dtype
+
+
+def build_converted_model(
+    inputs: ConversionInputs, dtype: torch.dtype | None = None, progress: bool = True
+) -> ConvertedModel:
+    """Plan, check, and load the model from resolved inputs (see `resolve_inputs`)."""
+    tok = inputs.tokenizer
+    config = make_config(
+        inputs.lm_config,
+        inputs.vision.config,
+        inputs.cross_attn_every_n_layers,
+        tokenizer_length=len(tok),
+        media_token_id=tok.convert_tokens_to_ids("<image>"),
+        eoc_token_id=tok.convert_tokens_to_ids("<|endofchunk|>"),
+        pad_token_id=tok.pad_token_id,
+    )
+    model = build_empty_model(config)
+    layout = model_layout(model)
+    plan = plan_conversion(
+        layout, inputs.lm_family, inputs.checkpoint, inputs.lm, inputs.vision, lm_origin=inputs.lm_origin
+    )
+    for key in plan.invented_rows:
+        warnings.warn(
+            f"{key}: the rows of the {config.text_config.vocab_size - inputs.lm.shapes[plan.tensors[key].key][0]} "
+            "added tokens exist in no input (not in the checkpoint, not in the LM); each was set to the mean of the "
+            "LM's rows (documented in the model card).",
+            stacklevel=2,
+        )
+    target_dtype = dtype or inputs.checkpoint.floating_dtype() or torch.float32
+    load_into(model, materialize(plan, target_dtype, progress))
+    model.eval()
+    model.generation_config = default_generation_config(config, tok)
+    processor = OpenFlamingoProcessor(
+        image_processor=OpenFlamingoImageProcessor(size=inputs.vision.config.image_size), tokenizer=tok
+    )
+    return ConvertedModel(model, processor, inputs, plan, target_dtype)
+
+
+def default_generation_config(config: OpenFlamingoConfig, tokenizer: Any = None) -> GenerationConfig:
+    """Generation defaults of the original: stop at `<|endofchunk|>`, pad with `<PAD>`."""
+    return GenerationConfig(
+        bos_token_id=getattr(tokenizer, "bos_token_id", None),
+        eos_token_id=config.eoc_token_id,
+        pad_token_id=config.pad_token_id,
+    )
+
+
+def convert_openflamingo_checkpoint(
+    checkpoint: str | os.PathLike | None = None,
+    lm: str | os.PathLike | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    open_clip_config: str | os.PathLike | None = None,
+    open_clip_weights: str | os.PathLike | None = None,
+    cross_attn_every_n_layers: int | None = None,
+    output_dir: str | os.PathLike | None = None,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    *,
+    preset: str | Preset | None = None,
+    vision: str | os.PathLike | None = None,
+    quick_gelu: bool | None = None,
+    max_shard_size: str | int = "5GB",
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    repo_id: str | None = None,
+) -> Path:
+    """Convert the original parts into a `save_pretrained` folder (model, processor, generation config, model card).
+
+    Each part is a local path or a hub id; a `preset` (one of the six released models) fills in the parts it knows.
+    The folder is written to a temporary sibling and moved into place at the end: a failed conversion leaves nothing.
+    `repo_id` (where the folder will be published) is only used in the model card's usage snippet. Returns the output
+    folder.
+    """
+    if output_dir is None:
+        raise ConversionError("output_dir is required.")
+    output_dir = Path(output_dir)
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not overwrite:
+        raise FileExistsError(f"{output_dir} exists and is not empty (pass overwrite=True / --overwrite).")
+    inputs = resolve_inputs(
+        preset=preset,
+        checkpoint=checkpoint,
+        lm=lm,
+        tokenizer=tokenizer,
+        vision=vision,
+        open_clip_config=open_clip_config,
+        open_clip_weights=open_clip_weights,
+        cross_attn_every_n_layers=cross_attn_every_n_layers,
+        quick_gelu=quick_gelu,
+        cache_dir=cache_dir,
+    )
+    converted = build_converted_model(inputs, dtype, progress)
+    from .conversion_model_card import render_model_card
+
+    card = render_model_card(converted, repo_id=repo_id)
+
+    def write(tmp: Path) -> None:
+        converted.model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        converted.processor.save_pretrained(tmp)
+        (tmp / "README.md").write_text(card)
+
+    return save_atomically(output_dir, write)
+
+
+def save_atomically(output_dir: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     """Run `write(tmp_dir)` into a temporary sibling of `output_dir`, then move it into place."""
     output_dir = Path(output_dir).absolute()
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -501,7 +1519,7 @@ def save_atomically(output_dir: str | os.PathLike, write: Any) -> Path:
     try:
         write(tmp)
         if output_dir.exists():
-            shutil.rmtree(output_dir)
+            shutil.rmtree(output_dir) if output_dir.is_dir() else output_dir.unlink()
         os.replace(tmp, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -509,12 +1527,311 @@ def save_atomically(output_dir: str | os.PathLike, write: Any) -> Path:
     return output_dir
 
 
+# ====================================================================================================================
+# Dry run: the full-size model on the meta device, every key and shape checked, nothing downloaded
+# ====================================================================================================================
+
+
+def released_checkpoint_manifest(layout: ModelLayout, family: str) -> dict[str, tuple[int, ...]]:
+    """The keys and shapes of `checkpoint.pt` in the released format that the model needs."""
+    manifest = {}
+    for key in layout.required:
+        original = native_key_to_checkpoint(key, family)
+        if original is None:
+            continue
+        if in_released_checkpoint(original, family):
+            manifest[original] = layout.shapes[key]
+    return manifest
+
+
+def lm_manifest(layout: ModelLayout, family: str, vocab_size: int) -> dict[str, tuple[int, ...]]:
+    """The keys and shapes the LM's own hub checkpoint has (embedding matrices with the LM's own vocabulary)."""
+    manifest = {}
+    for key in layout.required:
+        if not key.startswith("language_model."):
+            continue
+        original = lm_key_to_original(key[len("language_model.") :], family)
+        if original is None:
+            continue
+        shape = layout.shapes[key]
+        manifest[original] = (vocab_size, *shape[1:]) if key in layout.embedding_keys else shape
+    return manifest
+
+
+def open_clip_manifest(layout: ModelLayout) -> dict[str, tuple[int, ...]]:
+    """The visual keys and shapes of open_clip weights for the model's vision tower (fused q/k/v concatenated)."""
+    manifest: dict[str, tuple[int, ...]] = {}
+    for key in layout.required:
+        if not key.startswith(layout.vision_prefix):
+            continue
+        original = unmap_key(key[len(layout.vision_prefix) :], OPEN_CLIP_KEY_RULES)
+        if isinstance(original, tuple):
+            name, _, count = original
+            shape = layout.shapes[key]
+            manifest["visual." + name] = (shape[0] * count, *shape[1:])
+        elif original is not None:
+            manifest["visual." + original] = layout.shapes[key]
+    return manifest
+
+
+@dataclass
+class DryRunReport:
+    """What a dry run checked."""
+
+    config: OpenFlamingoConfig
+    layout: ModelLayout
+    plan: ConversionPlan
+    checkpoint_manifest: dict[str, tuple[int, ...]]
+    checked_file: str | None
+    num_parameters: int
+    preset: Preset | None
+
+    def summary(self) -> str:
+        """A human-readable report."""
+        name = self.preset.name if self.preset else "custom"
+        lines = [
+            f"Dry run ({name}): the full-size model was built on the meta device and every key and shape checked.",
+            f"  parameters: {self.num_parameters / 1e9:.2f}B ({self.num_parameters:,})",
+            f"  language model: {self.config.text_config.model_type}, {self.config.text_config.num_hidden_layers} "
+            f"layers, vocabulary {self.config.text_config.vocab_size}",
+            f"  gated cross-attention before layers {self.config.cross_attn_layer_indices} "
+            f"(every {self.config.cross_attn_every_n_layers})",
+            f"  checkpoint.pt must hold {len(self.checkpoint_manifest)} tensors"
+            + (f"; {self.checked_file} does" if self.checked_file else " (the released format)"),
+        ]
+        for source, count in self.plan.counts().items():
+            lines.append(f"  {count:5d} tensors from {source}")
+        for key in self.plan.invented_rows:
+            lines.append(f"  note: {key}: the added tokens' rows exist in no input; they will be the mean row")
+        return "\n".join(lines)
+
+
+def dry_run(
+    preset: str | Preset | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    lm: str | os.PathLike | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    vision_config: CLIPVisionConfig | None = None,
+    cross_attn_every_n_layers: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> DryRunReport:
+    """Build the full-size model on the meta device and check every key and shape a conversion will need.
+
+    Configs come from the preset (embedded; nothing is downloaded) unless overridden: `lm` (a folder, or a hub id of
+    which only `config.json` is fetched) and `tokenizer` (tokenizer files only). `checkpoint`, if a local file, is
+    checked itself (memory-mapped: only its index is read); otherwise the documented released format is checked.
+    """
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    if preset is None and lm is None:
+        raise ConversionError("A dry run needs --preset, or --lm (a folder or hub id with the LM's config.json).")
+    if lm is not None and (preset is None or str(lm) != preset.lm):
+        config_path = hub.resolve_file(lm, "config.json", "language model config", cache_dir)
+        raw = _read_json(config_path, "language model config")
+        lm_config, family = lm_config_from_dict(raw, config_path)
+    else:
+        raw = dict(preset.lm_config)
+        lm_config, family = lm_config_from_dict(raw, f"{preset.name} (embedded LM config)")
+    if tokenizer is not None or preset is None:
+        tok_dir = hub.resolve_folder(
+            tokenizer or lm, "tokenizer", lambda fs: [f for f in fs if _TOKENIZER_FILES.fullmatch(f)], cache_dir
+        )
+        tok = add_openflamingo_tokens(AutoTokenizer.from_pretrained(str(tok_dir)))
+        tokens = {
+            "tokenizer_length": len(tok),
+            "media_token_id": tok.convert_tokens_to_ids("<image>"),
+            "eoc_token_id": tok.convert_tokens_to_ids("<|endofchunk|>"),
+            "pad_token_id": tok.pad_token_id,
+        }
+    else:
+        tokens = dict(preset.tokens)
+    n = cross_attn_every_n_layers or (preset.cross_attn_every_n_layers if preset else None)
+    if n is None:
+        raise ConversionError("Without --preset, pass --cross-attn-every-n-layers.")
+    config = make_config(lm_config, vision_config or CLIPVisionConfig(**VIT_L_14_CONFIG), n, **tokens)
+    model = build_empty_model(config)
+    layout = model_layout(model)
+    manifest = released_checkpoint_manifest(layout, family)
+    checked = None
+    if checkpoint is not None and hub.is_local(checkpoint):
+        checkpoint_source = torch_file_source(hub.resolve_file(checkpoint, CHECKPOINT_FILENAME, "checkpoint"))
+        checked = checkpoint_source.name
+    else:
+        checkpoint_source = TensorSource.from_manifest(
+            f"{preset.checkpoint if preset else 'checkpoint'} (documented format)", manifest
+        )
+    lm_source = TensorSource.from_manifest(
+        f"{lm or preset.lm or preset.lm_title} (config)", lm_manifest(layout, family, int(raw["vocab_size"]))
+    )
+    vision_source = TensorSource.from_manifest("CLIP ViT-L/14 (open_clip layout)", open_clip_manifest(layout))
+    plan = plan_conversion(layout, family, checkpoint_source, lm_source, vision_source, OPEN_CLIP_KEY_RULES)
+    seen: set[int] = set()
+    num_parameters = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            num_parameters += p.numel()
+    return DryRunReport(config, layout, plan, manifest, checked, num_parameters, preset)
+
+
+# ====================================================================================================================
+# Back to the original: checkpoint.pt from a model of ours
+# ====================================================================================================================
+
+
+def lm_family_of(config: OpenFlamingoConfig | Mapping[str, Any]) -> str:
+    """The original LM family of a model of ours (MosaicGPT is the MPT config with QK-LayerNorm)."""
+    text = config["text_config"] if isinstance(config, Mapping) else config.text_config.to_dict()
+    model_type = text.get("model_type")
+    if model_type == "mpt":
+        attn = text.get("attn_config") or {}
+        attn = attn if isinstance(attn, Mapping) else attn.to_dict()
+        return "mosaic_gpt" if attn.get("qk_ln") else "mpt"
+    if model_type not in LM_FAMILIES:
+        raise ConversionError(f"text_config.model_type={model_type!r}: no original layout is known for it.")
+    return model_type
+
+
+def export_openflamingo_state_dict(
+    state_dict: Mapping[str, torch.Tensor] | TensorSource,
+    config: OpenFlamingoConfig | Mapping[str, Any],
+    include_lm: bool = False,
+    include_vision: bool = False,
+    v1_duplicates: bool = False,
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Our state dict in the original's `checkpoint.pt` format, with the original's exact key names.
+
+    By default, what the released checkpoints hold (the original's `filter_state_dict_to_trainable`): the perceiver,
+    the gated blocks and the LM parameters whose name contains "embed". `include_lm` adds every LM weight and
+    `include_vision` the vision tower (`vision_encoder.*`, open_clip names), in the layout of the original's full
+    state dict; `v1_duplicates` adds the second copies of the gated blocks that the v1 (LLaMA) release holds.
+    """
+    source = state_dict if isinstance(state_dict, TensorSource) else TensorSource.from_state_dict("model", state_dict)
+    family = lm_family_of(config)
+    out: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    fused: dict[str, list[torch.Tensor | None]] = {}
+
+    def put(name: str, key: str, tensor: torch.Tensor) -> None:
+        if name in out:
+            raise ConversionError(f"{source.name}: keys {origin[name]!r} and {key!r} both map to {name!r}.")
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        out[name], origin[name] = tensor.contiguous() if _owns_storage(tensor) else tensor.clone(), key
+
+    for key in tqdm(source.keys(), desc="Exporting tensors", unit="tensor", disable=not progress):
+        if "lora_" in key or key.startswith("base_model.model."):
+            raise ConversionError(
+                f"{source.name}: key {key!r} is a PEFT adapter weight; merge the adapter first "
+                "(model = model.merge_and_unload()) and save the merged model."
+            )
+        vision_prefix = next((p for p in ("vision_model.vision_model.", "vision_model.") if key.startswith(p)), None)
+        if vision_prefix is not None:
+            if not include_vision:
+                continue
+            original = unmap_key(key[len(vision_prefix) :], OPEN_CLIP_KEY_RULES)
+            if original is None:
+                continue
+            if isinstance(original, tuple):
+                name, index, count = original
+                parts = fused.setdefault(name, [None] * count)
+                parts[index] = source.load(key)
+                if all(p is not None for p in parts):
+                    put("vision_encoder." + name, key, torch.cat(parts, dim=0))
+                    del fused[name]
+            else:
+                put("vision_encoder." + original, key, source.load(key))
+            continue
+        name = native_key_to_checkpoint(key, family)
+        if name is None:
+            continue
+        if not include_lm and not in_released_checkpoint(name, family):
+            continue
+        put(name, key, source.load(key))
+    if fused:
+        raise ConversionError(f"{source.name}: incomplete fused vision tensors {sorted(fused)}.")
+    if v1_duplicates:
+        for name in [n for n in out if ".gated_cross_attn_layer." in n]:
+            alias = unmap_key(name, _alias_rules(family))
+            if isinstance(alias, str) and alias != name:
+                out[alias] = out[name]
+    return out
+
+
+def convert_hf_to_openflamingo(
+    model: str | os.PathLike | nn.Module,
+    output_file: str | os.PathLike,
+    include_lm: bool = False,
+    include_vision: bool = False,
+    v1_duplicates: bool = False,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> Path:
+    """Write `checkpoint.pt` in the released format from a model of ours (a folder, a hub id, or a loaded model).
+
+    The file is a plain `torch.save`d dict of tensors that the original's `model.load_state_dict(..., strict=False)`
+    reads. It is written to a temporary file and renamed into place.
+    """
+    output_file = Path(output_file)
+    if output_file.exists() and not overwrite:
+        raise FileExistsError(f"{output_file} exists (pass overwrite=True / --overwrite).")
+    if isinstance(model, nn.Module):
+        config: Any = model.config
+        source = TensorSource.from_state_dict(type(model).__name__, model.state_dict())
+    else:
+        folder = hub.resolve_folder(model, "model", lambda fs: ["config.json", *hf_weight_files(fs)], cache_dir)
+        config = _read_json(folder / "config.json", "model config")
+        if config.get("model_type") != "openflamingo":
+            raise ConversionError(
+                f"{folder / 'config.json'}: model_type={config.get('model_type')!r}, not openflamingo."
+            )
+        source = hf_folder_source(folder)
+    state = export_openflamingo_state_dict(
+        source, config, include_lm, include_vision, v1_duplicates, dtype, progress=progress
+    )
+    output_file.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{output_file.name}.tmp-", dir=output_file.parent)
+    os.close(handle)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, output_file)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return output_file
+
+
 __all__ = [
+    "CHECKPOINT_ALIASES",
+    "DECODER_LAYERS",
     "FLAMINGO_KEY_RULES",
+    "INPUT_EMBEDDINGS",
     "LM_KEY_RULES",
     "OPEN_CLIP_KEY_RULES",
+    "RELEASED_LM_KEYS_CONTAIN",
+    "TRANSFORMERS_CLIP_KEY_RULES",
     "ConversionError",
+    "ConversionInputs",
+    "ConversionPlan",
+    "ConvertedModel",
+    "DryRunReport",
+    "TensorSource",
+    "build_converted_model",
+    "build_empty_model",
+    "checkpoint_key_to_native",
+    "convert_hf_to_openflamingo",
     "convert_openflamingo_checkpoint",
+    "dry_run",
+    "export_openflamingo_state_dict",
     "load_torch_file",
+    "map_key",
+    "native_key_to_checkpoint",
+    "plan_conversion",
+    "resolve_inputs",
+    "save_atomically",
+    "unmap_key",
     "unwrap_checkpoint",
 ]

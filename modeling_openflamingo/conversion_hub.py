@@ -1,0 +1,158 @@
+"""Inputs that may be local paths or Hugging Face Hub ids, and publishing a converted folder.
+
+Every download goes through `huggingface_hub` (its cache, its progress bars, its authentication); the functions are
+looked up on the module at call time so that tests can mock them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import huggingface_hub
+
+from .conversion_errors import ConversionError
+
+# "org/name", optionally followed by "/path/in/repo" and "@revision"
+_HUB_SPEC = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.\-]*/[\w.\-]+)(?P<path>(/[^@]+)?)(@(?P<revision>[\w.\-/]+))?$")
+
+
+@dataclass(frozen=True)
+class HubSpec:
+    """A hub reference: repository, optional file inside it, optional revision."""
+
+    repo_id: str
+    filename: str | None = None
+    revision: str | None = None
+
+    def __str__(self) -> str:
+        text = self.repo_id + (f"/{self.filename}" if self.filename else "")
+        return text + (f"@{self.revision}" if self.revision else "")
+
+
+def parse_hub_spec(spec: str) -> HubSpec | None:
+    """`org/name[/file][@revision]` as a `HubSpec`, or None if `spec` is not of that form."""
+    match = _HUB_SPEC.match(str(spec))
+    if match is None:
+        return None
+    path = match.group("path").lstrip("/") or None
+    return HubSpec(match.group("repo"), path, match.group("revision"))
+
+
+def is_local(spec: str | os.PathLike) -> bool:
+    """Whether `spec` names an existing local file or folder (local paths win over hub ids)."""
+    return Path(spec).expanduser().exists()
+
+
+def _hub_error(what: str, spec: object, error: Exception) -> ConversionError:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ConversionError(
+        f"{what}: {spec!s} is no local path, and downloading it from the Hugging Face Hub failed "
+        f"({type(error).__name__}: {first_line}). Pass a local path, check the repo id, or log in "
+        "(`hf auth login`) for gated repos."
+    )
+
+
+def resolve_file(
+    spec: str | os.PathLike, default_filename: str, what: str, cache_dir: str | os.PathLike | None = None
+) -> Path:
+    """A local file, or a file downloaded from the hub: `org/name` (then `default_filename`), `org/name/file`."""
+    if is_local(spec):
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            path = path / default_filename
+        if not path.is_file():
+            raise FileNotFoundError(f"{what}: {path}: no such file.")
+        return path
+    hub = parse_hub_spec(str(spec))
+    if hub is None:
+        raise FileNotFoundError(f"{what}: {spec}: no such file, and not a hub id (org/name[/file][@revision]).")
+    try:
+        return Path(
+            huggingface_hub.hf_hub_download(
+                hub.repo_id, hub.filename or default_filename, revision=hub.revision, cache_dir=cache_dir
+            )
+        )
+    except Exception as error:  # noqa: BLE001 - every hub failure is reported the same way
+        raise _hub_error(what, spec, error) from error
+
+
+def list_files(spec: str | os.PathLike, what: str) -> list[str]:
+    """The files of a local folder (relative paths) or of a hub repo."""
+    if is_local(spec):
+        root = Path(spec).expanduser()
+        if not root.is_dir():
+            raise ConversionError(f"{what}: {root} is a file; a folder (or hub repo) is needed.")
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    hub = parse_hub_spec(str(spec))
+    if hub is None or hub.filename:
+        raise FileNotFoundError(f"{what}: {spec}: no such folder, and not a hub repo id (org/name[@revision]).")
+    try:
+        return sorted(huggingface_hub.list_repo_files(hub.repo_id, revision=hub.revision))
+    except Exception as error:  # noqa: BLE001
+        raise _hub_error(what, spec, error) from error
+
+
+def resolve_folder(
+    spec: str | os.PathLike,
+    what: str,
+    choose: Callable[[list[str]], Iterable[str]],
+    cache_dir: str | os.PathLike | None = None,
+) -> Path:
+    """A local folder, or the files of a hub repo that `choose(all_files)` picks, downloaded into the hub cache."""
+    if is_local(spec):
+        path = Path(spec).expanduser()
+        if not path.is_dir():
+            raise ConversionError(f"{what}: {path} is a file; a folder (or hub repo id) is needed.")
+        return path
+    files = list_files(spec, what)
+    wanted = sorted(set(choose(files)))
+    hub = parse_hub_spec(str(spec))
+    try:
+        return Path(
+            huggingface_hub.snapshot_download(
+                hub.repo_id, revision=hub.revision, allow_patterns=wanted, cache_dir=cache_dir
+            )
+        )
+    except Exception as error:  # noqa: BLE001
+        raise _hub_error(what, spec, error) from error
+
+
+def push_folder_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    private: bool = False,
+    commit_message: str = "Upload OpenFlamingo converted with openflamingo-hf",
+    token: str | None = None,
+) -> str:
+    """Create `repo_id` (if needed) and upload `folder` to it in one commit; returns the commit URL."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ConversionError(f"{folder}: not a converted model folder (no config.json).")
+    api = huggingface_hub.HfApi(token=token)
+    try:
+        api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id, repo_type="model", folder_path=str(folder), commit_message=commit_message
+        )
+    except Exception as error:  # noqa: BLE001
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConversionError(
+            f"Uploading {folder} to the hub repo {repo_id} failed ({type(error).__name__}: {first_line}). "
+            "Are you logged in (`hf auth login`) with a token that can write to it?"
+        ) from error
+    return str(getattr(commit, "commit_url", commit))
+
+
+__all__ = [
+    "HubSpec",
+    "is_local",
+    "list_files",
+    "parse_hub_spec",
+    "push_folder_to_hub",
+    "resolve_file",
+    "resolve_folder",
+]

@@ -1,0 +1,194 @@
+"""The README.md model card written next to a converted model."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from .conversion_presets import CODE_URL, EVAL_METRICS, PAPER, PAPER_URL, SHOTS, Preset
+
+if TYPE_CHECKING:
+    from .checkpoint_conversion import ConvertedModel
+
+_LM_TITLES = {"mosaic_gpt": "MosaicGPT", "mpt": "MPT", "gpt_neox": "GPT-NeoX", "llama": "LLaMA"}
+
+
+def _link(origin: str) -> str:
+    """A hub id as a link; local paths as code."""
+    from .conversion_hub import is_local, parse_hub_spec
+
+    spec = None if is_local(origin) else parse_hub_spec(origin)
+    return f"[{origin}](https://huggingface.co/{spec.repo_id})" if spec else f"`{origin}`"
+
+
+def _count_parameters(model: torch.nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for parameter in model.parameters():
+        if id(parameter) not in seen:
+            seen.add(id(parameter))
+            total += parameter.numel()
+    return total
+
+
+def _evaluation(preset: Preset) -> list[str]:
+    if not preset.evaluation:
+        return []
+    lines = [
+        "## Evaluation",
+        "",
+        f"From {preset.evaluation_source}. These are the original implementation's numbers, not re-measured with "
+        "this port (which reproduces the original's logits; see the openflamingo-hf README).",
+        "",
+        "| Benchmark (metric) | " + " | ".join(f"{s}-shot" for s in SHOTS) + " |",
+        "|---|" + "---|" * len(SHOTS),
+    ]
+    for dataset, values in preset.evaluation.items():
+        lines.append(f"| {dataset} ({EVAL_METRICS[dataset]}) | " + " | ".join(values) + " |")
+    return [*lines, ""]
+
+
+def _licenses(preset: Preset | None, lm_origin: str) -> list[str]:
+    lm_license = preset.lm_license if preset else "see the language model's own license"
+    lines = [
+        "## License",
+        "",
+        "This folder combines parts released under different terms; the most restrictive applies to the whole:",
+        "",
+        "| part | source | license |",
+        "|---|---|---|",
+        f"| OpenFlamingo code and modules (perceiver, gated cross-attention) | [open_flamingo]({CODE_URL})"
+        + (f", [{preset.checkpoint}]({preset.hub_url})" if preset else "")
+        + " | MIT (code); see the original model card for the weights' terms |",
+        f"| language model | {_link(lm_origin)} | {lm_license} |",
+        "| vision tower: CLIP ViT-L/14 (OpenAI weights) | [openai/CLIP](https://github.com/openai/CLIP) | MIT |",
+        "| this port (openflamingo-hf) | | MIT |",
+        "",
+    ]
+    if preset is not None and preset.lm_family == "llama":
+        lines += ["LLaMA's license restricts use to non-commercial research.", ""]
+    return lines
+
+
+def render_model_card(converted: ConvertedModel, repo_id: str | None = None) -> str:
+    """The model card (README.md) of a converted folder: usage on both transformers majors, architecture, how it was
+    converted, the paper's evaluation of this model, and the licenses of its parts."""
+    inputs, model, preset = converted.inputs, converted.model, converted.inputs.preset
+    config = model.config
+    text, vision = config.text_config, config.vision_config
+    name = preset.name if preset else "OpenFlamingo"
+    title = preset.title if preset else "OpenFlamingo (converted)"
+    path = repo_id or f"path/to/{name}"
+    dtype = str(converted.dtype).removeprefix("torch.")
+    n = config.cross_attn_every_n_layers
+    blocks = len(config.cross_attn_layer_indices)
+    lm_title = preset.lm_title if preset else f"{_LM_TITLES.get(inputs.lm_family, inputs.lm_family)} language model"
+    tags = ["openflamingo", "flamingo", "image-text-to-text", "multimodal", "few-shot"]
+
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: image-text-to-text",
+        "license: other",
+        "tags:",
+        *[f"- {tag}" for tag in tags],
+        *(["base_model:", f"- {preset.checkpoint}"] if preset else []),
+        "---",
+        "",
+        f"# {title}, for transformers",
+        "",
+        f"[OpenFlamingo]({CODE_URL}) ([paper]({PAPER_URL})) converted into a transformers model by "
+        "openflamingo-hf (`OpenFlamingoForConditionalGeneration`): load it with the Auto "
+        "classes, generate with `generate()`, fine-tune with `Trainer` or PEFT. Its outputs match the original "
+        "implementation (`open_flamingo==2.0.1`).",
+        "",
+        *(f"> {note}\n" for note in (preset.notes if preset else ())),
+        "## Usage",
+        "",
+        "The folder carries its modeling code (`trust_remote_code=True`); with `pip install openflamingo-hf` and "
+        "`import modeling_openflamingo`, the installed code is used instead.",
+        "",
+        "```python",
+        "import torch",
+        "from PIL import Image",
+        "from transformers import AutoModelForImageTextToText, AutoProcessor",
+        "",
+        f'model = AutoModelForImageTextToText.from_pretrained("{path}", trust_remote_code=True, dtype="auto")',
+        f'processor = AutoProcessor.from_pretrained("{path}", trust_remote_code=True)',
+        "",
+        'images = [[Image.open("cat.jpg"), Image.open("sink.jpg"), Image.open("bus.jpg")]]',
+        'prompt = ["<image>Output:Two cats.<|endofchunk|><image>Output:A bathroom sink.<|endofchunk|><image>Output:"]',
+        "inputs = processor(images=images, text=prompt)",
+        "with torch.no_grad():",
+        "    out = model.generate(**inputs, max_new_tokens=20, num_beams=3)",
+        'print(processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
+        "```",
+        "",
+        "On transformers 4.57, load with `torch_dtype=` instead of `dtype=`; `AutoModelForVision2Seq` works there too:",
+        "",
+        "```python",
+        "from transformers import AutoModelForVision2Seq, AutoProcessor",
+        "",
+        f'model = AutoModelForVision2Seq.from_pretrained("{path}", trust_remote_code=True, torch_dtype="auto")',
+        f'processor = AutoProcessor.from_pretrained("{path}", trust_remote_code=True)',
+        "```",
+        "",
+        "Each `<image>` token marks where an image goes and `<|endofchunk|>` ends the text that belongs to it; "
+        "`pixel_values` is `(batch, num_images, 3, 224, 224)`. Generation stops at `<|endofchunk|>` by default "
+        "(`generation_config.json`), as in the original.",
+        "",
+        "## Architecture",
+        "",
+        f"- vision tower: CLIP ViT-{'L' if vision.hidden_size == 1024 else '?'}/{vision.patch_size} at "
+        f"{vision.image_size} px ({vision.num_hidden_layers} layers, width {vision.hidden_size}, "
+        f"{vision.hidden_act}), frozen; features: the patch tokens of the last layer, without `post_layernorm`",
+        f"- Perceiver Resampler: {config.perceiver_depth} layers, {config.perceiver_num_latents} latents per image",
+        f"- language model: {lm_title} ({text.num_hidden_layers} layers, width {text.hidden_size}, vocabulary "
+        f"{text.vocab_size} incl. `<|endofchunk|>`={config.eoc_token_id}, `<image>`={config.media_token_id}, "
+        f"`<PAD>`={config.pad_token_id})",
+        f"- {blocks} gated cross-attention blocks, before every {n}{'st' if n == 1 else 'nd' if n == 2 else 'th'} "
+        f"decoder layer (`cross_attn_every_n_layers={n}`)",
+        f"- {_count_parameters(model) / 1e9:.2f}B parameters, stored in {dtype}",
+        "",
+        "## Conversion",
+        "",
+        "Converted with `conversion/convert_openflamingo_checkpoint.py`"
+        + (f" `--preset {preset.name}`" if preset else "")
+        + " from:",
+        "",
+        f"- checkpoint (perceiver, gated cross-attention, token embeddings): {_link(inputs.checkpoint_origin)}",
+        f"- language model: {_link(inputs.lm_origin)}; tokenizer: {_link(inputs.tokenizer_origin)}",
+        f"- vision tower: {_link(inputs.vision.origin)} ({inputs.vision.kind} layout)",
+        "",
+        "The token embedding rows come from the checkpoint (where it has them). "
+        + (
+            "The rows of the added tokens in LLaMA's untied `lm_head` are in no released file (the original drew "
+            "them at random at every load); here each is the mean of the LM's existing output rows."
+            if converted.plan.invented_rows
+            else "No row of any embedding matrix had to be made up."
+        ),
+        "",
+        "`conversion/convert_hf_to_openflamingo.py` turns this folder (or a fine-tuned copy) back into the "
+        "original's `checkpoint.pt`.",
+        "",
+        *(_evaluation(preset) if preset else []),
+        *_licenses(preset, inputs.lm_origin),
+        "## Citation",
+        "",
+        "```bibtex",
+        "@article{awadalla2023openflamingo,",
+        "  title={OpenFlamingo: An Open-Source Framework for Training Large Autoregressive Vision-Language Models},",
+        "  author={Anas Awadalla and Irena Gao and Josh Gardner and Jack Hessel and Yusuf Hanafy and Wanrong Zhu and "
+        "Kalyani Marathe and Yonatan Bitton and Samir Gadre and Shiori Sagawa and Jenia Jitsev and Simon Kornblith "
+        "and Pang Wei Koh and Gabriel Ilharco and Mitchell Wortsman and Ludwig Schmidt},",
+        f"  journal={{arXiv preprint {PAPER}}},",
+        "  year={2023}",
+        "}",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+__all__ = ["render_model_card"]
