@@ -245,6 +245,17 @@ def test_text_only_prompts_without_pixel_values(family, loaded):
     assert beams.shape == out.shape
 
 
+def test_prompt_lookup_decoding_equals_greedy(loaded, reference):
+    """Several tokens per step, and cache cropping on rejected candidates, keep the image state right."""
+    model, _ = loaded("tiny-llama")
+    _, ref = reference("tiny-llama")
+    for row in range(2):
+        inputs = {k: v[row : row + 1] for k, v in reference_inputs(ref).items()}
+        greedy = model.generate(**inputs, max_new_tokens=12, min_new_tokens=12)
+        lookup = model.generate(**inputs, max_new_tokens=12, min_new_tokens=12, prompt_lookup_num_tokens=3)
+        assert torch.equal(lookup, greedy)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # stopping, logits processors, generation_config
 # --------------------------------------------------------------------------------------------------------------------
