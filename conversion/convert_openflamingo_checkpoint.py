@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 checkpoint=args.checkpoint,
                 lm=args.lm,
                 tokenizer=args.tokenizer,
+                vision_config=args.open_clip_config,
                 cross_attn_every_n_layers=args.cross_attn_every_n_layers,
                 cache_dir=args.cache_dir,
             )

@@ -167,7 +167,10 @@ TRANSFORMERS_CLIP_KEY_RULES: Rules = [
     ("logit_scale", None),
 ]
 
-CHECKPOINT_WRAPPER_PREFIXES = ("module.", "_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+# Wrappers of training-time checkpoints: DDP / torch.compile prefix the whole key; activation checkpointing and FSDP
+# wrap modules anywhere in the tree.
+CHECKPOINT_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+CHECKPOINT_WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 
 # ---- the rule engine ----
 
@@ -324,9 +327,12 @@ def load_torch_file(path: str | os.PathLike) -> dict[str, Any]:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # noqa: BLE001 - re-raised with the file named
         message = _first_line(error)
+        unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if unsupported:
+            message = f"it needs {unsupported.group(1)}"
         if "weights_only" in str(error) or "Unsupported global" in str(error) or isinstance(error, pickle.PickleError):
             culprit = _find_unsafe_pickle_entry(path)
-            where = f" {culprit}" if culprit else ""
+            where = f" {culprit}:" if culprit else ""
             raise ConversionError(
                 f"{path}:{where} refused with weights_only=True: the file needs code to load, which is unsafe. "
                 f"Load it in its own project and save the tensors alone (torch.save(state_dict) or safetensors). "
@@ -346,10 +352,12 @@ class _Opaque:
     qualname = "?"
 
     def __new__(cls, *args: Any, **kwargs: Any) -> _Opaque:
-        return object.__new__(cls)
+        instance = object.__new__(cls)
+        instance.children = list(args)
+        return instance
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.children: list[Any] = list(args)
+        pass
 
     def __setstate__(self, state: Any) -> None:
         self.children.append(state)
@@ -426,8 +434,10 @@ def unwrap_checkpoint(state_dict: Mapping[str, Any], path: str | os.PathLike = "
         state_dict = state_dict["model_state_dict"]
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
-        for prefix in CHECKPOINT_WRAPPER_PREFIXES:
-            key = key.replace(prefix, "")
+        for part in CHECKPOINT_WRAPPER_PARTS:
+            key = key.replace(part, "")
+        while key.startswith(CHECKPOINT_WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
         if not isinstance(value, torch.Tensor):
             raise ConversionError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor.")
         out[key] = value
@@ -1438,6 +1448,10 @@ def build_converted_model(
         )
     target_dtype = dtype or inputs.checkpoint.floating_dtype() or torch.float32
     load_into(model, materialize(plan, target_dtype, progress))
+    # The sub-configs keep the dtype of their sources (the LM's config.json says float32); transformers 4.x's
+    # `dtype="auto"` loads each sub-model in its sub-config's dtype, so they must say what is stored.
+    for sub_config in (config, config.text_config, config.vision_config):
+        sub_config.dtype = target_dtype
     model.eval()
     model.generation_config = default_generation_config(config, tok)
     processor = OpenFlamingoProcessor(
@@ -1608,18 +1622,20 @@ class DryRunReport:
 
 def dry_run(
     preset: str | Preset | None = None,
-    checkpoint: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | TensorSource | None = None,
     lm: str | os.PathLike | None = None,
     tokenizer: str | os.PathLike | None = None,
-    vision_config: CLIPVisionConfig | None = None,
+    vision_config: CLIPVisionConfig | str | os.PathLike | None = None,
     cross_attn_every_n_layers: int | None = None,
     cache_dir: str | os.PathLike | None = None,
 ) -> DryRunReport:
     """Build the full-size model on the meta device and check every key and shape a conversion will need.
 
     Configs come from the preset (embedded; nothing is downloaded) unless overridden: `lm` (a folder, or a hub id of
-    which only `config.json` is fetched) and `tokenizer` (tokenizer files only). `checkpoint`, if a local file, is
-    checked itself (memory-mapped: only its index is read); otherwise the documented released format is checked.
+    which only `config.json` is fetched) and `tokenizer` (tokenizer files only). `checkpoint`, if a local file (or a
+    `TensorSource`, e.g. a manifest of shapes), is checked itself (memory-mapped: no tensor is read); otherwise the
+    documented released format is checked. `vision_config` is a `CLIPVisionConfig` or an open_clip config file
+    (default: the released models' CLIP ViT-L/14).
     """
     preset = get_preset(preset) if isinstance(preset, str) else preset
     if preset is None and lm is None:
@@ -1647,12 +1663,19 @@ def dry_run(
     n = cross_attn_every_n_layers or (preset.cross_attn_every_n_layers if preset else None)
     if n is None:
         raise ConversionError("Without --preset, pass --cross-attn-every-n-layers.")
-    config = make_config(lm_config, vision_config or CLIPVisionConfig(**VIT_L_14_CONFIG), n, **tokens)
+    if vision_config is None:
+        vision_config = CLIPVisionConfig(**VIT_L_14_CONFIG)
+    elif not isinstance(vision_config, CLIPVisionConfig):
+        path = hub.resolve_file(vision_config, "open_clip_config.json", "open_clip config", cache_dir)
+        vision_config = open_clip_vision_config(_read_json(path, "open_clip config"))
+    config = make_config(lm_config, vision_config, n, **tokens)
     model = build_empty_model(config)
     layout = model_layout(model)
     manifest = released_checkpoint_manifest(layout, family)
     checked = None
-    if checkpoint is not None and hub.is_local(checkpoint):
+    if isinstance(checkpoint, TensorSource):
+        checkpoint_source, checked = checkpoint, checkpoint.name
+    elif checkpoint is not None and hub.is_local(checkpoint):
         checkpoint_source = torch_file_source(hub.resolve_file(checkpoint, CHECKPOINT_FILENAME, "checkpoint"))
         checked = checkpoint_source.name
     else:
@@ -1662,7 +1685,7 @@ def dry_run(
     lm_source = TensorSource.from_manifest(
         f"{lm or preset.lm or preset.lm_title} (config)", lm_manifest(layout, family, int(raw["vocab_size"]))
     )
-    vision_source = TensorSource.from_manifest("CLIP ViT-L/14 (open_clip layout)", open_clip_manifest(layout))
+    vision_source = TensorSource.from_manifest("vision tower (open_clip layout)", open_clip_manifest(layout))
     plan = plan_conversion(layout, family, checkpoint_source, lm_source, vision_source, OPEN_CLIP_KEY_RULES)
     seen: set[int] = set()
     num_parameters = 0

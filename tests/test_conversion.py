@@ -1,0 +1,781 @@
+"""Conversion of the original checkpoints (presets, hub inputs, errors, dry run) and back to the original format.
+
+No test touches the network: `huggingface_hub` is replaced by a fake hub backed by the fixtures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
+
+import huggingface_hub
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from modeling_openflamingo.checkpoint_conversion import (
+    LM_KEY_RULES,
+    OPEN_CLIP_KEY_RULES,
+    ConversionError,
+    TensorSource,
+    build_converted_model,
+    build_empty_model,
+    checkpoint_key_to_native,
+    convert_hf_to_openflamingo,
+    convert_openflamingo_checkpoint,
+    dry_run,
+    export_openflamingo_state_dict,
+    map_key,
+    native_key_to_checkpoint,
+    resolve_inputs,
+    unmap_key,
+)
+from modeling_openflamingo.conversion_presets import PRESETS, get_preset
+
+from .conftest import FAMILIES, FIXTURES, ROOT, cli_args, load_cli
+
+FAMILY_OF = {
+    "tiny-mpt": "mpt",
+    "tiny-mpt-1b-redpajama-200b": "mosaic_gpt",
+    "tiny-neox": "gpt_neox",
+    "tiny-llama": "llama",
+}
+IS_V5 = int(transformers.__version__.split(".")[0]) >= 5
+
+
+def load_reverse_cli():
+    path = ROOT / "conversion" / "convert_hf_to_openflamingo.py"
+    spec = importlib.util.spec_from_file_location("convert_hf_to_openflamingo", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def spec_of(family: str) -> dict:
+    return json.loads((FIXTURES / family / "spec.json").read_text())
+
+
+def fixture_kwargs(family: str, **overrides) -> dict:
+    src = FIXTURES / family
+    kwargs = {
+        "checkpoint": src / "checkpoint.pt",
+        "lm": src / "lm",
+        "tokenizer": src / "tokenizer",
+        "open_clip_config": src / "open_clip_config.json",
+        "open_clip_weights": src / "open_clip.pt",
+        "cross_attn_every_n_layers": spec_of(family)["cross_attn_every_n_layers"],
+        "progress": False,
+    }
+    kwargs.update(overrides)
+    return kwargs
+
+
+def folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(str(shard)))
+    return tensors
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b), set(a) ^ set(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        assert torch.equal(a[key], b[key]), key
+
+
+def reference_logits_error(model, family: str) -> float:
+    ref = load_file(str(FIXTURES / family / "reference.safetensors"))
+    with torch.no_grad():
+        out = model(
+            input_ids=ref["input_ids_right"], attention_mask=ref["attention_mask_right"], pixel_values=ref["vision_x"]
+        )
+    return (out.logits.float() - ref["logits_right"]).abs().max().item()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A fake hub (the real one is unreachable, and tests must never download)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class FakeHub:
+    """Hub repos backed by local folders; records every call."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.repos: dict[str, Path] = {}
+        self.calls: list[tuple] = []
+
+    def add(self, repo_id: str, files: dict[str, Path | str]) -> None:
+        folder = self.root / "repos" / repo_id.replace("/", "--")
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, content in files.items():
+            if isinstance(content, Path):
+                shutil.copy(content, folder / name)
+            else:
+                (folder / name).write_text(content)
+        self.repos[repo_id] = folder
+
+    def _repo(self, repo_id: str) -> Path:
+        if repo_id not in self.repos:
+            raise OSError(f"404 Client Error: Repository Not Found for url: https://huggingface.co/{repo_id}")
+        return self.repos[repo_id]
+
+    def list_repo_files(self, repo_id, revision=None, **kwargs):
+        self.calls.append(("list", repo_id))
+        return sorted(p.name for p in self._repo(repo_id).iterdir())
+
+    def snapshot_download(self, repo_id, revision=None, allow_patterns=None, cache_dir=None, **kwargs):
+        self.calls.append(("snapshot", repo_id, tuple(sorted(allow_patterns or ()))))
+        source = self._repo(repo_id)
+        dest = self.root / "cache" / repo_id.replace("/", "--")
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in allow_patterns:
+            shutil.copy(source / name, dest / name)
+        return str(dest)
+
+    def hf_hub_download(self, repo_id, filename, revision=None, cache_dir=None, **kwargs):
+        self.calls.append(("file", repo_id, filename))
+        path = self._repo(repo_id) / filename
+        if not path.is_file():
+            raise OSError(f"404 Client Error: Entry Not Found for url: https://huggingface.co/{repo_id}/{filename}")
+        return str(path)
+
+
+def _no_network(*args, **kwargs):
+    raise AssertionError("a test tried to reach the Hugging Face Hub")
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    for name in ("hf_hub_download", "snapshot_download", "list_repo_files", "HfApi"):
+        monkeypatch.setattr(huggingface_hub, name, _no_network)
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    hub = FakeHub(tmp_path / "hub")
+    for name in ("hf_hub_download", "snapshot_download", "list_repo_files"):
+        monkeypatch.setattr(huggingface_hub, name, getattr(hub, name))
+    return hub
+
+
+def lm_repo_files(family: str) -> dict[str, Path]:
+    """An LM hub repo: the LM's config and weights plus its tokenizer files (as the real LM repos hold them)."""
+    src = FIXTURES / family
+    return {p.name: p for folder in (src / "lm", src / "tokenizer") for p in folder.iterdir()}
+
+
+def open_clip_repo_files(family: str) -> dict[str, Path | str]:
+    """An open_clip hub repo like timm/vit_large_patch14_clip_224.openai (config under model_cfg, no quick_gelu)."""
+    config = json.loads((FIXTURES / family / "open_clip_config.json").read_text())
+    config.pop("quick_gelu")  # the preset must know the OpenAI weights need QuickGELU
+    return {
+        "open_clip_config.json": json.dumps({"model_cfg": config, "preprocess_cfg": {}}),
+        "open_clip_pytorch_model.bin": FIXTURES / family / "open_clip.pt",
+        "model.safetensors": "(timm's own layout: must not be downloaded)",
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The key tables
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_checkpoint_keys_map_both_ways(family):
+    ckpt = torch.load(FIXTURES / family / "checkpoint.pt", weights_only=True)
+    lm_family = FAMILY_OF[family]
+    for key in ckpt:
+        native = checkpoint_key_to_native(key, lm_family)
+        assert native is not None and not native.startswith("lang_encoder."), key
+        assert native_key_to_checkpoint(native, lm_family) == key
+
+
+def test_lm_rules_are_reversible():
+    assert map_key("transformer.blocks.3.mlp.mlp_up.weight", LM_KEY_RULES["mosaic_gpt"]) == (
+        "transformer.blocks.3.ffn.up_proj.weight"
+    )
+    assert unmap_key("transformer.blocks.3.ffn.up_proj.weight", LM_KEY_RULES["mosaic_gpt"]) == (
+        "transformer.blocks.3.mlp.mlp_up.weight"
+    )
+    assert unmap_key("lm_head.weight", LM_KEY_RULES["mpt"]) is None  # tied to wte
+    assert unmap_key("lm_head.weight", LM_KEY_RULES["gpt_neox"]) == "embed_out.weight"
+    assert unmap_key("embed_out.weight", LM_KEY_RULES["gpt_neox"]) == "embed_out.weight"  # transformers < 5.14
+    assert map_key("gpt_neox.layers.0.attention.masked_bias", LM_KEY_RULES["gpt_neox"]) is None
+
+
+def test_open_clip_fused_attention_splits_and_joins():
+    parts = map_key("transformer.resblocks.5.attn.in_proj_weight", OPEN_CLIP_KEY_RULES)
+    assert parts == tuple(f"encoder.layers.5.self_attn.{p}_proj.weight" for p in "qkv")
+    assert unmap_key("encoder.layers.5.self_attn.k_proj.weight", OPEN_CLIP_KEY_RULES) == (
+        "transformer.resblocks.5.attn.in_proj_weight",
+        1,
+        3,
+    )
+    assert map_key("proj", OPEN_CLIP_KEY_RULES) is None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Round trip: original -> ours -> original
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_round_trip_is_bit_identical(family, converted, tmp_path):
+    cli = load_reverse_cli()
+    out = tmp_path / "checkpoint.pt"
+    assert cli.main(["--model", str(converted(family)), "--output", str(out), "--no-progress"]) == 0
+    assert_same_tensors(
+        torch.load(out, weights_only=True), torch.load(FIXTURES / family / "checkpoint.pt", weights_only=True)
+    )
+
+
+@pytest.mark.parametrize("family", ["tiny-neox", "tiny-llama"])
+def test_round_trip_from_a_loaded_model(family, converted):
+    model = AutoModelForImageTextToText.from_pretrained(converted(family))
+    exported = export_openflamingo_state_dict(model.state_dict(), model.config)
+    assert_same_tensors(exported, torch.load(FIXTURES / family / "checkpoint.pt", weights_only=True))
+
+
+def test_full_export_reconverts_to_the_same_model(converted, tmp_path):
+    family = "tiny-mpt-1b-redpajama-200b"
+    full = tmp_path / "full.pt"
+    convert_hf_to_openflamingo(converted(family), full, include_lm=True, include_vision=True, progress=False)
+    state = torch.load(full, weights_only=True)
+    # the original's names: MosaicGPT's own LM names inside FlamingoLayer, open_clip's fused attention
+    assert "lang_encoder.transformer.blocks.0.decoder_layer.ln_1.weight" in state
+    assert "lang_encoder.transformer.blocks.0.decoder_layer.mlp.mlp_up.weight" in state
+    open_clip = torch.load(FIXTURES / family / "open_clip.pt", weights_only=True)
+    assert torch.equal(
+        state["vision_encoder.transformer.resblocks.0.attn.in_proj_weight"],
+        open_clip["visual.transformer.resblocks.0.attn.in_proj_weight"],
+    )
+    out = convert_openflamingo_checkpoint(**fixture_kwargs(family, checkpoint=full), output_dir=tmp_path / "again")
+    assert_same_tensors(folder_tensors(out), folder_tensors(converted(family)))
+
+
+def test_v1_duplicates_export_and_reconvert(converted, tmp_path):
+    ckpt = tmp_path / "v1.pt"
+    convert_hf_to_openflamingo(converted("tiny-llama"), ckpt, v1_duplicates=True, progress=False)
+    state = torch.load(ckpt, weights_only=True)
+    for i in (1, 3):
+        assert torch.equal(
+            state[f"lang_encoder.gated_cross_attn_layers.{i}.attn.to_q.weight"],
+            state[f"lang_encoder.model.layers.{i}.gated_cross_attn_layer.attn.to_q.weight"],
+        )
+    out = convert_openflamingo_checkpoint(**fixture_kwargs("tiny-llama", checkpoint=ckpt), output_dir=tmp_path / "o")
+    assert_same_tensors(folder_tensors(out), folder_tensors(converted("tiny-llama")))
+
+
+def test_reverse_refuses_unmerged_adapters(converted):
+    model = AutoModelForImageTextToText.from_pretrained(converted("tiny-llama"))
+    state = dict(model.state_dict())
+    state["language_model.model.layers.0.self_attn.q_proj.lora_A.default.weight"] = torch.zeros(2, 32)
+    with pytest.raises(ConversionError, match="merge the adapter"):
+        export_openflamingo_state_dict(state, model.config)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Checkpoint variants
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _variant(name: str, state: dict) -> dict:
+    if name == "module":
+        return {f"module.{k}": v for k, v in state.items()}
+    if name == "checkpoint_wrapped":
+        return {
+            k.replace(".gated_cross_attn_layer.", "._checkpoint_wrapped_module.gated_cross_attn_layer."): v
+            for k, v in state.items()
+        }
+    if name == "training":
+        return {
+            "epoch": 3,
+            "model_state_dict": state,
+            "optimizer_state_dict": {"state": {}, "param_groups": [{"lr": 1e-4}]},
+        }
+    if name == "v1_duplicates":
+        dup = {
+            k.replace("lang_encoder.model.layers.", "lang_encoder.gated_cross_attn_layers.").replace(
+                ".gated_cross_attn_layer.", "."
+            ): v.clone()
+            for k, v in state.items()
+            if ".gated_cross_attn_layer." in k
+        }
+        return {**state, **dup}
+    raise ValueError(name)
+
+
+@pytest.mark.parametrize("variant", ["module", "checkpoint_wrapped", "training", "v1_duplicates"])
+def test_checkpoint_variants_convert_identically(variant, converted, tmp_path):
+    state = torch.load(FIXTURES / "tiny-llama" / "checkpoint.pt", weights_only=True)
+    path = tmp_path / "variant.pt"
+    torch.save(_variant(variant, state), path)
+    out = convert_openflamingo_checkpoint(**fixture_kwargs("tiny-llama", checkpoint=path), output_dir=tmp_path / "o")
+    assert_same_tensors(folder_tensors(out), folder_tensors(converted("tiny-llama")))
+
+
+def test_gpt_neox_head_comes_from_the_lm_when_the_checkpoint_lacks_it(converted, tmp_path):
+    state = torch.load(FIXTURES / "tiny-neox" / "checkpoint.pt", weights_only=True)
+    del state["lang_encoder.embed_out.weight"]
+    path = tmp_path / "no_embed_out.pt"
+    torch.save(state, path)
+    out = convert_openflamingo_checkpoint(**fixture_kwargs("tiny-neox", checkpoint=path), output_dir=tmp_path / "o")
+    # the original's resize is a shrink: the LM's first rows, which the released checkpoint also holds
+    assert_same_tensors(folder_tensors(out), folder_tensors(converted("tiny-neox")))
+
+
+def test_llama_head_rows_that_exist_nowhere_are_the_mean_row(tmp_path):
+    """An LM with exactly the base vocabulary: lm_head grows by 3 rows that no input has."""
+    src = FIXTURES / "tiny-llama"
+    lm = tmp_path / "lm"
+    lm.mkdir()
+    base = spec_of("tiny-llama")["base_vocab"]
+    weights = load_file(str(src / "lm" / "model.safetensors"))
+    weights = {k: (v[:base].clone() if v.shape[0] == 413 else v) for k, v in weights.items()}
+    save_file(weights, str(lm / "model.safetensors"))
+    config = json.loads((src / "lm" / "config.json").read_text())
+    (lm / "config.json").write_text(json.dumps({**config, "vocab_size": base}))
+    with pytest.warns(UserWarning, match="mean"):
+        out = convert_openflamingo_checkpoint(**fixture_kwargs("tiny-llama", lm=lm), output_dir=tmp_path / "o")
+    head = folder_tensors(out)["language_model.lm_head.weight"]
+    assert head.shape[0] == base + 3
+    torch.testing.assert_close(head[base:], weights["lm_head.weight"].mean(0, keepdim=True).expand(3, -1))
+    assert "mean of the LM's existing output rows" in (out / "README.md").read_text()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Specific errors: the file and the key
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_truncated_checkpoint(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    data = (FIXTURES / "tiny-mpt" / "checkpoint.pt").read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConversionError, match=rf"{path}: cannot be read as a torch checkpoint \(truncated"):
+        convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt", checkpoint=path), output_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_truncated_lm_weights(tmp_path):
+    lm = tmp_path / "lm"
+    shutil.copytree(FIXTURES / "tiny-llama" / "lm", lm)
+    data = (lm / "model.safetensors").read_bytes()
+    (lm / "model.safetensors").write_bytes(data[: len(data) - 1000])
+    with pytest.raises(ConversionError, match=r"model\.safetensors: .*truncated or corrupt"):
+        convert_openflamingo_checkpoint(**fixture_kwargs("tiny-llama", lm=lm), output_dir=tmp_path / "o")
+
+
+@pytest.mark.parametrize(
+    ("family", "wrong_n", "key", "right_n"),
+    [
+        ("tiny-neox", 1, "lang_encoder.gpt_neox.layers.1.gated_cross_attn_layer.", 2),
+        ("tiny-mpt", 2, "lang_encoder.transformer.blocks.0.gated_cross_attn_layer.", 1),
+    ],
+)
+def test_wrong_cross_attn_interval(family, wrong_n, key, right_n, tmp_path):
+    with pytest.raises(ConversionError) as error:
+        convert_openflamingo_checkpoint(
+            **fixture_kwargs(family, cross_attn_every_n_layers=wrong_n), output_dir=tmp_path / "o"
+        )
+    message = str(error.value)
+    assert str(FIXTURES / family / "checkpoint.pt") in message and key in message
+    assert f"--cross-attn-every-n-layers {right_n}" in message
+
+
+def test_checkpoint_of_another_lm_family(tmp_path):
+    kwargs = fixture_kwargs("tiny-llama", checkpoint=FIXTURES / "tiny-neox" / "checkpoint.pt")
+    with pytest.raises(ConversionError) as error:
+        convert_openflamingo_checkpoint(**kwargs, output_dir=tmp_path / "o")
+    message = str(error.value)
+    assert str(FIXTURES / "tiny-neox" / "checkpoint.pt") in message
+    assert "'lang_encoder.gpt_neox.embed_in.weight'" in message and "GPT-NeoX" in message and "LLaMA" in message
+
+
+def test_pickle_that_needs_code(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    state = torch.load(FIXTURES / "tiny-mpt" / "checkpoint.pt", weights_only=True)
+    torch.save({"model_state_dict": state, "args": argparse.Namespace(lr=1e-4)}, path)
+    with pytest.raises(ConversionError) as error:
+        convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt", checkpoint=path), output_dir=tmp_path / "o")
+    message = str(error.value)
+    assert str(path) in message and "'args'" in message and "argparse.Namespace" in message
+    assert "needs code to load" in message
+
+
+def test_tokenizer_that_does_not_fit_the_checkpoint(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(FIXTURES / "tiny-llama" / "tokenizer"))
+    tok.add_tokens(["<extra>"])
+    tok.save_pretrained(tmp_path / "tok")
+    with pytest.raises(ConversionError) as error:
+        convert_openflamingo_checkpoint(
+            **fixture_kwargs("tiny-llama", tokenizer=tmp_path / "tok"), output_dir=tmp_path / "o"
+        )
+    message = str(error.value)
+    assert "'lang_encoder.model.embed_tokens.weight'" in message and "(403, 32)" in message and "tokenizer" in message
+
+
+def test_v1_duplicates_that_differ(tmp_path):
+    state = _variant("v1_duplicates", torch.load(FIXTURES / "tiny-llama" / "checkpoint.pt", weights_only=True))
+    state["lang_encoder.gated_cross_attn_layers.3.ff.1.weight"] += 1
+    path = tmp_path / "v1.pt"
+    torch.save(state, path)
+    with pytest.raises(ConversionError) as error:
+        convert_openflamingo_checkpoint(**fixture_kwargs("tiny-llama", checkpoint=path), output_dir=tmp_path / "o")
+    message = str(error.value)
+    assert str(path) in message and "'lang_encoder.gated_cross_attn_layers.3.ff.1.weight'" in message
+    assert "'lang_encoder.model.layers.3.gated_cross_attn_layer.ff.1.weight'" in message
+
+
+def test_cli_reports_errors(tmp_path, capsys):
+    cli = load_cli()
+    args = cli_args("tiny-neox", tmp_path / "o", **{"--cross-attn-every-n-layers": "1"})
+    assert cli.main(args) == 1
+    assert "error:" in capsys.readouterr().err
+
+
+def test_refuses_to_overwrite(converted, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt"), output_dir=out)
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Presets and the hub
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_preset_downloads_every_part_from_the_hub(fake_hub, tmp_path):
+    family = "tiny-mpt-1b-redpajama-200b"  # MosaicGPT, N=1: the OpenFlamingo-3B layout
+    fake_hub.add("openflamingo/OpenFlamingo-3B-vitl-mpt1b", {"checkpoint.pt": FIXTURES / family / "checkpoint.pt"})
+    fake_hub.add("anas-awadalla/mpt-1b-redpajama-200b", lm_repo_files(family))
+    fake_hub.add("timm/vit_large_patch14_clip_224.openai", open_clip_repo_files(family))
+    out = tmp_path / "out"
+    assert load_cli().main(["--preset", "OpenFlamingo-3B-vitl-mpt1b", "--output-dir", str(out), "--no-progress"]) == 0
+
+    assert ("file", "openflamingo/OpenFlamingo-3B-vitl-mpt1b", "checkpoint.pt") in fake_hub.calls
+    snapshots = [call[1:] for call in fake_hub.calls if call[0] == "snapshot"]
+    lm_repo = "anas-awadalla/mpt-1b-redpajama-200b"
+    assert (lm_repo, ("config.json", "model.safetensors")) in snapshots  # the LM: config and weights only
+    assert (lm_repo, ("config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json")) in snapshots
+    vision_files = ("open_clip_config.json", "open_clip_pytorch_model.bin")  # not timm's own model.safetensors
+    assert ("timm/vit_large_patch14_clip_224.openai", vision_files) in snapshots
+    model = AutoModelForImageTextToText.from_pretrained(out).eval()
+    assert model.config.vision_config.hidden_act == "quick_gelu"
+    assert reference_logits_error(model, family) < 1e-4
+    card = (out / "README.md").read_text()
+    assert "77.3 (0.3)" in card and "93.0 (0.6)" in card and "Table 11" in card  # COCO 4- and 32-shot of OF-3B
+    assert "AutoModelForVision2Seq" in card and "AutoModelForImageTextToText" in card
+    assert "Apache-2.0" in card and "MIT" in card
+
+
+def test_preset_parts_can_be_overridden(fake_hub, tmp_path):
+    """MPT-7B preset (N=4) with every part overridden: local files and another hub repo."""
+    family = "tiny-mpt"
+    fake_hub.add("someone/my-mpt", lm_repo_files(family))
+    out = tmp_path / "out"
+    args = [
+        "--preset", "OpenFlamingo-9B-vitl-mpt7b",
+        "--checkpoint", str(FIXTURES / family / "checkpoint.pt"),
+        "--lm", "someone/my-mpt",
+        "--open-clip-config", str(FIXTURES / family / "open_clip_config.json"),
+        "--open-clip-weights", str(FIXTURES / family / "open_clip.pt"),
+        "--cross-attn-every-n-layers", "1",
+        "--output-dir", str(out),
+        "--no-progress",
+    ]  # fmt: skip
+    assert load_cli().main(args) == 0
+    assert [c[1] for c in fake_hub.calls if c[0] == "snapshot"] == ["someone/my-mpt", "someone/my-mpt"]
+    model = AutoModelForImageTextToText.from_pretrained(out).eval()
+    assert reference_logits_error(model, family) < 1e-4
+
+
+def test_v1_preset_needs_the_lm(tmp_path, capsys):
+    assert load_cli().main(["--preset", "OpenFlamingo-9B", "--output-dir", str(tmp_path / "o")]) == 1
+    assert "--lm" in capsys.readouterr().err
+
+
+def test_unknown_hub_repo_is_reported(fake_hub, tmp_path):
+    with pytest.raises(ConversionError, match="nobody/nothing is no local path, and downloading it"):
+        convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt", lm="nobody/nothing"), output_dir=tmp_path / "o")
+
+
+def test_vision_from_a_transformers_clip_folder(converted, tmp_path):
+    """The same weights in transformers' CLIPModel layout (e.g. openai/clip-vit-large-patch14) give the same model."""
+    base = converted("tiny-neox")
+    tensors = folder_tensors(base)
+    prefix = "vision_model.vision_model."
+    clip = {"vision_model." + k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    clip["text_model.embeddings.token_embedding.weight"] = torch.zeros(8, 4)
+    clip["visual_projection.weight"] = torch.zeros(4, 32)
+    clip["text_projection.weight"] = torch.zeros(4, 4)
+    clip["logit_scale"] = torch.zeros(())
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    save_file(clip, str(folder / "model.safetensors"))
+    vision_config = json.loads((base / "config.json").read_text())["vision_config"]
+    (folder / "config.json").write_text(
+        json.dumps({"model_type": "clip", "projection_dim": 4, "vision_config": vision_config, "text_config": {}})
+    )
+    kwargs = fixture_kwargs("tiny-neox", open_clip_config=None, open_clip_weights=None, vision=folder)
+    out = convert_openflamingo_checkpoint(**kwargs, output_dir=tmp_path / "o")
+    assert_same_tensors(folder_tensors(out), tensors)
+
+
+def test_push_to_hub(monkeypatch, tmp_path):
+    api = mock.MagicMock()
+    api.upload_folder.return_value = SimpleNamespace(commit_url="https://huggingface.co/me/of-tiny/commit/abc")
+    hf_api = mock.MagicMock(return_value=api)
+    monkeypatch.setattr(huggingface_hub, "HfApi", hf_api)
+    out = tmp_path / "o"
+    args = cli_args("tiny-llama", out) + ["--push-to-hub", "me/of-tiny", "--private", "--no-progress"]
+    assert load_cli().main(args) == 0
+    api.create_repo.assert_called_once_with(repo_id="me/of-tiny", repo_type="model", private=True, exist_ok=True)
+    api.upload_folder.assert_called_once()
+    assert api.upload_folder.call_args.kwargs["folder_path"] == str(out.absolute())
+    assert api.upload_folder.call_args.kwargs["repo_id"] == "me/of-tiny"
+    assert 'from_pretrained("me/of-tiny"' in (out / "README.md").read_text()
+
+
+def test_list_presets(capsys):
+    assert load_cli().main(["--list-presets"]) == 0
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in PRESETS)
+    assert get_preset("openflamingo/OpenFlamingo-9B").name == "OpenFlamingo-9B-deprecated"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Dry run: the six presets against manifests derived from the documented checkpoint format
+# --------------------------------------------------------------------------------------------------------------------
+
+# From docs/openflamingo-facts.md ("The released models", "The released checkpoint format") and lm-backbones.md.
+DOCUMENTED = {
+    "OpenFlamingo-3B-vitl-mpt1b": ("transformer.blocks", 2048, 24, 1, 50280, ["transformer.wte.weight"]),
+    "OpenFlamingo-3B-vitl-mpt1b-langinstruct": ("transformer.blocks", 2048, 24, 1, 50280, ["transformer.wte.weight"]),
+    "OpenFlamingo-4B-vitl-rpj3b": (
+        "gpt_neox.layers",
+        2560,
+        32,
+        2,
+        50280,
+        ["gpt_neox.embed_in.weight", "embed_out.weight"],
+    ),
+    "OpenFlamingo-4B-vitl-rpj3b-langinstruct": (
+        "gpt_neox.layers",
+        2560,
+        32,
+        2,
+        50280,
+        ["gpt_neox.embed_in.weight", "embed_out.weight"],
+    ),
+    "OpenFlamingo-9B-vitl-mpt7b": ("transformer.blocks", 4096, 32, 4, 50280, ["transformer.wte.weight"]),
+    "OpenFlamingo-9B-deprecated": ("model.layers", 4096, 32, 4, 32003, ["model.embed_tokens.weight"]),
+}
+
+
+def documented_manifest(layers, d, num_layers, n, vocab, embeddings, vision=1024, inner=512, v1_duplicates=False):
+    m = {"perceiver.latents": (64, vision), "perceiver.norm.weight": (vision,), "perceiver.norm.bias": (vision,)}
+    for j in range(6):
+        p = f"perceiver.layers.{j}."
+        for norm in ("norm_media", "norm_latents"):
+            m[f"{p}0.{norm}.weight"] = m[f"{p}0.{norm}.bias"] = (vision,)
+        m[f"{p}0.to_q.weight"], m[f"{p}0.to_kv.weight"] = (inner, vision), (2 * inner, vision)
+        m[f"{p}0.to_out.weight"] = (vision, inner)
+        m[f"{p}1.0.weight"] = m[f"{p}1.0.bias"] = (vision,)
+        m[f"{p}1.1.weight"], m[f"{p}1.3.weight"] = (4 * vision, vision), (vision, 4 * vision)
+    for i in range(num_layers):
+        if (i + 1) % n:
+            continue
+        blocks = [f"lang_encoder.{layers}.{i}.gated_cross_attn_layer."]
+        if v1_duplicates:
+            blocks.append(f"lang_encoder.gated_cross_attn_layers.{i}.")
+        for g in blocks:
+            m[f"{g}attn.norm.weight"] = m[f"{g}attn.norm.bias"] = (d,)
+            m[f"{g}attn.to_q.weight"], m[f"{g}attn.to_kv.weight"] = (inner, d), (2 * inner, vision)
+            m[f"{g}attn.to_out.weight"] = (d, inner)
+            m[f"{g}attn_gate"] = m[f"{g}ff_gate"] = (1,)
+            m[f"{g}ff.0.weight"] = m[f"{g}ff.0.bias"] = (d,)
+            m[f"{g}ff.1.weight"], m[f"{g}ff.3.weight"] = (4 * d, d), (d, 4 * d)
+    for name in embeddings:
+        m[f"lang_encoder.{name}"] = (vocab, d)
+    return m
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_dry_run_matches_the_documented_checkpoint_format(name):
+    documented = documented_manifest(*DOCUMENTED[name])
+    report = dry_run(name)
+    assert report.checkpoint_manifest == documented
+    # and a checkpoint of exactly that format passes every check (the v1 one with its duplicate blocks too)
+    checked = dry_run(name, checkpoint=TensorSource.from_manifest("documented", documented))
+    assert checked.plan.tensors.keys() == report.plan.tensors.keys()
+    if name == "OpenFlamingo-9B-deprecated":
+        v1 = documented_manifest(*DOCUMENTED[name], v1_duplicates=True)
+        assert len(dry_run(name, checkpoint=TensorSource.from_manifest("v1", v1)).plan.aliases) == 8 * 11
+        assert report.plan.invented_rows == ["language_model.lm_head.weight"]
+
+
+def test_dry_run_reports_a_checkpoint_that_does_not_fit():
+    documented = documented_manifest(*DOCUMENTED["OpenFlamingo-4B-vitl-rpj3b"])
+    with pytest.raises(ConversionError, match=r"key 'lang_encoder\.gpt_neox\.layers\.1\.gated_cross_attn_layer"):
+        dry_run("OpenFlamingo-4B-vitl-rpj3b-langinstruct", checkpoint=TensorSource.from_manifest("x", documented),
+                cross_attn_every_n_layers=4)  # fmt: skip
+    with pytest.raises(ConversionError, match=r"key 'lang_encoder\.gpt_neox\..*GPT-NeoX.*LLaMA"):
+        dry_run("OpenFlamingo-9B", checkpoint=TensorSource.from_manifest("x", documented))
+
+
+def test_dry_run_cli_writes_the_manifest(tmp_path, capsys):
+    manifest = tmp_path / "manifest.json"
+    args = ["--preset", "OpenFlamingo-4B-vitl-rpj3b", "--dry-run", "--manifest", str(manifest)]
+    assert load_cli().main(args) == 0
+    assert "Dry run" in capsys.readouterr().out
+    written = {k: tuple(v) for k, v in json.loads(manifest.read_text()).items()}
+    assert written == documented_manifest(*DOCUMENTED["OpenFlamingo-4B-vitl-rpj3b"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dry_run_checks_a_local_checkpoint(family):
+    src = FIXTURES / family
+    report = dry_run(
+        checkpoint=src / "checkpoint.pt",
+        lm=src / "lm",
+        tokenizer=src / "tokenizer",
+        vision_config=src / "open_clip_config.json",
+        cross_attn_every_n_layers=spec_of(family)["cross_attn_every_n_layers"],
+    )
+    assert report.checked_file == str(src / "checkpoint.pt")
+    assert set(report.checkpoint_manifest) == set(torch.load(src / "checkpoint.pt", weights_only=True))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The converted folder
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_model_is_built_without_memory_and_loaded_without_copies():
+    family = "tiny-llama"
+    inputs = resolve_inputs(**{k: v for k, v in fixture_kwargs(family).items() if k != "progress"})
+    empty = build_empty_model(_config_for(inputs))
+    assert all(p.is_meta for p in empty.parameters())
+    converted = build_converted_model(inputs, progress=False)
+    # same dtype as the inputs: the model's tensors ARE the (memory-mapped) input tensors, not copies
+    assert converted.model.perceiver.latents.data_ptr() == inputs.checkpoint.load("perceiver.latents").data_ptr()
+    assert not any(p.is_meta for p in converted.model.parameters())
+
+
+def _config_for(inputs):
+    from modeling_openflamingo.checkpoint_conversion import make_config
+
+    return make_config(inputs.lm_config, inputs.vision.config, inputs.cross_attn_every_n_layers, 403, 401, 400, 402)
+
+
+def test_generation_config_and_processor(converted):
+    folder = converted("tiny-mpt")
+    spec = spec_of("tiny-mpt")
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == spec["eoc_token_id"] and generation["pad_token_id"] == spec["pad_token_id"]
+    config = json.loads((folder / "config.json").read_text())
+    assert "AutoModelForImageTextToText" in config["auto_map"] and (folder / "modeling_openflamingo.py").is_file()
+    processor = AutoProcessor.from_pretrained(folder)
+    assert processor.image_token_id == spec["media_token_id"]
+
+
+@pytest.mark.filterwarnings("ignore:The class `AutoModelForVision2Seq` is deprecated")
+def test_sharded_bfloat16_folder_loads_with_the_auto_classes(tmp_path):
+    family = "tiny-llama"
+    out = tmp_path / "bf16"
+    args = cli_args(family, out, **{"--dtype": "bfloat16", "--max-shard-size": "100KB"}) + ["--no-progress"]
+    assert load_cli().main(args) == 0
+    assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) > 2
+    assert all(t.dtype == torch.bfloat16 for t in folder_tensors(out).values() if t.is_floating_point())
+    auto_classes = [AutoModelForImageTextToText]
+    if not IS_V5:
+        auto_classes.append(transformers.AutoModelForVision2Seq)
+    for auto in auto_classes:
+        model = auto.from_pretrained(out, **({"dtype": "auto"} if IS_V5 else {"torch_dtype": "auto"})).eval()
+        assert model.dtype == torch.bfloat16
+        assert reference_logits_error(model, family) < 0.15
+
+
+_REMOTE_CODE_SCRIPT = r"""
+import importlib.util, json, sys
+assert importlib.util.find_spec("modeling_openflamingo") is None, sys.path
+import torch, transformers
+from safetensors.torch import load_file
+major = int(transformers.__version__.split(".")[0])
+classes = [transformers.AutoModelForImageTextToText]
+if major < 5:
+    classes.append(transformers.AutoModelForVision2Seq)
+results = []
+for folder, reference in json.loads(sys.argv[1]):
+    ref = load_file(reference)
+    processor = transformers.AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    for auto in classes:
+        kwargs = {"dtype": "auto"} if major >= 5 else {"torch_dtype": "auto"}
+        model = auto.from_pretrained(folder, trust_remote_code=True, **kwargs).eval()
+        with torch.no_grad():
+            out = model(input_ids=ref["input_ids_right"], attention_mask=ref["attention_mask_right"],
+                        pixel_values=ref["vision_x"])
+        error = (out.logits.float() - ref["logits_right"]).abs().max().item()
+        results.append([folder, auto.__name__, type(model).__module__, str(model.dtype), error,
+                        type(processor).__name__])
+print(json.dumps(results))
+"""
+
+
+def test_converted_folders_load_with_remote_code_without_the_package(converted, tmp_path):
+    """A subprocess whose sys.path excludes the repo: only the code files inside the folders can be used."""
+    sharded = tmp_path / "sharded-bf16"
+    args = cli_args("tiny-neox", sharded, **{"--dtype": "bfloat16", "--max-shard-size": "100KB"}) + ["--no-progress"]
+    assert load_cli().main(args) == 0
+    jobs = [
+        [
+            str(converted("tiny-mpt-1b-redpajama-200b")),
+            str(FIXTURES / "tiny-mpt-1b-redpajama-200b" / "reference.safetensors"),
+        ],
+        [str(sharded), str(FIXTURES / "tiny-neox" / "reference.safetensors")],
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", _REMOTE_CODE_SCRIPT, json.dumps(jobs)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(rows) == 2 * (1 if IS_V5 else 2)
+    for folder, _auto, module, dtype, error, processor in rows:
+        assert module.startswith("transformers_modules"), module
+        assert processor == "OpenFlamingoProcessor"
+        if folder == str(sharded):
+            assert dtype == "torch.bfloat16" and error < 0.15
+        else:
+            assert dtype == "torch.float32" and error < 1e-4
+
+
+def test_failed_conversion_leaves_nothing(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ConversionError):
+            convert_openflamingo_checkpoint(
+                **fixture_kwargs("tiny-neox", cross_attn_every_n_layers=1), output_dir=tmp_path / "o"
+            )
+    assert list(tmp_path.iterdir()) == []
