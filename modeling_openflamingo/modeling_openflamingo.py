@@ -890,6 +890,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             attention_mask = torch.ones_like(input_ids)
         num_candidates, max_len = candidates.shape
 
+        # Only the last prompt position's logits are needed: skip the (batch, prompt_len, vocab) rest where the LM can.
+        lm_parameters = inspect.signature(self.language_model.forward).parameters
+        keep_last = {"logits_to_keep": 1} if "logits_to_keep" in lm_parameters else {}
         prompt = self(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -898,6 +901,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             position_ids=self._positions_from_mask(attention_mask),
             use_cache=True,
             return_dict=True,
+            **keep_last,
         )
         cache = getattr(prompt, _CACHE_FIELD)
         first = prompt.logits[:, -1].float().log_softmax(dim=-1)  # (batch, vocab): predicts each candidate's 1st token
