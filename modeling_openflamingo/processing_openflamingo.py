@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -183,6 +186,27 @@ class OpenFlamingoProcessor(ProcessorMixin):
         if len(images) != batch_size:
             raise ValueError(f"Got {batch_size} texts but {len(images)} lists of images.")
         return [list(row) for row in images]
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        """As `ProcessorMixin.save_pretrained`, with a tokenizer config that transformers 4.x and 5.x both read.
+
+        transformers 5.x writes `"tokenizer_class": "TokenizersBackend"` and a list under `extra_special_tokens`;
+        4.x knows neither. The tokenizer itself is in `tokenizer.json` either way, so the config is written in the
+        names both majors understand.
+        """
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        config_path = Path(save_directory) / "tokenizer_config.json"
+        if config_path.is_file():
+            config = json.loads(config_path.read_text())
+            if config.get("tokenizer_class") == "TokenizersBackend":
+                config["tokenizer_class"] = "PreTrainedTokenizerFast"
+            extra = config.get("extra_special_tokens")
+            if isinstance(extra, list):
+                del config["extra_special_tokens"]
+                additional = list(config.get("additional_special_tokens") or [])
+                config["additional_special_tokens"] = additional + [t for t in extra if t not in additional]
+            config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        return result
 
     def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:
         """Forwarded to the tokenizer's `batch_decode`."""
