@@ -270,7 +270,12 @@ class OpenFlamingoGatedCrossAttentionBlock(GradientCheckpointingLayer):
         key: torch.Tensor | None = None,
         value: torch.Tensor | None = None,
         image_indices: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        return_key_values: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if return_key_values:
+            # `hidden_states` are then the image latents: this block's keys and values over them. Computed through the
+            # block's own call, so that FSDP (which shards each block as a unit) gathers the block's parameters.
+            return self.attn.key_values(hidden_states)
         if key is not None:
             attn = self.attn(hidden_states, key, value, image_indices)
             hidden_states = attn * self.attn_gate.tanh().to(attn.dtype) + hidden_states
@@ -297,8 +302,21 @@ _ACTIVE_CROSS_ATTENTION: contextvars.ContextVar[_ActiveCrossAttention | None] = 
 )
 
 
+# torch.compile (dynamo) cannot trace `ContextVar.get`/`set` (each would break the graph, once per gated layer). While
+# it traces a forward, that forward's state is pushed on this list instead, and popped when the forward ends, so here
+# too nothing outlives the call. Eager calls use the context variable, which keeps concurrent threads apart.
+_TRACED_CROSS_ATTENTION: list[_ActiveCrossAttention] = []
+
+
 @contextmanager
 def _cross_attention_active(state: _ActiveCrossAttention) -> Iterator[None]:
+    if torch.compiler.is_compiling():
+        _TRACED_CROSS_ATTENTION.append(state)
+        try:
+            yield
+        finally:
+            _TRACED_CROSS_ATTENTION.pop()
+        return
     token = _ACTIVE_CROSS_ATTENTION.set(state)
     try:
         yield
@@ -317,7 +335,7 @@ class _GatedDecoderLayerMixin:
     flamingo_layer_idx: int
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        active = _ACTIVE_CROSS_ATTENTION.get()
+        active = _TRACED_CROSS_ATTENTION[-1] if _TRACED_CROSS_ATTENTION else _ACTIVE_CROSS_ATTENTION.get()
         if active is not None:
             name = str(self.flamingo_layer_idx)
             key, value = active.key_values[name] if active.key_values is not None else (None, None)
@@ -421,6 +439,43 @@ def add_mpt_qk_layernorm(language_model: nn.Module, text_config: Any) -> None:
         attention.register_forward_pre_hook(_follow_wqkv)
 
 
+class _MptStaticCacheView:
+    """What transformers' `MptAttention` sees of a static (compileable) cache: the cache, but `get_seq_length() == 0`.
+
+    `MptAttention` uses the length only as `max(0, position_bias.size(1) - (seq_length + cache.get_seq_length()))`,
+    where its ALiBi bias has `size(1) == 1`: the result is 0 for any length. A static cache returns that length as a
+    tensor, so the Python `max` costs a GPU->CPU sync per layer and breaks a `torch.compile` graph (the reason MPT has
+    no static-cache support). Handing it 0 gives the same slice without either.
+    """
+
+    def __init__(self, cache: Any) -> None:
+        self.cache = cache
+
+    def update(self, *args: Any, **kwargs: Any) -> Any:
+        return self.cache.update(*args, **kwargs)
+
+    def get_seq_length(self, *args: Any, **kwargs: Any) -> int:
+        return 0
+
+
+def _mpt_static_cache_view(_attention: nn.Module, args: Any, kwargs: dict[str, Any]) -> Any:
+    """Forward pre-hook on `MptAttention`: pass a static cache as [`_MptStaticCacheView`]."""
+    for name in ("cache", "past_key_values"):
+        cache = kwargs.get(name)
+        if cache is not None and getattr(cache, "is_compileable", False):
+            return args, {**kwargs, name: _MptStaticCacheView(cache)}
+    return None
+
+
+def add_mpt_static_cache_support(language_model: nn.Module, text_config: Any) -> None:
+    """Let transformers' MPT decode with a static cache (`cache_implementation="static"`) and `torch.compile`."""
+    if getattr(text_config, "model_type", None) != "mpt":
+        return
+    for module in language_model.modules():
+        if type(module).__name__ == "MptAttention":
+            module.register_forward_pre_hook(_mpt_static_cache_view, with_kwargs=True)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------------------------------
@@ -456,12 +511,27 @@ class OpenFlamingoPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
 
 
-def _accepted_kwargs(module: nn.Module) -> set[str] | None:
+def _accepted_kwargs(module: nn.Module) -> frozenset[str] | None:
     """Names that `module.forward` accepts, or None if it takes `**kwargs`."""
-    parameters = inspect.signature(module.forward).parameters
+    forward = module.forward
+    # A bound method of the class: its function's signature, looked up once (`inspect.signature` costs more than a
+    # decoding step's Python). A `forward` set on the instance (e.g. by accelerate's hooks) is inspected every time.
+    function = getattr(forward, "__func__", None)
+    return _accepted_kwargs_of(function) if inspect.isfunction(function) else _accepted_kwargs_of.__wrapped__(forward)
+
+
+@functools.lru_cache(maxsize=256)
+def _accepted_kwargs_of(function: Any) -> frozenset[str] | None:
+    parameters = inspect.signature(function).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return None
-    return set(parameters)
+    return frozenset(parameters)
+
+
+@functools.lru_cache(maxsize=64)
+def _forward_parameters(module_class: type) -> frozenset[str]:
+    """The parameters `module_class.forward` names explicitly (what a `**kwargs` would silently drop is not here)."""
+    return frozenset(inspect.signature(module_class.forward).parameters)
 
 
 class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, GenerationMixin):
@@ -479,6 +549,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         self.perceiver = OpenFlamingoPerceiverResampler(config)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         add_mpt_qk_layernorm(self.language_model, config.text_config)
+        add_mpt_static_cache_support(self.language_model, config.text_config)
         self.gated_cross_attn_layers = nn.ModuleDict(
             {str(i): OpenFlamingoGatedCrossAttentionBlock(config) for i in config.cross_attn_layer_indices}
         )
@@ -500,6 +571,10 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             "CLIPEncoderLayer",
         ]
         self.post_init()
+        # transformers 5's `post_init` adds the children's names (CLIPVisionModel's include CLIPTextEmbeddings, absent
+        # here); FSDP auto-wrap (accelerate) rejects a name that matches no module, so keep the names that are present.
+        present = {type(module).__name__ for module in self.modules()}
+        self._no_split_modules = type(self._no_split_modules)(n for n in self._no_split_modules if n in present)
         if self.generation_config is not None and config.eoc_token_id is not None:
             # Like the original's `generate`: stop at <|endofchunk|> by default, not at the LM's own eos.
             self.generation_config.eos_token_id = config.eoc_token_id
@@ -574,7 +649,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         return image_indices
 
     def _cross_attention_key_values(self, image_hidden_states: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], ...]:
-        return tuple(block.attn.key_values(image_hidden_states) for block in self.gated_cross_attn_layers.values())
+        blocks = self.gated_cross_attn_layers.values()
+        return tuple(block(image_hidden_states, return_key_values=True) for block in blocks)
 
     # ---- forward ----
 
@@ -595,6 +671,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         cache: Any | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
     ) -> OpenFlamingoCausalLMOutputWithPast | tuple:
         r"""
@@ -618,6 +695,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             past_key_values (`Cache`, *optional*): the LM's key/value cache (`cache` on transformers >= 5.24).
             labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
                 Targets for the LM loss; -100 is ignored. Shifted inside, as for any causal LM.
+            logits_to_keep (`int` or `torch.Tensor`, defaults to 0):
+                Return logits for the last `logits_to_keep` positions only (0: all), as transformers' causal LMs do;
+                `generate` uses 1 for the prompt step, which spares a `(batch, prompt_len, vocab)` tensor.
 
         Returns:
             [`OpenFlamingoCausalLMOutputWithPast`].
@@ -681,6 +761,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         )
         if past is not None:
             lm_kwargs[_CACHE_FIELD if self._lm_accepts(_CACHE_FIELD) else "past_key_values"] = past
+        slice_logits = labels is None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0)
+        if slice_logits and "logits_to_keep" in _forward_parameters(type(self.language_model)):
+            lm_kwargs["logits_to_keep"], slice_logits = logits_to_keep, False
         active = _ActiveCrossAttention(self.gated_cross_attn_layers, named_key_values, image_indices)
         with _cross_attention_active(active):
             outputs = self.language_model(
@@ -688,6 +771,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             )
 
         logits = outputs.logits
+        if slice_logits:  # an LM that cannot skip the logits itself
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = logits[:, keep]
         loss = None
         if labels is not None:
             loss = self._loss(logits, labels, num_items_in_batch)
@@ -1010,6 +1096,231 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             repeated = copy.deepcopy(cache)
         repeated.batch_repeat_interleave(repeats)
         return repeated
+
+    # ---- training ----
+
+    def freeze_for_training(
+        self, train_new_token_embeddings: bool = True, new_token_ids: Sequence[int] | None = None
+    ) -> None:
+        """
+        Set up the original's training recipe: the vision tower and the language model frozen; the Perceiver, the
+        gated cross-attention blocks and (optionally) the embedding rows of the added tokens trainable.
+
+        The added tokens' rows train without unfreezing the embedding matrix: they are copied into a small trainable
+        parameter, `new_token_embeddings.weight` `(num_new_tokens, hidden_size)`, which replaces them in the LM's
+        input embeddings (forward hook) and, when the LM ties its output embeddings to them (MPT, MosaicGPT), in the
+        logits of those tokens too, so both roles train, as with the original's tied matrix. The matrix itself keeps
+        `requires_grad=False`: no gradient, optimizer state or weight decay for its other rows, and under FSDP (FSDP1
+        with `use_orig_params=True`, or FSDP2) the rows are an ordinary small parameter, where a gradient-mask hook on
+        the sharded embedding would not run. ([`save_pretrained`] writes the rows into the saved embedding matrix;
+        loading a state dict that lacks them takes them from its embedding matrix; [`merge_new_token_embeddings`]
+        folds them back in place.)
+
+        The original trained the `<image>` and `<|endofchunk|>` rows (its gradient mask kept those two); by default
+        the `<PAD>` row is trainable too (its input row gets no gradient, as padding is masked; a tied output row
+        learns a low `<PAD>` logit). Pass `new_token_ids=[config.media_token_id, config.eoc_token_id]` for exactly
+        the original's pair. Calling this again first folds rows that are being trained.
+
+        Args:
+            train_new_token_embeddings (`bool`, defaults to `True`):
+                Also train the embedding rows of the added tokens.
+            new_token_ids (`Sequence[int]`, *optional*):
+                The token ids whose rows train. Defaults to `config.eoc_token_id`, `config.media_token_id` and
+                `config.pad_token_id` (those that are set).
+        """
+        self.merge_new_token_embeddings()
+        self.requires_grad_(False)
+        self.perceiver.requires_grad_(True)
+        self.gated_cross_attn_layers.requires_grad_(True)
+        if not train_new_token_embeddings:
+            return
+        if new_token_ids is None:
+            ids = [self.config.eoc_token_id, self.config.media_token_id, self.config.pad_token_id]
+            new_token_ids = [i for i in ids if i is not None]
+        token_ids = list(dict.fromkeys(int(i) for i in new_token_ids))
+        if not token_ids:
+            raise ValueError(
+                "No token ids to train: config.eoc_token_id, media_token_id and pad_token_id are unset; pass "
+                "new_token_ids, or train_new_token_embeddings=False."
+            )
+        embedding = self.get_input_embeddings()
+        weight = getattr(embedding, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+            raise ValueError(
+                f"The language model's input embeddings ({type(embedding).__name__}) have no 2-D `weight`; cannot "
+                "train rows of it."
+            )
+        out_of_range = [i for i in token_ids if not 0 <= i < weight.shape[0]]
+        if out_of_range:
+            raise ValueError(f"new_token_ids {out_of_range} are outside the embedding matrix ({weight.shape[0]} rows).")
+        self.new_token_embeddings = OpenFlamingoNewTokenEmbeddings(weight, token_ids)
+        handles = [
+            embedding.register_forward_hook(self._new_token_input_hook, with_kwargs=True),
+            self.register_load_state_dict_pre_hook(self._new_token_load_hook),
+        ]
+        output = self.get_output_embeddings()
+        if output is not None and getattr(output, "weight", None) is weight:
+            handles.append(output.register_forward_hook(self._new_token_output_hook, with_kwargs=True))
+        self._new_token_hooks = handles
+
+    def merge_new_token_embeddings(self) -> None:
+        """Write the rows trained since [`freeze_for_training`] into the LM's embedding matrix and remove them.
+
+        Afterwards the model is an ordinary model again (its state dict has no `new_token_embeddings.weight`). Call it
+        on the unwrapped model (not under FSDP). A no-op when no rows are being trained.
+        """
+        rows = self._modules.get("new_token_embeddings")
+        if rows is not None and not isinstance(rows, OpenFlamingoNewTokenEmbeddings):
+            raise ValueError(
+                f"new_token_embeddings is wrapped ({type(rows).__name__}, e.g. PEFT's modules_to_save): unwrap the "
+                "model first (PEFT: merge_and_unload())."
+            )
+        for handle in self.__dict__.pop("_new_token_hooks", []):
+            handle.remove()
+        if rows is None:
+            return
+        weight = self.get_input_embeddings().weight
+        with torch.no_grad():
+            weight[rows.token_ids.to(weight.device)] = rows.weight.detach().to(device=weight.device, dtype=weight.dtype)
+        del self.new_token_embeddings
+
+    def peft_modules_to_save(self) -> list[str]:
+        """Names of the modules that [`freeze_for_training`] trains in full, for PEFT's `modules_to_save`: the
+        Perceiver, each gated cross-attention block, and `new_token_embeddings` while it exists. So
+        `LoraConfig(target_modules=[...LM names...], modules_to_save=model.peft_modules_to_save())` is the original
+        recipe plus LoRA on the language model.
+        """
+        names = ["perceiver", *(f"gated_cross_attn_layers.{key}" for key in self.gated_cross_attn_layers)]
+        if "new_token_embeddings" in self._modules:
+            names.append("new_token_embeddings")
+        return names
+
+    def training_parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW parameter groups as in the original's training script: weight decay on the parameters of the gated
+        cross-attention blocks only; none on the Perceiver and the embedding rows. Trainable parameters only.
+
+        Example: `torch.optim.AdamW(model.training_parameter_groups(0.1), lr=1e-4)`.
+        """
+        decay, no_decay = [], []
+        for name, parameter in self.named_parameters():
+            if parameter.requires_grad:
+                (decay if "gated_cross_attn" in name else no_decay).append(parameter)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        """[`~PreTrainedModel.save_pretrained`]; rows trained since [`freeze_for_training`] are written into the saved
+        embedding matrix (and its tied output copy), so the folder loads as an ordinary model. A `state_dict` passed
+        in (e.g. by `Trainer` under FSDP) is folded the same way; it must hold full tensors.
+
+        Under FSDP2 the model's class is a subclass that torch makes (`FSDPOpenFlamingoForConditionalGeneration`);
+        the folder's code and `auto_map` are those of this class, not of torch's FSDP module.
+        """
+        if "new_token_embeddings" in self._modules:
+            if len(args) >= 2:  # (is_main_process, state_dict, ...) given positionally
+                args = (args[0], self._fold_new_token_embeddings(args[1]), *args[2:])
+            else:
+                kwargs["state_dict"] = self._fold_new_token_embeddings(kwargs.get("state_dict"))
+        own_class = next(c for c in type(self).__mro__ if c.__module__ == OpenFlamingoPreTrainedModel.__module__)
+        wrapped_class = type(self)
+        if wrapped_class is own_class:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        self.__class__ = own_class
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.__class__ = wrapped_class
+
+    def _new_token_embedding_keys(self) -> list[str]:
+        """State-dict names of the embedding matrix whose rows are trained (input embeddings, and a tied output)."""
+        embedding = self.get_input_embeddings()
+        output = self.get_output_embeddings()
+        tied = output is not None and getattr(output, "weight", None) is embedding.weight
+        return [
+            f"{name}.weight"
+            for name, module in self.named_modules(remove_duplicate=False)
+            if module is embedding or (tied and module is output)
+        ]
+
+    def _fold_new_token_embeddings(self, state_dict: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        state_dict = dict(self.state_dict() if state_dict is None else state_dict)
+        rows = state_dict.pop("new_token_embeddings.weight", None)
+        if rows is None:
+            return state_dict
+        if type(rows) is not torch.Tensor and not isinstance(rows, nn.Parameter):
+            raise ValueError(
+                f"Cannot write the trained embedding rows into a state dict of {type(rows).__name__}s; save a full "
+                "state dict (FSDP: state_dict_type FULL_STATE_DICT), or call merge_new_token_embeddings() first."
+            )
+        folded = None
+        for key in self._new_token_embedding_keys():
+            if key in state_dict:
+                if folded is None:
+                    folded = state_dict[key].detach().clone()
+                    folded[self.new_token_embeddings.token_ids.to(folded.device)] = rows.detach().to(folded)
+                state_dict[key] = folded  # one tensor for tied names, so that they stay recognisably tied
+        return state_dict
+
+    def _new_token_input_hook(self, module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> Any:
+        input_ids = args[0] if args else kwargs["input"]
+        return self.new_token_embeddings(input_ids=input_ids, inputs_embeds=output)
+
+    def _new_token_output_hook(self, module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> Any:
+        hidden_states = args[0] if args else kwargs["input"]
+        return self.new_token_embeddings(hidden_states=hidden_states, logits=output, bias=getattr(module, "bias", None))
+
+    def _new_token_load_hook(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """A state dict without the rows (e.g. a folder written by [`save_pretrained`]) gives them from its matrix."""
+        rows_key = f"{prefix}new_token_embeddings.weight"
+        if rows_key in state_dict or "new_token_embeddings" not in self._modules:
+            return
+        for key in self._new_token_embedding_keys():
+            if f"{prefix}{key}" in state_dict:
+                weight = state_dict[f"{prefix}{key}"]
+                state_dict[rows_key] = weight[self.new_token_embeddings.token_ids.to(weight.device)]
+                return
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class OpenFlamingoNewTokenEmbeddings(nn.Module):
+    """Trainable embedding rows for a few token ids of a frozen embedding matrix (see `freeze_for_training`).
+
+    `weight` `(len(token_ids), hidden_size)` starts as a copy of the matrix's rows. Called with `input_ids` and
+    `inputs_embeds`, it puts its rows at the positions of those tokens; called with `hidden_states` and `logits` (an
+    output embedding tied to the matrix), it recomputes the logits of those tokens from its rows.
+    """
+
+    def __init__(self, weight: torch.Tensor, token_ids: Sequence[int]) -> None:
+        super().__init__()
+        self.token_id_list = [int(i) for i in token_ids]
+        index = torch.tensor(self.token_id_list, dtype=torch.long, device=weight.device)
+        self.weight = nn.Parameter(weight.detach()[index].clone())
+        self.register_buffer("token_ids", index, persistent=False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        hidden_states: torch.Tensor | None = None,
+        logits: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`inputs_embeds` with the rows of the new tokens replaced, or `logits` with their columns recomputed."""
+        if logits is not None:
+            if hidden_states is None:
+                raise ValueError("Recomputing the logits of the new tokens needs the hidden_states.")
+            new_bias = None if bias is None else bias[self.token_ids.to(bias.device)]
+            new = F.linear(hidden_states, self.weight.to(hidden_states.dtype), new_bias)
+            return logits.index_copy(-1, self.token_ids.to(logits.device), new.to(logits.dtype))
+        if input_ids is None or inputs_embeds is None:
+            raise ValueError("Pass input_ids and inputs_embeds (or hidden_states and logits).")
+        rows = self.weight.to(inputs_embeds.dtype)
+        for slot, token_id in enumerate(self.token_id_list):
+            inputs_embeds = torch.where((input_ids == token_id).unsqueeze(-1), rows[slot], inputs_embeds)
+        return inputs_embeds
 
 
 __all__ = [

@@ -467,3 +467,14 @@ def test_demo_runs_offline(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "caption:" in result.stdout
+
+
+@pytest.mark.parametrize("family", ["mpt", "llama"])
+def test_logits_to_keep(family):
+    model = tiny_model(family)
+    ids, pixel_values = inputs()
+    with torch.no_grad():
+        full = model(input_ids=ids, pixel_values=pixel_values).logits
+        last = model(input_ids=ids, pixel_values=pixel_values, logits_to_keep=1).logits
+    assert last.shape == (2, 1, 403)
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-6, rtol=0)
