@@ -324,7 +324,12 @@ def load_torch_file(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file.")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format: no mmap
     except Exception as error:  # noqa: BLE001 - re-raised with the file named
         message = _first_line(error)
         unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))

@@ -32,6 +32,21 @@ def _count_parameters(model: torch.nn.Module) -> int:
     return total
 
 
+def _format_count(count: int) -> str:
+    return f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.1f}M"
+
+
+def _vit_name(vision: object) -> str:
+    known = {
+        (1024, 24, 14): "ViT-L/14",
+        (768, 12, 16): "ViT-B/16",
+        (768, 12, 32): "ViT-B/32",
+        (1280, 32, 14): "ViT-H/14",
+    }
+    key = (vision.hidden_size, vision.num_hidden_layers, vision.patch_size)
+    return known.get(key, "ViT")
+
+
 def _evaluation(preset: Preset) -> list[str]:
     if not preset.evaluation:
         return []
@@ -140,16 +155,16 @@ def render_model_card(converted: ConvertedModel, repo_id: str | None = None) -> 
         "",
         "## Architecture",
         "",
-        f"- vision tower: CLIP ViT-{'L' if vision.hidden_size == 1024 else '?'}/{vision.patch_size} at "
-        f"{vision.image_size} px ({vision.num_hidden_layers} layers, width {vision.hidden_size}, "
-        f"{vision.hidden_act}), frozen; features: the patch tokens of the last layer, without `post_layernorm`",
+        f"- vision tower: CLIP {_vit_name(vision)} at {vision.image_size} px ({vision.num_hidden_layers} layers, "
+        f"width {vision.hidden_size}, patch {vision.patch_size}, {vision.hidden_act}), frozen; features: the patch "
+        "tokens of the last layer, without `post_layernorm`",
         f"- Perceiver Resampler: {config.perceiver_depth} layers, {config.perceiver_num_latents} latents per image",
         f"- language model: {lm_title} ({text.num_hidden_layers} layers, width {text.hidden_size}, vocabulary "
         f"{text.vocab_size} incl. `<|endofchunk|>`={config.eoc_token_id}, `<image>`={config.media_token_id}, "
         f"`<PAD>`={config.pad_token_id})",
         f"- {blocks} gated cross-attention blocks, before every {n}{'st' if n == 1 else 'nd' if n == 2 else 'th'} "
         f"decoder layer (`cross_attn_every_n_layers={n}`)",
-        f"- {_count_parameters(model) / 1e9:.2f}B parameters, stored in {dtype}",
+        f"- {_format_count(_count_parameters(model))} parameters, stored in {dtype}",
         "",
         "## Conversion",
         "",

@@ -327,6 +327,14 @@ def test_checkpoint_variants_convert_identically(variant, converted, tmp_path):
     assert_same_tensors(folder_tensors(out), folder_tensors(converted("tiny-llama")))
 
 
+def test_legacy_pickle_format_is_read(converted, tmp_path):
+    state = torch.load(FIXTURES / "tiny-mpt" / "checkpoint.pt", weights_only=True)
+    path = tmp_path / "legacy.pt"
+    torch.save(state, path, _use_new_zipfile_serialization=False)  # torch < 1.6 files cannot be memory-mapped
+    out = convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt", checkpoint=path), output_dir=tmp_path / "o")
+    assert_same_tensors(folder_tensors(out), folder_tensors(converted("tiny-mpt")))
+
+
 def test_gpt_neox_head_comes_from_the_lm_when_the_checkpoint_lacks_it(converted, tmp_path):
     state = torch.load(FIXTURES / "tiny-neox" / "checkpoint.pt", weights_only=True)
     del state["lang_encoder.embed_out.weight"]
