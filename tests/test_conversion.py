@@ -526,9 +526,8 @@ def test_unknown_hub_repo_is_reported(fake_hub, tmp_path):
         convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt", lm="nobody/nothing"), output_dir=tmp_path / "o")
 
 
-def test_vision_from_a_transformers_clip_folder(converted, tmp_path):
-    """The same weights in transformers' CLIPModel layout (e.g. openai/clip-vit-large-patch14) give the same model."""
-    base = converted("tiny-neox")
+def make_transformers_clip_folder(base: Path, folder: Path) -> dict[str, torch.Tensor]:
+    """The vision weights of a converted folder in transformers' CLIPModel layout (as openai/clip-vit-large-patch14)."""
     tensors = folder_tensors(base)
     prefix = "vision_model.vision_model."
     clip = {"vision_model." + k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -536,16 +535,49 @@ def test_vision_from_a_transformers_clip_folder(converted, tmp_path):
     clip["visual_projection.weight"] = torch.zeros(4, 32)
     clip["text_projection.weight"] = torch.zeros(4, 4)
     clip["logit_scale"] = torch.zeros(())
-    folder = tmp_path / "clip"
-    folder.mkdir()
+    folder.mkdir(parents=True)
     save_file(clip, str(folder / "model.safetensors"))
     vision_config = json.loads((base / "config.json").read_text())["vision_config"]
     (folder / "config.json").write_text(
         json.dumps({"model_type": "clip", "projection_dim": 4, "vision_config": vision_config, "text_config": {}})
     )
-    kwargs = fixture_kwargs("tiny-neox", open_clip_config=None, open_clip_weights=None, vision=folder)
+    return tensors
+
+
+def test_vision_from_a_transformers_clip_folder(converted, tmp_path):
+    """The same weights in transformers' CLIPModel layout (e.g. openai/clip-vit-large-patch14) give the same model."""
+    tensors = make_transformers_clip_folder(converted("tiny-neox"), tmp_path / "clip")
+    kwargs = fixture_kwargs("tiny-neox", open_clip_config=None, open_clip_weights=None, vision=tmp_path / "clip")
     out = convert_openflamingo_checkpoint(**kwargs, output_dir=tmp_path / "o")
     assert_same_tensors(folder_tensors(out), tensors)
+
+
+def test_vision_from_a_transformers_clip_hub_repo(converted, fake_hub, tmp_path):
+    tensors = make_transformers_clip_folder(converted("tiny-neox"), tmp_path / "clip")
+    files = {p.name: p for p in (tmp_path / "clip").iterdir()}
+    fake_hub.add("openai/clip-tiny", {**files, "pytorch_model.bin": "not needed", "tf_model.h5": "not needed"})
+    kwargs = fixture_kwargs("tiny-neox", open_clip_config=None, open_clip_weights=None, vision="openai/clip-tiny@main")
+    out = convert_openflamingo_checkpoint(**kwargs, output_dir=tmp_path / "o")
+    assert_same_tensors(folder_tensors(out), tensors)
+    assert ("snapshot", "openai/clip-tiny", ("config.json", "model.safetensors")) in fake_hub.calls
+
+
+def test_hub_ids():
+    from modeling_openflamingo.conversion_hub import HubSpec, parse_hub_spec
+
+    assert parse_hub_spec("openflamingo/OpenFlamingo-3B-vitl-mpt1b") == HubSpec(
+        "openflamingo/OpenFlamingo-3B-vitl-mpt1b"
+    )
+    assert parse_hub_spec("org/repo/sub/ckpt.pt@v1.0") == HubSpec("org/repo", "sub/ckpt.pt", "v1.0")
+    assert parse_hub_spec("/abs/path/file.pt") is None and parse_hub_spec("file.pt") is None
+
+
+def test_checkpoint_file_inside_a_hub_repo(fake_hub, converted, tmp_path):
+    fake_hub.add("me/runs", {"checkpoint_7.pt": FIXTURES / "tiny-mpt" / "checkpoint.pt"})
+    kwargs = fixture_kwargs("tiny-mpt", checkpoint="me/runs/checkpoint_7.pt@main")
+    out = convert_openflamingo_checkpoint(**kwargs, output_dir=tmp_path / "o")
+    assert ("file", "me/runs", "checkpoint_7.pt") in fake_hub.calls
+    assert_same_tensors(folder_tensors(out), folder_tensors(converted("tiny-mpt")))
 
 
 def test_push_to_hub(monkeypatch, tmp_path):
