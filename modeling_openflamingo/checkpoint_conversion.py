@@ -931,7 +931,7 @@ class ConversionInputs:
 def _lm_files(files: list[str]) -> list[str]:
     weights = hf_weight_files(files)
     if not weights:
-        raise ConversionError("language model: the repo has no model*.safetensors or pytorch_model*.bin weights.")
+        raise ConversionError("the repo has no model*.safetensors or pytorch_model*.bin weights.")
     return ["config.json", *weights]
 
 

@@ -109,7 +109,10 @@ def resolve_folder(
             raise ConversionError(f"{what}: {path} is a file; a folder (or hub repo id) is needed.")
         return path
     files = list_files(spec, what)
-    wanted = sorted(set(choose(files)))
+    try:
+        wanted = sorted(set(choose(files)))
+    except ConversionError as error:
+        raise ConversionError(f"{what}: {spec}: {error}") from error
     hub = parse_hub_spec(str(spec))
     try:
         return Path(
