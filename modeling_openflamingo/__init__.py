@@ -7,6 +7,7 @@ Importing this package registers the model with the Auto classes: `AutoConfig`, 
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor
 
 from .configuration_openflamingo import OpenFlamingoConfig
+from .data_collator import OpenFlamingoDataCollator
 from .image_processing_openflamingo import OpenFlamingoImageProcessor
 from .modeling_openflamingo import (
     OpenFlamingoCausalLMOutputWithPast,
@@ -38,6 +39,7 @@ OpenFlamingoProcessor.register_for_auto_class("AutoProcessor")
 __all__ = [
     "OpenFlamingoCausalLMOutputWithPast",
     "OpenFlamingoConfig",
+    "OpenFlamingoDataCollator",
     "OpenFlamingoForConditionalGeneration",
     "OpenFlamingoImageCache",
     "OpenFlamingoImageProcessor",

@@ -1,0 +1,230 @@
+#!/usr/bin/env python
+"""Fine-tune OpenFlamingo with `Trainer`: the original recipe (frozen vision tower and LM; Perceiver, gated
+cross-attention blocks and the added tokens' embedding rows trained), optionally with LoRA on the LM, FSDP and
+gradient checkpointing.
+
+Without `--model` it trains the tiny demo model on captions of the six demo images (CPU, seconds). Examples:
+
+    python examples/finetune.py                                   # tiny demo model, demo captions
+    python examples/finetune.py --lora --gradient-checkpointing   # + LoRA on the LM's attention
+    torchrun --nproc_per_node 2 examples/finetune.py --fsdp       # FSDP2 (on CPU too, see --fsdp)
+    python examples/finetune.py --model path/to/converted --dataset my_captions --caption-column caption --bf16
+
+A `--dataset` (a hub name, a local data folder, or a `save_to_disk` folder) needs a text column with `<image>` and
+`<|endofchunk|>` in place (`--text-column`) or a plain caption column (`--caption-column`, made into
+`<image>{caption}<|endofchunk|>`), and an image column (`--image-column`: one image or a list per row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from demo_model import DEMO_IMAGES, resolve_model
+from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
+
+import modeling_openflamingo  # noqa: F401 - registers the Auto classes
+from modeling_openflamingo import OpenFlamingoDataCollator
+
+DEMO_CAPTIONS = [
+    "A small square of pixels.",
+    "A picture with a bright corner.",
+    "A tall image with stripes.",
+    "A grey square.",
+    "A wide image with two colours.",
+    "A tiny icon.",
+]
+
+# The language models' own names for their attention projections (MPT and MosaicGPT, GPT-NeoX, LLaMA and the like).
+LM_LORA_TARGETS = ("Wqkv", "query_key_value", "q_proj", "v_proj", "c_attn")
+
+
+def demo_dataset() -> Any:
+    """The six demo images with a caption each, as a `datasets.Dataset` with an `Image` feature (LAION-style)."""
+    import datasets
+
+    rows = {
+        "images": [[str(DEMO_IMAGES / f"image_{i}.png")] for i in range(len(DEMO_CAPTIONS))],
+        "text": [f"<image>{caption}<|endofchunk|>" for caption in DEMO_CAPTIONS],
+    }
+    return datasets.Dataset.from_dict(rows).cast_column("images", datasets.Sequence(datasets.Image()))
+
+
+def load_training_dataset(args: argparse.Namespace) -> Any:
+    """The demo dataset, or `--dataset` (hub name, data folder or `save_to_disk` folder) with a `text` column."""
+    if args.dataset is None:
+        return demo_dataset()
+    import datasets
+
+    path = Path(args.dataset)
+    if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+        dataset = datasets.load_from_disk(str(path))
+        dataset = dataset[args.split] if isinstance(dataset, datasets.DatasetDict) else dataset
+    else:
+        dataset = datasets.load_dataset(args.dataset, split=args.split)
+    if args.caption_column is not None:
+        dataset = dataset.map(
+            lambda row: {args.text_column: f"<image>{row[args.caption_column]}<|endofchunk|>"},
+            remove_columns=[c for c in dataset.column_names if c not in (args.image_column,)],
+        )
+    return dataset
+
+
+class FlamingoTrainer(Trainer):
+    """`Trainer` with the original's weight decay: only on the gated cross-attention blocks' parameters."""
+
+    def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
+        """Names of the parameters that get weight decay (the original: those of the cross-attention blocks)."""
+        return [name for name, _ in model.named_parameters() if "gated_cross_attn" in name]
+
+
+class CPUFSDPTrainer(FlamingoTrainer):
+    """Runs `Trainer`'s own FSDP path on a machine without an accelerator (for this example and the tests).
+
+    accelerate enables FSDP only for GPU-like devices (CUDA, XPU, NPU, ...); on CPU it silently falls back to DDP. This
+    marks the accelerator state as FSDP on the CPU device after `Trainer` made it; everything else (wrapping,
+    optimizer, saving) is `Trainer`'s and accelerate's own code. Use FSDP2 here: torch's FSDP1 full-state-dict
+    gathering with `offload_to_cpu` crashes on CPU-only processes.
+    """
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """Make the accelerator as usual, then switch its state to FSDP on the CPU device."""
+        super().create_accelerator_and_postprocess()
+        from accelerate import FullyShardedDataParallelPlugin
+        from accelerate.state import PartialState
+        from accelerate.utils import DistributedType
+
+        state = self.accelerator.state
+        if state.distributed_type == DistributedType.FSDP:
+            return
+        if getattr(state, "fsdp_plugin", None) is None:
+            plugin_args = getattr(self.args, "fsdp_plugin_args", None)  # transformers 5; 4.x reads FSDP_* variables
+            state.fsdp_plugin = FullyShardedDataParallelPlugin(**plugin_args) if plugin_args else None
+            if state.fsdp_plugin is None:
+                state.fsdp_plugin = FullyShardedDataParallelPlugin()
+        state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        PartialState._shared_state["device"] = state.device = torch.device("cpu")
+        self.is_fsdp_enabled = True
+
+
+def training_arguments(args: argparse.Namespace, on_cpu: bool) -> TrainingArguments:
+    """`TrainingArguments` for this run (FSDP settings that work with transformers 4.57 and 5.x)."""
+    kwargs: dict[str, Any] = {}
+    if args.fsdp:
+        import transformers
+
+        major = int(transformers.__version__.split(".")[0])
+        # FSDP2 (`fully_shard`): auto-wraps the classes in `model._no_split_modules` (decoder layers, gated
+        # cross-attention blocks, Perceiver layers, CLIP encoder layers); frozen and trainable parameters mix freely.
+        kwargs["fsdp"] = True if major >= 5 else "full_shard auto_wrap"
+        kwargs["fsdp_config"] = {"version": 2, "reshard_after_forward": True}
+        if major < 5:  # transformers 4.x passes FSDP settings to accelerate through FSDP_* variables
+            os.environ.setdefault("FSDP_VERSION", "2")
+            os.environ.setdefault("FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT")  # so that save_model writes the model
+            kwargs["fsdp_config"] = {"sync_module_states": not on_cpu}
+    return TrainingArguments(
+        output_dir=args.output_dir,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        lr_scheduler_type="constant_with_warmup",
+        max_grad_norm=1.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,  # the collator needs the `text` and `images` columns
+        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
+        bf16=args.bf16,
+        use_cpu=on_cpu,
+        seed=args.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        **kwargs,
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Fine-tune, save to `--output-dir`, and return the first and last logged losses."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="converted OpenFlamingo folder or hub id (default: the tiny demo model)")
+    parser.add_argument("--dataset", help="datasets hub name or local folder (default: the demo captions)")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--image-column", default="images")
+    parser.add_argument("--caption-column", help="make the text column as <image>{caption}<|endofchunk|>")
+    parser.add_argument("--interleaved", action="store_true", help="MMC4-style label masking")
+    parser.add_argument("--max-length", type=int, help="truncate texts to this many tokens")
+    parser.add_argument("--output-dir", default="finetuned-openflamingo")
+    parser.add_argument("--max-steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=3)
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.1, help="on the cross-attention blocks only")
+    parser.add_argument("--warmup-steps", type=int, default=0)
+    parser.add_argument("--freeze-embeddings", action="store_true", help="do not train the added tokens' rows")
+    parser.add_argument("--lora", action="store_true", help="also LoRA on the LM's attention (PEFT)")
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--fsdp", action="store_true", help="FSDP2 via Trainer; launch with torchrun")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    path = resolve_model(args.model)
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    processor = AutoProcessor.from_pretrained(path)
+    model.freeze_for_training(train_new_token_embeddings=not args.freeze_embeddings)
+    if args.lora:
+        from peft import LoraConfig, get_peft_model
+
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.language_model.named_modules()}
+        targets = [name for name in LM_LORA_TARGETS if name in present]
+        if not targets:
+            raise ValueError(f"None of {LM_LORA_TARGETS} is a module of the language model; set the LoRA targets.")
+        # Regex on the LM only: the vision tower and the cross-attention blocks have their own fc1/fc2/to_q names.
+        config = LoraConfig(
+            r=args.lora_rank,
+            lora_alpha=2 * args.lora_rank,
+            target_modules=rf"language_model\..*\.({'|'.join(targets)})",
+            modules_to_save=model.peft_modules_to_save(),  # Perceiver, blocks, new token rows: trained in full
+        )
+        model = get_peft_model(model, config)
+        model.print_trainable_parameters()
+
+    on_cpu = not torch.cuda.is_available()
+    trainer_class = CPUFSDPTrainer if args.fsdp and on_cpu else FlamingoTrainer
+    collator = OpenFlamingoDataCollator(
+        processor,
+        interleaved=args.interleaved,
+        max_length=args.max_length,
+        text_column=args.text_column,
+        image_column=args.image_column,
+    )
+    trainer = trainer_class(
+        model=model,
+        args=training_arguments(args, on_cpu),
+        train_dataset=load_training_dataset(args),
+        data_collator=collator,
+    )
+    trainer.train()
+    # Saves the model (the trained embedding rows written into its embedding matrix), or the LoRA adapter.
+    trainer.save_model(args.output_dir)
+    if trainer.args.should_save:
+        processor.save_pretrained(args.output_dir)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    if trainer.args.should_save:
+        print(f"model: {path}\nsteps: {len(losses)}, loss: {losses[0]:.4f} -> {losses[-1]:.4f}")
+        print(f"saved to {args.output_dir}" + (" (LoRA adapter; PeftModel.from_pretrained to load)" * args.lora))
+    return {"first_loss": losses[0], "last_loss": losses[-1], "trainer": trainer}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Data collator for OpenFlamingo training on image-caption pairs and interleaved image-text documents."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["OpenFlamingoDataCollator"]
+
+
+class OpenFlamingoDataCollator:
+    r"""
+    Batches samples of interleaved images and text for training, with labels made as the original's training code
+    makes them.
+
+    Each sample is a mapping with a text (`text_column`, default `"text"`): a string with one `<image>` where each image
+    goes and `<|endofchunk|>` after each image's text, e.g. `"<image>A photo of two cats.<|endofchunk|>"` (LAION-style)
+    or `"An intro. <image>A caption.<|endofchunk|>More text. <image>Another.<|endofchunk|>"` (MMC4-style); and its
+    images (`image_column`, default `"images"`, else `"image"`): a list of images in the order of the `<image>`
+    tokens, one image, or nothing. An image is a `PIL.Image.Image`, a path, or a `datasets` `Image` feature's
+    undecoded `{"bytes": ..., "path": ...}`; decoded `Image` features (PIL images) work as they are.
+
+    The batch is built by the processor (`return_labels=True`, right padding) and holds `input_ids`,
+    `attention_mask`, `labels` and, when any sample has images, `pixel_values` `(batch, max_images, 3, H, W)`
+    (zero-padded). Labels are the input ids with -100 for padding and `<image>`; with `interleaved=True` also for
+    every token before the first `<image>` and for the tokens after each `<|endofchunk|>` up to the next `<image>`.
+    `<|endofchunk|>` and eos stay in the loss, as in the original. Position 0 is also set to -100: labels are shifted
+    inside the model, so it is never a target, and this keeps `Trainer`'s `num_items_in_batch` count exact.
+
+    With `Trainer`, pass `remove_unused_columns=False` in `TrainingArguments` (the columns are `text` and `images`,
+    not model inputs).
+
+    Args:
+        processor ([`OpenFlamingoProcessor`]): the model's processor.
+        interleaved (`bool`, defaults to `False`): mask labels as for MMC4-style interleaved documents.
+        max_length (`int`, *optional*): truncate each text to this many tokens (images whose `<image>` is cut off are
+            dropped). The original used 32 for LAION and 256 for MMC4.
+        append_eos (`bool`, defaults to `True`): append the tokenizer's eos token to each text that does not end with
+            it, as the original's data pipeline did.
+        text_column (`str`, defaults to `"text"`), image_column (`str`, defaults to `"images"`): the sample keys.
+        pad_to_multiple_of (`int`, *optional*): pad the sequence length to a multiple of this.
+    """
+
+    def __init__(
+        self,
+        processor: Any,
+        interleaved: bool = False,
+        max_length: int | None = None,
+        append_eos: bool = True,
+        text_column: str = "text",
+        image_column: str = "images",
+        pad_to_multiple_of: int | None = None,
+    ) -> None:
+        if not callable(processor) or getattr(processor, "tokenizer", None) is None:
+            raise ValueError("OpenFlamingoDataCollator needs the model's OpenFlamingoProcessor (with a tokenizer).")
+        self.processor = processor
+        self.interleaved = interleaved
+        self.max_length = max_length
+        self.append_eos = append_eos
+        self.text_column = text_column
+        self.image_column = image_column
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, features: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """Collate `features` (mappings with a text and images) into a batch of model inputs with `labels`."""
+        if len(features) == 0:
+            raise ValueError("OpenFlamingoDataCollator got an empty list of samples.")
+        texts, images = [], []
+        for index, feature in enumerate(features):
+            if self.text_column not in feature:
+                raise ValueError(
+                    f"Sample {index} has no {self.text_column!r} field (its keys: {sorted(feature)}); set text_column."
+                )
+            text = feature[self.text_column]
+            if not isinstance(text, str):
+                raise ValueError(f"Sample {index}: {self.text_column!r} must be a string, got {type(text).__name__}.")
+            eos = self.processor.tokenizer.eos_token
+            if self.append_eos and eos and not text.endswith(eos):
+                text = text + eos
+            texts.append(text)
+            images.append([self._load_image(image, index) for image in self._sample_images(feature)])
+        encoding = self.processor(
+            images=images,
+            text=texts,
+            padding="longest",
+            padding_side="right",
+            truncation=self.max_length is not None,
+            max_length=self.max_length,
+            pad_to_multiple_of=self.pad_to_multiple_of,
+            return_labels=True,
+            interleaved=self.interleaved,
+        )
+        batch = dict(encoding)
+        batch["labels"][:, 0] = -100
+        return batch
+
+    def _sample_images(self, feature: Any) -> list[Any]:
+        key = self.image_column if self.image_column in feature else "image" if "image" in feature else None
+        value = feature[key] if key is not None else None
+        if value is None:
+            return []
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        return [value]
+
+    @staticmethod
+    def _load_image(image: Any, index: int) -> Any:
+        """A PIL image from a PIL image, a path, or a `datasets` `{"bytes": ..., "path": ...}` dict."""
+        from PIL import Image
+
+        if isinstance(image, Image.Image):
+            return image
+        if isinstance(image, dict) and (image.get("bytes") is not None or image.get("path") is not None):
+            if image.get("bytes") is not None:
+                return Image.open(io.BytesIO(image["bytes"]))
+            return Image.open(image["path"])
+        if isinstance(image, (str, os.PathLike)):
+            return Image.open(image)
+        raise ValueError(
+            f"Sample {index}: cannot read an image from a {type(image).__name__}; give PIL images, paths, or a "
+            "datasets Image feature."
+        )

@@ -1,0 +1,607 @@
+"""Training: the original's recipe (`freeze_for_training`), the data collator, Trainer, gradient checkpointing, PEFT
+and FSDP (2 CPU processes)."""
+
+from __future__ import annotations
+
+import collections
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
+
+from modeling_openflamingo import OpenFlamingoDataCollator
+from modeling_openflamingo.modeling_openflamingo import OpenFlamingoNewTokenEmbeddings, find_decoder_layers
+
+try:
+    from .conftest import FIXTURES, ROOT
+except ImportError:  # run as a script: the FSDP worker under torchrun
+    from conftest import FIXTURES, ROOT
+
+datasets = pytest.importorskip("datasets")
+peft = pytest.importorskip("peft")
+
+EXAMPLES = ROOT / "examples"
+MEDIA, EOC, PAD = 401, 400, 402
+TRAINED_PREFIXES = ("perceiver.", "gated_cross_attn_layers.", "new_token_embeddings.")
+CAPTIONS = ["A cat on a mat.", "Two dogs.", "A red bus in the rain.", "A sink."]
+
+
+@pytest.fixture(autouse=True)
+def fresh_trainer_environment():
+    """Each test starts from the same environment: transformers 4.x's `TrainingArguments(bf16=True)` sets
+    `ACCELERATE_MIXED_PRECISION=bf16` for the whole process, and later Trainers would run in bf16 autocast."""
+    environment = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(environment)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def load(converted, family: str):
+    path = converted(family)
+    return AutoModelForImageTextToText.from_pretrained(path), AutoProcessor.from_pretrained(path)
+
+
+def sample_inputs(seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, 400, (2, 12), generator=generator)
+    input_ids[:, 0] = MEDIA
+    input_ids[:, 6] = EOC
+    input_ids[:, 7] = MEDIA
+    return {"input_ids": input_ids, "pixel_values": torch.randn(2, 2, 3, 32, 32, generator=generator)}
+
+
+def caption_dataset():
+    """LAION-style rows with a `datasets` `Image` feature (decoded to PIL by datasets)."""
+    rows = {
+        "images": [[str(FIXTURES / "tiny_images" / f"image_{i}.png")] for i in range(len(CAPTIONS))],
+        "text": [f"<image>{caption}<|endofchunk|>" for caption in CAPTIONS],
+    }
+    return datasets.Dataset.from_dict(rows).cast_column("images", datasets.Sequence(datasets.Image()))
+
+
+def training_args(tmp_path, **overrides) -> TrainingArguments:
+    kwargs = dict(
+        output_dir=str(tmp_path / "trainer"),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        learning_rate=1e-2,
+        weight_decay=0.1,  # applies to trainable parameters only: the frozen embedding matrix must not decay
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def batch_loss(model, batch) -> float:
+    model.eval()
+    with torch.no_grad():
+        loss = model(**batch).loss.item()
+    model.train()
+    return loss
+
+
+# ---- the recipe: freeze_for_training ----
+
+
+@pytest.mark.parametrize("family, tied", [("tiny-mpt", True), ("tiny-neox", False)])
+def test_freeze_for_training_trains_only_the_recipe(converted, family, tied):
+    model, _ = load(converted, family)
+    inputs = sample_inputs()
+    with torch.no_grad():
+        before = model(**inputs).logits
+    model.freeze_for_training()
+    trainable = {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"perceiver", "gated_cross_attn_layers", "new_token_embeddings"}
+    assert not model.get_input_embeddings().weight.requires_grad
+    assert model.new_token_embeddings.token_id_list == [EOC, MEDIA, PAD]
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
+    assert len(model.get_output_embeddings()._forward_hooks) == (1 if tied else 0)
+    with torch.no_grad():
+        after = model(**inputs).logits
+    assert torch.equal(before, after)  # the rows start as copies of the matrix's rows
+
+    model.freeze_for_training(train_new_token_embeddings=False)
+    assert "new_token_embeddings" not in model._modules
+    assert not model.get_input_embeddings()._forward_hooks
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {
+        "perceiver",
+        "gated_cross_attn_layers",
+    }
+
+
+@pytest.mark.parametrize("family", ["tiny-mpt", "tiny-neox"])
+def test_new_token_rows_get_the_gradient_of_the_originals_masked_embedding(converted, family):
+    """The original trained the whole (tied) matrix and zeroed the gradient of all other rows after backward."""
+    inputs = sample_inputs()
+    ours, _ = load(converted, family)
+    ours.freeze_for_training(new_token_ids=[MEDIA, EOC])
+    ours(**inputs, labels=inputs["input_ids"]).loss.backward()
+
+    original, _ = load(converted, family)
+    original.requires_grad_(False)
+    original.perceiver.requires_grad_(True)
+    original.gated_cross_attn_layers.requires_grad_(True)
+    original.get_input_embeddings().requires_grad_(True)
+    original(**inputs, labels=inputs["input_ids"]).loss.backward()
+    matrix_grad = original.get_input_embeddings().weight.grad
+
+    torch.testing.assert_close(ours.new_token_embeddings.weight.grad, matrix_grad[[MEDIA, EOC]], rtol=1e-5, atol=1e-7)
+    assert ours.new_token_embeddings.weight.grad.abs().sum() > 0
+
+
+def test_freeze_for_training_errors(converted):
+    model, _ = load(converted, "tiny-neox")
+    with pytest.raises(ValueError, match="outside the embedding matrix"):
+        model.freeze_for_training(new_token_ids=[5000])
+    model.config.eoc_token_id = model.config.media_token_id = model.config.pad_token_id = None
+    with pytest.raises(ValueError, match="No token ids to train"):
+        model.freeze_for_training()
+    with pytest.raises(ValueError, match="Pass input_ids and inputs_embeds"):
+        OpenFlamingoNewTokenEmbeddings(torch.zeros(4, 2), [1])(input_ids=torch.tensor([1]))
+
+
+def test_training_parameter_groups_decay_only_the_cross_attention(converted):
+    model, _ = load(converted, "tiny-mpt")
+    model.freeze_for_training()
+    decay, no_decay = model.training_parameter_groups(0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert decay["params"] and all(names[id(p)].startswith("gated_cross_attn_layers.") for p in decay["params"])
+    assert {names[id(p)].split(".")[0] for p in no_decay["params"]} == {"perceiver", "new_token_embeddings"}
+
+
+@pytest.mark.parametrize("family", ["tiny-mpt", "tiny-neox"])
+def test_trained_rows_are_saved_into_the_matrix_and_restored_on_load(converted, family, tmp_path):
+    model, _ = load(converted, family)
+    original = model.get_input_embeddings().weight.detach().clone()
+    model.freeze_for_training()
+    with torch.no_grad():
+        model.new_token_embeddings.weight.add_(torch.randn_like(model.new_token_embeddings.weight))
+    inputs = sample_inputs()
+    with torch.no_grad():
+        trained = model(**inputs).logits
+
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "saved")
+    assert "new_token_embeddings" not in reloaded._modules
+    saved = reloaded.get_input_embeddings().weight
+    changed = (saved != original).any(dim=-1).nonzero().flatten().tolist()
+    assert changed == [EOC, MEDIA, PAD]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, trained, rtol=0, atol=1e-5)
+
+    # a state dict without the rows (e.g. a Trainer checkpoint being resumed) gives them from its matrix
+    resumed, _ = load(converted, family)
+    resumed.freeze_for_training()
+    result = resumed.load_state_dict(reloaded.state_dict(), strict=False)
+    assert "new_token_embeddings.weight" not in result.missing_keys
+    assert torch.equal(resumed.new_token_embeddings.weight, model.new_token_embeddings.weight)
+
+    # folding in place
+    model.merge_new_token_embeddings()
+    assert "new_token_embeddings" not in model._modules and not model.get_input_embeddings()._forward_hooks
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, trained, rtol=0, atol=1e-5)
+
+
+def test_deepcopy_of_a_model_in_training_is_independent(converted):
+    model, _ = load(converted, "tiny-mpt")
+    model.freeze_for_training()
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.new_token_embeddings.weight.add_(1.0)
+    inputs = sample_inputs()
+    with torch.no_grad():
+        assert not torch.allclose(model(**inputs).logits, twin(**inputs).logits)
+    twin.merge_new_token_embeddings()
+    assert len(model.get_input_embeddings()._forward_hooks) == 1  # the original keeps its hooks
+
+
+# ---- data collator ----
+
+
+def expected_labels(tokenizer, segments: list[tuple[str, bool]], length: int) -> list[int]:
+    """Hand-made labels: (text, kept_in_loss) segments, then -100 padding; position 0 is never a target."""
+    labels = []
+    for text, kept in segments:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        labels += ids if kept else [-100] * len(ids)
+    labels[0] = -100
+    return labels + [-100] * (length - len(labels))
+
+
+def test_collator_laion_style_labels(converted):
+    _, processor = load(converted, "tiny-mpt")
+    tokenizer = processor.tokenizer
+    eos = tokenizer.eos_token
+    images = caption_dataset()[:2]["images"]  # decoded by datasets: lists of PIL images
+    features = [
+        {"images": images[0], "text": "<image>A cat on a mat.<|endofchunk|>"},
+        {"images": images[1][0], "text": "<image>Two dogs playing in a big garden.<|endofchunk|>"},
+    ]
+    batch = OpenFlamingoDataCollator(processor)(features)
+    length = batch["input_ids"].shape[1]
+    assert batch["pixel_values"].shape == (2, 1, 3, 32, 32)
+    for row, caption in enumerate(["A cat on a mat.", "Two dogs playing in a big garden."]):
+        segments = [("<image>", False), (caption, True), ("<|endofchunk|>", True), (eos, True)]  # eos in the loss
+        assert batch["labels"][row].tolist() == expected_labels(tokenizer, segments, length)
+    real = len(tokenizer("<image>A cat on a mat.<|endofchunk|>" + eos)["input_ids"])
+    assert batch["attention_mask"][0].tolist() == [1] * real + [0] * (length - real)  # right padding
+    assert (batch["input_ids"][0, real:] == PAD).all()
+
+
+def test_collator_mmc4_style_labels(converted, tiny_images):
+    _, processor = load(converted, "tiny-mpt")
+    tokenizer = processor.tokenizer
+    text = "An intro. <image>A cat.<|endofchunk|>Some text between. <image>A dog.<|endofchunk|>"
+    features = [
+        {"images": tiny_images[:2], "text": text},
+        {"images": [], "text": "Text without images."},
+    ]
+    batch = OpenFlamingoDataCollator(processor, interleaved=True)(features)
+    length = batch["input_ids"].shape[1]
+    segments = [
+        ("An intro. ", False),  # before the first <image>
+        ("<image>", False),
+        ("A cat.", True),
+        ("<|endofchunk|>", True),
+        ("Some text between. ", False),  # between <|endofchunk|> and the next <image>
+        ("<image>", False),
+        ("A dog.", True),
+        ("<|endofchunk|>", True),
+        (tokenizer.eos_token, False),  # after the last <|endofchunk|>: masked, as in the original
+    ]
+    assert batch["labels"][0].tolist() == expected_labels(tokenizer, segments, length)
+    assert (batch["labels"][1] == -100).all()  # no image: everything is "before the first <image>"
+    assert batch["pixel_values"].shape == (2, 2, 3, 32, 32)
+    assert (batch["pixel_values"][1] == 0).all()
+
+
+def test_collator_inputs_and_errors(converted, tiny_images, tmp_path):
+    _, processor = load(converted, "tiny-llama")
+    path = tmp_path / "image.png"
+    tiny_images[0].save(path)
+    collator = OpenFlamingoDataCollator(processor, image_column="picture", text_column="caption", max_length=6)
+    batch = collator(
+        [
+            {"picture": str(path), "caption": "Photo: <image>A very long caption.<|endofchunk|>"},
+            {"picture": {"bytes": path.read_bytes(), "path": None}, "caption": "<image>Hi.<|endofchunk|>"},
+        ]
+    )
+    assert batch["input_ids"].shape == (2, 6)
+    assert batch["input_ids"][0, 0] != MEDIA and batch["labels"][0, 0] == -100  # position 0: never a target
+    assert batch["labels"][0, 1] == batch["input_ids"][0, 1]  # caption mode: text before the image is in the loss
+    with pytest.raises(ValueError, match="has no 'text' field"):
+        OpenFlamingoDataCollator(processor)([{"caption": "x"}])
+    with pytest.raises(ValueError, match="cannot read an image"):
+        OpenFlamingoDataCollator(processor)([{"images": [3], "text": "<image>x"}])
+    with pytest.raises(ValueError, match="1 <image> tokens but 0 images"):
+        OpenFlamingoDataCollator(processor)([{"text": "<image>x"}])
+
+
+# ---- Trainer ----
+
+
+@pytest.mark.parametrize("family", ["tiny-mpt", "tiny-neox"])
+def test_trainer_lowers_the_loss_and_changes_only_the_recipe(converted, family, tmp_path):
+    model, processor = load(converted, family)
+    model.freeze_for_training()
+    dataset = caption_dataset()
+    collator = OpenFlamingoDataCollator(processor)
+    batch = collator([dataset[i] for i in range(len(dataset))])
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    loss_before = batch_loss(model, batch)
+
+    trainer = Trainer(model=model, args=training_args(tmp_path), train_dataset=dataset, data_collator=collator)
+    trainer.train()
+
+    assert batch_loss(model, batch) < loss_before - 0.1
+    after = model.state_dict()
+    for name, tensor in after.items():
+        if name.startswith(TRAINED_PREFIXES):
+            assert not torch.equal(tensor, before[name]), f"{name} is trainable but did not change"
+        else:
+            assert torch.equal(tensor, before[name]), f"{name} changed but is frozen"
+    # the saved model: the embedding matrix differs from the original in the added tokens' rows only
+    trainer.save_model(str(tmp_path / "final"))
+    saved = AutoModelForImageTextToText.from_pretrained(tmp_path / "final").get_input_embeddings().weight
+    original = before[next(k for k in before if k.endswith(("wte.weight", "embed_in.weight")))]
+    changed = set((saved != original).any(dim=-1).nonzero().flatten().tolist())
+    assert {EOC, MEDIA} <= changed <= {EOC, MEDIA, PAD}  # <PAD>: weight decay, and a tied output row's gradient
+
+
+def test_trainer_bf16_and_gradient_checkpointing(converted, tmp_path):
+    model, processor = load(converted, "tiny-llama")
+    model.freeze_for_training()
+    dataset = caption_dataset()
+    collator = OpenFlamingoDataCollator(processor)
+    batch = collator([dataset[i] for i in range(len(dataset))])
+    loss_before = batch_loss(model, batch)
+    args = training_args(
+        tmp_path, bf16=True, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
+    Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator).train()
+    assert batch_loss(model, batch) < loss_before - 0.1
+
+
+@pytest.mark.parametrize("family", ["tiny-mpt", "tiny-neox"])
+def test_gradient_checkpointing_covers_all_three_and_changes_nothing(converted, family):
+    """LM decoder layers, gated cross-attention blocks and Perceiver layers each run under a (non-reentrant)
+    checkpoint: recomputed once in backward; loss and gradients are those without checkpointing."""
+    inputs = sample_inputs()
+
+    def run(checkpointing: bool):
+        model, _ = load(converted, family)
+        model.freeze_for_training()
+        model.train()
+        runs = collections.Counter()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            for module in model.modules():
+                if getattr(module, "gradient_checkpointing", False) and hasattr(module, "_gradient_checkpointing_func"):
+                    checkpoint, name = module._gradient_checkpointing_func, type(module).__name__
+
+                    def counting(function, *args, _checkpoint=checkpoint, _name=name, **kwargs):
+                        def counted(*inner_args, **inner_kwargs):
+                            runs[_name] += 1
+                            return function(*inner_args, **inner_kwargs)
+
+                        return _checkpoint(counted, *args, **kwargs)
+
+                    module._gradient_checkpointing_func = counting
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        forward_runs = dict(runs)
+        loss.backward()
+        grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+        layer = find_decoder_layers(model.language_model, model.config.text_config.num_hidden_layers)[0]
+        return loss.detach(), grads, forward_runs, dict(runs), type(layer).__name__, model
+
+    loss, grads, _, _, _, _ = run(False)
+    loss_gc, grads_gc, forward_runs, all_runs, layer_name, model = run(True)
+    num_blocks = len(model.gated_cross_attn_layers)
+    num_layers = model.config.text_config.num_hidden_layers
+    # each block runs twice per forward: its keys/values over the images, then on the text
+    assert forward_runs[layer_name] == num_layers and all_runs[layer_name] == 2 * num_layers
+    assert forward_runs["OpenFlamingoGatedCrossAttentionBlock"] == 2 * num_blocks
+    assert all_runs["OpenFlamingoGatedCrossAttentionBlock"] == 4 * num_blocks
+    assert all_runs["OpenFlamingoPerceiverLayer"] == 2 * forward_runs["OpenFlamingoPerceiverLayer"] > 0
+    torch.testing.assert_close(loss_gc, loss, rtol=0, atol=1e-6)
+    assert grads_gc.keys() == grads.keys() and all(g is not None for g in grads_gc.values())
+    for name in grads:
+        torch.testing.assert_close(grads_gc[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_no_split_modules_name_the_fsdp_units(converted):
+    model, _ = load(converted, "tiny-neox")
+    present = {type(module).__name__ for module in model.modules()}
+    assert set(model._no_split_modules) <= present  # accelerate's auto-wrap rejects absent names
+    assert {
+        "GPTNeoXLayer",
+        "OpenFlamingoGatedCrossAttentionBlock",
+        "OpenFlamingoPerceiverLayer",
+        "CLIPEncoderLayer",
+    } <= set(model._no_split_modules)
+
+
+# ---- PEFT ----
+
+
+def test_lora_on_mosaic_gpt_wqkv_goes_through_the_qk_layernorm(converted, tmp_path):
+    """MosaicGPT's q_ln/k_ln must see base + LoRA output of Wqkv: the adapter model equals the merged model."""
+    family = "tiny-mpt-1b-redpajama-200b"
+    base, _ = load(converted, family)
+    inputs = sample_inputs()
+    with torch.no_grad():
+        plain = base(**inputs).logits
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["Wqkv"], init_lora_weights=False)
+    model = peft.get_peft_model(base, config)
+    with torch.no_grad():
+        adapted = model(**inputs).logits
+    attention = model.base_model.model.language_model.transformer.blocks[0].attn
+    assert attention._qk_ln_target is attention.Wqkv  # the LayerNorm hook sits on the LoRA layer
+    assert (adapted - plain).abs().max() > 1e-2
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = peft.PeftModel.from_pretrained(load(converted, family)[0], tmp_path / "adapter")
+    merged = reloaded.merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits, adapted, rtol=0, atol=1e-5)
+    # with the LayerNorm applied to the base output only, the adapter model would not equal the merged one
+    for block in merged.language_model.transformer.blocks:
+        assert isinstance(block.attn.Wqkv, torch.nn.Linear) and block.attn._qk_ln_target is block.attn.Wqkv
+
+
+def test_lora_on_the_cross_attention_save_load_merge(converted, tmp_path):
+    base, _ = load(converted, "tiny-neox")
+    inputs = sample_inputs()
+    targets = r".*(gated_cross_attn_layers|perceiver)\..*\.(to_q|to_kv|to_out|fc1|fc2)"
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
+    lora_modules = {name.split(".lora_A")[0] for name, _ in model.named_parameters() if ".lora_A." in name}
+    assert lora_modules and not any("vision_model" in name or "gpt_neox" in name for name in lora_modules)
+    with torch.no_grad():
+        adapted = model(**inputs).logits
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = peft.PeftModel.from_pretrained(load(converted, "tiny-neox")[0], tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs).logits, adapted)
+        torch.testing.assert_close(reloaded.merge_and_unload()(**inputs).logits, adapted, rtol=0, atol=1e-5)
+
+
+def test_trainer_with_lora_on_the_lm_and_the_recipe(converted, tmp_path):
+    """LoRA on the LM's native names + the recipe's modules trained in full (modules_to_save), tied MPT."""
+    family = "tiny-mpt"
+    model, processor = load(converted, family)
+    model.freeze_for_training()
+    config = peft.LoraConfig(r=4, target_modules=["Wqkv"], modules_to_save=model.peft_modules_to_save())
+    model = peft.get_peft_model(model, config)
+    dataset = caption_dataset()
+    collator = OpenFlamingoDataCollator(processor)
+    batch = collator([dataset[i] for i in range(len(dataset))])
+    loss_before = batch_loss(model, batch)
+    trainer = Trainer(model=model, args=training_args(tmp_path), train_dataset=dataset, data_collator=collator)
+    trainer.train()
+    assert batch_loss(model, batch) < loss_before - 0.1
+    inputs = sample_inputs()
+    model.eval()
+    with torch.no_grad():
+        adapted = model(**inputs).logits
+    trainer.save_model(str(tmp_path / "adapter"))
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+    base, _ = load(converted, family)
+    base.freeze_for_training()
+    reloaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, adapted, rtol=0, atol=1e-6)
+    merged = reloaded.merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits, adapted, rtol=0, atol=1e-5)
+    merged.save_pretrained(tmp_path / "merged")  # the trained rows go into the saved embedding matrix
+    plain = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**inputs).logits, adapted, rtol=0, atol=1e-5)
+
+
+# ---- the example ----
+
+
+def test_finetune_example_runs(converted, tmp_path):
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import finetune
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    argv = ["--model", str(converted("tiny-mpt-1b-redpajama-200b")), "--output-dir", str(tmp_path / "out")]
+    result = finetune.main([*argv, "--max-steps", "6", "--learning-rate", "1e-2"])
+    assert result["last_loss"] < result["first_loss"]
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    result = finetune.main([*argv, "--max-steps", "2", "--lora", "--gradient-checkpointing"])
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+# ---- FSDP: 2 CPU processes (gloo) ----
+
+
+def fsdp_worker(model_dir: str, out_dir: str) -> None:
+    """Run under torchrun: FSDP1 and FSDP2 gradients equal single-process ones; then Trainer's FSDP2 path."""
+    import functools
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    report: dict = {}
+    inputs = sample_inputs()  # rows of equal length, no padding: the mean of the ranks' mean losses is the mean
+
+    def fresh():
+        model = AutoModelForImageTextToText.from_pretrained(model_dir)
+        model.freeze_for_training()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
+    reference = fresh()
+    reference(**inputs, labels=inputs["input_ids"]).loss.backward()
+    expected = {name: p.grad for name, p in reference.named_parameters() if p.requires_grad}
+    local = {key: value[rank : rank + 1] for key, value in inputs.items()}
+    unit_classes = None
+    for version in (1, 2):
+        model = fresh()
+        unit_classes = {type(m) for m in model.modules() if type(m).__name__ in model._no_split_modules}
+        if version == 1:
+            policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=unit_classes)
+            wrapped = FullyShardedDataParallel(
+                model, auto_wrap_policy=policy, use_orig_params=True, device_id=torch.device("cpu")
+            )
+        else:
+            for module in list(model.modules()):
+                if type(module) in unit_classes:
+                    fully_shard(module)
+            wrapped = fully_shard(model)
+        wrapped(**local, labels=local["input_ids"]).loss.backward()
+        if version == 1:
+            with FullyShardedDataParallel.summon_full_params(wrapped, with_grads=True):
+                grads = {
+                    name.replace("_fsdp_wrapped_module.", ""): p.grad.clone()
+                    for name, p in wrapped.named_parameters()
+                    if p.requires_grad
+                }
+        else:
+            grads = {name: p.grad.full_tensor() for name, p in wrapped.named_parameters() if p.requires_grad}
+        report[f"fsdp{version}_same_parameters"] = sorted(grads) == sorted(expected)
+        report[f"fsdp{version}_max_grad_diff"] = max((grads[k] - expected[k]).abs().max().item() for k in expected)
+    report["unit_classes"] = sorted(cls.__name__ for cls in unit_classes)
+
+    # Trainer's own FSDP2 path (through the example, which has the CPU switch), gradient checkpointing on
+    sys.path.insert(0, str(EXAMPLES))
+    import finetune
+
+    output_dir = os.path.join(out_dir, "trained")
+    argv = ["--model", model_dir, "--output-dir", output_dir, "--fsdp", "--gradient-checkpointing"]
+    result = finetune.main([*argv, "--max-steps", "4", "--batch-size", "2", "--learning-rate", "1e-2"])
+    trainer = result["trainer"]
+    units = collections.Counter(
+        type(m).__name__.removeprefix("FSDP") for m in trainer.model_wrapped.modules() if type(m).__name__[:4] == "FSDP"
+    )
+    report.update(
+        is_fsdp=trainer.is_fsdp_enabled, units=dict(units), first=result["first_loss"], last=result["last_loss"]
+    )
+    if rank == 0:
+        Path(out_dir, "report.json").write_text(json.dumps(report))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_fsdp_two_cpu_processes(converted, tmp_path):
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    model_dir = str(converted("tiny-mpt"))  # tied embeddings, new token rows trained
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [__file__, model_dir, str(tmp_path)]
+    process = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-6000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    for version in (1, 2):
+        assert report[f"fsdp{version}_same_parameters"]
+        assert report[f"fsdp{version}_max_grad_diff"] < 1e-5, report
+    required = {"CLIPEncoderLayer", "MptBlock", "OpenFlamingoGatedCrossAttentionBlock", "OpenFlamingoPerceiverLayer"}
+    assert required <= set(report["unit_classes"]), report["unit_classes"]  # 5.x adds CLIPVisionEmbeddings
+    assert report["is_fsdp"]
+    units = report["units"]
+    assert units["MptBlock"] == 4 and units["OpenFlamingoGatedCrossAttentionBlock"] == 4
+    assert units["CLIPEncoderLayer"] == 2 and units["OpenFlamingoPerceiverLayer"] > 0
+    assert report["last"] < report["first"]
+    trained = AutoModelForImageTextToText.from_pretrained(tmp_path / "trained")
+    original = AutoModelForImageTextToText.from_pretrained(model_dir)
+    trained_state, original_state = trained.state_dict(), original.state_dict()
+    for name, tensor in original_state.items():
+        if name.startswith(TRAINED_PREFIXES):
+            continue
+        if name.endswith(("wte.weight", "lm_head.weight")):  # one tied matrix
+            changed = set((trained_state[name] != tensor).any(dim=-1).nonzero().flatten().tolist())
+            assert {EOC, MEDIA} <= changed <= {EOC, MEDIA, PAD}, changed  # tied: <PAD>'s output row learns
+        else:
+            assert torch.equal(trained_state[name], tensor), f"{name} changed but is frozen"
+    assert not torch.equal(trained_state["perceiver.latents"], original_state["perceiver.latents"])
+
+
+if __name__ == "__main__":  # the FSDP worker, started by test_fsdp_two_cpu_processes through torchrun
+    fsdp_worker(sys.argv[1], sys.argv[2])
