@@ -114,12 +114,24 @@ class OpenFlamingoConfig(PretrainedConfig):
         return [i for i in range(self.text_config.num_hidden_layers) if (i + 1) % n == 0]
 
     def to_dict(self) -> dict[str, Any]:
-        """As the base class, plus the legacy rotary keys that transformers 4.x reads, so one folder loads on both.
+        """As the base class, with sub-config dtypes that follow the model's, and the legacy rotary keys that
+        transformers 4.x reads, so one folder loads on both majors.
 
         transformers 5.x writes rotary settings only as `rope_parameters`; 4.x ignores that and falls back to its
         defaults (GPT-NeoX: `rotary_pct=0.25`), which would silently change the model.
         """
         output = super().to_dict()
+        # The sub-configs carry the model's dtype too: transformers 4.x loads each sub-model in its sub-config's
+        # dtype under `dtype="auto"`, so a stale one (say float32 from the LM's own config.json, on a model saved in
+        # bfloat16) would load a model of mixed dtypes.
+        top_dtype = output.get("dtype") or output.get("torch_dtype")
+        if top_dtype is not None:
+            for name in ("text_config", "vision_config"):
+                sub = output.get(name)
+                if isinstance(sub, dict):
+                    for key in ("dtype", "torch_dtype"):
+                        if sub.get(key) is not None:
+                            sub[key] = top_dtype
         text = output.get("text_config")
         rope = text.get("rope_parameters") if isinstance(text, dict) else None
         if isinstance(rope, dict) and rope.get("rope_type", "default") == "default":

@@ -478,3 +478,14 @@ def test_logits_to_keep(family):
         last = model(input_ids=ids, pixel_values=pixel_values, logits_to_keep=1).logits
     assert last.shape == (2, 1, 403)
     torch.testing.assert_close(last, full[:, -1:], atol=1e-6, rtol=0)
+
+
+def test_bfloat16_save_with_stale_sub_config_dtypes_reloads_in_one_dtype(tmp_path):
+    model = tiny_model("llama")
+    model.config.text_config.torch_dtype = torch.float32  # as an LM's own config.json says
+    model.config.vision_config.torch_dtype = torch.float32
+    model.to(torch.bfloat16).save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path, dtype="auto")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    ids, pixel_values = inputs()
+    assert loaded(input_ids=ids, pixel_values=pixel_values.bfloat16()).logits.dtype == torch.bfloat16
