@@ -1220,10 +1220,10 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 args = (args[0], self._fold_new_token_embeddings(args[1]), *args[2:])
             else:
                 kwargs["state_dict"] = self._fold_new_token_embeddings(kwargs.get("state_dict"))
-        own_class = next(c for c in type(self).__mro__ if c.__module__ == OpenFlamingoPreTrainedModel.__module__)
         wrapped_class = type(self)
-        if wrapped_class is own_class:
+        if not wrapped_class.__module__.startswith("torch.distributed"):
             return super().save_pretrained(save_directory, *args, **kwargs)
+        own_class = next(c for c in wrapped_class.__mro__ if not c.__module__.startswith("torch.distributed"))
         self.__class__ = own_class
         try:
             return super().save_pretrained(save_directory, *args, **kwargs)

@@ -325,6 +325,27 @@ def test_trainer_lowers_the_loss_and_changes_only_the_recipe(converted, family, 
     assert {EOC, MEDIA} <= changed <= {EOC, MEDIA, PAD}  # <PAD>: weight decay, and a tied output row's gradient
 
 
+def test_trainer_resumes_from_a_checkpoint_with_the_trained_rows(converted, tmp_path):
+    """Checkpoints hold the rows inside the embedding matrix; resuming takes them back out (load_state_dict hook)."""
+
+    def train(resume_from_checkpoint=None):
+        model, processor = load(converted, "tiny-mpt")
+        model.freeze_for_training()
+        args = training_args(tmp_path, per_device_train_batch_size=2, save_strategy="steps", save_steps=2)
+        collator = OpenFlamingoDataCollator(processor)
+        trainer = Trainer(model=model, args=args, train_dataset=caption_dataset(), data_collator=collator)
+        trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+        return model
+
+    straight = train()
+    resumed = train(str(tmp_path / "trainer" / "checkpoint-2"))
+    straight.merge_new_token_embeddings()
+    resumed.merge_new_token_embeddings()
+    resumed_state = resumed.state_dict()
+    for name, tensor in straight.state_dict().items():
+        torch.testing.assert_close(resumed_state[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
 def test_trainer_bf16_and_gradient_checkpointing(converted, tmp_path):
     model, processor = load(converted, "tiny-llama")
     model.freeze_for_training()
@@ -589,6 +610,10 @@ def test_fsdp_two_cpu_processes(converted, tmp_path):
     assert units["MptBlock"] == 4 and units["OpenFlamingoGatedCrossAttentionBlock"] == 4
     assert units["CLIPEncoderLayer"] == 2 and units["OpenFlamingoPerceiverLayer"] > 0
     assert report["last"] < report["first"]
+    # saved as this model's code, not as the FSDP2 class torch makes of it
+    auto_map = json.loads((tmp_path / "trained" / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForImageTextToText"] == "modeling_openflamingo.OpenFlamingoForConditionalGeneration"
+    assert not list((tmp_path / "trained").glob("_fsdp*.py"))
     trained = AutoModelForImageTextToText.from_pretrained(tmp_path / "trained")
     original = AutoModelForImageTextToText.from_pretrained(model_dir)
     trained_state, original_state = trained.state_dict(), original.state_dict()
