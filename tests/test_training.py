@@ -568,12 +568,12 @@ def fsdp_worker(model_dir: str, out_dir: str) -> None:
         report[f"fsdp{version}_max_grad_diff"] = max((grads[k] - expected[k]).abs().max().item() for k in expected)
     report["unit_classes"] = sorted(cls.__name__ for cls in unit_classes)
 
-    # Trainer's own FSDP2 path (through the example, which has the CPU switch), gradient checkpointing on
+    # Trainer's own FSDP2 path (through the example, which has the CPU switch), gradient checkpointing and bf16 on
     sys.path.insert(0, str(EXAMPLES))
     import finetune
 
     output_dir = os.path.join(out_dir, "trained")
-    argv = ["--model", model_dir, "--output-dir", output_dir, "--fsdp", "--gradient-checkpointing"]
+    argv = ["--model", model_dir, "--output-dir", output_dir, "--fsdp", "--gradient-checkpointing", "--bf16"]
     result = finetune.main([*argv, "--max-steps", "4", "--batch-size", "2", "--learning-rate", "1e-2"])
     trainer = result["trainer"]
     units = collections.Counter(
