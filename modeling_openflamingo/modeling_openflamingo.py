@@ -347,7 +347,20 @@ class _GatedDecoderLayerMixin:
         return super().__call__(*args, **kwargs)
 
 
+    def __reduce_ex__(self, protocol: Any) -> tuple:
+        # The gated subclass is made at run time and shares its parent's name, so pickle could not find it by name:
+        # rebuild it from the parent class (importable) instead. `copy.deepcopy` goes through here as well.
+        reduced = super().__reduce_ex__(protocol)
+        return (_new_gated_layer, (_original_layer_class(type(self)),), *reduced[2:])
+
+
 _GATED_LAYER_CLASSES: dict[type, type] = {}
+
+
+def _new_gated_layer(layer_class: type) -> Any:
+    """An empty instance of the gated subclass of `layer_class` (for unpickling)."""
+    gated = _gated_layer_class(layer_class)
+    return gated.__new__(gated)
 
 
 def _gated_layer_class(layer_class: type) -> type:

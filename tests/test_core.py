@@ -489,3 +489,19 @@ def test_bfloat16_save_with_stale_sub_config_dtypes_reloads_in_one_dtype(tmp_pat
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
     ids, pixel_values = inputs()
     assert loaded(input_ids=ids, pixel_values=pixel_values.bfloat16()).logits.dtype == torch.bfloat16
+
+
+def test_whole_model_pickles(tmp_path):
+    model = tiny_model("mosaic_gpt")
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    ids, pixel_values = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(input_ids=ids, pixel_values=pixel_values).logits,
+            model(input_ids=ids, pixel_values=pixel_values).logits,
+            atol=0,
+            rtol=0,
+        )
+    layer = loaded.language_model.transformer.blocks[1]
+    assert type(layer).__name__ == "MptBlock" and hasattr(layer, "flamingo_layer_idx")
