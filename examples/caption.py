@@ -14,11 +14,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-from demo_model import demo_images, resolve_model
+from demo_model import add_model_arguments, demo_images, load_model_and_processor
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
-
-import modeling_openflamingo  # noqa: F401 - registers the Auto classes
 
 DEMONSTRATIONS = ["A photo of two cats on a couch.", "A white bathroom sink under a mirror."]
 
@@ -43,19 +40,15 @@ def build_prompt(num_shots: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="converted OpenFlamingo folder or hub id (default: the tiny demo model)")
+    add_model_arguments(parser)
     parser.add_argument("--images", nargs="*", help="query images to caption (default: four demo images)")
     parser.add_argument("--shots", type=int, default=2, choices=range(len(DEMONSTRATIONS) + 1))
     parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--num-beams", type=int, default=3)
     parser.add_argument("--length-penalty", type=float, default=0.0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args()
 
-    path = resolve_model(args.model)
-    model = AutoModelForImageTextToText.from_pretrained(path).to(args.device, getattr(torch, args.dtype)).eval()
-    processor = AutoProcessor.from_pretrained(path)
+    model, processor = load_model_and_processor(args)
     images = demo_images()
     shot_images = images[: args.shots]  # demonstration images (stand-ins for the captions above)
     queries = [Image.open(p) for p in args.images] if args.images else images[2:6]

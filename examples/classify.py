@@ -14,12 +14,8 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-from demo_model import demo_images, resolve_model
+from demo_model import add_model_arguments, demo_images, load_model_and_processor
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
-
-import modeling_openflamingo  # noqa: F401 - registers the Auto classes
 
 CLASS_NAMES = ["tabby cat", "washbasin", "school bus", "golden retriever", "pizza", "mountain bike"]
 DEMONSTRATIONS = ["tabby cat", "washbasin"]
@@ -32,18 +28,14 @@ def classification_prompt(class_name: str | None = None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="converted OpenFlamingo folder or hub id (default: the tiny demo model)")
+    add_model_arguments(parser)
     parser.add_argument("--images", nargs="*", help="query images to classify (default: four demo images)")
     parser.add_argument("--classes", nargs="*", default=CLASS_NAMES)
     parser.add_argument("--sum", action="store_true", help="rank by total log-likelihood instead of per-token mean")
     parser.add_argument("--top-k", type=int, default=3)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args()
 
-    path = resolve_model(args.model)
-    model = AutoModelForImageTextToText.from_pretrained(path).to(args.device, getattr(torch, args.dtype)).eval()
-    processor = AutoProcessor.from_pretrained(path)
+    model, processor = load_model_and_processor(args)
     images = demo_images()
     queries = [Image.open(p) for p in args.images] if args.images else images[2:6]
 

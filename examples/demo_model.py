@@ -6,9 +6,11 @@ weights, so its text is gibberish, but every step is the real pipeline). No down
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -46,3 +48,24 @@ def demo_images() -> list:
 def resolve_model(model: str | None) -> str:
     """`--model` if given (a converted folder or hub id), else the tiny demo model."""
     return model if model else str(demo_model_dir())
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--model`, `--device` and `--dtype`, as every example takes them."""
+    import torch
+
+    parser.add_argument("--model", help="converted OpenFlamingo folder or hub id (default: the tiny demo model)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def load_model_and_processor(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The model (in eval mode, on `args.device` in `args.dtype`) and processor named by `add_model_arguments`."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import modeling_openflamingo  # noqa: F401 - registers the Auto classes
+
+    path = resolve_model(args.model)
+    model = AutoModelForImageTextToText.from_pretrained(path).to(args.device, getattr(torch, args.dtype)).eval()
+    return model, AutoProcessor.from_pretrained(path)

@@ -16,11 +16,8 @@ import argparse
 import re
 
 import torch
-from demo_model import demo_images, resolve_model
+from demo_model import add_model_arguments, demo_images, load_model_and_processor
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
-
-import modeling_openflamingo  # noqa: F401 - registers the Auto classes
 
 DEMONSTRATIONS = [("How many cats are there?", "two"), ("What room is this?", "bathroom")]
 
@@ -50,7 +47,7 @@ def build_prompt(question: str, num_shots: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="converted OpenFlamingo folder or hub id (default: the tiny demo model)")
+    add_model_arguments(parser)
     parser.add_argument("--image", help="the query image (default: a demo image)")
     parser.add_argument(
         "--questions", nargs="*", default=["What color is the bus?", "Is there a person?", "What is on the table?"]
@@ -59,13 +56,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=5)
     parser.add_argument("--num-beams", type=int, default=3)
     parser.add_argument("--length-penalty", type=float, default=0.0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args()
 
-    path = resolve_model(args.model)
-    model = AutoModelForImageTextToText.from_pretrained(path).to(args.device, getattr(torch, args.dtype)).eval()
-    processor = AutoProcessor.from_pretrained(path)
+    model, processor = load_model_and_processor(args)
     images = demo_images()
     shot_images = images[: args.shots]
     query = Image.open(args.image) if args.image else images[5]

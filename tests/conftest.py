@@ -59,6 +59,23 @@ def converted(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def loaded(converted):
+    """family -> (fp32 model in eval mode, processor) of the converted fixture, loaded once per session."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    cache: dict[str, tuple] = {}
+
+    def get(family: str):
+        if family not in cache:
+            path = converted(family)
+            model = AutoModelForImageTextToText.from_pretrained(path).eval()
+            cache[family] = (model, AutoProcessor.from_pretrained(path))
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def reference():
     """family -> (spec dict, reference tensors)."""
 

@@ -12,7 +12,6 @@ import pytest
 import torch
 from transformers import (
     AutoModelForImageTextToText,
-    AutoProcessor,
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
@@ -33,21 +32,6 @@ CAPTION_PROMPT = (
 # --------------------------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def loaded(converted):
-    """family -> (fp32 model in eval mode, processor), loaded once per module."""
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            path = converted(family)
-            model = AutoModelForImageTextToText.from_pretrained(path).eval()
-            cache[family] = (model, AutoProcessor.from_pretrained(path))
-        return cache[family]
-
-    return get
 
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:

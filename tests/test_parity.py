@@ -4,23 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from .conftest import FAMILIES
-
-
-@pytest.fixture(scope="module")
-def loaded(converted):
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            path = converted(family)
-            model = AutoModelForImageTextToText.from_pretrained(path).eval()
-            cache[family] = (model, AutoProcessor.from_pretrained(path))
-        return cache[family]
-
-    return get
 
 
 @pytest.mark.parametrize("family", FAMILIES)
