@@ -19,6 +19,7 @@ import contextvars
 import copy
 import functools
 import inspect
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, CLIPVisionModel, GenerationMixin, PreTrainedModel
+from transformers import __version__ as _TRANSFORMERS_VERSION
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput, logging
@@ -857,6 +859,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         """
         input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
         self._prepare_images_for_generation(input_ids, kwargs)
+        fast = self._generate_static_greedy(args, kwargs)
+        if fast is not None:
+            return fast
         return super().generate(*args, **kwargs)
 
     def _prepare_images_for_generation(self, input_ids: Any, kwargs: dict[str, Any]) -> None:
@@ -914,7 +919,10 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             grown = input_ids.shape[-1] - image_indices.shape[-1]
             if grown > 0:
                 image_indices = torch.cat((image_indices, image_indices[:, -1:].expand(-1, grown)), dim=-1)
-            model_inputs["image_indices"] = image_indices[:, image_indices.shape[-1] - new_tokens :]
+            # a copy with the same strides at every step, as `input_ids`: a compiled step would recompile on new strides
+            model_inputs["image_indices"] = image_indices[:, image_indices.shape[-1] - new_tokens :].clone(
+                memory_format=torch.contiguous_format
+            )
         if image_cache is not None:
             model_inputs.pop("pixel_values", None)
             model_inputs.pop("image_hidden_states", None)
@@ -1109,6 +1117,72 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             repeated = copy.deepcopy(cache)
         repeated.batch_repeat_interleave(repeats)
         return repeated
+
+    # ---- greedy decoding with a static cache (the fast path of `generate`) ----
+
+    def _generate_static_greedy(self, args: tuple, kwargs: dict[str, Any]) -> torch.LongTensor | None:
+        """`generate(cache_implementation="static")` for plain greedy decoding on a CUDA device, through
+        [`_StaticGreedyDecoder`] (one compiled step replayed as a CUDA graph). None when the call asks for anything
+        else (beams, sampling, logits processors, streamers, extra outputs, transformers 4.x): `GenerationMixin`'s
+        loop then runs it.
+        """
+        if args or kwargs.get("cache_implementation") != "static" or not set(kwargs) <= _FAST_DECODE_ARGUMENTS:
+            return None
+        if int(_TRANSFORMERS_VERSION.split(".")[0]) < 5:  # 4.x's static cache needs `cache_position` host-side
+            return None
+        if kwargs.get("num_beams") not in (None, 1) or kwargs.get("do_sample") or kwargs.get("use_cache") is False:
+            return None
+        input_ids, max_new_tokens = kwargs.get("input_ids"), kwargs.get("max_new_tokens")
+        image_hidden_states, image_indices = kwargs.get("image_hidden_states"), kwargs.get("image_indices")
+        if (
+            not torch.is_tensor(input_ids)
+            or input_ids.ndim != 2
+            or input_ids.is_floating_point()
+            or not isinstance(max_new_tokens, int)
+            or max_new_tokens < 1
+            or image_indices is None
+            or (self.device.type != "cuda" and not _StaticGreedyDecoder.run_on_cpu)
+        ):
+            return None
+        config = self.generation_config
+        if any(not _FAST_DECODE_CONFIG.get(k, lambda v: False)(v) for k, v in config.to_diff_dict().items()):
+            return None
+        eos = kwargs.get("eos_token_id", config.eos_token_id)
+        if torch.is_tensor(eos):
+            eos = eos.flatten().tolist()
+        eos = () if eos is None else tuple(int(e) for e in ([eos] if isinstance(eos, int) else eos))
+        pad = kwargs.get("pad_token_id", config.pad_token_id)
+        pad = eos[0] if pad is None and eos else pad
+        if pad is None:
+            return None
+        batch_size, prompt_len = input_ids.shape
+        needed = prompt_len + max_new_tokens
+        # the cache length in steps of 64 (fewer distinct shapes to compile), within the LM's positions
+        text_config = self.config.text_config
+        limit = getattr(text_config, "max_seq_len", None) or getattr(text_config, "max_position_embeddings", None)
+        max_len = -(-needed // 64) * 64
+        max_len = needed if limit is not None and max_len > limit else max_len
+        images = None
+        if image_hidden_states is not None:
+            images = (tuple(image_hidden_states.shape[1:]), image_hidden_states.dtype)
+        key = (batch_size, max_len, images, eos)
+        decoders = _STATIC_DECODERS.setdefault(self, {})
+        decoder = decoders.get(key)
+        if decoder is None:
+            while len(decoders) >= 4:
+                decoders.pop(next(iter(decoders)))
+            key_values = None if image_hidden_states is None else self._cross_attention_key_values(image_hidden_states)
+            decoder = decoders[key] = _StaticGreedyDecoder(self, batch_size, max_len, key_values, eos)
+        attention_mask = kwargs.get("attention_mask")
+        return decoder.generate(
+            input_ids,
+            torch.ones_like(input_ids) if attention_mask is None else attention_mask,
+            image_hidden_states,
+            image_indices,
+            max_new_tokens,
+            kwargs.get("min_new_tokens") or 0,
+            int(pad),
+        )
 
     # ---- training ----
 
@@ -1334,6 +1408,224 @@ class OpenFlamingoNewTokenEmbeddings(nn.Module):
         for slot, token_id in enumerate(self.token_id_list):
             inputs_embeds = torch.where((input_ids == token_id).unsqueeze(-1), rows[slot], inputs_embeds)
         return inputs_embeds
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Greedy decoding with a static KV cache: one compiled decoding step, replayed as a CUDA graph
+# --------------------------------------------------------------------------------------------------------------------
+
+# `generate` arguments that the fast path below handles; any other one (beams, sampling, logits processors, streamers,
+# `return_dict_in_generate`, ...) leaves the call to `GenerationMixin.generate`.
+_FAST_DECODE_ARGUMENTS = frozenset(
+    {
+        "input_ids",
+        "attention_mask",
+        "image_hidden_states",
+        "image_indices",
+        "max_new_tokens",
+        "min_new_tokens",
+        "do_sample",
+        "num_beams",
+        "pad_token_id",
+        "eos_token_id",
+        "cache_implementation",
+        "compile_config",
+        "use_cache",
+    }
+)
+# Fields of the model's `generation_config` that may differ from `GenerationConfig()` (with these values) and still
+# mean plain greedy decoding.
+_FAST_DECODE_CONFIG = {
+    "use_cache": lambda v: v is not False,
+    "output_attentions": lambda v: not v,
+    "output_hidden_states": lambda v: not v,
+    "pad_token_id": lambda v: True,
+    "eos_token_id": lambda v: True,
+    "bos_token_id": lambda v: True,
+    "decoder_start_token_id": lambda v: True,
+    "max_length": lambda v: True,
+    "_from_model_config": lambda v: True,
+    "transformers_version": lambda v: True,
+}
+# model -> {shape key -> decoder}; weak, so that a model and its decoders go together. Not on the model itself, so that
+# `copy.deepcopy` and `save_pretrained` never meet a CUDA graph.
+_STATIC_DECODERS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _StaticGreedyDecoder]] = weakref.WeakKeyDictionary()
+
+
+class _StaticGreedyDecoder:
+    """Greedy decoding of `batch` rows into a static KV cache of `max_len` positions.
+
+    The prompt runs through the model as usual (eager). Each later step (the forward of one token per row, the
+    choice of the next token, the end-of-sequence bookkeeping) is one `torch.compile`d function (`fullgraph=True`:
+    no graph break, no host sync) over tensors that keep their addresses from call to call, captured once as a CUDA
+    graph; decoding replays it, and the host waits on the device only every `check_every` steps. Outputs are those of
+    `GenerationMixin.generate` (`min_new_tokens`, `eos_token_id`, `pad_token_id` after a row's end).
+    """
+
+    check_every = 16
+    # Tests only: also take the fast path on a CPU (no CUDA graph there).
+    run_on_cpu = False
+    # On a CPU (tests), the step runs uncompiled unless a backend is named here (e.g. "eager" to check the tracing).
+    cpu_compile_backend: str | None = None
+
+    def __init__(
+        self,
+        model: OpenFlamingoForConditionalGeneration,
+        batch_size: int,
+        max_len: int,
+        key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None,
+        eos_token_ids: tuple[int, ...],
+    ) -> None:
+        self.model_ref = weakref.ref(model)
+        device = model.device
+        lm_parameters = _forward_parameters(type(model.language_model))
+        self.pass_position_ids = "position_ids" in lm_parameters
+        long = {"dtype": torch.long, "device": device}
+        self.token = torch.zeros(batch_size, 1, **long)
+        self.position_ids = torch.zeros(batch_size, 1, **long)
+        self.attention_mask = torch.ones(batch_size, max_len, **long)
+        self.image_indices = torch.zeros(batch_size, 1, **long)
+        self.key_values = None
+        if key_values is not None:
+            self.key_values = tuple((torch.zeros_like(k), torch.zeros_like(v)) for k, v in key_values)
+        self.step = torch.zeros((), **long)  # how many tokens each row has generated
+        self.min_new_tokens = torch.zeros((), **long)
+        self.pad_token_id = torch.zeros((), **long)
+        self.eos_token_ids = torch.tensor(eos_token_ids, **long) if eos_token_ids else None
+        self.unfinished = torch.ones(batch_size, dtype=torch.bool, device=device)
+        self.finished_at = torch.zeros(batch_size, **long)
+        self.tokens = torch.zeros(batch_size, max_len, **long)
+        self.cache = _new_static_cache(model.config.text_config, max_len)
+        self.max_len = max_len
+        self.replay: Any = None
+
+    @property
+    def model(self) -> OpenFlamingoForConditionalGeneration:
+        return self.model_ref()
+
+    def _forward(
+        self, input_ids: torch.Tensor, image_indices: torch.Tensor | None, position_ids: torch.Tensor, **kw: Any
+    ) -> OpenFlamingoCausalLMOutputWithPast:
+        """One forward into the static cache (logits of the last position only)."""
+        if self.pass_position_ids:
+            kw["position_ids"] = position_ids
+        return self.model(
+            input_ids=input_ids,
+            attention_mask=self.attention_mask,
+            image_indices=image_indices,
+            use_cache=True,
+            return_dict=True,
+            logits_to_keep=1,
+            **{_CACHE_FIELD: self.cache},
+            **kw,
+        )
+
+    def _choose(self, logits: torch.Tensor) -> None:
+        """Greedy choice of each row's next token, as `generate` makes it; appends it and advances `step`."""
+        logits = logits.float()
+        if self.eos_token_ids is not None:  # `min_new_tokens`: no end of sequence before it
+            eos_logits = logits.index_select(1, self.eos_token_ids)
+            too_early = self.step < self.min_new_tokens
+            logits = logits.index_copy(1, self.eos_token_ids, eos_logits.masked_fill(too_early, float("-inf")))
+        next_tokens = torch.where(self.unfinished, logits.argmax(dim=-1), self.pad_token_id)
+        self.tokens.index_copy_(1, self.step.view(1), next_tokens.unsqueeze(1))
+        if self.eos_token_ids is not None:
+            ends = torch.isin(next_tokens, self.eos_token_ids) & self.unfinished
+            self.finished_at.copy_(torch.where(ends, self.step, self.finished_at))
+            self.unfinished &= ~ends
+        self.token.copy_(next_tokens.unsqueeze(1))
+        self.step.add_(1)
+
+    def _decode_step(self) -> None:
+        image_cache = None
+        if self.key_values is not None:
+            image_cache = OpenFlamingoImageCache(key_values=self.key_values, last_image_index=self.image_indices[:, 0])
+        out = self._forward(self.token, self.image_indices, self.position_ids, image_cache=image_cache)
+        self._choose(out.logits[:, -1])
+        self.position_ids.add_(1)
+
+    def _prepare_replay(self) -> None:
+        """Compile the step and, on CUDA, capture it as a CUDA graph. The warm-up steps write garbage into the cache
+        and the buffers; `generate` resets them before the prompt."""
+        device = self.token.device
+        self._decode_step()  # eager: the cache allocates its tensors at its first update (not in a compiled graph)
+        backend = "inductor" if device.type == "cuda" else self.cpu_compile_backend
+        step = torch.compile(self._decode_step, fullgraph=True, dynamic=False, backend=backend) if backend else None
+        # Each decoder (batch size, cache length, model) is one more compiled version of `_decode_step`: allow more
+        # than dynamo's default of 8 before it refuses (with `fullgraph=True`, an error). Only these calls compile.
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        with torch._dynamo.config.patch(**{limit: max(64, getattr(torch._dynamo.config, limit))}):
+            if device.type != "cuda":
+                if step is not None:
+                    step()
+                self.replay = step or self._decode_step
+                return
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for _ in range(3):  # compiles, then runs with everything (cuBLAS workspaces, autotuning) in place
+                    step()
+            torch.cuda.current_stream(device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+        self.replay = graph.replay
+
+    def generate(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        image_hidden_states: torch.Tensor | None,
+        image_indices: torch.LongTensor,
+        max_new_tokens: int,
+        min_new_tokens: int,
+        pad_token_id: int,
+    ) -> torch.LongTensor:
+        if self.replay is None:  # warm-up steps write garbage into the cache: before the prompt, which resets it
+            self._prepare_replay()
+        prompt_len = input_ids.shape[1]
+        self.cache.reset()
+        self.attention_mask.fill_(1)
+        self.attention_mask[:, :prompt_len].copy_(attention_mask)
+        self.step.zero_()
+        self.min_new_tokens.fill_(min_new_tokens)
+        self.pad_token_id.fill_(pad_token_id)
+        self.unfinished.fill_(True)
+        self.finished_at.zero_()
+        self.tokens.fill_(pad_token_id)
+        # position ids as `generate` makes them from the attention mask (left padding: a row's first real token is 0)
+        attention_mask = attention_mask.long()
+        positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+        if image_hidden_states is None:
+            out = self._forward(input_ids, None, positions)
+        else:
+            out = self._forward(input_ids, image_indices, positions, image_hidden_states=image_hidden_states)
+            for (k, v), (new_k, new_v) in zip(self.key_values, out.image_cache.key_values, strict=True):
+                k.copy_(new_k)
+                v.copy_(new_v)
+        self.image_indices.copy_(image_indices[:, -1:])
+        self.position_ids.copy_(positions[:, -1:] + 1)
+        self._choose(out.logits[:, -1])
+        steps = 1
+        while steps < max_new_tokens:
+            self.replay()
+            steps += 1
+            if (
+                self.eos_token_ids is not None
+                and steps >= min_new_tokens
+                and steps % self.check_every == 0
+                and not bool(self.unfinished.any())
+            ):
+                break
+        if self.eos_token_ids is not None and not bool(self.unfinished.any()):
+            steps = int(self.finished_at.max()) + 1  # `generate` stops after the step in which the last row ended
+        return torch.cat((input_ids, self.tokens[:, :steps].clone()), dim=1)
+
+
+def _new_static_cache(text_config: Any, max_len: int) -> Any:
+    from transformers import StaticCache
+
+    return StaticCache(config=text_config, max_cache_len=max_len)
 
 
 __all__ = [

@@ -1,0 +1,450 @@
+"""Time openflamingo-hf at full size with random weights on a CUDA GPU (no downloads).
+
+The three released shapes (of3b, of4b, of9b), the workloads of the original's benchmark (`bench_reference.py`):
+a prompt of 3 images and 96 tokens (an `<image>` every 32 tokens), 64 forced new tokens at batch 1 and 8, beam search
+(3 beams, 16 new tokens, batch 8), a forward over the prompt, and a training step of 8 x 255 tokens with 5 images per
+sample. The bare language model of each shape can be timed in the same process (`--lm-alone`).
+
+Decoding modes:
+  eager     `generate()` as is: dynamic KV cache, no compilation.
+  compiled  `generate(cache_implementation="static")`: static KV cache, and transformers compiles the decoding step
+            (`torch.compile`, mode "reduce-overhead", i.e. CUDA graphs).
+
+Prints one JSON line per measurement and writes them all to $OUT/openflamingo_bench.json (or --out).
+
+Usage: python benchmarks/bench_openflamingo.py [--models of3b,of4b,of9b] [--what prefill,generate,beam,train,lm]
+           [--modes eager,compiled] [--reps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, CLIPVisionConfig, CompileConfig, GPTNeoXConfig, MptConfig
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from modeling_openflamingo import OpenFlamingoConfig, OpenFlamingoForConditionalGeneration  # noqa: E402
+from modeling_openflamingo.configuration_openflamingo import VIT_L_14_CONFIG  # noqa: E402
+from modeling_openflamingo.modeling_openflamingo import add_mpt_static_cache_support  # noqa: E402
+
+VOCAB = 50280
+EOC, MEDIA, PAD = 50277, 50278, 50279
+DEV = os.environ.get("BENCH_DEV", "cuda")
+TINY = False  # --tiny: small shapes, for a smoke test of this script on a CPU
+RECORDS: list[dict[str, Any]] = []
+OUT_FILE = os.path.join(os.environ.get("OUT", "."), "openflamingo_bench.json")
+
+
+def text_config(name: str) -> tuple[Any, int]:
+    """The LM config of a released model and its `cross_attn_every_n_layers`."""
+    if TINY:
+        if name == "of4b":
+            return GPTNeoXConfig(
+                hidden_size=64,
+                num_attention_heads=4,
+                num_hidden_layers=4,
+                intermediate_size=128,
+                rotary_pct=1.0,
+                use_parallel_residual=False,
+                vocab_size=VOCAB,
+                tie_word_embeddings=False,
+            ), 2
+        qk_ln = {"qk_ln": True} if name == "of3b" else {}
+        return MptConfig(d_model=64, n_heads=4, n_layers=4, max_seq_len=256, vocab_size=VOCAB, attn_config=qk_ln), 2
+    if name == "of3b":  # MosaicGPT-1B (mpt-1b-redpajama-200b): MPT with QK-LayerNorm
+        return MptConfig(
+            d_model=2048, n_heads=16, n_layers=24, max_seq_len=2048, vocab_size=VOCAB, attn_config={"qk_ln": True}
+        ), 1
+    if name == "of4b":  # RedPajama-INCITE-3B (GPT-NeoX)
+        return GPTNeoXConfig(
+            hidden_size=2560,
+            num_attention_heads=32,
+            num_hidden_layers=32,
+            intermediate_size=10240,
+            rotary_pct=1.0,
+            use_parallel_residual=False,
+            vocab_size=VOCAB,
+            bos_token_id=0,
+            eos_token_id=0,
+            tie_word_embeddings=False,
+        ), 2
+    if name == "of9b":  # MPT-7B
+        return MptConfig(d_model=4096, n_heads=32, n_layers=32, max_seq_len=2048, vocab_size=VOCAB), 4
+    raise ValueError(f"unknown model {name!r}")
+
+
+def build(name: str, dtype: torch.dtype = torch.bfloat16) -> OpenFlamingoForConditionalGeneration:
+    """The full-size model, initialised directly on the GPU in `dtype`, gates at 0.5 (tanh ~0.46) as the baseline."""
+    lm_config, every_n = text_config(name)
+    vision = VIT_L_14_CONFIG
+    if TINY:
+        vision = dict(VIT_L_14_CONFIG, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    config = OpenFlamingoConfig(
+        vision_config=CLIPVisionConfig(**vision),
+        text_config=lm_config,
+        cross_attn_every_n_layers=every_n,
+        media_token_id=MEDIA,
+        eoc_token_id=EOC,
+        pad_token_id=PAD,
+    )
+    with torch.device(DEV):
+        model = OpenFlamingoForConditionalGeneration._from_config(config, dtype=dtype)
+    with torch.no_grad():
+        for block in model.gated_cross_attn_layers.values():
+            block.attn_gate.fill_(0.5)
+            block.ff_gate.fill_(0.5)
+    return model.eval()
+
+
+def prompt(batch: int, n_images: int = 3, text_per_image: int = 31, seed: int = 0) -> torch.Tensor:
+    """`<image>` + `text_per_image` random tokens, `n_images` times per row (the reference benchmark's prompt)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(batch):
+        row: list[int] = []
+        for _ in range(n_images):
+            row += [MEDIA] + torch.randint(100, 50000, (text_per_image,), generator=g).tolist()
+        rows.append(row)
+    return torch.tensor(rows, device=DEV)
+
+
+def sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory_gb() -> float:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEV == "cuda" else 0.0
+
+
+def reset_peak_memory() -> None:
+    gc.collect()
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def timed(fn: Callable[[], Any], reps: int, warmup: int = 1) -> tuple[float, list[float]]:
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), times
+
+
+def record(rec: dict[str, Any]) -> None:
+    rec = {"impl": "openflamingo-hf", **rec}
+    RECORDS.append(rec)
+    print(json.dumps(rec), flush=True)
+    with open(OUT_FILE, "w") as f:  # rewritten after every measurement: a job cut short keeps what it measured
+        json.dump(RECORDS, f, indent=1)
+
+
+def guarded(what: str, fn: Callable[[], None]) -> None:
+    """Run one measurement; on failure record the error and go on with the next."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        record({"what": what, "error": f"{type(e).__name__}: {str(e)[:500]}"})
+    reset_peak_memory()
+
+
+def generate_kwargs(mode: str) -> dict[str, Any]:
+    if mode == "eager":
+        return {}
+    if mode == "compiled":
+        return {"cache_implementation": "static", "compile_config": CompileConfig()}
+    if mode == "static":  # static cache, no compilation
+        return {"cache_implementation": "static", "disable_compile": True}
+    raise ValueError(mode)
+
+
+def bench_prefill(
+    model: OpenFlamingoForConditionalGeneration, name: str, batch: int, reps: int, mode: str = "eager"
+) -> None:
+    """The forward over the prompt (images included). mode "cudagraphs": `torch.compile(backend="cudagraphs")`."""
+    ids = prompt(batch)
+    pixel_values = torch.randn(batch, 3, 3, 224, 224, device=DEV, dtype=torch.bfloat16)
+    forward = model if mode == "eager" else torch.compile(model, backend=mode)
+
+    def run() -> None:
+        with torch.no_grad():
+            forward(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values, logits_to_keep=1)
+
+    med, ts = timed(run, reps, warmup=1 if mode == "eager" else 3)
+    record(
+        {
+            "model": name,
+            "what": "forward(prompt)",
+            "mode": mode,
+            "batch": batch,
+            "prompt_tokens": ids.shape[1],
+            "images": 3,
+            "seconds_median": round(med, 4),
+            "seconds_all": [round(t, 4) for t in ts],
+        }
+    )
+
+
+def bench_generate(
+    model: Any, name: str, batch: int, mode: str, reps: int, new_tokens: int = 64, num_beams: int = 1, lm: bool = False
+) -> None:
+    ids = prompt(batch)
+    kwargs = dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        num_beams=num_beams,
+        do_sample=False,
+        pad_token_id=PAD,
+        **generate_kwargs(mode),
+    )
+    if not lm:
+        kwargs["pixel_values"] = torch.randn(batch, 3, 3, 224, 224, device=DEV, dtype=torch.bfloat16)
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    outputs = []
+
+    def run() -> None:
+        out = model.generate(**kwargs)
+        assert out.shape == (batch, ids.shape[1] + new_tokens), out.shape
+        outputs.append(out)
+
+    t0 = time.perf_counter()
+    run()
+    run()  # the first call compiles, the second records the CUDA graphs
+    warmup_s = time.perf_counter() - t0
+    reset_peak_memory()
+    med, ts = timed(run, reps, warmup=0)
+    same = all(torch.equal(o, outputs[-1]) for o in outputs[1:])
+    record(
+        {
+            "impl": f"transformers-{transformers.__version__} LM alone" if lm else "openflamingo-hf",
+            "model": name,
+            "what": "generate",
+            "mode": mode,
+            "batch": batch,
+            "num_beams": num_beams,
+            "prompt_tokens": ids.shape[1],
+            "images": 0 if lm else 3,
+            "new_tokens": new_tokens,
+            "seconds_median": round(med, 4),
+            "seconds_all": [round(t, 4) for t in ts],
+            "new_tokens_per_s": round(batch * new_tokens / med, 1),
+            "peak_mem_gb": peak_memory_gb(),
+            "warmup_s": round(warmup_s, 1),
+            "graph_breaks": sum(counters["graph_break"].values()),
+            "repeatable": same,
+            "dtype": "bf16",
+        }
+    )
+    return outputs[-1]
+
+
+def bench_train(
+    name: str,
+    reps: int,
+    batch: int = 8,
+    seq: int = 256,
+    n_images: int = 5,
+    compiled: bool = False,
+    profile: bool = False,
+) -> None:
+    """One AdamW step on perceiver + cross-attention blocks + input embeddings (the original recipe's trainables).
+
+    Frozen weights (vision tower, LM) stay bf16; trainable ones are fp32 master weights; compute under bf16 autocast.
+    """
+    model = build(name, torch.bfloat16)
+    model.requires_grad_(False)
+    trainable = [model.perceiver, model.gated_cross_attn_layers, model.get_input_embeddings()]
+    for module in trainable:
+        module.float().requires_grad_(True)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    per = seq // n_images
+    g = torch.Generator().manual_seed(0)
+    rows = [
+        sum(([MEDIA] + torch.randint(100, 50000, (per - 1,), generator=g).tolist() for _ in range(n_images)), [])
+        for _ in range(batch)
+    ]
+    ids = torch.tensor(rows, device=DEV)
+    labels = ids.masked_fill(ids == MEDIA, -100)
+    pixel_values = torch.randn(batch, n_images, 3, 224, 224, device=DEV, dtype=torch.bfloat16)
+    forward = torch.compile(model) if compiled else model
+
+    def step() -> None:
+        with torch.autocast(DEV, dtype=torch.bfloat16):
+            loss = forward(
+                input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values, labels=labels
+            ).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t0 = time.perf_counter()
+    step()
+    warmup_s = time.perf_counter() - t0
+    reset_peak_memory()
+    med, ts = timed(step, reps)
+    record(
+        {
+            "model": name,
+            "what": "train_step",
+            "mode": "compiled" if compiled else "eager",
+            "batch": batch,
+            "seq": ids.shape[1],
+            "images_per_sample": n_images,
+            "seconds_median": round(med, 4),
+            "seconds_all": [round(t, 4) for t in ts],
+            "tokens_per_s": round(batch * ids.shape[1] / med, 1),
+            "peak_mem_gb": peak_memory_gb(),
+            "warmup_s": round(warmup_s, 1),
+            "trainable_params": sum(p.numel() for p in params),
+            "precision": "bf16 frozen weights, fp32 trainable weights, bf16 autocast",
+        }
+    )
+    if profile:
+        write_profile(step, f"profile_{name}_train_{'compiled' if compiled else 'eager'}.txt")
+
+
+def bench_lm_alone(name: str, modes: list[str], reps: int) -> None:
+    lm_config, _ = text_config(name)
+    lm_config.use_cache = True
+    with torch.device(DEV):
+        lm = AutoModelForCausalLM.from_config(lm_config, dtype=torch.bfloat16).eval()
+    add_mpt_static_cache_support(lm, lm_config)  # MPT decodes with a static cache only with this fix
+    for mode in modes:
+        for batch in (1, 8):
+            guarded("lm generate", lambda b=batch, m=mode: bench_generate(lm, name, b, m, reps, lm=True))
+
+
+def write_profile(fn: Callable[[], Any], filename: str) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        sync()
+    table = prof.key_averages().table(sort_by=f"self_{DEV}_time_total", row_limit=30, max_name_column_width=70)
+    cpu_table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=70)
+    with open(os.path.join(os.environ.get("OUT", "."), filename), "w") as f:
+        f.write(table + "\n\n" + cpu_table)
+    print(table, flush=True)
+
+
+def profile_decode(model: Any, name: str, batch: int, mode: str) -> None:
+    """A torch.profiler table of one short generate call (where the time of a decoding step goes)."""
+    ids = prompt(batch)
+    kwargs = dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=16,
+        min_new_tokens=16,
+        do_sample=False,
+        pad_token_id=PAD,
+        **generate_kwargs(mode),
+    )
+    kwargs["pixel_values"] = torch.randn(batch, 3, 3, 224, 224, device=DEV, dtype=torch.bfloat16)
+    model.generate(**kwargs)
+    model.generate(**kwargs)
+    write_profile(lambda: model.generate(**kwargs), f"profile_{name}_b{batch}_{mode}.txt")
+
+
+def bench_model(name: str, args: argparse.Namespace) -> None:
+    whats, modes = args.what.split(","), args.modes.split(",")
+    batches = [int(b) for b in args.batches.split(",")]
+    if any(w in whats for w in ("prefill", "generate", "beam")) or args.profile:
+        t = time.perf_counter()
+        model = build(name)
+        record(
+            {
+                "model": name,
+                "what": "build",
+                "params": sum(p.numel() for p in model.parameters()),
+                "build_s": round(time.perf_counter() - t, 1),
+            }
+        )
+        if "prefill" in whats:
+            for batch in batches:
+                for mode in args.prefill_modes.split(","):
+                    guarded("prefill", lambda b=batch, m=mode: bench_prefill(model, name, b, args.reps, m))
+        for mode in modes:
+            if "generate" in whats:
+                for batch in batches:
+                    guarded("generate", lambda b=batch, m=mode: bench_generate(model, name, b, m, args.reps))
+            if "beam" in whats:
+                guarded("beam", lambda m=mode: bench_generate(model, name, 8, m, args.reps, new_tokens=16, num_beams=3))
+        for item in filter(None, args.profile.split(",")):
+            mode, batch = item.split(":")
+            guarded("profile", lambda b=int(batch), m=mode: profile_decode(model, name, b, m))
+        del model
+        reset_peak_memory()
+        torch._dynamo.reset()
+    if "train" in whats:
+        for mode in args.train_modes.split(","):
+            compiled, profile = mode == "compiled", args.profile_train
+            guarded("train", lambda c=compiled, p=profile: bench_train(name, args.reps, compiled=c, profile=p))
+            torch._dynamo.reset()
+    if "lm" in whats:
+        guarded("lm", lambda: bench_lm_alone(name, modes, args.reps))
+        torch._dynamo.reset()
+
+
+def main() -> None:
+    global TINY, OUT_FILE
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="of3b,of4b,of9b")
+    parser.add_argument("--what", default="prefill,generate,beam,train,lm")
+    parser.add_argument("--modes", default="eager,compiled")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--prefill-modes", default="eager", help="eager, and/or a torch.compile backend")
+    parser.add_argument("--train-modes", default="eager", help="eager and/or compiled (torch.compile'd model)")
+    parser.add_argument("--profile-train", action="store_true", help="write a profile of one training step")
+    parser.add_argument("--profile", default="", help="MODE:BATCH pairs to profile, e.g. compiled:1,eager:8")
+    parser.add_argument("--tiny", action="store_true", help="small shapes: a smoke test of this script")
+    parser.add_argument("--out", default=OUT_FILE)
+    args = parser.parse_args()
+    TINY, OUT_FILE = args.tiny, args.out
+    torch._dynamo.config.cache_size_limit = 64
+    torch._dynamo.config.accumulated_cache_size_limit = 512
+    gpu = torch.cuda.get_device_name() if DEV == "cuda" else DEV
+    record(
+        {
+            "what": "environment",
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "gpu": gpu,
+            "cuda": torch.version.cuda,
+            "python": sys.version.split()[0],
+        }
+    )
+
+    for name in args.models.split(","):
+        bench_model(name, args)
+
+
+if __name__ == "__main__":
+    main()

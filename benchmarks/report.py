@@ -1,0 +1,110 @@
+"""Merge the JSON records of bench_openflamingo.py and bench_reference.py into one markdown table.
+
+Usage: python benchmarks/report.py FILE.json [FILE.json ...]
+
+Ratios are taken against the original measured in the same files (the same GPU job). For of3b, whose original cannot
+run there (MosaicGPT's remote code is not on PyPI), the ratio is against the original's recorded figures of
+2026-11-24 (`../shared/measurements/`), marked "(recorded)".
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+# The original on an H100 80GB HBM3, 2026-11-24 (open-flamingo 2.0.1, transformers 4.40.2, torch 2.11).
+RECORDED: dict[tuple[str, str, int, int], tuple[float, float | None]] = {
+    ("of3b", "forward(prompt)", 1, 1): (0.062, None),
+    ("of3b", "forward(prompt)", 8, 1): (0.0643, None),
+    ("of3b", "generate", 1, 1): (17.9, 4.85),
+    ("of3b", "generate", 8, 1): (105.5, 5.19),
+    ("of3b", "generate", 8, 3): (112.6, 6.36),
+    ("of3b", "train_step", 8, 1): (8326.1, 31.45),
+}
+
+
+def load(paths: list[str]) -> list[dict[str, Any]]:
+    records = []
+    for path in paths:
+        with open(path) as f:
+            records += json.load(f)
+    return [r for r in records if "error" not in r and r.get("what") not in ("environment", "build")]
+
+
+def key(r: dict[str, Any]) -> tuple[str, str, int, int]:
+    return r["model"], r["what"], r.get("batch", 1), r.get("num_beams", 1)
+
+
+def value(r: dict[str, Any]) -> float:
+    """Higher is better: tokens/s, or 1/seconds for the prompt forward."""
+    if r["what"] == "forward(prompt)":
+        return r["seconds_median"]
+    return r.get("new_tokens_per_s") or r.get("tokens_per_s")
+
+
+def fmt(x: float | None, what: str) -> str:
+    if x is None:
+        return "-"
+    if what == "forward(prompt)":
+        return f"{x * 1000:.1f} ms"
+    return f"{x:,.1f}"
+
+
+def table(records: list[dict[str, Any]]) -> str:
+    groups: dict[tuple[str, str, int, int], dict[str, dict[str, Any]]] = {}
+    for r in records:
+        impl = r["impl"]
+        if impl.startswith("open_flamingo"):
+            col = "original"
+        elif "LM alone" in impl:
+            col = f"lm-{r.get('mode', 'eager')}"
+        else:
+            col = f"ours-{r.get('mode', 'eager')}"
+        groups.setdefault(key(r), {})[col] = r
+    lines = [
+        "| model | workload | original | ours (eager) | ours (static cache + compile) | best / original | "
+        "peak GB original / ours | LM alone eager / compiled |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    order = {"forward(prompt)": 0, "generate": 1, "train_step": 2}
+    for k in sorted(groups, key=lambda k: (k[0], order.get(k[1], 9), k[3], k[2])):
+        model, what, batch, beams = k
+        g = groups[k]
+        if not any(c.startswith("ours") for c in g):
+            continue
+        ref = g.get("original")
+        ref_value, ref_mem, recorded = (value(ref), ref.get("peak_mem_gb"), False) if ref else (None, None, False)
+        if ref is None and k in RECORDED:
+            (ref_value, ref_mem), recorded = RECORDED[k], True
+        ours = {c: value(r) for c, r in g.items() if c.startswith("ours")}
+        if what == "forward(prompt)":
+            best_col = min(ours, key=ours.get)
+            ratio = ref_value / ours[best_col] if ref_value else None
+        else:
+            best_col = max(ours, key=ours.get)
+            ratio = ours[best_col] / ref_value if ref_value else None
+        if what == "generate":
+            n = g[best_col].get("new_tokens", 64)
+            workload = f"generate b{batch}" + (f" beams {beams}, {n} new" if beams > 1 else f", {n} new") + " tok/s"
+        elif what == "train_step":
+            workload = f"train step {batch}x{g[best_col].get('seq')}, {g[best_col].get('images_per_sample')} img, tok/s"
+        else:
+            workload = f"prompt forward b{batch}"
+        ref_text = fmt(ref_value, what) + (" (recorded)" if recorded else "")
+        ratio_text = f"{ratio:.1f}x" + (" (vs recorded)" if recorded else "") if ratio else "-"
+        mem = f"{ref_mem if ref_mem is not None else '-'} / {g[best_col].get('peak_mem_gb', '-')}"
+        lm = " / ".join(fmt(value(g[c]), what) if c in g else "-" for c in ("lm-eager", "lm-compiled"))
+        lines.append(
+            f"| {model} | {workload} | {ref_text} | {fmt(ours.get('ours-eager'), what)} | "
+            f"{fmt(ours.get('ours-compiled'), what)} | {ratio_text} | {mem} | {lm} |"
+        )
+    return "\n".join(lines)
+
+
+def main(paths: list[str]) -> None:
+    print(table(load(paths)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,164 @@
+"""The fast decoding path gives the tokens of plain `generate`: static cache, compile-friendly decoding step, and the
+greedy decoder that replays one compiled step (on a GPU, as a CUDA graph; here on the CPU, without one)."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import weakref
+
+import pytest
+import torch
+import transformers
+
+from modeling_openflamingo.modeling_openflamingo import (
+    _STATIC_DECODERS,
+    _TRACED_CROSS_ATTENTION,
+    OpenFlamingoImageCache,
+    _StaticGreedyDecoder,
+)
+
+from .test_core import EOC, MEDIA, PAD, inputs, tiny_model
+
+IS_V4 = transformers.__version__.startswith("4.")
+FAMILIES = ["mpt", "mosaic_gpt", "gpt_neox", "llama"]
+needs_v5 = pytest.mark.skipif(IS_V4, reason="static-cache decoding of MPT and the fast path need transformers 5")
+
+
+@pytest.fixture
+def fast_path_on_cpu(monkeypatch):
+    """Let the fast path run on the CPU (it is meant for CUDA, where it replays a CUDA graph)."""
+    monkeypatch.setattr(_StaticGreedyDecoder, "run_on_cpu", True)
+    return monkeypatch
+
+
+def padded_prompt(batch: int = 3, seq: int = 12):
+    ids, pixel_values = inputs(batch=batch, seq=seq)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding on the first row
+    ids[0, :3] = PAD
+    ids[0, 3] = MEDIA
+    return ids, mask, pixel_values
+
+
+def generate_kwargs(ids, mask, pixel_values, **kwargs):
+    return dict(
+        input_ids=ids, attention_mask=mask, pixel_values=pixel_values, do_sample=False, pad_token_id=PAD, **kwargs
+    )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_static_cache_generate_equals_dynamic(family):
+    """`cache_implementation="static"` through GenerationMixin's own loop (beams: not the fast path)."""
+    if IS_V4 and family in ("mpt", "mosaic_gpt"):
+        pytest.skip("transformers 4.x's MPT cannot decode with a static cache (its 4-D mask check)")
+    model = tiny_model(family)
+    ids, mask, pixel_values = padded_prompt()
+    for extra in ({"num_beams": 2}, {"output_scores": True, "return_dict_in_generate": True}):
+        kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=6, min_new_tokens=6, **extra)
+        dynamic, static = model.generate(**kw), model.generate(**kw, cache_implementation="static")
+        if extra.get("return_dict_in_generate"):
+            dynamic, static = dynamic.sequences, static.sequences
+        assert torch.equal(dynamic, static)
+    assert model not in _STATIC_DECODERS
+
+
+@needs_v5
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decoding_step_compiles_without_graph_breaks(family):
+    """One decoding step into a static cache traces as a single graph (`fullgraph=True`) and gives eager's logits."""
+    from transformers import StaticCache
+
+    torch._dynamo.reset()
+    model = tiny_model(family)
+    ids, pixel_values = inputs()
+    text_config = model.config.text_config
+    results = []
+    for compiled in (False, True):
+        cache = StaticCache(config=text_config, max_cache_len=16)
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values, cache=cache)
+            step = torch.compile(model, backend="eager", fullgraph=True) if compiled else model
+            nxt = step(
+                input_ids=out.logits[:, -1:].argmax(-1),
+                attention_mask=torch.ones(2, 16, dtype=torch.long),
+                image_cache=out.image_cache,
+                image_indices=out.image_cache.last_image_index[:, None],
+                cache=cache,
+            )
+        results.append(nxt.logits)
+    torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=1e-5)
+    assert not _TRACED_CROSS_ATTENTION  # the traced forward's state is gone with it
+
+
+@needs_v5
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fast_greedy_path_equals_generate(family, fast_path_on_cpu):
+    model = tiny_model(family)
+    ids, mask, pixel_values = padded_prompt()
+    cases = [
+        {"max_new_tokens": 8, "min_new_tokens": 8},  # forced length, as the benchmark
+        # many end-of-sequence ids: rows end at different steps, later tokens are padding, generation stops early
+        {"max_new_tokens": 8, "eos_token_id": [EOC, *range(5, 300, 2)]},
+        {"max_new_tokens": 8, "min_new_tokens": 3, "eos_token_id": [EOC, *range(5, 300, 2)]},
+    ]
+    for case in cases:
+        kw = generate_kwargs(ids, mask, pixel_values, **case)
+        expected = model.generate(**kw)
+        fast = model.generate(**kw, cache_implementation="static")
+        again = model.generate(**kw, cache_implementation="static")  # the decoder is reused
+        assert torch.equal(fast, expected), case
+        assert torch.equal(again, expected), case
+    assert len(_STATIC_DECODERS[model]) == 2  # one per (batch, cache length, images, eos ids)
+    text_only = {"input_ids": torch.randint(0, 400, (2, 7)), "max_new_tokens": 5, "pad_token_id": PAD}
+    assert torch.equal(model.generate(**text_only), model.generate(**text_only, cache_implementation="static"))
+
+
+@needs_v5
+@pytest.mark.parametrize("family", ["mosaic_gpt", "llama"])
+def test_fast_greedy_path_compiled_step(family, fast_path_on_cpu):
+    """The decoding step as the GPU runs it: compiled with `fullgraph=True` (backend "eager" here, for speed)."""
+    fast_path_on_cpu.setattr(_StaticGreedyDecoder, "cpu_compile_backend", "eager")
+    model = tiny_model(family)
+    ids, mask, pixel_values = padded_prompt()
+    for case in ({"max_new_tokens": 6, "min_new_tokens": 6}, {"max_new_tokens": 6, "eos_token_id": [*range(5, 300)]}):
+        kw = generate_kwargs(ids, mask, pixel_values, **case)
+        assert torch.equal(model.generate(**kw, cache_implementation="static"), model.generate(**kw)), case
+
+
+@needs_v5
+def test_fast_path_only_for_plain_greedy_calls(fast_path_on_cpu):
+    model = tiny_model("mosaic_gpt")
+    ids, mask, pixel_values = padded_prompt()
+    kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=4, cache_implementation="static")
+    model.generate(**kw, num_beams=2)
+    model.generate(**kw, output_scores=True, return_dict_in_generate=True)
+    model.generate(**kw, repetition_penalty=1.3)
+    assert model not in _STATIC_DECODERS
+    model.generate(**kw)
+    assert model in _STATIC_DECODERS
+
+
+@needs_v5
+def test_decoders_do_not_keep_the_model_alive_and_copies_work(fast_path_on_cpu):
+    model = tiny_model("llama")
+    ids, mask, pixel_values = padded_prompt()
+    kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=4, cache_implementation="static")
+    out = model.generate(**kw)
+    twin = copy.deepcopy(model)  # no decoder (nor CUDA graph) on the model itself
+    assert torch.equal(twin.generate(**kw), out)
+    refs = [weakref.ref(model), weakref.ref(twin)]
+    assert all(r() in _STATIC_DECODERS for r in refs)
+    del model, twin
+    gc.collect()
+    assert all(r() is None for r in refs)  # the decoders' compiled steps and caches went with them
+
+
+def test_image_cache_output_is_unchanged_by_the_fast_path_module():
+    """The public image cache still carries per-block keys/values and the last image index."""
+    model = tiny_model("gpt_neox")
+    ids, pixel_values = inputs()
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=pixel_values, use_cache=True)
+    assert isinstance(out.image_cache, OpenFlamingoImageCache)
+    assert len(out.image_cache.key_values) == len(model.gated_cross_attn_layers)
