@@ -105,27 +105,35 @@ class CPUFSDPTrainer(FlamingoTrainer):
             state.fsdp_plugin = FullyShardedDataParallelPlugin(**plugin_args) if plugin_args else None
             if state.fsdp_plugin is None:
                 state.fsdp_plugin = FullyShardedDataParallelPlugin()
+        if self.accelerator.mixed_precision != "no" and state.fsdp_plugin.mixed_precision_policy is None:
+            # As AcceleratorState does for an FSDP plugin on GPUs. FSDP2 runs without autocast: its
+            # MixedPrecisionPolicy (parameters gathered in bf16) is all the mixed precision there is.
+            state.fsdp_plugin.set_mixed_precision(self.accelerator.mixed_precision)
         state.distributed_type = DistributedType.FSDP
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP
         PartialState._shared_state["device"] = state.device = torch.device("cpu")
         self.is_fsdp_enabled = True
 
 
+def fsdp_training_arguments(on_cpu: bool) -> dict[str, Any]:
+    """`TrainingArguments` keywords for FSDP2 full-shard with auto-wrap, for transformers 4.57 and 5.x.
+
+    FSDP2 (`fully_shard`) auto-wraps the classes in `model._no_split_modules` (decoder layers, gated cross-attention
+    blocks, Perceiver layers, CLIP encoder layers); frozen and trainable parameters mix freely. On transformers 4.x
+    this also sets the `FSDP_*` variables through which 4.x passes FSDP settings to accelerate (if they are unset).
+    """
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return {"fsdp": True, "fsdp_config": {"version": 2, "reshard_after_forward": True}}
+    os.environ.setdefault("FSDP_VERSION", "2")
+    os.environ.setdefault("FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT")  # so that save_model writes the model
+    return {"fsdp": "full_shard auto_wrap", "fsdp_config": {"sync_module_states": not on_cpu}}
+
+
 def training_arguments(args: argparse.Namespace, on_cpu: bool) -> TrainingArguments:
     """`TrainingArguments` for this run (FSDP settings that work with transformers 4.57 and 5.x)."""
-    kwargs: dict[str, Any] = {}
-    if args.fsdp:
-        import transformers
-
-        major = int(transformers.__version__.split(".")[0])
-        # FSDP2 (`fully_shard`): auto-wraps the classes in `model._no_split_modules` (decoder layers, gated
-        # cross-attention blocks, Perceiver layers, CLIP encoder layers); frozen and trainable parameters mix freely.
-        kwargs["fsdp"] = True if major >= 5 else "full_shard auto_wrap"
-        kwargs["fsdp_config"] = {"version": 2, "reshard_after_forward": True}
-        if major < 5:  # transformers 4.x passes FSDP settings to accelerate through FSDP_* variables
-            os.environ.setdefault("FSDP_VERSION", "2")
-            os.environ.setdefault("FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT")  # so that save_model writes the model
-            kwargs["fsdp_config"] = {"sync_module_states": not on_cpu}
+    kwargs: dict[str, Any] = fsdp_training_arguments(on_cpu) if args.fsdp else {}
     return TrainingArguments(
         output_dir=args.output_dir,
         per_device_train_batch_size=args.batch_size,
