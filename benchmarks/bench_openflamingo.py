@@ -8,7 +8,8 @@ sample. The bare language model of each shape can be timed in the same process (
 Decoding modes:
   eager     `generate()` as is: dynamic KV cache, no compilation.
   compiled  `generate(cache_implementation="static")`: static KV cache, and transformers compiles the decoding step
-            (`torch.compile`, mode "reduce-overhead", i.e. CUDA graphs).
+            (`torch.compile`, mode "reduce-overhead", i.e. CUDA graphs); plain greedy calls take the fast path.
+  hf-compiled  the same through `GenerationMixin`'s own decoding loop (the fast path bypassed).
 
 Prints one JSON line per measurement and writes them all to $OUT/openflamingo_bench.json (or --out).
 
@@ -173,6 +174,8 @@ def generate_kwargs(mode: str) -> dict[str, Any]:
         return {}
     if mode == "compiled":
         return {"cache_implementation": "static", "compile_config": CompileConfig()}
+    if mode == "hf-compiled":  # as "compiled", but always through GenerationMixin's own loop (not the greedy fast path)
+        return {"cache_implementation": "static", "compile_config": CompileConfig(), "return_dict_in_generate": False}
     if mode == "static":  # static cache, no compilation
         return {"cache_implementation": "static", "disable_compile": True}
     raise ValueError(mode)
