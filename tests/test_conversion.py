@@ -756,8 +756,13 @@ def test_sharded_bfloat16_folder_loads_with_the_auto_classes(tmp_path):
 
 
 _REMOTE_CODE_SCRIPT = r"""
-import importlib.util, json, sys
-assert importlib.util.find_spec("modeling_openflamingo") is None, sys.path
+import json, sys
+sys.modules["modeling_openflamingo"] = None  # unimportable, even where it is installed (CI's editable install)
+try:
+    import modeling_openflamingo  # noqa: F401
+    raise SystemExit("modeling_openflamingo should not be importable here")
+except ImportError:
+    pass
 import torch, transformers
 from safetensors.torch import load_file
 major = int(transformers.__version__.split(".")[0])
