@@ -219,7 +219,8 @@ class OpenFlamingoCrossAttention(nn.Module):
     def key_values(self, image_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`(batch, num_images, num_latents, dim_visual)` -> keys and values `(batch, heads, images * latents, dh)`."""
         k, v = self.to_kv(image_hidden_states.flatten(1, 2)).chunk(2, dim=-1)
-        return _split_heads(k, self.heads), _split_heads(v, self.heads)
+        # contiguous: computed once per call and read at every step (and FSDP warns about returning views)
+        return _split_heads(k, self.heads).contiguous(), _split_heads(v, self.heads).contiguous()
 
     def forward(
         self, hidden_states: torch.Tensor, key: torch.Tensor, value: torch.Tensor, image_indices: torch.Tensor
@@ -565,6 +566,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         add_mpt_qk_layernorm(self.language_model, config.text_config)
         add_mpt_static_cache_support(self.language_model, config.text_config)
+        # looked up once here, not in `forward` (which torch.compile traces)
+        self._lm_takes_logits_to_keep = "logits_to_keep" in _forward_parameters(type(self.language_model))
         self.gated_cross_attn_layers = nn.ModuleDict(
             {str(i): OpenFlamingoGatedCrossAttentionBlock(config) for i in config.cross_attn_layer_indices}
         )
@@ -777,7 +780,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         if past is not None:
             lm_kwargs[_CACHE_FIELD if self._lm_accepts(_CACHE_FIELD) else "past_key_values"] = past
         slice_logits = labels is None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0)
-        if slice_logits and "logits_to_keep" in _forward_parameters(type(self.language_model)):
+        if slice_logits and self._lm_takes_logits_to_keep:
             lm_kwargs["logits_to_keep"], slice_logits = logits_to_keep, False
         active = _ActiveCrossAttention(self.gated_cross_attn_layers, named_key_values, image_indices)
         with _cross_attention_active(active):
