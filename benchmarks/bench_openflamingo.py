@@ -37,6 +37,7 @@ from transformers import AutoModelForCausalLM, CLIPVisionConfig, CompileConfig, 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from modeling_openflamingo import OpenFlamingoConfig, OpenFlamingoForConditionalGeneration  # noqa: E402
+from modeling_openflamingo.checkpoint_conversion import preset_config  # noqa: E402
 from modeling_openflamingo.configuration_openflamingo import VIT_L_14_CONFIG  # noqa: E402
 from modeling_openflamingo.modeling_openflamingo import add_mpt_static_cache_support  # noqa: E402
 
@@ -48,58 +49,50 @@ RECORDS: list[dict[str, Any]] = []
 OUT_FILE = os.path.join(os.environ.get("OUT", "."), "openflamingo_bench.json")
 
 
-def text_config(name: str) -> tuple[Any, int]:
-    """The LM config of a released model and its `cross_attn_every_n_layers`."""
-    if TINY:
-        if name == "of4b":
-            return GPTNeoXConfig(
-                hidden_size=64,
-                num_attention_heads=4,
-                num_hidden_layers=4,
-                intermediate_size=128,
-                rotary_pct=1.0,
-                use_parallel_residual=False,
-                vocab_size=VOCAB,
-                tie_word_embeddings=False,
-            ), 2
-        qk_ln = {"qk_ln": True} if name == "of3b" else {}
-        return MptConfig(d_model=64, n_heads=4, n_layers=4, max_seq_len=256, vocab_size=VOCAB, attn_config=qk_ln), 2
-    if name == "of3b":  # MosaicGPT-1B (mpt-1b-redpajama-200b): MPT with QK-LayerNorm
-        return MptConfig(
-            d_model=2048, n_heads=16, n_layers=24, max_seq_len=2048, vocab_size=VOCAB, attn_config={"qk_ln": True}
-        ), 1
-    if name == "of4b":  # RedPajama-INCITE-3B (GPT-NeoX)
-        return GPTNeoXConfig(
-            hidden_size=2560,
-            num_attention_heads=32,
-            num_hidden_layers=32,
-            intermediate_size=10240,
+# The released shapes: their full-size configs come from the conversion presets (embedded; nothing is downloaded).
+PRESETS = {
+    "of3b": "OpenFlamingo-3B-vitl-mpt1b",
+    "of4b": "OpenFlamingo-4B-vitl-rpj3b",
+    "of9b": "OpenFlamingo-9B-vitl-mpt7b",
+}
+
+
+def flamingo_config(name: str) -> OpenFlamingoConfig:
+    """The config of a released shape: of3b (MosaicGPT-1B, every layer), of4b (RedPajama-3B GPT-NeoX, every 2nd),
+    of9b (MPT-7B, every 4th), all with CLIP ViT-L/14; with --tiny, small stand-ins of the same LM families."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model {name!r}")
+    if not TINY:
+        return preset_config(PRESETS[name])
+    if name == "of4b":
+        lm_config: Any = GPTNeoXConfig(
+            hidden_size=64,
+            num_attention_heads=4,
+            num_hidden_layers=4,
+            intermediate_size=128,
             rotary_pct=1.0,
             use_parallel_residual=False,
             vocab_size=VOCAB,
-            bos_token_id=0,
-            eos_token_id=0,
             tie_word_embeddings=False,
-        ), 2
-    if name == "of9b":  # MPT-7B
-        return MptConfig(d_model=4096, n_heads=32, n_layers=32, max_seq_len=2048, vocab_size=VOCAB), 4
-    raise ValueError(f"unknown model {name!r}")
-
-
-def build(name: str, dtype: torch.dtype = torch.bfloat16) -> OpenFlamingoForConditionalGeneration:
-    """The full-size model, initialised directly on the GPU in `dtype`, gates at 0.5 (tanh ~0.46) as the baseline."""
-    lm_config, every_n = text_config(name)
-    vision = VIT_L_14_CONFIG
-    if TINY:
-        vision = dict(VIT_L_14_CONFIG, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
-    config = OpenFlamingoConfig(
-        vision_config=CLIPVisionConfig(**vision),
+        )
+    else:
+        qk_ln = {"qk_ln": True} if name == "of3b" else {}
+        lm_config = MptConfig(d_model=64, n_heads=4, n_layers=4, max_seq_len=256, vocab_size=VOCAB, attn_config=qk_ln)
+    return OpenFlamingoConfig(
+        vision_config=CLIPVisionConfig(
+            **dict(VIT_L_14_CONFIG, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+        ),
         text_config=lm_config,
-        cross_attn_every_n_layers=every_n,
+        cross_attn_every_n_layers=2,
         media_token_id=MEDIA,
         eoc_token_id=EOC,
         pad_token_id=PAD,
     )
+
+
+def build(name: str, dtype: torch.dtype = torch.bfloat16) -> OpenFlamingoForConditionalGeneration:
+    """The full-size model, initialised directly on the GPU in `dtype`, gates at 0.5 (tanh ~0.46) as the baseline."""
+    config = flamingo_config(name)
     with torch.device(DEV):
         model = OpenFlamingoForConditionalGeneration._from_config(config, dtype=dtype)
     with torch.no_grad():
@@ -332,7 +325,7 @@ def bench_train(
 
 
 def bench_lm_alone(name: str, modes: list[str], reps: int) -> None:
-    lm_config, _ = text_config(name)
+    lm_config = flamingo_config(name).text_config
     lm_config.use_cache = True
     with torch.device(DEV):
         lm = AutoModelForCausalLM.from_config(lm_config, dtype=torch.bfloat16).eval()

@@ -56,6 +56,7 @@ from transformers import (
 )
 
 from modeling_openflamingo import OpenFlamingoConfig, OpenFlamingoForConditionalGeneration
+from modeling_openflamingo.checkpoint_conversion import preset_config
 from modeling_openflamingo.configuration_openflamingo import VIT_L_14_CONFIG
 from modeling_openflamingo.processing_openflamingo import interleaved_label_mask
 
@@ -74,18 +75,10 @@ class Shape:
 
 def shape(name: str) -> Shape:
     """The `of9b` shape (OpenFlamingo-9B: CLIP ViT-L/14 224 px + MPT-7B, N=4) or a `tiny` one for CPU smoke runs."""
-    if name == "of9b":
-        vision = CLIPVisionConfig(**VIT_L_14_CONFIG)  # hidden 1024, 24 layers, 16 heads, 4096, patch 14, quick_gelu
-        text = MptConfig(d_model=4096, n_heads=32, n_layers=32, max_seq_len=2048, vocab_size=50280)  # MPT-7B
-        config = OpenFlamingoConfig(
-            vision_config=vision,
-            text_config=text,
-            cross_attn_every_n_layers=4,
-            media_token_id=50278,
-            eoc_token_id=50277,
-            pad_token_id=50279,
+    if name == "of9b":  # the released model's full-size config (embedded in the conversion presets)
+        return Shape(
+            preset_config("OpenFlamingo-9B-vitl-mpt7b"), seq_len=256, images_per_sample=5, per_device_batch_size=8
         )
-        return Shape(config, seq_len=256, images_per_sample=5, per_device_batch_size=8)
     if name == "tiny":
         vision = CLIPVisionConfig(
             **dict(

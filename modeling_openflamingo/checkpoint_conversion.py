@@ -1133,6 +1133,16 @@ def make_config(
     )
 
 
+def preset_config(preset: str | Preset) -> OpenFlamingoConfig:
+    """The full-size `OpenFlamingoConfig` of a released model, from its embedded LM config (nothing is downloaded):
+    CLIP ViT-L/14, the preset's LM (vocabulary resized to the tokenizer's length) and its cross-attention interval."""
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    lm_config, _ = lm_config_from_dict(dict(preset.lm_config), f"{preset.name} (embedded LM config)")
+    return make_config(
+        lm_config, CLIPVisionConfig(**VIT_L_14_CONFIG), preset.cross_attn_every_n_layers, **dict(preset.tokens)
+    )
+
+
 # ====================================================================================================================
 # Planning: where every tensor of the model comes from
 # ====================================================================================================================
@@ -1853,6 +1863,7 @@ __all__ = [
     "convert_hf_to_openflamingo",
     "convert_openflamingo_checkpoint",
     "dry_run",
+    "preset_config",
     "export_openflamingo_state_dict",
     "load_torch_file",
     "map_key",
