@@ -194,22 +194,36 @@ class OpenFlamingoPerceiverResampler(nn.Module):
         return self.norm(latents)
 
 
-class OpenFlamingoCrossAttention(nn.Module):
-    """Text tokens attend to the latents of the image that `image_indices` names for them."""
+def cross_attention_mask(
+    image_indices: torch.Tensor, num_latent_tokens: int, latents_per_image: int, only_attend_immediate_media: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which image latents each text token attends to; the same for every gated block, so made once per forward.
 
-    def __init__(
-        self,
-        dim: int,
-        dim_visual: int,
-        heads: int,
-        dim_head: int,
-        latents_per_image: int,
-        only_attend_immediate_media: bool,
-    ) -> None:
+    Args:
+        image_indices: `(batch, seq)` long, the 1-based number of the image each token sees; 0 for none.
+        num_latent_tokens: `num_images * latents_per_image`, the keys' length.
+
+    Returns:
+        `attn_mask` `(batch, 1, seq, num_latent_tokens)` bool (True: attend) and `sees_image` `(batch, seq, 1)` bool.
+        Tokens that see no image attend to everything (so the softmax stays finite); their output is zeroed with
+        `sees_image`.
+    """
+    # 1-based image number of every latent: (num_images * num_latents,)
+    latent_image = torch.arange(num_latent_tokens, device=image_indices.device) // latents_per_image + 1
+    if only_attend_immediate_media:
+        allowed = image_indices.unsqueeze(-1) == latent_image
+    else:
+        allowed = image_indices.unsqueeze(-1) >= latent_image
+    sees_image = (image_indices > 0).unsqueeze(-1)
+    return (allowed | ~sees_image).unsqueeze(1), sees_image
+
+
+class OpenFlamingoCrossAttention(nn.Module):
+    """Text tokens attend to the latents of the image that [`cross_attention_mask`] names for them."""
+
+    def __init__(self, dim: int, dim_visual: int, heads: int, dim_head: int) -> None:
         super().__init__()
         self.heads = heads
-        self.latents_per_image = latents_per_image
-        self.only_attend_immediate_media = only_attend_immediate_media
         inner = heads * dim_head
         self.norm = nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, inner, bias=False)
@@ -223,29 +237,24 @@ class OpenFlamingoCrossAttention(nn.Module):
         return _split_heads(k, self.heads).contiguous(), _split_heads(v, self.heads).contiguous()
 
     def forward(
-        self, hidden_states: torch.Tensor, key: torch.Tensor, value: torch.Tensor, image_indices: torch.Tensor
+        self,
+        hidden_states: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor,
+        sees_image: torch.Tensor,
     ) -> torch.Tensor:
         """
         Args:
             hidden_states: `(batch, seq, dim)` text hidden states.
             key, value: `(batch, heads, num_images * num_latents, dim_head)`, from [`key_values`].
-            image_indices: `(batch, seq)` long, the 1-based number of the image each token sees; 0 for none, whose
-                output is exactly zero.
+            attn_mask, sees_image: from [`cross_attention_mask`]; tokens that see no image get exactly zero.
 
         Returns:
             `(batch, seq, dim)`.
         """
         q = _split_heads(self.to_q(self.norm(hidden_states)), self.heads)
-        # 1-based image number of every latent: (num_images * num_latents,)
-        latent_image = torch.arange(key.shape[-2], device=key.device) // self.latents_per_image + 1
-        if self.only_attend_immediate_media:
-            allowed = image_indices.unsqueeze(-1) == latent_image
-        else:
-            allowed = image_indices.unsqueeze(-1) >= latent_image
-        sees_image = (image_indices > 0).unsqueeze(-1)
-        # Tokens that see no image attend to everything (so the softmax stays finite) and are zeroed below.
-        allowed = allowed | ~sees_image
-        out = F.scaled_dot_product_attention(q, key, value, attn_mask=allowed.unsqueeze(1))
+        out = F.scaled_dot_product_attention(q, key, value, attn_mask=attn_mask)
         return self.to_out(_merge_heads(out) * sees_image.to(out.dtype))
 
 
@@ -260,8 +269,6 @@ class OpenFlamingoGatedCrossAttentionBlock(GradientCheckpointingLayer):
             config.vision_config.hidden_size,
             config.cross_attn_heads,
             config.cross_attn_dim_head,
-            config.perceiver_num_latents,
-            config.only_attend_immediate_media,
         )
         self.attn_gate = nn.Parameter(torch.zeros(1))
         self.ff = OpenFlamingoFeedForward(dim, config.cross_attn_ff_mult)
@@ -272,7 +279,8 @@ class OpenFlamingoGatedCrossAttentionBlock(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         key: torch.Tensor | None = None,
         value: torch.Tensor | None = None,
-        image_indices: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        sees_image: torch.Tensor | None = None,
         return_key_values: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if return_key_values:
@@ -280,7 +288,7 @@ class OpenFlamingoGatedCrossAttentionBlock(GradientCheckpointingLayer):
             # block's own call, so that FSDP (which shards each block as a unit) gathers the block's parameters.
             return self.attn.key_values(hidden_states)
         if key is not None:
-            attn = self.attn(hidden_states, key, value, image_indices)
+            attn = self.attn(hidden_states, key, value, attn_mask, sees_image)
             hidden_states = attn * self.attn_gate.tanh().to(attn.dtype) + hidden_states
         ff = self.ff(hidden_states)
         return ff * self.ff_gate.tanh().to(ff.dtype) + hidden_states
@@ -297,7 +305,8 @@ class _ActiveCrossAttention:
 
     blocks: nn.ModuleDict
     key_values: dict[str, tuple[torch.Tensor, torch.Tensor]] | None
-    image_indices: torch.Tensor | None
+    attn_mask: torch.Tensor | None  # from `cross_attention_mask`, shared by every block
+    sees_image: torch.Tensor | None
 
 
 _ACTIVE_CROSS_ATTENTION: contextvars.ContextVar[_ActiveCrossAttention | None] = contextvars.ContextVar(
@@ -344,11 +353,12 @@ class _GatedDecoderLayerMixin:
             key, value = active.key_values[name] if active.key_values is not None else (None, None)
             block = active.blocks[name]
             if args:
-                args = (block(args[0], key, value, active.image_indices), *args[1:])
+                args = (block(args[0], key, value, active.attn_mask, active.sees_image), *args[1:])
             else:
-                kwargs["hidden_states"] = block(kwargs["hidden_states"], key, value, active.image_indices)
+                kwargs["hidden_states"] = block(
+                    kwargs["hidden_states"], key, value, active.attn_mask, active.sees_image
+                )
         return super().__call__(*args, **kwargs)
-
 
     def __reduce_ex__(self, protocol: Any) -> tuple:
         # The gated subclass is made at run time and shares its parent's name, so pickle could not find it by name:
@@ -782,7 +792,15 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         slice_logits = labels is None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0)
         if slice_logits and self._lm_takes_logits_to_keep:
             lm_kwargs["logits_to_keep"], slice_logits = logits_to_keep, False
-        active = _ActiveCrossAttention(self.gated_cross_attn_layers, named_key_values, image_indices)
+        attn_mask = sees_image = None
+        if key_values:
+            attn_mask, sees_image = cross_attention_mask(
+                image_indices,
+                key_values[0][0].shape[-2],
+                self.config.perceiver_num_latents,
+                self.config.only_attend_immediate_media,
+            )
+        active = _ActiveCrossAttention(self.gated_cross_attn_layers, named_key_values, attn_mask, sees_image)
         with _cross_attention_active(active):
             outputs = self.language_model(
                 input_ids=input_ids, inputs_embeds=inputs_embeds, return_dict=True, **lm_kwargs
