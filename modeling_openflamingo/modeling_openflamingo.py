@@ -537,27 +537,29 @@ class OpenFlamingoPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
 
 
+@functools.lru_cache(maxsize=256)
+def _parameters_of(function: Any) -> tuple[frozenset[str], bool]:
+    """The parameter names `function` declares, and whether it also takes `**kwargs`."""
+    parameters = inspect.signature(function).parameters
+    return frozenset(parameters), any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
 def _accepted_kwargs(module: nn.Module) -> frozenset[str] | None:
     """Names that `module.forward` accepts, or None if it takes `**kwargs`."""
     forward = module.forward
     # A bound method of the class: its function's signature, looked up once (`inspect.signature` costs more than a
     # decoding step's Python). A `forward` set on the instance (e.g. by accelerate's hooks) is inspected every time.
     function = getattr(forward, "__func__", None)
-    return _accepted_kwargs_of(function) if inspect.isfunction(function) else _accepted_kwargs_of.__wrapped__(forward)
+    if inspect.isfunction(function):
+        names, var_keyword = _parameters_of(function)
+    else:
+        names, var_keyword = _parameters_of.__wrapped__(forward)
+    return None if var_keyword else names
 
 
-@functools.lru_cache(maxsize=256)
-def _accepted_kwargs_of(function: Any) -> frozenset[str] | None:
-    parameters = inspect.signature(function).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return None
-    return frozenset(parameters)
-
-
-@functools.lru_cache(maxsize=64)
 def _forward_parameters(module_class: type) -> frozenset[str]:
     """The parameters `module_class.forward` names explicitly (what a `**kwargs` would silently drop is not here)."""
-    return frozenset(inspect.signature(module_class.forward).parameters)
+    return _parameters_of(module_class.forward)[0]
 
 
 class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, GenerationMixin):
