@@ -881,14 +881,17 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             `return_dict_in_generate=True`.
         """
         input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
-        self._prepare_images_for_generation(input_ids, kwargs)
-        fast = self._generate_static_greedy(args, kwargs)
+        encode = self._prepare_images_for_generation(input_ids, kwargs)
+        fast = self._generate_static_greedy(args, kwargs)  # encodes the images itself, inside its prompt graph
         if fast is not None:
             return fast
+        if encode:
+            kwargs["image_hidden_states"] = self.get_image_features(kwargs.pop("pixel_values"))
         return super().generate(*args, **kwargs)
 
-    def _prepare_images_for_generation(self, input_ids: Any, kwargs: dict[str, Any]) -> None:
-        """Encode `pixel_values` once and pin each prompt token's image (`image_indices`), in place in `kwargs`.
+    def _prepare_images_for_generation(self, input_ids: Any, kwargs: dict[str, Any]) -> bool:
+        """Pin each prompt token's image (`image_indices`), in place in `kwargs`; True when `pixel_values` are then
+        to be encoded once, before decoding.
 
         Inputs that the first forward rejects (`<image>` tokens without images, images without `<image>` tokens) are
         left alone, so that `generate` raises the same errors as `forward`.
@@ -901,21 +904,22 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             or input_ids.is_floating_point()
             or any(kwargs.get(k) is not None for k in ("inputs_embeds", "image_indices", "image_cache"))
         ):
-            return
+            return False
         pixel_values, image_hidden_states = kwargs.get("pixel_values"), kwargs.get("image_hidden_states")
         has_images = pixel_values is not None or image_hidden_states is not None
         has_media = bool((input_ids == media).any())
         if not has_media and not has_images:
             # Text only: tokens see no image, a generated <image> included.
             kwargs["image_indices"] = torch.zeros_like(input_ids)
-            return
+            return False
         if not has_media or not has_images or (pixel_values is not None and image_hidden_states is not None):
-            return
-        images = image_hidden_states if image_hidden_states is not None else pixel_values
-        image_indices = self._image_indices(input_ids, images.shape[1])  # the forward's error on a count mismatch
+            return False
         if pixel_values is not None:
-            kwargs["image_hidden_states"] = self.get_image_features(kwargs.pop("pixel_values"))
-        kwargs["image_indices"] = image_indices
+            pixel_values = kwargs["pixel_values"] = self._check_pixel_values(pixel_values)
+        images = image_hidden_states if image_hidden_states is not None else pixel_values
+        # the forward's error on a count mismatch
+        kwargs["image_indices"] = self._image_indices(input_ids, images.shape[1])
+        return pixel_values is not None
 
     def prepare_inputs_for_generation(
         self,
@@ -1156,7 +1160,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         if kwargs.get("num_beams") not in (None, 1) or kwargs.get("do_sample") or kwargs.get("use_cache") is False:
             return None
         input_ids, max_new_tokens = kwargs.get("input_ids"), kwargs.get("max_new_tokens")
-        image_hidden_states, image_indices = kwargs.get("image_hidden_states"), kwargs.get("image_indices")
+        pixel_values, image_hidden_states = kwargs.get("pixel_values"), kwargs.get("image_hidden_states")
+        image_indices = kwargs.get("image_indices")
         if (
             not torch.is_tensor(input_ids)
             or input_ids.ndim != 2
@@ -1164,6 +1169,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             or not isinstance(max_new_tokens, int)
             or max_new_tokens < 1
             or image_indices is None
+            or (pixel_values is not None and image_hidden_states is not None)
             or (self.device.type != "cuda" and not _StaticGreedyDecoder.run_on_cpu)
         ):
             return None
@@ -1178,6 +1184,11 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         pad = eos[0] if pad is None and eos else pad
         if pad is None:
             return None
+        images = None
+        if pixel_values is not None:
+            images = _PromptImages("pixel_values", self._check_pixel_values(pixel_values))
+        elif image_hidden_states is not None:
+            images = _PromptImages("image_hidden_states", image_hidden_states)
         batch_size, prompt_len = input_ids.shape
         needed = prompt_len + max_new_tokens
         # the cache length in steps of 64 (fewer distinct shapes to compile), within the LM's positions
@@ -1185,22 +1196,19 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         limit = getattr(text_config, "max_seq_len", None) or getattr(text_config, "max_position_embeddings", None)
         max_len = -(-needed // 64) * 64
         max_len = needed if limit is not None and max_len > limit else max_len
-        images = None
-        if image_hidden_states is not None:
-            images = (tuple(image_hidden_states.shape[1:]), image_hidden_states.dtype)
-        key = (batch_size, max_len, images, eos)
+        num_images = None if images is None else images.tensor.shape[1]
+        key = (batch_size, max_len, num_images, eos)
         decoders = _STATIC_DECODERS.setdefault(self, {})
         decoder = decoders.get(key)
         if decoder is None:
             while len(decoders) >= 4:
                 decoders.pop(next(iter(decoders)))
-            key_values = None if image_hidden_states is None else self._cross_attention_key_values(image_hidden_states)
-            decoder = decoders[key] = _StaticGreedyDecoder(self, batch_size, max_len, key_values, eos)
+            decoder = decoders[key] = _StaticGreedyDecoder(self, batch_size, max_len, num_images, eos)
         attention_mask = kwargs.get("attention_mask")
         return decoder.generate(
             input_ids,
             torch.ones_like(input_ids) if attention_mask is None else attention_mask,
-            image_hidden_states,
+            images,
             image_indices,
             max_new_tokens,
             kwargs.get("min_new_tokens") or 0,
@@ -1443,6 +1451,7 @@ _FAST_DECODE_ARGUMENTS = frozenset(
     {
         "input_ids",
         "attention_mask",
+        "pixel_values",
         "image_hidden_states",
         "image_indices",
         "max_new_tokens",
@@ -1475,14 +1484,45 @@ _FAST_DECODE_CONFIG = {
 _STATIC_DECODERS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _StaticGreedyDecoder]] = weakref.WeakKeyDictionary()
 
 
+@dataclass
+class _PromptImages:
+    """The images of a fast-path prompt: `pixel_values` (encoded inside the prompt step) or `image_hidden_states`."""
+
+    kind: str
+    tensor: torch.Tensor
+
+
+def _capture_cuda_graph(function: Any, before_each_run: Any) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of `function()`, after one warm-up run on a side stream (which sets up cuBLAS workspaces,
+    autotuning and lazily made tensors). `before_each_run()` puts the state that `function` reads back in place."""
+    device = torch.cuda.current_device()
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        before_each_run()
+        function()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    before_each_run()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        function()
+    return graph
+
+
 class _StaticGreedyDecoder:
     """Greedy decoding of `batch` rows into a static KV cache of `max_len` positions.
 
-    The prompt runs through the model as usual (eager). Each later step (the forward of one token per row, the
-    choice of the next token, the end-of-sequence bookkeeping) is one `torch.compile`d function (`fullgraph=True`:
-    no graph break, no host sync) over tensors that keep their addresses from call to call, captured once as a CUDA
-    graph; decoding replays it, and the host waits on the device only every `check_every` steps. Outputs are those of
-    `GenerationMixin.generate` (`min_new_tokens`, `eos_token_id`, `pad_token_id` after a row's end).
+    Two steps, each over tensors that keep their addresses from call to call and, on CUDA, replayed as a CUDA graph:
+
+    - the prompt step ([`_PromptStep`], one per prompt length and image shape): the vision tower and the Perceiver
+      (for `pixel_values`), the cross-attention keys/values over the latents, the forward over the prompt into the
+      static cache, and the first token. Eager code, captured as it runs (no compilation), so that a new prompt length
+      costs one capture, not a compilation;
+    - the decoding step (the forward of one token per row, the choice of the next token, the end-of-sequence
+      bookkeeping): one `torch.compile`d function (`fullgraph=True`: no graph break, no host sync), captured once.
+
+    The host waits on the device only every `check_every` steps. Outputs are those of `GenerationMixin.generate`
+    (`min_new_tokens`, `eos_token_id`, `pad_token_id` after a row's end).
     """
 
     check_every = 16
@@ -1490,13 +1530,15 @@ class _StaticGreedyDecoder:
     run_on_cpu = False
     # On a CPU (tests), the step runs uncompiled unless a backend is named here (e.g. "eager" to check the tracing).
     cpu_compile_backend: str | None = None
+    # Prompt steps kept per decoder (one per prompt length and image shape), the oldest dropped first.
+    max_prompt_steps = 8
 
     def __init__(
         self,
         model: OpenFlamingoForConditionalGeneration,
         batch_size: int,
         max_len: int,
-        key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None,
+        num_images: int | None,
         eos_token_ids: tuple[int, ...],
     ) -> None:
         self.model_ref = weakref.ref(model)
@@ -1509,8 +1551,16 @@ class _StaticGreedyDecoder:
         self.attention_mask = torch.ones(batch_size, max_len, **long)
         self.image_indices = torch.zeros(batch_size, 1, **long)
         self.key_values = None
-        if key_values is not None:
-            self.key_values = tuple((torch.zeros_like(k), torch.zeros_like(v)) for k, v in key_values)
+        if num_images is not None:  # (batch, heads, images * latents, dim_head) per block, as `key_values` makes them
+            config = model.config
+            shape = (batch_size, config.cross_attn_heads, num_images * config.perceiver_num_latents)
+            self.key_values = tuple(
+                tuple(
+                    torch.zeros(*shape, config.cross_attn_dim_head, dtype=block.attn.to_kv.weight.dtype, device=device)
+                    for _ in range(2)
+                )
+                for block in model.gated_cross_attn_layers.values()
+            )
         self.step = torch.zeros((), **long)  # how many tokens each row has generated
         self.min_new_tokens = torch.zeros((), **long)
         self.pad_token_id = torch.zeros((), **long)
@@ -1521,6 +1571,7 @@ class _StaticGreedyDecoder:
         self.cache = _new_static_cache(model.config.text_config, max_len)
         self.max_len = max_len
         self.replay: Any = None
+        self.prompt_steps: dict[tuple, _PromptStep] = {}
 
     @property
     def model(self) -> OpenFlamingoForConditionalGeneration:
@@ -1586,49 +1637,52 @@ class _StaticGreedyDecoder:
             stream = torch.cuda.Stream(device)
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):
-                for _ in range(3):  # compiles, then runs with everything (cuBLAS workspaces, autotuning) in place
+                for _ in range(2):  # compiles, then runs with everything (cuBLAS workspaces, autotuning) in place
                     step()
             torch.cuda.current_stream(device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                step()
-        self.replay = graph.replay
+            self.replay = _capture_cuda_graph(step, self._reset_for_warm_up).replay
+
+    def _reset_for_warm_up(self) -> None:
+        """Cache positions and the step count back to 0, so that a warm-up run writes within the buffers."""
+        self.cache.reset()
+        self.step.zero_()
+
+    def _prompt_step(self, prompt_len: int, images: _PromptImages | None) -> _PromptStep:
+        key: tuple = (prompt_len,)
+        if images is not None:
+            key += (images.kind, tuple(images.tensor.shape), images.tensor.dtype)
+        prompt = self.prompt_steps.pop(key, None)
+        if prompt is None:
+            while len(self.prompt_steps) >= self.max_prompt_steps:
+                self.prompt_steps.pop(next(iter(self.prompt_steps)))
+            prompt = _PromptStep(self, prompt_len, images)
+        self.prompt_steps[key] = prompt  # most recently used last
+        return prompt
 
     def generate(
         self,
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor,
-        image_hidden_states: torch.Tensor | None,
+        images: _PromptImages | None,
         image_indices: torch.LongTensor,
         max_new_tokens: int,
         min_new_tokens: int,
         pad_token_id: int,
     ) -> torch.LongTensor:
-        if self.replay is None:  # warm-up steps write garbage into the cache: before the prompt, which resets it
+        # Warm-up runs and captures write garbage into the cache and the buffers: before the resets below.
+        if self.replay is None:
             self._prepare_replay()
-        prompt_len = input_ids.shape[1]
+        prompt = self._prompt_step(input_ids.shape[1], images)
+        prompt.load(input_ids, attention_mask, image_indices, images)
+        prompt.prepare()
         self.cache.reset()
-        self.attention_mask.fill_(1)
-        self.attention_mask[:, :prompt_len].copy_(attention_mask)
         self.step.zero_()
         self.min_new_tokens.fill_(min_new_tokens)
         self.pad_token_id.fill_(pad_token_id)
         self.unfinished.fill_(True)
         self.finished_at.zero_()
         self.tokens.fill_(pad_token_id)
-        # position ids as `generate` makes them from the attention mask (left padding: a row's first real token is 0)
-        attention_mask = attention_mask.long()
-        positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
-        if image_hidden_states is None:
-            out = self._forward(input_ids, None, positions)
-        else:
-            out = self._forward(input_ids, image_indices, positions, image_hidden_states=image_hidden_states)
-            for (k, v), (new_k, new_v) in zip(self.key_values, out.image_cache.key_values, strict=True):
-                k.copy_(new_k)
-                v.copy_(new_v)
-        self.image_indices.copy_(image_indices[:, -1:])
-        self.position_ids.copy_(positions[:, -1:] + 1)
-        self._choose(out.logits[:, -1])
+        prompt.run()
         steps = 1
         while steps < max_new_tokens:
             self.replay()
@@ -1643,6 +1697,78 @@ class _StaticGreedyDecoder:
         if self.eos_token_ids is not None and not bool(self.unfinished.any()):
             steps = int(self.finished_at.max()) + 1  # `generate` stops after the step in which the last row ended
         return torch.cat((input_ids, self.tokens[:, :steps].clone()), dim=1)
+
+
+class _PromptStep:
+    """The first step of [`_StaticGreedyDecoder`] for one prompt length and image shape: images encoded (from
+    `pixel_values`), cross-attention keys/values written into the decoder's, the prompt's forward into its static
+    cache, the first token chosen. Inputs are copied into tensors of its own first ([`load`]), so that on CUDA the
+    step is a CUDA graph replayed (captured at its first use; eager if the capture fails, with a warning).
+    """
+
+    def __init__(self, decoder: _StaticGreedyDecoder, prompt_len: int, images: _PromptImages | None) -> None:
+        self.decoder = decoder
+        batch_size = decoder.token.shape[0]
+        long = {"dtype": torch.long, "device": decoder.token.device}
+        self.input_ids = torch.zeros(batch_size, prompt_len, **long)
+        self.image_indices = torch.zeros(batch_size, prompt_len, **long)
+        self.images = None if images is None else _PromptImages(images.kind, torch.zeros_like(images.tensor))
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.eager = decoder.token.device.type != "cuda"
+
+    def load(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_indices: torch.Tensor,
+        images: _PromptImages | None,
+    ) -> None:
+        decoder, prompt_len = self.decoder, self.input_ids.shape[1]
+        self.input_ids.copy_(input_ids)
+        self.image_indices.copy_(image_indices)
+        decoder.attention_mask.fill_(1)
+        decoder.attention_mask[:, :prompt_len].copy_(attention_mask)
+        if images is not None:
+            self.images.tensor.copy_(images.tensor)
+
+    def prepare(self) -> None:
+        if self.graph is not None or self.eager:
+            return
+        try:
+            self.graph = _capture_cuda_graph(self._step, self.decoder._reset_for_warm_up)
+        except RuntimeError as error:  # e.g. a host sync in some LM's code: such a prompt runs eagerly
+            logger.warning_once(f"The prompt step of fast greedy decoding runs without a CUDA graph: {error}")
+            self.eager = True
+            torch.cuda.synchronize()
+
+    def run(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._step()
+
+    def _step(self) -> None:
+        decoder = self.decoder
+        mask = decoder.attention_mask[:, : self.input_ids.shape[1]]
+        # position ids as `generate` makes them from the attention mask (left padding: a row's first real token is 0)
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        if self.images is None:
+            out = decoder._forward(self.input_ids, None, positions)
+        else:
+            model = decoder.model
+            if self.images.kind == "pixel_values":
+                image_hidden_states = model.get_image_features(self.images.tensor)
+            else:
+                image_hidden_states = self.images.tensor
+            out = decoder._forward(
+                self.input_ids, self.image_indices, positions, image_hidden_states=image_hidden_states
+            )
+            for (k, v), (new_k, new_v) in zip(decoder.key_values, out.image_cache.key_values, strict=True):
+                k.copy_(new_k)
+                v.copy_(new_v)
+        decoder.image_indices.copy_(self.image_indices[:, -1:])
+        decoder.position_ids.copy_(positions[:, -1:] + 1)
+        decoder._choose(out.logits[:, -1])
 
 
 def _new_static_cache(text_config: Any, max_len: int) -> Any:

@@ -162,3 +162,25 @@ def test_image_cache_output_is_unchanged_by_the_fast_path_module():
         out = model(input_ids=ids, pixel_values=pixel_values, use_cache=True)
     assert isinstance(out.image_cache, OpenFlamingoImageCache)
     assert len(out.image_cache.key_values) == len(model.gated_cross_attn_layers)
+
+
+@needs_v5
+def test_fast_path_prompt_steps_per_prompt_shape(fast_path_on_cpu):
+    """One decoder serves prompts of several lengths (a prompt step each) and any image input form; every call
+    gives plain `generate`'s tokens."""
+    model = tiny_model("mosaic_gpt")
+    ids, mask, pixel_values = padded_prompt(seq=12)
+    with torch.no_grad():
+        hidden = model.get_image_features(pixel_values)
+    calls = [
+        generate_kwargs(ids, mask, pixel_values, max_new_tokens=5),
+        generate_kwargs(ids[:, 2:], mask[:, 2:], pixel_values, max_new_tokens=5),  # shorter prompt, same decoder
+        generate_kwargs(ids, mask, pixel_values.unsqueeze(2), max_new_tokens=5),  # the original 6-D layout
+        {**generate_kwargs(ids, mask, None, max_new_tokens=5), "image_hidden_states": hidden},
+    ]
+    for kw in calls:
+        assert torch.equal(model.generate(**kw, cache_implementation="static"), model.generate(**kw))
+    (decoder,) = _STATIC_DECODERS[model].values()
+    assert len(decoder.prompt_steps) == 3  # prompt lengths 12 and 10 with pixel values, 12 with latents
+    with pytest.raises(ValueError, match="pixel_values must have shape"):
+        model.generate(**generate_kwargs(ids, mask, pixel_values[..., :8], max_new_tokens=5))
