@@ -630,3 +630,35 @@ def test_fsdp_two_cpu_processes(converted, tmp_path):
 
 if __name__ == "__main__":  # the FSDP worker, started by test_fsdp_two_cpu_processes through torchrun
     fsdp_worker(sys.argv[1], sys.argv[2])
+
+
+@pytest.mark.parametrize("family", ["tiny-mpt-1b-redpajama-200b", "tiny-neox"])
+def test_compile_repeated_blocks_changes_nothing_and_compiles_each_kind_once(converted, family):
+    """Regional compilation: same loss and gradients as eager, and each kind of block is compiled once, not once per
+    instance (the backend here is "aot_eager": dynamo and AOTAutograd as on a GPU, without inductor's code)."""
+    inputs = sample_inputs()
+
+    def run(compiled: bool):
+        model, _ = load(converted, family)
+        model.freeze_for_training()
+        model.train()
+        if compiled:
+            model.compile_repeated_blocks(backend="aot_eager", dynamic=False)
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        return loss.detach(), {name: p.grad for name, p in model.named_parameters() if p.requires_grad}, model
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    loss, grads, _ = run(False)
+    loss_compiled, grads_compiled, model = run(True)
+    torch.testing.assert_close(loss_compiled, loss, rtol=1e-5, atol=1e-6)
+    assert grads_compiled.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads_compiled[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    blocks = model.repeated_blocks()
+    kinds = {type(block) for block in blocks}
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert len(blocks) > graphs >= len(kinds), (len(blocks), graphs, kinds)
+    assert sum(1 for name, _ in model.named_parameters() if "_orig_mod" in name) == 0  # names unchanged
+    torch._dynamo.reset()
