@@ -7,9 +7,13 @@ sample. The bare language model of each shape can be timed in the same process (
 
 Decoding modes:
   eager     `generate()` as is: dynamic KV cache, no compilation.
-  compiled  `generate(cache_implementation="static")`: static KV cache, and transformers compiles the decoding step
-            (`torch.compile`, mode "reduce-overhead", i.e. CUDA graphs); plain greedy calls take the fast path.
+  compiled  `generate(cache_implementation="static")`: static KV cache; plain greedy calls take the model's fast path
+            (the prompt step captured as a CUDA graph, the decoding step compiled and replayed as a CUDA graph),
+            others transformers' compiled decoding step.
   hf-compiled  the same through `GenerationMixin`'s own decoding loop (the fast path bypassed).
+
+Training modes (--train-modes): eager; blocks (`model.compile_repeated_blocks()`, regional compilation); compiled
+(`torch.compile` of the whole model).
 
 Prints one JSON line per measurement and writes them all to $OUT/openflamingo_bench.json (or --out).
 
@@ -39,7 +43,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from modeling_openflamingo import OpenFlamingoConfig, OpenFlamingoForConditionalGeneration  # noqa: E402
 from modeling_openflamingo.checkpoint_conversion import preset_config  # noqa: E402
 from modeling_openflamingo.configuration_openflamingo import VIT_L_14_CONFIG  # noqa: E402
-from modeling_openflamingo.modeling_openflamingo import add_mpt_static_cache_support  # noqa: E402
+from modeling_openflamingo.modeling_openflamingo import (  # noqa: E402
+    _STATIC_DECODERS,
+    add_mpt_static_cache_support,
+)
 
 VOCAB = 50280
 EOC, MEDIA, PAD = 50277, 50278, 50279
@@ -233,6 +240,8 @@ def bench_generate(
     reset_peak_memory()
     med, ts = timed(run, reps, warmup=0)
     same = all(torch.equal(o, outputs[-1]) for o in outputs[1:])
+    decoders = [] if lm else list(_STATIC_DECODERS.get(model, {}).values())
+    prompt_steps = [step for decoder in decoders for step in decoder.prompt_steps.values()]
     record(
         {
             "impl": f"transformers-{transformers.__version__} LM alone" if lm else "openflamingo-hf",
@@ -252,6 +261,8 @@ def bench_generate(
             "graph_breaks": sum(counters["graph_break"].values()),
             "repeatable": same,
             "dtype": "bf16",
+            # the fast path's prompt step ran as a CUDA graph (False: it fell back to eager; None: no fast path)
+            "prompt_graph": all(p.graph is not None for p in prompt_steps) if prompt_steps else None,
         }
     )
     return outputs[-1]
@@ -263,7 +274,7 @@ def bench_train(
     batch: int = 8,
     seq: int = 256,
     n_images: int = 5,
-    compiled: bool = False,
+    mode: str = "eager",
     profile: bool = False,
 ) -> None:
     """One AdamW step on perceiver + cross-attention blocks + input embeddings (the original recipe's trainables).
@@ -287,7 +298,11 @@ def bench_train(
     ids = torch.tensor(rows, device=DEV)
     labels = ids.masked_fill(ids == MEDIA, -100)
     pixel_values = torch.randn(batch, n_images, 3, 224, 224, device=DEV, dtype=torch.bfloat16)
-    forward = torch.compile(model) if compiled else model
+    if mode not in ("eager", "compiled", "blocks"):
+        raise ValueError(f"train mode {mode!r}: eager, compiled (the whole model) or blocks (compile_repeated_blocks)")
+    forward = torch.compile(model) if mode == "compiled" else model
+    if mode == "blocks":
+        model.compile_repeated_blocks()
 
     def step() -> None:
         with torch.autocast(DEV, dtype=torch.bfloat16):
@@ -300,6 +315,8 @@ def bench_train(
 
     t0 = time.perf_counter()
     step()
+    step()  # compiled modes: the backward compiles at the first step, the optimizer's at the second
+    sync()
     warmup_s = time.perf_counter() - t0
     reset_peak_memory()
     med, ts = timed(step, reps)
@@ -307,7 +324,7 @@ def bench_train(
         {
             "model": name,
             "what": "train_step",
-            "mode": "compiled" if compiled else "eager",
+            "mode": mode,
             "batch": batch,
             "seq": ids.shape[1],
             "images_per_sample": n_images,
@@ -321,7 +338,7 @@ def bench_train(
         }
     )
     if profile:
-        write_profile(step, f"profile_{name}_train_{'compiled' if compiled else 'eager'}.txt")
+        write_profile(step, f"profile_{name}_train_{mode}.txt")
 
 
 def bench_lm_alone(name: str, modes: list[str], reps: int) -> None:
@@ -400,8 +417,8 @@ def bench_model(name: str, args: argparse.Namespace) -> None:
         torch._dynamo.reset()
     if "train" in whats:
         for mode in args.train_modes.split(","):
-            compiled, profile = mode == "compiled", args.profile_train
-            guarded("train", lambda c=compiled, p=profile: bench_train(name, args.reps, compiled=c, profile=p))
+            profile = args.profile_train
+            guarded("train", lambda m=mode, p=profile: bench_train(name, args.reps, mode=m, profile=p))
             torch._dynamo.reset()
     if "lm" in whats:
         guarded("lm", lambda: bench_lm_alone(name, modes, args.reps))
@@ -417,7 +434,14 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--prefill-modes", default="eager", help="eager, and/or a torch.compile backend")
-    parser.add_argument("--train-modes", default="eager", help="eager and/or compiled (torch.compile'd model)")
+    parser.add_argument(
+        "--train-modes",
+        default="eager,blocks",
+        help="eager, blocks (model.compile_repeated_blocks()) and/or compiled (torch.compile of the whole model)",
+    )
+    parser.add_argument(
+        "--inductor", default="", help="torch._inductor.config settings for every compilation, e.g. NAME=1,NAME2=0"
+    )
     parser.add_argument("--profile-train", action="store_true", help="write a profile of one training step")
     parser.add_argument("--profile", default="", help="MODE:BATCH pairs to profile, e.g. compiled:1,eager:8")
     parser.add_argument("--tiny", action="store_true", help="small shapes: a smoke test of this script")
@@ -426,10 +450,14 @@ def main() -> None:
     TINY, OUT_FILE = args.tiny, args.out
     torch._dynamo.config.cache_size_limit = 64
     torch._dynamo.config.accumulated_cache_size_limit = 512
+    inductor = dict(item.split("=", 1) for item in filter(None, args.inductor.split(",")))
+    for key, value in inductor.items():
+        setattr(torch._inductor.config, key, type(getattr(torch._inductor.config, key))(int(value)))
     gpu = torch.cuda.get_device_name() if DEV == "cuda" else DEV
     record(
         {
             "what": "environment",
+            "inductor": inductor,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "gpu": gpu,
