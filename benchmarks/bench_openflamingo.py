@@ -12,8 +12,8 @@ Decoding modes:
             others transformers' compiled decoding step.
   hf-compiled  the same through `GenerationMixin`'s own decoding loop (the fast path bypassed).
 
-Training modes (--train-modes): eager; blocks (`model.compile_repeated_blocks()`, regional compilation); compiled
-(`torch.compile` of the whole model).
+Training modes (--train-modes): eager; blocks (`model.compile_repeated_blocks()`, regional compilation);
+blocks-cudagraphs (the same with mode "reduce-overhead": CUDA graphs); compiled (`torch.compile` of the whole model).
 
 Prints one JSON line per measurement and writes them all to $OUT/openflamingo_bench.json (or --out).
 
@@ -298,13 +298,17 @@ def bench_train(
     ids = torch.tensor(rows, device=DEV)
     labels = ids.masked_fill(ids == MEDIA, -100)
     pixel_values = torch.randn(batch, n_images, 3, 224, 224, device=DEV, dtype=torch.bfloat16)
-    if mode not in ("eager", "compiled", "blocks"):
-        raise ValueError(f"train mode {mode!r}: eager, compiled (the whole model) or blocks (compile_repeated_blocks)")
+    if mode not in ("eager", "compiled", "blocks", "blocks-cudagraphs"):
+        raise ValueError(f"train mode {mode!r}: eager, compiled, blocks or blocks-cudagraphs")
     forward = torch.compile(model) if mode == "compiled" else model
     if mode == "blocks":
         model.compile_repeated_blocks()
+    if mode == "blocks-cudagraphs":  # each compiled block's forward and backward replayed as CUDA graphs
+        model.compile_repeated_blocks(mode="reduce-overhead")
 
     def step() -> None:
+        if mode == "blocks-cudagraphs":
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(DEV, dtype=torch.bfloat16):
             loss = forward(
                 input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values, labels=labels
@@ -437,7 +441,7 @@ def main() -> None:
     parser.add_argument(
         "--train-modes",
         default="eager,blocks",
-        help="eager, blocks (model.compile_repeated_blocks()) and/or compiled (torch.compile of the whole model)",
+        help="eager, blocks (model.compile_repeated_blocks()), blocks-cudagraphs, compiled (torch.compile(model))",
     )
     parser.add_argument(
         "--inductor", default="", help="torch._inductor.config settings for every compilation, e.g. NAME=1,NAME2=0"

@@ -12,7 +12,13 @@ shift || true
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-.}
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
-PYTHONPATH=. python3 benchmarks/bench_openflamingo.py --models "$models" "$@" 2>&1 | tee "$OUT/openflamingo.log"
+# Our side's packages, when the machine's are older than wanted (e.g. a newer transformers): wheels in .whl-ours/.
+ours=.
+if [ -d .whl-ours ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/ours .whl-ours/*.whl
+  ours=.:/tmp/ours
+fi
+PYTHONPATH=$ours python3 benchmarks/bench_openflamingo.py --models "$models" "$@" 2>&1 | tee "$OUT/openflamingo.log"
 # The original cannot build of3b here: MosaicGPT's remote code is not on PyPI.
 ref_models=$(echo "$models" | tr ',' '\n' | grep -v '^of3b$' | paste -sd, -)
 if [ -d .whl ] && [ -n "$ref_models" ] && [ "${REFERENCE:-1}" = 1 ]; then
