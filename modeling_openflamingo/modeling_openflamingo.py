@@ -1525,9 +1525,10 @@ class _PromptImages:
     tensor: torch.Tensor
 
 
-def _capture_cuda_graph(function: Any, before_each_run: Any) -> torch.cuda.CUDAGraph:
+def _capture_cuda_graph(function: Any, before_each_run: Any, pool: Any = None) -> torch.cuda.CUDAGraph:
     """A CUDA graph of `function()`, after one warm-up run on a side stream (which sets up cuBLAS workspaces,
-    autotuning and lazily made tensors). `before_each_run()` puts the state that `function` reads back in place."""
+    autotuning and lazily made tensors). `before_each_run()` puts the state that `function` reads back in place.
+    `pool`: a memory pool shared with other graphs that are never replayed at the same time."""
     device = torch.cuda.current_device()
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
@@ -1537,9 +1538,18 @@ def _capture_cuda_graph(function: Any, before_each_run: Any) -> torch.cuda.CUDAG
     torch.cuda.current_stream(device).wait_stream(stream)
     before_each_run()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         function()
     return graph
+
+
+def _release_cuda_rng_from_failed_capture() -> None:
+    """A capture that failed inside leaves the CUDA generator marked as capturing (its end never ran), and every later
+    random op on the device raises ("Offset increment outside graph capture"). A small capture that ends normally
+    marks it free again."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        torch.empty(1, device=torch.cuda.current_device()).fill_(0)
 
 
 class _StaticGreedyDecoder:
@@ -1605,6 +1615,9 @@ class _StaticGreedyDecoder:
         self.max_len = max_len
         self.replay: Any = None
         self.prompt_steps: dict[tuple, _PromptStep] = {}
+        # One memory pool for all prompt steps' graphs (their temporaries; what they keep is written into the tensors
+        # above): they never run at the same time, so prompts of many lengths cost the memory of the largest one.
+        self.prompt_pool: Any = None
 
     @property
     def model(self) -> OpenFlamingoForConditionalGeneration:
@@ -1637,7 +1650,8 @@ class _StaticGreedyDecoder:
         next_tokens = torch.where(self.unfinished, logits.argmax(dim=-1), self.pad_token_id)
         self.tokens.index_copy_(1, self.step.view(1), next_tokens.unsqueeze(1))
         if self.eos_token_ids is not None:
-            ends = torch.isin(next_tokens, self.eos_token_ids) & self.unfinished
+            # not `torch.isin`: with many end ids it sorts, and syncs with the host (no CUDA graph could hold it)
+            ends = (next_tokens.unsqueeze(-1) == self.eos_token_ids).any(-1) & self.unfinished
             self.finished_at.copy_(torch.where(ends, self.step, self.finished_at))
             self.unfinished &= ~ends
         self.token.copy_(next_tokens.unsqueeze(1))
@@ -1767,12 +1781,19 @@ class _PromptStep:
     def prepare(self) -> None:
         if self.graph is not None or self.eager:
             return
+        decoder = self.decoder
+        if decoder.prompt_pool is None:
+            decoder.prompt_pool = torch.cuda.graph_pool_handle()
         try:
-            self.graph = _capture_cuda_graph(self._step, self.decoder._reset_for_warm_up)
+            self.graph = _capture_cuda_graph(self._step, decoder._reset_for_warm_up, decoder.prompt_pool)
         except RuntimeError as error:  # e.g. a host sync in some LM's code: such a prompt runs eagerly
-            logger.warning_once(f"The prompt step of fast greedy decoding runs without a CUDA graph: {error}")
+            cause = error.__context__ or error  # what failed inside the capture (not the capture's own end)
+            logger.warning_once(
+                f"The prompt step of fast greedy decoding runs without a CUDA graph: {type(cause).__name__}: {cause}"
+            )
             self.eager = True
             torch.cuda.synchronize()
+            _release_cuda_rng_from_failed_capture()
 
     def run(self) -> None:
         if self.graph is not None:
@@ -1785,8 +1806,8 @@ class _PromptStep:
         mask = decoder.attention_mask[:, : self.input_ids.shape[1]]
         # position ids as `generate` makes them from the attention mask (left padding: a row's first real token is 0)
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        if self.images is None:
-            out = decoder._forward(self.input_ids, None, positions)
+        if self.images is None:  # text only; `image_indices` (zeros) spare the forward its host-side <image> check
+            out = decoder._forward(self.input_ids, self.image_indices, positions)
         else:
             model = decoder.model
             if self.images.kind == "pixel_values":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import os
 import weakref
 
 import pytest
@@ -18,9 +19,19 @@ from modeling_openflamingo.modeling_openflamingo import (
     _StaticGreedyDecoder,
 )
 
-from .test_core import EOC, MEDIA, PAD, inputs, tiny_model
+from .test_core import EOC, MEDIA, PAD, inputs
+from .test_core import tiny_model as cpu_tiny_model
 
 IS_V4 = transformers.__version__.startswith("4.")
+# The fast path is made for CUDA (CUDA graphs, inductor); the suite runs on the CPU. On a GPU machine,
+# `OPENFLAMINGO_TEST_DEVICE=cuda python -m pytest tests/test_fast_path.py` runs the same comparisons there.
+DEVICE = torch.device(os.environ.get("OPENFLAMINGO_TEST_DEVICE", "cpu"))
+
+
+def tiny_model(*args, **kwargs):
+    return cpu_tiny_model(*args, **kwargs).to(DEVICE)
+
+
 FAMILIES = ["mpt", "mosaic_gpt", "gpt_neox", "llama"]
 needs_v5 = pytest.mark.skipif(IS_V4, reason="static-cache decoding of MPT and the fast path need transformers 5")
 
@@ -38,7 +49,7 @@ def padded_prompt(batch: int = 3, seq: int = 12):
     mask[0, :3] = 0  # left padding on the first row
     ids[0, :3] = PAD
     ids[0, 3] = MEDIA
-    return ids, mask, pixel_values
+    return ids.to(DEVICE), mask.to(DEVICE), pixel_values.to(DEVICE)
 
 
 def generate_kwargs(ids, mask, pixel_values, **kwargs):
@@ -110,7 +121,7 @@ def test_fast_greedy_path_equals_generate(family, fast_path_on_cpu):
         assert torch.equal(fast, expected), case
         assert torch.equal(again, expected), case
     assert len(_STATIC_DECODERS[model]) == 2  # one per (batch, cache length, images, eos ids)
-    text_only = {"input_ids": torch.randint(0, 400, (2, 7)), "max_new_tokens": 5, "pad_token_id": PAD}
+    text_only = {"input_ids": torch.randint(0, 400, (2, 7), device=DEVICE), "max_new_tokens": 5, "pad_token_id": PAD}
     assert torch.equal(model.generate(**text_only), model.generate(**text_only, cache_implementation="static"))
 
 
@@ -182,5 +193,31 @@ def test_fast_path_prompt_steps_per_prompt_shape(fast_path_on_cpu):
         assert torch.equal(model.generate(**kw, cache_implementation="static"), model.generate(**kw))
     (decoder,) = _STATIC_DECODERS[model].values()
     assert len(decoder.prompt_steps) == 3  # prompt lengths 12 and 10 with pixel values, 12 with latents
+    if DEVICE.type == "cuda":
+        assert all(prompt.graph is not None for prompt in decoder.prompt_steps.values())
     with pytest.raises(ValueError, match="pixel_values must have shape"):
         model.generate(**generate_kwargs(ids, mask, pixel_values[..., :8], max_new_tokens=5))
+
+
+@needs_v5
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs: run with OPENFLAMINGO_TEST_DEVICE=cuda on a GPU")
+def test_prompt_step_capture_failure_falls_back_cleanly(monkeypatch):
+    """A prompt step that cannot be captured (here: a host sync inside) runs eagerly: same tokens, and the device's
+    random number generator still works afterwards."""
+    from modeling_openflamingo.modeling_openflamingo import _PromptStep
+
+    step = _PromptStep._step
+
+    def syncing_step(self):
+        step(self)
+        bool(self.decoder.unfinished.any())  # a host sync: not allowed while capturing
+
+    monkeypatch.setattr(_PromptStep, "_step", syncing_step)
+    model = tiny_model("llama")
+    ids, mask, pixel_values = padded_prompt()
+    kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=6, min_new_tokens=6)
+    assert torch.equal(model.generate(**kw, cache_implementation="static"), model.generate(**kw))
+    (decoder,) = _STATIC_DECODERS[model].values()
+    (prompt,) = decoder.prompt_steps.values()
+    assert prompt.graph is None and prompt.eager
+    torch.randn(4, device=DEVICE)  # the generator is not left "capturing"
