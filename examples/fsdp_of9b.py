@@ -592,4 +592,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        if torch.distributed.is_initialized():  # an orderly end of the process group: no teardown abort at exit
+            torch.distributed.destroy_process_group()
