@@ -632,16 +632,22 @@ if __name__ == "__main__":  # the FSDP worker, started by test_fsdp_two_cpu_proc
     fsdp_worker(sys.argv[1], sys.argv[2])
 
 
-@pytest.mark.parametrize("family", ["tiny-mpt-1b-redpajama-200b", "tiny-neox"])
-def test_compile_repeated_blocks_changes_nothing_and_compiles_each_kind_once(converted, family):
-    """Regional compilation: same loss and gradients as eager, and each kind of block is compiled once, not once per
-    instance (the backend here is "aot_eager": dynamo and AOTAutograd as on a GPU, without inductor's code)."""
+@pytest.mark.parametrize(
+    "family, checkpointing",
+    [("tiny-mpt-1b-redpajama-200b", False), ("tiny-neox", False), ("tiny-mpt-1b-redpajama-200b", True)],
+)
+def test_compile_repeated_blocks_changes_nothing_and_compiles_each_kind_once(converted, family, checkpointing):
+    """Regional compilation: same loss and gradients as eager (also under gradient checkpointing), and each kind of
+    block is compiled once, not once per instance (the backend here is "aot_eager": dynamo and AOTAutograd as on a
+    GPU, without inductor's code)."""
     inputs = sample_inputs()
 
     def run(compiled: bool):
         model, _ = load(converted, family)
         model.freeze_for_training()
         model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if compiled:
             model.compile_repeated_blocks(backend="aot_eager", dynamic=False)
         loss = model(**inputs, labels=inputs["input_ids"]).loss
