@@ -183,6 +183,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 via Trainer; launch with torchrun")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument(
+        "--compile-blocks", action="store_true", help="regional torch.compile (model.compile_repeated_blocks())"
+    )
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile-blocks")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -190,6 +194,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = AutoModelForImageTextToText.from_pretrained(path)
     processor = AutoProcessor.from_pretrained(path)
     model.freeze_for_training(train_new_token_embeddings=not args.freeze_embeddings)
+    if args.compile_blocks:  # compiled at the first step; LoRA layers added below are traced with their blocks
+        model.compile_repeated_blocks(backend=args.compile_backend)
     if args.lora:
         from peft import LoraConfig, get_peft_model
 

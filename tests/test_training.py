@@ -512,6 +512,11 @@ def test_finetune_example_runs(converted, tmp_path):
     assert (tmp_path / "out" / "model.safetensors").is_file()
     result = finetune.main([*argv, "--max-steps", "2", "--lora", "--gradient-checkpointing"])
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    compile_args = ["--compile-blocks", "--compile-backend", "aot_eager", "--output-dir", str(tmp_path / "compiled")]
+    compiled = finetune.main([*argv, "--max-steps", "6", "--learning-rate", "1e-2", *compile_args])
+    assert compiled["last_loss"] < compiled["first_loss"]
+    assert (tmp_path / "compiled" / "model.safetensors").is_file()
+    torch._dynamo.reset()
 
 
 # ---- FSDP: 2 CPU processes (gloo) ----
