@@ -42,6 +42,8 @@ except ImportError:  # transformers 4.x
     from torch.nn import init
 
 logger = logging.get_logger(__name__)
+# dynamo's limit of compiled versions per function (`cache_size_limit` before torch 2.6)
+_RECOMPILE_LIMIT = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 
 # One on-disk layout for both transformers majors: 4.x's `CLIPVisionModel` nests its weights under `vision_model.`,
 # 5.x's does not. 5.x renames the 4.x names on load and back on save, so every saved folder loads on both.
@@ -1352,9 +1354,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             compile_kwargs: passed to `torch.compile` (e.g. `mode`, `dynamic`, `backend`).
         """
         blocks = self.repeated_blocks()
-        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
         kinds = len({type(block) for block in blocks})
-        setattr(torch._dynamo.config, limit, max(16 * kinds, getattr(torch._dynamo.config, limit)))
+        limit = max(16 * kinds, getattr(torch._dynamo.config, _RECOMPILE_LIMIT))
+        setattr(torch._dynamo.config, _RECOMPILE_LIMIT, limit)
         for block in blocks:
             block.compile(**compile_kwargs)
 
@@ -1525,16 +1527,19 @@ class _PromptImages:
     tensor: torch.Tensor
 
 
-def _capture_cuda_graph(function: Any, before_each_run: Any, pool: Any = None) -> torch.cuda.CUDAGraph:
-    """A CUDA graph of `function()`, after one warm-up run on a side stream (which sets up cuBLAS workspaces,
-    autotuning and lazily made tensors). `before_each_run()` puts the state that `function` reads back in place.
-    `pool`: a memory pool shared with other graphs that are never replayed at the same time."""
+def _capture_cuda_graph(
+    function: Any, before_each_run: Any, pool: Any = None, warm_up_runs: int = 1
+) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of `function()`, after `warm_up_runs` runs on a side stream (which compile, and set up cuBLAS
+    workspaces, autotuning and lazily made tensors). `before_each_run()` puts the state that `function` reads back in
+    place. `pool`: a memory pool shared with other graphs that are never replayed at the same time."""
     device = torch.cuda.current_device()
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
-        before_each_run()
-        function()
+        for _ in range(warm_up_runs):
+            before_each_run()
+            function()
     torch.cuda.current_stream(device).wait_stream(stream)
     before_each_run()
     graph = torch.cuda.CUDAGraph()
@@ -1674,23 +1679,18 @@ class _StaticGreedyDecoder:
         step = torch.compile(self._decode_step, fullgraph=True, dynamic=False, backend=backend) if backend else None
         # Each decoder (batch size, cache length, model) is one more compiled version of `_decode_step`: allow more
         # than dynamo's default of 8 before it refuses (with `fullgraph=True`, an error). Only these calls compile.
-        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-        with torch._dynamo.config.patch(**{limit: max(64, getattr(torch._dynamo.config, limit))}):
+        limit = max(64, getattr(torch._dynamo.config, _RECOMPILE_LIMIT))
+        with torch._dynamo.config.patch(**{_RECOMPILE_LIMIT: limit}):
             if device.type != "cuda":
                 if step is not None:
                     step()
                 self.replay = step or self._decode_step
                 return
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # compiles, then runs with everything (cuBLAS workspaces, autotuning) in place
-                    step()
-            torch.cuda.current_stream(device).wait_stream(stream)
-            self.replay = _capture_cuda_graph(step, self._reset_for_warm_up).replay
+            # compiles, then runs with everything (cuBLAS workspaces, autotuning) in place
+            self.replay = _capture_cuda_graph(step, self._reset_positions, warm_up_runs=3).replay
 
-    def _reset_for_warm_up(self) -> None:
-        """Cache positions and the step count back to 0, so that a warm-up run writes within the buffers."""
+    def _reset_positions(self) -> None:
+        """Cache positions and the step count back to 0 (before a prompt, or a warm-up run: writes stay in bounds)."""
         self.cache.reset()
         self.step.zero_()
 
@@ -1722,8 +1722,7 @@ class _StaticGreedyDecoder:
         prompt = self._prompt_step(input_ids.shape[1], images)
         prompt.load(input_ids, attention_mask, image_indices, images)
         prompt.prepare()
-        self.cache.reset()
-        self.step.zero_()
+        self._reset_positions()
         self.min_new_tokens.fill_(min_new_tokens)
         self.pad_token_id.fill_(pad_token_id)
         self.unfinished.fill_(True)
@@ -1785,7 +1784,7 @@ class _PromptStep:
         if decoder.prompt_pool is None:
             decoder.prompt_pool = torch.cuda.graph_pool_handle()
         try:
-            self.graph = _capture_cuda_graph(self._step, decoder._reset_for_warm_up, decoder.prompt_pool)
+            self.graph = _capture_cuda_graph(self._step, decoder._reset_positions, decoder.prompt_pool)
         except RuntimeError as error:  # e.g. a host sync in some LM's code: such a prompt runs eagerly
             cause = error.__context__ or error  # what failed inside the capture (not the capture's own end)
             logger.warning_once(
