@@ -13,7 +13,10 @@ Decoding modes:
   hf-compiled  the same through `GenerationMixin`'s own decoding loop (the fast path bypassed).
 
 Training modes (--train-modes): eager; blocks (`model.compile_repeated_blocks()`, regional compilation);
-blocks-cudagraphs (the same with mode "reduce-overhead": CUDA graphs); compiled (`torch.compile` of the whole model).
+blocks-cudagraphs (the same with mode "reduce-overhead": CUDA graphs); blocks-stepgraph (regional compilation, and
+the whole step, forward, backward and AdamW, captured as one CUDA graph: LMs without host syncs, i.e. MPT (of3b,
+of9b), not transformers 5's GPT-NeoX); compiled (`torch.compile` of the whole model).
+The batch is what `OpenFlamingoDataCollator` makes (with `image_indices`).
 
 Prints one JSON line per measurement and writes them all to $OUT/openflamingo_bench.json (or --out).
 
@@ -46,6 +49,7 @@ from modeling_openflamingo.configuration_openflamingo import VIT_L_14_CONFIG  # 
 from modeling_openflamingo.modeling_openflamingo import (  # noqa: E402
     _STATIC_DECODERS,
     add_mpt_static_cache_support,
+    image_indices_from_input_ids,
 )
 
 VOCAB = 50280
@@ -298,24 +302,49 @@ def bench_train(
     ids = torch.tensor(rows, device=DEV)
     labels = ids.masked_fill(ids == MEDIA, -100)
     pixel_values = torch.randn(batch, n_images, 3, 224, 224, device=DEV, dtype=torch.bfloat16)
-    if mode not in ("eager", "compiled", "blocks", "blocks-cudagraphs"):
-        raise ValueError(f"train mode {mode!r}: eager, compiled, blocks or blocks-cudagraphs")
+    # what OpenFlamingoDataCollator adds: which image each token follows, made on the host (no sync in the forward)
+    image_indices = image_indices_from_input_ids(ids.cpu(), MEDIA, n_images).to(DEV)
+    attention_mask = torch.ones_like(ids)
+    modes = ("eager", "compiled", "blocks", "blocks-cudagraphs", "blocks-stepgraph")
+    if mode not in modes:
+        raise ValueError(f"train mode {mode!r}: one of {', '.join(modes)}")
     forward = torch.compile(model) if mode == "compiled" else model
-    if mode == "blocks":
+    if mode in ("blocks", "blocks-stepgraph"):
         model.compile_repeated_blocks()
     if mode == "blocks-cudagraphs":  # each compiled block's forward and backward replayed as CUDA graphs
         model.compile_repeated_blocks(mode="reduce-overhead")
+    if mode == "blocks-stepgraph":  # the whole step (forward, backward, AdamW) captured as one CUDA graph
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=True, capturable=True)
+
+    def train_step() -> None:
+        with torch.autocast(DEV, dtype=torch.bfloat16):
+            loss = forward(
+                input_ids=ids,
+                attention_mask=attention_mask,
+                pixel_values=pixel_values,
+                image_indices=image_indices,
+                labels=labels,
+            ).loss
+        loss.backward()
+        opt.step()
 
     def step() -> None:
         if mode == "blocks-cudagraphs":
             torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast(DEV, dtype=torch.bfloat16):
-            loss = forward(
-                input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values, labels=labels
-            ).loss
-        loss.backward()
-        opt.step()
+        train_step()
         opt.zero_grad(set_to_none=True)
+
+    if mode == "blocks-stepgraph":
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # compiles the blocks (forward, backward), makes AdamW's state
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # the gradients are allocated (not accumulated) inside: replays overwrite them
+            train_step()
+        step = graph.replay
 
     t0 = time.perf_counter()
     step()
@@ -441,7 +470,7 @@ def main() -> None:
     parser.add_argument(
         "--train-modes",
         default="eager,blocks",
-        help="eager, blocks (model.compile_repeated_blocks()), blocks-cudagraphs, compiled (torch.compile(model))",
+        help="eager, blocks (model.compile_repeated_blocks()), blocks-cudagraphs, blocks-stepgraph, compiled",
     )
     parser.add_argument(
         "--inductor", default="", help="torch._inductor.config settings for every compilation, e.g. NAME=1,NAME2=0"

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from .modeling_openflamingo import image_indices_from_input_ids
+
 __all__ = ["OpenFlamingoDataCollator"]
 
 
@@ -26,8 +28,10 @@ class OpenFlamingoDataCollator:
 
     The batch is built by the processor (`return_labels=True`, right padding) and holds `input_ids`,
     `attention_mask`, `labels` and, when any sample has images, `pixel_values` `(batch, max_images, 3, H, W)`
-    (zero-padded). Labels are the input ids with -100 for padding and `<image>`; with `interleaved=True` also for
-    every token before the first `<image>` and for the tokens after each `<|endofchunk|>` up to the next `<image>`.
+    (zero-padded) and `image_indices` `(batch, seq)`: which image each token follows, made here on the CPU, so that
+    the model's forward skips its own check of the `<image>` tokens (a device-to-host sync). Labels are the input ids
+    with -100 for padding and `<image>`; with `interleaved=True` also for every token before the first `<image>` and
+    for the tokens after each `<|endofchunk|>` up to the next `<image>`.
     `<|endofchunk|>` and eos stay in the loss, as in the original. Position 0 is also set to -100: labels are shifted
     inside the model, so it is never a target, and this keeps `Trainer`'s `num_items_in_batch` count exact.
 
@@ -96,6 +100,10 @@ class OpenFlamingoDataCollator:
         )
         batch = dict(encoding)
         batch["labels"][:, 0] = -100
+        if "pixel_values" in batch:
+            batch["image_indices"] = image_indices_from_input_ids(
+                batch["input_ids"], self.processor.image_token_id, batch["pixel_values"].shape[1]
+            )
         return batch
 
     def _sample_images(self, feature: Any) -> list[Any]:

@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM, CLIPVisionModel, GenerationMixin,
 from transformers import __version__ as _TRANSFORMERS_VERSION
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.mpt.modeling_mpt import MptAttention
 from transformers.utils import ModelOutput, logging
 
 from .configuration_openflamingo import OpenFlamingoConfig
@@ -218,6 +219,28 @@ def cross_attention_mask(
         allowed = image_indices.unsqueeze(-1) >= latent_image
     sees_image = (image_indices > 0).unsqueeze(-1)
     return (allowed | ~sees_image).unsqueeze(1), sees_image
+
+
+def image_indices_from_input_ids(input_ids: torch.Tensor, media_token_id: int, num_images: int) -> torch.Tensor:
+    """For each token, the 1-based number of the latest `<image>` at or before it (0 before the first one).
+
+    Args:
+        input_ids: `(batch, seq)`.
+        num_images: images given per row; a row with more `<image>` tokens is an error.
+
+    Returns:
+        `(batch, seq)` long: the model's `image_indices`. Made on the CPU (e.g. by the data collator), they spare the
+        forward its own check, a GPU->host sync.
+    """
+    image_indices = (input_ids == media_token_id).cumsum(dim=-1)
+    counts = image_indices[:, -1]
+    if bool((counts > num_images).any()):
+        row = int(torch.argmax((counts > num_images).int()))
+        raise ValueError(
+            f"Row {row} of input_ids has {int(counts[row])} <image> tokens but only {num_images} images were given "
+            "(pixel_values.shape[1])."
+        )
+    return image_indices
 
 
 class OpenFlamingoCrossAttention(nn.Module):
@@ -505,6 +528,87 @@ def add_mpt_static_cache_support(language_model: nn.Module, text_config: Any) ->
             module.register_forward_pre_hook(_mpt_static_cache_view, with_kwargs=True)
 
 
+class OpenFlamingoMptSdpaAttention(MptAttention):
+    """transformers' `MptAttention` (same parameters, same arguments) through `F.scaled_dot_product_attention`.
+
+    `MptAttention` computes attention as matmul, bias, mask, fp32 softmax, matmul: the `(batch, heads, q, k)` scores
+    are materialised and, in training, kept for the backward. Here the ALiBi bias and the mask are folded into one
+    additive `attn_mask` and a fused kernel (memory-efficient / cuDNN) does the rest. The bias is in the compute
+    dtype, as in MosaicGPT's and MPT's own code (transformers' MPT adds it in fp32). No attention weights are
+    returned: load with `attn_implementation="eager"` for those (then `MptAttention` itself runs).
+    """
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_bias: torch.Tensor | None,
+        attention_mask: torch.Tensor | None = None,
+        cache_position: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        """
+        Args:
+            hidden_states: `(batch, seq, hidden_size)`.
+            position_bias: `(heads, 1, max_seq_len)` ALiBi bias, as `MptModel` builds it.
+            attention_mask: `(batch, 1, seq, keys)` bool, True where a key is masked.
+            cache_position: transformers 4.x only (its caches take it); `cache` / `past_key_values` in `kwargs`.
+
+        Returns:
+            `(batch, seq, hidden_size)` and None (no attention weights).
+        """
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        batch_size, seq_length = hidden_states.shape[:2]
+        mixed_qkv = self.Wqkv(hidden_states)
+        if self.clip_qkv:
+            mixed_qkv = mixed_qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+        query, key, value = (_split_heads(x, self.n_heads) for x in mixed_qkv.chunk(3, dim=2))
+        if cache is not None:
+            cache_kwargs = {"cache_position": cache_position} if cache_position is not None else None
+            key, value = cache.update(key, value, self.layer_idx, cache_kwargs)
+        bias = None
+        if position_bias is not None:
+            if position_bias.dim() != 3:
+                raise ValueError(f"Expecting position_bias shape to be 3 dimensions, got {position_bias.dim()}")
+            # `MptAttention`'s slice; with the bias of `MptModel` (`size(1) == 1`) the query offset is 0 at any length,
+            # so the cache's length (a host sync with a static cache) is read only for another bias
+            query_offset = 0
+            if position_bias.size(1) > 1:
+                query_length = seq_length + (cache.get_seq_length() if cache is not None else 0)
+                query_offset = max(0, position_bias.size(1) - query_length)
+            key_offset = max(0, position_bias.size(2) - key.shape[-2])
+            bias = position_bias[:, query_offset:, key_offset:].to(query.dtype)
+        if attention_mask is not None:
+            if bias is None:
+                bias = torch.zeros((), dtype=query.dtype, device=query.device)
+            bias = bias.masked_fill(attention_mask, torch.finfo(query.dtype).min)
+        out = F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=bias,
+            dropout_p=self.attn_dropout_p if self.training else 0.0,
+            scale=self.softmax_scale,
+        )
+        if attention_mask is not None:
+            # A query that sees no key (left padding) gets `MptAttention`'s uniform average over all keys and, as there
+            # (its scores are replaced, not shifted), no gradient through its scores to the query and the keys.
+            blind = attention_mask.all(dim=-1, keepdim=True)  # (batch, 1, seq, 1)
+            out = torch.where(blind, value.mean(dim=-2, keepdim=True).to(out.dtype), out)
+        return self.out_proj(_merge_heads(out)), None
+
+
+def add_mpt_sdpa_attention(language_model: nn.Module, text_config: Any) -> None:
+    """Run transformers' MPT attention as [`OpenFlamingoMptSdpaAttention`] (same module, parameters and state dict).
+
+    Hooks already on the attention (QK-LayerNorm, static cache) keep working: only the class changes.
+    """
+    if getattr(text_config, "model_type", None) != "mpt":
+        return
+    for module in language_model.modules():
+        if type(module) is MptAttention:
+            module.__class__ = OpenFlamingoMptSdpaAttention
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------------------------------
@@ -581,6 +685,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         add_mpt_qk_layernorm(self.language_model, config.text_config)
         add_mpt_static_cache_support(self.language_model, config.text_config)
+        if config._attn_implementation != "eager":  # an explicit "eager" keeps MPT's own attention (and its weights)
+            add_mpt_sdpa_attention(self.language_model, config.text_config)
         # looked up once here, not in `forward` (which torch.compile traces)
         self._lm_takes_logits_to_keep = "logits_to_keep" in _forward_parameters(type(self.language_model))
         self.gated_cross_attn_layers = nn.ModuleDict(
@@ -668,18 +774,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         return pixel_values
 
     def _image_indices(self, input_ids: torch.Tensor, num_images: int) -> torch.Tensor:
-        """1-based number of the latest `<image>` at or before each token (0 before the first one)."""
         if self.config.media_token_id is None:
             raise ValueError("config.media_token_id is not set: the model cannot find the <image> tokens.")
-        image_indices = (input_ids == self.config.media_token_id).cumsum(dim=-1)
-        counts = image_indices[:, -1]
-        if bool((counts > num_images).any()):
-            row = int(torch.argmax((counts > num_images).int()))
-            raise ValueError(
-                f"Row {row} of input_ids has {int(counts[row])} <image> tokens but only {num_images} images were given "
-                "(pixel_values.shape[1])."
-            )
-        return image_indices
+        return image_indices_from_input_ids(input_ids, self.config.media_token_id, num_images)
 
     def _cross_attention_key_values(self, image_hidden_states: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], ...]:
         blocks = self.gated_cross_attn_layers.values()
@@ -746,20 +843,22 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         if use_cache is None and past is None and self.training and torch.is_grad_enabled():
             use_cache = False  # a training step has no use for a KV cache (and a compiled block would guard on it)
 
+        # The checks that read input_ids on the host come before the images are encoded: the device has that work
+        # queued while the host waits, instead of idling while the host then queues everything after the check.
+        key_values, num_images = None, None
         if pixel_values is not None:
-            image_hidden_states = self.get_image_features(pixel_values)
-        if image_hidden_states is not None:
-            key_values = self._cross_attention_key_values(image_hidden_states)
+            pixel_values = self._check_pixel_values(pixel_values)
+            num_images = pixel_values.shape[1]
+        elif image_hidden_states is not None:
             num_images = image_hidden_states.shape[1]
         elif image_cache is not None:
             key_values = image_cache.key_values
             num_images = key_values[0][0].shape[-2] // self.config.perceiver_num_latents if key_values else 0
-        else:
-            key_values, num_images = None, 0
+        has_images = num_images is not None
 
         if image_indices is None and input_ids is not None and self.config.media_token_id is not None:
             has_media = bool((input_ids == self.config.media_token_id).any())
-            if has_media and key_values is None:
+            if has_media and not has_images:
                 raise ValueError(
                     "input_ids contain <image> tokens but no images were given (pixel_values, image_hidden_states "
                     "or image_cache)."
@@ -771,7 +870,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                     raise ValueError(
                         f"The continued input_ids add <image> tokens beyond the {num_images} images of image_cache."
                     )
-            elif key_values is not None:
+            elif has_images:
                 if not has_media and not continuing:
                     raise ValueError("Images were given but input_ids contain no <image> token to place them.")
                 if continuing:
@@ -780,8 +879,13 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                         "or `image_indices`, so that the new tokens know which image they follow."
                     )
                 image_indices = self._image_indices(input_ids, num_images)
-        if key_values is not None and image_indices is None:
+        if has_images and image_indices is None:
             raise ValueError("With inputs_embeds and images, pass image_indices.")
+
+        if pixel_values is not None:
+            image_hidden_states = self.get_image_features(pixel_values)
+        if image_hidden_states is not None:
+            key_values = self._cross_attention_key_values(image_hidden_states)
 
         named_key_values = None
         if key_values:
@@ -1834,7 +1938,10 @@ __all__ = [
     "OpenFlamingoCausalLMOutputWithPast",
     "OpenFlamingoForConditionalGeneration",
     "OpenFlamingoImageCache",
+    "OpenFlamingoMptSdpaAttention",
     "OpenFlamingoPreTrainedModel",
     "add_mpt_qk_layernorm",
+    "add_mpt_sdpa_attention",
     "find_decoder_layers",
+    "image_indices_from_input_ids",
 ]

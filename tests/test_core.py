@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -161,6 +162,47 @@ def test_qk_layernorm_is_applied():
         model.language_model.transformer.blocks[0].attn.q_ln.weight.mul_(3.0)
         after = model(input_ids=ids, pixel_values=pixel_values).logits
     assert not torch.allclose(before, after)
+
+
+@pytest.mark.parametrize("family", ["mpt", "mosaic_gpt"])
+def test_mpt_sdpa_attention_equals_mpt_attention(family):
+    """MPT's attention runs through SDPA (ALiBi and mask folded into one additive mask): the same logits and gradients
+    as transformers' `MptAttention`, which an explicit `attn_implementation="eager"` keeps (with attention weights)."""
+    from transformers.models.mpt.modeling_mpt import MptAttention
+
+    from modeling_openflamingo.modeling_openflamingo import OpenFlamingoMptSdpaAttention
+
+    model = tiny_model(family)
+    attentions = [type(m) for m in model.modules() if isinstance(m, MptAttention)]
+    assert attentions and set(attentions) == {OpenFlamingoMptSdpaAttention}
+    explicit = OpenFlamingoForConditionalGeneration._from_config(model.config, attn_implementation="eager")
+    assert {type(m) for m in explicit.modules() if isinstance(m, MptAttention)} == {MptAttention}
+    eager = copy.deepcopy(model)  # the same model but for the class of MPT's attention
+    for module in eager.modules():
+        if isinstance(module, MptAttention):
+            module.__class__ = MptAttention
+    ids, pixel_values = inputs(batch=3, seq=12)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding: the first queries of row 1 see no key at all (and, as labels, are in the loss)
+    mask[2, -3:] = 0  # right padding
+    for m in (model, eager):
+        m.train()  # dropout is 0: train mode changes nothing but the path taken
+        with torch.no_grad():
+            for block in m.gated_cross_attn_layers.values():  # open the gates, so the images count too
+                block.attn_gate.fill_(0.5)
+                block.ff_gate.fill_(0.5)
+    outs = [m(input_ids=ids, pixel_values=pixel_values, attention_mask=mask, labels=ids) for m in (model, eager)]
+    torch.testing.assert_close(outs[0].logits, outs[1].logits, atol=2e-6, rtol=1e-5)
+    outs[0].loss.backward()
+    outs[1].loss.backward()
+    grads = [dict((n, p.grad) for n, p in m.named_parameters() if p.grad is not None) for m in (model, eager)]
+    assert grads[0].keys() == grads[1].keys() and any("Wqkv" in n for n in grads[0])
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grad, grads[1][name], atol=1e-6, rtol=1e-5, msg=name)
+    explicit.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        weights = explicit(input_ids=ids, pixel_values=pixel_values, output_attentions=True).attentions
+    assert weights is not None and weights[0].shape == (3, 4, 12, 12)
 
 
 def test_deepcopy_is_independent():

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
 
 from modeling_openflamingo import OpenFlamingoDataCollator
@@ -270,6 +271,15 @@ def test_collator_mmc4_style_labels(converted, tiny_images):
     assert (batch["labels"][1] == -100).all()  # no image: everything is "before the first <image>"
     assert batch["pixel_values"].shape == (2, 2, 3, 32, 32)
     assert (batch["pixel_values"][1] == 0).all()
+    # which image each token follows, made on the CPU: the model's own (the forward then skips its host-side check)
+    model, _ = load(converted, "tiny-mpt")
+    expected = model._image_indices(batch["input_ids"], 2)
+    assert torch.equal(batch["image_indices"], expected) and batch["image_indices"][0].max() == 2
+    assert (batch["image_indices"][1] == 0).all()
+    with torch.no_grad():
+        given = model(**batch).loss
+        batch.pop("image_indices")
+        torch.testing.assert_close(model(**batch).loss, given, atol=0, rtol=0)
 
 
 def test_collator_inputs_and_errors(converted, tiny_images, tmp_path):
@@ -673,3 +683,37 @@ def test_compile_repeated_blocks_changes_nothing_and_compiles_each_kind_once(con
     assert len(blocks) > graphs >= len(kinds), (len(blocks), graphs, kinds)
     assert sum(1 for name, _ in model.named_parameters() if "_orig_mod" in name) == 0  # names unchanged
     torch._dynamo.reset()
+
+
+class _HostSyncs(TorchDispatchMode):
+    """Records the ops that make a CUDA device wait for the host (`.item()`, `bool(tensor)`)."""
+
+    SYNCS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.SYNCS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("family", ["mpt", "mosaic_gpt"])
+def test_a_training_step_with_image_indices_makes_no_host_sync(family):
+    """With `image_indices` (as the collator makes them) a training step never waits on the device: the host queues
+    work ahead of it, and the step can be captured as a CUDA graph (`benchmarks/`, train mode blocks-stepgraph).
+    (transformers 5's GPT-NeoX and LLaMA still sync in their own mask code, outside `torch.compile`.)"""
+    from modeling_openflamingo.modeling_openflamingo import image_indices_from_input_ids
+
+    from .test_core import inputs, tiny_model
+
+    model = tiny_model(family).train()
+    ids, pixel_values = inputs()
+    image_indices = image_indices_from_input_ids(ids, model.config.media_token_id, pixel_values.shape[1])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixel_values, "labels": ids}
+    with _HostSyncs() as syncs:
+        loss = model(**batch, image_indices=image_indices).loss
+        loss.backward()
+    assert syncs.count == 0
+    torch.testing.assert_close(loss, model(**batch).loss, atol=0, rtol=0)
