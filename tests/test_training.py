@@ -708,7 +708,9 @@ def test_a_training_step_with_image_indices_makes_no_host_sync(family):
 
     from .test_core import inputs, tiny_model
 
-    model = tiny_model(family).train()
+    model = tiny_model(family)
+    model.freeze_for_training()  # the recipe: its trainable new-token rows take part as well
+    model.train()
     ids, pixel_values = inputs()
     image_indices = image_indices_from_input_ids(ids, model.config.media_token_id, pixel_values.shape[1])
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixel_values, "labels": ids}
