@@ -3,7 +3,9 @@
 A frozen CLIP vision tower (`CLIPVisionModel`, patch features taken *without* `post_layernorm`) feeds a Perceiver
 Resampler; gated cross-attention blocks, kept outside the language model, run before every N-th decoder layer of an
 unmodified transformers causal LM (`AutoModelForCausalLM.from_config`). The LM's parameters keep their native names
-under `language_model.`.
+under `language_model.`. transformers' MPT gets three things of its own (same parameters): MosaicGPT's QK-LayerNorm,
+static-cache decoding, and attention through SDPA (`add_mpt_qk_layernorm`, `add_mpt_static_cache_support`,
+`add_mpt_sdpa_attention`).
 
 How the blocks reach the LM: each decoder layer that a block precedes gets a thin subclass of its own class (same
 name, same parameters) whose `__call__` applies the block to the layer's hidden states and then calls the layer
