@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
 
@@ -527,6 +528,35 @@ def test_finetune_example_runs(converted, tmp_path):
     assert compiled["last_loss"] < compiled["first_loss"]
     assert (tmp_path / "compiled" / "model.safetensors").is_file()
     torch._dynamo.reset()
+
+
+def test_cuda_graph_training_example_runs_its_step(converted, tmp_path):
+    """The example's batches keep one shape (tokens padded to --length, images to --max-images) and its step trains;
+    on this CPU the step runs eagerly (on a GPU it is captured once and replayed)."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import train_cuda_graph
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    out = tmp_path / "out"
+    model_dir = str(converted("tiny-mpt-1b-redpajama-200b"))
+    argv = ["--model", model_dir, "--max-steps", "8", "--learning-rate", "1e-2", "--max-images", "2"]
+    result = train_cuda_graph.main([*argv, "--length", "12", "--output-dir", str(out)])
+    assert len(result["losses"]) == 8 and not result["graphed"]
+    assert result["losses"][-1] < result["losses"][0]
+    assert (out / "model.safetensors").is_file()
+    _, processor = load(converted, "tiny-mpt-1b-redpajama-200b")
+    collate = train_cuda_graph.FixedShapeCollator(
+        OpenFlamingoDataCollator(processor, max_length=12, pad_to_multiple_of=12), max_images=2
+    )
+    rows = [{"images": [], "text": "x"}]
+    with pytest.raises(ValueError, match="without images"):
+        collate(rows)
+    short = collate([{"images": [Image.new("RGB", (8, 8))], "text": "<image>A cat."}])
+    assert short["input_ids"].shape == (1, 12) and short["pixel_values"].shape[:2] == (1, 2)
+    assert (short["pixel_values"][:, 1] == 0).all() and short["image_indices"].max() == 1
+    with pytest.raises(ValueError, match="raise --max-images"):
+        collate([{"images": [Image.new("RGB", (8, 8))] * 3, "text": "<image>a<image>b<image>c"}])
 
 
 # ---- FSDP: 2 CPU processes (gloo) ----
