@@ -285,7 +285,9 @@ def bench_train(
 
     Frozen weights (vision tower, LM) stay bf16; trainable ones are fp32 master weights; compute under bf16 autocast.
     """
-    model = build(name, torch.bfloat16)
+    # On a CPU (the --tiny smoke test) all fp32 without autocast: CPU autocast runs LayerNorm on mixed dtypes.
+    on_gpu = DEV == "cuda"
+    model = build(name, torch.bfloat16 if on_gpu else torch.float32)
     model.requires_grad_(False)
     trainable = [model.perceiver, model.gated_cross_attn_layers, model.get_input_embeddings()]
     for module in trainable:
@@ -317,7 +319,7 @@ def bench_train(
         opt = torch.optim.AdamW(params, lr=1e-4, fused=True, capturable=True)
 
     def train_step() -> None:
-        with torch.autocast(DEV, dtype=torch.bfloat16):
+        with torch.autocast(DEV, dtype=torch.bfloat16, enabled=on_gpu):
             loss = forward(
                 input_ids=ids,
                 attention_mask=attention_mask,
@@ -367,7 +369,7 @@ def bench_train(
             "peak_mem_gb": peak_memory_gb(),
             "warmup_s": round(warmup_s, 1),
             "trainable_params": sum(p.numel() for p in params),
-            "precision": "bf16 frozen weights, fp32 trainable weights, bf16 autocast",
+            "precision": "bf16 frozen weights, fp32 trainable weights, bf16 autocast" if on_gpu else "fp32",
         }
     )
     if profile:

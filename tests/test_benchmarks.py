@@ -1,0 +1,30 @@
+"""The benchmark script keeps working: its `--tiny` mode (small stand-ins of the released shapes) on the CPU, eager
+prompt forward, decoding and training step, and the report made from its records."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from .conftest import ROOT
+
+
+def test_benchmark_tiny_smoke_run_and_report(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "BENCH_DEV": "cpu"}
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_openflamingo.py"), "--tiny", "--models", "of3b"]
+    command += ["--what", "prefill,generate,train", "--modes", "eager", "--train-modes", "eager"]
+    command += ["--batches", "1", "--reps", "1", "--out", str(out)]
+    subprocess.run(command, check=True, env=env, cwd=tmp_path, capture_output=True, timeout=600)
+    records = json.loads(out.read_text())
+    assert not [r for r in records if "error" in r]
+    measured = {(r["what"], r.get("mode")) for r in records}
+    assert {("forward(prompt)", "eager"), ("generate", "eager"), ("train_step", "eager")} <= measured
+    train = next(r for r in records if r["what"] == "train_step")
+    assert train["tokens_per_s"] > 0 and train["seq"] == 255 and train["precision"] == "fp32"
+    report = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "report.py"), str(out)], check=True, capture_output=True, text=True
+    ).stdout
+    assert "| of3b | train step 8x255, 5 img, tok/s |" in report
