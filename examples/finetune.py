@@ -53,6 +53,17 @@ def demo_dataset() -> Any:
     return datasets.Dataset.from_dict(rows).cast_column("images", datasets.Sequence(datasets.Image()))
 
 
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--model` and the dataset's arguments (read by [`load_training_dataset`]), shared by the training examples."""
+    parser.add_argument("--model", help="converted OpenFlamingo folder or hub id (default: the tiny demo model)")
+    parser.add_argument("--dataset", help="datasets hub name or local folder (default: the demo captions)")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--image-column", default="images")
+    parser.add_argument("--caption-column", help="make the text column as <image>{caption}<|endofchunk|>")
+    parser.add_argument("--interleaved", action="store_true", help="MMC4-style label masking")
+
+
 def load_training_dataset(args: argparse.Namespace) -> Any:
     """The demo dataset, or `--dataset` (hub name, data folder or `save_to_disk` folder) with a `text` column."""
     if args.dataset is None:
@@ -162,13 +173,7 @@ def training_arguments(args: argparse.Namespace, on_cpu: bool) -> TrainingArgume
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Fine-tune, save to `--output-dir`, and return the first and last logged losses."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="converted OpenFlamingo folder or hub id (default: the tiny demo model)")
-    parser.add_argument("--dataset", help="datasets hub name or local folder (default: the demo captions)")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--text-column", default="text")
-    parser.add_argument("--image-column", default="images")
-    parser.add_argument("--caption-column", help="make the text column as <image>{caption}<|endofchunk|>")
-    parser.add_argument("--interleaved", action="store_true", help="MMC4-style label masking")
+    add_data_arguments(parser)
     parser.add_argument("--max-length", type=int, help="truncate texts to this many tokens")
     parser.add_argument("--output-dir", default="finetuned-openflamingo")
     parser.add_argument("--max-steps", type=int, default=20)

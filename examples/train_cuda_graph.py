@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 from demo_model import DEMO_IMAGES, resolve_model
-from finetune import DEMO_CAPTIONS, load_training_dataset
+from finetune import DEMO_CAPTIONS, add_data_arguments, load_training_dataset
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -59,13 +59,7 @@ class FixedShapeCollator:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train for `--max-steps` steps; return the losses of every step (and save to `--output-dir` if given)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="converted OpenFlamingo folder or hub id (default: the tiny demo model)")
-    parser.add_argument("--dataset", help="datasets hub name or local folder (default: the demo captions)")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--text-column", default="text")
-    parser.add_argument("--image-column", default="images")
-    parser.add_argument("--caption-column", help="make the text column as <image>{caption}<|endofchunk|>")
-    parser.add_argument("--interleaved", action="store_true", help="MMC4-style label masking")
+    add_data_arguments(parser)
     parser.add_argument("--length", type=int, default=16, help="every batch is padded (or truncated) to this")
     parser.add_argument("--max-images", type=int, default=1, help="images per row, zero-padded to this")
     parser.add_argument("--batch-size", type=int, default=3)
