@@ -14,8 +14,8 @@ Decoding modes:
 
 Training modes (--train-modes): eager; blocks (`model.compile_repeated_blocks()`, regional compilation);
 blocks-cudagraphs (the same with mode "reduce-overhead": CUDA graphs); blocks-stepgraph (regional compilation, and
-the whole step, forward, backward and AdamW, captured as one CUDA graph: LMs without host syncs, i.e. MPT (of3b,
-of9b), not transformers 5's GPT-NeoX); compiled (`torch.compile` of the whole model).
+the whole step, forward, backward and AdamW, captured as one CUDA graph; for GPT-NeoX (of4b), whose transformers code
+checks a 2-D attention mask on the host, with a 4-D causal mask); compiled (`torch.compile` of the whole model).
 The batch is what `OpenFlamingoDataCollator` makes (with `image_indices`).
 
 Prints one JSON line per measurement and writes them all to $OUT/openflamingo_bench.json (or --out).
@@ -307,6 +307,10 @@ def bench_train(
     # what OpenFlamingoDataCollator adds: which image each token follows, made on the host (no sync in the forward)
     image_indices = image_indices_from_input_ids(ids.cpu(), MEDIA, n_images).to(DEV)
     attention_mask = torch.ones_like(ids)
+    if mode == "blocks-stepgraph" and model.config.text_config.model_type != "mpt":
+        # transformers 5's GPT-NeoX / LLaMA check a 2-D mask on the host; a 4-D one (True: attend) is used as given
+        causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool, device=DEV).tril()
+        attention_mask = causal.expand(ids.shape[0], 1, -1, -1)
     modes = ("eager", "compiled", "blocks", "blocks-cudagraphs", "blocks-stepgraph")
     if mode not in modes:
         raise ValueError(f"train mode {mode!r}: one of {', '.join(modes)}")

@@ -8,8 +8,9 @@ What it takes:
 - fixed shapes: every batch padded to `--length` tokens (`max_length` + `pad_to_multiple_of` in the collator) and to
   `--max-images` images per row (padding images are never attended), the last short batch dropped;
 - no host sync in the step: the collator's `image_indices` spare the forward its check of the `<image>` tokens, and
-  AdamW runs with `capturable=True`. MPT and MosaicGPT (OpenFlamingo-3B, -9B) qualify; transformers 5's GPT-NeoX and
-  LLaMA check the attention mask on the host, so their step cannot be captured (the capture fails with a clear error);
+  AdamW runs with `capturable=True`. transformers' GPT-NeoX and LLaMA (OpenFlamingo-4B and the like) check a 2-D
+  attention mask on the host, so they get it as a 4-D causal mask, which they use as it is (MPT and MosaicGPT,
+  OpenFlamingo-3B and -9B, take the 2-D one);
 - compiled blocks (`model.compile_repeated_blocks()`) so that the graph replays fused kernels.
 
 Without CUDA it runs the same steps eagerly (what CI checks: the data and the step). Without `--model` it trains the
@@ -35,13 +36,23 @@ import modeling_openflamingo  # noqa: F401 - registers the Auto classes
 from modeling_openflamingo import OpenFlamingoDataCollator
 
 
+def causal_attention_mask_4d(attention_mask: torch.Tensor) -> torch.Tensor:
+    """`(batch, seq)` padding mask -> `(batch, 1, seq, seq)` bool, True where a query may attend to a key (causal and
+    not padding): the form transformers' LMs with SDPA attention take as it is, without checking it on the host."""
+    seq = attention_mask.shape[-1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=attention_mask.device).tril()
+    return causal & attention_mask.bool()[:, None, None, :]
+
+
 class FixedShapeCollator:
     """`OpenFlamingoDataCollator`, then `pixel_values` zero-padded to `max_images` images per row (every batch then
-    has the same shapes: the collator already pads the tokens to `length`)."""
+    has the same shapes: the collator already pads the tokens to `length`), and with `mask_4d` the attention mask as
+    [`causal_attention_mask_4d`]."""
 
-    def __init__(self, collator: OpenFlamingoDataCollator, max_images: int) -> None:
+    def __init__(self, collator: OpenFlamingoDataCollator, max_images: int, mask_4d: bool = False) -> None:
         self.collator = collator
         self.max_images = max_images
+        self.mask_4d = mask_4d
 
     def __call__(self, features: list[Any]) -> dict[str, torch.Tensor]:
         batch = self.collator(features)
@@ -53,6 +64,8 @@ class FixedShapeCollator:
         missing = self.max_images - pixel_values.shape[1]
         padding = pixel_values.new_zeros(len(pixel_values), missing, *pixel_values.shape[2:])
         batch["pixel_values"] = torch.cat((pixel_values, padding), dim=1)
+        if self.mask_4d:
+            batch["attention_mask"] = causal_attention_mask_4d(batch["attention_mask"])
         return batch
 
 
@@ -103,7 +116,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shuffle=True,
         generator=torch.Generator().manual_seed(args.seed),  # the same order on every device
         drop_last=True,
-        collate_fn=FixedShapeCollator(collator, args.max_images),
+        # MPT and MosaicGPT read a 2-D mask without a host sync; transformers' other LMs get it as 4-D
+        collate_fn=FixedShapeCollator(collator, args.max_images, mask_4d=model.config.text_config.model_type != "mpt"),
     )
     if len(loader) == 0:
         raise ValueError(f"The dataset has fewer rows than --batch-size ({args.batch_size}).")
@@ -162,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 except RuntimeError as error:
                     raise RuntimeError(
                         "The training step could not be captured as a CUDA graph (a host sync in the language "
-                        "model's code? transformers' GPT-NeoX and LLaMA check the attention mask on the host)."
+                        "model's code?)."
                     ) from error
             graph.replay()
             losses.append(static_loss.clone())

@@ -545,6 +545,8 @@ def test_cuda_graph_training_example_runs_its_step(converted, tmp_path):
     assert len(result["losses"]) == 8 and not result["graphed"]
     assert result["losses"][-1] < result["losses"][0]
     assert (out / "model.safetensors").is_file()
+    neox = train_cuda_graph.main(["--model", str(converted("tiny-neox")), "--max-steps", "3", "--length", "12"])
+    assert len(neox["losses"]) == 3  # GPT-NeoX: the attention mask goes in as 4-D
     _, processor = load(converted, "tiny-mpt-1b-redpajama-200b")
     collate = train_cuda_graph.FixedShapeCollator(
         OpenFlamingoDataCollator(processor, max_length=12, pad_to_multiple_of=12), max_images=2
@@ -729,23 +731,33 @@ class _HostSyncs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("family", ["mpt", "mosaic_gpt"])
+@pytest.mark.parametrize("family", ["mpt", "mosaic_gpt", "gpt_neox", "llama"])
 def test_a_training_step_with_image_indices_makes_no_host_sync(family):
     """With `image_indices` (as the collator makes them) a training step never waits on the device: the host queues
-    work ahead of it, and the step can be captured as a CUDA graph (`benchmarks/`, train mode blocks-stepgraph).
-    (transformers 5's GPT-NeoX and LLaMA still sync in their own mask code, outside `torch.compile`.)"""
+    work ahead of it, and the step can be captured as a CUDA graph (`examples/train_cuda_graph.py`). transformers'
+    GPT-NeoX and LLaMA check a 2-D attention mask on the host; given as 4-D (`causal_attention_mask_4d`) it is used as
+    it is: no sync there either, and the same loss."""
     from modeling_openflamingo.modeling_openflamingo import image_indices_from_input_ids
 
     from .test_core import inputs, tiny_model
 
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        from train_cuda_graph import causal_attention_mask_4d
+    finally:
+        sys.path.remove(str(EXAMPLES))
     model = tiny_model(family)
     model.freeze_for_training()  # the recipe: its trainable new-token rows take part as well
     model.train()
     ids, pixel_values = inputs()
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0  # right padding, as the collator pads
     image_indices = image_indices_from_input_ids(ids, model.config.media_token_id, pixel_values.shape[1])
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixel_values, "labels": ids}
+    given_mask = mask if family in ("mpt", "mosaic_gpt") else causal_attention_mask_4d(mask)
+    labels = ids.masked_fill(mask == 0, -100)
+    batch = {"input_ids": ids, "pixel_values": pixel_values, "labels": labels}
     with _HostSyncs() as syncs:
-        loss = model(**batch, image_indices=image_indices).loss
+        loss = model(**batch, attention_mask=given_mask, image_indices=image_indices).loss
         loss.backward()
     assert syncs.count == 0
-    torch.testing.assert_close(loss, model(**batch).loss, atol=0, rtol=0)
+    torch.testing.assert_close(loss, model(**batch, attention_mask=mask).loss, atol=1e-6, rtol=1e-6)
