@@ -280,20 +280,30 @@ def bench_train(
     n_images: int = 5,
     mode: str = "eager",
     profile: bool = False,
+    trainables: str = "benchmark",
 ) -> None:
-    """One AdamW step on perceiver + cross-attention blocks + input embeddings (the original recipe's trainables).
+    """One AdamW step. `trainables`: "benchmark", as the original's benchmark: Perceiver, cross-attention blocks and the
+    whole input embedding matrix (tied to the output one in MPT); "recipe", `model.freeze_for_training()`: the same
+    but only the added tokens' embedding rows, which is what the original's training script trains (it zeroes the
+    gradient of every other row), without the matrix's gradient and optimizer state.
 
     Frozen weights (vision tower, LM) stay bf16; trainable ones are fp32 master weights; compute under bf16 autocast.
     """
     # On a CPU (the --tiny smoke test) all fp32 without autocast: CPU autocast runs LayerNorm on mixed dtypes.
     on_gpu = DEV == "cuda"
     model = build(name, torch.bfloat16 if on_gpu else torch.float32)
-    model.requires_grad_(False)
-    trainable = [model.perceiver, model.gated_cross_attn_layers, model.get_input_embeddings()]
-    for module in trainable:
-        module.float().requires_grad_(True)
-    model.train()
+    if trainables == "benchmark":
+        model.requires_grad_(False)
+        for module in (model.perceiver, model.gated_cross_attn_layers, model.get_input_embeddings()):
+            module.requires_grad_(True)
+    elif trainables == "recipe":
+        model.freeze_for_training()
+    else:
+        raise ValueError(f"trainables {trainables!r}: benchmark or recipe")
     params = [p for p in model.parameters() if p.requires_grad]
+    for param in params:  # fp32 master weights
+        param.data = param.data.float()
+    model.train()
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     per = seq // n_images
     g = torch.Generator().manual_seed(0)
@@ -373,6 +383,7 @@ def bench_train(
             "peak_mem_gb": peak_memory_gb(),
             "warmup_s": round(warmup_s, 1),
             "trainable_params": sum(p.numel() for p in params),
+            "trainables": trainables,
             "precision": "bf16 frozen weights, fp32 trainable weights, bf16 autocast" if on_gpu else "fp32",
         }
     )
@@ -457,7 +468,10 @@ def bench_model(name: str, args: argparse.Namespace) -> None:
     if "train" in whats:
         for mode in args.train_modes.split(","):
             profile = args.profile_train
-            guarded("train", lambda m=mode, p=profile: bench_train(name, args.reps, mode=m, profile=p))
+            guarded(
+                "train",
+                lambda m=mode, p=profile: bench_train(name, args.reps, mode=m, profile=p, trainables=args.trainables),
+            )
             torch._dynamo.reset()
     if "lm" in whats:
         guarded("lm", lambda: bench_lm_alone(name, modes, args.reps))
@@ -480,6 +494,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--inductor", default="", help="torch._inductor.config settings for every compilation, e.g. NAME=1,NAME2=0"
+    )
+    parser.add_argument(
+        "--trainables",
+        default="benchmark",
+        choices=["benchmark", "recipe"],
+        help="train step: the original benchmark's trainables (whole embedding matrix) or freeze_for_training()'s",
     )
     parser.add_argument("--profile-train", action="store_true", help="write a profile of one training step")
     parser.add_argument("--profile", default="", help="MODE:BATCH pairs to profile, e.g. compiled:1,eager:8")
