@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             graph.replay()
             losses.append(static_loss.clone())
     values = [float(loss) for loss in losses]
-    how = "one CUDA graph per step" if graph is not None else "eager"
+    how = "one CUDA graph per step" if graph is not None else "compiled, none captured" if graphed else "eager"
     print(f"model: {path}\nsteps: {len(values)} ({how}), loss: {values[0]:.4f} -> {values[-1]:.4f}")
     if args.output_dir:
         model.save_pretrained(args.output_dir)
