@@ -522,11 +522,15 @@ def _mpt_static_cache_view(_attention: nn.Module, args: Any, kwargs: dict[str, A
 
 
 def add_mpt_static_cache_support(language_model: nn.Module, text_config: Any) -> None:
-    """Let transformers' MPT decode with a static cache (`cache_implementation="static"`) and `torch.compile`."""
+    """Let transformers' MPT decode with a static cache (`cache_implementation="static"`) and `torch.compile`.
+
+    Only `MptAttention` itself needs this: [`OpenFlamingoMptSdpaAttention`] reads the length only for an ALiBi bias
+    other than `MptModel`'s (`size(1) > 1`), where 0 would be wrong.
+    """
     if getattr(text_config, "model_type", None) != "mpt":
         return
     for module in language_model.modules():
-        if type(module).__name__ == "MptAttention":
+        if type(module) is MptAttention:
             module.register_forward_pre_hook(_mpt_static_cache_view, with_kwargs=True)
 
 
@@ -602,7 +606,7 @@ class OpenFlamingoMptSdpaAttention(MptAttention):
 def add_mpt_sdpa_attention(language_model: nn.Module, text_config: Any) -> None:
     """Run transformers' MPT attention as [`OpenFlamingoMptSdpaAttention`] (same module, parameters and state dict).
 
-    Hooks already on the attention (QK-LayerNorm, static cache) keep working: only the class changes.
+    Hooks already on the attention (MosaicGPT's QK-LayerNorm) keep working: only the class changes.
     """
     if getattr(text_config, "model_type", None) != "mpt":
         return
@@ -697,9 +701,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         self.perceiver = OpenFlamingoPerceiverResampler(config)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         add_mpt_qk_layernorm(self.language_model, config.text_config)
-        add_mpt_static_cache_support(self.language_model, config.text_config)
         if config._attn_implementation != "eager":  # an explicit "eager" keeps MPT's own attention (and its weights)
             add_mpt_sdpa_attention(self.language_model, config.text_config)
+        add_mpt_static_cache_support(self.language_model, config.text_config)  # what `MptAttention` itself needs
         self._loss_compile_kwargs: dict[str, Any] | None = None  # set by `compile_repeated_blocks`
         # looked up once here, not in `forward` (which torch.compile traces)
         self._lm_takes_logits_to_keep = "logits_to_keep" in _forward_parameters(type(self.language_model))

@@ -16,6 +16,7 @@ from modeling_openflamingo.modeling_openflamingo import (
     _STATIC_DECODERS,
     _TRACED_CROSS_ATTENTION,
     OpenFlamingoImageCache,
+    _mpt_static_cache_view,
     _StaticGreedyDecoder,
 )
 
@@ -72,6 +73,32 @@ def test_static_cache_generate_equals_dynamic(family):
             dynamic, static = dynamic.sequences, static.sequences
         assert torch.equal(dynamic, static)
     assert model not in _STATIC_DECODERS
+
+
+@needs_v5
+@pytest.mark.parametrize("family", ["mpt", "mosaic_gpt"])
+def test_static_cache_with_mpts_own_attention(family):
+    """With `attn_implementation="eager"` MPT keeps transformers' `MptAttention`, which decodes with a static cache
+    through the cache view of `add_mpt_static_cache_support`: the tokens of the dynamic cache, and those of SDPA."""
+    from transformers.models.mpt.modeling_mpt import MptAttention
+
+    from modeling_openflamingo import OpenFlamingoForConditionalGeneration
+
+    model = tiny_model(family)
+    eager = OpenFlamingoForConditionalGeneration._from_config(model.config, attn_implementation="eager").to(DEVICE)
+    eager.load_state_dict(model.state_dict())
+    eager.eval()
+    assert {type(m) for m in eager.modules() if isinstance(m, MptAttention)} == {MptAttention}
+
+    def views(m):  # the attentions that get the static cache's view
+        return [a for a in m.modules() if _mpt_static_cache_view in a._forward_pre_hooks.values()]
+
+    assert len(views(eager)) == model.config.text_config.n_layers and not views(model)
+    ids, mask, pixel_values = padded_prompt()
+    kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=6, min_new_tokens=6, num_beams=2)
+    static = eager.generate(**kw, cache_implementation="static")
+    assert torch.equal(static, eager.generate(**kw))
+    assert torch.equal(static, model.generate(**kw, cache_implementation="static"))
 
 
 @needs_v5
