@@ -27,6 +27,7 @@ Usage: python benchmarks/bench_openflamingo.py [--models of3b,of4b,of9b] [--what
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -46,8 +47,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from modeling_openflamingo import OpenFlamingoConfig, OpenFlamingoForConditionalGeneration  # noqa: E402
 from modeling_openflamingo.checkpoint_conversion import preset_config  # noqa: E402
 from modeling_openflamingo.configuration_openflamingo import VIT_L_14_CONFIG  # noqa: E402
+from modeling_openflamingo.data_collator import causal_attention_mask_4d  # noqa: E402
 from modeling_openflamingo.modeling_openflamingo import (  # noqa: E402
     _STATIC_DECODERS,
+    _capture_cuda_graph,
     add_mpt_static_cache_support,
     image_indices_from_input_ids,
 )
@@ -304,7 +307,8 @@ def bench_train(
     for param in params:  # fp32 master weights
         param.data = param.data.float()
     model.train()
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    # blocks-stepgraph: the whole step (forward, backward, AdamW) captured as one CUDA graph
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True, capturable=mode == "blocks-stepgraph")
     per = seq // n_images
     g = torch.Generator().manual_seed(0)
     rows = [
@@ -318,9 +322,8 @@ def bench_train(
     image_indices = image_indices_from_input_ids(ids.cpu(), MEDIA, n_images).to(DEV)
     attention_mask = torch.ones_like(ids)
     if mode == "blocks-stepgraph" and model.config.text_config.model_type != "mpt":
-        # transformers 5's GPT-NeoX / LLaMA check a 2-D mask on the host; a 4-D one (True: attend) is used as given
-        causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool, device=DEV).tril()
-        attention_mask = causal.expand(ids.shape[0], 1, -1, -1)
+        # transformers 5's GPT-NeoX / LLaMA check a 2-D mask on the host; a 4-D one is used as given
+        attention_mask = causal_attention_mask_4d(attention_mask)
     modes = ("eager", "compiled", "blocks", "blocks-cudagraphs", "blocks-stepgraph")
     if mode not in modes:
         raise ValueError(f"train mode {mode!r}: one of {', '.join(modes)}")
@@ -329,8 +332,6 @@ def bench_train(
         model.compile_repeated_blocks()
     if mode == "blocks-cudagraphs":  # each compiled block's forward and backward replayed as CUDA graphs
         model.compile_repeated_blocks(mode="reduce-overhead")
-    if mode == "blocks-stepgraph":  # the whole step (forward, backward, AdamW) captured as one CUDA graph
-        opt = torch.optim.AdamW(params, lr=1e-4, fused=True, capturable=True)
 
     def train_step() -> None:
         with torch.autocast(DEV, dtype=torch.bfloat16, enabled=on_gpu):
@@ -351,16 +352,10 @@ def bench_train(
         opt.zero_grad(set_to_none=True)
 
     if mode == "blocks-stepgraph":
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # compiles the blocks (forward, backward), makes AdamW's state
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # the gradients are allocated (not accumulated) inside: replays overwrite them
-            train_step()
-        step = graph.replay
+        # warm-up runs compile the blocks (forward, backward) and make AdamW's state; gradients are then allocated
+        # (not accumulated) inside the capture, so that every replay overwrites them
+        zero_grad = functools.partial(opt.zero_grad, set_to_none=True)
+        step = _capture_cuda_graph(train_step, zero_grad, warm_up_runs=3).replay
 
     t0 = time.perf_counter()
     step()

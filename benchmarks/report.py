@@ -37,7 +37,7 @@ def key(r: dict[str, Any]) -> tuple[str, str, int, int]:
 
 
 def value(r: dict[str, Any]) -> float:
-    """Higher is better: tokens/s, or 1/seconds for the prompt forward."""
+    """Tokens/s (higher is better), or seconds for the prompt forward (lower is better)."""
     if r["what"] == "forward(prompt)":
         return r["seconds_median"]
     return r.get("new_tokens_per_s") or r.get("tokens_per_s")
@@ -78,11 +78,11 @@ def table(records: list[dict[str, Any]]) -> str:
         if ref is None and k in RECORDED:
             (ref_value, ref_mem), recorded = RECORDED[k], True
         ours = {c: value(r) for c, r in g.items() if c.startswith("ours")}
+        best = min if what == "forward(prompt)" else max
+        best_col = best(ours, key=ours.get)
         if what == "forward(prompt)":
-            best_col = min(ours, key=ours.get)
             ratio = ref_value / ours[best_col] if ref_value else None
         else:
-            best_col = max(ours, key=ours.get)
             ratio = ours[best_col] / ref_value if ref_value else None
         if what == "generate":
             n = g[best_col].get("new_tokens", 64)
@@ -95,11 +95,11 @@ def table(records: list[dict[str, Any]]) -> str:
         ratio_text = f"{ratio:.1f}x" + (" (vs recorded)" if recorded else "") if ratio else "-"
         mem = f"{ref_mem if ref_mem is not None else '-'} / {g[best_col].get('peak_mem_gb', '-')}"
         lm = " / ".join(fmt(value(g[c]), what) if c in g else "-" for c in ("lm-eager", "lm-compiled"))
-        # the best compiled mode (generate: "compiled"; training: "blocks", "blocks-cudagraphs" or "compiled")
+        # the best of the compiled modes (generate: "compiled"; training: "blocks", "blocks-cudagraphs", ...)
         compiled = {c: v for c, v in ours.items() if c != "ours-eager"}
         compiled_text = "-"
         if compiled:
-            pick = (min if what == "forward(prompt)" else max)(compiled, key=compiled.get)
+            pick = best(compiled, key=compiled.get)
             compiled_text = fmt(compiled[pick], what) + ("" if pick == "ours-compiled" else f" ({pick[5:]})")
         lines.append(
             f"| {model} | {workload} | {ref_text} | {fmt(ours.get('ours-eager'), what)} | "

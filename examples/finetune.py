@@ -53,8 +53,9 @@ def demo_dataset() -> Any:
     return datasets.Dataset.from_dict(rows).cast_column("images", datasets.Sequence(datasets.Image()))
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--model` and the dataset's arguments (read by [`load_training_dataset`]), shared by the training examples."""
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments the training examples share: `--model`, the dataset's (read by [`load_training_dataset`]),
+    steps, batch size, learning rate, weight decay and seed."""
     parser.add_argument("--model", help="converted OpenFlamingo folder or hub id (default: the tiny demo model)")
     parser.add_argument("--dataset", help="datasets hub name or local folder (default: the demo captions)")
     parser.add_argument("--split", default="train")
@@ -62,6 +63,11 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-column", default="images")
     parser.add_argument("--caption-column", help="make the text column as <image>{caption}<|endofchunk|>")
     parser.add_argument("--interleaved", action="store_true", help="MMC4-style label masking")
+    parser.add_argument("--max-steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=3)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.1, help="on the cross-attention blocks only")
+    parser.add_argument("--seed", type=int, default=0)
 
 
 def load_training_dataset(args: argparse.Namespace) -> Any:
@@ -173,14 +179,10 @@ def training_arguments(args: argparse.Namespace, on_cpu: bool) -> TrainingArgume
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Fine-tune, save to `--output-dir`, and return the first and last logged losses."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_data_arguments(parser)
+    add_training_arguments(parser)
     parser.add_argument("--max-length", type=int, help="truncate texts to this many tokens")
     parser.add_argument("--output-dir", default="finetuned-openflamingo")
-    parser.add_argument("--max-steps", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=3)
     parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--weight-decay", type=float, default=0.1, help="on the cross-attention blocks only")
     parser.add_argument("--warmup-steps", type=int, default=0)
     parser.add_argument("--freeze-embeddings", action="store_true", help="do not train the added tokens' rows")
     parser.add_argument("--lora", action="store_true", help="also LoRA on the LM's attention (PEFT)")
@@ -192,7 +194,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--compile-blocks", action="store_true", help="regional torch.compile (model.compile_repeated_blocks())"
     )
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile-blocks")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     path = resolve_model(args.model)

@@ -28,20 +28,12 @@ from typing import Any
 
 import torch
 from demo_model import DEMO_IMAGES, resolve_model
-from finetune import DEMO_CAPTIONS, add_data_arguments, load_training_dataset
+from finetune import DEMO_CAPTIONS, add_training_arguments, load_training_dataset
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import modeling_openflamingo  # noqa: F401 - registers the Auto classes
-from modeling_openflamingo import OpenFlamingoDataCollator
-
-
-def causal_attention_mask_4d(attention_mask: torch.Tensor) -> torch.Tensor:
-    """`(batch, seq)` padding mask -> `(batch, 1, seq, seq)` bool, True where a query may attend to a key (causal and
-    not padding): the form transformers' LMs with SDPA attention take as it is, without checking it on the host."""
-    seq = attention_mask.shape[-1]
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=attention_mask.device).tril()
-    return causal & attention_mask.bool()[:, None, None, :]
+from modeling_openflamingo import OpenFlamingoDataCollator, causal_attention_mask_4d
 
 
 class FixedShapeCollator:
@@ -72,19 +64,14 @@ class FixedShapeCollator:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train for `--max-steps` steps; return the losses of every step (and save to `--output-dir` if given)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_data_arguments(parser)
+    add_training_arguments(parser)
     parser.add_argument("--length", type=int, default=16, help="every batch is padded (or truncated) to this")
     parser.add_argument("--max-images", type=int, default=1, help="images per row, zero-padded to this")
-    parser.add_argument("--batch-size", type=int, default=3)
-    parser.add_argument("--max-steps", type=int, default=20)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--weight-decay", type=float, default=0.1, help="on the cross-attention blocks only")
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     parser.add_argument("--warmup-steps", type=int, default=3, help="CUDA: steps run before the capture")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output-dir", help="save the trained model (and processor) here")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)

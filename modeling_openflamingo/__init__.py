@@ -7,7 +7,7 @@ Importing this package registers the model with the Auto classes: `AutoConfig`, 
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor
 
 from .configuration_openflamingo import OpenFlamingoConfig
-from .data_collator import OpenFlamingoDataCollator
+from .data_collator import OpenFlamingoDataCollator, causal_attention_mask_4d
 from .image_processing_openflamingo import OpenFlamingoImageProcessor
 from .modeling_openflamingo import (
     OpenFlamingoCausalLMOutputWithPast,
@@ -45,4 +45,5 @@ __all__ = [
     "OpenFlamingoImageProcessor",
     "OpenFlamingoPreTrainedModel",
     "OpenFlamingoProcessor",
+    "causal_attention_mask_4d",
 ]

@@ -11,7 +11,16 @@ import torch
 
 from .modeling_openflamingo import image_indices_from_input_ids
 
-__all__ = ["OpenFlamingoDataCollator"]
+__all__ = ["OpenFlamingoDataCollator", "causal_attention_mask_4d"]
+
+
+def causal_attention_mask_4d(attention_mask: torch.Tensor) -> torch.Tensor:
+    """`(batch, seq)` padding mask -> `(batch, 1, seq, seq)` bool, True where a query may attend to a key (causal and
+    not padding): the form transformers' LMs with SDPA attention (GPT-NeoX, LLaMA, ...) take as it is, without the
+    host-side check they make of a 2-D mask. (MPT and MosaicGPT take the 2-D mask, which they read without one.)"""
+    seq = attention_mask.shape[-1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=attention_mask.device).tril()
+    return causal & attention_mask.bool()[:, None, None, :]
 
 
 class OpenFlamingoDataCollator:

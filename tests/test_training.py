@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
 
-from modeling_openflamingo import OpenFlamingoDataCollator
+from modeling_openflamingo import OpenFlamingoDataCollator, causal_attention_mask_4d
 from modeling_openflamingo.modeling_openflamingo import OpenFlamingoNewTokenEmbeddings, find_decoder_layers
 
 try:
@@ -741,11 +741,6 @@ def test_a_training_step_with_image_indices_makes_no_host_sync(family):
 
     from .test_core import inputs, tiny_model
 
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        from train_cuda_graph import causal_attention_mask_4d
-    finally:
-        sys.path.remove(str(EXAMPLES))
     model = tiny_model(family)
     model.freeze_for_training()  # the recipe: its trainable new-token rows take part as well
     model.train()
