@@ -54,6 +54,7 @@ from modeling_openflamingo.modeling_openflamingo import (  # noqa: E402
     add_mpt_static_cache_support,
     image_indices_from_input_ids,
 )
+from modeling_openflamingo.optimization import MixedPrecisionAdamW, autocast_linear_parameters  # noqa: E402
 
 VOCAB = 50280
 EOC, MEDIA, PAD = 50277, 50278, 50279
@@ -284,6 +285,7 @@ def bench_train(
     mode: str = "eager",
     profile: bool = False,
     trainables: str = "benchmark",
+    optimizer: str = "adamw",
 ) -> None:
     """One AdamW step. `trainables`: "benchmark", as the original's benchmark: Perceiver, cross-attention blocks and the
     whole input embedding matrix (tied to the output one in MPT); "recipe", `model.freeze_for_training()`: the same
@@ -291,6 +293,9 @@ def bench_train(
     gradient of every other row), without the matrix's gradient and optimizer state.
 
     Frozen weights (vision tower, LM) stay bf16; trainable ones are fp32 master weights; compute under bf16 autocast.
+    `optimizer`: "adamw", `torch.optim.AdamW(fused=True)` on the fp32 trainable weights (autocast casts those of the
+    Linear layers to bf16 in every step, and their gradients back); "mixed", `MixedPrecisionAdamW`: those Linear
+    weights stored in bf16 with fp32 master weights in the optimizer (the same numbers in the forward, no casts).
     """
     # On a CPU (the --tiny smoke test) all fp32 without autocast: CPU autocast runs LayerNorm on mixed dtypes.
     on_gpu = DEV == "cuda"
@@ -307,8 +312,14 @@ def bench_train(
     for param in params:  # fp32 master weights
         param.data = param.data.float()
     model.train()
-    # blocks-stepgraph: the whole step (forward, backward, AdamW) captured as one CUDA graph
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True, capturable=mode == "blocks-stepgraph")
+    if optimizer == "adamw":
+        # blocks-stepgraph: the whole step (forward, backward, AdamW) captured as one CUDA graph
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=True, capturable=mode == "blocks-stepgraph")
+    elif optimizer == "mixed":
+        low_precision = autocast_linear_parameters(model) if on_gpu else []
+        opt = MixedPrecisionAdamW(params, lr=1e-4, low_precision_params=low_precision)
+    else:
+        raise ValueError(f"optimizer {optimizer!r}: adamw or mixed")
     per = seq // n_images
     g = torch.Generator().manual_seed(0)
     rows = [
@@ -379,7 +390,15 @@ def bench_train(
             "warmup_s": round(warmup_s, 1),
             "trainable_params": sum(p.numel() for p in params),
             "trainables": trainables,
-            "precision": "bf16 frozen weights, fp32 trainable weights, bf16 autocast" if on_gpu else "fp32",
+            "optimizer": optimizer,
+            "precision": (
+                "fp32"
+                if not on_gpu
+                else "bf16 frozen weights, fp32 trainable weights, bf16 autocast"
+                if optimizer == "adamw"
+                else "bf16 frozen weights, trainable Linear weights bf16 + fp32 masters, other trainables fp32, "
+                "bf16 autocast"
+            ),
         }
     )
     if profile:
@@ -465,7 +484,9 @@ def bench_model(name: str, args: argparse.Namespace) -> None:
             profile = args.profile_train
             guarded(
                 "train",
-                lambda m=mode, p=profile: bench_train(name, args.reps, mode=m, profile=p, trainables=args.trainables),
+                lambda m=mode, p=profile: bench_train(
+                    name, args.reps, mode=m, profile=p, trainables=args.trainables, optimizer=args.optimizer
+                ),
             )
             torch._dynamo.reset()
     if "lm" in whats:
@@ -495,6 +516,12 @@ def main() -> None:
         default="benchmark",
         choices=["benchmark", "recipe"],
         help="train step: the original benchmark's trainables (whole embedding matrix) or freeze_for_training()'s",
+    )
+    parser.add_argument(
+        "--optimizer",
+        default="adamw",
+        choices=["adamw", "mixed"],
+        help="train step: torch's fused AdamW on fp32 trainables, or MixedPrecisionAdamW (bf16 Linear weights)",
     )
     parser.add_argument("--profile-train", action="store_true", help="write a profile of one training step")
     parser.add_argument("--profile", default="", help="MODE:BATCH pairs to profile, e.g. compiled:1,eager:8")

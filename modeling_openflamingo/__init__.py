@@ -15,6 +15,7 @@ from .modeling_openflamingo import (
     OpenFlamingoImageCache,
     OpenFlamingoPreTrainedModel,
 )
+from .optimization import MixedPrecisionAdamW, autocast_linear_parameters
 from .processing_openflamingo import OpenFlamingoProcessor
 
 __version__ = "0.1.0"
@@ -37,6 +38,7 @@ OpenFlamingoImageProcessor.register_for_auto_class("AutoImageProcessor")
 OpenFlamingoProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
+    "MixedPrecisionAdamW",
     "OpenFlamingoCausalLMOutputWithPast",
     "OpenFlamingoConfig",
     "OpenFlamingoDataCollator",
@@ -45,5 +47,6 @@ __all__ = [
     "OpenFlamingoImageProcessor",
     "OpenFlamingoPreTrainedModel",
     "OpenFlamingoProcessor",
+    "autocast_linear_parameters",
     "causal_attention_mask_4d",
 ]

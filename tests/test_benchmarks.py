@@ -30,7 +30,9 @@ def test_benchmark_tiny_smoke_run_and_report(tmp_path):
     assert "| of3b | train step 8x255, 5 img, tok/s |" in report
     # the training step with the library's trainables (`freeze_for_training`): the added tokens' rows, not the matrix
     command[command.index("prefill,generate,train")] = "train"
-    subprocess.run([*command, "--trainables", "recipe"], check=True, env=env, cwd=tmp_path, capture_output=True)
+    command += ["--trainables", "recipe", "--optimizer", "mixed"]  # and with MixedPrecisionAdamW
+    subprocess.run(command, check=True, env=env, cwd=tmp_path, capture_output=True)
     recipe = next(r for r in json.loads(out.read_text()) if r["what"] == "train_step")
     assert recipe["trainables"] == "recipe" and train["trainables"] == "benchmark"
+    assert (recipe["optimizer"], train["optimizer"]) == ("mixed", "adamw")
     assert 0 < train["trainable_params"] - recipe["trainable_params"] < 50280 * 64  # the matrix minus 3 rows
