@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import modeling_openflamingo  # noqa: F401 - registers the Auto classes
 
 ROOT = Path(__file__).resolve().parent.parent
+MEDIA, EOC, PAD = 401, 400, 402  # the tiny families' added tokens
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FAMILIES = ["tiny-mpt", "tiny-mpt-1b-redpajama-200b", "tiny-neox", "tiny-llama"]
 
@@ -95,3 +96,13 @@ def tiny_images():
 
 def seeded(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def sample_inputs(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Two rows of 12 tokens of the tiny families, with 2 `<image>` tokens each, and their 2 images."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, 400, (2, 12), generator=generator)
+    input_ids[:, 0] = MEDIA
+    input_ids[:, 6] = EOC
+    input_ids[:, 7] = MEDIA
+    return {"input_ids": input_ids, "pixel_values": torch.randn(2, 2, 3, 32, 32, generator=generator)}

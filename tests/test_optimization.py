@@ -13,7 +13,7 @@ from transformers import AutoModelForImageTextToText
 
 from modeling_openflamingo import MixedPrecisionAdamW, autocast_linear_parameters
 
-from .test_training import MEDIA, sample_inputs
+from .conftest import MEDIA, sample_inputs
 
 DEVICE = torch.device(os.environ.get("OPENFLAMINGO_TEST_DEVICE", "cpu"))
 

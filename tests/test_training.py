@@ -21,15 +21,14 @@ from modeling_openflamingo import OpenFlamingoDataCollator, causal_attention_mas
 from modeling_openflamingo.modeling_openflamingo import OpenFlamingoNewTokenEmbeddings, find_decoder_layers
 
 try:
-    from .conftest import FIXTURES, ROOT
+    from .conftest import EOC, FIXTURES, MEDIA, PAD, ROOT, sample_inputs
 except ImportError:  # run as a script: the FSDP worker under torchrun
-    from conftest import FIXTURES, ROOT
+    from conftest import EOC, FIXTURES, MEDIA, PAD, ROOT, sample_inputs
 
 datasets = pytest.importorskip("datasets")
 peft = pytest.importorskip("peft")
 
 EXAMPLES = ROOT / "examples"
-MEDIA, EOC, PAD = 401, 400, 402
 TRAINED_PREFIXES = ("perceiver.", "gated_cross_attn_layers.", "new_token_embeddings.")
 CAPTIONS = ["A cat on a mat.", "Two dogs.", "A red bus in the rain.", "A sink."]
 
@@ -50,15 +49,6 @@ def fresh_trainer_environment():
 def load(converted, family: str):
     path = converted(family)
     return AutoModelForImageTextToText.from_pretrained(path), AutoProcessor.from_pretrained(path)
-
-
-def sample_inputs(seed: int = 0) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, 400, (2, 12), generator=generator)
-    input_ids[:, 0] = MEDIA
-    input_ids[:, 6] = EOC
-    input_ids[:, 7] = MEDIA
-    return {"input_ids": input_ids, "pixel_values": torch.randn(2, 2, 3, 32, 32, generator=generator)}
 
 
 def caption_dataset():
