@@ -12,6 +12,7 @@ from torch import nn
 from transformers import AutoModelForImageTextToText
 
 from modeling_openflamingo import MixedPrecisionAdamW, autocast_linear_parameters
+from modeling_openflamingo.modeling_openflamingo import image_indices_from_input_ids
 
 from .conftest import MEDIA, sample_inputs
 
@@ -27,6 +28,9 @@ def recipe_model(converted, family: str = "tiny-mpt") -> nn.Module:
 def batch(seed: int) -> dict[str, torch.Tensor]:
     inputs = sample_inputs(seed)
     inputs["labels"] = inputs["input_ids"].masked_fill(inputs["input_ids"] == MEDIA, -100)
+    # as the data collator gives them: the forward then makes no host sync (a CUDA graph can capture the step)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    inputs["image_indices"] = image_indices_from_input_ids(inputs["input_ids"], MEDIA, inputs["pixel_values"].shape[1])
     return {name: tensor.to(DEVICE) for name, tensor in inputs.items()}
 
 
