@@ -209,8 +209,10 @@ def test_inductor_update_captured_in_a_cuda_graph_follows_the_eager_one(converte
     static = batch(0)
     weights = copy.deepcopy(graphed.state_dict())
 
+    losses: dict[str, torch.Tensor] = {}
+
     def step() -> None:
-        loss_and_backward(graphed, static)
+        losses["graphed"] = loss_and_backward(graphed, static)  # after the capture: the graph's output tensor
         graphed_opt.clip_grad_norm_(1.0)
         graphed_opt.step()
 
@@ -228,10 +230,14 @@ def test_inductor_update_captured_in_a_cuda_graph_follows_the_eager_one(converte
         for name, tensor in batch(seed).items():
             static[name].copy_(tensor)
         replay()
-        loss_and_backward(eager, static)
+        loss = loss_and_backward(eager, static)
         eager_opt.clip_grad_norm_(1.0)
         eager_opt.step()
         eager_opt.zero_grad()
-    with eager_opt.master_weights(), graphed_opt.master_weights():
-        for p, q in zip(eager.parameters(), graphed.parameters(), strict=True):
-            torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)
+        if seed == 1:  # the same weights before the step: the same loss, and the updates equal to rounding
+            torch.testing.assert_close(losses["graphed"], loss, rtol=1e-6, atol=0)
+            with eager_opt.master_weights(), graphed_opt.master_weights():
+                for p, q in zip(eager.parameters(), graphed.parameters(), strict=True):
+                    torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-6)
+        else:  # a master one rounding apart may round to another bf16 copy: the paths stay close
+            torch.testing.assert_close(losses["graphed"], loss, rtol=1e-3, atol=1e-3)
