@@ -148,7 +148,7 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
         self._update: Callable[..., None] = _adamw
         if compile:
             backend = compile if isinstance(compile, str) else "inductor"
-            self._update = torch.compile(_adamw, backend=backend, fullgraph=True, dynamic=False)
+            self._update = torch.compile(_adamw, backend=backend, fullgraph=True)
         self._grad_scale: torch.Tensor | None = None
         self._lr_tensors: dict[int, torch.Tensor] = {}
 
@@ -203,13 +203,14 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
         for index, group, params in self._with_grads():
             states = [self._state_of(p) for p in params]
             beta1, beta2 = group["betas"]
+            # plain tensors (detached: the same storage), so that a compiled update guards on shapes and dtypes only
             self._update(
-                [state.get("master", p) for state, p in zip(states, params, strict=True)],
+                [state.get("master", p).detach() for state, p in zip(states, params, strict=True)],
                 [p.grad for p in params],
                 [state["exp_avg"] for state in states],
                 [state["exp_avg_sq"] for state in states],
                 [state["step"] for state in states],
-                [p if "master" in state else None for state, p in zip(states, params, strict=True)],
+                [p.detach() if "master" in state else None for state, p in zip(states, params, strict=True)],
                 self._lr(index, group, params[0].device),
                 self._grad_scale,
                 beta1,

@@ -19,6 +19,14 @@ from .conftest import MEDIA, sample_inputs
 DEVICE = torch.device(os.environ.get("OPENFLAMINGO_TEST_DEVICE", "cpu"))
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles the update for its own model: not the recompilations of the earlier tests' shapes."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 def recipe_model(converted, family: str = "tiny-mpt") -> nn.Module:
     model = AutoModelForImageTextToText.from_pretrained(converted(family)).to(DEVICE)
     model.freeze_for_training()
