@@ -61,6 +61,11 @@ def table(records: list[dict[str, Any]]) -> str:
             col = f"lm-{r.get('mode', 'eager')}"
         else:
             col = f"ours-{r.get('mode', 'eager')}"
+            # training variants: the trainables and the optimizer, where not the original benchmark's
+            if r.get("trainables", "benchmark") != "benchmark":
+                col += f", {r['trainables']} trainables"
+            if r.get("optimizer", "adamw") != "adamw":
+                col += ", MixedPrecisionAdamW" if r["optimizer"] == "mixed" else f", {r['optimizer']}"
         groups.setdefault(key(r), {})[col] = r
     lines = [
         "| model | workload | original | ours (eager) | ours (compiled) | best / original | "

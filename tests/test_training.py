@@ -535,6 +535,13 @@ def test_cuda_graph_training_example_runs_its_step(converted, tmp_path):
     assert len(result["losses"]) == 8 and not result["graphed"]
     assert result["losses"][-1] < result["losses"][0]
     assert (out / "model.safetensors").is_file()
+    # bf16 autocast: MixedPrecisionAdamW (bf16 Linear weights), and the fp32 master weights are what is saved
+    mixed = train_cuda_graph.main([*argv, "--length", "12", "--bf16", "--output-dir", str(tmp_path / "bf16")])
+    assert mixed["losses"][-1] < mixed["losses"][0]
+    weight = "gated_cross_attn_layers.0.attn.to_q.weight"
+    assert mixed["model"].get_parameter(weight).dtype == torch.bfloat16
+    saved = AutoModelForImageTextToText.from_pretrained(tmp_path / "bf16").get_parameter(weight)
+    assert saved.dtype == torch.float32 and not torch.equal(saved, saved.bfloat16().float())
     neox = train_cuda_graph.main(["--model", str(converted("tiny-neox")), "--max-steps", "3", "--length", "12"])
     assert len(neox["losses"]) == 3  # GPT-NeoX: the attention mask goes in as 4-D
     _, processor = load(converted, "tiny-mpt-1b-redpajama-200b")
