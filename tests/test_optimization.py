@@ -19,14 +19,6 @@ from .conftest import MEDIA, sample_inputs
 DEVICE = torch.device(os.environ.get("OPENFLAMINGO_TEST_DEVICE", "cpu"))
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    """Each test compiles the update for its own model: not the recompilations of the earlier tests' shapes."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def recipe_model(converted, family: str = "tiny-mpt") -> nn.Module:
     model = AutoModelForImageTextToText.from_pretrained(converted(family)).to(DEVICE)
     model.freeze_for_training()
@@ -184,6 +176,19 @@ def test_tensor_learning_rate_and_compiled_update(converted):
             assert torch.equal(p, q)
         moved = any(not torch.equal(p, b) for p, b in zip(compiled.parameters(), before, strict=True))
         assert moved == (rate > 0)
+
+
+def test_each_optimizer_compiles_for_its_own_parameters(monkeypatch):
+    """torch.compile counts recompilations per code object: optimizers of models of other shapes (and parameter
+    counts) in one process must not add up to its limit (with fullgraph=True, an error)."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    for layers in (1, 2, 3):
+        model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(layers)])
+        optimizer = MixedPrecisionAdamW(model.parameters(), lr=0.1, compile="eager")
+        before = [p.detach().clone() for p in model.parameters()]
+        model(torch.randn(2, 4)).sum().backward()
+        optimizer.step()
+        assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
 
 
 def test_errors():
