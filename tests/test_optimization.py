@@ -41,13 +41,13 @@ def loss_and_backward(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torc
     return loss.detach()
 
 
-def pair(converted, family: str = "tiny-mpt", **kwargs):
+def pair(converted, family: str = "tiny-mpt"):
     """(fp32 model, torch's fused AdamW) and (its copy with bf16 Linear weights, MixedPrecisionAdamW)."""
     reference = recipe_model(converted, family)
     ours = copy.deepcopy(reference)
     reference_opt = torch.optim.AdamW(reference.training_parameter_groups(0.1), lr=1e-2, fused=True)
     low = autocast_linear_parameters(ours)
-    ours_opt = MixedPrecisionAdamW(ours.training_parameter_groups(0.1), lr=1e-2, low_precision_params=low, **kwargs)
+    ours_opt = MixedPrecisionAdamW(ours.training_parameter_groups(0.1), lr=1e-2, low_precision_params=low)
     return reference, reference_opt, ours, ours_opt
 
 
