@@ -178,10 +178,10 @@ def test_tensor_learning_rate_and_compiled_update(converted):
         assert moved == (rate > 0)
 
 
-def test_each_optimizer_compiles_for_its_own_parameters(monkeypatch):
+@torch._dynamo.config.patch(recompile_limit=1)
+def test_each_optimizer_compiles_for_its_own_parameters():
     """torch.compile counts recompilations per code object: optimizers of models of other shapes (and parameter
     counts) in one process must not add up to its limit (with fullgraph=True, an error)."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     for layers in (1, 2, 3):
         model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(layers)])
         optimizer = MixedPrecisionAdamW(model.parameters(), lr=0.1, compile="eager")
