@@ -70,6 +70,18 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+def training_collator(processor: Any, args: argparse.Namespace, **padding: Any) -> OpenFlamingoDataCollator:
+    """`OpenFlamingoDataCollator` as the shared arguments ([`add_training_arguments`]) ask: `--interleaved` label
+    masking and the dataset's columns. `padding`: `max_length` and/or `pad_to_multiple_of`."""
+    return OpenFlamingoDataCollator(
+        processor,
+        interleaved=args.interleaved,
+        text_column=args.text_column,
+        image_column=args.image_column,
+        **padding,
+    )
+
+
 def load_training_dataset(args: argparse.Namespace) -> Any:
     """The demo dataset, or `--dataset` (hub name, data folder or `save_to_disk` folder) with a `text` column."""
     if args.dataset is None:
@@ -221,13 +233,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     on_cpu = not torch.cuda.is_available()
     trainer_class = CPUFSDPTrainer if args.fsdp and on_cpu else FlamingoTrainer
-    collator = OpenFlamingoDataCollator(
-        processor,
-        interleaved=args.interleaved,
-        max_length=args.max_length,
-        text_column=args.text_column,
-        image_column=args.image_column,
-    )
+    collator = training_collator(processor, args, max_length=args.max_length)
     trainer = trainer_class(
         model=model,
         args=training_arguments(args, on_cpu),

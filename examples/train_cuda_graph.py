@@ -35,8 +35,8 @@ import functools
 from typing import Any
 
 import torch
-from demo_model import DEMO_IMAGES, resolve_model
-from finetune import DEMO_CAPTIONS, add_training_arguments, load_training_dataset
+from demo_model import resolve_model
+from finetune import add_training_arguments, load_training_dataset, training_collator
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -99,23 +99,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     processor = AutoProcessor.from_pretrained(path)
     model.freeze_for_training()
     model.train()
-    collator = OpenFlamingoDataCollator(
-        processor,
-        interleaved=args.interleaved,
-        max_length=args.length,
-        pad_to_multiple_of=args.length,
-        text_column=args.text_column,
-        image_column=args.image_column,
-    )
-    if args.dataset is None:  # the demo captions, as plain rows (image paths)
-        rows = [
-            {"images": [str(DEMO_IMAGES / f"image_{i}.png")], "text": f"<image>{caption}<|endofchunk|>"}
-            for i, caption in enumerate(DEMO_CAPTIONS)
-        ]
-    else:
-        rows = load_training_dataset(args)
+    collator = training_collator(processor, args, max_length=args.length, pad_to_multiple_of=args.length)
     loader = torch.utils.data.DataLoader(
-        rows,
+        load_training_dataset(args),  # the demo captions without --dataset
         batch_size=args.batch_size,
         shuffle=True,
         generator=torch.Generator().manual_seed(args.seed),  # the same order on every device
