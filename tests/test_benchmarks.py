@@ -35,4 +35,10 @@ def test_benchmark_tiny_smoke_run_and_report(tmp_path):
     recipe = next(r for r in json.loads(out.read_text()) if r["what"] == "train_step")
     assert recipe["trainables"] == "recipe" and train["trainables"] == "benchmark"
     assert (recipe["optimizer"], train["optimizer"]) == ("mixed", "adamw")
+    report = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "report.py"), str(out)], check=True, capture_output=True, text=True
+    ).stdout
+    # an eager run of another variant stays in the eager column, named, and is not taken for a compiled one
+    row = next(line for line in report.splitlines() if "train step" in line).split(" | ")
+    assert row[3].endswith("(eager, recipe trainables, MixedPrecisionAdamW)") and row[4] == "-"
     assert 0 < train["trainable_params"] - recipe["trainable_params"] < 50280 * 64  # the matrix minus 3 rows
