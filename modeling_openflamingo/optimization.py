@@ -194,8 +194,11 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
         grads = [p.grad for _, _, params in self._with_grads() for p in params]
         if not grads:
             return torch.zeros(())
-        norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads])
-        total = torch.linalg.vector_norm(norms)
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for grad in grads:  # one multi-tensor kernel per gradient dtype
+            by_dtype.setdefault(grad.dtype, []).append(grad)
+        norms = [norm for group in by_dtype.values() for norm in torch._foreach_norm(group, 2, dtype=torch.float32)]
+        total = torch.linalg.vector_norm(torch.stack(norms))
         self._grad_scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         return total
 
