@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from modeling_openflamingo import OpenFlamingoConfig, OpenFlamingoForConditionalGeneration  # noqa: E402
 from modeling_openflamingo.checkpoint_conversion import preset_config  # noqa: E402
 from modeling_openflamingo.configuration_openflamingo import VIT_L_14_CONFIG  # noqa: E402
-from modeling_openflamingo.data_collator import causal_attention_mask_4d  # noqa: E402
+from modeling_openflamingo.data_collator import attention_mask_without_host_sync  # noqa: E402
 from modeling_openflamingo.modeling_openflamingo import (  # noqa: E402
     _STATIC_DECODERS,
     _capture_cuda_graph,
@@ -332,9 +332,8 @@ def bench_train(
     # what OpenFlamingoDataCollator adds: which image each token follows, made on the host (no sync in the forward)
     image_indices = image_indices_from_input_ids(ids.cpu(), MEDIA, n_images).to(DEV)
     attention_mask = torch.ones_like(ids)
-    if mode == "blocks-stepgraph" and model.config.text_config.model_type != "mpt":
-        # transformers 5's GPT-NeoX / LLaMA check a 2-D mask on the host; a 4-D one is used as given
-        attention_mask = causal_attention_mask_4d(attention_mask)
+    if mode == "blocks-stepgraph":  # no host sync in a captured step
+        attention_mask = attention_mask_without_host_sync(attention_mask, model.config)
     modes = ("eager", "compiled", "blocks", "blocks-cudagraphs", "blocks-stepgraph")
     if mode not in modes:
         raise ValueError(f"train mode {mode!r}: one of {', '.join(modes)}")

@@ -38,26 +38,26 @@ import torch
 from demo_model import resolve_model
 from finetune import add_training_arguments, load_training_dataset, training_collator
 from tqdm.auto import tqdm
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText, AutoProcessor, PretrainedConfig
 
 import modeling_openflamingo  # noqa: F401 - registers the Auto classes
 from modeling_openflamingo import (
     MixedPrecisionAdamW,
     OpenFlamingoDataCollator,
+    attention_mask_without_host_sync,
     autocast_linear_parameters,
-    causal_attention_mask_4d,
 )
 
 
 class FixedShapeCollator:
     """`OpenFlamingoDataCollator`, then `pixel_values` zero-padded to `max_images` images per row (every batch then
-    has the same shapes: the collator already pads the tokens to `length`), and with `mask_4d` the attention mask as
-    [`causal_attention_mask_4d`]."""
+    has the same shapes: the collator already pads the tokens to `length`), and the attention mask in the form that
+    `config`'s LM reads without a host sync ([`attention_mask_without_host_sync`])."""
 
-    def __init__(self, collator: OpenFlamingoDataCollator, max_images: int, mask_4d: bool = False) -> None:
+    def __init__(self, collator: OpenFlamingoDataCollator, max_images: int, config: PretrainedConfig) -> None:
         self.collator = collator
         self.max_images = max_images
-        self.mask_4d = mask_4d
+        self.config = config
 
     def __call__(self, features: list[Any]) -> dict[str, torch.Tensor]:
         batch = self.collator(features)
@@ -69,8 +69,7 @@ class FixedShapeCollator:
         missing = self.max_images - pixel_values.shape[1]
         padding = pixel_values.new_zeros(len(pixel_values), missing, *pixel_values.shape[2:])
         batch["pixel_values"] = torch.cat((pixel_values, padding), dim=1)
-        if self.mask_4d:
-            batch["attention_mask"] = causal_attention_mask_4d(batch["attention_mask"])
+        batch["attention_mask"] = attention_mask_without_host_sync(batch["attention_mask"], self.config)
         return batch
 
 
@@ -106,8 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shuffle=True,
         generator=torch.Generator().manual_seed(args.seed),  # the same order on every device
         drop_last=True,
-        # MPT and MosaicGPT read a 2-D mask without a host sync; transformers' other LMs get it as 4-D
-        collate_fn=FixedShapeCollator(collator, args.max_images, mask_4d=model.config.text_config.model_type != "mpt"),
+        collate_fn=FixedShapeCollator(collator, args.max_images, model.config),
     )
     if len(loader) == 0:
         raise ValueError(f"The dataset has fewer rows than --batch-size ({args.batch_size}).")

@@ -7,7 +7,7 @@ Importing this package registers the model with the Auto classes: `AutoConfig`, 
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor
 
 from .configuration_openflamingo import OpenFlamingoConfig
-from .data_collator import OpenFlamingoDataCollator, causal_attention_mask_4d
+from .data_collator import OpenFlamingoDataCollator, attention_mask_without_host_sync, causal_attention_mask_4d
 from .image_processing_openflamingo import OpenFlamingoImageProcessor
 from .modeling_openflamingo import (
     OpenFlamingoCausalLMOutputWithPast,
@@ -47,6 +47,7 @@ __all__ = [
     "OpenFlamingoImageProcessor",
     "OpenFlamingoPreTrainedModel",
     "OpenFlamingoProcessor",
+    "attention_mask_without_host_sync",
     "autocast_linear_parameters",
     "causal_attention_mask_4d",
 ]

@@ -8,10 +8,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from transformers import PretrainedConfig
 
 from .modeling_openflamingo import image_indices_from_input_ids
 
-__all__ = ["OpenFlamingoDataCollator", "causal_attention_mask_4d"]
+__all__ = ["OpenFlamingoDataCollator", "attention_mask_without_host_sync", "causal_attention_mask_4d"]
+
+# LM families (`model_type`) whose attention reads a 2-D padding mask on the device, without a host-side check of it
+_READ_2D_MASK_ON_DEVICE = ("mpt",)
 
 
 def causal_attention_mask_4d(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -21,6 +25,17 @@ def causal_attention_mask_4d(attention_mask: torch.Tensor) -> torch.Tensor:
     seq = attention_mask.shape[-1]
     causal = torch.ones(seq, seq, dtype=torch.bool, device=attention_mask.device).tril()
     return causal & attention_mask.bool()[:, None, None, :]
+
+
+def attention_mask_without_host_sync(attention_mask: torch.Tensor, config: PretrainedConfig) -> torch.Tensor:
+    """`(batch, seq)` padding mask -> the form in which `config`'s LM uses it without a host sync (what a training
+    step captured as a CUDA graph needs): MPT and MosaicGPT read the 2-D mask on the device, as it is; transformers'
+    other LMs (GPT-NeoX, LLaMA, ...) check a 2-D mask on the host, so they get [`causal_attention_mask_4d`].
+    `config`: the `OpenFlamingoConfig` or its `text_config`."""
+    text_config = getattr(config, "text_config", config)
+    if text_config.model_type in _READ_2D_MASK_ON_DEVICE:
+        return attention_mask
+    return causal_attention_mask_4d(attention_mask)
 
 
 class OpenFlamingoDataCollator:

@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
 
-from modeling_openflamingo import OpenFlamingoDataCollator, causal_attention_mask_4d
+from modeling_openflamingo import OpenFlamingoDataCollator, attention_mask_without_host_sync
 from modeling_openflamingo.modeling_openflamingo import OpenFlamingoNewTokenEmbeddings, find_decoder_layers
 
 try:
@@ -544,9 +544,9 @@ def test_cuda_graph_training_example_runs_its_step(converted, tmp_path):
     assert saved.dtype == torch.float32 and not torch.equal(saved, saved.bfloat16().float())
     neox = train_cuda_graph.main(["--model", str(converted("tiny-neox")), "--max-steps", "3", "--length", "12"])
     assert len(neox["losses"]) == 3  # GPT-NeoX: the attention mask goes in as 4-D
-    _, processor = load(converted, "tiny-mpt-1b-redpajama-200b")
+    model, processor = load(converted, "tiny-mpt-1b-redpajama-200b")
     collate = train_cuda_graph.FixedShapeCollator(
-        OpenFlamingoDataCollator(processor, max_length=12, pad_to_multiple_of=12), max_images=2
+        OpenFlamingoDataCollator(processor, max_length=12, pad_to_multiple_of=12), max_images=2, config=model.config
     )
     rows = [{"images": [], "text": "x"}]
     with pytest.raises(ValueError, match="without images"):
@@ -554,6 +554,7 @@ def test_cuda_graph_training_example_runs_its_step(converted, tmp_path):
     short = collate([{"images": [Image.new("RGB", (8, 8))], "text": "<image>A cat."}])
     assert short["input_ids"].shape == (1, 12) and short["pixel_values"].shape[:2] == (1, 2)
     assert (short["pixel_values"][:, 1] == 0).all() and short["image_indices"].max() == 1
+    assert short["attention_mask"].shape == (1, 12)  # MPT: the 2-D mask
     with pytest.raises(ValueError, match="raise --max-images"):
         collate([{"images": [Image.new("RGB", (8, 8))] * 3, "text": "<image>a<image>b<image>c"}])
 
@@ -732,8 +733,8 @@ class _HostSyncs(TorchDispatchMode):
 def test_a_training_step_with_image_indices_makes_no_host_sync(family):
     """With `image_indices` (as the collator makes them) a training step never waits on the device: the host queues
     work ahead of it, and the step can be captured as a CUDA graph (`examples/train_cuda_graph.py`). transformers'
-    GPT-NeoX and LLaMA check a 2-D attention mask on the host; given as 4-D (`causal_attention_mask_4d`) it is used as
-    it is: no sync there either, and the same loss."""
+    GPT-NeoX and LLaMA check a 2-D attention mask on the host; given as 4-D (`causal_attention_mask_4d`, which
+    `attention_mask_without_host_sync` picks for them) it is used as it is: no sync there either, and the same loss."""
     from modeling_openflamingo.modeling_openflamingo import image_indices_from_input_ids
 
     from .test_core import inputs, tiny_model
@@ -745,7 +746,8 @@ def test_a_training_step_with_image_indices_makes_no_host_sync(family):
     mask = torch.ones_like(ids)
     mask[0, -2:] = 0  # right padding, as the collator pads
     image_indices = image_indices_from_input_ids(ids, model.config.media_token_id, pixel_values.shape[1])
-    given_mask = mask if family in ("mpt", "mosaic_gpt") else causal_attention_mask_4d(mask)
+    given_mask = attention_mask_without_host_sync(mask, model.config)
+    assert given_mask.dim() == (2 if family in ("mpt", "mosaic_gpt") else 4)
     labels = ids.masked_fill(mask == 0, -100)
     batch = {"input_ids": ids, "pixel_values": pixel_values, "labels": labels}
     with _HostSyncs() as syncs:
