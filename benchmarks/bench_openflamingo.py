@@ -297,6 +297,9 @@ def bench_train(
     Linear layers to bf16 in every step, and their gradients back); "mixed", `MixedPrecisionAdamW`: those Linear
     weights stored in bf16 with fp32 master weights in the optimizer (the same numbers in the forward, no casts).
     """
+    modes = ("eager", "compiled", "blocks", "blocks-cudagraphs", "blocks-stepgraph")
+    if mode not in modes:
+        raise ValueError(f"train mode {mode!r}: one of {', '.join(modes)}")
     # On a CPU (the --tiny smoke test) all fp32 without autocast: CPU autocast runs LayerNorm on mixed dtypes.
     on_gpu = DEV == "cuda"
     model = build(name, torch.bfloat16 if on_gpu else torch.float32)
@@ -334,9 +337,6 @@ def bench_train(
     attention_mask = torch.ones_like(ids)
     if mode == "blocks-stepgraph":  # no host sync in a captured step
         attention_mask = attention_mask_without_host_sync(attention_mask, model.config)
-    modes = ("eager", "compiled", "blocks", "blocks-cudagraphs", "blocks-stepgraph")
-    if mode not in modes:
-        raise ValueError(f"train mode {mode!r}: one of {', '.join(modes)}")
     forward = torch.compile(model) if mode == "compiled" else model
     if mode in ("blocks", "blocks-stepgraph"):
         model.compile_repeated_blocks()
