@@ -44,7 +44,11 @@ from transformers import AutoModelForCausalLM, CLIPVisionConfig, CompileConfig, 
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from modeling_openflamingo import OpenFlamingoConfig, OpenFlamingoForConditionalGeneration  # noqa: E402
+from modeling_openflamingo import (  # noqa: E402
+    OpenFlamingoConfig,
+    OpenFlamingoForConditionalGeneration,
+    decoding_kernels,  # noqa: E402
+)
 from modeling_openflamingo.checkpoint_conversion import preset_config  # noqa: E402
 from modeling_openflamingo.configuration_openflamingo import VIT_L_14_CONFIG  # noqa: E402
 from modeling_openflamingo.data_collator import attention_mask_without_host_sync  # noqa: E402
@@ -250,6 +254,22 @@ def bench_generate(
     same = all(torch.equal(o, outputs[-1]) for o in outputs[1:])
     decoders = [] if lm else list(_STATIC_DECODERS.get(model, {}).values())
     prompt_steps = [step for decoder in decoders for step in decoder.prompt_steps.values()]
+    split = {}
+    if decoders and num_beams == 1 and new_tokens > 1:
+        # The fast path's call is its prompt step and `new_tokens - 1` decoding steps. A call for fewer tokens on the
+        # same decoder (its cache length is the prompt and new tokens rounded up to a multiple of 64) gives one step's
+        # time.
+        needed = ids.shape[1] + new_tokens
+        fewer = max(1, ((needed - 1) // 64) * 64 + 1 - ids.shape[1])
+        half = dict(kwargs, max_new_tokens=fewer, min_new_tokens=fewer)
+        model.generate(**half)
+        half_med, _ = timed(lambda: model.generate(**half), reps, warmup=0)
+        if fewer < new_tokens and len(_STATIC_DECODERS.get(model, {})) == len(decoders):
+            step_s = (med - half_med) / (new_tokens - fewer)
+            split = {
+                "decode_step_ms": round(step_s * 1e3, 3),
+                "prompt_step_ms": round((med - (new_tokens - 1) * step_s) * 1e3, 2),
+            }
     record(
         {
             "impl": f"transformers-{transformers.__version__} LM alone" if lm else "openflamingo-hf",
@@ -271,6 +291,7 @@ def bench_generate(
             "dtype": "bf16",
             # the fast path's prompt step ran as a CUDA graph (False: it fell back to eager; None: no fast path)
             "prompt_graph": all(p.graph is not None for p in prompt_steps) if prompt_steps else None,
+            **split,
         }
     )
     return outputs[-1]
@@ -423,7 +444,7 @@ def write_profile(fn: Callable[[], Any], filename: str) -> None:
     with profile(activities=activities) as prof:
         fn()
         sync()
-    table = prof.key_averages().table(sort_by=f"self_{DEV}_time_total", row_limit=30, max_name_column_width=70)
+    table = prof.key_averages().table(sort_by=f"self_{DEV}_time_total", row_limit=60, max_name_column_width=70)
     cpu_table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=70)
     with open(os.path.join(os.environ.get("OUT", "."), filename), "w") as f:
         f.write(table + "\n\n" + cpu_table)
@@ -522,6 +543,12 @@ def main() -> None:
         choices=["adamw", "mixed"],
         help="train step: torch's fused AdamW on fp32 trainables, or MixedPrecisionAdamW (bf16 Linear weights)",
     )
+    parser.add_argument(
+        "--decode-kernels",
+        default="triton",
+        choices=["triton", "library"],
+        help="the fast path's decoding step: with modeling_openflamingo.decoding_kernels, or cuBLAS / cuDNN only",
+    )
     parser.add_argument("--profile-train", action="store_true", help="write a profile of one training step")
     parser.add_argument("--profile", default="", help="MODE:BATCH pairs to profile, e.g. compiled:1,eager:8")
     parser.add_argument("--tiny", action="store_true", help="small shapes: a smoke test of this script")
@@ -533,11 +560,13 @@ def main() -> None:
     inductor = dict(item.split("=", 1) for item in filter(None, args.inductor.split(",")))
     for key, value in inductor.items():
         setattr(torch._inductor.config, key, type(getattr(torch._inductor.config, key))(int(value)))
+    decoding_kernels.ENABLED = args.decode_kernels == "triton"
     gpu = torch.cuda.get_device_name() if DEV == "cuda" else DEV
     record(
         {
             "what": "environment",
             "inductor": inductor,
+            "decode_kernels": args.decode_kernels,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "gpu": gpu,

@@ -37,6 +37,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.mpt.modeling_mpt import MptAttention
 from transformers.utils import ModelOutput, logging
 
+from . import decoding_kernels
 from .configuration_openflamingo import OpenFlamingoConfig
 
 try:  # transformers >= 5: initialisers that leave loaded weights alone
@@ -281,7 +282,7 @@ class OpenFlamingoCrossAttention(nn.Module):
             `(batch, seq, dim)`.
         """
         q = _split_heads(self.to_q(self.norm(hidden_states)), self.heads)
-        out = F.scaled_dot_product_attention(q, key, value, attn_mask=attn_mask)
+        out = decoding_kernels.scaled_dot_product_attention(q, key, value, attn_mask=attn_mask)
         return self.to_out(_merge_heads(out) * sees_image.to(out.dtype))
 
 
@@ -587,7 +588,7 @@ class OpenFlamingoMptSdpaAttention(MptAttention):
             if bias is None:
                 bias = torch.zeros((), dtype=query.dtype, device=query.device)
             bias = bias.masked_fill(attention_mask, torch.finfo(query.dtype).min)
-        out = F.scaled_dot_product_attention(
+        out = decoding_kernels.scaled_dot_product_attention(
             query,
             key,
             value,
@@ -1803,7 +1804,12 @@ class _StaticGreedyDecoder:
         device = self.token.device
         self._decode_step()  # eager: the cache allocates its tensors at its first update (not in a compiled graph)
         backend = "inductor" if device.type == "cuda" else self.cpu_compile_backend
-        step = torch.compile(self._decode_step, fullgraph=True, dynamic=False, backend=backend) if backend else None
+        options = None
+        if backend == "inductor" and decoding_kernels.ENABLED:  # batch-1 products by its Triton kernel, not cuBLAS
+            options = {"post_grad_custom_post_pass": decoding_kernels.SmallBatchLinearPass()}
+        step = None
+        if backend:
+            step = torch.compile(self._decode_step, fullgraph=True, dynamic=False, backend=backend, options=options)
         # Each decoder (batch size, cache length, model) is one more compiled version of `_decode_step`: allow more
         # than dynamo's default of 8 before it refuses (with `fullgraph=True`, an error). Only these calls compile.
         limit = max(64, getattr(torch._dynamo.config, _RECOMPILE_LIMIT))

@@ -148,6 +148,9 @@ def test_fast_greedy_path_equals_generate(family, fast_path_on_cpu):
         assert torch.equal(fast, expected), case
         assert torch.equal(again, expected), case
     assert len(_STATIC_DECODERS[model]) == 2  # one per (batch, cache length, images, eos ids)
+    # one row: on CUDA the compiled step's products then go through `decoding_kernels.small_batch_linear`
+    kw = generate_kwargs(ids[1:2], mask[1:2], pixel_values[1:2], max_new_tokens=8, min_new_tokens=8)
+    assert torch.equal(model.generate(**kw, cache_implementation="static"), model.generate(**kw))
     text_only = {"input_ids": torch.randint(0, 400, (2, 7), device=DEVICE), "max_new_tokens": 5, "pad_token_id": PAD}
     assert torch.equal(model.generate(**text_only), model.generate(**text_only, cache_implementation="static"))
 
