@@ -178,7 +178,7 @@ def small_batch_linear(results: dict, sweep: bool) -> None:
 
 
 def single_query_attention(results: dict) -> None:
-    """The Triton single-query attention kernel against `F.scaled_dot_product_attention` (cuDNN on the H100) at the
+    """The Triton single-query attention kernel against `F.scaled_dot_product_attention` (cuDNN on Hopper) at the
     decoding step's shapes: of3b's MPT self-attention over a 192-position static cache (16 heads of 128, additive
     ALiBi mask) and cross-attention over 3 images' latents (8 heads of 64, boolean mask), batch 1 and 8; of9b's MPT
     (32 heads)."""

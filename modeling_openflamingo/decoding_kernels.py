@@ -1,18 +1,22 @@
 """Triton kernels for the greedy decoding step (one token per row), where the library's kernels are slow on the GPU.
 
 - `small_batch_linear`: `F.linear` for one row. At one token per step the step's matrix products read each weight
-  once for one row: they are bound by the memory's bandwidth, and cuBLAS's kernels for them reach ~2.4 TB/s on the
-  H100's 33.5 MB MLP weights and much less on the 2-8 MB projections (`benchmarks/bench_kernels.py`). The kernel
-  streams the weight through a grid of `BLOCK_N`-row slices, each program keeping `BLOCK_N x BLOCK_K` fp32 partial
-  sums (products in fp32, one reduction at the end): `F.linear`'s values up to the order of the fp32 additions.
-  [`SmallBatchLinearPass`] is the inductor post-grad pass that puts it in place of `mm`/`addmm` when a compiled
-  graph multiplies a single row by a weight (`torch.compile(..., options={"post_grad_custom_post_pass":
-  SmallBatchLinearPass()})`); every other product stays with inductor.
-- `single_query_attention`: `F.scaled_dot_product_attention` for one query per row (a decoding step's self- and
-  cross-attention), one program per row and head, an online softmax in fp32 over blocks of keys.
-  [`scaled_dot_product_attention`] calls it inside compiled graphs, on CUDA, without gradients.
+  once for one row: they are bound by the memory's bandwidth, and cuBLAS's kernels for them reach ~2.3-2.9 TB/s on
+  of3b's 25-34 MB projections and much less on its 2-8 MB ones (H200, `benchmarks/bench_kernels.py`: 0.39 TB/s for
+  the cross-attention's 2 MB `to_q`, where this kernel reaches 0.77). The kernel streams the weight through a grid of
+  `BLOCK_N`-row slices, each program keeping `BLOCK_N x BLOCK_K` fp32 partial sums (products in fp32, one reduction at
+  the end): `F.linear`'s values up to the order of the fp32 additions. [`SmallBatchLinearPass`] is the inductor
+  post-grad pass that puts it in place of `mm`/`addmm` when a compiled graph multiplies a single row by a weight
+  (`torch.compile(..., options={"post_grad_custom_post_pass": SmallBatchLinearPass()})`); every other product stays
+  with inductor.
+- `single_query_attention`: `F.scaled_dot_product_attention` for one query per row, one program per row and head, an
+  online softmax in fp32 over blocks of keys. [`scaled_dot_product_attention`] calls it inside compiled graphs, on
+  CUDA, without gradients: the gated cross-attention's decoding step uses it (over 3 images' latents, 6.6 us against
+  cuDNN's 9.4 at batch 1, H200); MPT's self-attention keeps `F.scaled_dot_product_attention`, which was faster there
+  (6.5 against 7.4 us at batch 1, 10.2 against 15.1 us for of9b's 32 heads at batch 8).
 
-`ENABLED = False` turns both off (the library's kernels then run everywhere).
+`ENABLED = False` turns both off (the library's kernels then run everywhere); they need torch >= 2.6 (custom inductor
+passes) and are off before it.
 """
 
 from __future__ import annotations
@@ -24,10 +28,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+try:
+    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+except ImportError:  # torch < 2.6: no custom inductor passes
+    CustomGraphPass, get_hash_for_files = object, None
 
 # Whether the decoding step uses these kernels (`_StaticGreedyDecoder` reads it when it compiles its step).
-ENABLED = True
+ENABLED = get_hash_for_files is not None
 # Rows of `x` up to which the pass uses the linear kernel (one: the kernel reads the weight once per row).
 MAX_ROWS = 1
 

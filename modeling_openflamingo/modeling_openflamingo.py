@@ -588,7 +588,7 @@ class OpenFlamingoMptSdpaAttention(MptAttention):
             if bias is None:
                 bias = torch.zeros((), dtype=query.dtype, device=query.device)
             bias = bias.masked_fill(attention_mask, torch.finfo(query.dtype).min)
-        out = decoding_kernels.scaled_dot_product_attention(
+        out = F.scaled_dot_product_attention(
             query,
             key,
             value,
