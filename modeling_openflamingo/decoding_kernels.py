@@ -22,6 +22,7 @@ passes) and are off before it.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import os
 from typing import Any
@@ -38,6 +39,14 @@ except ImportError:  # torch < 2.6: no custom inductor passes
 ENABLED = get_hash_for_files is not None
 # Rows of `x` up to which the pass uses the linear kernel (one: the kernel reads the weight once per row).
 MAX_ROWS = 1
+# The namespace of this module's custom ops. A saved folder's copy of this file (loaded with `trust_remote_code=True`,
+# as `transformers_modules.<folder>.decoding_kernels`) can be imported beside the package: each copy registers its
+# ops under a name of its own.
+OPS_NAMESPACE = (
+    "openflamingo"
+    if __name__ == "modeling_openflamingo.decoding_kernels"
+    else "openflamingo_" + hashlib.sha256(__name__.encode()).hexdigest()[:16]
+)
 
 
 @functools.cache
@@ -128,7 +137,7 @@ def launch_linear(
     return y
 
 
-@torch.library.custom_op("openflamingo::small_batch_linear", mutates_args=())
+@torch.library.custom_op(f"{OPS_NAMESPACE}::small_batch_linear", mutates_args=())
 def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` for a 2-D `x` with a few rows: the Triton kernel on CUDA, `F.linear` elsewhere.
 
@@ -205,7 +214,8 @@ class SmallBatchLinearPass(CustomGraphPass):
             if not _rewritable(x.meta.get("val"), weight.meta.get("val"), self.max_rows, self.devices):
                 continue
             with graph.inserting_before(node):
-                new = graph.call_function(torch.ops.openflamingo.small_batch_linear.default, (x, weight, bias))
+                op = getattr(torch.ops, OPS_NAMESPACE).small_batch_linear.default
+                new = graph.call_function(op, (x, weight, bias))
             new.meta.update(node.meta)
             node.replace_all_uses_with(new)
             graph.erase_node(node)
@@ -214,6 +224,12 @@ class SmallBatchLinearPass(CustomGraphPass):
 
     def uuid(self) -> Any:
         return (get_hash_for_files((__file__,)), self.max_rows, self.devices)
+
+
+def decoding_step_options() -> dict[str, Any] | None:
+    """Inductor's options for compiling a decoding step: the pass that puts the batch-1 linear kernel in place of
+    single-row products (None when `ENABLED` is False)."""
+    return {"post_grad_custom_post_pass": SmallBatchLinearPass()} if ENABLED else None
 
 
 @functools.cache
@@ -302,7 +318,7 @@ def _attention_kernel_autotuned() -> Any:
     return triton.autotune(configs=configs, key=["heads", "keys", "dim"])(_attention_kernel())
 
 
-@torch.library.custom_op("openflamingo::single_query_attention", mutates_args=())
+@torch.library.custom_op(f"{OPS_NAMESPACE}::single_query_attention", mutates_args=())
 def single_query_attention(
     query: torch.Tensor,
     key: torch.Tensor,

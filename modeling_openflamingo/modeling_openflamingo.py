@@ -37,8 +37,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.mpt.modeling_mpt import MptAttention
 from transformers.utils import ModelOutput, logging
 
-from . import decoding_kernels
 from .configuration_openflamingo import OpenFlamingoConfig
+from .decoding_kernels import decoding_step_options, scaled_dot_product_attention
 
 try:  # transformers >= 5: initialisers that leave loaded weights alone
     from transformers import initialization as init
@@ -282,7 +282,8 @@ class OpenFlamingoCrossAttention(nn.Module):
             `(batch, seq, dim)`.
         """
         q = _split_heads(self.to_q(self.norm(hidden_states)), self.heads)
-        out = decoding_kernels.scaled_dot_product_attention(q, key, value, attn_mask=attn_mask)
+        # in a compiled decoding step on CUDA: `decoding_kernels`' single-query kernel
+        out = scaled_dot_product_attention(q, key, value, attn_mask=attn_mask)
         return self.to_out(_merge_heads(out) * sees_image.to(out.dtype))
 
 
@@ -1804,9 +1805,7 @@ class _StaticGreedyDecoder:
         device = self.token.device
         self._decode_step()  # eager: the cache allocates its tensors at its first update (not in a compiled graph)
         backend = "inductor" if device.type == "cuda" else self.cpu_compile_backend
-        options = None
-        if backend == "inductor" and decoding_kernels.ENABLED:  # batch-1 products by its Triton kernel, not cuBLAS
-            options = {"post_grad_custom_post_pass": decoding_kernels.SmallBatchLinearPass()}
+        options = decoding_step_options() if backend == "inductor" else None  # batch-1 products: a Triton kernel
         step = None
         if backend:
             step = torch.compile(self._decode_step, fullgraph=True, dynamic=False, backend=backend, options=options)

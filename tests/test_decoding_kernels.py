@@ -137,3 +137,20 @@ def test_scaled_dot_product_attention_keeps_the_library_outside_compiled_decodin
     assert torch.equal(out, F.scaled_dot_product_attention(query, key, value))
     out.sum().backward()
     assert query.grad is not None
+
+
+def test_a_second_copy_of_the_module_registers_ops_of_its_own():
+    """A saved folder's copy of the file, loaded with `trust_remote_code=True` beside the package, imports (custom op
+    names are global) and its ops work."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "transformers_modules.some_folder.decoding_kernels", decoding_kernels.__file__
+    )
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    assert copy.OPS_NAMESPACE != decoding_kernels.OPS_NAMESPACE == "openflamingo"
+    x, weight = torch.randn(1, 8), torch.randn(4, 8)
+    torch.testing.assert_close(
+        getattr(torch.ops, copy.OPS_NAMESPACE).small_batch_linear(x, weight), F.linear(x, weight)
+    )
