@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from modeling_openflamingo import (  # noqa: E402
     OpenFlamingoConfig,
     OpenFlamingoForConditionalGeneration,
-    decoding_kernels,  # noqa: E402
+    decoding_kernels,
 )
 from modeling_openflamingo.checkpoint_conversion import preset_config  # noqa: E402
 from modeling_openflamingo.configuration_openflamingo import VIT_L_14_CONFIG  # noqa: E402
