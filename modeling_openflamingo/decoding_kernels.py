@@ -37,6 +37,11 @@ except ImportError:  # torch < 2.6: no custom inductor passes
 
 # Whether the decoding step uses these kernels (`_StaticGreedyDecoder` reads it when it compiles its step).
 ENABLED = get_hash_for_files is not None
+# Whether the decoding step's kernels are launched with programmatic dependent launch on GPUs that have it (compute
+# capability 9.0 and up): each kernel is launched while the previous one runs and waits on the device for its results
+# (inductor's `triton.enable_pdl` for its kernels, `launch_pdl` for these), which hides a launch's latency between the
+# step's many small kernels. Kernels of other libraries (cuBLAS, cuDNN) are launched as usual.
+PROGRAMMATIC_DEPENDENT_LAUNCH = False
 # Rows of `x` up to which the pass uses the linear kernel (one: the kernel reads the weight once per row).
 MAX_ROWS = 1
 # The namespace of this module's custom ops. A saved folder's copy of this file (loaded with `trust_remote_code=True`,
@@ -70,8 +75,11 @@ def _linear_kernel() -> Any:
         EVEN_K: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         # y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]); program (i, m) makes y[m, i * BLOCK_N : (i + 1) * BLOCK_N]
+        if PDL:  # launched before the previous kernel ends: wait for its results (x) before reading any
+            tl.extra.cuda.gdc_wait()
         pid_n = tl.program_id(0)
         m = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -91,6 +99,8 @@ def _linear_kernel() -> Any:
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
+        if PDL:  # every load is issued: the next kernel may be launched
+            tl.extra.cuda.gdc_launch_dependents()
         y = tl.sum(acc, axis=1)
         if HAS_BIAS:
             y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -107,6 +117,23 @@ def kernel_config(out_features: int, in_features: int) -> dict[str, int]:
     narrower weights keep the tile's 2048 elements with more rows."""
     block_k = min(1024, max(16, 1 << (in_features - 1).bit_length()))
     return {"BLOCK_N": max(2, 2048 // block_k), "BLOCK_K": block_k, "num_warps": 4, "num_stages": 3}
+
+
+def _programmatic_launch(device: torch.device) -> bool:
+    """Whether kernels on `device` are launched with programmatic dependent launch (`PROGRAMMATIC_DEPENDENT_LAUNCH`
+    and a CUDA GPU of compute capability 9.0 or newer; never in Triton's interpreter)."""
+    return (
+        PROGRAMMATIC_DEPENDENT_LAUNCH
+        and device.type == "cuda"
+        and os.environ.get("TRITON_INTERPRET") != "1"
+        and torch.cuda.get_device_capability(device)[0] >= 9
+    )
+
+
+def _launch_options(device: torch.device) -> dict[str, bool]:
+    """The kernels' `PDL` argument and Triton's `launch_pdl` option for a launch on `device`."""
+    pdl = _programmatic_launch(device)
+    return {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
 
 
 def launch_linear(
@@ -133,6 +160,7 @@ def launch_linear(
         HAS_BIAS=bias is not None,
         EVEN_K=in_features % config["BLOCK_K"] == 0,
         **config,
+        **_launch_options(x.device),
     )
     return y
 
@@ -226,10 +254,16 @@ class SmallBatchLinearPass(CustomGraphPass):
         return (get_hash_for_files((__file__,)), self.max_rows, self.devices)
 
 
-def decoding_step_options() -> dict[str, Any] | None:
-    """Inductor's options for compiling a decoding step: the pass that puts the batch-1 linear kernel in place of
-    single-row products (None when `ENABLED` is False)."""
-    return {"post_grad_custom_post_pass": SmallBatchLinearPass()} if ENABLED else None
+def decoding_step_options(device: torch.device | None = None) -> dict[str, Any] | None:
+    """Inductor's options for compiling a decoding step on `device`: the pass that puts the batch-1 linear kernel in
+    place of single-row products, and programmatic dependent launch for inductor's kernels where these kernels use it
+    (`PROGRAMMATIC_DEPENDENT_LAUNCH`). None when `ENABLED` is False."""
+    if not ENABLED:
+        return None
+    options: dict[str, Any] = {"post_grad_custom_post_pass": SmallBatchLinearPass()}
+    if device is not None and _programmatic_launch(device):
+        options["triton.enable_pdl"] = True
+    return options
 
 
 @functools.cache
@@ -265,8 +299,11 @@ def _attention_kernel() -> Any:
         MASK: tl.constexpr,  # 0: none, 1: bool (True: attend), 2: additive
         BLOCK_L: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         # out[b, h] = softmax(q[b, h] . k[b, h]^T * scale + mask[b, h]) @ v[b, h]; program (b * heads + h)
+        if PDL:  # launched before the previous kernel ends: wait for its results before reading any
+            tl.extra.cuda.gdc_wait()
         pid = tl.program_id(0)
         b = pid // heads
         h = pid % heads
@@ -299,6 +336,8 @@ def _attention_kernel() -> Any:
             acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
             l_i = l_i * alpha + tl.sum(p, axis=0)
             m_i = m_new
+        if PDL:  # every load is issued: the next kernel may be launched
+            tl.extra.cuda.gdc_launch_dependents()
         out = acc / l_i  # every key masked: 0 / 0, NaN, as `F.scaled_dot_product_attention` gives
         tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
 
@@ -388,6 +427,7 @@ def launch_attention(
         MASK=mask_kind,
         BLOCK_D=block_d,
         **config,
+        **_launch_options(query.device),
     )
     return out
 

@@ -19,9 +19,13 @@ from modeling_openflamingo import decoding_kernels
 DEVICE = torch.device(os.environ.get("OPENFLAMINGO_TEST_DEVICE", "cpu"))
 
 
-@pytest.fixture
-def kernels():
-    """The kernels on `DEVICE`: on the GPU if CUDA, else in Triton's interpreter (skipped without it)."""
+@pytest.fixture(params=[False, True], ids=["", "pdl"])
+def kernels(request, monkeypatch):
+    """The kernels on `DEVICE`: on the GPU if CUDA, else in Triton's interpreter (skipped without it); launched with
+    and without programmatic dependent launch (the second only on CUDA: the interpreter has none)."""
+    if request.param and DEVICE.type != "cuda":
+        pytest.skip("programmatic dependent launch: CUDA only")
+    monkeypatch.setattr(decoding_kernels, "PROGRAMMATIC_DEPENDENT_LAUNCH", request.param)
     if DEVICE.type != "cuda":
         pytest.importorskip("triton")
         if os.environ.get("TRITON_INTERPRET") != "1":
@@ -154,3 +158,22 @@ def test_a_second_copy_of_the_module_registers_ops_of_its_own():
     torch.testing.assert_close(
         getattr(torch.ops, copy.OPS_NAMESPACE).small_batch_linear(x, weight), F.linear(x, weight)
     )
+
+
+def test_programmatic_dependent_launch_only_where_the_gpu_has_it(monkeypatch):
+    """The decoding step's options ask inductor for programmatic dependent launch only with the flag on, on CUDA GPUs
+    of compute capability 9.0 or newer; the pass is there whenever the kernels are."""
+    monkeypatch.setattr(decoding_kernels, "ENABLED", True)
+    monkeypatch.setattr(decoding_kernels, "PROGRAMMATIC_DEPENDENT_LAUNCH", True)
+    assert "triton.enable_pdl" not in decoding_kernels.decoding_step_options(torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    options = decoding_kernels.decoding_step_options(torch.device("cuda"))
+    assert options.get("triton.enable_pdl", False) is (os.environ.get("TRITON_INTERPRET") != "1")
+    assert isinstance(options["post_grad_custom_post_pass"], decoding_kernels.SmallBatchLinearPass)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert "triton.enable_pdl" not in decoding_kernels.decoding_step_options(torch.device("cuda"))
+    monkeypatch.setattr(decoding_kernels, "PROGRAMMATIC_DEPENDENT_LAUNCH", False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert "triton.enable_pdl" not in decoding_kernels.decoding_step_options(torch.device("cuda"))
+    monkeypatch.setattr(decoding_kernels, "ENABLED", False)
+    assert decoding_kernels.decoding_step_options(torch.device("cuda")) is None

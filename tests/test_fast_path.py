@@ -12,6 +12,7 @@ import pytest
 import torch
 import transformers
 
+from modeling_openflamingo import decoding_kernels
 from modeling_openflamingo.modeling_openflamingo import (
     _STATIC_DECODERS,
     _TRACED_CROSS_ATTENTION,
@@ -35,6 +36,7 @@ def tiny_model(*args, **kwargs):
 
 FAMILIES = ["mpt", "mosaic_gpt", "gpt_neox", "llama"]
 needs_v5 = pytest.mark.skipif(IS_V4, reason="static-cache decoding of MPT and the fast path need transformers 5")
+needs_cuda = pytest.mark.skipif(DEVICE.type != "cuda", reason="a CUDA-only variant (OPENFLAMINGO_TEST_DEVICE=cuda)")
 
 
 @pytest.fixture
@@ -130,8 +132,11 @@ def test_decoding_step_compiles_without_graph_breaks(family):
 
 
 @needs_v5
+@pytest.mark.parametrize("pdl", [False, pytest.param(True, marks=needs_cuda)], ids=["", "pdl"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fast_greedy_path_equals_generate(family, fast_path_on_cpu):
+def test_fast_greedy_path_equals_generate(family, pdl, fast_path_on_cpu):
+    # pdl: the compiled step's kernels launched with programmatic dependent launch (on GPUs that have it)
+    fast_path_on_cpu.setattr(decoding_kernels, "PROGRAMMATIC_DEPENDENT_LAUNCH", pdl)
     model = tiny_model(family)
     ids, mask, pixel_values = padded_prompt()
     cases = [
