@@ -546,9 +546,10 @@ def main() -> None:
     parser.add_argument(
         "--decode-kernels",
         default="triton",
-        choices=["triton", "triton-pdl", "library"],
-        help="the fast path's decoding step: with modeling_openflamingo.decoding_kernels (triton-pdl: and "
-        "programmatic dependent launch for them and inductor's kernels), or cuBLAS / cuDNN only",
+        choices=["triton", "triton-no-pdl", "library"],
+        help="the fast path's decoding step: with modeling_openflamingo.decoding_kernels (and, at batch 1, "
+        "programmatic dependent launch for them and inductor's kernels; triton-no-pdl: without it), or cuBLAS / "
+        "cuDNN only",
     )
     parser.add_argument("--profile-train", action="store_true", help="write a profile of one training step")
     parser.add_argument("--profile", default="", help="MODE:BATCH pairs to profile, e.g. compiled:1,eager:8")
@@ -562,7 +563,7 @@ def main() -> None:
     for key, value in inductor.items():
         setattr(torch._inductor.config, key, type(getattr(torch._inductor.config, key))(int(value)))
     decoding_kernels.ENABLED = args.decode_kernels.startswith("triton")
-    decoding_kernels.PROGRAMMATIC_DEPENDENT_LAUNCH = args.decode_kernels == "triton-pdl"
+    decoding_kernels.PROGRAMMATIC_DEPENDENT_LAUNCH = args.decode_kernels == "triton"
     gpu = torch.cuda.get_device_name() if DEV == "cuda" else DEV
     record(
         {

@@ -37,11 +37,13 @@ except ImportError:  # torch < 2.6: no custom inductor passes
 
 # Whether the decoding step uses these kernels (`_StaticGreedyDecoder` reads it when it compiles its step).
 ENABLED = get_hash_for_files is not None
-# Whether the decoding step's kernels are launched with programmatic dependent launch on GPUs that have it (compute
-# capability 9.0 and up): each kernel is launched while the previous one runs and waits on the device for its results
-# (inductor's `triton.enable_pdl` for its kernels, `launch_pdl` for these), which hides a launch's latency between the
-# step's many small kernels. Kernels of other libraries (cuBLAS, cuDNN) are launched as usual.
-PROGRAMMATIC_DEPENDENT_LAUNCH = False
+# Whether a decoding step of up to `MAX_ROWS` rows launches its kernels with programmatic dependent launch on GPUs that
+# have it (compute capability 9.0 and up): each kernel is launched while the previous one runs and waits on the device
+# for its results (inductor's `triton.enable_pdl` for its kernels, `launch_pdl` for these), which hides a launch's
+# latency between the step's many small kernels. Kernels of other libraries (cuBLAS, cuDNN) are launched as usual.
+# Measured in one job (H200, of3b, `benchmarks/results/2026-12-02-h200-run33-*`): the batch-1 step 2.499 -> 2.250 ms;
+# at batch 8, where cuBLAS does the products, 3.089 -> 3.178 ms, so larger batches launch as usual.
+PROGRAMMATIC_DEPENDENT_LAUNCH = True
 # Rows of `x` up to which the pass uses the linear kernel (one: the kernel reads the weight once per row).
 MAX_ROWS = 1
 # The namespace of this module's custom ops. A saved folder's copy of this file (loaded with `trust_remote_code=True`,
@@ -119,20 +121,22 @@ def kernel_config(out_features: int, in_features: int) -> dict[str, int]:
     return {"BLOCK_N": max(2, 2048 // block_k), "BLOCK_K": block_k, "num_warps": 4, "num_stages": 3}
 
 
-def _programmatic_launch(device: torch.device) -> bool:
-    """Whether kernels on `device` are launched with programmatic dependent launch (`PROGRAMMATIC_DEPENDENT_LAUNCH`
-    and a CUDA GPU of compute capability 9.0 or newer; never in Triton's interpreter)."""
+def _programmatic_launch(device: torch.device, rows: int) -> bool:
+    """Whether kernels for `rows` rows on `device` are launched with programmatic dependent launch
+    (`PROGRAMMATIC_DEPENDENT_LAUNCH`, up to `MAX_ROWS` rows, a CUDA GPU of compute capability 9.0 or newer; never in
+    Triton's interpreter)."""
     return (
         PROGRAMMATIC_DEPENDENT_LAUNCH
+        and rows <= MAX_ROWS
         and device.type == "cuda"
         and os.environ.get("TRITON_INTERPRET") != "1"
         and torch.cuda.get_device_capability(device)[0] >= 9
     )
 
 
-def _launch_options(device: torch.device) -> dict[str, bool]:
-    """The kernels' `PDL` argument and Triton's `launch_pdl` option for a launch on `device`."""
-    pdl = _programmatic_launch(device)
+def _launch_options(device: torch.device, rows: int) -> dict[str, bool]:
+    """The kernels' `PDL` argument and Triton's `launch_pdl` option for a launch for `rows` rows on `device`."""
+    pdl = _programmatic_launch(device, rows)
     return {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
 
 
@@ -160,7 +164,7 @@ def launch_linear(
         HAS_BIAS=bias is not None,
         EVEN_K=in_features % config["BLOCK_K"] == 0,
         **config,
-        **_launch_options(x.device),
+        **_launch_options(x.device, rows),
     )
     return y
 
@@ -254,14 +258,14 @@ class SmallBatchLinearPass(CustomGraphPass):
         return (get_hash_for_files((__file__,)), self.max_rows, self.devices)
 
 
-def decoding_step_options(device: torch.device | None = None) -> dict[str, Any] | None:
-    """Inductor's options for compiling a decoding step on `device`: the pass that puts the batch-1 linear kernel in
-    place of single-row products, and programmatic dependent launch for inductor's kernels where these kernels use it
-    (`PROGRAMMATIC_DEPENDENT_LAUNCH`). None when `ENABLED` is False."""
+def decoding_step_options(device: torch.device | None = None, rows: int | None = None) -> dict[str, Any] | None:
+    """Inductor's options for compiling a decoding step of `rows` rows on `device`: the pass that puts the batch-1
+    linear kernel in place of single-row products, and programmatic dependent launch for inductor's kernels where these
+    kernels use it (`PROGRAMMATIC_DEPENDENT_LAUNCH`). None when `ENABLED` is False."""
     if not ENABLED:
         return None
     options: dict[str, Any] = {"post_grad_custom_post_pass": SmallBatchLinearPass()}
-    if device is not None and _programmatic_launch(device):
+    if device is not None and rows is not None and _programmatic_launch(device, rows):
         options["triton.enable_pdl"] = True
     return options
 
@@ -427,7 +431,7 @@ def launch_attention(
         MASK=mask_kind,
         BLOCK_D=block_d,
         **config,
-        **_launch_options(query.device),
+        **_launch_options(query.device, batch),
     )
     return out
 

@@ -1805,7 +1805,8 @@ class _StaticGreedyDecoder:
         device = self.token.device
         self._decode_step()  # eager: the cache allocates its tensors at its first update (not in a compiled graph)
         backend = "inductor" if device.type == "cuda" else self.cpu_compile_backend
-        options = decoding_step_options(device) if backend == "inductor" else None  # Triton kernels, see there
+        rows = self.token.shape[0]
+        options = decoding_step_options(device, rows) if backend == "inductor" else None  # Triton kernels, see there
         step = None
         if backend:
             step = torch.compile(self._decode_step, fullgraph=True, dynamic=False, backend=backend, options=options)

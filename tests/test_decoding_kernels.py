@@ -161,19 +161,21 @@ def test_a_second_copy_of_the_module_registers_ops_of_its_own():
 
 
 def test_programmatic_dependent_launch_only_where_the_gpu_has_it(monkeypatch):
-    """The decoding step's options ask inductor for programmatic dependent launch only with the flag on, on CUDA GPUs
-    of compute capability 9.0 or newer; the pass is there whenever the kernels are."""
+    """The decoding step's options ask inductor for programmatic dependent launch only with the flag on, for one row,
+    on CUDA GPUs of compute capability 9.0 or newer; the pass is there whenever the kernels are."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.setattr(decoding_kernels, "ENABLED", True)
     monkeypatch.setattr(decoding_kernels, "PROGRAMMATIC_DEPENDENT_LAUNCH", True)
-    assert "triton.enable_pdl" not in decoding_kernels.decoding_step_options(torch.device("cpu"))
+    assert "triton.enable_pdl" not in decoding_kernels.decoding_step_options(cpu, 1)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    options = decoding_kernels.decoding_step_options(torch.device("cuda"))
+    options = decoding_kernels.decoding_step_options(cuda, 1)
     assert options.get("triton.enable_pdl", False) is (os.environ.get("TRITON_INTERPRET") != "1")
     assert isinstance(options["post_grad_custom_post_pass"], decoding_kernels.SmallBatchLinearPass)
+    assert "triton.enable_pdl" not in decoding_kernels.decoding_step_options(cuda, 8)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    assert "triton.enable_pdl" not in decoding_kernels.decoding_step_options(torch.device("cuda"))
+    assert "triton.enable_pdl" not in decoding_kernels.decoding_step_options(cuda, 1)
     monkeypatch.setattr(decoding_kernels, "PROGRAMMATIC_DEPENDENT_LAUNCH", False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert "triton.enable_pdl" not in decoding_kernels.decoding_step_options(torch.device("cuda"))
+    assert "triton.enable_pdl" not in decoding_kernels.decoding_step_options(cuda, 1)
     monkeypatch.setattr(decoding_kernels, "ENABLED", False)
-    assert decoding_kernels.decoding_step_options(torch.device("cuda")) is None
+    assert decoding_kernels.decoding_step_options(cuda, 1) is None
