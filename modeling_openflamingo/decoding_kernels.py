@@ -15,8 +15,12 @@
   cuDNN's 9.4 at batch 1, H200); MPT's self-attention keeps `F.scaled_dot_product_attention`, which was faster there
   (6.5 against 7.4 us at batch 1, 10.2 against 15.1 us for of9b's 32 heads at batch 8).
 
-`ENABLED = False` turns both off (the library's kernels then run everywhere); they need torch >= 2.6 (custom inductor
-passes) and are off before it.
+At batch 1, on GPUs of compute capability 9.0 and up, the decoding step's Triton kernels (these and inductor's) are
+launched with programmatic dependent launch (`PROGRAMMATIC_DEPENDENT_LAUNCH`): each kernel waits on the device for the
+previous one's results (`gdc_wait`) instead of being launched after it ends.
+
+`ENABLED = False` turns all of it off (the library's kernels then run everywhere); the kernels need torch >= 2.6 (custom
+inductor passes) and are off before it.
 """
 
 from __future__ import annotations
