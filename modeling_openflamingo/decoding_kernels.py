@@ -125,13 +125,22 @@ def kernel_config(out_features: int, in_features: int) -> dict[str, int]:
     return {"BLOCK_N": max(2, 2048 // block_k), "BLOCK_K": block_k, "num_warps": 4, "num_stages": 3}
 
 
+@functools.cache
+def _inductor_has_programmatic_launch() -> bool:
+    """Whether this torch's inductor has the `triton.enable_pdl` option (torch >= 2.9; its Triton has `gdc_wait`)."""
+    import torch._inductor.config
+
+    return hasattr(torch._inductor.config.triton, "enable_pdl")
+
+
 def _programmatic_launch(device: torch.device, rows: int) -> bool:
     """Whether kernels for `rows` rows on `device` are launched with programmatic dependent launch
-    (`PROGRAMMATIC_DEPENDENT_LAUNCH`, up to `MAX_ROWS` rows, a CUDA GPU of compute capability 9.0 or newer; never in
-    Triton's interpreter)."""
+    (`PROGRAMMATIC_DEPENDENT_LAUNCH`, up to `MAX_ROWS` rows, a CUDA GPU of compute capability 9.0 or newer, a torch
+    whose inductor has it; never in Triton's interpreter)."""
     return (
         PROGRAMMATIC_DEPENDENT_LAUNCH
         and rows <= MAX_ROWS
+        and _inductor_has_programmatic_launch()
         and device.type == "cuda"
         and os.environ.get("TRITON_INTERPRET") != "1"
         and torch.cuda.get_device_capability(device)[0] >= 9
