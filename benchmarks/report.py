@@ -4,7 +4,8 @@ Usage: python benchmarks/report.py FILE.json [FILE.json ...]
 
 Ratios are taken against the original measured in the same files (the same GPU job). For of3b, whose original cannot
 run there (MosaicGPT's remote code is not on PyPI), the ratio is against the original's recorded figures of
-2026-11-24 (`../shared/measurements/`), marked "(recorded)".
+2026-11-24 on an H100 (`../shared/measurements/`), marked "(recorded)", and the GPU is named when ours ran on another.
+Variants (training trainables and optimizer, the decoding kernels) are named in their cell where not the default.
 """
 
 from __future__ import annotations
@@ -25,10 +26,14 @@ RECORDED: dict[tuple[str, str, int, int], tuple[float, float | None]] = {
 
 
 def load(paths: list[str]) -> list[dict[str, Any]]:
+    """The measurements of each file, each with its file's GPU and decoding kernels (from its environment record)."""
     records = []
     for path in paths:
         with open(path) as f:
-            records += json.load(f)
+            file_records = json.load(f)
+        environment = next((r for r in file_records if r.get("what") == "environment"), {})
+        context = {k: environment[k] for k in ("gpu", "decode_kernels") if k in environment}
+        records += [{**context, **r} for r in file_records]
     return [r for r in records if "error" not in r and r.get("what") not in ("environment", "build")]
 
 
@@ -66,6 +71,9 @@ def table(records: list[dict[str, Any]]) -> str:
                 col += f", {r['trainables']} trainables"
             if r.get("optimizer", "adamw") != "adamw":
                 col += ", MixedPrecisionAdamW" if r["optimizer"] == "mixed" else f", {r['optimizer']}"
+            # decoding variants: the fast path's kernels, where not the default ones
+            if r["what"] == "generate" and r.get("decode_kernels", "triton") != "triton":
+                col += f", {r['decode_kernels']} decoding kernels"
         groups.setdefault(key(r), {})[col] = r
     lines = [
         "| model | workload | original | ours (eager) | ours (compiled) | best / original | "
@@ -98,6 +106,9 @@ def table(records: list[dict[str, Any]]) -> str:
             workload = f"prompt forward b{batch}"
         ref_text = fmt(ref_value, what) + (" (recorded)" if recorded else "")
         ratio_text = f"{ratio:.1f}x" + (" (vs recorded)" if recorded else "") if ratio else "-"
+        gpu = g[best_col].get("gpu", "")
+        if ratio and recorded and gpu and "H100" not in gpu:  # the recorded figures are an H100's
+            ratio_text += f", ours on an {gpu}"
         mem = f"{ref_mem if ref_mem is not None else '-'} / {g[best_col].get('peak_mem_gb', '-')}"
         lm = " / ".join(fmt(value(g[c]), what) if c in g else "-" for c in ("lm-eager", "lm-compiled"))
         # each column: its best run of any training variant (named where it is not the plain mode); the compiled

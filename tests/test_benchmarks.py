@@ -42,3 +42,26 @@ def test_benchmark_tiny_smoke_run_and_report(tmp_path):
     row = next(line for line in report.splitlines() if "train step" in line).split(" | ")
     assert row[3].endswith("(eager, recipe trainables, MixedPrecisionAdamW)") and row[4] == "-"
     assert 0 < train["trainable_params"] - recipe["trainable_params"] < 50280 * 64  # the matrix minus 3 rows
+
+
+def test_report_names_the_decoding_kernels_and_the_gpu_of_a_ratio_against_the_recorded_h100(tmp_path):
+    """Each file's environment (GPU, decoding kernels) reaches its measurements: a variant other than the default
+    kernels is named in its cell, and a ratio against the original's recorded H100 figures names another GPU."""
+
+    def job(name: str, decode_kernels: str, gpu: str, tok_per_s: float) -> str:
+        environment = {"impl": "openflamingo-hf", "what": "environment", "gpu": gpu, "decode_kernels": decode_kernels}
+        measurement = {"impl": "openflamingo-hf", "model": "of3b", "what": "generate", "mode": "compiled", "batch": 1}
+        measurement.update(num_beams=1, new_tokens=64, new_tokens_per_s=tok_per_s, peak_mem_gb=4.9)
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps([environment, measurement]))
+        return str(path)
+
+    def row(*paths: str) -> list[str]:
+        command = [sys.executable, str(ROOT / "benchmarks" / "report.py"), *paths]
+        report = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        return next(line for line in report.splitlines() if "generate b1" in line).split(" | ")
+
+    h200 = row(job("a", "triton", "NVIDIA H200", 358.0), job("b", "library", "NVIDIA H200", 179.0))
+    assert h200[4] == "358.0" and h200[5] == "20.0x (vs recorded), ours on an NVIDIA H200"
+    library_best = row(job("c", "triton", "NVIDIA H100 80GB HBM3", 179.0), job("d", "library", "NVIDIA H100", 358.0))
+    assert library_best[4] == "358.0 (compiled, library decoding kernels)" and library_best[5] == "20.0x (vs recorded)"
