@@ -271,14 +271,14 @@ class SmallBatchLinearPass(CustomGraphPass):
         return (get_hash_for_files((__file__,)), self.max_rows, self.devices)
 
 
-def decoding_step_options(device: torch.device | None = None, rows: int | None = None) -> dict[str, Any] | None:
+def decoding_step_options(device: torch.device, rows: int) -> dict[str, Any] | None:
     """Inductor's options for compiling a decoding step of `rows` rows on `device`: the pass that puts the batch-1
     linear kernel in place of single-row products, and programmatic dependent launch for inductor's kernels where these
     kernels use it (`PROGRAMMATIC_DEPENDENT_LAUNCH`). None when `ENABLED` is False."""
     if not ENABLED:
         return None
     options: dict[str, Any] = {"post_grad_custom_post_pass": SmallBatchLinearPass()}
-    if device is not None and rows is not None and _programmatic_launch(device, rows):
+    if _programmatic_launch(device, rows):
         options["triton.enable_pdl"] = True
     return options
 
