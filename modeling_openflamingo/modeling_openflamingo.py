@@ -1013,7 +1013,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         """
         input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
         encode = self._prepare_images_for_generation(input_ids, kwargs)
-        fast = self._generate_static_greedy(args, kwargs)  # encodes the images itself, inside its prompt graph
+        fast = self._generate_static(args, kwargs)  # encodes the images itself, inside its prompt graph
         if fast is not None:
             return fast
         if encode:
@@ -1276,19 +1276,41 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         repeated.batch_repeat_interleave(repeats)
         return repeated
 
-    # ---- greedy decoding with a static cache (the fast path of `generate`) ----
+    # ---- greedy decoding and beam search with a static cache (the fast path of `generate`) ----
 
-    def _generate_static_greedy(self, args: tuple, kwargs: dict[str, Any]) -> torch.LongTensor | None:
-        """`generate(cache_implementation="static")` for plain greedy decoding on a CUDA device, through
-        [`_StaticGreedyDecoder`] (one compiled step replayed as a CUDA graph). None when the call asks for anything
-        else (beams, sampling, logits processors, streamers, extra outputs, transformers 4.x): `GenerationMixin`'s
-        loop then runs it.
+    def _generate_static(self, args: tuple, kwargs: dict[str, Any]) -> torch.LongTensor | None:
+        """`generate(cache_implementation="static")` for plain greedy decoding or plain beam search on a CUDA device,
+        through [`_StaticGreedyDecoder`] or [`_StaticBeamDecoder`] (one compiled step replayed as a CUDA graph). None
+        when the call asks for anything else (sampling, logits processors, streamers, extra outputs, transformers
+        4.x): `GenerationMixin`'s loop then runs it.
         """
         if args or kwargs.get("cache_implementation") != "static" or not set(kwargs) <= _FAST_DECODE_ARGUMENTS:
             return None
         if int(_TRANSFORMERS_VERSION.split(".")[0]) < 5:  # 4.x's static cache needs `cache_position` host-side
             return None
-        if kwargs.get("num_beams") not in (None, 1) or kwargs.get("do_sample") or kwargs.get("use_cache") is False:
+        if kwargs.get("do_sample") or kwargs.get("use_cache") is False:
+            return None
+        config = self.generation_config
+        if any(not _FAST_DECODE_CONFIG.get(k, lambda v: False)(v) for k, v in config.to_diff_dict().items()):
+            return None
+        # the beam search settings, as `generate` resolves them: arguments, else the model's generation config, else
+        # the defaults (transformers 5's `GenerationConfig` leaves unset fields None)
+        num_beams, length_penalty, early_stopping, num_return_sequences = (
+            next(v for v in (kwargs.get(name), getattr(config, name, None), default) if v is not None)
+            for name, default in _BEAM_SEARCH_DEFAULTS.items()
+        )
+        if num_beams == 1:
+            # the beam settings mean nothing here: `GenerationMixin` warns about them (or rejects several sequences)
+            if any(kwargs.get(name) is not None for name in _BEAM_SEARCH_ARGUMENTS) or num_return_sequences != 1:
+                return None
+        elif (
+            not isinstance(num_beams, int)
+            or num_beams < 1
+            or not isinstance(num_return_sequences, int)
+            or not 1 <= num_return_sequences <= num_beams  # `GenerationMixin` raises
+            or not isinstance(length_penalty, (int, float))
+            or early_stopping not in (True, False, "never")
+        ):
             return None
         input_ids, max_new_tokens = kwargs.get("input_ids"), kwargs.get("max_new_tokens")
         pixel_values, image_hidden_states = kwargs.get("pixel_values"), kwargs.get("image_hidden_states")
@@ -1301,11 +1323,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             or max_new_tokens < 1
             or image_indices is None
             or (pixel_values is not None and image_hidden_states is not None)
-            or (self.device.type != "cuda" and not _StaticGreedyDecoder.run_on_cpu)
+            or (self.device.type != "cuda" and not _StaticDecoder.run_on_cpu)
         ):
-            return None
-        config = self.generation_config
-        if any(not _FAST_DECODE_CONFIG.get(k, lambda v: False)(v) for k, v in config.to_diff_dict().items()):
             return None
         eos = kwargs.get("eos_token_id", config.eos_token_id)
         if torch.is_tensor(eos):
@@ -1328,14 +1347,27 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         max_len = -(-needed // 64) * 64
         max_len = needed if limit is not None and max_len > limit else max_len
         num_images = None if images is None else images.tensor.shape[1]
-        key = (batch_size, max_len, num_images, eos)
+        key = (batch_size, max_len, num_images, eos, num_beams)
         decoders = _STATIC_DECODERS.setdefault(self, {})
         decoder = decoders.get(key)
         if decoder is None:
             while len(decoders) >= 4:
                 decoders.pop(next(iter(decoders)))
-            decoder = decoders[key] = _StaticGreedyDecoder(self, batch_size, max_len, num_images, eos)
+            if num_beams == 1:
+                decoder = _StaticGreedyDecoder(self, batch_size, max_len, num_images, eos)
+            else:
+                decoder = _StaticBeamDecoder(self, batch_size, max_len, num_images, eos, num_beams)
+            decoders[key] = decoder
         attention_mask = kwargs.get("attention_mask")
+        options = {}
+        if num_beams > 1:
+            options = {
+                "length_penalty": float(length_penalty),
+                "early_stopping": early_stopping,
+                "num_return_sequences": num_return_sequences,
+                # what `GenerationMixin._beam_search` fills unwritten positions with (a pad id of 0 counts as unset)
+                "fill_value": (int(pad) or eos[0]) if eos else -1,
+            }
         return decoder.generate(
             input_ids,
             torch.ones_like(input_ids) if attention_mask is None else attention_mask,
@@ -1344,6 +1376,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             max_new_tokens,
             kwargs.get("min_new_tokens") or 0,
             int(pad),
+            **options,
         )
 
     # ---- training ----
@@ -1606,10 +1639,13 @@ class OpenFlamingoNewTokenEmbeddings(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Greedy decoding with a static KV cache: one compiled decoding step, replayed as a CUDA graph
+# Greedy decoding and beam search with a static KV cache: one compiled decoding step, replayed as a CUDA graph
 # --------------------------------------------------------------------------------------------------------------------
 
-# `generate` arguments that the fast path below handles; any other one (beams, sampling, logits processors, streamers,
+# The beam search settings that the fast path below handles, with `generate`'s defaults.
+_BEAM_SEARCH_DEFAULTS = {"num_beams": 1, "length_penalty": 1.0, "early_stopping": False, "num_return_sequences": 1}
+_BEAM_SEARCH_ARGUMENTS = frozenset(_BEAM_SEARCH_DEFAULTS) - {"num_beams"}
+# `generate` arguments that the fast path below handles; any other one (sampling, logits processors, streamers,
 # `return_dict_in_generate`, ...) leaves the call to `GenerationMixin.generate`.
 _FAST_DECODE_ARGUMENTS = frozenset(
     {
@@ -1627,10 +1663,11 @@ _FAST_DECODE_ARGUMENTS = frozenset(
         "cache_implementation",
         "compile_config",
         "use_cache",
+        *_BEAM_SEARCH_ARGUMENTS,
     }
 )
 # Fields of the model's `generation_config` that may differ from `GenerationConfig()` (with these values) and still
-# mean plain greedy decoding.
+# mean plain greedy decoding or plain beam search.
 _FAST_DECODE_CONFIG = {
     "use_cache": lambda v: v is not False,
     "output_attentions": lambda v: not v,
@@ -1640,12 +1677,16 @@ _FAST_DECODE_CONFIG = {
     "bos_token_id": lambda v: True,
     "decoder_start_token_id": lambda v: True,
     "max_length": lambda v: True,
+    "num_beams": lambda v: True,
+    "length_penalty": lambda v: True,
+    "early_stopping": lambda v: True,
+    "num_return_sequences": lambda v: True,
     "_from_model_config": lambda v: True,
     "transformers_version": lambda v: True,
 }
 # model -> {shape key -> decoder}; weak, so that a model and its decoders go together. Not on the model itself, so that
 # `copy.deepcopy` and `save_pretrained` never meet a CUDA graph.
-_STATIC_DECODERS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _StaticGreedyDecoder]] = weakref.WeakKeyDictionary()
+_STATIC_DECODERS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _StaticDecoder]] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -1686,23 +1727,24 @@ def _release_cuda_rng_from_failed_capture() -> None:
         torch.empty(1, device=torch.cuda.current_device()).fill_(0)
 
 
-class _StaticGreedyDecoder:
-    """Greedy decoding of `batch` rows into a static KV cache of `max_len` positions.
+class _StaticDecoder:
+    """Decoding of `rows` sequences into a static KV cache of `max_len` positions. The subclasses choose the tokens:
+    [`_StaticGreedyDecoder`] (greedy) and [`_StaticBeamDecoder`] (beam search, `num_beams` rows per prompt).
 
     Two steps, each over tensors that keep their addresses from call to call and, on CUDA, replayed as a CUDA graph:
 
     - the prompt step ([`_PromptStep`], one per prompt length and image shape): the vision tower and the Perceiver
       (for `pixel_values`), the cross-attention keys/values over the latents, the forward over the prompt into the
-      static cache, and the first token. Eager code, captured as it runs (no compilation), so that a new prompt length
-      costs one capture, not a compilation;
-    - the decoding step (the forward of one token per row, the choice of the next token, the end-of-sequence
+      static cache, and the first tokens. Eager code, captured as it runs (no compilation), so that a new prompt
+      length costs one capture, not a compilation;
+    - the decoding step (the forward of one token per row, the choice of the next tokens, the end-of-sequence
       bookkeeping): one `torch.compile`d function (`fullgraph=True`: no graph break, no host sync), captured once.
 
-    The host waits on the device only every `check_every` steps. Outputs are those of `GenerationMixin.generate`
-    (`min_new_tokens`, `eos_token_id`, `pad_token_id` after a row's end).
+    Outputs are those of `GenerationMixin.generate` (`min_new_tokens`, `eos_token_id`, `pad_token_id`).
     """
 
-    check_every = 16
+    # Prompt rows are repeated this many times (the beams of each prompt).
+    rows_per_prompt = 1
     # Tests only: also take the fast path on a CPU (no CUDA graph there).
     run_on_cpu = False
     # On a CPU (tests), the step runs uncompiled unless a backend is named here (e.g. "eager" to check the tracing).
@@ -1713,7 +1755,7 @@ class _StaticGreedyDecoder:
     def __init__(
         self,
         model: OpenFlamingoForConditionalGeneration,
-        batch_size: int,
+        rows: int,
         max_len: int,
         num_images: int | None,
         eos_token_ids: tuple[int, ...],
@@ -1723,14 +1765,14 @@ class _StaticGreedyDecoder:
         lm_parameters = _forward_parameters(type(model.language_model))
         self.pass_position_ids = "position_ids" in lm_parameters
         long = {"dtype": torch.long, "device": device}
-        self.token = torch.zeros(batch_size, 1, **long)
-        self.position_ids = torch.zeros(batch_size, 1, **long)
-        self.attention_mask = torch.ones(batch_size, max_len, **long)
-        self.image_indices = torch.zeros(batch_size, 1, **long)
+        self.token = torch.zeros(rows, 1, **long)
+        self.position_ids = torch.zeros(rows, 1, **long)
+        self.attention_mask = torch.ones(rows, max_len, **long)
+        self.image_indices = torch.zeros(rows, 1, **long)
         self.key_values = None
-        if num_images is not None:  # (batch, heads, images * latents, dim_head) per block, as `key_values` makes them
+        if num_images is not None:  # (rows, heads, images * latents, dim_head) per block, as `key_values` makes them
             config = model.config
-            shape = (batch_size, config.cross_attn_heads, num_images * config.perceiver_num_latents)
+            shape = (rows, config.cross_attn_heads, num_images * config.perceiver_num_latents)
             self.key_values = tuple(
                 tuple(
                     torch.zeros(*shape, config.cross_attn_dim_head, dtype=block.attn.to_kv.weight.dtype, device=device)
@@ -1740,11 +1782,7 @@ class _StaticGreedyDecoder:
             )
         self.step = torch.zeros((), **long)  # how many tokens each row has generated
         self.min_new_tokens = torch.zeros((), **long)
-        self.pad_token_id = torch.zeros((), **long)
         self.eos_token_ids = torch.tensor(eos_token_ids, **long) if eos_token_ids else None
-        self.unfinished = torch.ones(batch_size, dtype=torch.bool, device=device)
-        self.finished_at = torch.zeros(batch_size, **long)
-        self.tokens = torch.zeros(batch_size, max_len, **long)
         self.cache = _new_static_cache(model.config.text_config, max_len)
         self.max_len = max_len
         self.replay: Any = None
@@ -1774,22 +1812,22 @@ class _StaticGreedyDecoder:
             **kw,
         )
 
+    def _no_early_end(self, scores: torch.Tensor) -> torch.Tensor:
+        """`min_new_tokens` as `generate` applies it: no end of sequence before it (`scores`: `(rows, vocab)`)."""
+        if self.eos_token_ids is None:
+            return scores
+        eos_scores = scores.index_select(1, self.eos_token_ids)
+        too_early = self.step < self.min_new_tokens
+        return scores.index_copy(1, self.eos_token_ids, eos_scores.masked_fill(too_early, float("-inf")))
+
+    def _ends(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Which of `tokens` end a sequence (not `torch.isin`: with many end ids it sorts, and syncs with the host,
+        which no CUDA graph could hold)."""
+        return (tokens.unsqueeze(-1) == self.eos_token_ids).any(-1)
+
     def _choose(self, logits: torch.Tensor) -> None:
-        """Greedy choice of each row's next token, as `generate` makes it; appends it and advances `step`."""
-        logits = logits.float()
-        if self.eos_token_ids is not None:  # `min_new_tokens`: no end of sequence before it
-            eos_logits = logits.index_select(1, self.eos_token_ids)
-            too_early = self.step < self.min_new_tokens
-            logits = logits.index_copy(1, self.eos_token_ids, eos_logits.masked_fill(too_early, float("-inf")))
-        next_tokens = torch.where(self.unfinished, logits.argmax(dim=-1), self.pad_token_id)
-        self.tokens.index_copy_(1, self.step.view(1), next_tokens.unsqueeze(1))
-        if self.eos_token_ids is not None:
-            # not `torch.isin`: with many end ids it sorts, and syncs with the host (no CUDA graph could hold it)
-            ends = (next_tokens.unsqueeze(-1) == self.eos_token_ids).any(-1) & self.unfinished
-            self.finished_at.copy_(torch.where(ends, self.step, self.finished_at))
-            self.unfinished &= ~ends
-        self.token.copy_(next_tokens.unsqueeze(1))
-        self.step.add_(1)
+        """Choose each row's next token from `logits` `(rows, vocab)`, put it in `token`, advance `step`."""
+        raise NotImplementedError
 
     def _decode_step(self) -> None:
         image_cache = None
@@ -1839,6 +1877,13 @@ class _StaticGreedyDecoder:
         self.prompt_steps[key] = prompt  # most recently used last
         return prompt
 
+    def expand(self, prompt_rows: torch.Tensor) -> torch.Tensor:
+        """`(batch, ...)` -> `(rows, ...)`: each prompt row repeated `rows_per_prompt` times, as `generate` expands
+        its inputs for beam search."""
+        if self.rows_per_prompt == 1:
+            return prompt_rows
+        return prompt_rows.repeat_interleave(self.rows_per_prompt, dim=0)
+
     def generate(
         self,
         input_ids: torch.LongTensor,
@@ -1848,20 +1893,71 @@ class _StaticGreedyDecoder:
         max_new_tokens: int,
         min_new_tokens: int,
         pad_token_id: int,
+        **options: Any,
     ) -> torch.LongTensor:
+        """`(batch, prompt_len)` prompts -> their sequences, prompt included, as `GenerationMixin.generate` returns
+        them. `options`: the subclass's settings (see its `_start`)."""
         # Warm-up runs and captures write garbage into the cache and the buffers: before the resets below.
         if self.replay is None:
             self._prepare_replay()
         prompt = self._prompt_step(input_ids.shape[1], images)
-        prompt.load(input_ids, attention_mask, image_indices, images)
+        prompt.load(self.expand(input_ids), self.expand(attention_mask), self.expand(image_indices), images)
         prompt.prepare()
         self._reset_positions()
         self.min_new_tokens.fill_(min_new_tokens)
+        self._start(max_new_tokens, pad_token_id, **options)
+        prompt.run()
+        return self._finish(input_ids, max_new_tokens, min_new_tokens)
+
+    def _start(self, max_new_tokens: int, pad_token_id: int, **options: Any) -> None:
+        """Set the selection state for a new call."""
+        raise NotImplementedError
+
+    def _finish(self, input_ids: torch.LongTensor, max_new_tokens: int, min_new_tokens: int) -> torch.LongTensor:
+        """Replay the decoding step until generation ends (after the prompt step); the sequences."""
+        raise NotImplementedError
+
+
+class _StaticGreedyDecoder(_StaticDecoder):
+    """Greedy decoding of `batch_size` rows ([`_StaticDecoder`]). The host waits on the device only every
+    `check_every` steps; the tokens a row gets after its end are `pad_token_id`, as from `generate`."""
+
+    check_every = 16
+
+    def __init__(
+        self,
+        model: OpenFlamingoForConditionalGeneration,
+        batch_size: int,
+        max_len: int,
+        num_images: int | None,
+        eos_token_ids: tuple[int, ...],
+    ) -> None:
+        super().__init__(model, batch_size, max_len, num_images, eos_token_ids)
+        device = self.token.device
+        self.pad_token_id = torch.zeros((), dtype=torch.long, device=device)
+        self.unfinished = torch.ones(batch_size, dtype=torch.bool, device=device)
+        self.finished_at = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.tokens = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
+
+    def _choose(self, logits: torch.Tensor) -> None:
+        """Greedy choice of each row's next token, as `generate` makes it; appends it and advances `step`."""
+        logits = self._no_early_end(logits.float())
+        next_tokens = torch.where(self.unfinished, logits.argmax(dim=-1), self.pad_token_id)
+        self.tokens.index_copy_(1, self.step.view(1), next_tokens.unsqueeze(1))
+        if self.eos_token_ids is not None:
+            ends = self._ends(next_tokens) & self.unfinished
+            self.finished_at.copy_(torch.where(ends, self.step, self.finished_at))
+            self.unfinished &= ~ends
+        self.token.copy_(next_tokens.unsqueeze(1))
+        self.step.add_(1)
+
+    def _start(self, max_new_tokens: int, pad_token_id: int) -> None:
         self.pad_token_id.fill_(pad_token_id)
         self.unfinished.fill_(True)
         self.finished_at.zero_()
         self.tokens.fill_(pad_token_id)
-        prompt.run()
+
+    def _finish(self, input_ids: torch.LongTensor, max_new_tokens: int, min_new_tokens: int) -> torch.LongTensor:
         steps = 1
         while steps < max_new_tokens:
             self.replay()
@@ -1876,6 +1972,154 @@ class _StaticGreedyDecoder:
         if self.eos_token_ids is not None and not bool(self.unfinished.any()):
             steps = int(self.finished_at.max()) + 1  # `generate` stops after the step in which the last row ended
         return torch.cat((input_ids, self.tokens[:, :steps].clone()), dim=1)
+
+
+def _gather_beams(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """`tensor[b, indices[b, j], ...]` for `tensor` `(batch, beams, ...)` and `indices` `(batch, k)`."""
+    return tensor.gather(1, indices.view(*indices.shape, *([1] * (tensor.ndim - 2))).expand(-1, -1, *tensor.shape[2:]))
+
+
+class _StaticBeamDecoder(_StaticDecoder):
+    """Beam search over `num_beams` rows per prompt ([`_StaticDecoder`]), step for step the algorithm of
+    `GenerationMixin._beam_search` (transformers 5), with its state in tensors of fixed shape so that a step is one
+    CUDA graph: at each step the `max(2, 1 + len(eos)) * num_beams` best continuations of a prompt's beams, the ends
+    among the first `num_beams` of them kept as finished hypotheses (scores divided by `length ** length_penalty`),
+    the best unfinished ones continued (their KV cache rows gathered in place), and the early-stopping heuristic.
+    The host reads the stopping flag after every step: `generate` stops at once, and a step more could change its
+    result. Returns the `num_return_sequences` best hypotheses of each prompt, padded as `generate` pads them.
+    """
+
+    def __init__(
+        self,
+        model: OpenFlamingoForConditionalGeneration,
+        batch_size: int,
+        max_len: int,
+        num_images: int | None,
+        eos_token_ids: tuple[int, ...],
+        num_beams: int,
+    ) -> None:
+        super().__init__(model, batch_size * num_beams, max_len, num_images, eos_token_ids)
+        self.rows_per_prompt = num_beams
+        device = self.token.device
+        long = {"dtype": torch.long, "device": device}
+        self.candidates = max(2, 1 + len(eos_token_ids)) * num_beams  # as `GenerationMixin`: enough unfinished ones
+        self.is_top_candidate = (torch.arange(self.candidates, device=device) < num_beams).unsqueeze(0)
+        self.first_row = torch.arange(batch_size, **long).unsqueeze(-1) * num_beams
+        shape = (batch_size, num_beams)
+        # the running beams: tokens generated so far, the flat row each token was chosen from, the summed log-probs
+        self.running_tokens = torch.zeros(*shape, max_len, **long)
+        self.running_rows = torch.zeros(*shape, max_len, **long)
+        self.running_scores = torch.zeros(shape, dtype=torch.float32, device=device)
+        # the finished hypotheses (the best `num_beams`), the same three, scores with the length penalty
+        self.tokens = torch.zeros(*shape, max_len, **long)
+        self.rows = torch.zeros(*shape, max_len, **long)
+        self.scores = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.is_finished = torch.zeros(shape, dtype=torch.bool, device=device)
+        self.can_improve = torch.ones(batch_size, 1, dtype=torch.bool, device=device)
+        self.done = torch.zeros((), dtype=torch.bool, device=device)
+        self.max_new_tokens = torch.zeros((), **long)
+        # The length penalty: `generate` divides scores by the Python float `length ** length_penalty`, which torch
+        # makes fp32; on CUDA it multiplies by that divisor's fp32 reciprocal instead (one rounding more). Here one
+        # factor per length 1..max_len, made on the host, so that the step rounds as `generate` does on its device.
+        self.divide_by_factor = device.type != "cuda"
+        self.length_factors = torch.ones(max_len, dtype=torch.float32, device=device)
+        # the length the heuristic assumes: `max_new_tokens` (early_stopping="never", length_penalty > 0) or the current
+        self.heuristic_at_max_length = torch.zeros((), dtype=torch.bool, device=device)
+        self.stop_when_full = torch.zeros((), dtype=torch.bool, device=device)  # early_stopping=True
+        self.num_return_sequences = 1
+
+    def _length_penalty(self, scores: torch.Tensor, length_index: torch.Tensor) -> torch.Tensor:
+        """`scores / (length ** length_penalty)`, rounded as `generate` rounds it; `length_index`: length - 1, one
+        element."""
+        factor = self.length_factors.index_select(0, length_index.view(1))
+        return scores / factor if self.divide_by_factor else scores * factor
+
+    def _choose(self, logits: torch.Tensor) -> None:
+        """One step of `GenerationMixin._beam_search` from the running beams' `logits` `(batch * beams, vocab)`."""
+        batch_size, num_beams = self.running_scores.shape
+        step = self.step.view(1)
+        log_probs = self._no_early_end(F.log_softmax(logits.float(), dim=-1))
+        vocab = log_probs.shape[-1]
+        log_probs = (log_probs.view(batch_size, num_beams, vocab) + self.running_scores.unsqueeze(-1)).flatten(1)
+        # the best continuations of each prompt's beams
+        top_scores, top_indices = torch.topk(log_probs, k=self.candidates)
+        source = top_indices // vocab
+        top_tokens = top_indices % vocab
+        top_sequences = _gather_beams(self.running_tokens, source).index_copy(2, step, top_tokens.unsqueeze(-1))
+        top_rows = _gather_beams(self.running_rows, source).index_copy(2, step, (source + self.first_row).unsqueeze(-1))
+        # the stopping criteria of each candidate: the length limit, an end-of-sequence token
+        hits = (self.step + 1 >= self.max_new_tokens).expand_as(top_tokens)
+        if self.eos_token_ids is not None:
+            hits = hits | self._ends(top_tokens)
+        # the beams that go on: the best candidates that did not stop
+        continuing_scores = top_scores + hits.to(torch.float32) * -1.0e9
+        keep = torch.topk(continuing_scores, k=num_beams)[1]
+        # finished hypotheses: the stopped ones among the first `num_beams` candidates, if they beat those kept so far
+        just_finished = hits & self.is_top_candidate
+        finished_scores = self._length_penalty(top_scores, step)
+        full = self.is_finished.all(dim=-1, keepdim=True) & self.stop_when_full
+        finished_scores = finished_scores + full.to(torch.float32) * -1.0e9
+        finished_scores = finished_scores + (~self.can_improve).to(torch.float32) * -1.0e9
+        finished_scores = finished_scores + (~just_finished) * -1.0e9
+        merged_scores = torch.cat((self.scores, finished_scores), dim=1)
+        best = torch.topk(merged_scores, k=num_beams)[1]
+        self.tokens.copy_(_gather_beams(torch.cat((self.tokens, top_sequences), dim=1), best))
+        self.rows.copy_(_gather_beams(torch.cat((self.rows, top_rows), dim=1), best))
+        self.is_finished.copy_(_gather_beams(torch.cat((self.is_finished, just_finished), dim=1), best))
+        self.scores.copy_(_gather_beams(merged_scores, best))
+        self.running_tokens.copy_(_gather_beams(top_sequences, keep))
+        self.running_rows.copy_(_gather_beams(top_rows, keep))
+        self.running_scores.copy_(_gather_beams(continuing_scores, keep))
+        # each continuing beam's KV cache rows: those of the beam it extends
+        source_rows = self.running_rows.index_select(2, step).flatten()
+        for layer in self.cache.layers:
+            layer.keys.copy_(layer.keys.index_select(0, source_rows))
+            layer.values.copy_(layer.values.index_select(0, source_rows))
+        self.token.copy_(self.running_tokens.index_select(2, step).view(-1, 1))
+        # the early-stopping heuristic: can the best running beam still beat the worst finished hypothesis?
+        length = torch.where(self.heuristic_at_max_length, self.max_new_tokens - 1, self.step)
+        best_possible = self._length_penalty(self.running_scores[:, :1], length)
+        worst_finished = torch.where(self.is_finished, self.scores.min(dim=1, keepdim=True)[0], -1.0e9)
+        self.can_improve &= (best_possible > worst_finished).any(dim=-1, keepdim=True)
+        self.done.copy_(~(self.can_improve.any() & ~(self.is_finished.all() & self.stop_when_full) & ~hits.all()))
+        self.step.add_(1)
+
+    def _start(
+        self,
+        max_new_tokens: int,
+        pad_token_id: int,
+        length_penalty: float,
+        early_stopping: bool | str,
+        num_return_sequences: int,
+        fill_value: int,
+    ) -> None:
+        self.num_return_sequences = num_return_sequences
+        self.max_new_tokens.fill_(max_new_tokens)
+        divisors = torch.tensor([n**length_penalty for n in range(1, self.max_len + 1)]).to(torch.float32)
+        self.length_factors.copy_(divisors if self.divide_by_factor else 1.0 / divisors)  # IEEE division on the host
+        self.heuristic_at_max_length.fill_(early_stopping == "never" and length_penalty > 0.0)
+        self.stop_when_full.fill_(early_stopping is True)
+        for tokens in (self.running_tokens, self.tokens):
+            tokens.fill_(fill_value)
+        for rows in (self.running_rows, self.rows):
+            rows.fill_(-1)
+        self.running_scores.zero_()
+        self.running_scores[:, 1:] = -1.0e9  # the first step extends the first beam only (all beams are the prompt)
+        self.scores.fill_(-1.0e9)
+        self.is_finished.zero_()
+        self.can_improve.fill_(True)
+        self.done.zero_()
+
+    def _finish(self, input_ids: torch.LongTensor, max_new_tokens: int, min_new_tokens: int) -> torch.LongTensor:
+        steps = 1
+        while steps < max_new_tokens and not bool(self.done):
+            self.replay()
+            steps += 1
+        count = self.num_return_sequences
+        tokens = self.tokens[:, :count].flatten(0, 1)
+        generated = int((self.rows[:, :count] >= 0).sum(dim=-1).max())  # the longest hypothesis returned
+        prompts = input_ids.repeat_interleave(count, dim=0)
+        return torch.cat((prompts, tokens[:, :generated]), dim=1)
 
 
 class _PromptStep:
@@ -1946,6 +2190,7 @@ class _PromptStep:
                 image_hidden_states = model.get_image_features(self.images.tensor)
             else:
                 image_hidden_states = self.images.tensor
+            image_hidden_states = decoder.expand(image_hidden_states)  # the rows of each prompt's beams
             out = decoder._forward(
                 self.input_ids, self.image_indices, positions, image_hidden_states=image_hidden_states
             )

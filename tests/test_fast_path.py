@@ -18,6 +18,8 @@ from modeling_openflamingo.modeling_openflamingo import (
     _TRACED_CROSS_ATTENTION,
     OpenFlamingoImageCache,
     _mpt_static_cache_view,
+    _StaticBeamDecoder,
+    _StaticDecoder,
     _StaticGreedyDecoder,
 )
 
@@ -42,7 +44,7 @@ needs_cuda = pytest.mark.skipif(DEVICE.type != "cuda", reason="a CUDA-only varia
 @pytest.fixture
 def fast_path_on_cpu(monkeypatch):
     """Let the fast path run on the CPU (it is meant for CUDA, where it replays a CUDA graph)."""
-    monkeypatch.setattr(_StaticGreedyDecoder, "run_on_cpu", True)
+    monkeypatch.setattr(_StaticDecoder, "run_on_cpu", True)
     return monkeypatch
 
 
@@ -164,7 +166,7 @@ def test_fast_greedy_path_equals_generate(family, pdl, fast_path_on_cpu):
 @pytest.mark.parametrize("family", ["mosaic_gpt", "llama"])
 def test_fast_greedy_path_compiled_step(family, fast_path_on_cpu):
     """The decoding step as the GPU runs it: compiled with `fullgraph=True` (backend "eager" here, for speed)."""
-    fast_path_on_cpu.setattr(_StaticGreedyDecoder, "cpu_compile_backend", "eager")
+    fast_path_on_cpu.setattr(_StaticDecoder, "cpu_compile_backend", "eager")
     model = tiny_model(family)
     ids, mask, pixel_values = padded_prompt()
     for case in ({"max_new_tokens": 6, "min_new_tokens": 6}, {"max_new_tokens": 6, "eos_token_id": [*range(5, 300)]}):
@@ -173,16 +175,79 @@ def test_fast_greedy_path_compiled_step(family, fast_path_on_cpu):
 
 
 @needs_v5
-def test_fast_path_only_for_plain_greedy_calls(fast_path_on_cpu):
+def test_fast_path_only_for_plain_greedy_and_beam_search_calls(fast_path_on_cpu):
     model = tiny_model("mosaic_gpt")
     ids, mask, pixel_values = padded_prompt()
     kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=4, cache_implementation="static")
-    model.generate(**kw, num_beams=2)
+    model.generate(**{**kw, "do_sample": True}, num_beams=2)
     model.generate(**kw, output_scores=True, return_dict_in_generate=True)
+    model.generate(**kw, num_beams=2, output_scores=True, return_dict_in_generate=True)
     model.generate(**kw, repetition_penalty=1.3)
+    model.generate(**kw, num_beams=2, no_repeat_ngram_size=2)
+    model.generate(**kw, length_penalty=0.5)  # greedy: GenerationMixin warns that the flag is unused
+    with pytest.raises(ValueError, match="num_return_sequences"):  # GenerationMixin's own check
+        model.generate(**kw, num_beams=2, num_return_sequences=3)
     assert model not in _STATIC_DECODERS
     model.generate(**kw)
-    assert model in _STATIC_DECODERS
+    model.generate(**kw, num_beams=2)
+    assert {type(d) for d in _STATIC_DECODERS[model].values()} == {_StaticGreedyDecoder, _StaticBeamDecoder}
+
+
+MANY_ENDS = [EOC, *range(5, 300, 2)]
+BEAM_CASES = [
+    {"num_beams": 3, "max_new_tokens": 8, "min_new_tokens": 8},  # forced length, as the benchmark
+    # hypotheses end at different steps; the early-stopping heuristic ends generation before max_new_tokens
+    {"num_beams": 3, "max_new_tokens": 8, "eos_token_id": MANY_ENDS},
+    {"num_beams": 3, "max_new_tokens": 8, "min_new_tokens": 3, "eos_token_id": MANY_ENDS, "length_penalty": 0.0},
+    {"num_beams": 2, "max_new_tokens": 7, "eos_token_id": MANY_ENDS, "early_stopping": True, "length_penalty": -1.5},
+    {
+        "num_beams": 4,
+        "max_new_tokens": 9,
+        "eos_token_id": MANY_ENDS,
+        "early_stopping": "never",
+        "length_penalty": 2.0,
+        "num_return_sequences": 3,
+    },
+]
+
+
+@needs_v5
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fast_beam_search_equals_generate(family, fast_path_on_cpu):
+    """Beam search with a static cache ([`_StaticBeamDecoder`]) gives `GenerationMixin`'s beam search's sequences:
+    scores, length penalty, early stopping (False, True, "never"), several returned sequences, `min_new_tokens`."""
+    model = tiny_model(family)
+    ids, mask, pixel_values = padded_prompt()
+    lengths = set()
+    for case in BEAM_CASES:
+        kw = generate_kwargs(ids, mask, pixel_values, **case)
+        expected = model.generate(**kw)
+        fast = model.generate(**kw, cache_implementation="static")
+        again = model.generate(**kw, cache_implementation="static")  # the decoder is reused
+        assert torch.equal(fast, expected), case
+        assert torch.equal(again, expected), case
+        assert fast.shape[0] == ids.shape[0] * case.get("num_return_sequences", 1)
+        lengths.add(fast.shape[1] - ids.shape[1])
+    assert min(lengths) < 7 and max(lengths) >= 8  # some calls stopped early, some ran to max_new_tokens
+    assert all(isinstance(d, _StaticBeamDecoder) for d in _STATIC_DECODERS[model].values())
+    # one prompt, and a text-only batch
+    kw = generate_kwargs(ids[1:2], mask[1:2], pixel_values[1:2], **BEAM_CASES[1])
+    assert torch.equal(model.generate(**kw, cache_implementation="static"), model.generate(**kw))
+    text_only = {"input_ids": torch.randint(0, 400, (2, 7), device=DEVICE), "pad_token_id": PAD, **BEAM_CASES[0]}
+    assert torch.equal(model.generate(**text_only), model.generate(**text_only, cache_implementation="static"))
+
+
+@needs_v5
+@pytest.mark.parametrize("family", ["mpt", "gpt_neox"])
+def test_fast_beam_search_compiled_step(family, fast_path_on_cpu):
+    """The beam search step as the GPU runs it: compiled with `fullgraph=True` (backend "eager" here, for speed),
+    the KV cache rows gathered in the graph."""
+    fast_path_on_cpu.setattr(_StaticDecoder, "cpu_compile_backend", "eager")
+    model = tiny_model(family)
+    ids, mask, pixel_values = padded_prompt()
+    for case in BEAM_CASES[:2]:
+        kw = generate_kwargs(ids, mask, pixel_values, **case)
+        assert torch.equal(model.generate(**kw, cache_implementation="static"), model.generate(**kw)), case
 
 
 @needs_v5
