@@ -56,6 +56,12 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=5)
     parser.add_argument("--num-beams", type=int, default=3)
     parser.add_argument("--length-penalty", type=float, default=0.0)
+    parser.add_argument(
+        "--static-cache",
+        action="store_true",
+        help="decode with a static KV cache: on a GPU, the fast path (one compiled step replayed as a CUDA graph, the "
+        "same sequences; its first call compiles for about a minute, so it pays off over many batches)",
+    )
     args = parser.parse_args()
 
     model, processor = load_model_and_processor(args)
@@ -72,6 +78,7 @@ def main() -> None:
             max_new_tokens=args.max_new_tokens,
             num_beams=args.num_beams,
             length_penalty=args.length_penalty,
+            cache_implementation="static" if args.static_cache else None,
         )
     new_tokens = generated[:, batch["input_ids"].shape[1] :]
     answers = processor.batch_decode(new_tokens, skip_special_tokens=True)

@@ -1825,37 +1825,50 @@ class _StaticDecoder:
         which no CUDA graph could hold)."""
         return (tokens.unsqueeze(-1) == self.eos_token_ids).any(-1)
 
-    def _choose(self, logits: torch.Tensor) -> None:
-        """Choose each row's next token from `logits` `(rows, vocab)`, put it in `token`, advance `step`."""
+    def _select(self, logits: torch.Tensor) -> Any:
+        """Choose each row's next token from `logits` `(rows, vocab)`: put it in `token`, advance `step`. What it
+        returns goes to [`_commit`]."""
         raise NotImplementedError
 
-    def _decode_step(self) -> None:
+    def _commit(self, selected: Any) -> None:
+        """Eager work after [`_select`], outside the compiled step (but inside its CUDA graph)."""
+
+    def _choose(self, logits: torch.Tensor) -> None:
+        self._commit(self._select(logits))
+
+    def _decode_step(self) -> Any:
+        """The compiled part of a decoding step: the forward of each row's token and [`_select`]."""
         image_cache = None
         if self.key_values is not None:
             image_cache = OpenFlamingoImageCache(key_values=self.key_values, last_image_index=self.image_indices[:, 0])
         out = self._forward(self.token, self.image_indices, self.position_ids, image_cache=image_cache)
-        self._choose(out.logits[:, -1])
+        selected = self._select(out.logits[:, -1])
         self.position_ids.add_(1)
+        return selected
 
     def _prepare_replay(self) -> None:
         """Compile the step and, on CUDA, capture it as a CUDA graph. The warm-up steps write garbage into the cache
         and the buffers; `generate` resets them before the prompt."""
         device = self.token.device
-        self._decode_step()  # eager: the cache allocates its tensors at its first update (not in a compiled graph)
+        # eager: the cache allocates its tensors at its first update (not in a compiled graph)
+        self._commit(self._decode_step())
         backend = "inductor" if device.type == "cuda" else self.cpu_compile_backend
         rows = self.token.shape[0]
         options = decoding_step_options(device, rows) if backend == "inductor" else None  # Triton kernels, see there
-        step = None
+        compiled = self._decode_step
         if backend:
-            step = torch.compile(self._decode_step, fullgraph=True, dynamic=False, backend=backend, options=options)
+            compiled = torch.compile(compiled, fullgraph=True, dynamic=False, backend=backend, options=options)
+
+        def step() -> None:
+            self._commit(compiled())
+
         # Each decoder (batch size, cache length, model) is one more compiled version of `_decode_step`: allow more
         # than dynamo's default of 8 before it refuses (with `fullgraph=True`, an error). Only these calls compile.
         limit = max(64, getattr(torch._dynamo.config, _RECOMPILE_LIMIT))
         with torch._dynamo.config.patch(**{_RECOMPILE_LIMIT: limit}):
             if device.type != "cuda":
-                if step is not None:
-                    step()
-                self.replay = step or self._decode_step
+                step()
+                self.replay = step
                 return
             # compiles, then runs with everything (cuBLAS workspaces, autotuning) in place
             self.replay = _capture_cuda_graph(step, self._reset_positions, warm_up_runs=3).replay
@@ -1939,7 +1952,7 @@ class _StaticGreedyDecoder(_StaticDecoder):
         self.finished_at = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.tokens = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
 
-    def _choose(self, logits: torch.Tensor) -> None:
+    def _select(self, logits: torch.Tensor) -> None:
         """Greedy choice of each row's next token, as `generate` makes it; appends it and advances `step`."""
         logits = self._no_early_end(logits.float())
         next_tokens = torch.where(self.unfinished, logits.argmax(dim=-1), self.pad_token_id)
@@ -2034,8 +2047,12 @@ class _StaticBeamDecoder(_StaticDecoder):
         factor = self.length_factors.index_select(0, length_index.view(1))
         return scores / factor if self.divide_by_factor else scores * factor
 
-    def _choose(self, logits: torch.Tensor) -> None:
-        """One step of `GenerationMixin._beam_search` from the running beams' `logits` `(batch * beams, vocab)`."""
+    def _select(self, logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One step of `GenerationMixin._beam_search` from the running beams' `logits` `(batch * beams, vocab)`.
+
+        Returns the new beam state, which [`_commit`] copies into place: the step itself never writes a state tensor
+        that it gathers from (compiled, such a gather and its write could become one kernel that reads what other
+        threads have already overwritten)."""
         batch_size, num_beams = self.running_scores.shape
         step = self.step.view(1)
         log_probs = self._no_early_end(F.log_softmax(logits.float(), dim=-1))
@@ -2054,6 +2071,9 @@ class _StaticBeamDecoder(_StaticDecoder):
         # the beams that go on: the best candidates that did not stop
         continuing_scores = top_scores + hits.to(torch.float32) * -1.0e9
         keep = torch.topk(continuing_scores, k=num_beams)[1]
+        running_tokens = _gather_beams(top_sequences, keep)
+        running_rows = _gather_beams(top_rows, keep)
+        running_scores = _gather_beams(continuing_scores, keep)
         # finished hypotheses: the stopped ones among the first `num_beams` candidates, if they beat those kept so far
         just_finished = hits & self.is_top_candidate
         finished_scores = self._length_penalty(top_scores, step)
@@ -2063,26 +2083,42 @@ class _StaticBeamDecoder(_StaticDecoder):
         finished_scores = finished_scores + (~just_finished) * -1.0e9
         merged_scores = torch.cat((self.scores, finished_scores), dim=1)
         best = torch.topk(merged_scores, k=num_beams)[1]
-        self.tokens.copy_(_gather_beams(torch.cat((self.tokens, top_sequences), dim=1), best))
-        self.rows.copy_(_gather_beams(torch.cat((self.rows, top_rows), dim=1), best))
-        self.is_finished.copy_(_gather_beams(torch.cat((self.is_finished, just_finished), dim=1), best))
-        self.scores.copy_(_gather_beams(merged_scores, best))
-        self.running_tokens.copy_(_gather_beams(top_sequences, keep))
-        self.running_rows.copy_(_gather_beams(top_rows, keep))
-        self.running_scores.copy_(_gather_beams(continuing_scores, keep))
-        # each continuing beam's KV cache rows: those of the beam it extends
-        source_rows = self.running_rows.index_select(2, step).flatten()
+        tokens = _gather_beams(torch.cat((self.tokens, top_sequences), dim=1), best)
+        rows = _gather_beams(torch.cat((self.rows, top_rows), dim=1), best)
+        is_finished = _gather_beams(torch.cat((self.is_finished, just_finished), dim=1), best)
+        scores = _gather_beams(merged_scores, best)
+        # the early-stopping heuristic: can the best running beam still beat the worst finished hypothesis?
+        length = torch.where(self.heuristic_at_max_length, self.max_new_tokens - 1, self.step)
+        best_possible = self._length_penalty(running_scores[:, :1], length)
+        worst_finished = torch.where(is_finished, scores.min(dim=1, keepdim=True)[0], -1.0e9)
+        can_improve = self.can_improve & (best_possible > worst_finished).any(dim=-1, keepdim=True)
+        done = ~(can_improve.any() & ~(is_finished.all() & self.stop_when_full) & ~hits.all())
+        # each continuing beam's KV cache rows are those of the beam it extends; its next input, its new token
+        source_rows = running_rows.index_select(2, step).flatten()
+        self.token.copy_(running_tokens.index_select(2, step).view(-1, 1))
+        self.step.add_(1)
+        new_state = (running_tokens, running_rows, running_scores, tokens, rows, is_finished, scores, can_improve)
+        return (*new_state, done, source_rows)
+
+    def _commit(self, selected: tuple[torch.Tensor, ...]) -> None:
+        """The beam state from [`_select`] into place, and the KV cache rows gathered for the continuing beams."""
+        *new_state, done, source_rows = selected
+        state = (
+            self.running_tokens,
+            self.running_rows,
+            self.running_scores,
+            self.tokens,
+            self.rows,
+            self.is_finished,
+            self.scores,
+            self.can_improve,
+        )
+        for tensor, new in zip(state, new_state, strict=True):
+            tensor.copy_(new)
+        self.done.copy_(done)
         for layer in self.cache.layers:
             layer.keys.copy_(layer.keys.index_select(0, source_rows))
             layer.values.copy_(layer.values.index_select(0, source_rows))
-        self.token.copy_(self.running_tokens.index_select(2, step).view(-1, 1))
-        # the early-stopping heuristic: can the best running beam still beat the worst finished hypothesis?
-        length = torch.where(self.heuristic_at_max_length, self.max_new_tokens - 1, self.step)
-        best_possible = self._length_penalty(self.running_scores[:, :1], length)
-        worst_finished = torch.where(self.is_finished, self.scores.min(dim=1, keepdim=True)[0], -1.0e9)
-        self.can_improve &= (best_possible > worst_finished).any(dim=-1, keepdim=True)
-        self.done.copy_(~(self.can_improve.any() & ~(self.is_finished.all() & self.stop_when_full) & ~hits.all()))
-        self.step.add_(1)
 
     def _start(
         self,

@@ -587,16 +587,19 @@ def test_image_text_to_text_pipeline(converted, loaded, tiny_images):
 EXAMPLE_RUNNER = """
 import runpy, sys
 model, scripts = sys.argv[1], sys.argv[2:]
-for script in scripts:
+for script in scripts:  # "path" or "path|--flag|..."
     print(f"=== {script}", flush=True)
-    sys.argv = [script, "--model", model]
-    runpy.run_path(script, run_name="__main__")
+    path, *flags = script.split("|")
+    sys.argv = [path, "--model", model, *flags]
+    runpy.run_path(path, run_name="__main__")
 """
 
 
 def test_examples_run_offline(converted):
-    """caption.py, vqa.py and classify.py, on the tiny converted model (one subprocess, to keep it fast)."""
+    """caption.py, vqa.py and classify.py, on the tiny converted model (one subprocess, to keep it fast); caption.py
+    with a static cache too (the same captions)."""
     scripts = [str(ROOT / "examples" / name) for name in ("caption.py", "vqa.py", "classify.py")]
+    scripts.append(scripts[0] + "|--static-cache")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "examples"), str(ROOT)])}
     model = str(converted("tiny-mpt-1b-redpajama-200b"))
     result = subprocess.run(
@@ -610,7 +613,7 @@ def test_examples_run_offline(converted):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     sections = result.stdout.split("=== ")[1:]
     assert [section.split("\n", 1)[0] for section in sections] == scripts
-    caption, vqa, classify = (section.split("\n", 1)[1] for section in sections)
-    assert caption.count("image ") == 4
+    caption, vqa, classify, caption_static_cache = (section.split("\n", 1)[1] for section in sections)
+    assert caption.count("image ") == 4 and caption_static_cache == caption
     assert vqa.count(" -> ") == 3
     assert classify.count("image ") == 4 and "(" in classify
