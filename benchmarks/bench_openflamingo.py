@@ -7,9 +7,9 @@ sample. The bare language model of each shape can be timed in the same process (
 
 Decoding modes:
   eager     `generate()` as is: dynamic KV cache, no compilation.
-  compiled  `generate(cache_implementation="static")`: static KV cache; plain greedy calls take the model's fast path
-            (the prompt step captured as a CUDA graph, the decoding step compiled and replayed as a CUDA graph),
-            others transformers' compiled decoding step.
+  compiled  `generate(cache_implementation="static")`: static KV cache; plain greedy and beam search calls take the
+            model's fast path (the prompt step captured as a CUDA graph, the decoding step compiled and replayed as a
+            CUDA graph), others `GenerationMixin`'s loop (with transformers' compiled step where it compiles one).
   hf-compiled  the same through `GenerationMixin`'s own decoding loop (the fast path bypassed).
 
 Training modes (--train-modes): eager; blocks (`model.compile_repeated_blocks()`, regional compilation);
