@@ -63,6 +63,16 @@ def generate_kwargs(ids, mask, pixel_values, **kwargs):
     )
 
 
+def assert_fast_path_equals_generate(model, kw):
+    """`generate` with a static cache (the fast path), twice (the decoder reused), gives plain `generate`'s output."""
+    expected = model.generate(**kw)
+    fast = model.generate(**kw, cache_implementation="static")
+    again = model.generate(**kw, cache_implementation="static")
+    assert torch.equal(fast, expected), kw
+    assert torch.equal(again, expected), kw
+    return fast
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_static_cache_generate_equals_dynamic(family):
     """`cache_implementation="static"` through GenerationMixin's own loop (beams: not the fast path)."""
@@ -148,12 +158,7 @@ def test_fast_greedy_path_equals_generate(family, pdl, fast_path_on_cpu):
         {"max_new_tokens": 8, "min_new_tokens": 3, "eos_token_id": [EOC, *range(5, 300, 2)]},
     ]
     for case in cases:
-        kw = generate_kwargs(ids, mask, pixel_values, **case)
-        expected = model.generate(**kw)
-        fast = model.generate(**kw, cache_implementation="static")
-        again = model.generate(**kw, cache_implementation="static")  # the decoder is reused
-        assert torch.equal(fast, expected), case
-        assert torch.equal(again, expected), case
+        assert_fast_path_equals_generate(model, generate_kwargs(ids, mask, pixel_values, **case))
     assert len(_STATIC_DECODERS[model]) == 2  # one per (batch, cache length, images, eos ids)
     # one row: on CUDA the compiled step's products then go through `decoding_kernels.small_batch_linear`
     kw = generate_kwargs(ids[1:2], mask[1:2], pixel_values[1:2], max_new_tokens=8, min_new_tokens=8)
@@ -220,12 +225,7 @@ def test_fast_beam_search_equals_generate(family, fast_path_on_cpu):
     ids, mask, pixel_values = padded_prompt()
     lengths = set()
     for case in BEAM_CASES:
-        kw = generate_kwargs(ids, mask, pixel_values, **case)
-        expected = model.generate(**kw)
-        fast = model.generate(**kw, cache_implementation="static")
-        again = model.generate(**kw, cache_implementation="static")  # the decoder is reused
-        assert torch.equal(fast, expected), case
-        assert torch.equal(again, expected), case
+        fast = assert_fast_path_equals_generate(model, generate_kwargs(ids, mask, pixel_values, **case))
         assert fast.shape[0] == ids.shape[0] * case.get("num_return_sequences", 1)
         lengths.add(fast.shape[1] - ids.shape[1])
     assert min(lengths) < 7 and max(lengths) >= 8  # some calls stopped early, some ran to max_new_tokens
