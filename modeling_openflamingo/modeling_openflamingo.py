@@ -1006,6 +1006,11 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         with it, so it does not advance to another image. Without `eos_token_id`, generation stops at
         `<|endofchunk|>` (`generation_config.eos_token_id`, set from `config.eoc_token_id`).
 
+        With `cache_implementation="static"` on a CUDA device, plain greedy decoding and plain beam search (no
+        sampling, logits processors, streamers or extra outputs) run a fast path of their own: one compiled decoding
+        step replayed as a CUDA graph, with the same sequences as `GenerationMixin`'s loop ([`_StaticGreedyDecoder`],
+        [`_StaticBeamDecoder`]). Its first call per batch size and cache length compiles.
+
         Returns:
             As `GenerationMixin.generate`: `torch.LongTensor` of shape
             `(batch * num_return_sequences, prompt_len + new_tokens)` (prompt included), or a `GenerateOutput` with
