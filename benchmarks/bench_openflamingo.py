@@ -252,7 +252,8 @@ def bench_generate(
     reset_peak_memory()
     med, ts = timed(run, reps, warmup=0)
     same = all(torch.equal(o, outputs[-1]) for o in outputs[1:])
-    decoders = [] if lm else list(_STATIC_DECODERS.get(model, {}).values())
+    # the fast path's decoders (mode "compiled"; those of an earlier mode on the same model do not count)
+    decoders = list(_STATIC_DECODERS.get(model, {}).values()) if mode == "compiled" and not lm else []
     prompt_steps = [step for decoder in decoders for step in decoder.prompt_steps.values()]
     split = {}
     if decoders and num_beams == 1 and new_tokens > 1:
