@@ -49,8 +49,9 @@ def main() -> None:
     parser.add_argument(
         "--static-cache",
         action="store_true",
-        help="decode with a static KV cache: on a GPU, the fast path (one compiled step replayed as a CUDA graph, the "
-        "same sequences; its first call compiles for about a minute, so it pays off over many batches)",
+        help="decode with a static KV cache (transformers 5): on a GPU, the fast path (one compiled step replayed as "
+        "a CUDA graph, the same sequences; its first call compiles for about a minute, so it pays off over many "
+        "batches)",
     )
     args = parser.parse_args()
 

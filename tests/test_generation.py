@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from transformers import (
     AutoModelForImageTextToText,
     GenerationConfig,
@@ -596,10 +597,12 @@ for script in scripts:  # "path" or "path|--flag|..."
 
 
 def test_examples_run_offline(converted):
-    """caption.py, vqa.py and classify.py, on the tiny converted model (one subprocess, to keep it fast); caption.py
-    with a static cache too (the same captions)."""
+    """caption.py, vqa.py and classify.py, on the tiny converted model (one subprocess, to keep it fast); on
+    transformers 5, caption.py with a static cache too (the same captions; 4.x's MPT cannot decode with one)."""
     scripts = [str(ROOT / "examples" / name) for name in ("caption.py", "vqa.py", "classify.py")]
-    scripts.append(scripts[0] + "|--static-cache")
+    static_cache = not transformers.__version__.startswith("4.")
+    if static_cache:
+        scripts.append(scripts[0] + "|--static-cache")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "examples"), str(ROOT)])}
     model = str(converted("tiny-mpt-1b-redpajama-200b"))
     result = subprocess.run(
@@ -613,7 +616,7 @@ def test_examples_run_offline(converted):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     sections = result.stdout.split("=== ")[1:]
     assert [section.split("\n", 1)[0] for section in sections] == scripts
-    caption, vqa, classify, caption_static_cache = (section.split("\n", 1)[1] for section in sections)
-    assert caption.count("image ") == 4 and caption_static_cache == caption
+    caption, vqa, classify, *caption_static_cache = (section.split("\n", 1)[1] for section in sections)
+    assert caption.count("image ") == 4 and caption_static_cache == ([caption] if static_cache else [])
     assert vqa.count(" -> ") == 3
     assert classify.count("image ") == 4 and "(" in classify
