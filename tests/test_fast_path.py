@@ -234,6 +234,11 @@ def test_fast_beam_search_equals_generate(family, fast_path_on_cpu):
         stopped_early.append(fast.shape[1] - ids.shape[1] < case["max_new_tokens"])
     assert any(stopped_early) and not all(stopped_early)  # some calls stopped early, some ran to max_new_tokens
     assert all(isinstance(d, _StaticBeamDecoder) for d in _STATIC_DECODERS[model].values())
+    # encoded images (expanded to the beams after encoding, as `generate` expands them)
+    with torch.no_grad():
+        hidden = model.get_image_features(pixel_values)
+    kw = {**generate_kwargs(ids, mask, None, **BEAM_CASES[1]), "image_hidden_states": hidden}
+    assert torch.equal(model.generate(**kw, cache_implementation="static"), model.generate(**kw))
     # one prompt, and a text-only batch
     kw = generate_kwargs(ids[1:2], mask[1:2], pixel_values[1:2], **BEAM_CASES[1])
     assert torch.equal(model.generate(**kw, cache_implementation="static"), model.generate(**kw))
