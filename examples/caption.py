@@ -14,7 +14,13 @@ from __future__ import annotations
 import argparse
 
 import torch
-from demo_model import add_model_arguments, demo_images, load_model_and_processor
+from demo_model import (
+    add_beam_search_arguments,
+    add_model_arguments,
+    demo_images,
+    generation_kwargs,
+    load_model_and_processor,
+)
 from PIL import Image
 
 DEMONSTRATIONS = ["A photo of two cats on a couch.", "A white bathroom sink under a mirror."]
@@ -43,16 +49,7 @@ def main() -> None:
     add_model_arguments(parser)
     parser.add_argument("--images", nargs="*", help="query images to caption (default: four demo images)")
     parser.add_argument("--shots", type=int, default=2, choices=range(len(DEMONSTRATIONS) + 1))
-    parser.add_argument("--max-new-tokens", type=int, default=20)
-    parser.add_argument("--num-beams", type=int, default=3)
-    parser.add_argument("--length-penalty", type=float, default=0.0)
-    parser.add_argument(
-        "--static-cache",
-        action="store_true",
-        help="decode with a static KV cache (transformers 5): on a GPU, the fast path (one compiled step replayed as "
-        "a CUDA graph, the same sequences; its first call compiles for about a minute, so it pays off over many "
-        "batches)",
-    )
+    add_beam_search_arguments(parser, max_new_tokens=20)
     args = parser.parse_args()
 
     model, processor = load_model_and_processor(args)
@@ -64,13 +61,7 @@ def main() -> None:
     batch = processor(images=[shot_images + [query] for query in queries], text=[prompt] * len(queries))
     batch = batch.to(args.device)
     with torch.no_grad():
-        generated = model.generate(
-            **batch,
-            max_new_tokens=args.max_new_tokens,
-            num_beams=args.num_beams,
-            length_penalty=args.length_penalty,
-            cache_implementation="static" if args.static_cache else None,
-        )
+        generated = model.generate(**batch, **generation_kwargs(args))
     new_tokens = generated[:, batch["input_ids"].shape[1] :]
     for i, text in enumerate(processor.batch_decode(new_tokens, skip_special_tokens=True)):
         print(f"image {i}: {postprocess_captioning_generation(text)!r}")

@@ -59,6 +59,30 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
 
+def add_beam_search_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    """The evaluation's generation settings (3 beams, length_penalty 0), and `--static-cache` for the fast path."""
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--num-beams", type=int, default=3)
+    parser.add_argument("--length-penalty", type=float, default=0.0)
+    parser.add_argument(
+        "--static-cache",
+        action="store_true",
+        help="decode with a static KV cache (transformers 5): on a GPU, the fast path (one compiled step replayed as "
+        "a CUDA graph, the same sequences; its first call compiles for about a minute, so it pays off over many "
+        "batches)",
+    )
+
+
+def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """`generate` arguments from [`add_beam_search_arguments`]'s options."""
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "num_beams": args.num_beams,
+        "length_penalty": args.length_penalty,
+        "cache_implementation": "static" if args.static_cache else None,
+    }
+
+
 def load_model_and_processor(args: argparse.Namespace) -> tuple[Any, Any]:
     """The model (in eval mode, on `args.device` in `args.dtype`) and processor named by `add_model_arguments`."""
     import torch

@@ -16,7 +16,13 @@ import argparse
 import re
 
 import torch
-from demo_model import add_model_arguments, demo_images, load_model_and_processor
+from demo_model import (
+    add_beam_search_arguments,
+    add_model_arguments,
+    demo_images,
+    generation_kwargs,
+    load_model_and_processor,
+)
 from PIL import Image
 
 DEMONSTRATIONS = [("How many cats are there?", "two"), ("What room is this?", "bathroom")]
@@ -53,16 +59,7 @@ def main() -> None:
         "--questions", nargs="*", default=["What color is the bus?", "Is there a person?", "What is on the table?"]
     )
     parser.add_argument("--shots", type=int, default=2, choices=range(len(DEMONSTRATIONS) + 1))
-    parser.add_argument("--max-new-tokens", type=int, default=5)
-    parser.add_argument("--num-beams", type=int, default=3)
-    parser.add_argument("--length-penalty", type=float, default=0.0)
-    parser.add_argument(
-        "--static-cache",
-        action="store_true",
-        help="decode with a static KV cache (transformers 5): on a GPU, the fast path (one compiled step replayed as "
-        "a CUDA graph, the same sequences; its first call compiles for about a minute, so it pays off over many "
-        "batches)",
-    )
+    add_beam_search_arguments(parser, max_new_tokens=5)
     args = parser.parse_args()
 
     model, processor = load_model_and_processor(args)
@@ -74,13 +71,7 @@ def main() -> None:
     texts = [build_prompt(question, args.shots) for question in args.questions]
     batch = processor(images=[shot_images + [query]] * len(texts), text=texts).to(args.device)
     with torch.no_grad():
-        generated = model.generate(
-            **batch,
-            max_new_tokens=args.max_new_tokens,
-            num_beams=args.num_beams,
-            length_penalty=args.length_penalty,
-            cache_implementation="static" if args.static_cache else None,
-        )
+        generated = model.generate(**batch, **generation_kwargs(args))
     new_tokens = generated[:, batch["input_ids"].shape[1] :]
     answers = processor.batch_decode(new_tokens, skip_special_tokens=True)
     for question, text in zip(args.questions, answers, strict=True):
