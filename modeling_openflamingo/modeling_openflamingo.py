@@ -1305,8 +1305,11 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             for name, default in _BEAM_SEARCH_DEFAULTS.items()
         )
         if num_beams == 1:
-            # the beam settings mean nothing here: `GenerationMixin` warns about them (or rejects several sequences)
-            if any(kwargs.get(name) is not None for name in _BEAM_SEARCH_ARGUMENTS) or num_return_sequences != 1:
+            # beam settings other than the defaults mean nothing here: `GenerationMixin` warns about them (or rejects
+            # several sequences)
+            if num_return_sequences != 1 or any(
+                kwargs.get(name) not in (None, _BEAM_SEARCH_DEFAULTS[name]) for name in _BEAM_SEARCH_ARGUMENTS
+            ):
                 return None
         elif (
             not isinstance(num_beams, int)

@@ -193,6 +193,8 @@ def test_fast_path_only_for_plain_greedy_and_beam_search_calls(fast_path_on_cpu)
     with pytest.raises(ValueError, match="num_return_sequences"):  # GenerationMixin's own check
         model.generate(**kw, num_beams=2, num_return_sequences=3)
     assert model not in _STATIC_DECODERS
+    model.generate(**kw, length_penalty=1.0, num_return_sequences=1)  # greedy with the defaults spelled out
+    assert {type(d) for d in _STATIC_DECODERS[model].values()} == {_StaticGreedyDecoder}
     model.generate(**kw)
     model.generate(**kw, num_beams=2)
     assert {type(d) for d in _STATIC_DECODERS[model].values()} == {_StaticGreedyDecoder, _StaticBeamDecoder}
