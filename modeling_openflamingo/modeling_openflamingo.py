@@ -1875,7 +1875,8 @@ class _StaticDecoder:
         limit = max(64, getattr(torch._dynamo.config, _RECOMPILE_LIMIT))
         with torch._dynamo.config.patch(**{_RECOMPILE_LIMIT: limit}):
             if device.type != "cuda":
-                step()
+                if backend:  # compiles now rather than in the first call
+                    step()
                 self.replay = step
                 return
             # compiles, then runs with everything (cuBLAS workspaces, autotuning) in place
@@ -2124,6 +2125,7 @@ class _StaticBeamDecoder(_StaticDecoder):
         for tensor, new in zip(state, new_state, strict=True):
             tensor.copy_(new)
         self.done.copy_(done)
+        # in place: the cache's own `reorder_cache` binds new tensors, which the captured step would never see
         for layer in self.cache.layers:
             layer.keys.copy_(layer.keys.index_select(0, source_rows))
             layer.values.copy_(layer.values.index_select(0, source_rows))
