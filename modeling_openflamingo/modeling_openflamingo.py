@@ -158,12 +158,16 @@ class OpenFlamingoPerceiverAttention(nn.Module):
 
     def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """media `(..., num_media_tokens, dim)`, latents `(..., num_latents, dim)` -> `(..., num_latents, dim)`."""
-        media = self.norm_media(media)
-        latents = self.norm_latents(latents)
+        batch_shape = latents.shape[:-2]
+        # one batch dimension: SDPA's fused kernels take 4-D inputs only (on CUDA, `(batch, images, heads, seq, dh)`
+        # would run the math kernel, which computes bf16 attention with fp32 products)
+        media = self.norm_media(media).reshape(-1, *media.shape[-2:])
+        latents = self.norm_latents(latents).reshape(-1, *latents.shape[-2:])
         q = _split_heads(self.to_q(latents), self.heads)
         k, v = self.to_kv(torch.cat((media, latents), dim=-2)).chunk(2, dim=-1)
         out = F.scaled_dot_product_attention(q, _split_heads(k, self.heads), _split_heads(v, self.heads))
-        return self.to_out(_merge_heads(out))
+        out = self.to_out(_merge_heads(out))
+        return out.reshape(*batch_shape, *out.shape[-2:])
 
 
 class OpenFlamingoPerceiverLayer(GradientCheckpointingLayer):

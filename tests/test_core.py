@@ -241,6 +241,38 @@ def test_six_dim_pixel_values_equal_five_dim():
     torch.testing.assert_close(five, six, atol=0, rtol=0)
 
 
+def test_perceiver_attention_runs_sdpa_on_one_batch_dimension(monkeypatch):
+    """The Perceiver's `(batch, images, ...)` inputs reach SDPA as 4-D tensors (its fused kernels take nothing else; a
+    5-D input runs the math kernel), and the result is the original's per-image attention."""
+    model = tiny_model()
+    attention = model.perceiver.layers[0].attn
+    media = torch.randn(2, 3, 17, 32, generator=seeded(1))
+    latents = torch.randn(2, 3, 8, 32, generator=seeded(2))
+    dims = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, *args, **kwargs):
+        dims.append((q.dim(), k.dim(), v.dim()))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    with torch.no_grad():
+        out = attention(media, latents)
+        # the original's PerceiverAttention, written out
+        x, lat = attention.norm_media(media), attention.norm_latents(latents)
+        h = attention.heads
+        q = attention.to_q(lat).unflatten(-1, (h, -1)).transpose(-3, -2)
+        k, v = attention.to_kv(torch.cat((x, lat), dim=-2)).chunk(2, dim=-1)
+        k, v = (t.unflatten(-1, (h, -1)).transpose(-3, -2) for t in (k, v))
+        sim = torch.einsum("... i d, ... j d -> ... i j", q * q.shape[-1] ** -0.5, k)
+        expected = attention.to_out(
+            torch.einsum("... i j, ... j d -> ... i d", sim.softmax(-1), v).transpose(-3, -2).flatten(-2)
+        )
+    assert dims == [(4, 4, 4)]
+    assert out.shape == (2, 3, 8, 32)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_padding_images_are_never_attended():
     model = tiny_model()
     ids, pixel_values = inputs(images=3)
