@@ -154,7 +154,10 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
             # a code object of its own: torch.compile caches (and counts recompilations) per code object, so that
             # each optimizer compiles for its own parameters only, however many optimizers the process makes
             update = types.FunctionType(_adamw.__code__.replace(), _adamw.__globals__, _adamw.__name__)
-            self._update = torch.compile(update, backend=backend, fullgraph=True)
+            # Inductor's combo kernels: the updates of many parameters (hundreds of small ones: LayerNorms, biases,
+            # gates, step counts) run as a few kernels instead of one or two launches each
+            options = {"combo_kernels": True} if backend == "inductor" else None
+            self._update = torch.compile(update, backend=backend, fullgraph=True, options=options)
         self._grad_scale: torch.Tensor | None = None
         self._lr_tensors: dict[int, torch.Tensor] = {}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+import types
 
 import pytest
 import torch
@@ -254,3 +255,46 @@ def test_inductor_update_captured_in_a_cuda_graph_follows_the_eager_one(converte
                     torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-6)
         else:  # a master one rounding apart may round to another bf16 copy: the paths stay close
             torch.testing.assert_close(losses["graphed"], loss, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="inductor's combo kernels: run with OPENFLAMINGO_TEST_DEVICE=cuda")
+def test_compiled_update_runs_many_parameters_in_few_kernels_with_the_same_numbers():
+    """The default compiled update (inductor, combo kernels) updates 48 parameters of mixed sizes and dtypes in fewer
+    kernels than parameters, and gives bit for bit the numbers of the same update compiled one kernel per
+    parameter."""
+    from modeling_openflamingo import optimization
+
+    generator = torch.Generator().manual_seed(0)
+    sizes = [(1,), (2048,), (512, 2048), (64,)] * 12
+
+    def parameters() -> list[nn.Parameter]:
+        generator.manual_seed(0)
+        return [nn.Parameter(torch.randn(size, generator=generator).to(DEVICE)) for size in sizes]
+
+    combo, plain = parameters(), parameters()
+    optimizers = [
+        MixedPrecisionAdamW(params, lr=1e-3, weight_decay=0.1, low_precision_params=params[2::4])
+        for params in (combo, plain)
+    ]
+    optimizers[1]._update = torch.compile(
+        types.FunctionType(optimization._adamw.__code__.replace(), optimization._adamw.__globals__),
+        fullgraph=True,
+    )
+    for step in range(3):
+        generator.manual_seed(step)
+        grads = [torch.randn(size, generator=generator).to(DEVICE) for size in sizes]
+        for params, optimizer in zip((combo, plain), optimizers, strict=True):
+            for param, grad in zip(params, grads, strict=True):
+                param.grad = grad.to(param.dtype)
+            optimizer.step()
+    with optimizers[0].master_weights(), optimizers[1].master_weights():
+        for p, q in zip(combo, plain, strict=True):
+            assert torch.equal(p, q)
+    for p, q in zip(combo, plain, strict=True):
+        assert torch.equal(p, q)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        optimizers[0].step()
+        torch.cuda.synchronize()
+    kernels = [event for event in profile.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+    print(f"{len(kernels)} kernels for {len(sizes)} parameters")
+    assert 0 < len(kernels) < len(sizes), [event.name for event in kernels]
