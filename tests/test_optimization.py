@@ -258,7 +258,7 @@ def test_inductor_update_captured_in_a_cuda_graph_follows_the_eager_one(converte
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="inductor's combo kernels: run with OPENFLAMINGO_TEST_DEVICE=cuda")
-def test_compiled_update_runs_many_parameters_in_few_kernels_with_the_same_numbers():
+def test_compiled_update_with_combo_kernels_runs_many_parameters_in_few_kernels_with_the_same_numbers():
     """The default compiled update (inductor, combo kernels) updates 48 parameters of mixed sizes and dtypes in fewer
     kernels than parameters, and gives bit for bit the numbers of the same update compiled one kernel per
     parameter."""
