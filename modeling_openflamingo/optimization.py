@@ -5,8 +5,9 @@ GEMM, in every step, and its bf16 gradient is widened back to an fp32 `.grad` fo
 such weight. [`MixedPrecisionAdamW`] stores those weights in bf16 instead, which is exactly what autocast would cast
 them to, so the forward and the gradients are the same numbers, and keeps their fp32 values as master weights in its
 state. Its step reads the bf16 gradient, updates the fp32 master weight and its moments, and writes the bf16 copy, in
-one fused kernel per parameter (`torch.compile` on CUDA). of3b's training step on an H100 (8 x 255 tokens, the whole
-step one CUDA graph) went from 82.5 to 78.7 ms with it (README, Benchmarks, run 22).
+one pass (`torch.compile` on CUDA, with inductor's combo kernels: the updates of many parameters share a few kernels).
+of3b's training step on an H100 (8 x 255 tokens, the whole step one CUDA graph) went from 82.5 to 78.7 ms with it
+(README, Benchmarks, run 22); the combo kernels took another 0.8% off on an H200 (run 41).
 """
 
 from __future__ import annotations
@@ -110,9 +111,9 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
         low_precision_params (iterable of `nn.Parameter`, *optional*): fp32 parameters, among `params`, to store in
             `low_precision_dtype` from now on, with fp32 master weights.
         low_precision_dtype (`torch.dtype`, defaults to `torch.bfloat16`).
-        compile (`bool` or `str`, *optional*): fuse each parameter's update into one kernel with `torch.compile` (a
-            string: the `torch.compile` backend; default "inductor"). Defaults to whether the parameters are on a CUDA
-            device.
+        compile (`bool` or `str`, *optional*): fuse each parameter's update into one pass with `torch.compile` (a
+            string: the `torch.compile` backend; default "inductor", which also groups the parameters' updates into a
+            few combo kernels). Defaults to whether the parameters are on a CUDA device.
     """
 
     def __init__(

@@ -273,6 +273,26 @@ def test_perceiver_attention_runs_sdpa_on_one_batch_dimension(monkeypatch):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(
+    os.environ.get("OPENFLAMINGO_TEST_DEVICE", "cpu") != "cuda", reason="run with OPENFLAMINGO_TEST_DEVICE=cuda"
+)
+def test_perceiver_attention_runs_a_fused_kernel_on_cuda():
+    """bf16, with SDPA's math kernel excluded: a fused kernel runs, and gives what the default choice gives."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from modeling_openflamingo.modeling_openflamingo import OpenFlamingoPerceiverAttention
+
+    attention = OpenFlamingoPerceiverAttention(1024, 16, 64).cuda().bfloat16()
+    media = torch.randn(8, 5, 256, 1024, device="cuda", dtype=torch.bfloat16)
+    latents = torch.randn(8, 5, 64, 1024, device="cuda", dtype=torch.bfloat16)
+    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    with torch.no_grad():
+        default = attention(media, latents)
+        with sdpa_kernel(fused):
+            out = attention(media, latents)
+    torch.testing.assert_close(out, default, atol=0, rtol=0)
+
+
 def test_padding_images_are_never_attended():
     model = tiny_model()
     ids, pixel_values = inputs(images=3)
