@@ -42,6 +42,13 @@ def autocast_linear_parameters(model: nn.Module) -> list[nn.Parameter]:
     ]
 
 
+def _has_combo_kernels() -> bool:
+    """Whether this torch's inductor has combo kernels (an option of `torch.compile`; not in every supported torch)."""
+    import torch._inductor.config as inductor_config
+
+    return hasattr(inductor_config, "combo_kernels")
+
+
 def _adamw(
     masters: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -157,7 +164,7 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
             update = types.FunctionType(_adamw.__code__.replace(), _adamw.__globals__, _adamw.__name__)
             # Inductor's combo kernels: the updates of many parameters (hundreds of small ones: LayerNorms, biases,
             # gates, step counts) run as a few kernels instead of one or two launches each
-            options = {"combo_kernels": True} if backend == "inductor" else None
+            options = {"combo_kernels": True} if backend == "inductor" and _has_combo_kernels() else None
             self._update = torch.compile(update, backend=backend, fullgraph=True, options=options)
         self._grad_scale: torch.Tensor | None = None
         self._lr_tensors: dict[int, torch.Tensor] = {}
