@@ -39,7 +39,7 @@ try:
 except ImportError:  # torch < 2.6: no custom inductor passes
     CustomGraphPass, get_hash_for_files = object, None
 
-# Whether the decoding step uses these kernels (`_StaticGreedyDecoder` reads it when it compiles its step).
+# Whether the decoding step uses these kernels (`_StaticDecoder` reads it when it compiles its step).
 ENABLED = get_hash_for_files is not None
 # Whether a decoding step of up to `MAX_ROWS` rows launches its kernels with programmatic dependent launch on GPUs that
 # have it (compute capability 9.0 and up): each kernel is launched while the previous one runs and waits on the device

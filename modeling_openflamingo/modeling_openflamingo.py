@@ -2032,13 +2032,13 @@ class _StaticBeamDecoder(_StaticDecoder):
         self.is_top_candidate = (torch.arange(self.candidates, device=device) < num_beams).unsqueeze(0)
         self.first_row = torch.arange(batch_size, **long).unsqueeze(-1) * num_beams
         shape = (batch_size, num_beams)
-        # the running beams: tokens generated so far, the flat row each token was chosen from, the summed log-probs
+        # the running beams: tokens generated so far, the summed log-probs
         self.running_tokens = torch.zeros(*shape, max_len, **long)
-        self.running_rows = torch.zeros(*shape, max_len, **long)
         self.running_scores = torch.zeros(shape, dtype=torch.float32, device=device)
-        # the finished hypotheses (the best `num_beams`), the same three, scores with the length penalty
+        # the finished hypotheses (the best `num_beams`): tokens, lengths (0: no hypothesis yet), scores with the
+        # length penalty
         self.tokens = torch.zeros(*shape, max_len, **long)
-        self.rows = torch.zeros(*shape, max_len, **long)
+        self.lengths = torch.zeros(shape, **long)
         self.scores = torch.zeros(shape, dtype=torch.float32, device=device)
         self.is_finished = torch.zeros(shape, dtype=torch.bool, device=device)
         self.can_improve = torch.ones(batch_size, 1, dtype=torch.bool, device=device)
@@ -2076,7 +2076,6 @@ class _StaticBeamDecoder(_StaticDecoder):
         source = top_indices // vocab
         top_tokens = top_indices % vocab
         top_sequences = _gather_beams(self.running_tokens, source).index_copy(2, step, top_tokens.unsqueeze(-1))
-        top_rows = _gather_beams(self.running_rows, source).index_copy(2, step, (source + self.first_row).unsqueeze(-1))
         # the stopping criteria of each candidate: the length limit, an end-of-sequence token
         hits = (self.step + 1 >= self.max_new_tokens).expand_as(top_tokens)
         if self.eos_token_ids is not None:
@@ -2085,7 +2084,6 @@ class _StaticBeamDecoder(_StaticDecoder):
         continuing_scores = top_scores + hits.to(torch.float32) * -1.0e9
         keep = torch.topk(continuing_scores, k=num_beams)[1]
         running_tokens = _gather_beams(top_sequences, keep)
-        running_rows = _gather_beams(top_rows, keep)
         running_scores = _gather_beams(continuing_scores, keep)
         # finished hypotheses: the stopped ones among the first `num_beams` candidates, if they beat those kept so far
         just_finished = hits & self.is_top_candidate
@@ -2097,7 +2095,7 @@ class _StaticBeamDecoder(_StaticDecoder):
         merged_scores = torch.cat((self.scores, finished_scores), dim=1)
         best = torch.topk(merged_scores, k=num_beams)[1]
         tokens = _gather_beams(torch.cat((self.tokens, top_sequences), dim=1), best)
-        rows = _gather_beams(torch.cat((self.rows, top_rows), dim=1), best)
+        lengths = _gather_beams(torch.cat((self.lengths, (self.step + 1).expand_as(top_tokens)), dim=1), best)
         is_finished = _gather_beams(torch.cat((self.is_finished, just_finished), dim=1), best)
         scores = _gather_beams(merged_scores, best)
         # the early-stopping heuristic: can the best running beam still beat the worst finished hypothesis?
@@ -2107,10 +2105,10 @@ class _StaticBeamDecoder(_StaticDecoder):
         can_improve = self.can_improve & (best_possible > worst_finished).any(dim=-1, keepdim=True)
         done = ~(can_improve.any() & ~(is_finished.all() & self.stop_when_full) & ~hits.all())
         # each continuing beam's KV cache rows are those of the beam it extends; its next input, its new token
-        source_rows = running_rows.index_select(2, step).flatten()
+        source_rows = (_gather_beams(source, keep) + self.first_row).flatten()
         self.token.copy_(running_tokens.index_select(2, step).view(-1, 1))
         self.step.add_(1)
-        new_state = (running_tokens, running_rows, running_scores, tokens, rows, is_finished, scores, can_improve)
+        new_state = (running_tokens, running_scores, tokens, lengths, is_finished, scores, can_improve)
         return (*new_state, done, source_rows)
 
     def _commit(self, selected: tuple[torch.Tensor, ...]) -> None:
@@ -2118,10 +2116,9 @@ class _StaticBeamDecoder(_StaticDecoder):
         *new_state, done, source_rows = selected
         state = (
             self.running_tokens,
-            self.running_rows,
             self.running_scores,
             self.tokens,
-            self.rows,
+            self.lengths,
             self.is_finished,
             self.scores,
             self.can_improve,
@@ -2151,8 +2148,7 @@ class _StaticBeamDecoder(_StaticDecoder):
         self.stop_when_full.fill_(early_stopping is True)
         for tokens in (self.running_tokens, self.tokens):
             tokens.fill_(fill_value)
-        for rows in (self.running_rows, self.rows):
-            rows.fill_(-1)
+        self.lengths.zero_()
         self.running_scores.zero_()
         self.running_scores[:, 1:] = -1.0e9  # the first step extends the first beam only (all beams are the prompt)
         self.scores.fill_(-1.0e9)
@@ -2167,19 +2163,19 @@ class _StaticBeamDecoder(_StaticDecoder):
             steps += 1
         count = self.num_return_sequences
         tokens = self.tokens[:, :count].flatten(0, 1)
-        generated = int((self.rows[:, :count] >= 0).sum(dim=-1).max())  # the longest hypothesis returned
+        generated = int(self.lengths[:, :count].max())  # the longest hypothesis returned
         prompts = input_ids.repeat_interleave(count, dim=0)
         return torch.cat((prompts, tokens[:, :generated]), dim=1)
 
 
 class _PromptStep:
-    """The first step of [`_StaticGreedyDecoder`] for one prompt length and image shape: images encoded (from
+    """The first step of a [`_StaticDecoder`] for one prompt length and image shape: images encoded (from
     `pixel_values`), cross-attention keys/values written into the decoder's, the prompt's forward into its static
     cache, the first token chosen. Inputs are copied into tensors of its own first ([`load`]), so that on CUDA the
     step is a CUDA graph replayed (captured at its first use; eager if the capture fails, with a warning).
     """
 
-    def __init__(self, decoder: _StaticGreedyDecoder, prompt_len: int, images: _PromptImages | None) -> None:
+    def __init__(self, decoder: _StaticDecoder, prompt_len: int, images: _PromptImages | None) -> None:
         self.decoder = decoder
         batch_size = decoder.token.shape[0]
         long = {"dtype": torch.long, "device": decoder.token.device}
