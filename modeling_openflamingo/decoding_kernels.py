@@ -126,11 +126,16 @@ def kernel_config(out_features: int, in_features: int) -> dict[str, int]:
 
 
 @functools.cache
-def _inductor_has_programmatic_launch() -> bool:
-    """Whether this torch's inductor has the `triton.enable_pdl` option (torch >= 2.9; its Triton has `gdc_wait`)."""
+def inductor_has_option(name: str) -> bool:
+    """Whether this torch's inductor has the config option `name` (dotted, e.g. `"triton.enable_pdl"`): options come
+    and go between the torch versions this package supports."""
     import torch._inductor.config
 
-    return hasattr(torch._inductor.config.triton, "enable_pdl")
+    *path, option = name.split(".")
+    owner: Any = torch._inductor.config
+    for part in path:
+        owner = getattr(owner, part, None)
+    return owner is not None and hasattr(owner, option)
 
 
 def _programmatic_launch(device: torch.device, rows: int) -> bool:
@@ -140,7 +145,7 @@ def _programmatic_launch(device: torch.device, rows: int) -> bool:
     return (
         PROGRAMMATIC_DEPENDENT_LAUNCH
         and rows <= MAX_ROWS
-        and _inductor_has_programmatic_launch()
+        and inductor_has_option("triton.enable_pdl")  # torch >= 2.9, whose Triton has `gdc_wait`
         and device.type == "cuda"
         and os.environ.get("TRITON_INTERPRET") != "1"
         and torch.cuda.get_device_capability(device)[0] >= 9

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .decoding_kernels import inductor_has_option
+
 __all__ = ["MixedPrecisionAdamW", "autocast_linear_parameters"]
 
 _FLOAT32_STATE = ("master", "exp_avg", "exp_avg_sq", "step")
@@ -40,13 +42,6 @@ def autocast_linear_parameters(model: nn.Module) -> list[nn.Parameter]:
         for parameter, all_linear in owners.values()
         if all_linear and parameter.requires_grad and parameter.dtype == torch.float32
     ]
-
-
-def _has_combo_kernels() -> bool:
-    """Whether this torch's inductor has combo kernels (an option of `torch.compile`; not in every supported torch)."""
-    import torch._inductor.config as inductor_config
-
-    return hasattr(inductor_config, "combo_kernels")
 
 
 def _adamw(
@@ -164,7 +159,8 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
             update = types.FunctionType(_adamw.__code__.replace(), _adamw.__globals__, _adamw.__name__)
             # Inductor's combo kernels: the updates of many parameters (hundreds of small ones: LayerNorms, biases,
             # gates, step counts) run as a few kernels instead of one or two launches each
-            options = {"combo_kernels": True} if backend == "inductor" and _has_combo_kernels() else None
+            combo = backend == "inductor" and inductor_has_option("combo_kernels")
+            options = {"combo_kernels": True} if combo else None
             self._update = torch.compile(update, backend=backend, fullgraph=True, options=options)
         self._grad_scale: torch.Tensor | None = None
         self._lr_tensors: dict[int, torch.Tensor] = {}

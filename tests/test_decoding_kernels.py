@@ -169,7 +169,7 @@ def test_programmatic_dependent_launch_only_where_the_gpu_has_it(monkeypatch):
     assert "triton.enable_pdl" not in decoding_kernels.decoding_step_options(cpu, 1)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     options = decoding_kernels.decoding_step_options(cuda, 1)
-    expected = os.environ.get("TRITON_INTERPRET") != "1" and decoding_kernels._inductor_has_programmatic_launch()
+    expected = os.environ.get("TRITON_INTERPRET") != "1" and decoding_kernels.inductor_has_option("triton.enable_pdl")
     assert options.get("triton.enable_pdl", False) is expected
     assert isinstance(options["post_grad_custom_post_pass"], decoding_kernels.SmallBatchLinearPass)
     assert "triton.enable_pdl" not in decoding_kernels.decoding_step_options(cuda, 8)
@@ -179,7 +179,7 @@ def test_programmatic_dependent_launch_only_where_the_gpu_has_it(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert "triton.enable_pdl" not in decoding_kernels.decoding_step_options(cuda, 1)
     monkeypatch.setattr(decoding_kernels, "PROGRAMMATIC_DEPENDENT_LAUNCH", True)
-    monkeypatch.setattr(decoding_kernels, "_inductor_has_programmatic_launch", lambda: False)  # torch < 2.9
+    monkeypatch.setattr(decoding_kernels, "inductor_has_option", lambda name: False)  # torch < 2.9
     assert "triton.enable_pdl" not in decoding_kernels.decoding_step_options(cuda, 1)
     monkeypatch.setattr(decoding_kernels, "ENABLED", False)
     assert decoding_kernels.decoding_step_options(cuda, 1) is None
