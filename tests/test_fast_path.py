@@ -240,12 +240,12 @@ def test_fast_beam_search_equals_generate(family, fast_path_on_cpu):
     with torch.no_grad():
         hidden = model.get_image_features(pixel_values)
     kw = {**generate_kwargs(ids, mask, None, **BEAM_CASES[1]), "image_hidden_states": hidden}
-    assert torch.equal(model.generate(**kw, cache_implementation="static"), model.generate(**kw))
+    assert_fast_path_equals_generate(model, kw)
     # one prompt, and a text-only batch
     kw = generate_kwargs(ids[1:2], mask[1:2], pixel_values[1:2], **BEAM_CASES[1])
-    assert torch.equal(model.generate(**kw, cache_implementation="static"), model.generate(**kw))
+    assert_fast_path_equals_generate(model, kw)
     text_only = {"input_ids": torch.randint(0, 400, (2, 7), device=DEVICE), "pad_token_id": PAD, **BEAM_CASES[0]}
-    assert torch.equal(model.generate(**text_only), model.generate(**text_only, cache_implementation="static"))
+    assert_fast_path_equals_generate(model, text_only)
 
 
 @needs_v5
@@ -258,7 +258,7 @@ def test_fast_beam_search_compiled_step(family, fast_path_on_cpu):
     ids, mask, pixel_values = padded_prompt()
     for case in BEAM_CASES[:2]:
         kw = generate_kwargs(ids, mask, pixel_values, **case)
-        assert torch.equal(model.generate(**kw, cache_implementation="static"), model.generate(**kw)), case
+        assert_fast_path_equals_generate(model, kw)
 
 
 @needs_v5
