@@ -259,8 +259,10 @@ def test_inductor_update_captured_in_a_cuda_graph_follows_the_eager_one(converte
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="inductor's combo kernels: run with OPENFLAMINGO_TEST_DEVICE=cuda")
 def test_compiled_update_with_combo_kernels_runs_many_parameters_in_few_kernels_with_the_same_numbers():
     """The default compiled update (inductor, combo kernels) updates 48 parameters of mixed sizes and dtypes in fewer
-    kernels than parameters, and gives bit for bit the numbers of the same update compiled one kernel per
-    parameter."""
+    kernels than parameters, with the numbers of the same update compiled one kernel per parameter up to the last
+    bit of fp32 (the two compilations may contract other products into fused multiply-adds: on an H200, 7 of
+    2048 elements of one master weight one rounding apart after three steps), and bf16 copies that are their
+    masters rounded."""
     from modeling_openflamingo import optimization
 
     generator = torch.Generator().manual_seed(0)
@@ -284,10 +286,12 @@ def test_compiled_update_with_combo_kernels_runs_many_parameters_in_few_kernels_
                 param.grad = grad.to(param.dtype)
             optimizer.step()
     with optimizers[0].master_weights(), optimizers[1].master_weights():
-        for p, q in zip(combo, plain, strict=True):
-            assert torch.equal(p, q)
-    for p, q in zip(combo, plain, strict=True):
-        assert torch.equal(p, q)
+        masters = [[p.detach().clone() for p in params] for params in (combo, plain)]
+    for p, q in zip(*masters, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    for params, params_masters in zip((combo, plain), masters, strict=True):
+        for p, master in zip(params, params_masters, strict=True):
+            assert torch.equal(p, master.to(p.dtype))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
         optimizers[0].step()
         torch.cuda.synchronize()
