@@ -215,8 +215,9 @@ def cross_attention_mask(
 
     Returns:
         `attn_mask` `(batch, 1, seq, num_latent_tokens)` bool (True: attend) and `sees_image` `(batch, seq, 1)` bool.
-        Tokens that see no image attend to everything (so the softmax stays finite); their output is zeroed with
-        `sees_image`.
+        Tokens that see no image attend to everything (so the softmax stays finite). With
+        `only_attend_immediate_media` their output is zeroed with `sees_image`; without it, as the original (which
+        masks every latent for them, a uniform softmax), they average all the latents (their query is zeroed).
     """
     # 1-based image number of every latent: (num_images * num_latents,)
     latent_image = torch.arange(num_latent_tokens, device=image_indices.device) // latents_per_image + 1
@@ -275,20 +276,27 @@ class OpenFlamingoCrossAttention(nn.Module):
         value: torch.Tensor,
         attn_mask: torch.Tensor,
         sees_image: torch.Tensor,
+        only_attend_immediate_media: bool = True,
     ) -> torch.Tensor:
         """
         Args:
             hidden_states: `(batch, seq, dim)` text hidden states.
             key, value: `(batch, heads, num_images * num_latents, dim_head)`, from [`key_values`].
-            attn_mask, sees_image: from [`cross_attention_mask`]; tokens that see no image get exactly zero.
+            attn_mask, sees_image: from [`cross_attention_mask`].
+            only_attend_immediate_media: the config's option. Tokens that see no image get exactly zero with it,
+                the average of all latents without it (as the original's fully masked softmax).
 
         Returns:
             `(batch, seq, dim)`.
         """
-        q = _split_heads(self.to_q(self.norm(hidden_states)), self.heads)
+        q = self.to_q(self.norm(hidden_states))
+        if not only_attend_immediate_media:
+            q = q * sees_image.to(q.dtype)  # a zero query: equal scores, a uniform average over every latent
         # in a compiled decoding step on CUDA: `decoding_kernels`' single-query kernel
-        out = scaled_dot_product_attention(q, key, value, attn_mask=attn_mask)
-        return self.to_out(_merge_heads(out) * sees_image.to(out.dtype))
+        out = _merge_heads(scaled_dot_product_attention(_split_heads(q, self.heads), key, value, attn_mask=attn_mask))
+        if only_attend_immediate_media:
+            out = out * sees_image.to(out.dtype)
+        return self.to_out(out)
 
 
 class OpenFlamingoGatedCrossAttentionBlock(GradientCheckpointingLayer):
@@ -314,6 +322,7 @@ class OpenFlamingoGatedCrossAttentionBlock(GradientCheckpointingLayer):
         value: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         sees_image: torch.Tensor | None = None,
+        only_attend_immediate_media: bool = True,
         return_key_values: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if return_key_values:
@@ -321,7 +330,7 @@ class OpenFlamingoGatedCrossAttentionBlock(GradientCheckpointingLayer):
             # block's own call, so that FSDP (which shards each block as a unit) gathers the block's parameters.
             return self.attn.key_values(hidden_states)
         if key is not None:
-            attn = self.attn(hidden_states, key, value, attn_mask, sees_image)
+            attn = self.attn(hidden_states, key, value, attn_mask, sees_image, only_attend_immediate_media)
             hidden_states = attn * self.attn_gate.tanh().to(attn.dtype) + hidden_states
         ff = self.ff(hidden_states)
         return ff * self.ff_gate.tanh().to(ff.dtype) + hidden_states
@@ -340,6 +349,7 @@ class _ActiveCrossAttention:
     key_values: dict[str, tuple[torch.Tensor, torch.Tensor]] | None
     attn_mask: torch.Tensor | None  # from `cross_attention_mask`, shared by every block
     sees_image: torch.Tensor | None
+    only_attend_immediate_media: bool = True
 
 
 _ACTIVE_CROSS_ATTENTION: contextvars.ContextVar[_ActiveCrossAttention | None] = contextvars.ContextVar(
@@ -385,12 +395,11 @@ class _GatedDecoderLayerMixin:
             name = str(self.flamingo_layer_idx)
             key, value = active.key_values[name] if active.key_values is not None else (None, None)
             block = active.blocks[name]
+            images = (key, value, active.attn_mask, active.sees_image, active.only_attend_immediate_media)
             if args:
-                args = (block(args[0], key, value, active.attn_mask, active.sees_image), *args[1:])
+                args = (block(args[0], *images), *args[1:])
             else:
-                kwargs["hidden_states"] = block(
-                    kwargs["hidden_states"], key, value, active.attn_mask, active.sees_image
-                )
+                kwargs["hidden_states"] = block(kwargs["hidden_states"], *images)
         return super().__call__(*args, **kwargs)
 
     def __reduce_ex__(self, protocol: Any) -> tuple:
@@ -935,7 +944,13 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 self.config.perceiver_num_latents,
                 self.config.only_attend_immediate_media,
             )
-        active = _ActiveCrossAttention(self.gated_cross_attn_layers, named_key_values, attn_mask, sees_image)
+        active = _ActiveCrossAttention(
+            self.gated_cross_attn_layers,
+            named_key_values,
+            attn_mask,
+            sees_image,
+            self.config.only_attend_immediate_media,
+        )
         with _cross_attention_active(active):
             outputs = self.language_model(
                 input_ids=input_ids, inputs_embeds=inputs_embeds, return_dict=True, **lm_kwargs

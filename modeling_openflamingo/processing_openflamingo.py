@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import BatchFeature, ProcessorMixin
 
@@ -18,10 +19,12 @@ PAD_TOKEN = "<PAD>"
 def add_openflamingo_tokens(tokenizer: Any) -> Any:
     """Add `<|endofchunk|>`, `<image>` (and `<PAD>` if the tokenizer has no pad token) in the original's order.
 
-    Idempotent: a tokenizer that already has them is returned unchanged.
+    Idempotent: a tokenizer that already has them as special tokens is returned unchanged. A tokenizer that has one
+    as an ordinary vocabulary entry (split into pieces when it tokenizes text) gets it as a special token, with that
+    entry's id, as the original's `add_special_tokens` call does.
     """
-    vocab = tokenizer.get_vocab()
-    missing = [t for t in (END_OF_CHUNK_TOKEN, IMAGE_TOKEN) if t not in vocab]
+    special = set(tokenizer.all_special_tokens)
+    missing = [t for t in (END_OF_CHUNK_TOKEN, IMAGE_TOKEN) if t not in special]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing})
     if tokenizer.pad_token is None:
@@ -55,6 +58,11 @@ def caption_label_mask(input_ids: torch.Tensor, media_token_id: int, pad_token_i
         labels[labels == pad_token_id] = -100
     labels[labels == media_token_id] = -100
     return labels
+
+
+def _is_image_batch(item: Any) -> bool:
+    """A numpy array or torch tensor of shape `(num_images, ...)`, 4-D, as the image processor reads it."""
+    return isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim == 4
 
 
 class OpenFlamingoProcessor(ProcessorMixin):
@@ -135,21 +143,26 @@ class OpenFlamingoProcessor(ProcessorMixin):
                 )
         if padding_side is None:
             padding_side = "right" if return_labels else "left"
+        truncation_side = kwargs.get("truncation_side", self.tokenizer.truncation_side)
         encoding = self.tokenizer(
             texts,
             padding=padding,
             padding_side=padding_side,
             truncation=truncation,
             max_length=max_length,
-            return_tensors="pt",
             return_token_type_ids=False,
             **kwargs,
         )
+        # lists of token ids per row (not padded with `padding=False`); tensors are made at the end
         data = dict(encoding)
         if truncation:
-            kept = (data["input_ids"] == self.image_token_id).sum(-1)
-            for row, row_images in enumerate(image_rows):
-                image_rows[row] = row_images[: int(kept[row])]
+            # the `<image>` tokens that truncation kept are the first ones of the row, or the last ones when it
+            # truncates from the left: their images are kept
+            for row, (ids, row_images) in enumerate(zip(data["input_ids"], image_rows, strict=True)):
+                kept = list(ids).count(self.image_token_id)
+                image_rows[row] = (
+                    row_images[len(row_images) - kept :] if truncation_side == "left" else row_images[:kept]
+                )
         max_images = max((len(r) for r in image_rows), default=0)
         if max_images:
             flat = [image for row in image_rows for image in row]
@@ -159,17 +172,23 @@ class OpenFlamingoProcessor(ProcessorMixin):
             for row, row_images in enumerate(image_rows):
                 pixel_values[row, : len(row_images)] = pixels[start : start + len(row_images)]
                 start += len(row_images)
-            data["pixel_values"] = pixel_values
+            data["pixel_values"] = pixel_values if return_tensors is not None else list(pixel_values.numpy())
         if return_labels:
             pad_id = self.tokenizer.pad_token_id
-            if interleaved:
-                labels = interleaved_label_mask(
-                    data["input_ids"], self.image_token_id, self.end_of_chunk_token_id, pad_id
-                )
-            else:
-                labels = caption_label_mask(data["input_ids"], self.image_token_id, pad_id)
-            data["labels"] = labels.masked_fill(data["attention_mask"] == 0, -100)
+            data["labels"] = [
+                self._labels(torch.tensor(ids), torch.tensor(mask), pad_id, interleaved).tolist()
+                for ids, mask in zip(data["input_ids"], data["attention_mask"], strict=True)
+            ]
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _labels(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int | None, interleaved: bool
+    ) -> torch.Tensor:
+        if interleaved:
+            labels = interleaved_label_mask(input_ids, self.image_token_id, self.end_of_chunk_token_id, pad_id)
+        else:
+            labels = caption_label_mask(input_ids, self.image_token_id, pad_id)
+        return labels.masked_fill(attention_mask == 0, -100)
 
     @staticmethod
     def _image_rows(images: Any, batch_size: int, single_text: bool) -> list[list[Any]]:
@@ -179,13 +198,15 @@ class OpenFlamingoProcessor(ProcessorMixin):
             images = [images]
         if single_text and not any(isinstance(i, (list, tuple)) for i in images):
             images = [images]
+        images = [list(row) if _is_image_batch(row) and not single_text else row for row in images]
         if not all(isinstance(row, (list, tuple)) for row in images):
             raise ValueError(
                 "For a batch of texts, `images` must hold one list of images per text (an empty list for none)."
             )
         if len(images) != batch_size:
             raise ValueError(f"Got {batch_size} texts but {len(images)} lists of images.")
-        return [list(row) for row in images]
+        # a 4-D array or tensor in a row stands for as many images as its first dimension holds
+        return [[image for item in row for image in (item if _is_image_batch(item) else [item])] for row in images]
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
         """As `ProcessorMixin.save_pretrained`, with a tokenizer config that transformers 4.x and 5.x both read.

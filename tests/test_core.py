@@ -23,7 +23,11 @@ from transformers import (
 )
 
 from modeling_openflamingo import OpenFlamingoConfig, OpenFlamingoForConditionalGeneration
-from modeling_openflamingo.modeling_openflamingo import _ACTIVE_CROSS_ATTENTION, find_decoder_layers
+from modeling_openflamingo.modeling_openflamingo import (
+    _ACTIVE_CROSS_ATTENTION,
+    cross_attention_mask,
+    find_decoder_layers,
+)
 
 from .conftest import seeded
 
@@ -329,6 +333,49 @@ def test_attend_to_all_previous_media_option():
     assert not torch.allclose(ref[0, 5:], changed[0, 5:])
 
 
+def _original_masked_cross_attention(attn, x, latents, media_locations, only_attend_immediate_media):
+    """open_flamingo 2.0.1's `MaskedCrossAttention.forward` (helpers.py), written out with this module's weights."""
+    b, t_img, n, _ = latents.shape
+    q = attn.to_q(attn.norm(x))
+    k, v = attn.to_kv(latents.flatten(1, 2)).chunk(2, dim=-1)
+    q, k, v = (z.unflatten(-1, (attn.heads, -1)).transpose(1, 2) for z in (q, k, v))
+    sim = torch.einsum("bhid,bhjd->bhij", q * q.shape[-1] ** -0.5, k)
+    text_time = media_locations.cumsum(dim=-1)
+    media_time = (torch.arange(t_img) + 1).repeat_interleave(n)
+    mask_op = torch.eq if only_attend_immediate_media else torch.ge
+    text_to_media_mask = mask_op(text_time[:, None, :, None], media_time[None, None, None, :])
+    sim = sim.masked_fill(~text_to_media_mask, -torch.finfo(sim.dtype).max)
+    attn_weights = (sim - sim.amax(dim=-1, keepdim=True).detach()).softmax(dim=-1)
+    if only_attend_immediate_media:
+        attn_weights = attn_weights.masked_fill((text_time == 0)[:, None, :, None], 0.0)
+    out = torch.einsum("bhij,bhjd->bhid", attn_weights, v)
+    return attn.to_out(out.transpose(1, 2).flatten(2))
+
+
+@pytest.mark.parametrize("only_attend_immediate_media", [True, False])
+def test_cross_attention_equals_the_originals_formula(only_attend_immediate_media):
+    """Tokens before a row's first image included: zero with only_attend_immediate_media, else the uniform average
+    of every latent (padding images' too) that the original's fully masked softmax gives them."""
+    model = tiny_model(only_attend_immediate_media=only_attend_immediate_media)
+    ids, pixel_values = inputs(batch=2, seq=12, images=3)
+    ids[0, 0], ids[0, 3] = 5, MEDIA  # row 0: text, then two images (and one padding image)
+    ids[1, 0] = 5  # row 1: its images at 6 and 8
+    ids[1, 8] = MEDIA
+    block = next(iter(model.gated_cross_attn_layers.values()))
+    with torch.no_grad():
+        latents = model.get_image_features(pixel_values)
+        x = torch.randn(2, 12, model.config.text_config.hidden_size, generator=seeded(1))
+        expected = _original_masked_cross_attention(block.attn, x, latents, ids == MEDIA, only_attend_immediate_media)
+        key, value = block.attn.key_values(latents)
+        image_indices = (ids == MEDIA).cumsum(-1)
+        mask, sees_image = cross_attention_mask(
+            image_indices, key.shape[-2], model.config.perceiver_num_latents, only_attend_immediate_media
+        )
+        got = block.attn(x, key, value, mask, sees_image, only_attend_immediate_media)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert (got[0, :3] == 0).all() == only_attend_immediate_media
+
+
 def test_text_before_the_first_image_gets_no_cross_attention():
     model = tiny_model()
     ids, pixel_values = inputs(batch=1, seq=10)
@@ -519,6 +566,79 @@ def test_processor_errors(converted, tiny_images):
         processor(images=[[tiny_images[0]]], text=["<image>a", "b"])
     with pytest.raises(ValueError, match="needs `text`"):
         processor(images=[tiny_images[0]])
+
+
+def test_processor_counts_a_4d_array_as_its_images(converted, tiny_images):
+    """A `(num_images, H, W, 3)` array in a row is that many images: counted as such, and each row keeps its own."""
+    import numpy as np
+    from PIL import Image
+
+    processor = AutoProcessor.from_pretrained(converted("tiny-neox"))
+    two = np.stack([np.asarray(image.convert("RGB").resize((32, 32))) for image in tiny_images[:2]])
+    with pytest.raises(ValueError, match="Text 0 has 1 <image> tokens but 2 images"):
+        processor(images=[[two], [tiny_images[2]]], text=["<image>a", "<image>b"])
+    batch = processor(images=[[two], [tiny_images[2]]], text=["<image>a<image>b", "<image>c"])
+    one_by_one = processor(
+        images=[[Image.fromarray(two[0]), Image.fromarray(two[1])], [tiny_images[2]]],
+        text=["<image>a<image>b", "<image>c"],
+    )
+    assert torch.equal(batch["pixel_values"], one_by_one["pixel_values"])
+    single = processor(images=two, text="<image>a<image>b")  # one text: the array is its row
+    assert torch.equal(single["pixel_values"][0], one_by_one["pixel_values"][0])
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_processor_truncation_keeps_the_images_of_the_kept_image_tokens(converted, tiny_images, side):
+    processor = AutoProcessor.from_pretrained(converted("tiny-neox"))
+    text = "<image>first image text here<|endofchunk|><image>second"
+    full = processor(images=[tiny_images[0], tiny_images[1]], text=text)
+    processor.tokenizer.truncation_side = side
+    ids = full["input_ids"][0]
+    second = int((ids == processor.image_token_id).nonzero()[1])
+    # right: up to just before the second <image>; left: from the second <image> on
+    max_length = second if side == "right" else len(ids) - second
+    cut = processor(images=[tiny_images[0], tiny_images[1]], text=text, truncation=True, max_length=max_length)
+    assert (cut["input_ids"] == processor.image_token_id).sum() == 1
+    kept = 0 if side == "right" else 1
+    assert torch.equal(cut["pixel_values"][0, 0], full["pixel_values"][0, kept])
+
+
+def test_processor_return_tensors(converted, tiny_images):
+    import numpy as np
+
+    processor = AutoProcessor.from_pretrained(converted("tiny-neox"))
+    kwargs = {"images": [[tiny_images[0]], []], "text": ["<image>a b c", "d"], "return_labels": True}
+    as_torch = processor(**kwargs)
+    as_numpy = processor(**kwargs, return_tensors="np")
+    as_lists = processor(**kwargs, return_tensors=None)
+    for name, tensor in as_torch.items():
+        assert isinstance(as_numpy[name], np.ndarray) and np.array_equal(as_numpy[name], tensor.numpy())
+        assert isinstance(as_lists[name], list)
+        assert np.array_equal(np.asarray(as_lists[name]), tensor.numpy())
+    unpadded = processor(**kwargs, padding=False, return_tensors=None)
+    assert [len(row) for row in unpadded["input_ids"]] == [len(row) for row in unpadded["labels"]] == [4, 1]
+    assert unpadded["labels"][0][0] == -100  # the <image> token
+
+
+def test_image_token_in_the_vocabulary_becomes_a_special_token():
+    """As the original's `add_special_tokens` call: a tokenizer whose vocabulary has `<image>` as an ordinary entry
+    (which text splits into pieces) gets it as a special token with that entry's id."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from modeling_openflamingo.processing_openflamingo import add_openflamingo_tokens
+
+    vocab = {"<image>": 0, "hi": 1, "<unk>": 2, "<": 3, "image": 4, ">": 5}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    assert tokenizer("<image> hi")["input_ids"] == [3, 4, 5, 1]
+    add_openflamingo_tokens(tokenizer)
+    assert tokenizer("<image> hi")["input_ids"] == [0, 1]
+    assert tokenizer.convert_tokens_to_ids("<|endofchunk|>") == 6 and tokenizer.pad_token == "<PAD>"
+    size = len(tokenizer)
+    add_openflamingo_tokens(tokenizer)  # idempotent
+    assert len(tokenizer) == size
 
 
 def test_processor_training_labels(converted, tiny_images):
