@@ -21,7 +21,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from modeling_openflamingo.checkpoint_conversion import ConversionError, convert_hf_to_openflamingo  # noqa: E402
+from modeling_openflamingo.checkpoint_conversion import (  # noqa: E402
+    ConversionError,
+    convert_hf_to_openflamingo,
+    quiet_libraries,
+    raise_on_termination,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -49,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the conversion; returns the exit status."""
     args = parse_args(argv)
+    if args.no_progress:
+        quiet_libraries()
     try:
         out = convert_hf_to_openflamingo(
             args.model,
@@ -61,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             cache_dir=args.cache_dir,
             progress=not args.no_progress,
         )
-    except (ConversionError, FileNotFoundError, FileExistsError) as error:
+    except (ConversionError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"Wrote {out}")
@@ -69,4 +76,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    raise_on_termination()  # a stopped conversion removes its temporary files
     sys.exit(main())

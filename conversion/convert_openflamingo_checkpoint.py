@@ -35,11 +35,26 @@ from modeling_openflamingo.checkpoint_conversion import (  # noqa: E402
     ConversionError,
     convert_openflamingo_checkpoint,
     dry_run,
+    quiet_libraries,
+    raise_on_termination,
 )
 from modeling_openflamingo.conversion_hub import push_folder_to_hub  # noqa: E402
 from modeling_openflamingo.conversion_presets import DEFAULT_VISION, PRESETS, TRANSFORMERS_VISION  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def shard_size(value: str) -> str | int:
+    """`--max-shard-size`, checked before anything is read: bytes, or a size such as 5GB / 500MB / 2GiB."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    if value.isdigit():
+        return int(value)
+    try:
+        convert_file_size_to_int(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     out = parser.add_argument_group("output")
     out.add_argument("--output-dir", help="the folder to write (written elsewhere first, moved into place at the end)")
     out.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's dtype")
-    out.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    out.add_argument("--max-shard-size", default="5GB", type=shard_size, help="largest safetensors shard (default 5GB)")
     out.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty output folder")
     out.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the converted folder to this hub repo")
     out.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
@@ -112,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_presets:
         print(list_presets())
         return 0
+    if args.no_progress:
+        quiet_libraries()
     try:
         if args.dry_run:
             report = dry_run(
@@ -152,12 +169,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.push_to_hub:
             url = push_folder_to_hub(out, args.push_to_hub, private=args.private)
             print(f"Pushed to https://huggingface.co/{args.push_to_hub} ({url})")
-    except (ConversionError, FileNotFoundError, FileExistsError, KeyError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"error: {message}", file=sys.stderr)
+    except (ConversionError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
 
 
 if __name__ == "__main__":
+    raise_on_termination()  # a stopped conversion removes its temporary files
     sys.exit(main())

@@ -19,7 +19,10 @@ import os
 import pickle
 import re
 import shutil
+import signal
+import sys
 import tempfile
+import uuid
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -99,8 +102,9 @@ FLAMINGO_KEY_RULES: Rules = [
     ("lang_encoder.{layers}.{i}.gated_cross_attn_layer.", "gated_cross_attn_layers.{i}."),
     # full (unfiltered) state dicts: each decoder layer is wrapped as `FlamingoLayer.decoder_layer`
     ("lang_encoder.{layers}.{i}.decoder_layer.", "lang_encoder.{layers}.{i}."),
-    ("vision_encoder.", None),  # the vision tower comes from its own weights
+    ("vision_encoder.", None),  # a full state dict's vision tower: placed by `plan_conversion` (open_clip names)
 ]
+_CHECKPOINT_VISION_PREFIX = "vision_encoder."
 
 # Second names of the same tensors in some checkpoints: (alias, primary), both in the original naming. The v1
 # (LLaMA) checkpoint holds every gated block twice; full state dicts hold every decoder layer twice. An alias must equal
@@ -650,8 +654,7 @@ def load_lm_state_dict(lm_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
 # ====================================================================================================================
 
 
-def lm_config_from_dict(raw: Mapping[str, Any], source: Any = "config.json") -> tuple[PretrainedConfig, str]:
-    """The LM's transformers config and its family from its hub `config.json` contents."""
+def _lm_config_from_dict(raw: Mapping[str, Any], source: Any) -> tuple[PretrainedConfig, str]:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     family = raw.get("model_type")
@@ -665,6 +668,19 @@ def lm_config_from_dict(raw: Mapping[str, Any], source: Any = "config.json") -> 
         return mpt_config_from_dict(raw, source), family
     clean = {k: v for k, v in raw.items() if k not in ("auto_map", "_name_or_path")}
     return CONFIG_MAPPING[family].from_dict(clean), family
+
+
+def lm_config_from_dict(raw: Mapping[str, Any], source: Any = "config.json") -> tuple[PretrainedConfig, str]:
+    """The LM's transformers config and its family from its hub `config.json` contents."""
+    try:
+        return _lm_config_from_dict(raw, source)
+    except ConversionError:
+        raise
+    except KeyError as error:
+        raise ConversionError(f"{source}: the LM config lacks {error.args[0]!r}.") from error
+    except Exception as error:  # transformers' own checks: TypeError, ValueError, huggingface_hub's strict dataclasses
+        message = " ".join(str(error).split()) or type(error).__name__
+        raise ConversionError(f"{source}: the LM config is not one transformers accepts: {message}") from error
 
 
 def lm_config_from_folder(lm_dir: str | os.PathLike) -> tuple[PretrainedConfig, str]:
@@ -1069,6 +1085,7 @@ class ModelLayout:
     vision_prefix: str
     gated_layers: list[int]
     cross_attn_every_n_layers: int
+    num_lm_layers: int
 
     @property
     def required(self) -> list[str]:
@@ -1107,6 +1124,7 @@ def model_layout(model: OpenFlamingoForConditionalGeneration) -> ModelLayout:
         embedding_keys=embedding_keys,
         vision_prefix=vision_prefix,
         gated_layers=list(model.config.cross_attn_layer_indices),
+        num_lm_layers=model.config.text_config.num_hidden_layers,
         cross_attn_every_n_layers=model.config.cross_attn_every_n_layers,
     )
 
@@ -1215,11 +1233,14 @@ def _check_gated_layers(found: Mapping[int, str], layout: ModelLayout, source: T
     key = found[bad] if bad is not None else next(iter(found.values()), None)
     steps = {b - a for a, b in zip(found_indices, found_indices[1:], strict=False)}
     inferred = found_indices[0] + 1 if found_indices and steps <= {found_indices[0] + 1} else None
-    hint = (
-        f" The checkpoint was trained with N={inferred}: pass --cross-attn-every-n-layers {inferred}."
-        if inferred
-        else ""
-    )
+    hint = ""
+    if found_indices and found_indices[-1] >= layout.num_lm_layers:
+        hint = (
+            f" The language model has {layout.num_lm_layers} decoder layers, fewer than the checkpoint's: is it the "
+            "LM the checkpoint was trained with?"
+        )
+    elif inferred and inferred != layout.cross_attn_every_n_layers:
+        hint = f" The checkpoint was trained with N={inferred}: pass --cross-attn-every-n-layers {inferred}."
     raise ConversionError(
         f"{source.name}: key {key!r}: the checkpoint has gated cross-attention blocks before decoder layers "
         f"{found_indices}, but cross_attn_every_n_layers={layout.cross_attn_every_n_layers} places them before "
@@ -1263,6 +1284,7 @@ def plan_conversion(
     # -- checkpoint.pt --
     _check_checkpoint_family(checkpoint, family, lm_origin or lm.name)
     gated_found: dict[int, str] = {}
+    checkpoint_vision: list[str] = []
     for key in checkpoint.keys():
         name = key
         primary = checkpoint_alias_primary(key, family)
@@ -1271,6 +1293,9 @@ def plan_conversion(
                 aliases.append((checkpoint, key, primary))
                 continue
             name = primary
+        if name.startswith(_CHECKPOINT_VISION_PREFIX):  # a full state dict's vision tower (open_clip names)
+            checkpoint_vision.append(key)
+            continue
         target = checkpoint_key_to_native(name, family, model_keys)
         if target is None:
             unused.setdefault(checkpoint.name, []).append(key)
@@ -1294,6 +1319,13 @@ def plan_conversion(
         tensors[target] = TensorPlan(checkpoint, key, need)
     if gated_found or layout.gated_layers:
         _check_gated_layers(gated_found, layout, checkpoint)
+    embeddings = "lang_encoder." + INPUT_EMBEDDINGS[family]
+    if checkpoint_key_to_native(embeddings, family, model_keys) not in tensors:
+        # the LM's own matrix would give <|endofchunk|>, <image> and <PAD> untrained rows, with no error
+        raise ConversionError(
+            f"{checkpoint.name}: lacks {embeddings!r}, the input embeddings with the trained rows of the added tokens "
+            "(<|endofchunk|>, <image>); every released checkpoint.pt holds them. Is it the whole checkpoint?"
+        )
 
     # -- the language model --
     lm_keys = {k[len("language_model.") :] for k in model_keys if k.startswith("language_model.")}
@@ -1321,31 +1353,36 @@ def plan_conversion(
         else:
             raise ConversionError(f"{lm.name}: key {key!r} has shape {have} but the model needs {need} for {target!r}.")
 
-    # -- the vision tower --
-    vision_keys = vision_source.keys()
-    only_visual = any(k.startswith("visual.") for k in vision_keys)  # a full open_clip CLIP state dict
-    for key in vision_keys:
-        if only_visual and not key.startswith("visual."):
-            continue
-        mapped = map_key(key[len("visual.") :] if only_visual else key, vision_rules)
+    # -- the vision tower: its own weights, then (they win) those of a full state dict given as the checkpoint --
+    def place_vision(source: TensorSource, key: str, local_key: str, rules: Rules) -> None:
+        mapped = map_key(local_key, rules)
         if mapped is None:
-            continue
-        have = vision_source.shapes[key]
+            return
+        have = source.shapes[key]
         for index, name in enumerate(mapped if isinstance(mapped, tuple) else (mapped,)):
             target = layout.vision_prefix + name
             if target not in model_keys:
                 raise ConversionError(
-                    f"{vision_source.name}: key {key!r} has no place in the vision tower (it would be {target!r})."
+                    f"{source.name}: key {key!r} has no place in the vision tower (it would be {target!r})."
                 )
             need = model_keys[target]
             count = len(mapped) if isinstance(mapped, tuple) else 1
             expected = (need[0] * count, *need[1:]) if count > 1 else need
             if have != expected:
                 raise ConversionError(
-                    f"{vision_source.name}: key {key!r} has shape {have} but the vision tower needs {expected} "
+                    f"{source.name}: key {key!r} has shape {have} but the vision tower needs {expected} "
                     "(is it the vision tower the checkpoint was trained with, e.g. CLIP ViT-L/14?)."
                 )
-            tensors[target] = TensorPlan(vision_source, key, need, part=(index, count) if count > 1 else None)
+            tensors[target] = TensorPlan(source, key, need, part=(index, count) if count > 1 else None)
+
+    vision_keys = vision_source.keys()
+    only_visual = any(k.startswith("visual.") for k in vision_keys)  # a full open_clip CLIP state dict
+    for key in vision_keys:
+        if not only_visual or key.startswith("visual."):
+            place_vision(vision_source, key, key[len("visual.") :] if only_visual else key, vision_rules)
+    for key in checkpoint_vision:
+        name = checkpoint_alias_primary(key, family) or key
+        place_vision(checkpoint, key, name[len(_CHECKPOINT_VISION_PREFIX) :], OPEN_CLIP_KEY_RULES)
 
     # -- anything missing --
     missing = [k for k in layout.required if k not in tensors]
@@ -1512,9 +1549,11 @@ def convert_openflamingo_checkpoint(
     """
     if output_dir is None:
         raise ConversionError("output_dir is required.")
-    output_dir = Path(output_dir)
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not overwrite:
-        raise FileExistsError(f"{output_dir} exists and is not empty (pass overwrite=True / --overwrite).")
+    output_dir = Path(output_dir).resolve()  # a symlink: its target is the folder written
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        if not overwrite:
+            raise FileExistsError(f"{output_dir} exists and is not empty (pass overwrite=True / --overwrite).")
+        _check_replaceable(output_dir, [checkpoint, lm, tokenizer, open_clip_config, open_clip_weights, vision])
     inputs = resolve_inputs(
         preset=preset,
         checkpoint=checkpoint,
@@ -1540,19 +1579,83 @@ def convert_openflamingo_checkpoint(
     return save_atomically(output_dir, write)
 
 
+def raise_on_termination() -> None:
+    """Make SIGTERM and SIGHUP raise `SystemExit` (in the main thread), so that a conversion stopped by them removes its
+    temporary folder as it does on Ctrl-C, instead of dying with it half-written next to the output."""
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), lambda signum, frame: sys.exit(128 + signum))
+
+
+def quiet_libraries() -> None:
+    """No progress bars from transformers (shard writing) and huggingface_hub (downloads, uploads) either."""
+    import huggingface_hub
+    from transformers.utils import logging as transformers_logging
+
+    huggingface_hub.utils.disable_progress_bars()
+    transformers_logging.disable_progress_bar()
+
+
+def _check_replaceable(output_dir: Path, inputs: Iterable[str | os.PathLike | None]) -> None:
+    """`--overwrite` replaces an earlier conversion, nothing else: not a folder of other files, not an input."""
+    config = output_dir / "config.json"
+    try:
+        model_type = json.loads(config.read_text()).get("model_type") if output_dir.is_dir() else None
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    if model_type != "openflamingo":
+        raise ConversionError(
+            f"{output_dir} is not an earlier conversion (no config.json with model_type 'openflamingo'): "
+            "--overwrite does not delete it. Choose another output folder, or empty it yourself."
+        )
+    for path in inputs:
+        if path is not None and hub.is_local(path) and Path(path).expanduser().resolve().is_relative_to(output_dir):
+            raise ConversionError(f"{path} is an input of this conversion and lies in {output_dir}, which it replaces.")
+
+
+def _unused_sibling(path: Path, tag: str) -> Path:
+    """A new name next to `path`: `.NAME.TAG-XXXXXXXX`."""
+    while True:
+        candidate = path.with_name(f".{path.name}.{tag}-{uuid.uuid4().hex[:8]}")
+        if not candidate.exists():
+            return candidate
+
+
+def _mode_by_umask(path: Path, mode: int) -> None:
+    """`mode` as the process's umask leaves it (temporary files and folders are made owner-only)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    path.chmod(mode & ~umask)
+
+
 def save_atomically(output_dir: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
-    """Run `write(tmp_dir)` into a temporary sibling of `output_dir`, then move it into place."""
+    """Run `write(tmp_dir)` into a temporary sibling of `output_dir`, then move it into place.
+
+    An existing `output_dir` is moved aside first and deleted only once the new folder is in place, so an interruption
+    leaves the old folder or the new one (and at worst a hidden `.NAME.old-*` / `.NAME.tmp-*` sibling), never neither.
+    """
     output_dir = Path(output_dir).absolute()
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    tmp = _unused_sibling(output_dir, "tmp")
+    tmp.mkdir()  # with the umask's permissions, as any folder the user makes
+    old = None
     try:
         write(tmp)
-        if output_dir.exists():
-            shutil.rmtree(output_dir) if output_dir.is_dir() else output_dir.unlink()
-        os.replace(tmp, output_dir)
+        if output_dir.exists() or output_dir.is_symlink():
+            old = _unused_sibling(output_dir, "old")
+            os.replace(output_dir, old)
+        try:
+            os.replace(tmp, output_dir)
+        except BaseException:
+            if old is not None:
+                os.replace(old, output_dir)
+                old = None
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
     return output_dir
 
 
@@ -1614,6 +1717,11 @@ class DryRunReport:
     checked_file: str | None
     num_parameters: int
     preset: Preset | None
+    checked_keys: frozenset[str] = frozenset()  # the manifest's keys that the checked file holds
+
+    @property
+    def checked_present(self) -> int:
+        return len(self.checked_keys)
 
     def summary(self) -> str:
         """A human-readable report."""
@@ -1626,8 +1734,15 @@ class DryRunReport:
             f"  gated cross-attention before layers {self.config.cross_attn_layer_indices} "
             f"(every {self.config.cross_attn_every_n_layers})",
             f"  checkpoint.pt must hold {len(self.checkpoint_manifest)} tensors"
-            + (f"; {self.checked_file} does" if self.checked_file else " (the released format)"),
+            + (
+                f"; {self.checked_file} holds {self.checked_present}" if self.checked_file else " (the released format)"
+            ),
         ]
+        if self.checked_file and self.checked_present < len(self.checkpoint_manifest):
+            absent = [k for k in self.checkpoint_manifest if k not in self.checked_keys]
+            lines.append(
+                f"  absent from it, taken from the other inputs: {absent[:4]}" + (" ..." if absent[4:] else "")
+            )
         for source, count in self.plan.counts().items():
             lines.append(f"  {count:5d} tensors from {source}")
         for key in self.plan.invented_rows:
@@ -1708,7 +1823,9 @@ def dry_run(
         if id(p) not in seen:
             seen.add(id(p))
             num_parameters += p.numel()
-    return DryRunReport(config, layout, plan, manifest, checked, num_parameters, preset)
+    held = {checkpoint_alias_primary(k, family) or k for k in checkpoint_source.keys()} if checked else set()
+    present = frozenset(k for k in manifest if k in held)
+    return DryRunReport(config, layout, plan, manifest, checked, num_parameters, preset, present)
 
 
 # ====================================================================================================================
@@ -1835,6 +1952,7 @@ def convert_hf_to_openflamingo(
     os.close(handle)
     try:
         torch.save(state, tmp)
+        _mode_by_umask(Path(tmp), 0o666)  # mkstemp makes it owner-only
         os.replace(tmp, output_file)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -1852,6 +1970,8 @@ __all__ = [
     "RELEASED_LM_KEYS_CONTAIN",
     "TRANSFORMERS_CLIP_KEY_RULES",
     "ConversionError",
+    "quiet_libraries",
+    "raise_on_termination",
     "ConversionInputs",
     "ConversionPlan",
     "ConvertedModel",

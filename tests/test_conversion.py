@@ -266,6 +266,25 @@ def test_full_export_reconverts_to_the_same_model(converted, tmp_path):
     assert_same_tensors(folder_tensors(out), folder_tensors(converted(family)))
 
 
+def test_a_full_state_dicts_vision_tower_is_used(converted, tmp_path):
+    """As the original's `load_state_dict` of a full state dict: its `vision_encoder.*` weights (a fine-tuned tower)
+    win over the vision tower given on its own."""
+    family = "tiny-neox"
+    full = tmp_path / "full.pt"
+    convert_hf_to_openflamingo(converted(family), full, include_vision=True, progress=False)
+    state = torch.load(full, weights_only=True)
+    state["vision_encoder.transformer.resblocks.0.attn.in_proj_weight"] += 1.0  # q, k and v of layer 0
+    state["vision_encoder.ln_pre.weight"] += 1.0
+    torch.save(state, full)
+    out = convert_openflamingo_checkpoint(**fixture_kwargs(family, checkpoint=full), output_dir=tmp_path / "again")
+    got, base = folder_tensors(out), folder_tensors(converted(family))
+    prefix = next(k for k in got if k.endswith("pre_layrnorm.weight")).removesuffix("pre_layrnorm.weight")
+    changed = {k for k in got if not torch.equal(got[k], base[k])}
+    layer0 = prefix + "encoder.layers.0.self_attn."
+    assert changed == {prefix + "pre_layrnorm.weight", *(layer0 + f"{p}_proj.weight" for p in "qkv")}
+    torch.testing.assert_close(got[prefix + "pre_layrnorm.weight"], base[prefix + "pre_layrnorm.weight"] + 1.0)
+
+
 def test_v1_duplicates_export_and_reconvert(converted, tmp_path):
     ckpt = tmp_path / "v1.pt"
     convert_hf_to_openflamingo(converted("tiny-llama"), ckpt, v1_duplicates=True, progress=False)
@@ -345,6 +364,21 @@ def test_gpt_neox_head_comes_from_the_lm_when_the_checkpoint_lacks_it(converted,
     assert_same_tensors(folder_tensors(out), folder_tensors(converted("tiny-neox")))
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_checkpoint_without_its_input_embeddings_is_refused(family, tmp_path):
+    """Without them the added tokens' rows would be the LM's untrained ones, with no error: refused, by name."""
+    from modeling_openflamingo.checkpoint_conversion import INPUT_EMBEDDINGS
+
+    key = "lang_encoder." + INPUT_EMBEDDINGS[FAMILY_OF[family]]
+    state = torch.load(FIXTURES / family / "checkpoint.pt", weights_only=True)
+    del state[key]
+    path = tmp_path / "no_embeddings.pt"
+    torch.save(state, path)
+    with pytest.raises(ConversionError, match=rf"{path}: lacks '{key}', the input embeddings"):
+        convert_openflamingo_checkpoint(**fixture_kwargs(family, checkpoint=path), output_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
 def test_llama_head_rows_that_exist_nowhere_are_the_mean_row(tmp_path):
     """An LM with exactly the base vocabulary: lm_head grows by 3 rows that no input has."""
     src = FIXTURES / "tiny-llama"
@@ -402,6 +436,25 @@ def test_wrong_cross_attn_interval(family, wrong_n, key, right_n, tmp_path):
     message = str(error.value)
     assert str(FIXTURES / family / "checkpoint.pt") in message and key in message
     assert f"--cross-attn-every-n-layers {right_n}" in message
+
+
+def test_lm_with_fewer_layers_than_the_checkpoint(tmp_path):
+    """The message says the LM is too shallow, instead of suggesting the N that was passed."""
+    src = FIXTURES / "tiny-llama"
+    lm = tmp_path / "lm"
+    lm.mkdir()
+    config = json.loads((src / "lm" / "config.json").read_text())
+    config["num_hidden_layers"] = 2
+    (lm / "config.json").write_text(json.dumps(config))
+    weights = load_file(str(src / "lm" / "model.safetensors"))
+    save_file(
+        {k: v for k, v in weights.items() if not k.startswith(("model.layers.2.", "model.layers.3."))},
+        lm / "model.safetensors",
+    )
+    with pytest.raises(ConversionError) as error:
+        convert_openflamingo_checkpoint(**fixture_kwargs("tiny-llama", lm=lm), output_dir=tmp_path / "o")
+    message = str(error.value)
+    assert "The language model has 2 decoder layers" in message and "--cross-attn-every-n-layers" not in message
 
 
 def test_checkpoint_of_another_lm_family(tmp_path):
@@ -464,6 +517,96 @@ def test_refuses_to_overwrite(converted, tmp_path):
     with pytest.raises(FileExistsError):
         convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt"), output_dir=out)
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_overwrite_replaces_an_earlier_conversion_only(converted, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ConversionError, match="is not an earlier conversion"):
+        convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt"), output_dir=out, overwrite=True)
+    assert (out / "keep.txt").read_text() == "mine"
+    shutil.copytree(converted("tiny-mpt"), tmp_path / "earlier")
+    (tmp_path / "earlier" / "stale.txt").write_text("from before")
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "earlier")  # a symlink: the folder it names is replaced
+    again = convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt"), output_dir=link, overwrite=True)
+    assert again == (tmp_path / "earlier").resolve() and link.is_symlink()
+    assert not (again / "stale.txt").exists()
+    assert_same_tensors(folder_tensors(again), folder_tensors(converted("tiny-mpt")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "link", "o"]  # no temporary sibling left
+
+
+def test_overwrite_refuses_to_delete_an_input(converted, tmp_path):
+    out = tmp_path / "o"
+    shutil.copytree(converted("tiny-mpt"), out)
+    shutil.copy(FIXTURES / "tiny-mpt" / "checkpoint.pt", out / "checkpoint.pt")
+    with pytest.raises(ConversionError, match="is an input of this conversion"):
+        convert_openflamingo_checkpoint(
+            **fixture_kwargs("tiny-mpt", checkpoint=out / "checkpoint.pt"), output_dir=out, overwrite=True
+        )
+    assert (out / "checkpoint.pt").is_file()
+
+
+def test_outputs_have_the_umasks_permissions(converted, tmp_path):
+    """Temporary folders and files are owner-only; what is moved into place is not."""
+    umask = os.umask(0o022)
+    try:
+        out = convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt"), output_dir=tmp_path / "o")
+        ckpt = convert_hf_to_openflamingo(out, tmp_path / "checkpoint.pt", progress=False)
+    finally:
+        os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert ckpt.stat().st_mode & 0o777 == 0o644
+
+
+def test_cli_stopped_by_sigterm_leaves_the_old_folder_and_no_temporary_one(converted, tmp_path):
+    import signal
+
+    out = tmp_path / "o"
+    shutil.copytree(converted("tiny-mpt"), out)
+    args = cli_args("tiny-mpt", out) + ["--overwrite"]
+    child = f"""
+import sys, time
+sys.path.insert(0, {str(ROOT)!r})
+from tests.conftest import load_cli
+import modeling_openflamingo.processing_openflamingo as processing
+def slow(self, *args, **kwargs):
+    print("WRITING", flush=True)
+    time.sleep(60)
+processing.OpenFlamingoProcessor.save_pretrained = slow
+cli = load_cli()
+cli.raise_on_termination()
+sys.exit(cli.main({args!r}))
+"""
+    process = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    for line in process.stdout:
+        if "WRITING" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+    assert_same_tensors(folder_tensors(out), folder_tensors(converted("tiny-mpt")))
+
+
+def test_cli_names_the_lm_config_that_lacks_a_key(tmp_path, capsys):
+    lm = tmp_path / "lm"
+    shutil.copytree(FIXTURES / "tiny-mpt-1b-redpajama-200b" / "lm", lm)
+    config = json.loads((lm / "config.json").read_text())
+    del config["d_model"]
+    (lm / "config.json").write_text(json.dumps(config))
+    args = cli_args("tiny-mpt-1b-redpajama-200b", tmp_path / "o", **{"--lm": str(lm)})
+    assert load_cli().main(args) == 1
+    assert f"error: {lm / 'config.json'}: the LM config lacks 'd_model'." in capsys.readouterr().err
+
+
+def test_cli_checks_the_shard_size_before_reading_anything(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        load_cli().parse_args(
+            ["--preset", "OpenFlamingo-3B-vitl-mpt1b", "--output-dir", "o", "--max-shard-size", "5XB"]
+        )
+    assert exit_.value.code == 2 and "--max-shard-size" in capsys.readouterr().err
+    assert load_cli().parse_args(["--dry-run", "--max-shard-size", "1000"]).max_shard_size == 1000
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -703,6 +846,25 @@ def test_dry_run_checks_a_local_checkpoint(family):
     )
     assert report.checked_file == str(src / "checkpoint.pt")
     assert set(report.checkpoint_manifest) == set(torch.load(src / "checkpoint.pt", weights_only=True))
+    count = len(report.checkpoint_manifest)
+    assert f"checkpoint.pt must hold {count} tensors; {src / 'checkpoint.pt'} holds {count}" in report.summary()
+
+
+def test_dry_run_says_what_a_local_checkpoint_lacks(tmp_path):
+    src = FIXTURES / "tiny-neox"
+    state = torch.load(src / "checkpoint.pt", weights_only=True)
+    del state["lang_encoder.embed_out.weight"]  # the one tensor with a fallback (the LM's own head)
+    torch.save(state, tmp_path / "checkpoint.pt")
+    report = dry_run(
+        checkpoint=tmp_path / "checkpoint.pt",
+        lm=src / "lm",
+        tokenizer=src / "tokenizer",
+        vision_config=src / "open_clip_config.json",
+        cross_attn_every_n_layers=2,
+    )
+    count = len(report.checkpoint_manifest)
+    assert f"holds {count - 1}" in report.summary()
+    assert "absent from it, taken from the other inputs: ['lang_encoder.embed_out.weight']" in report.summary()
 
 
 # --------------------------------------------------------------------------------------------------------------------
