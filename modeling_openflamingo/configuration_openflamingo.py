@@ -47,6 +47,8 @@ class OpenFlamingoConfig(PretrainedConfig):
         media_token_id (`int`, *optional*): id of `<image>`.
         eoc_token_id (`int`, *optional*): id of `<|endofchunk|>`.
         pad_token_id (`int`, *optional*): id of `<PAD>`.
+        eos_token_id (`int` or `list[int]`, *optional*): where `generate` stops by default; defaults to `eoc_token_id`
+            (the original's default), not the LM's own eos.
     """
 
     model_type = "openflamingo"
@@ -103,9 +105,13 @@ class OpenFlamingoConfig(PretrainedConfig):
         self.media_token_id = media_token_id
         self.eoc_token_id = eoc_token_id
         kwargs.setdefault("tie_word_embeddings", getattr(text_config, "tie_word_embeddings", False))
+        eos_token_id = kwargs.pop("eos_token_id", None)
         super().__init__(pad_token_id=pad_token_id, **kwargs)
         # transformers 5.x no longer keeps token ids on the base config: keep ours explicitly.
         self.pad_token_id = pad_token_id
+        # Generation stops at <|endofchunk|>, as the original's `generate`, unless told otherwise. transformers makes a
+        # generation config from this one when a folder has no generation_config.json.
+        self.eos_token_id = eos_token_id if eos_token_id is not None else eoc_token_id
 
     @property
     def cross_attn_layer_indices(self) -> list[int]:

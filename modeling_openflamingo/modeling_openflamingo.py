@@ -82,6 +82,17 @@ class OpenFlamingoImageCache(ModelOutput):
     key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
     last_image_index: torch.LongTensor | None = None
 
+    def repeat_interleave(self, repeats: int) -> OpenFlamingoImageCache:
+        """A cache with each row repeated `repeats` times in place (rows `b * repeats ... b * repeats + repeats - 1`
+        are row `b`), as `generate` expands its inputs for beams and several sequences per prompt."""
+        return OpenFlamingoImageCache(
+            key_values=tuple(
+                (key.repeat_interleave(repeats, dim=0), value.repeat_interleave(repeats, dim=0))
+                for key, value in self.key_values
+            ),
+            last_image_index=self.last_image_index.repeat_interleave(repeats, dim=0),
+        )
+
 
 @dataclass
 class OpenFlamingoCausalLMOutputWithPast(ModelOutput):
@@ -747,9 +758,10 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         # here); FSDP auto-wrap (accelerate) rejects a name that matches no module, so keep the names that are present.
         present = {type(module).__name__ for module in self.modules()}
         self._no_split_modules = type(self._no_split_modules)(n for n in self._no_split_modules if n in present)
-        if self.generation_config is not None and config.eoc_token_id is not None:
-            # Like the original's `generate`: stop at <|endofchunk|> by default, not at the LM's own eos.
-            self.generation_config.eos_token_id = config.eoc_token_id
+        if self.generation_config is not None and config.eos_token_id is not None:
+            # Like the original's `generate`: stop at <|endofchunk|> by default (`config.eos_token_id`), not at the
+            # LM's own eos. A folder without generation_config.json gets it from config.json the same way.
+            self.generation_config.eos_token_id = config.eos_token_id
 
     # ---- embeddings (delegated to the language model) ----
 
@@ -917,6 +929,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
 
         if pixel_values is not None:
             image_hidden_states = self.get_image_features(pixel_values)
+        elif image_hidden_states is not None and image_hidden_states.is_floating_point():
+            # given features in the dtype of the model's own (the Perceiver's), as `pixel_values` are cast
+            image_hidden_states = image_hidden_states.to(self.perceiver.latents.dtype)
         if image_hidden_states is not None:
             key_values = self._cross_attention_key_values(image_hidden_states)
 
@@ -1080,6 +1095,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         self,
         input_ids: torch.LongTensor,
         *args: Any,
+        inputs_embeds: torch.FloatTensor | None = None,
         image_cache: OpenFlamingoImageCache | None = None,
         image_indices: torch.LongTensor | None = None,
         **kwargs: Any,
@@ -1090,7 +1106,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         prompt's last image, `<image>` tokens included (there is no image for a generated `<image>`). So a step with
         the LM cache and a full forward without it (`use_cache=False`) agree.
         """
-        model_inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        # `inputs_embeds` named in the signature: `generate` takes them only from a model whose signature has them
+        model_inputs = super().prepare_inputs_for_generation(input_ids, *args, inputs_embeds=inputs_embeds, **kwargs)
         if model_inputs.get("input_ids") is not None:
             new_tokens = model_inputs["input_ids"].shape[-1]
         elif model_inputs.get("inputs_embeds") is not None:
@@ -1112,6 +1129,22 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             if image_indices is None:
                 model_inputs["image_indices"] = image_cache.last_image_index.unsqueeze(-1).expand(-1, new_tokens)
         return model_inputs
+
+    def _expand_inputs_for_generation(
+        self,
+        expand_size: int = 1,
+        is_encoder_decoder: bool = False,
+        input_ids: torch.LongTensor | None = None,
+        **model_kwargs: Any,
+    ) -> tuple[torch.LongTensor | None, dict[str, Any]]:
+        """As `GenerationMixin`'s, which repeats tensors only: a given `image_cache` is repeated with the rows."""
+        image_cache = model_kwargs.pop("image_cache", None)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        if image_cache is not None:
+            model_kwargs["image_cache"] = image_cache.repeat_interleave(expand_size) if expand_size > 1 else image_cache
+        return input_ids, model_kwargs
 
     def _update_model_kwargs_for_generation(
         self, outputs: ModelOutput, model_kwargs: dict[str, Any], *args: Any, **kwargs: Any
@@ -1177,6 +1210,11 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             raise ValueError("score_continuations needs a non-empty prompt (input_ids of length >= 1).")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        elif bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError(
+                "score_continuations needs left-padded prompts (the candidates follow each prompt's last position): "
+                "attention_mask has padding at the end of a row (the processor pads left unless told otherwise)."
+            )
         num_candidates, max_len = candidates.shape
 
         # Only the last prompt position's logits are needed: skip the (batch, prompt_len, vocab) rest where the LM can.
@@ -1209,15 +1247,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 # rows ordered (prompt, candidate): row b * k + j is prompt b followed by candidate start + j
                 prompt_mask = attention_mask.repeat_interleave(k, dim=0)
                 full_mask = torch.cat((prompt_mask, mask[:, :-1].repeat(batch_size, 1).to(prompt_mask.dtype)), dim=1)
-                image_cache = None
-                if prompt.image_cache is not None:
-                    image_cache = OpenFlamingoImageCache(
-                        key_values=tuple(
-                            (key.repeat_interleave(k, dim=0), value.repeat_interleave(k, dim=0))
-                            for key, value in prompt.image_cache.key_values
-                        ),
-                        last_image_index=prompt.image_cache.last_image_index.repeat_interleave(k, dim=0),
-                    )
+                image_cache = prompt.image_cache.repeat_interleave(k) if prompt.image_cache is not None else None
                 out = self(
                     input_ids=ids[:, :-1].repeat(batch_size, 1),
                     attention_mask=full_mask,
@@ -1395,9 +1425,12 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 # what `GenerationMixin._beam_search` fills unwritten positions with (a pad id of 0 counts as unset)
                 "fill_value": (int(pad) or eos[0]) if eos else -1,
             }
+        if attention_mask is None:  # as `GenerationMixin`: from the pad token, when it is in the prompt and no eos
+            infer = pad not in eos and bool((input_ids == pad).any())
+            attention_mask = input_ids.ne(pad).long() if infer else torch.ones_like(input_ids)
         return decoder.generate(
             input_ids,
-            torch.ones_like(input_ids) if attention_mask is None else attention_mask,
+            attention_mask,
             images,
             image_indices,
             max_new_tokens,

@@ -168,6 +168,18 @@ def test_fast_greedy_path_equals_generate(family, pdl, fast_path_on_cpu):
 
 
 @needs_v5
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_fast_path_without_attention_mask_infers_it_from_the_pad_token(num_beams, fast_path_on_cpu):
+    """As `GenerationMixin`: no `attention_mask`, a left-padded prompt (pad id != eos) -> padding is masked."""
+    model = tiny_model("llama")
+    ids, mask, pixel_values = padded_prompt()
+    kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=6, num_beams=num_beams)
+    with_mask = model.generate(**kw)
+    del kw["attention_mask"]
+    assert torch.equal(assert_fast_path_equals_generate(model, kw), with_mask)
+
+
+@needs_v5
 @pytest.mark.parametrize("family", ["mosaic_gpt", "llama"])
 def test_fast_greedy_path_compiled_step(family, fast_path_on_cpu):
     """The decoding step as the GPU runs it: compiled with `fullgraph=True` (backend "eager" here, for speed)."""

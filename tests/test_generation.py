@@ -182,6 +182,53 @@ def test_images_and_cross_attention_keys_values_are_computed_once_per_generate(s
     assert counter.shapes["perceiver"] == [(2, 3, 16, 32)]
 
 
+@pytest.mark.parametrize("settings", [{"num_beams": 3}, {"do_sample": True, "top_k": 1, "num_return_sequences": 2}])
+def test_generate_from_an_image_cache_expands_it(settings, loaded, reference):
+    """`image_cache` of an earlier forward in place of the images: repeated for beams and several sequences too."""
+    model, _ = loaded("tiny-llama")
+    _, ref = reference("tiny-llama")
+    inputs = reference_inputs(ref)
+    expected = model.generate(**inputs, max_new_tokens=5, **settings)
+    image_cache = model(**inputs).image_cache
+    image_indices = model._image_indices(inputs["input_ids"], inputs["pixel_values"].shape[1])
+    got = model.generate(
+        input_ids=inputs["input_ids"],
+        attention_mask=inputs["attention_mask"],
+        image_cache=image_cache,
+        image_indices=image_indices,
+        max_new_tokens=5,
+        **settings,
+    )
+    assert torch.equal(got, expected)
+
+
+def test_generate_from_inputs_embeds(loaded, reference):
+    model, _ = loaded("tiny-llama")
+    _, ref = reference("tiny-llama")
+    inputs = reference_inputs(ref)
+    expected = model.generate(**inputs, max_new_tokens=5)
+    image_indices = model._image_indices(inputs["input_ids"], inputs["pixel_values"].shape[1])
+    got = model.generate(
+        inputs_embeds=model.get_input_embeddings()(inputs["input_ids"]),
+        attention_mask=inputs["attention_mask"],
+        pixel_values=inputs["pixel_values"],
+        image_indices=image_indices,
+        max_new_tokens=5,
+    )
+    assert torch.equal(got, expected[:, inputs["input_ids"].shape[1] :])  # only the new tokens, as for any LM
+
+
+def test_image_features_in_another_dtype_are_cast(loaded, reference):
+    model, _ = loaded("tiny-llama")
+    _, ref = reference("tiny-llama")
+    inputs = reference_inputs(ref)
+    features = model.get_image_features(inputs.pop("pixel_values"))
+    expected = model(**inputs, image_hidden_states=features).logits
+    got = model(**inputs, image_hidden_states=features.bfloat16()).logits
+    torch.testing.assert_close(got, expected, atol=0.05, rtol=0)  # the features rounded to bf16, computed in fp32
+    assert got.dtype == torch.float32
+
+
 def test_sampling_expands_each_rows_images(loaded, reference):
     """Sampled sequences of a row see that row's images: top_k=1 sampling equals greedy for every returned copy."""
     model, _ = loaded("tiny-llama")
@@ -279,6 +326,18 @@ def test_stops_at_end_of_chunk_by_default(loaded, reference, converted):
         logits_processor=LogitsProcessorList([ForceTokenAt(eoc, 2, prompt_len)]),
     )
     assert out.shape[1] == prompt_len + 3 and out[0, -1] == eoc
+
+
+def test_a_folder_without_generation_config_stops_at_end_of_chunk(converted, tmp_path):
+    """transformers then makes the generation config from config.json: its eos is <|endofchunk|>, not the LM's."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(converted("tiny-mpt"), folder)
+    (folder / "generation_config.json").unlink()
+    model = OpenFlamingoForConditionalGeneration.from_pretrained(folder)
+    assert model.config.eos_token_id == model.config.eoc_token_id != model.config.text_config.eos_token_id
+    assert model.generation_config.eos_token_id == model.config.eoc_token_id
 
 
 def test_logits_processors_and_generation_config(loaded, reference):
@@ -499,6 +558,11 @@ def test_score_continuations_inputs(loaded, tiny_images):
     batch = processor(images=[tiny_images[:1]], text=["<image>Output:"])
     candidates = processor.tokenizer(CLASS_NAMES, add_special_tokens=False)["input_ids"]
     scores = model.score_continuations(**batch, continuations=candidates)
+    right = processor(
+        images=[tiny_images[:1], tiny_images[1:2]], text=["<image>Output:", "<image>a b Output:"], padding_side="right"
+    )
+    with pytest.raises(ValueError, match="needs left-padded prompts"):
+        model.score_continuations(**right, continuations=candidates)
 
     # a padded tensor with a mask gives the same scores
     width = max(len(c) for c in candidates)
