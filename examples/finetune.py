@@ -27,7 +27,7 @@ from demo_model import DEMO_IMAGES, resolve_model
 from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
 
 import modeling_openflamingo  # noqa: F401 - registers the Auto classes
-from modeling_openflamingo import OpenFlamingoDataCollator
+from modeling_openflamingo import OpenFlamingoDataCollator, gets_weight_decay
 
 DEMO_CAPTIONS = [
     "A small square of pixels.",
@@ -94,20 +94,37 @@ def load_training_dataset(args: argparse.Namespace) -> Any:
         dataset = dataset[args.split] if isinstance(dataset, datasets.DatasetDict) else dataset
     else:
         dataset = datasets.load_dataset(args.dataset, split=args.split)
+    # the collator reads `--image-column`, else `image`
+    image_column = next((c for c in (args.image_column, "image") if c in dataset.column_names), None)
+    if image_column is None:
+        raise SystemExit(
+            f"error: {args.dataset} has no image column {args.image_column!r} (nor 'image'); its columns are "
+            f"{dataset.column_names}: pass --image-column."
+        )
     if args.caption_column is not None:
         dataset = dataset.map(
             lambda row: {args.text_column: f"<image>{row[args.caption_column]}<|endofchunk|>"},
-            remove_columns=[c for c in dataset.column_names if c not in (args.image_column,)],
+            remove_columns=[c for c in dataset.column_names if c != image_column],
         )
     return dataset
 
 
 class FlamingoTrainer(Trainer):
-    """`Trainer` with the original's weight decay: only on the gated cross-attention blocks' parameters."""
+    """`Trainer` with the original's weight decay (`gets_weight_decay`: the gated cross-attention blocks' weights)."""
 
     def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
-        """Names of the parameters that get weight decay (the original: those of the cross-attention blocks)."""
-        return [name for name, _ in model.named_parameters() if "gated_cross_attn" in name]
+        """Names of the parameters that get weight decay, by the original's rule."""
+        return [name for name, _ in model.named_parameters() if gets_weight_decay(name)]
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        """With `label_smoothing_factor`: `Trainer` shifts the labels for its label smoother only for the causal LMs
+        it knows by class name, and this model shifts them inside its own loss; so they are shifted here (the logits
+        at position t score token t + 1, the last position scores nothing)."""
+        if self.label_smoother is not None and "labels" in inputs:
+            labels = inputs["labels"]
+            shifted = torch.cat((labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)), dim=1)
+            inputs = {**inputs, "labels": shifted}
+        return super().compute_loss(model, inputs, *args, **kwargs)
 
 
 class CPUFSDPTrainer(FlamingoTrainer):

@@ -14,6 +14,7 @@ from .modeling_openflamingo import (
     OpenFlamingoForConditionalGeneration,
     OpenFlamingoImageCache,
     OpenFlamingoPreTrainedModel,
+    gets_weight_decay,
 )
 from .optimization import MixedPrecisionAdamW, autocast_linear_parameters
 from .processing_openflamingo import OpenFlamingoProcessor
@@ -50,4 +51,5 @@ __all__ = [
     "attention_mask_without_host_sync",
     "autocast_linear_parameters",
     "causal_attention_mask_4d",
+    "gets_weight_decay",
 ]

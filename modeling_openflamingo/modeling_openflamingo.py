@@ -262,6 +262,20 @@ def image_indices_from_input_ids(input_ids: torch.Tensor, media_token_id: int, n
     return image_indices
 
 
+def gets_weight_decay(parameter_name: str) -> bool:
+    """Whether the original's training script decays this parameter (a name of ours, possibly under a wrapper's prefix).
+
+    Its rule, on its own names: `"gated_cross_attn_layer" in name and "ff_gate" not in name and "attn_gate" not in
+    name and "norm" not in name and "bias" not in name`. Its feed-forward LayerNorm is `ff.0` (ours: `ff.norm`), so
+    that LayerNorm's weight is decayed, the attention's (`attn.norm`, the same name in both) is not.
+    """
+    return (
+        "gated_cross_attn_layers." in parameter_name
+        and not parameter_name.endswith(("attn_gate", "ff_gate", "bias"))
+        and ".attn.norm." not in parameter_name
+    )
+
+
 class OpenFlamingoCrossAttention(nn.Module):
     """Text tokens attend to the latents of the image that [`cross_attention_mask`] names for them."""
 
@@ -1538,15 +1552,16 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         return names
 
     def training_parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """AdamW parameter groups as in the original's training script: weight decay on the parameters of the gated
-        cross-attention blocks only; none on the Perceiver and the embedding rows. Trainable parameters only.
+        """AdamW parameter groups as in the original's training script ([`gets_weight_decay`]): weight decay on the
+        gated cross-attention blocks' weight matrices and feed-forward LayerNorm weight; none on their gates, biases
+        and attention LayerNorm, on the Perceiver and on the embedding rows. Trainable parameters only.
 
         Example: `torch.optim.AdamW(model.training_parameter_groups(0.1), lr=1e-4)`.
         """
         decay, no_decay = [], []
         for name, parameter in self.named_parameters():
             if parameter.requires_grad:
-                (decay if "gated_cross_attn" in name else no_decay).append(parameter)
+                (decay if gets_weight_decay(name) else no_decay).append(parameter)
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def repeated_blocks(self) -> list[nn.Module]:

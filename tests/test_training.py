@@ -156,14 +156,36 @@ def test_freeze_for_training_errors(converted):
         OpenFlamingoNewTokenEmbeddings(torch.zeros(4, 2), [1])(input_ids=torch.tensor([1]))
 
 
-def test_training_parameter_groups_decay_only_the_cross_attention(converted):
+def test_training_parameter_groups_decay_as_the_original(converted):
+    """The original's rule on its own names (`apply_decay` in open_flamingo/train/train.py), through the key map."""
+    from modeling_openflamingo.checkpoint_conversion import native_key_to_checkpoint
+
+    def original_rule(x: str) -> bool:
+        return "gated_cross_attn_layer" in x and all(s not in x for s in ("ff_gate", "attn_gate", "norm", "bias"))
+
     model, _ = load(converted, "tiny-mpt")
     model.freeze_for_training()
     decay, no_decay = model.training_parameter_groups(0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert decay["params"] and all(names[id(p)].startswith("gated_cross_attn_layers.") for p in decay["params"])
-    assert {names[id(p)].split(".")[0] for p in no_decay["params"]} == {"perceiver", "new_token_embeddings"}
+    decayed = {names[id(p)] for p in decay["params"]}
+    for name in decayed | {names[id(p)] for p in no_decay["params"]}:
+        original = native_key_to_checkpoint(name, "mpt")
+        assert (name in decayed) == original_rule(original or name), (name, original)
+    block = "gated_cross_attn_layers.0."
+    assert {n.removeprefix(block) for n in decayed if n.startswith(block)} == {
+        "attn.to_q.weight",
+        "attn.to_kv.weight",
+        "attn.to_out.weight",
+        "ff.norm.weight",
+        "ff.fc1.weight",
+        "ff.fc2.weight",
+    }
+    assert {names[id(p)].split(".")[0] for p in no_decay["params"]} == {
+        "perceiver",
+        "new_token_embeddings",
+        "gated_cross_attn_layers",
+    }
 
 
 @pytest.mark.parametrize("family", ["tiny-mpt", "tiny-neox"])
@@ -527,6 +549,48 @@ def test_finetune_example_runs(converted, tmp_path):
     assert compiled["last_loss"] < compiled["first_loss"]
     assert (tmp_path / "compiled" / "model.safetensors").is_file()
     torch._dynamo.reset()
+
+
+def test_finetune_example_on_a_caption_dataset_with_an_image_column(converted, tiny_images, tmp_path):
+    """`--caption-column` on the common layout (`image`, `caption`) without `--image-column`; a dataset with no image
+    column gets a message naming the flag."""
+    import datasets
+
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import finetune
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    rows = {"image": [image.convert("RGB") for image in tiny_images[:4]], "caption": ["a b", "c", "d e f", "g"]}
+    datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).save_to_disk(tmp_path / "captions")
+    argv = ["--model", str(converted("tiny-mpt-1b-redpajama-200b")), "--output-dir", str(tmp_path / "out")]
+    argv += ["--dataset", str(tmp_path / "captions"), "--caption-column", "caption", "--max-steps", "2"]
+    finetune.main(argv)
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    datasets.Dataset.from_dict({"photo": rows["image"], "caption": rows["caption"]}).save_to_disk(tmp_path / "other")
+    with pytest.raises(SystemExit, match="no image column 'images' \\(nor 'image'\\).*pass --image-column"):
+        finetune.main([*argv[:-5], str(tmp_path / "other"), "--caption-column", "caption", "--max-steps", "2"])
+
+
+def test_finetune_trainer_label_smoothing_scores_the_next_token(converted, tmp_path):
+    """`FlamingoTrainer` with `label_smoothing_factor`: the smoothed loss of the shifted labels (Trainer would score
+    each position's own token: it shifts only for the causal LMs it knows)."""
+    from transformers import TrainingArguments
+
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import finetune
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    model, _ = load(converted, "tiny-mpt")
+    inputs = sample_inputs()
+    inputs["labels"] = inputs["input_ids"].clone()
+    args = TrainingArguments(output_dir=str(tmp_path), label_smoothing_factor=1e-6, report_to=[], use_cpu=True)
+    trainer = finetune.FlamingoTrainer(model=model, args=args)
+    with torch.no_grad():
+        expected = model(**inputs).loss
+        smoothed = trainer.compute_loss(model, dict(inputs))
+    torch.testing.assert_close(smoothed, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_cuda_graph_training_example_runs_its_step(converted, tmp_path):
