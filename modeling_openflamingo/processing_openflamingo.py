@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import transformers
 from transformers import BatchFeature, ProcessorMixin
 
 IMAGE_TOKEN = "<image>"
@@ -79,8 +80,11 @@ class OpenFlamingoProcessor(ProcessorMixin):
     """
 
     attributes = ["image_processor", "tokenizer"]
-    image_processor_class = "AutoImageProcessor"
     tokenizer_class = "AutoTokenizer"
+    if int(transformers.__version__.split(".")[0]) < 5:
+        # transformers 4.x looks each part's class up by name; 5.x finds the image processor through
+        # `AutoImageProcessor` (where the package registers it) and warns that a name here is deprecated
+        image_processor_class = "AutoImageProcessor"
 
     def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None, **kwargs):
         if tokenizer is not None:
