@@ -104,6 +104,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--output-dir is required (unless --dry-run or --list-presets)")
     if args.private and not args.push_to_hub:
         parser.error("--private goes with --push-to-hub")
+    if args.dry_run and (args.vision or args.quick_gelu is not None or args.open_clip_weights):
+        # the dry run reads no weights: its vision tower is the released ViT-L/14, or --open-clip-config's
+        parser.error(
+            "--dry-run checks the vision tower of --open-clip-config (default: the released CLIP ViT-L/14); "
+            "--vision, --open-clip-weights and --quick-gelu are not read by it"
+        )
     return args
 
 

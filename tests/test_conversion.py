@@ -600,6 +600,15 @@ def test_cli_names_the_lm_config_that_lacks_a_key(tmp_path, capsys):
     assert f"error: {lm / 'config.json'}: the LM config lacks 'd_model'." in capsys.readouterr().err
 
 
+def test_dry_run_refuses_vision_options_it_would_not_read(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        load_cli().parse_args(["--preset", "OpenFlamingo-3B-vitl-mpt1b", "--dry-run", "--vision", "openai/clip"])
+    assert (
+        exit_.value.code == 2
+        and "--vision, --open-clip-weights and --quick-gelu are not read" in capsys.readouterr().err
+    )
+
+
 def test_cli_checks_the_shard_size_before_reading_anything(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         load_cli().parse_args(
