@@ -147,16 +147,21 @@ class OpenFlamingoProcessor(ProcessorMixin):
                 )
         if padding_side is None:
             padding_side = "right" if return_labels else "left"
-        truncation_side = kwargs.get("truncation_side", self.tokenizer.truncation_side)
-        encoding = self.tokenizer(
-            texts,
-            padding=padding,
-            padding_side=padding_side,
-            truncation=truncation,
-            max_length=max_length,
-            return_token_type_ids=False,
-            **kwargs,
-        )
+        # the tokenizer's call takes no `truncation_side` (it reads its attribute): set for this call when given
+        truncation_side = kwargs.pop("truncation_side", None) or self.tokenizer.truncation_side
+        saved_side, self.tokenizer.truncation_side = self.tokenizer.truncation_side, truncation_side
+        try:
+            encoding = self.tokenizer(
+                texts,
+                padding=padding,
+                padding_side=padding_side,
+                truncation=truncation,
+                max_length=max_length,
+                return_token_type_ids=False,
+                **kwargs,
+            )
+        finally:
+            self.tokenizer.truncation_side = saved_side
         # lists of token ids per row (not padded with `padding=False`); tensors are made at the end
         data = dict(encoding)
         if truncation:

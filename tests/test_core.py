@@ -601,6 +601,12 @@ def test_processor_truncation_keeps_the_images_of_the_kept_image_tokens(converte
     assert (cut["input_ids"] == processor.image_token_id).sum() == 1
     kept = 0 if side == "right" else 1
     assert torch.equal(cut["pixel_values"][0, 0], full["pixel_values"][0, kept])
+    processor.tokenizer.truncation_side = "right"  # the same, given for the call only
+    again = processor(
+        images=[tiny_images[0], tiny_images[1]], text=text, truncation=True, max_length=max_length, truncation_side=side
+    )
+    assert torch.equal(again["input_ids"], cut["input_ids"]) and torch.equal(again["pixel_values"], cut["pixel_values"])
+    assert processor.tokenizer.truncation_side == "right"
 
 
 def test_processor_return_tensors(converted, tiny_images):
