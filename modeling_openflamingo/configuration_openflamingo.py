@@ -85,8 +85,17 @@ class OpenFlamingoConfig(PretrainedConfig):
                 raise ValueError("`text_config` needs a `model_type` (for example 'mpt', 'gpt_neox' or 'llama').")
             text_config = dict(text_config)
             text_config = AutoConfig.for_model(text_config.pop("model_type"), **text_config)
-        if cross_attn_every_n_layers < 1:
-            raise ValueError(f"`cross_attn_every_n_layers` must be >= 1, got {cross_attn_every_n_layers}.")
+        layers = getattr(text_config, "num_hidden_layers", None)
+        if (
+            not isinstance(cross_attn_every_n_layers, int)
+            or isinstance(cross_attn_every_n_layers, bool)
+            or cross_attn_every_n_layers < 1
+            or (isinstance(layers, int) and cross_attn_every_n_layers > layers)
+        ):
+            raise ValueError(
+                f"`cross_attn_every_n_layers` must be an int in 1..{layers} (the LM's decoder layers): a gated "
+                f"cross-attention block before every N-th layer; got {cross_attn_every_n_layers!r}."
+            )
         # The composite's `use_cache` governs generation (transformers' MptConfig defaults it to False).
         text_config.use_cache = use_cache
         self.use_cache = use_cache

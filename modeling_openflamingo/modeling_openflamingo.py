@@ -21,6 +21,7 @@ import contextvars
 import copy
 import functools
 import inspect
+import operator
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -832,6 +833,60 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             )
         return pixel_values
 
+    def _check_input_shapes(
+        self,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+        image_hidden_states: torch.Tensor | None,
+        image_indices: torch.Tensor | None,
+        labels: torch.Tensor | None,
+    ) -> None:
+        """Shapes and dtypes of the inputs against each other (host-side metadata only: no device sync)."""
+        if input_ids is not None and input_ids.ndim != 2:
+            raise ValueError(f"input_ids must have shape (batch, seq); got {tuple(input_ids.shape)}.")
+        if inputs_embeds is not None and inputs_embeds.ndim != 3:
+            raise ValueError(f"inputs_embeds must have shape (batch, seq, hidden); got {tuple(inputs_embeds.shape)}.")
+        text = input_ids if input_ids is not None else inputs_embeds
+        batch_and_seq = tuple(text.shape[:2])
+        if pixel_values is not None and not (torch.is_tensor(pixel_values) and pixel_values.is_floating_point()):
+            got = pixel_values.dtype if torch.is_tensor(pixel_values) else type(pixel_values).__name__
+            raise ValueError(
+                f"pixel_values must be a floating-point tensor, normalized as the processor outputs it; got {got}."
+            )
+        if image_hidden_states is not None:
+            latents, dim = self.config.perceiver_num_latents, self.config.vision_config.hidden_size
+            if (
+                image_hidden_states.ndim != 4
+                or tuple(image_hidden_states.shape[2:]) != (latents, dim)
+                or not image_hidden_states.is_floating_point()
+            ):
+                raise ValueError(
+                    f"image_hidden_states must be floating point of shape (batch, num_images, {latents}, {dim}) "
+                    f"(`get_image_features`); got {image_hidden_states.dtype} {tuple(image_hidden_states.shape)}."
+                )
+        for name, images in (("pixel_values", pixel_values), ("image_hidden_states", image_hidden_states)):
+            if images is not None and images.shape[0] != batch_and_seq[0]:
+                raise ValueError(
+                    f"{name} has {images.shape[0]} rows but the text has {batch_and_seq[0]}: one row of images per "
+                    "row of text (zero-padded where a row has fewer images)."
+                )
+        if image_indices is not None and (
+            tuple(image_indices.shape) != batch_and_seq
+            or image_indices.is_floating_point()
+            or image_indices.is_complex()
+        ):
+            raise ValueError(
+                f"image_indices must be integers of shape (batch, seq) = {batch_and_seq}; got {image_indices.dtype} "
+                f"{tuple(image_indices.shape)}."
+            )
+        for name, tensor in (("attention_mask", attention_mask), ("labels", labels)):
+            if tensor is not None and tensor.ndim == 2 and tuple(tensor.shape) != batch_and_seq:
+                raise ValueError(f"{name} has shape {tuple(tensor.shape)}; the text has {batch_and_seq}.")
+        if labels is not None and labels.ndim != 2:
+            raise ValueError(f"labels must have shape (batch, seq) = {batch_and_seq}; got {tuple(labels.shape)}.")
+
     def _image_indices(self, input_ids: torch.Tensor, num_images: int) -> torch.Tensor:
         if self.config.media_token_id is None:
             raise ValueError("config.media_token_id is not set: the model cannot find the <image> tokens.")
@@ -898,6 +953,10 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
         if pixel_values is not None and image_hidden_states is not None:
             raise ValueError("Pass pixel_values or image_hidden_states, not both.")
+        self._check_input_shapes(
+            input_ids, inputs_embeds, attention_mask if past is None else None, pixel_values, image_hidden_states,
+            image_indices, labels,
+        )  # fmt: skip
         continuing = past is not None and past.get_seq_length() > 0
         if use_cache is None and past is None and self.training and torch.is_grad_enabled():
             use_cache = False  # a training step has no use for a KV cache (and a compiled block would guard on it)
@@ -1065,6 +1124,10 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             `return_dict_in_generate=True`.
         """
         input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+        if torch.is_tensor(input_ids) and not input_ids.is_floating_point() and kwargs.get("inputs_embeds") is None:
+            # before the images are encoded or expanded for beams: the errors then name the caller's shapes
+            images = (kwargs.get("pixel_values"), kwargs.get("image_hidden_states"))
+            self._check_input_shapes(input_ids, None, None, *images, None, None)
         encode = self._prepare_images_for_generation(input_ids, kwargs)
         fast = self._generate_static(args, kwargs)  # encodes the images itself, inside its prompt graph
         if fast is not None:
@@ -1484,31 +1547,42 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 The token ids whose rows train. Defaults to `config.eoc_token_id`, `config.media_token_id` and
                 `config.pad_token_id` (those that are set).
         """
+        embedding = self.get_input_embeddings()
+        weight = getattr(embedding, "weight", None)
+        token_ids: list[int] = []
+        if train_new_token_embeddings:  # the arguments checked before anything changes
+            if new_token_ids is None:
+                ids = [self.config.eoc_token_id, self.config.media_token_id, self.config.pad_token_id]
+                new_token_ids = [i for i in ids if i is not None]
+                if not new_token_ids:
+                    raise ValueError(
+                        "No token ids to train: config.eoc_token_id, media_token_id and pad_token_id are unset; pass "
+                        "new_token_ids, or train_new_token_embeddings=False."
+                    )
+            try:  # ints (numpy's and 0-d integer tensors too), not strings, floats or a bare int
+                if isinstance(new_token_ids, (str, bytes)):
+                    raise TypeError
+                token_ids = list(dict.fromkeys(operator.index(i) for i in new_token_ids))
+            except TypeError:
+                raise ValueError(f"new_token_ids must be a list of token ids (ints); got {new_token_ids!r}.") from None
+            if not token_ids:
+                raise ValueError("new_token_ids is empty: pass the ids to train, or train_new_token_embeddings=False.")
+            if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+                raise ValueError(
+                    f"The language model's input embeddings ({type(embedding).__name__}) have no 2-D `weight`; "
+                    "cannot train rows of it."
+                )
+            out_of_range = [i for i in token_ids if not 0 <= i < weight.shape[0]]
+            if out_of_range:
+                raise ValueError(
+                    f"new_token_ids {out_of_range} are outside the embedding matrix ({weight.shape[0]} rows)."
+                )
         self.merge_new_token_embeddings()
         self.requires_grad_(False)
         self.perceiver.requires_grad_(True)
         self.gated_cross_attn_layers.requires_grad_(True)
         if not train_new_token_embeddings:
             return
-        if new_token_ids is None:
-            ids = [self.config.eoc_token_id, self.config.media_token_id, self.config.pad_token_id]
-            new_token_ids = [i for i in ids if i is not None]
-        token_ids = list(dict.fromkeys(int(i) for i in new_token_ids))
-        if not token_ids:
-            raise ValueError(
-                "No token ids to train: config.eoc_token_id, media_token_id and pad_token_id are unset; pass "
-                "new_token_ids, or train_new_token_embeddings=False."
-            )
-        embedding = self.get_input_embeddings()
-        weight = getattr(embedding, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
-            raise ValueError(
-                f"The language model's input embeddings ({type(embedding).__name__}) have no 2-D `weight`; cannot "
-                "train rows of it."
-            )
-        out_of_range = [i for i in token_ids if not 0 <= i < weight.shape[0]]
-        if out_of_range:
-            raise ValueError(f"new_token_ids {out_of_range} are outside the embedding matrix ({weight.shape[0]} rows).")
         self.new_token_embeddings = OpenFlamingoNewTokenEmbeddings(weight, token_ids)
         handles = [
             embedding.register_forward_hook(self._new_token_input_hook, with_kwargs=True),

@@ -133,6 +133,8 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
             raise ValueError(f"Invalid AdamW hyperparameters: betas={betas}, eps={eps}, weight_decay={weight_decay}.")
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError(f"A tensor learning rate must have one element, not shape {tuple(lr.shape)}.")
+        if not isinstance(lr, torch.Tensor) and not 0.0 <= lr:  # negative or NaN
+            raise ValueError(f"Invalid learning rate: {lr}.")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         ours = {id(p) for group in self.param_groups for p in group["params"]}
         for parameter in low_precision_params:

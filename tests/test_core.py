@@ -133,6 +133,10 @@ def test_config_errors():
         OpenFlamingoConfig(text_config={"hidden_size": 4})
     with pytest.raises(ValueError, match="cross_attn_every_n_layers"):
         OpenFlamingoConfig(cross_attn_every_n_layers=0)
+    # more than the LM's layers would build no gated block at all (images silently ignored); not an int
+    for n in (5, 1.5, "2"):
+        with pytest.raises(ValueError, match=r"must be an int in 1\.\.4"):
+            tiny_config("mpt", n=n)
 
 
 # ---- model semantics ----
@@ -452,6 +456,51 @@ def test_errors_are_specific():
     first = model(input_ids=ids, pixel_values=pixel_values, use_cache=True)
     with pytest.raises(ValueError, match="image_cache"):
         model(input_ids=ids[:, :1], pixel_values=pixel_values, past_key_values=first.past_key_values)
+
+
+def test_inputs_that_do_not_fit_each_other_are_errors():
+    """Shapes and dtypes checked against each other, before anything runs (no silent mix-up of rows)."""
+    model = tiny_model()
+    ids, pixel_values = inputs()
+    with pytest.raises(ValueError, match="pixel_values has 1 rows but the text has 2"):
+        model(input_ids=ids, pixel_values=pixel_values[:1])
+    with pytest.raises(ValueError, match="pixel_values must be a floating-point tensor.*torch.uint8"):
+        model(input_ids=ids, pixel_values=(pixel_values * 50 + 128).clamp(0, 255).to(torch.uint8))
+    features = model.get_image_features(pixel_values)
+    with pytest.raises(ValueError, match="image_hidden_states has 1 rows"):
+        model(input_ids=ids, image_hidden_states=features[:1])
+    with pytest.raises(ValueError, match=r"image_hidden_states must be floating point of shape \(batch, num_images, 4"):
+        model(input_ids=ids, image_hidden_states=features[:, :, :2])
+    image_indices = (ids == MEDIA).cumsum(-1)
+    with pytest.raises(ValueError, match="image_indices must be integers of shape"):
+        model(input_ids=ids, pixel_values=pixel_values, image_indices=image_indices[:, :-1])
+    with pytest.raises(ValueError, match="image_indices must be integers of shape"):
+        model(input_ids=ids, pixel_values=pixel_values, image_indices=image_indices.float())
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 9\); the text has \(2, 10\)"):
+        model(input_ids=ids, pixel_values=pixel_values, attention_mask=torch.ones(2, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"labels has shape \(1, 10\)"):
+        model(input_ids=ids, pixel_values=pixel_values, labels=ids[:1])
+    with pytest.raises(ValueError, match=r"input_ids must have shape \(batch, seq\)"):
+        model(input_ids=ids[0], pixel_values=pixel_values[:1])
+    with pytest.raises(ValueError, match="pixel_values has 1 rows but the text has 2"):  # before beams expand them
+        model.generate(input_ids=ids, pixel_values=pixel_values[:1], num_beams=3, max_new_tokens=2)
+
+
+def test_freeze_for_training_checks_its_arguments_before_changing_anything():
+    model = tiny_model()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    for bad, match in ((["<image>"], "list of token ids"), (401, "list of token ids"), ([1.5], "list of token ids")):
+        with pytest.raises(ValueError, match=match):
+            model.freeze_for_training(new_token_ids=bad)
+    with pytest.raises(ValueError, match="new_token_ids is empty"):
+        model.freeze_for_training(new_token_ids=[])
+    with pytest.raises(ValueError, match="outside the embedding matrix"):
+        model.freeze_for_training(new_token_ids=[10**6])
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == trainable
+    import numpy as np
+
+    model.freeze_for_training(new_token_ids=[np.int64(MEDIA), torch.tensor(EOC)])
+    assert model.new_token_embeddings.weight.shape[0] == 2
 
 
 def test_find_decoder_layers_error():

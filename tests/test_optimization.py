@@ -202,6 +202,9 @@ def test_errors():
         MixedPrecisionAdamW(model.parameters(), lr=torch.ones(2))
     with pytest.raises(ValueError, match="Invalid AdamW hyperparameters"):
         MixedPrecisionAdamW(model.parameters(), betas=(0.9, 1.0))
+    for lr in (-1.0, float("nan")):  # as torch.optim.AdamW: a negative rate would ascend the loss
+        with pytest.raises(ValueError, match="Invalid learning rate"):
+            MixedPrecisionAdamW(model.parameters(), lr=lr)
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs: run with OPENFLAMINGO_TEST_DEVICE=cuda on a GPU")
