@@ -11,6 +11,7 @@ import torch
 from transformers import PretrainedConfig
 
 from .modeling_openflamingo import image_indices_from_input_ids
+from .processing_openflamingo import IMAGE_TOKEN
 
 __all__ = ["OpenFlamingoDataCollator", "attention_mask_without_host_sync", "causal_attention_mask_4d"]
 
@@ -111,6 +112,11 @@ class OpenFlamingoDataCollator:
                 text = text + eos
             texts.append(text)
             images.append([self._load_image(image, index) for image in self._sample_images(feature)])
+            if not images[-1] and IMAGE_TOKEN in text and not {self.image_column, "image"} & set(feature):
+                raise ValueError(
+                    f"Sample {index} has <image> tokens but no {self.image_column!r} (or 'image') field (its keys: "
+                    f"{sorted(feature)}); set image_column."
+                )
         encoding = self.processor(
             images=images,
             text=texts,

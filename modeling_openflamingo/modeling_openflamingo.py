@@ -1369,6 +1369,13 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         else:
             if continuation_mask is not None:
                 raise ValueError("continuation_mask goes with a tensor of continuations, not with lists of ids.")
+            if isinstance(continuations, (str, bytes)) or not all(
+                isinstance(row, (list, tuple)) and all(isinstance(t, int) for t in row) for row in continuations
+            ):
+                raise ValueError(
+                    "continuations must be a list of candidates, each a list of token ids (e.g. "
+                    "`tokenizer(names, add_special_tokens=False)['input_ids']`)."
+                )
             rows = [list(row) for row in continuations]
             if not rows:
                 raise ValueError("continuations is empty: pass at least one candidate.")
@@ -1383,7 +1390,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         empty = (mask[:, 0] == 0).nonzero().flatten().tolist() if ids.shape[1] else list(range(ids.shape[0]))
         if empty:
             raise ValueError(f"Continuations {empty} are empty; every candidate needs at least one token.")
-        return ids, mask
+        if bool((ids.masked_fill(mask == 0, 0) < 0).any()):  # a negative id would index the vocabulary from its end
+            raise ValueError("continuations hold negative token ids (padding belongs in continuation_mask).")
+        return ids.masked_fill(mask == 0, 0), mask
 
     @staticmethod
     def _positions_from_mask(attention_mask: torch.Tensor) -> torch.LongTensor:

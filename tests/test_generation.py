@@ -563,6 +563,10 @@ def test_score_continuations_inputs(loaded, tiny_images):
     )
     with pytest.raises(ValueError, match="needs left-padded prompts"):
         model.score_continuations(**right, continuations=candidates)
+    with pytest.raises(ValueError, match="each a list of token ids"):  # one candidate's ids, not a list of them
+        model.score_continuations(**batch, continuations=candidates[0])
+    with pytest.raises(ValueError, match="negative token ids"):
+        model.score_continuations(**batch, continuations=[[5], [-1]])
 
     # a padded tensor with a mask gives the same scores
     width = max(len(c) for c in candidates)
@@ -572,6 +576,10 @@ def test_score_continuations_inputs(loaded, tiny_images):
         ids[i, : len(c)], mask[i, : len(c)] = torch.tensor(c), 1
     torch.testing.assert_close(
         model.score_continuations(**batch, continuations=ids, continuation_mask=mask), scores, atol=1e-5, rtol=0
+    )
+    padded = ids.masked_fill(mask == 0, -100)  # whatever the padding holds
+    torch.testing.assert_close(
+        model.score_continuations(**batch, continuations=padded, continuation_mask=mask), scores, atol=1e-5, rtol=0
     )
     # single-token candidates need no second forward at all
     counter = CallCounter(embed=model.get_input_embeddings())

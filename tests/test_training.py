@@ -322,8 +322,10 @@ def test_collator_inputs_and_errors(converted, tiny_images, tmp_path):
         OpenFlamingoDataCollator(processor)([{"caption": "x"}])
     with pytest.raises(ValueError, match="cannot read an image"):
         OpenFlamingoDataCollator(processor)([{"images": [3], "text": "<image>x"}])
-    with pytest.raises(ValueError, match="1 <image> tokens but 0 images"):
-        OpenFlamingoDataCollator(processor)([{"text": "<image>x"}])
+    with pytest.raises(ValueError, match=r"Sample 0 has <image> tokens but no 'images' \(or 'image'\) field"):
+        OpenFlamingoDataCollator(processor)([{"text": "<image>x", "photo": tiny_images[0]}])
+    with pytest.raises(ValueError, match="1 <image> tokens but 0 images"):  # the field is there, empty
+        OpenFlamingoDataCollator(processor)([{"text": "<image>x", "images": []}])
 
 
 # ---- Trainer ----
