@@ -954,9 +954,14 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         if pixel_values is not None and image_hidden_states is not None:
             raise ValueError("Pass pixel_values or image_hidden_states, not both.")
         self._check_input_shapes(
-            input_ids, inputs_embeds, attention_mask if past is None else None, pixel_values, image_hidden_states,
-            image_indices, labels,
-        )  # fmt: skip
+            input_ids,
+            inputs_embeds,
+            attention_mask=attention_mask if past is None else None,  # with a cache, the LM checks it
+            pixel_values=pixel_values,
+            image_hidden_states=image_hidden_states,
+            image_indices=image_indices,
+            labels=labels,
+        )
         continuing = past is not None and past.get_seq_length() > 0
         if use_cache is None and past is None and self.training and torch.is_grad_enabled():
             use_cache = False  # a training step has no use for a KV cache (and a compiled block would guard on it)
@@ -1127,7 +1132,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         if torch.is_tensor(input_ids) and not input_ids.is_floating_point() and kwargs.get("inputs_embeds") is None:
             # before the images are encoded or expanded for beams: the errors then name the caller's shapes
             images = (kwargs.get("pixel_values"), kwargs.get("image_hidden_states"))
-            self._check_input_shapes(input_ids, None, None, *images, None, None)
+            self._check_input_shapes(input_ids, None, None, *images, image_indices=None, labels=None)
         encode = self._prepare_images_for_generation(input_ids, kwargs)
         fast = self._generate_static(args, kwargs)  # encodes the images itself, inside its prompt graph
         if fast is not None:
