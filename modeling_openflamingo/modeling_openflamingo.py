@@ -956,7 +956,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         self._check_input_shapes(
             input_ids,
             inputs_embeds,
-            attention_mask=attention_mask if past is None else None,  # with a cache, the LM checks it
+            attention_mask=attention_mask if past is None else None,  # with a cache it spans the cached tokens too
             pixel_values=pixel_values,
             image_hidden_states=image_hidden_states,
             image_indices=image_indices,
