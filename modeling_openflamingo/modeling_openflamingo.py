@@ -1685,6 +1685,27 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             block.compile(**compile_kwargs)
         self._loss_compile_kwargs = dict(compile_kwargs)
 
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        """As `PreTrainedModel.from_pretrained`, except that weights which do not fit the config are an error, not a
+        logged report: a missing tensor would stay randomly initialised (say, a gated block after
+        `cross_attn_every_n_layers` was changed) and an unexpected one would be dropped. With
+        `output_loading_info=True` the model loads anyway and the report is returned, as usual."""
+        if kwargs.get("output_loading_info"):
+            return super().from_pretrained(*args, **kwargs)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
+        if missing or unexpected:
+            where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            gated = any(k.startswith("gated_cross_attn_layers.") for k in (*missing, *unexpected))
+            raise ValueError(
+                f"The weights of {where} do not fit its config: {len(missing)} tensors missing (e.g. {missing[:3]}), "
+                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})."
+                + (" Was cross_attn_every_n_layers (or the LM's depth) changed?" if gated else "")
+                + " Pass output_loading_info=True to load it anyway and inspect the report."
+            )
+        return model
+
     def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
         """[`~PreTrainedModel.save_pretrained`]; rows trained since [`freeze_for_training`] are written into the saved
         embedding matrix (and its tied output copy), so the folder loads as an ordinary model. A `state_dict` passed

@@ -486,6 +486,24 @@ def test_inputs_that_do_not_fit_each_other_are_errors():
         model.generate(input_ids=ids, pixel_values=pixel_values[:1], num_beams=3, max_new_tokens=2)
 
 
+def test_from_pretrained_refuses_weights_that_do_not_fit_the_config(converted, tmp_path):
+    """A changed `cross_attn_every_n_layers` would leave gated blocks random and drop the trained ones: an error,
+    unless the caller asks for the loading report."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(converted("tiny-neox"), folder)  # N=2: blocks before layers 1 and 3
+    config = json.loads((folder / "config.json").read_text())
+    config["cross_attn_every_n_layers"] = 1
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="do not fit its config"):
+        OpenFlamingoForConditionalGeneration.from_pretrained(folder)
+    with pytest.raises(ValueError, match="Was cross_attn_every_n_layers"):
+        AutoModelForImageTextToText.from_pretrained(folder)
+    model, info = AutoModelForImageTextToText.from_pretrained(folder, output_loading_info=True)
+    assert any(k.startswith("gated_cross_attn_layers.0.") for k in info["missing_keys"])
+
+
 def test_freeze_for_training_checks_its_arguments_before_changing_anything():
     model = tiny_model()
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
