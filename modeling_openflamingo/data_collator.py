@@ -112,7 +112,7 @@ class OpenFlamingoDataCollator:
                 text = text + eos
             texts.append(text)
             images.append([self._load_image(image, index) for image in self._sample_images(feature)])
-            if not images[-1] and IMAGE_TOKEN in text and not {self.image_column, "image"} & set(feature):
+            if not images[-1] and IMAGE_TOKEN in text and self._image_key(feature) is None:
                 raise ValueError(
                     f"Sample {index} has <image> tokens but no {self.image_column!r} (or 'image') field (its keys: "
                     f"{sorted(feature)}); set image_column."
@@ -136,8 +136,12 @@ class OpenFlamingoDataCollator:
             )
         return batch
 
+    def _image_key(self, feature: Any) -> str | None:
+        """The sample's images field: `image_column`, else `"image"`; None when it has neither."""
+        return self.image_column if self.image_column in feature else "image" if "image" in feature else None
+
     def _sample_images(self, feature: Any) -> list[Any]:
-        key = self.image_column if self.image_column in feature else "image" if "image" in feature else None
+        key = self._image_key(feature)
         value = feature[key] if key is not None else None
         if value is None:
             return []

@@ -881,11 +881,10 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 f"image_indices must be integers of shape (batch, seq) = {batch_and_seq}; got {image_indices.dtype} "
                 f"{tuple(image_indices.shape)}."
             )
+        # a 4-D attention mask (`causal_attention_mask_4d`) goes to the LM as it is
         for name, tensor in (("attention_mask", attention_mask), ("labels", labels)):
-            if tensor is not None and tensor.ndim == 2 and tuple(tensor.shape) != batch_and_seq:
+            if tensor is not None and (name == "labels" or tensor.ndim == 2) and tuple(tensor.shape) != batch_and_seq:
                 raise ValueError(f"{name} has shape {tuple(tensor.shape)}; the text has {batch_and_seq}.")
-        if labels is not None and labels.ndim != 2:
-            raise ValueError(f"labels must have shape (batch, seq) = {batch_and_seq}; got {tuple(labels.shape)}.")
 
     def _image_indices(self, input_ids: torch.Tensor, num_images: int) -> torch.Tensor:
         if self.config.media_token_id is None:
@@ -1007,7 +1006,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
 
         if pixel_values is not None:
             image_hidden_states = self.get_image_features(pixel_values)
-        elif image_hidden_states is not None and image_hidden_states.is_floating_point():
+        elif image_hidden_states is not None:
             # given features in the dtype of the model's own (the Perceiver's), as `pixel_values` are cast
             image_hidden_states = image_hidden_states.to(self.perceiver.latents.dtype)
         if image_hidden_states is not None:
@@ -1395,9 +1394,10 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         empty = (mask[:, 0] == 0).nonzero().flatten().tolist() if ids.shape[1] else list(range(ids.shape[0]))
         if empty:
             raise ValueError(f"Continuations {empty} are empty; every candidate needs at least one token.")
-        if bool((ids.masked_fill(mask == 0, 0) < 0).any()):  # a negative id would index the vocabulary from its end
+        ids = ids.masked_fill(mask == 0, 0)  # whatever the padding held
+        if bool((ids < 0).any()):  # a negative id would index the vocabulary from its end
             raise ValueError("continuations hold negative token ids (padding belongs in continuation_mask).")
-        return ids.masked_fill(mask == 0, 0), mask
+        return ids, mask
 
     @staticmethod
     def _positions_from_mask(attention_mask: torch.Tensor) -> torch.LongTensor:
