@@ -1497,6 +1497,12 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         num_images = None if images is None else images.tensor.shape[1]
         key = (batch_size, max_len, num_images, eos, num_beams)
         decoders = _STATIC_DECODERS.setdefault(self, {})
+        weights = _weights_placement(self)
+        if _DECODED_WEIGHTS.get(self) != weights:
+            # the weights moved since the decoders were made (`model.to(...)`, tensors replaced): their CUDA graphs
+            # and buffers would read the old memory, in the old dtype
+            decoders.clear()
+            _DECODED_WEIGHTS[self] = weights
         decoder = decoders.get(key)
         if decoder is None:
             while len(decoders) >= 4:
@@ -1871,6 +1877,14 @@ _FAST_DECODE_CONFIG = {
 # model -> {shape key -> decoder}; weak, so that a model and its decoders go together. Not on the model itself, so that
 # `copy.deepcopy` and `save_pretrained` never meet a CUDA graph.
 _STATIC_DECODERS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _StaticDecoder]] = weakref.WeakKeyDictionary()
+# model -> where its weights lay when its decoders were made ([`_weights_placement`])
+_DECODED_WEIGHTS: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+
+
+def _weights_placement(model: nn.Module) -> tuple:
+    """Device, dtype and address of each of `model`'s parameters and buffers: what a CUDA graph captured over them
+    relies on."""
+    return tuple((t.device, t.dtype, t.data_ptr()) for t in (*model.parameters(), *model.buffers()))
 
 
 @dataclass

@@ -288,6 +288,29 @@ def test_decoders_do_not_keep_the_model_alive_and_copies_work(fast_path_on_cpu):
     assert all(r() is None for r in refs)  # the decoders' compiled steps and caches went with them
 
 
+@needs_v5
+def test_decoders_are_remade_when_the_weights_move(fast_path_on_cpu):
+    """`model.to(dtype)` or tensors loaded with `assign=True` put the weights elsewhere: a decoder's CUDA graphs and
+    buffers would read the old memory (on the CPU the old dtype made `index_copy_` fail), so the decoders go."""
+    model = tiny_model("llama")
+    ids, mask, pixel_values = padded_prompt()
+    kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=6, min_new_tokens=6)
+    model.generate(**kw, cache_implementation="static")
+    (first,) = _STATIC_DECODERS[model].values()
+    model.generate(**kw, cache_implementation="static")
+    assert list(_STATIC_DECODERS[model].values()) == [first]  # same weights: reused
+    model.to(torch.float64)
+    kw["pixel_values"] = pixel_values.double()
+    assert_fast_path_equals_generate(model, kw)
+    (second,) = _STATIC_DECODERS[model].values()
+    assert second is not first
+    state = {k: v * 0.5 if v.is_floating_point() else v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)
+    assert_fast_path_equals_generate(model, kw)
+    (third,) = _STATIC_DECODERS[model].values()
+    assert third is not second
+
+
 def test_image_cache_output_is_unchanged_by_the_fast_path_module():
     """The public image cache still carries per-block keys/values and the last image index."""
     model = tiny_model("gpt_neox")
