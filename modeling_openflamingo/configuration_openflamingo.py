@@ -96,6 +96,33 @@ class OpenFlamingoConfig(PretrainedConfig):
                 f"`cross_attn_every_n_layers` must be an int in 1..{layers} (the LM's decoder layers): a gated "
                 f"cross-attention block before every N-th layer; got {cross_attn_every_n_layers!r}."
             )
+        shapes = {
+            "cross_attn_heads": cross_attn_heads,
+            "cross_attn_dim_head": cross_attn_dim_head,
+            "cross_attn_ff_mult": cross_attn_ff_mult,
+            "perceiver_depth": perceiver_depth,
+            "perceiver_heads": perceiver_heads,
+            "perceiver_dim_head": perceiver_dim_head,
+            "perceiver_num_latents": perceiver_num_latents,
+            "perceiver_ff_mult": perceiver_ff_mult,
+        }
+        for name, value in shapes.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"`{name}` must be a positive int; got {value!r}.")
+        vocab_size = getattr(text_config, "vocab_size", None)
+        tokens = {"media_token_id": media_token_id, "eoc_token_id": eoc_token_id, "pad_token_id": pad_token_id}
+        for name, value in tokens.items():
+            if value is not None and (
+                not isinstance(value, int)
+                or isinstance(value, bool)
+                or value < 0
+                or (isinstance(vocab_size, int) and value >= vocab_size)
+            ):
+                raise ValueError(
+                    f"`{name}` must be a token id in 0..{vocab_size - 1 if isinstance(vocab_size, int) else 'vocab'} "
+                    f"(`text_config.vocab_size` = {vocab_size}: the LM's embedding rows); got {value!r}. Resize the "
+                    "LM's vocabulary to the tokenizer's length when the tokens were added to it."
+                )
         # The composite's `use_cache` governs generation (transformers' MptConfig defaults it to False).
         text_config.use_cache = use_cache
         self.use_cache = use_cache

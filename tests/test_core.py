@@ -137,6 +137,16 @@ def test_config_errors():
     for n in (5, 1.5, "2"):
         with pytest.raises(ValueError, match=r"must be an int in 1\.\.4"):
             tiny_config("mpt", n=n)
+    # shapes that would fail later in a reshape, or build empty layers
+    for name, value in (("perceiver_num_latents", 0), ("cross_attn_heads", 0), ("perceiver_depth", 2.0)):
+        with pytest.raises(ValueError, match=f"`{name}` must be a positive int; got {value!r}"):
+            OpenFlamingoConfig(text_config=TEXT_CONFIGS["mpt"](), **{name: value})
+    # token ids outside the LM's embedding rows (403 in the tiny LMs) would fail in the embedding lookup (on CUDA as
+    # a device-side assert)
+    with pytest.raises(ValueError, match=r"`media_token_id` must be a token id in 0\.\.402 .*got 403"):
+        OpenFlamingoConfig(text_config=TEXT_CONFIGS["llama"](), media_token_id=403, eoc_token_id=EOC)
+    with pytest.raises(ValueError, match="`pad_token_id` must be a token id.*got -1"):
+        OpenFlamingoConfig(text_config=TEXT_CONFIGS["gpt_neox"](), pad_token_id=-1)
 
 
 # ---- model semantics ----
