@@ -143,6 +143,24 @@ def test_scaled_dot_product_attention_keeps_the_library_outside_compiled_decodin
     assert query.grad is not None
 
 
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="the kernel's dispatch: run with OPENFLAMINGO_TEST_DEVICE=cuda")
+def test_scaled_dot_product_attention_takes_the_kernel_only_for_its_dtypes(monkeypatch):
+    """The single-query kernel accumulates in fp32: fp64 (a model moved to float64) stays with the library."""
+    calls = []
+    kernel = decoding_kernels.single_query_attention
+    monkeypatch.setattr(decoding_kernels, "single_query_attention", lambda *a: calls.append(a[0].dtype) or kernel(*a))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # as inside the compiled decoding step
+    torch.manual_seed(0)
+    for dtype in (torch.float64, torch.float32):
+        query = torch.randn(2, 4, 1, 16, dtype=dtype, device=DEVICE)
+        key, value = (torch.randn(2, 4, 9, 16, dtype=dtype, device=DEVICE) for _ in range(2))
+        with torch.no_grad():
+            out = decoding_kernels.scaled_dot_product_attention(query, key, value)
+        tolerance = {} if dtype == torch.float64 else _tolerance(dtype)  # fp64: the library's own result
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(query, key, value), **tolerance)
+    assert calls == [torch.float32]
+
+
 def test_a_second_copy_of_the_module_registers_ops_of_its_own():
     """A saved folder's copy of the file, loaded with `trust_remote_code=True` beside the package, imports (custom op
     names are global) and its ops work."""
