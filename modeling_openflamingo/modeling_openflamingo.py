@@ -22,6 +22,7 @@ import copy
 import functools
 import inspect
 import operator
+import sys
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -1497,12 +1498,12 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         num_images = None if images is None else images.tensor.shape[1]
         key = (batch_size, max_len, num_images, eos, num_beams)
         decoders = _STATIC_DECODERS.setdefault(self, {})
-        weights = _weights_placement(self)
-        if _DECODED_WEIGHTS.get(self) != weights:
-            # the weights moved since the decoders were made (`model.to(...)`, tensors replaced): their CUDA graphs
-            # and buffers would read the old memory, in the old dtype
+        state = _decoding_state(self)
+        if _DECODED_STATE.get(self) != state:
+            # the model changed since the decoders were made (`model.to(...)`, tensors replaced, adapters added,
+            # switched or merged, train/eval): their CUDA graphs would replay the old computation on the old memory
             decoders.clear()
-            _DECODED_WEIGHTS[self] = weights
+            _DECODED_STATE[self] = state
         decoder = decoders.get(key)
         if decoder is None:
             while len(decoders) >= 4:
@@ -1877,14 +1878,30 @@ _FAST_DECODE_CONFIG = {
 # model -> {shape key -> decoder}; weak, so that a model and its decoders go together. Not on the model itself, so that
 # `copy.deepcopy` and `save_pretrained` never meet a CUDA graph.
 _STATIC_DECODERS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _StaticDecoder]] = weakref.WeakKeyDictionary()
-# model -> where its weights lay when its decoders were made ([`_weights_placement`])
-_DECODED_WEIGHTS: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+# model -> what its decoders were made over ([`_decoding_state`])
+_DECODED_STATE: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 
-def _weights_placement(model: nn.Module) -> tuple:
-    """Device, dtype and address of each of `model`'s parameters and buffers: what a CUDA graph captured over them
-    relies on."""
-    return tuple((t.device, t.dtype, t.data_ptr()) for t in (*model.parameters(), *model.buffers()))
+def _decoding_state(model: nn.Module) -> tuple:
+    """What a decoder's CUDA graphs, captured over `model`, rely on: which modules run, in which mode (train/eval;
+    for PEFT's layers, the active, disabled and merged adapters), and the address of each of their parameters and
+    buffers (`model.to(...)` and loading with `assign=True` make new tensors while the old ones still exist, so
+    their addresses differ). About a millisecond for a released model's ~900 modules."""
+    state = []
+    for module in model.modules():
+        state.append((id(module), module.training))
+        state.extend([t.data_ptr() for t in module._parameters.values() if t is not None])
+        state.extend([t.data_ptr() for t in module._buffers.values() if t is not None])
+        if _is_peft_layer(type(module)):
+            state.append((tuple(module.active_adapters), module.disable_adapters, tuple(module.merged_adapters)))
+    return tuple(state)
+
+
+@functools.cache
+def _is_peft_layer(cls: type) -> bool:
+    """Whether `cls` is a PEFT adapter layer (a class that exists only once `peft` is imported)."""
+    base = getattr(sys.modules.get("peft.tuners.tuners_utils"), "BaseTunerLayer", None)
+    return base is not None and issubclass(cls, base)
 
 
 @dataclass

@@ -298,7 +298,7 @@ def test_decoders_are_remade_when_the_weights_move(fast_path_on_cpu):
     model.generate(**kw, cache_implementation="static")
     (first,) = _STATIC_DECODERS[model].values()
     model.generate(**kw, cache_implementation="static")
-    assert list(_STATIC_DECODERS[model].values()) == [first]  # same weights: reused
+    assert list(_STATIC_DECODERS[model].values()) == [first]  # nothing changed: reused
     model.to(torch.float64)
     kw["pixel_values"] = pixel_values.double()
     assert_fast_path_equals_generate(model, kw)
@@ -309,6 +309,36 @@ def test_decoders_are_remade_when_the_weights_move(fast_path_on_cpu):
     assert_fast_path_equals_generate(model, kw)
     (third,) = _STATIC_DECODERS[model].values()
     assert third is not second
+
+
+@needs_v5
+def test_decoders_are_remade_when_adapters_change(fast_path_on_cpu):
+    """A CUDA graph replays the computation it captured: LoRA layers added, disabled or merged after a call (and
+    train/eval) change the computation, so the decoders go (on a GPU a stale graph would keep the adapters on)."""
+    peft = pytest.importorskip("peft")
+    model = tiny_model("llama")
+    ids, mask, pixel_values = padded_prompt()
+    kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=6, min_new_tokens=6)
+    plain = assert_fast_path_equals_generate(model, kw)
+    seen = set(_STATIC_DECODERS[model].values())
+    lora = peft.LoraConfig(r=4, target_modules=r"language_model\..*\.(q_proj|v_proj)", init_lora_weights=False)
+    peft_model = peft.get_peft_model(model, lora)
+
+    def check(expected_equal_to_plain: bool) -> None:
+        fast = assert_fast_path_equals_generate(peft_model, kw)
+        assert torch.equal(fast, plain) == expected_equal_to_plain
+        (decoder,) = _STATIC_DECODERS[model].values()
+        assert decoder not in seen
+        seen.add(decoder)
+
+    check(False)  # adapters added
+    with peft_model.disable_adapter():
+        check(True)
+    check(False)  # enabled again
+    peft_model.merge_adapter()  # in place: same addresses, but the LoRA branch no longer runs
+    check(False)
+    model.train()  # the tiny models have no dropout: the same tokens, in a new mode
+    check(False)
 
 
 def test_image_cache_output_is_unchanged_by_the_fast_path_module():
