@@ -1886,14 +1886,21 @@ def _decoding_state(model: nn.Module) -> tuple:
     """What a decoder's CUDA graphs, captured over `model`, rely on: which modules run, in which mode (train/eval;
     for PEFT's layers, the active, disabled and merged adapters), and the address of each of their parameters and
     buffers (`model.to(...)` and loading with `assign=True` make new tensors while the old ones still exist, so
-    their addresses differ). About a millisecond for a released model's ~900 modules."""
-    state = []
-    for module in model.modules():
-        state.append((id(module), module.training))
-        state.extend([t.data_ptr() for t in module._parameters.values() if t is not None])
-        state.extend([t.data_ptr() for t in module._buffers.values() if t is not None])
-        if _is_peft_layer(type(module)):
-            state.append((tuple(module.active_adapters), module.disable_adapters, tuple(module.merged_adapters)))
+    their addresses differ). Flat list comprehensions, not `named_modules()`: ~1 ms for a released model's ~950
+    modules on a GPU machine's host, paid once per `generate` call."""
+    modules = [model]
+    for module in modules:  # breadth-first: the list grows as it is read
+        modules.extend([child for child in module._modules.values() if child is not None])
+    state = [id(module) for module in modules]
+    state += [module.training for module in modules]
+    state += [t.data_ptr() for module in modules for t in module._parameters.values() if t is not None]
+    state += [t.data_ptr() for module in modules for t in module._buffers.values() if t is not None]
+    if "peft" in sys.modules:
+        state += [
+            (tuple(module.active_adapters), module.disable_adapters, tuple(module.merged_adapters))
+            for module in modules
+            if _is_peft_layer(type(module))
+        ]
     return tuple(state)
 
 
