@@ -1880,28 +1880,72 @@ _FAST_DECODE_CONFIG = {
 _STATIC_DECODERS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _StaticDecoder]] = weakref.WeakKeyDictionary()
 # model -> what its decoders were made over ([`_decoding_state`])
 _DECODED_STATE: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+# How many times any module anywhere got a submodule, parameter or buffer set (`setattr`, `register_*`: PEFT's
+# injection, `load_state_dict(assign=True)`), counted by torch's global registration hooks: a model's module walk
+# ([`_ModuleWalk`]) is redone only when it moved.
+_registrations = 0
+
+
+def _count_registration(module: nn.Module, name: str, value: Any) -> None:
+    global _registrations
+    _registrations += 1
+
+
+for _register in (
+    torch.nn.modules.module.register_module_module_registration_hook,
+    torch.nn.modules.module.register_module_parameter_registration_hook,
+    torch.nn.modules.module.register_module_buffer_registration_hook,
+):
+    _register(_count_registration)
+
+
+@dataclass
+class _ModuleWalk:
+    """A model's modules, parameters and PEFT layers, as they were at `registrations`. Weak references to the
+    modules: a hook or a closure in a submodule may reach the model, which must stay collectable."""
+
+    registrations: int
+    ids: tuple[int, ...]
+    modules: list[weakref.ref]
+    parameters: list[torch.Tensor]
+    peft_layers: list[weakref.ref]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> _ModuleWalk:
+        modules = [model]
+        for module in modules:  # breadth-first: the list grows as it is read
+            modules.extend([child for child in module._modules.values() if child is not None])
+        return cls(
+            registrations=_registrations,
+            ids=tuple(id(module) for module in modules),
+            modules=[weakref.ref(module) for module in modules],
+            parameters=[t for module in modules for t in module._parameters.values() if t is not None],
+            peft_layers=[weakref.ref(module) for module in modules if _is_peft_layer(type(module))],
+        )
+
+
+_MODULE_WALKS: weakref.WeakKeyDictionary[nn.Module, _ModuleWalk] = weakref.WeakKeyDictionary()
 
 
 def _decoding_state(model: nn.Module) -> tuple:
     """What a decoder's CUDA graphs, captured over `model`, rely on: which modules run, in which mode (train/eval;
     for PEFT's layers, the active, disabled and merged adapters), and the address of each of their parameters and
     buffers (`model.to(...)` and loading with `assign=True` make new tensors while the old ones still exist, so
-    their addresses differ). Flat list comprehensions, not `named_modules()`: ~1 ms for a released model's ~950
-    modules on a GPU machine's host, paid once per `generate` call."""
-    modules = [model]
-    for module in modules:  # breadth-first: the list grows as it is read
-        modules.extend([child for child in module._modules.values() if child is not None])
-    state = [id(module) for module in modules]
-    state += [module.training for module in modules]
-    state += [t.data_ptr() for module in modules for t in module._parameters.values() if t is not None]
-    state += [t.data_ptr() for module in modules for t in module._buffers.values() if t is not None]
-    if "peft" in sys.modules:
-        state += [
-            (tuple(module.active_adapters), module.disable_adapters, tuple(module.merged_adapters))
-            for module in modules
-            if _is_peft_layer(type(module))
-        ]
-    return tuple(state)
+    their addresses differ). The module tree is walked again only after a registration ([`_registrations`]; an
+    eager forward of some LMs makes one, slicing its `ModuleList`, but the fast path's replays do not); otherwise a
+    call reads the modes and addresses (~0.3 ms for a released model's ~950 modules on a CPU here)."""
+    walk = _MODULE_WALKS.get(model)
+    if walk is None or walk.registrations != _registrations:
+        walk = _MODULE_WALKS[model] = _ModuleWalk.of(model)
+    modules = [ref() for ref in walk.modules]
+    peft_layers = [ref() for ref in walk.peft_layers]
+    return (
+        walk.ids,
+        tuple([module.training for module in modules]),
+        tuple([t.data_ptr() for t in walk.parameters]),
+        tuple([t.data_ptr() for module in modules for t in module._buffers.values() if t is not None]),
+        tuple([(tuple(m.active_adapters), m.disable_adapters, tuple(m.merged_adapters)) for m in peft_layers]),
+    )
 
 
 @functools.cache
