@@ -219,27 +219,39 @@ class OpenFlamingoPerceiverResampler(nn.Module):
 
 def cross_attention_mask(
     image_indices: torch.Tensor, num_latent_tokens: int, latents_per_image: int, only_attend_immediate_media: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which image latents each text token attends to; the same for every gated block, so made once per forward.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Which image latents each text token attends to, as the original's `MaskedCrossAttention` decides it; the same
+    for every gated block, so made once per forward.
+
+    A token's image is its `image_indices` entry (1-based; 0 before the first `<image>`). With
+    `only_attend_immediate_media` it attends to that image's latents; before the first image to none (its output is
+    zero); beyond the images given (after an `<image>` that the model generated) the original's softmax is masked
+    everywhere, hence uniform: the average of every latent. Without it, a token attends to the latents of every image
+    up to its own (all of them beyond the last one); before the first image, masked everywhere again: the average.
 
     Args:
-        image_indices: `(batch, seq)` long, the 1-based number of the image each token sees; 0 for none.
+        image_indices: `(batch, seq)` long.
         num_latent_tokens: `num_images * latents_per_image`, the keys' length.
 
     Returns:
-        `attn_mask` `(batch, 1, seq, num_latent_tokens)` bool (True: attend) and `sees_image` `(batch, seq, 1)` bool.
-        Tokens that see no image attend to everything (so the softmax stays finite). With
-        `only_attend_immediate_media` their output is zeroed with `sees_image`; without it, as the original (which
-        masks every latent for them, a uniform softmax), they average all the latents (their query is zeroed).
+        `attn_mask` `(batch, 1, seq, num_latent_tokens)` bool, True: attend (every latent for the tokens below, so
+        that the softmax stays finite); `keeps_query` `(batch, seq, 1)` bool, False where the softmax is uniform (a
+        zero query: equal scores); `keeps_output` `(batch, seq, 1)` bool, False where the output is zero (`None`
+        without `only_attend_immediate_media`: every output is kept).
     """
     # 1-based image number of every latent: (num_images * num_latents,)
     latent_image = torch.arange(num_latent_tokens, device=image_indices.device) // latents_per_image + 1
+    indices = image_indices.unsqueeze(-1)
     if only_attend_immediate_media:
-        allowed = image_indices.unsqueeze(-1) == latent_image
+        allowed = indices == latent_image
+        uniform = indices > num_latent_tokens // latents_per_image
+        keeps_output = indices > 0
+        attend_all = uniform | ~keeps_output
     else:
-        allowed = image_indices.unsqueeze(-1) >= latent_image
-    sees_image = (image_indices > 0).unsqueeze(-1)
-    return (allowed | ~sees_image).unsqueeze(1), sees_image
+        allowed = indices >= latent_image
+        uniform = attend_all = indices == 0
+        keeps_output = None
+    return (allowed | attend_all).unsqueeze(1), ~uniform, keeps_output
 
 
 def image_indices_from_input_ids(input_ids: torch.Tensor, media_token_id: int, num_images: int) -> torch.Tensor:
@@ -302,27 +314,26 @@ class OpenFlamingoCrossAttention(nn.Module):
         key: torch.Tensor,
         value: torch.Tensor,
         attn_mask: torch.Tensor,
-        sees_image: torch.Tensor,
-        only_attend_immediate_media: bool = True,
+        keeps_query: torch.Tensor,
+        keeps_output: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
             hidden_states: `(batch, seq, dim)` text hidden states.
             key, value: `(batch, heads, num_images * num_latents, dim_head)`, from [`key_values`].
-            attn_mask, sees_image: from [`cross_attention_mask`].
-            only_attend_immediate_media: the config's option. Tokens that see no image get exactly zero with it,
-                the average of all latents without it (as the original's fully masked softmax).
+            attn_mask, keeps_query, keeps_output: from [`cross_attention_mask`].
 
         Returns:
             `(batch, seq, dim)`.
         """
-        q = self.to_q(self.norm(hidden_states))
-        if not only_attend_immediate_media:
-            q = q * sees_image.to(q.dtype)  # a zero query: equal scores, a uniform average over every latent
+        # a zero query (`to_q` has no bias) where the softmax is uniform; the product fuses into the LayerNorm when
+        # compiled
+        normed = self.norm(hidden_states)
+        q = self.to_q(normed * keeps_query.to(normed.dtype))
         # in a compiled decoding step on CUDA: `decoding_kernels`' single-query kernel
         out = _merge_heads(scaled_dot_product_attention(_split_heads(q, self.heads), key, value, attn_mask=attn_mask))
-        if only_attend_immediate_media:
-            out = out * sees_image.to(out.dtype)
+        if keeps_output is not None:
+            out = out * keeps_output.to(out.dtype)
         return self.to_out(out)
 
 
@@ -348,8 +359,8 @@ class OpenFlamingoGatedCrossAttentionBlock(GradientCheckpointingLayer):
         key: torch.Tensor | None = None,
         value: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
-        sees_image: torch.Tensor | None = None,
-        only_attend_immediate_media: bool = True,
+        keeps_query: torch.Tensor | None = None,
+        keeps_output: torch.Tensor | None = None,
         return_key_values: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if return_key_values:
@@ -357,7 +368,7 @@ class OpenFlamingoGatedCrossAttentionBlock(GradientCheckpointingLayer):
             # block's own call, so that FSDP (which shards each block as a unit) gathers the block's parameters.
             return self.attn.key_values(hidden_states)
         if key is not None:
-            attn = self.attn(hidden_states, key, value, attn_mask, sees_image, only_attend_immediate_media)
+            attn = self.attn(hidden_states, key, value, attn_mask, keeps_query, keeps_output)
             hidden_states = attn * self.attn_gate.tanh().to(attn.dtype) + hidden_states
         ff = self.ff(hidden_states)
         return ff * self.ff_gate.tanh().to(ff.dtype) + hidden_states
@@ -374,9 +385,10 @@ class _ActiveCrossAttention:
 
     blocks: nn.ModuleDict
     key_values: dict[str, tuple[torch.Tensor, torch.Tensor]] | None
-    attn_mask: torch.Tensor | None  # from `cross_attention_mask`, shared by every block
-    sees_image: torch.Tensor | None
-    only_attend_immediate_media: bool = True
+    # from `cross_attention_mask`, shared by every block
+    attn_mask: torch.Tensor | None
+    keeps_query: torch.Tensor | None
+    keeps_output: torch.Tensor | None
 
 
 _ACTIVE_CROSS_ATTENTION: contextvars.ContextVar[_ActiveCrossAttention | None] = contextvars.ContextVar(
@@ -422,7 +434,7 @@ class _GatedDecoderLayerMixin:
             name = str(self.flamingo_layer_idx)
             key, value = active.key_values[name] if active.key_values is not None else (None, None)
             block = active.blocks[name]
-            images = (key, value, active.attn_mask, active.sees_image, active.only_attend_immediate_media)
+            images = (key, value, active.attn_mask, active.keeps_query, active.keeps_output)
             if args:
                 args = (block(args[0], *images), *args[1:])
             else:
@@ -1029,9 +1041,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         slice_logits = labels is None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0)
         if slice_logits and self._lm_takes_logits_to_keep:
             lm_kwargs["logits_to_keep"], slice_logits = logits_to_keep, False
-        attn_mask = sees_image = None
+        attn_mask = keeps_query = keeps_output = None
         if key_values:
-            attn_mask, sees_image = cross_attention_mask(
+            attn_mask, keeps_query, keeps_output = cross_attention_mask(
                 image_indices,
                 key_values[0][0].shape[-2],
                 self.config.perceiver_num_latents,
@@ -1041,8 +1053,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             self.gated_cross_attn_layers,
             named_key_values,
             attn_mask,
-            sees_image,
-            self.config.only_attend_immediate_media,
+            keeps_query,
+            keeps_output,
         )
         with _cross_attention_active(active):
             outputs = self.language_model(
@@ -1185,8 +1197,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         """After the prompt, images are not re-encoded: new tokens reuse `image_cache` and see the prompt's last image.
 
         `image_indices` `(batch, prompt_len)` are the prompt's (set by [`generate`]); tokens generated after it get the
-        prompt's last image, `<image>` tokens included (there is no image for a generated `<image>`). So a step with
-        the LM cache and a full forward without it (`use_cache=False`) agree.
+        prompt's last image, or, after a generated `<image>`, the next one (there is no image for it: the average of
+        every latent, as in the original's forward over the whole sequence). So a step with the LM cache and a full
+        forward without it (`use_cache=False`) agree.
         """
         # `inputs_embeds` named in the signature: `generate` takes them only from a model whose signature has them
         model_inputs = super().prepare_inputs_for_generation(input_ids, *args, inputs_embeds=inputs_embeds, **kwargs)
@@ -1199,7 +1212,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         if image_indices is not None:
             grown = input_ids.shape[-1] - image_indices.shape[-1]
             if grown > 0:
-                image_indices = torch.cat((image_indices, image_indices[:, -1:].expand(-1, grown)), dim=-1)
+                image_indices = torch.cat((image_indices, self._generated_image_indices(image_indices, input_ids)), -1)
             # a copy with the same strides at every step, as `input_ids`: a compiled step would recompile on new strides
             model_inputs["image_indices"] = image_indices[:, image_indices.shape[-1] - new_tokens :].clone(
                 memory_format=torch.contiguous_format
@@ -1211,6 +1224,16 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             if image_indices is None:
                 model_inputs["image_indices"] = image_cache.last_image_index.unsqueeze(-1).expand(-1, new_tokens)
         return model_inputs
+
+    def _generated_image_indices(self, image_indices: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """The image of each token that `input_ids` `(batch, seq)` hold beyond the prompt's `image_indices`: the
+        prompt's last image; after a generated `<image>`, the next one, as one forward over the whole sequence counts
+        them (the original's; beyond the images given, the average of every latent: [`cross_attention_mask`])."""
+        generated = input_ids[:, image_indices.shape[-1] :]
+        last = image_indices[:, -1:]
+        if self.config.media_token_id is None:
+            return last.expand_as(generated)
+        return last + (generated == self.config.media_token_id).cumsum(dim=-1)
 
     def _expand_inputs_for_generation(
         self,
@@ -1888,7 +1911,10 @@ _registrations = 0
 
 def _count_registration(module: nn.Module, name: str, value: Any) -> None:
     global _registrations
-    _registrations += 1
+    # not inside a compiled function (an LM's forward may slice its `ModuleList`, which registers the layers in a new
+    # one): dynamo would guard on the count and recompile at every call
+    if not torch.compiler.is_compiling():
+        _registrations += 1
 
 
 for _register in (
@@ -2034,7 +2060,8 @@ class _StaticDecoder:
         self.token = torch.zeros(rows, 1, **long)
         self.position_ids = torch.zeros(rows, 1, **long)
         self.attention_mask = torch.ones(rows, max_len, **long)
-        self.image_indices = torch.zeros(rows, 1, **long)
+        self.image_indices = torch.zeros(rows, 1, **long)  # the image of each row's next input token
+        self.media_token_id = model.config.media_token_id
         self.key_values = None
         if num_images is not None:  # (rows, heads, images * latents, dim_head) per block, as `key_values` makes them
             config = model.config
@@ -2085,6 +2112,13 @@ class _StaticDecoder:
         eos_scores = scores.index_select(1, self.eos_token_ids)
         too_early = self.step < self.min_new_tokens
         return scores.index_copy(1, self.eos_token_ids, eos_scores.masked_fill(too_early, float("-inf")))
+
+    def _next_image_indices(self, image_indices: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The image of `tokens` `(rows, 1)` as inputs, after `image_indices` (the tokens before them): a generated
+        `<image>` starts the next one ([`OpenFlamingoForConditionalGeneration._generated_image_indices`])."""
+        if self.media_token_id is None:
+            return image_indices
+        return image_indices + (tokens == self.media_token_id).long()
 
     def _ends(self, tokens: torch.Tensor) -> torch.Tensor:
         """Which of `tokens` end a sequence (not `torch.isin`: with many end ids it sorts, and syncs with the host,
@@ -2229,6 +2263,7 @@ class _StaticGreedyDecoder(_StaticDecoder):
             self.finished_at.copy_(torch.where(ends, self.step, self.finished_at))
             self.unfinished &= ~ends
         self.token.copy_(next_tokens.unsqueeze(1))
+        self.image_indices.copy_(self._next_image_indices(self.image_indices, self.token))
         self.step.add_(1)
 
     def _start(self, max_new_tokens: int, pad_token_id: int) -> None:
@@ -2361,8 +2396,9 @@ class _StaticBeamDecoder(_StaticDecoder):
         # each continuing beam's KV cache rows are those of the beam it extends; its next input, its new token
         source_rows = (_gather_beams(source, keep) + self.first_row).flatten()
         self.token.copy_(running_tokens.index_select(2, step).view(-1, 1))
+        image_indices = self._next_image_indices(self.image_indices.index_select(0, source_rows), self.token)
         self.step.add_(1)
-        new_state = (running_tokens, running_scores, tokens, lengths, is_finished, scores, can_improve)
+        new_state = (running_tokens, running_scores, tokens, lengths, is_finished, scores, can_improve, image_indices)
         return (*new_state, done, source_rows)
 
     def _commit(self, selected: tuple[torch.Tensor, ...]) -> None:
@@ -2376,6 +2412,7 @@ class _StaticBeamDecoder(_StaticDecoder):
             self.is_finished,
             self.scores,
             self.can_improve,
+            self.image_indices,
         )
         for tensor, new in zip(state, new_state, strict=True):
             tensor.copy_(new)

@@ -369,12 +369,14 @@ def _original_masked_cross_attention(attn, x, latents, media_locations, only_att
 @pytest.mark.parametrize("only_attend_immediate_media", [True, False])
 def test_cross_attention_equals_the_originals_formula(only_attend_immediate_media):
     """Tokens before a row's first image included: zero with only_attend_immediate_media, else the uniform average
-    of every latent (padding images' too) that the original's fully masked softmax gives them."""
+    of every latent (padding images' too) that the original's fully masked softmax gives them; and tokens after more
+    `<image>`s than images (as after an `<image>` the model generated): the uniform average with
+    only_attend_immediate_media (no latent is that image's), every image without it."""
     model = tiny_model(only_attend_immediate_media=only_attend_immediate_media)
     ids, pixel_values = inputs(batch=2, seq=12, images=3)
     ids[0, 0], ids[0, 3] = 5, MEDIA  # row 0: text, then two images (and one padding image)
-    ids[1, 0] = 5  # row 1: its images at 6 and 8
-    ids[1, 8] = MEDIA
+    ids[1, 0] = 5  # row 1: its images at 6, 8, 9 and a 4th <image> at 10 (3 images given)
+    ids[1, 8] = ids[1, 9] = ids[1, 10] = MEDIA
     block = next(iter(model.gated_cross_attn_layers.values()))
     with torch.no_grad():
         latents = model.get_image_features(pixel_values)
@@ -382,12 +384,18 @@ def test_cross_attention_equals_the_originals_formula(only_attend_immediate_medi
         expected = _original_masked_cross_attention(block.attn, x, latents, ids == MEDIA, only_attend_immediate_media)
         key, value = block.attn.key_values(latents)
         image_indices = (ids == MEDIA).cumsum(-1)
-        mask, sees_image = cross_attention_mask(
+        masks = cross_attention_mask(
             image_indices, key.shape[-2], model.config.perceiver_num_latents, only_attend_immediate_media
         )
-        got = block.attn(x, key, value, mask, sees_image, only_attend_immediate_media)
+        got = block.attn(x, key, value, *masks)
+        # the uniform average by hand: every latent's value, equally weighted
+        average = block.attn.to_out(value.mean(dim=-2).flatten(1)).unsqueeze(1)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert (got[0, :3] == 0).all() == only_attend_immediate_media
+    if only_attend_immediate_media:  # row 1 after its 4th <image>
+        torch.testing.assert_close(got[1, 10:], average[1].expand(2, -1))
+    else:  # before the first image
+        torch.testing.assert_close(got[:, 0], average[:, 0])
 
 
 def test_text_before_the_first_image_gets_no_cross_attention():

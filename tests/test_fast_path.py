@@ -289,6 +289,24 @@ def test_decoders_do_not_keep_the_model_alive_and_copies_work(fast_path_on_cpu):
 
 
 @needs_v5
+# the <image> row of the output layer scaled so that <image> is generated at some steps, and the tokens after it
+# differ from those that the prompt's last image would give
+@pytest.mark.parametrize(("num_beams", "scale"), [(1, -4.0), (3, -6.0)])
+def test_fast_path_counts_a_generated_image_token_as_generate_does(num_beams, scale, fast_path_on_cpu):
+    """A generated `<image>` starts the next image (here beyond the images given: the average of every latent) on
+    the fast path as in `generate`, beams reordered with their image counts."""
+    model = tiny_model("llama")  # an output layer of its own: the <image> row can be scaled alone
+    with torch.no_grad():
+        model.get_output_embeddings().weight[MEDIA] *= scale
+    ids, mask, pixel_values = padded_prompt()
+    kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=8, min_new_tokens=8, num_beams=num_beams)
+    expected = model.generate(**kw)
+    generated = expected[:, ids.shape[1] : -1] == MEDIA
+    assert generated.any() and not generated.all()
+    assert torch.equal(model.generate(**kw, cache_implementation="static"), expected)
+
+
+@needs_v5
 def test_decoders_are_remade_when_the_weights_move(fast_path_on_cpu):
     """`model.to(dtype)` or tensors loaded with `assign=True` put the weights elsewhere: a decoder's CUDA graphs and
     buffers would read the old memory (on the CPU the old dtype made `index_copy_` fail), so the decoders go."""

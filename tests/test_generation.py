@@ -370,11 +370,14 @@ def test_logits_processors_and_generation_config(loaded, reference):
 
 
 @pytest.mark.parametrize("family", ["tiny-mpt-1b-redpajama-200b", "tiny-neox"])
-def test_generated_image_token_is_text_and_keeps_the_prompts_last_image(family, loaded, reference):
-    """A generated `<image>` has no image: it and the tokens after it see the prompt's last image (none if none).
+def test_generated_image_token_counts_as_the_next_image_as_in_one_forward(family, loaded, reference):
+    """A generated `<image>` has no image: as in the original's forward over the whole sequence (its generation
+    without a KV cache, as MPT's and MosaicGPT's configs ask), it starts image `num_images + 1`, which no latent
+    belongs to, so it and the tokens after it attend to every latent equally.
 
-    (The original re-reads media locations from each step's input: after a generated `<image>` its row attends to
-    image 1 and the other rows of the batch to no image at all; that is a side effect, not a design, and not copied.)
+    (With a KV cache the original re-reads media locations from each step's input instead: after a generated
+    `<image>` its row attends to image 1 and the other rows of the batch to no image at all; a side effect of its
+    cached layers' state, not copied.)
     """
     model, processor = loaded(family)
     spec, ref = reference(family)
@@ -389,9 +392,10 @@ def test_generated_image_token_is_text_and_keeps_the_prompts_last_image(family, 
         **inputs, max_new_tokens=steps, min_new_tokens=steps, logits_processor=force, use_cache=False
     )
     assert torch.equal(uncached, out)
-    # every later token is the argmax of a full forward in which the generated tokens see the prompt's last image
-    prompt_indices = (inputs["input_ids"] == media).cumsum(-1)
-    indices = torch.cat((prompt_indices, prompt_indices[:, -1:].expand(-1, steps - 1)), dim=1)
+    # every later token is the argmax of one forward over the sequence, its <image> tokens counted as the original
+    # counts them (the prompt's images, then a 4th)
+    indices = (out[:, :-1] == media).cumsum(-1)
+    assert (indices[:, prompt_len + forced_step :] == inputs["pixel_values"].shape[1] + 1).all()
     mask = torch.cat((inputs["attention_mask"], torch.ones(2, steps - 1, dtype=torch.long)), dim=1)
     with torch.no_grad():
         logits = model(
@@ -401,6 +405,16 @@ def test_generated_image_token_is_text_and_keeps_the_prompts_last_image(family, 
             image_indices=indices,
             position_ids=positions(mask),
         ).logits[:, prompt_len - 1 :]
+        # not the prompt's last image any more: that forward's tokens differ
+        kept = indices.clamp(max=inputs["pixel_values"].shape[1])
+        logits_kept = model(
+            input_ids=out[:, :-1],
+            attention_mask=mask,
+            pixel_values=inputs["pixel_values"],
+            image_indices=kept,
+            position_ids=positions(mask),
+        ).logits[:, prompt_len - 1 :]
+    assert not torch.allclose(logits[:, forced_step + 1 :], logits_kept[:, forced_step + 1 :])
     logits[..., eoc] = -float("inf")
     for t in range(steps):
         if t != forced_step:
