@@ -943,8 +943,11 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             image_hidden_states (`torch.FloatTensor` of shape `(batch_size, num_images, num_latents, dim)`, *optional*):
                 Already encoded images ([`get_image_features`]), instead of `pixel_values`.
             image_indices (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
-                For each token, the 1-based number of the image it attends to (0: none). By default, the latest
-                `<image>` at or before the token; when continuing from a cache, the last image of the prompt.
+                For each token, the 1-based number of the latest `<image>` at or before it (0: none), whose image it
+                attends to (with `only_attend_immediate_media`; without it, every image up to it). A number beyond
+                the images given (after an `<image>` that `generate` produced) attends to every latent equally, as
+                the original. By default made from `input_ids`; when continuing from a cache, counted on from the
+                prompt's last image.
             image_cache (`OpenFlamingoImageCache`, *optional*):
                 `output.image_cache` of an earlier call on the same rows: the cross-attention keys and values over the
                 images, reused instead of recomputed. Pass it with `past_key_values` to continue a sequence.
