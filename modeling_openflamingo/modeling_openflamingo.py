@@ -1930,13 +1930,14 @@ for _register in (
 
 @dataclass
 class _ModuleWalk:
-    """A model's modules, parameters and PEFT layers, as they were at `registrations`. Weak references to the
-    modules: a hook or a closure in a submodule may reach the model, which must stay collectable."""
+    """A model's modules, parameters and PEFT layers, as they were at `registrations`. Weak references: a hook or a
+    closure in a submodule may reach the model, which must stay collectable, and parameters replaced since (loading
+    with `assign=True`) must not be kept alive."""
 
     registrations: int
     ids: tuple[int, ...]
     modules: list[weakref.ref]
-    parameters: list[torch.Tensor]
+    parameters: list[weakref.ref]
     peft_layers: list[weakref.ref]
 
     @classmethod
@@ -1948,7 +1949,7 @@ class _ModuleWalk:
             registrations=_registrations,
             ids=tuple(id(module) for module in modules),
             modules=[weakref.ref(module) for module in modules],
-            parameters=[t for module in modules for t in module._parameters.values() if t is not None],
+            parameters=[weakref.ref(t) for module in modules for t in module._parameters.values() if t is not None],
             peft_layers=[weakref.ref(module) for module in modules if _is_peft_layer(type(module))],
         )
 
@@ -1971,7 +1972,7 @@ def _decoding_state(model: nn.Module) -> tuple:
     return (
         walk.ids,
         tuple([module.training for module in modules]),
-        tuple([t.data_ptr() for t in walk.parameters]),
+        tuple([t.data_ptr() if (t := ref()) is not None else -1 for ref in walk.parameters]),
         tuple([t.data_ptr() for module in modules for t in module._buffers.values() if t is not None]),
         tuple([(tuple(m.active_adapters), m.disable_adapters, tuple(m.merged_adapters)) for m in peft_layers]),
     )

@@ -323,7 +323,10 @@ def test_decoders_are_remade_when_the_weights_move(fast_path_on_cpu):
     (second,) = _STATIC_DECODERS[model].values()
     assert second is not first
     state = {k: v * 0.5 if v.is_floating_point() else v.clone() for k, v in model.state_dict().items()}
+    replaced = weakref.ref(model.get_output_embeddings().weight)
     model.load_state_dict(state, assign=True)
+    gc.collect()
+    assert replaced() is None  # nothing of the fast path keeps replaced weights alive
     assert_fast_path_equals_generate(model, kw)
     (third,) = _STATIC_DECODERS[model].values()
     assert third is not second
