@@ -397,23 +397,20 @@ def test_generated_image_token_counts_as_the_next_image_as_in_one_forward(family
     indices = (out[:, :-1] == media).cumsum(-1)
     assert (indices[:, prompt_len + forced_step :] == inputs["pixel_values"].shape[1] + 1).all()
     mask = torch.cat((inputs["attention_mask"], torch.ones(2, steps - 1, dtype=torch.long)), dim=1)
-    with torch.no_grad():
-        logits = model(
-            input_ids=out[:, :-1],
-            attention_mask=mask,
-            pixel_values=inputs["pixel_values"],
-            image_indices=indices,
-            position_ids=positions(mask),
-        ).logits[:, prompt_len - 1 :]
-        # not the prompt's last image any more: that forward's tokens differ
-        kept = indices.clamp(max=inputs["pixel_values"].shape[1])
-        logits_kept = model(
-            input_ids=out[:, :-1],
-            attention_mask=mask,
-            pixel_values=inputs["pixel_values"],
-            image_indices=kept,
-            position_ids=positions(mask),
-        ).logits[:, prompt_len - 1 :]
+
+    def new_token_logits(image_indices: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(
+                input_ids=out[:, :-1],
+                attention_mask=mask,
+                pixel_values=inputs["pixel_values"],
+                image_indices=image_indices,
+                position_ids=positions(mask),
+            ).logits[:, prompt_len - 1 :]
+
+    logits = new_token_logits(indices)
+    # not the prompt's last image any more: that forward's tokens differ
+    logits_kept = new_token_logits(indices.clamp(max=inputs["pixel_values"].shape[1]))
     assert not torch.allclose(logits[:, forced_step + 1 :], logits_kept[:, forced_step + 1 :])
     logits[..., eoc] = -float("inf")
     for t in range(steps):
