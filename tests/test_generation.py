@@ -102,7 +102,13 @@ def make_row_batch(tiny_images):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# Made like the four (open_flamingo 2.0.1, transformers 4.33.3, open-clip-torch 2.20.0; seed 6, N=2, images of modes
+# RGBA, P with alpha, LA, L): its greedy output generates <image>, after which the original (MPT: no KV cache, one
+# forward over the whole sequence per step) attends to every latent equally.
+GENERATES_IMAGE = "tiny-mpt-s6-n2-generates-image"
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, GENERATES_IMAGE])
 def test_greedy_and_beam_search_match_reference(family, loaded, reference):
     """Token ids of the original's `generate` (greedy, and beam search with 3 beams), exactly.
 
@@ -123,6 +129,9 @@ def test_greedy_and_beam_search_match_reference(family, loaded, reference):
             num_beams=settings["num_beams"],
         )
         assert torch.equal(out, ref[name]), (name, out[:, -settings["max_new_tokens"] :], ref[name][:, -8:])
+    if family == GENERATES_IMAGE:
+        prompt_len = ref["input_ids_left"].shape[1]
+        assert (ref["greedy"][:, prompt_len:-1] == spec["media_token_id"]).any()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
