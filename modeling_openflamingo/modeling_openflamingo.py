@@ -276,6 +276,15 @@ def image_indices_from_input_ids(input_ids: torch.Tensor, media_token_id: int, n
     return image_indices
 
 
+def _image_indices_after(last: torch.Tensor, tokens: torch.Tensor, media_token_id: int | None) -> torch.Tensor:
+    """The image of each of `tokens` `(batch, n)`, generated after a token whose image is `last` `(batch, 1)`: the
+    same; after a generated `<image>`, the next one, as one forward over the whole sequence counts them (the
+    original's; beyond the images given, the average of every latent: [`cross_attention_mask`])."""
+    if media_token_id is None:
+        return last.expand_as(tokens)
+    return last + (tokens == media_token_id).cumsum(dim=-1)
+
+
 def gets_weight_decay(parameter_name: str) -> bool:
     """Whether the original's training script decays this parameter (a name of ours, possibly under a wrapper's prefix).
 
@@ -1215,7 +1224,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         if image_indices is not None:
             grown = input_ids.shape[-1] - image_indices.shape[-1]
             if grown > 0:
-                image_indices = torch.cat((image_indices, self._generated_image_indices(image_indices, input_ids)), -1)
+                generated = input_ids[:, -grown:]
+                after = _image_indices_after(image_indices[:, -1:], generated, self.config.media_token_id)
+                image_indices = torch.cat((image_indices, after), dim=-1)
             # a copy with the same strides at every step, as `input_ids`: a compiled step would recompile on new strides
             model_inputs["image_indices"] = image_indices[:, image_indices.shape[-1] - new_tokens :].clone(
                 memory_format=torch.contiguous_format
@@ -1227,16 +1238,6 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             if image_indices is None:
                 model_inputs["image_indices"] = image_cache.last_image_index.unsqueeze(-1).expand(-1, new_tokens)
         return model_inputs
-
-    def _generated_image_indices(self, image_indices: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """The image of each token that `input_ids` `(batch, seq)` hold beyond the prompt's `image_indices`: the
-        prompt's last image; after a generated `<image>`, the next one, as one forward over the whole sequence counts
-        them (the original's; beyond the images given, the average of every latent: [`cross_attention_mask`])."""
-        generated = input_ids[:, image_indices.shape[-1] :]
-        last = image_indices[:, -1:]
-        if self.config.media_token_id is None:
-            return last.expand_as(generated)
-        return last + (generated == self.config.media_token_id).cumsum(dim=-1)
 
     def _expand_inputs_for_generation(
         self,
@@ -1965,9 +1966,10 @@ def _decoding_state(model: nn.Module) -> tuple:
     eager forward of some LMs makes one, slicing its `ModuleList`, but the fast path's replays do not); otherwise a
     call reads the modes and addresses (~0.3 ms for a released model's ~950 modules on a CPU here)."""
     walk = _MODULE_WALKS.get(model)
-    if walk is None or walk.registrations != _registrations:
+    modules = [ref() for ref in walk.modules] if walk is not None and walk.registrations == _registrations else [None]
+    if None in modules:  # no walk yet, a registration since, or a module of it gone (`del`, which registers nothing)
         walk = _MODULE_WALKS[model] = _ModuleWalk.of(model)
-    modules = [ref() for ref in walk.modules]
+        modules = [ref() for ref in walk.modules]
     peft_layers = [ref() for ref in walk.peft_layers]
     return (
         walk.ids,
@@ -2117,13 +2119,6 @@ class _StaticDecoder:
         too_early = self.step < self.min_new_tokens
         return scores.index_copy(1, self.eos_token_ids, eos_scores.masked_fill(too_early, float("-inf")))
 
-    def _next_image_indices(self, image_indices: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """The image of `tokens` `(rows, 1)` as inputs, after `image_indices` (the tokens before them): a generated
-        `<image>` starts the next one ([`OpenFlamingoForConditionalGeneration._generated_image_indices`])."""
-        if self.media_token_id is None:
-            return image_indices
-        return image_indices + (tokens == self.media_token_id).long()
-
     def _ends(self, tokens: torch.Tensor) -> torch.Tensor:
         """Which of `tokens` end a sequence (not `torch.isin`: with many end ids it sorts, and syncs with the host,
         which no CUDA graph could hold)."""
@@ -2267,7 +2262,7 @@ class _StaticGreedyDecoder(_StaticDecoder):
             self.finished_at.copy_(torch.where(ends, self.step, self.finished_at))
             self.unfinished &= ~ends
         self.token.copy_(next_tokens.unsqueeze(1))
-        self.image_indices.copy_(self._next_image_indices(self.image_indices, self.token))
+        self.image_indices.copy_(_image_indices_after(self.image_indices, self.token, self.media_token_id))
         self.step.add_(1)
 
     def _start(self, max_new_tokens: int, pad_token_id: int) -> None:
@@ -2400,7 +2395,8 @@ class _StaticBeamDecoder(_StaticDecoder):
         # each continuing beam's KV cache rows are those of the beam it extends; its next input, its new token
         source_rows = (_gather_beams(source, keep) + self.first_row).flatten()
         self.token.copy_(running_tokens.index_select(2, step).view(-1, 1))
-        image_indices = self._next_image_indices(self.image_indices.index_select(0, source_rows), self.token)
+        previous = self.image_indices.index_select(0, source_rows)  # the image counts of the beams they extend
+        image_indices = _image_indices_after(previous, self.token, self.media_token_id)
         self.step.add_(1)
         new_state = (running_tokens, running_scores, tokens, lengths, is_finished, scores, can_improve, image_indices)
         return (*new_state, done, source_rows)
