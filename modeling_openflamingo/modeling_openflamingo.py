@@ -249,7 +249,7 @@ def cross_attention_mask(
         attend_all = uniform | ~keeps_output
     else:
         allowed = indices >= latent_image
-        uniform = attend_all = indices == 0
+        uniform = attend_all = indices <= 0  # (negative values are refused on the CPU; on a device, as 0)
         keeps_output = None
     return (allowed | attend_all).unsqueeze(1), ~uniform, keeps_output
 
@@ -865,7 +865,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         image_indices: torch.Tensor | None,
         labels: torch.Tensor | None,
     ) -> None:
-        """Shapes and dtypes of the inputs against each other (host-side metadata only: no device sync)."""
+        """Shapes and dtypes of the inputs against each other (host-side metadata, and values only of CPU tensors: no
+        device sync)."""
         if input_ids is not None and input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape (batch, seq); got {tuple(input_ids.shape)}.")
         if inputs_embeds is not None and inputs_embeds.ndim != 3:
@@ -902,6 +903,16 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             raise ValueError(
                 f"image_indices must be integers of shape (batch, seq) = {batch_and_seq}; got {image_indices.dtype} "
                 f"{tuple(image_indices.shape)}."
+            )
+        if (
+            image_indices is not None
+            and image_indices.device.type == "cpu"  # elsewhere a read of the values would be a device sync
+            and not torch.compiler.is_compiling()
+            and bool((image_indices < 0).any())
+        ):
+            raise ValueError(
+                "image_indices must be >= 0: for each token the 1-based number of the latest <image> at or before it, "
+                f"0 before the first one; got a minimum of {int(image_indices.min())}."
             )
         # a 4-D attention mask (`causal_attention_mask_4d`) goes to the LM as it is
         for name, tensor in (("attention_mask", attention_mask), ("labels", labels)):
@@ -955,8 +966,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 For each token, the 1-based number of the latest `<image>` at or before it (0: none), whose image it
                 attends to (with `only_attend_immediate_media`; without it, every image up to it). A number beyond
                 the images given (after an `<image>` that `generate` produced) attends to every latent equally, as
-                the original. By default made from `input_ids`; when continuing from a cache, counted on from the
-                prompt's last image.
+                the original. Negative values are an error (checked when the tensor is on the CPU; on a device that
+                would be a sync, and they act as 0). By default made from `input_ids`; when continuing from a cache,
+                counted on from the prompt's last image.
             image_cache (`OpenFlamingoImageCache`, *optional*):
                 `output.image_cache` of an earlier call on the same rows: the cross-attention keys and values over the
                 images, reused instead of recomputed. Pass it with `past_key_values` to continue a sequence.

@@ -396,6 +396,22 @@ def test_cross_attention_equals_the_originals_formula(only_attend_immediate_medi
         torch.testing.assert_close(got[1, 10:], average[1].expand(2, -1))
     else:  # before the first image
         torch.testing.assert_close(got[:, 0], average[:, 0])
+    # a negative index (the forward refuses it on the CPU; on a device it is not read) is as 0: finite, no NaN
+    with torch.no_grad():
+        latents_per_image = model.config.perceiver_num_latents
+        as_zero = block.attn(
+            x,
+            key,
+            value,
+            *cross_attention_mask(0 * image_indices, key.shape[-2], latents_per_image, only_attend_immediate_media),
+        )
+        negative = block.attn(
+            x,
+            key,
+            value,
+            *cross_attention_mask(-1 - image_indices, key.shape[-2], latents_per_image, only_attend_immediate_media),
+        )
+    torch.testing.assert_close(negative, as_zero, rtol=0, atol=0)
 
 
 def test_text_before_the_first_image_gets_no_cross_attention():
@@ -494,6 +510,8 @@ def test_inputs_that_do_not_fit_each_other_are_errors():
         model(input_ids=ids, pixel_values=pixel_values, image_indices=image_indices[:, :-1])
     with pytest.raises(ValueError, match="image_indices must be integers of shape"):
         model(input_ids=ids, pixel_values=pixel_values, image_indices=image_indices.float())
+    with pytest.raises(ValueError, match="image_indices must be >= 0.*got a minimum of -1"):
+        model(input_ids=ids, pixel_values=pixel_values, image_indices=image_indices.clone().fill_(-1))
     with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 9\); the text has \(2, 10\)"):
         model(input_ids=ids, pixel_values=pixel_values, attention_mask=torch.ones(2, 9, dtype=torch.long))
     with pytest.raises(ValueError, match=r"labels has shape \(1, 10\)"):
