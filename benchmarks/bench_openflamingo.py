@@ -447,8 +447,15 @@ def write_profile(fn: Callable[[], Any], filename: str) -> None:
         sync()
     table = prof.key_averages().table(sort_by=f"self_{DEV}_time_total", row_limit=60, max_name_column_width=70)
     cpu_table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=70)
-    with open(os.path.join(os.environ.get("OUT", "."), filename), "w") as f:
+    out = os.environ.get("OUT", ".")
+    with open(os.path.join(out, filename), "w") as f:
         f.write(table + "\n\n" + cpu_table)
+    # every kernel, not only the table's first rows: for sums by kind (GEMMs, attention, fused elementwise, ...)
+    with open(os.path.join(out, filename.removesuffix(".txt") + "_kernels.tsv"), "w") as f:
+        f.write("name\tcalls\tself_device_us\n")
+        for event in sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total):
+            if event.self_device_time_total > 0:
+                f.write(f"{event.key}\t{event.count}\t{event.self_device_time_total:.1f}\n")
     print(table, flush=True)
 
 

@@ -65,3 +65,30 @@ def test_report_names_the_decoding_kernels_and_the_gpu_of_a_ratio_against_the_re
     assert h200[4] == "358.0" and h200[5] == "20.0x (vs recorded), ours on an NVIDIA H200"
     library_best = row(job("c", "triton", "NVIDIA H100 80GB HBM3", 179.0), job("d", "library", "NVIDIA H100", 358.0))
     assert library_best[4] == "358.0 (compiled, library decoding kernels)" and library_best[5] == "20.0x (vs recorded)"
+
+
+def test_kernels_by_kind_sums_a_profiles_kernels(tmp_path):
+    """`benchmarks/kernels_by_kind.py`: the kernels of a `*_kernels.tsv` (written next to a profile) summed by kind."""
+    tsv = tmp_path / "profile_kernels.tsv"
+    tsv.write_text(
+        "name\tcalls\tself_device_us\n"
+        "nvjet_sm90_tst_256x160_64x4_2x1_v_bz_coopA_NNT\t177\t18499.0\n"
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16\t32\t3869.0\n"
+        "triton_poi_fused_14\t2\t768.0\n"
+        "triton_red_fused__to_copy_add_native_layer_norm_view_3\t32\t702.5\n"
+        "triton_poi_fused_gelu_gelu_backward_view_0\t32\t1475.0\n"
+        "triton_poi_fused_add_view_3\t24\t670.0\n"
+        "memset32\t2\t10.5\n"
+    )
+    command = [sys.executable, str(ROOT / "benchmarks" / "kernels_by_kind.py"), str(tsv)]
+    lines = subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()
+    assert lines[0].endswith("26.0 ms of kernels")
+    assert "18.50 ms" in lines[1] and "177 kernels  GEMMs" in lines[1]  # largest first
+    by_kind = {line.split("kernels  ")[1]: line.split(" ms")[0].strip() for line in lines[1:]}
+    assert len(by_kind) == 7
+    assert by_kind["attention (cuDNN)"] == "3.87"
+    assert next(ms for kind, ms in by_kind.items() if kind.startswith("optimizer")) == "0.77"
+    assert next(ms for kind, ms in by_kind.items() if kind.startswith("LayerNorms")) == "0.70"
+    assert next(ms for kind, ms in by_kind.items() if kind.startswith("GELU")) == "1.48"
+    assert by_kind["other inductor kernels"] == "0.67"
+    assert next(ms for kind, ms in by_kind.items() if kind.startswith("other eager")) == "0.01"
