@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             cache_dir=args.cache_dir,
             progress=not args.no_progress,
         )
-    except (ConversionError, OSError) as error:
+    except (ConversionError, OSError, ValueError) as error:  # ValueError: a config that cannot be (e.g. its N)
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"Wrote {out}")

@@ -39,7 +39,12 @@ from modeling_openflamingo.checkpoint_conversion import (  # noqa: E402
     raise_on_termination,
 )
 from modeling_openflamingo.conversion_hub import push_folder_to_hub  # noqa: E402
-from modeling_openflamingo.conversion_presets import DEFAULT_VISION, PRESETS, TRANSFORMERS_VISION  # noqa: E402
+from modeling_openflamingo.conversion_presets import (  # noqa: E402
+    DEFAULT_VISION,
+    PRESETS,
+    TRANSFORMERS_VISION,
+    get_preset,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -100,6 +105,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     check.add_argument("--manifest", help="with --dry-run: write the checkpoint's expected keys and shapes (JSON)")
     args = parser.parse_args(argv)
+    if args.preset is not None:
+        try:
+            get_preset(args.preset)
+        except KeyError as error:
+            parser.error(error.args[0])
+    if args.cross_attn_every_n_layers is not None and args.cross_attn_every_n_layers < 1:
+        parser.error(f"--cross-attn-every-n-layers must be >= 1; got {args.cross_attn_every_n_layers}")
     if not args.list_presets and not args.dry_run and not args.output_dir:
         parser.error("--output-dir is required (unless --dry-run or --list-presets)")
     if args.private and not args.push_to_hub:
@@ -175,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.push_to_hub:
             url = push_folder_to_hub(out, args.push_to_hub, private=args.private)
             print(f"Pushed to https://huggingface.co/{args.push_to_hub} ({url})")
-    except (ConversionError, OSError) as error:
+    except (ConversionError, OSError, ValueError) as error:  # ValueError: a config that cannot be (e.g. its N)
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

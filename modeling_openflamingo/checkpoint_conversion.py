@@ -450,6 +450,8 @@ def unwrap_checkpoint(state_dict: Mapping[str, Any], path: str | os.PathLike = "
         if not isinstance(value, torch.Tensor):
             raise ConversionError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor.")
         out[key] = value
+    if not out:
+        raise ConversionError(f"{path} holds no tensors (an empty state dict).")
     return out
 
 
@@ -1430,6 +1432,10 @@ def materialize(
     out: dict[str, torch.Tensor] = {}
     for target, item in tqdm(plan.tensors.items(), desc="Converting tensors", unit="tensor", disable=not progress):
         tensor = item.source.load(item.key)
+        if not tensor.is_floating_point():  # every weight of the model is
+            raise ConversionError(
+                f"{item.source.name}: key {item.key!r} is a {tensor.dtype} tensor; {target} is a floating-point weight."
+            )
         if item.part is not None:
             index, count = item.part
             tensor = tensor.chunk(count, dim=0)[index]
@@ -1931,8 +1937,21 @@ def convert_hf_to_openflamingo(
     reads. It is written to a temporary file and renamed into place.
     """
     output_file = Path(output_file)
+    if output_file.is_dir():
+        raise ConversionError(
+            f"{output_file} is a folder; the output is the checkpoint file to write (e.g. checkpoint.pt)."
+        )
     if output_file.exists() and not overwrite:
         raise FileExistsError(f"{output_file} exists (pass overwrite=True / --overwrite).")
+    if (
+        output_file.exists()
+        and not isinstance(model, nn.Module)
+        and hub.is_local(model)
+        and output_file.resolve().is_relative_to(Path(model).expanduser().resolve())
+    ):
+        raise ConversionError(
+            f"{output_file} is a file of {model}, the model this conversion reads: --overwrite does not replace it."
+        )
     if isinstance(model, nn.Module):
         config: Any = model.config
         source = TensorSource.from_state_dict(type(model).__name__, model.state_dict())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 from transformers import AutoConfig, CLIPVisionConfig, PretrainedConfig
@@ -18,6 +19,15 @@ VIT_L_14_CONFIG: dict[str, Any] = {
     "layer_norm_eps": 1e-5,
     "projection_dim": 768,
 }
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _as_int(value: Any) -> Any:
+    """A numpy (or other `numbers.Integral`) token id as an int; anything else as it is (`check` judges it)."""
+    return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
 
 
 class OpenFlamingoConfig(PretrainedConfig):
@@ -77,7 +87,17 @@ class OpenFlamingoConfig(PretrainedConfig):
         if vision_config is None:
             vision_config = CLIPVisionConfig(**VIT_L_14_CONFIG)
         elif isinstance(vision_config, dict):
+            if vision_config.get("model_type") == "clip" and isinstance(vision_config.get("vision_config"), dict):
+                vision_config = vision_config["vision_config"]  # a whole CLIP config: its vision tower's
+            if vision_config.get("model_type", "clip_vision_model") != "clip_vision_model":
+                raise ValueError(
+                    "`vision_config` must be a CLIP vision config (model_type 'clip_vision_model'); got model_type "
+                    f"{vision_config['model_type']!r}."
+                )
             vision_config = CLIPVisionConfig(**{k: v for k, v in vision_config.items() if k != "model_type"})
+        media_token_id, eoc_token_id, pad_token_id = (
+            _as_int(value) for value in (media_token_id, eoc_token_id, pad_token_id)
+        )
         if text_config is None:
             text_config = AutoConfig.for_model("mpt")
         elif isinstance(text_config, dict):
@@ -85,44 +105,6 @@ class OpenFlamingoConfig(PretrainedConfig):
                 raise ValueError("`text_config` needs a `model_type` (for example 'mpt', 'gpt_neox' or 'llama').")
             text_config = dict(text_config)
             text_config = AutoConfig.for_model(text_config.pop("model_type"), **text_config)
-        layers = getattr(text_config, "num_hidden_layers", None)
-        if (
-            not isinstance(cross_attn_every_n_layers, int)
-            or isinstance(cross_attn_every_n_layers, bool)
-            or cross_attn_every_n_layers < 1
-            or (isinstance(layers, int) and cross_attn_every_n_layers > layers)
-        ):
-            raise ValueError(
-                f"`cross_attn_every_n_layers` must be an int in 1..{layers} (the LM's decoder layers): a gated "
-                f"cross-attention block before every N-th layer; got {cross_attn_every_n_layers!r}."
-            )
-        shapes = {
-            "cross_attn_heads": cross_attn_heads,
-            "cross_attn_dim_head": cross_attn_dim_head,
-            "cross_attn_ff_mult": cross_attn_ff_mult,
-            "perceiver_depth": perceiver_depth,
-            "perceiver_heads": perceiver_heads,
-            "perceiver_dim_head": perceiver_dim_head,
-            "perceiver_num_latents": perceiver_num_latents,
-            "perceiver_ff_mult": perceiver_ff_mult,
-        }
-        for name, value in shapes.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"`{name}` must be a positive int; got {value!r}.")
-        vocab_size = getattr(text_config, "vocab_size", None)
-        tokens = {"media_token_id": media_token_id, "eoc_token_id": eoc_token_id, "pad_token_id": pad_token_id}
-        for name, value in tokens.items():
-            if value is not None and (
-                not isinstance(value, int)
-                or isinstance(value, bool)
-                or value < 0
-                or (isinstance(vocab_size, int) and value >= vocab_size)
-            ):
-                raise ValueError(
-                    f"`{name}` must be a token id in 0..{vocab_size - 1 if isinstance(vocab_size, int) else 'vocab'} "
-                    f"(`text_config.vocab_size` = {vocab_size}: the LM's embedding rows); got {value!r}. Resize the "
-                    "LM's vocabulary to the tokenizer's length when the tokens were added to it."
-                )
         # The composite's `use_cache` governs generation (transformers' MptConfig defaults it to False).
         text_config.use_cache = use_cache
         self.use_cache = use_cache
@@ -148,6 +130,53 @@ class OpenFlamingoConfig(PretrainedConfig):
         # Generation stops at <|endofchunk|>, as the original's `generate`, unless told otherwise. transformers makes a
         # generation config from this one when a folder has no generation_config.json.
         self.eos_token_id = eos_token_id if eos_token_id is not None else eoc_token_id
+        self.check()
+
+    def check(self) -> None:
+        """Raise a `ValueError` naming the first field that cannot make a model: run when the config is made and when
+        a model is built from it (values given to `from_pretrained` or set afterwards reach the config after its
+        `__init__`)."""
+        layers = getattr(self.text_config, "num_hidden_layers", None)
+        n = self.cross_attn_every_n_layers
+        if not _is_int(n) or n < 1 or (isinstance(layers, int) and n > layers):
+            raise ValueError(
+                f"`cross_attn_every_n_layers` must be an int in 1..{layers} (the LM's decoder layers): a gated "
+                f"cross-attention block before every N-th layer; got {n!r}."
+            )
+        for name in (
+            "cross_attn_heads",
+            "cross_attn_dim_head",
+            "cross_attn_ff_mult",
+            "perceiver_depth",
+            "perceiver_heads",
+            "perceiver_dim_head",
+            "perceiver_num_latents",
+            "perceiver_ff_mult",
+        ):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"`{name}` must be a positive int; got {value!r}.")
+        if not isinstance(self.only_attend_immediate_media, bool):
+            raise ValueError(
+                f"`only_attend_immediate_media` must be True or False; got {self.only_attend_immediate_media!r}."
+            )
+        vocab_size = getattr(self.text_config, "vocab_size", None)
+        eos = self.eos_token_id
+        tokens = [(name, getattr(self, name)) for name in ("media_token_id", "eoc_token_id", "pad_token_id")]
+        tokens += [("eos_token_id", e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+        for name, value in tokens:
+            if value is None:
+                continue
+            if not _is_int(value) or value < 0 or (_is_int(vocab_size) and value >= vocab_size):
+                raise ValueError(
+                    f"`{name}` must be a token id in 0..{vocab_size - 1 if _is_int(vocab_size) else 'vocab'} "
+                    f"(`text_config.vocab_size` = {vocab_size}: the LM's embedding rows); got {value!r}. Resize the "
+                    "LM's vocabulary to the tokenizer's length when the tokens were added to it."
+                )
+        if self.media_token_id is not None:
+            for name in ("eoc_token_id", "pad_token_id"):
+                if getattr(self, name) == self.media_token_id:
+                    raise ValueError(f"`media_token_id` and `{name}` are both {self.media_token_id}: one token each.")
 
     @property
     def cross_attn_layer_indices(self) -> list[int]:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import PretrainedConfig
 
@@ -86,6 +87,8 @@ class OpenFlamingoDataCollator:
     ) -> None:
         if not callable(processor) or getattr(processor, "tokenizer", None) is None:
             raise ValueError("OpenFlamingoDataCollator needs the model's OpenFlamingoProcessor (with a tokenizer).")
+        if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+            raise ValueError(f"max_length must be a positive int (tokens per text); got {max_length!r}.")
         self.processor = processor
         self.interleaved = interleaved
         self.max_length = max_length
@@ -96,10 +99,17 @@ class OpenFlamingoDataCollator:
 
     def __call__(self, features: Sequence[Any]) -> dict[str, torch.Tensor]:
         """Collate `features` (mappings with a text and images) into a batch of model inputs with `labels`."""
+        if isinstance(features, Mapping) or isinstance(features, (str, bytes)):
+            raise ValueError(
+                "OpenFlamingoDataCollator takes a list of samples (one mapping per sample), as a DataLoader gives it; "
+                f"got a {type(features).__name__}."
+            )
         if len(features) == 0:
             raise ValueError("OpenFlamingoDataCollator got an empty list of samples.")
         texts, images = [], []
         for index, feature in enumerate(features):
+            if not isinstance(feature, Mapping):
+                raise ValueError(f"Sample {index} is a {type(feature).__name__}, not a mapping with a text and images.")
             if self.text_column not in feature:
                 raise ValueError(
                     f"Sample {index} has no {self.text_column!r} field (its keys: {sorted(feature)}); set text_column."
@@ -129,6 +139,8 @@ class OpenFlamingoDataCollator:
             interleaved=self.interleaved,
         )
         batch = dict(encoding)
+        if batch["input_ids"].shape[-1] == 0:
+            raise ValueError("Every text of the batch is empty once tokenized: there is nothing to train on.")
         batch["labels"][:, 0] = -100
         if "pixel_values" in batch:
             batch["image_indices"] = image_indices_from_input_ids(
@@ -154,8 +166,8 @@ class OpenFlamingoDataCollator:
         """A PIL image from a PIL image, a path, or a `datasets` `{"bytes": ..., "path": ...}` dict."""
         from PIL import Image
 
-        if isinstance(image, Image.Image):
-            return image
+        if isinstance(image, Image.Image) or (isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim in (2, 3)):
+            return image  # an array is read by the image processor (HW, HWC or CHW)
         if isinstance(image, dict) and (image.get("bytes") is not None or image.get("path") is not None):
             if image.get("bytes") is not None:
                 return Image.open(io.BytesIO(image["bytes"]))
@@ -163,6 +175,7 @@ class OpenFlamingoDataCollator:
         if isinstance(image, (str, os.PathLike)):
             return Image.open(image)
         raise ValueError(
-            f"Sample {index}: cannot read an image from a {type(image).__name__}; give PIL images, paths, or a "
-            "datasets Image feature."
+            f"Sample {index}: cannot read an image from a {type(image).__name__}"
+            + (f" of {image.ndim} dimensions" if isinstance(image, (np.ndarray, torch.Tensor)) else "")
+            + "; give PIL images, arrays (HW, HWC or CHW), paths, or a datasets Image feature."
         )

@@ -276,6 +276,11 @@ def image_indices_from_input_ids(input_ids: torch.Tensor, media_token_id: int, n
     return image_indices
 
 
+def _is_capturing(tensor: torch.Tensor) -> bool:
+    """Whether work on `tensor`'s device is being captured into a CUDA graph (where a host read is an error)."""
+    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _image_indices_after(last: torch.Tensor, tokens: torch.Tensor, media_token_id: int | None) -> torch.Tensor:
     """The image of each of `tokens` `(batch, n)`, generated after a token whose image is `last` `(batch, 1)`: the
     same; after a generated `<image>`, the next one, as one forward over the whole sequence counts them (the
@@ -759,6 +764,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
     """
 
     def __init__(self, config: OpenFlamingoConfig) -> None:
+        config.check()  # again: `from_pretrained(path, **overrides)` sets fields after the config's __init__
         super().__init__(config)
         self.vision_model = CLIPVisionModel(config.vision_config)
         self.perceiver = OpenFlamingoPerceiverResampler(config)
@@ -839,6 +845,12 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         return self.perceiver(patches.to(self.perceiver.latents.dtype))
 
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`pixel_values` checked against the config, as `(batch, num_images, 3, H, W)` (from the 6-D layout too)."""
+        if not (torch.is_tensor(pixel_values) and pixel_values.is_floating_point()):
+            got = pixel_values.dtype if torch.is_tensor(pixel_values) else type(pixel_values).__name__
+            raise ValueError(
+                f"pixel_values must be a floating-point tensor, normalized as the processor outputs it; got {got}."
+            )
         if pixel_values.ndim == 6:
             if pixel_values.shape[2] != 1:
                 raise ValueError(
@@ -864,6 +876,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         image_hidden_states: torch.Tensor | None,
         image_indices: torch.Tensor | None,
         labels: torch.Tensor | None,
+        image_cache: OpenFlamingoImageCache | None = None,
     ) -> None:
         """Shapes and dtypes of the inputs against each other (host-side metadata, and values only of CPU tensors: no
         device sync)."""
@@ -873,11 +886,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             raise ValueError(f"inputs_embeds must have shape (batch, seq, hidden); got {tuple(inputs_embeds.shape)}.")
         text = input_ids if input_ids is not None else inputs_embeds
         batch_and_seq = tuple(text.shape[:2])
-        if pixel_values is not None and not (torch.is_tensor(pixel_values) and pixel_values.is_floating_point()):
-            got = pixel_values.dtype if torch.is_tensor(pixel_values) else type(pixel_values).__name__
-            raise ValueError(
-                f"pixel_values must be a floating-point tensor, normalized as the processor outputs it; got {got}."
-            )
+        if pixel_values is not None:
+            self._check_pixel_values(pixel_values)
         if image_hidden_states is not None:
             latents, dim = self.config.perceiver_num_latents, self.config.vision_config.hidden_size
             if (
@@ -895,6 +905,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                     f"{name} has {images.shape[0]} rows but the text has {batch_and_seq[0]}: one row of images per "
                     "row of text (zero-padded where a row has fewer images)."
                 )
+        if image_cache is not None:
+            self._check_image_cache(image_cache, batch_and_seq[0])
         if image_indices is not None and (
             tuple(image_indices.shape) != batch_and_seq
             or image_indices.is_floating_point()
@@ -918,6 +930,30 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         for name, tensor in (("attention_mask", attention_mask), ("labels", labels)):
             if tensor is not None and (name == "labels" or tensor.ndim == 2) and tuple(tensor.shape) != batch_and_seq:
                 raise ValueError(f"{name} has shape {tuple(tensor.shape)}; the text has {batch_and_seq}.")
+
+    def _check_image_cache(self, image_cache: OpenFlamingoImageCache, batch_size: int) -> None:
+        """An `image_cache` against the model (one keys/values pair per gated block) and the text's rows."""
+        if not isinstance(image_cache, OpenFlamingoImageCache):
+            raise ValueError(
+                "image_cache must be the `image_cache` of an earlier output (an OpenFlamingoImageCache); got "
+                f"{type(image_cache).__name__}."
+            )
+        key_values, last = image_cache.key_values or (), image_cache.last_image_index
+        blocks = len(self.gated_cross_attn_layers)
+        if len(key_values) != blocks:
+            raise ValueError(
+                f"image_cache holds the keys and values of {len(key_values)} gated cross-attention blocks; this model "
+                f"has {blocks}: it was made by another model."
+            )
+        rows = {key_values[0][0].shape[0]} if key_values else set()
+        if last is not None:
+            rows.add(last.shape[0] if last.ndim else 0)
+        if rows - {batch_size}:
+            raise ValueError(
+                f"image_cache has {min(rows - {batch_size})} rows but the text has {batch_size}: pass the image_cache "
+                "of a call on the same rows (`generate` repeats it for beams itself; see "
+                "`OpenFlamingoImageCache.repeat_interleave`)."
+            )
 
     def _image_indices(self, input_ids: torch.Tensor, num_images: int) -> torch.Tensor:
         if self.config.media_token_id is None:
@@ -971,7 +1007,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 counted on from the prompt's last image.
             image_cache (`OpenFlamingoImageCache`, *optional*):
                 `output.image_cache` of an earlier call on the same rows: the cross-attention keys and values over the
-                images, reused instead of recomputed. Pass it with `past_key_values` to continue a sequence.
+                images, reused instead of recomputed. Pass it with `past_key_values` to continue a sequence: a
+                continued forward without it (and without images) is text only, as the LM's cache does not hold the
+                images.
             past_key_values (`Cache`, *optional*): the LM's key/value cache (`cache` on transformers >= 5.24).
             labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
                 Targets for the LM loss; -100 is ignored. Shifted inside, as for any causal LM.
@@ -997,6 +1035,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             image_hidden_states=image_hidden_states,
             image_indices=image_indices,
             labels=labels,
+            image_cache=image_cache,
         )
         continuing = past is not None and past.get_seq_length() > 0
         if use_cache is None and past is None and self.training and torch.is_grad_enabled():
@@ -1038,6 +1077,22 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                         "or `image_indices`, so that the new tokens know which image they follow."
                     )
                 image_indices = self._image_indices(input_ids, num_images)
+        elif (
+            # image_indices without images (e.g. a collator's batch without its pixel_values): the text's <image>
+            # tokens would be silently text. Not checked when continuing (a text-only row's generated <image> is
+            # text), nor in a compiled or captured forward (a host read; the fast path's own text-only prompts)
+            image_indices is not None
+            and not has_images
+            and not continuing
+            and input_ids is not None
+            and self.config.media_token_id is not None
+            and not (torch.compiler.is_compiling() or _is_capturing(input_ids))
+            and bool((input_ids == self.config.media_token_id).any())
+        ):
+            raise ValueError(
+                "input_ids contain <image> tokens but no images were given (pixel_values, image_hidden_states or "
+                "image_cache); image_indices alone do not bring them."
+            )
         if has_images and image_indices is None:
             raise ValueError("With inputs_embeds and images, pass image_indices.")
 
@@ -1150,9 +1205,10 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         The vision tower and the Perceiver run here, once, on the `batch` rows; the first forward computes the
         cross-attention keys/values over the latents of the (beam- or sample-expanded) batch once, and every later step
         reuses them (`image_cache`) together with the LM's KV cache. Every generated token sees the last image of its
-        row's prompt (none for a text-only row). A generated `<image>` token is text like any other: no image comes
-        with it, so it does not advance to another image. Without `eos_token_id`, generation stops at
-        `<|endofchunk|>` (`generation_config.eos_token_id`, set from `config.eoc_token_id`).
+        row's prompt (none for a text-only row), until the row generates an `<image>` token: as the original's forward
+        over the whole sequence counts it, that token starts the next image, and beyond the images given it and the
+        tokens after it attend to every latent equally (a text-only row's stay text only). Without `eos_token_id`,
+        generation stops at `<|endofchunk|>` (`generation_config.eos_token_id`, set from `config.eoc_token_id`).
 
         With `cache_implementation="static"` on a CUDA device, plain greedy decoding and plain beam search (no
         sampling, logits processors, streamers or extra outputs) run a fast path of their own: one compiled decoding
@@ -1168,7 +1224,16 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         if torch.is_tensor(input_ids) and not input_ids.is_floating_point() and kwargs.get("inputs_embeds") is None:
             # before the images are encoded or expanded for beams: the errors then name the caller's shapes
             images = (kwargs.get("pixel_values"), kwargs.get("image_hidden_states"))
-            self._check_input_shapes(input_ids, None, None, *images, image_indices=None, labels=None)
+            attention_mask = kwargs.get("attention_mask")
+            self._check_input_shapes(
+                input_ids,
+                None,
+                attention_mask if torch.is_tensor(attention_mask) else None,
+                *images,
+                image_indices=kwargs.get("image_indices"),
+                labels=None,
+                image_cache=kwargs.get("image_cache"),
+            )
         encode = self._prepare_images_for_generation(input_ids, kwargs)
         fast = self._generate_static(args, kwargs)  # encodes the images itself, inside its prompt graph
         if fast is not None:
@@ -1338,6 +1403,14 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             )
         num_candidates, max_len = candidates.shape
 
+        if candidates_per_forward is not None and (
+            not isinstance(candidates_per_forward, int)
+            or isinstance(candidates_per_forward, bool)
+            or candidates_per_forward < 1
+        ):
+            raise ValueError(
+                f"candidates_per_forward must be an int >= 1 (or None: all); got {candidates_per_forward!r}."
+            )
         # Only the last prompt position's logits are needed: skip the (batch, prompt_len, vocab) rest where the LM can.
         lm_parameters = inspect.signature(self.language_model.forward).parameters
         keep_last = {"logits_to_keep": 1} if "logits_to_keep" in lm_parameters else {}
@@ -1359,8 +1432,6 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             if cache is None:
                 raise ValueError("The language model returned no KV cache; score_continuations needs one.")
             chunk = candidates_per_forward or num_candidates
-            if chunk < 1:
-                raise ValueError(f"candidates_per_forward must be >= 1, got {candidates_per_forward}.")
             for start in range(0, num_candidates, chunk):
                 ids = candidates[start : start + chunk]
                 mask = candidate_mask[start : start + chunk]

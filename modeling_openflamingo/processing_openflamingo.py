@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -11,6 +12,8 @@ import numpy as np
 import torch
 import transformers
 from transformers import BatchFeature, ProcessorMixin
+
+from .image_processing_openflamingo import _OVERRIDABLE as IMAGE_KWARGS
 
 IMAGE_TOKEN = "<image>"
 END_OF_CHUNK_TOKEN = "<|endofchunk|>"
@@ -130,6 +133,11 @@ class OpenFlamingoProcessor(ProcessorMixin):
             interleaved: with `return_labels`, also mask as for MMC4-style interleaved documents (everything before
                 the first `<image>` and between each `<|endofchunk|>` and the next `<image>`).
 
+            **kwargs: the image processor's per-call options (`size`, `do_normalize`, `image_mean`, ...: see
+                [`~OpenFlamingoImageProcessor.preprocess`]; or under `images_kwargs`) and the tokenizer's
+                (`add_special_tokens`, `pad_to_multiple_of`, `truncation_side`, ...; or under `text_kwargs`). Any
+                other keyword is an error.
+
         Returns:
             [`BatchFeature`] with `input_ids` and `attention_mask` `(batch, seq)`, `pixel_values`
             `(batch, max_images, 3, H, W)` when any row has images, and `labels` when asked for.
@@ -137,7 +145,13 @@ class OpenFlamingoProcessor(ProcessorMixin):
         if text is None:
             raise ValueError("OpenFlamingoProcessor needs `text`, with one <image> token where each image goes.")
         single = isinstance(text, str)
-        texts = [text] if single else list(text)
+        texts = [text] if single else list(text) if isinstance(text, (list, tuple)) else None
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError(
+                "`text` must be a string or a non-empty list of strings (one per row, with one <image> token where "
+                f"each image goes); got {text!r:.200}."
+            )
+        images_kwargs, kwargs = self._split_kwargs(kwargs)
         image_rows = self._image_rows(images, len(texts), single)
         for row, (row_text, row_images) in enumerate(zip(texts, image_rows, strict=True)):
             count = row_text.count(IMAGE_TOKEN)
@@ -175,7 +189,7 @@ class OpenFlamingoProcessor(ProcessorMixin):
         max_images = max((len(r) for r in image_rows), default=0)
         if max_images:
             flat = [image for row in image_rows for image in row]
-            pixels = torch.as_tensor(self.image_processor(flat, return_tensors="pt")["pixel_values"])
+            pixels = torch.as_tensor(self.image_processor(flat, return_tensors="pt", **images_kwargs)["pixel_values"])
             pixel_values = pixels.new_zeros((len(texts), max_images, *pixels.shape[1:]))
             start = 0
             for row, row_images in enumerate(image_rows):
@@ -189,6 +203,34 @@ class OpenFlamingoProcessor(ProcessorMixin):
                 for ids, mask in zip(data["input_ids"], data["attention_mask"], strict=True)
             ]
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _split_kwargs(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """`(image processor's, tokenizer's)` keyword arguments of a call; an unknown keyword is an error (the
+        tokenizer would ignore it without a word)."""
+        kwargs = dict(kwargs)
+        images_kwargs = dict(kwargs.pop("images_kwargs", None) or {})
+        text_kwargs = dict(kwargs.pop("text_kwargs", None) or {})
+        for name in list(kwargs):
+            if name in IMAGE_KWARGS or name == "input_data_format":
+                images_kwargs[name] = kwargs.pop(name)
+        text_kwargs.update(kwargs)
+        tokenizer_call = inspect.signature(type(self.tokenizer).__call__).parameters
+        known = {n for n, p in tokenizer_call.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
+        known = (known | {"truncation_side"}) - {"self", "text", "return_tensors", "return_token_type_ids"}
+        for name, value in text_kwargs.items():
+            if name in ("text_pair", "text_target", "text_pair_target", "is_split_into_words") and value:
+                raise ValueError(f"OpenFlamingoProcessor takes `text` only (one string per row); got `{name}`.")
+            if name == "return_overflowing_tokens" and value:
+                raise ValueError(
+                    "return_overflowing_tokens is not supported: the overflowing pieces of a row would have no images."
+                )
+            if name not in known:
+                raise ValueError(
+                    f"Unexpected keyword argument `{name}` for OpenFlamingoProcessor; it takes the image processor's "
+                    f"options {[*IMAGE_KWARGS, 'input_data_format']} and the tokenizer's (e.g. add_special_tokens, "
+                    "pad_to_multiple_of, truncation_side), flat or as `images_kwargs` / `text_kwargs`."
+                )
+        return images_kwargs, text_kwargs
 
     def _labels(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int | None, interleaved: bool

@@ -510,6 +510,53 @@ def test_cli_reports_errors(tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
 
 
+def test_cli_reports_bad_arguments_and_configs_without_a_traceback(tmp_path, capsys):
+    cli = load_cli()
+    for value in ("0", "-1"):  # refused with the arguments, before anything is read
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(cli_args("tiny-neox", tmp_path / "o", **{"--cross-attn-every-n-layers": value}))
+        assert exit_info.value.code == 2
+        assert "--cross-attn-every-n-layers must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["--preset", "OpenFlamingo-5B", "--output-dir", str(tmp_path / "o")])
+    assert "Unknown preset 'OpenFlamingo-5B'; choose one of" in capsys.readouterr().err
+    # more than the LM's layers: the config's own error, as an error line
+    assert cli.main(cli_args("tiny-neox", tmp_path / "o", **{"--cross-attn-every-n-layers": "99"})) == 1
+    assert "error: `cross_attn_every_n_layers` must be an int in 1..4" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_empty_and_integer_checkpoints_are_named(tmp_path):
+    empty = tmp_path / "empty.pt"
+    torch.save({}, empty)
+    with pytest.raises(ConversionError, match=rf"{empty} holds no tensors"):
+        convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt", checkpoint=empty), output_dir=tmp_path / "o")
+    state = torch.load(FIXTURES / "tiny-mpt" / "checkpoint.pt", weights_only=True)
+    key = next(k for k in state if "attn_gate" in k)
+    state[key] = state[key].long()
+    ints = tmp_path / "ints.pt"
+    torch.save(state, ints)
+    with pytest.raises(ConversionError, match=rf"key '{key}' is a torch.int64 tensor; .* is a floating-point weight"):
+        convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt", checkpoint=ints), output_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_reverse_conversion_refuses_a_folder_and_the_models_own_files(converted, tmp_path, capsys):
+    cli = load_reverse_cli()
+    model = converted("tiny-mpt")
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    assert cli.main(["--model", str(model), "--output", str(folder), "--overwrite", "--no-progress"]) == 1
+    assert f"{folder} is a folder; the output is the checkpoint file to write" in capsys.readouterr().err
+    config = Path(model) / "config.json"
+    before = config.read_bytes()
+    assert cli.main(["--model", str(model), "--output", str(config), "--overwrite", "--no-progress"]) == 1
+    assert "the model this conversion reads: --overwrite does not replace it" in capsys.readouterr().err
+    assert config.read_bytes() == before
+    assert cli.main(["--model", str(model), "--output", str(Path(model) / "new.pt"), "--no-progress"]) == 0
+    (Path(model) / "new.pt").unlink()
+
+
 def test_refuses_to_overwrite(converted, tmp_path):
     out = tmp_path / "o"
     out.mkdir()

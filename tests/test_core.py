@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -147,6 +148,24 @@ def test_config_errors():
         OpenFlamingoConfig(text_config=TEXT_CONFIGS["llama"](), media_token_id=403, eoc_token_id=EOC)
     with pytest.raises(ValueError, match="`pad_token_id` must be a token id.*got -1"):
         OpenFlamingoConfig(text_config=TEXT_CONFIGS["gpt_neox"](), pad_token_id=-1)
+    with pytest.raises(ValueError, match="`eos_token_id` must be a token id.*got 403"):
+        OpenFlamingoConfig(text_config=TEXT_CONFIGS["mpt"](), eoc_token_id=EOC, eos_token_id=[EOC, 403])
+    with pytest.raises(ValueError, match="`media_token_id` and `eoc_token_id` are both"):
+        OpenFlamingoConfig(text_config=TEXT_CONFIGS["mpt"](), media_token_id=EOC, eoc_token_id=EOC)
+    with pytest.raises(ValueError, match="`only_attend_immediate_media` must be True or False; got 'no'"):
+        OpenFlamingoConfig(text_config=TEXT_CONFIGS["mpt"](), only_attend_immediate_media="no")
+    with pytest.raises(ValueError, match="must be a CLIP vision config.*'mpt'"):
+        OpenFlamingoConfig(vision_config={"model_type": "mpt"})
+    # numpy ids are ids; a whole CLIP config gives its vision tower
+    config = OpenFlamingoConfig(text_config=TEXT_CONFIGS["mpt"](), media_token_id=np.int64(MEDIA))
+    assert config.media_token_id == MEDIA and type(config.media_token_id) is int
+    clip = {"model_type": "clip", "vision_config": {"hidden_size": 32, "num_attention_heads": 4}, "text_config": {}}
+    assert OpenFlamingoConfig(vision_config=clip).vision_config.hidden_size == 32
+    # fields set after the config's __init__ (as `from_pretrained(path, **overrides)` does) are checked by the model
+    config = tiny_config("mpt")
+    config.cross_attn_every_n_layers = 10
+    with pytest.raises(ValueError, match=r"must be an int in 1\.\.4"):
+        OpenFlamingoForConditionalGeneration(config)
 
 
 # ---- model semantics ----
@@ -520,6 +539,35 @@ def test_inputs_that_do_not_fit_each_other_are_errors():
         model(input_ids=ids[0], pixel_values=pixel_values[:1])
     with pytest.raises(ValueError, match="pixel_values has 1 rows but the text has 2"):  # before beams expand them
         model.generate(input_ids=ids, pixel_values=pixel_values[:1], num_beams=3, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 9\); the text has \(2, 10\)"):
+        model.generate(input_ids=ids, pixel_values=pixel_values, attention_mask=ids[:, 1:] * 0 + 1, max_new_tokens=2)
+    with pytest.raises(ValueError, match="pixel_values must be a floating-point tensor.*torch.uint8"):
+        model.get_image_features(pixel_values.to(torch.uint8))
+    # image_indices do not bring images: <image> tokens without them are an error, as without image_indices
+    with pytest.raises(ValueError, match="input_ids contain <image> tokens but no images were given"):
+        model(input_ids=ids, image_indices=image_indices)
+    with pytest.raises(ValueError, match="input_ids contain <image> tokens but no images were given"):
+        model.generate(input_ids=ids, image_indices=image_indices, max_new_tokens=2)
+
+
+def test_an_image_cache_must_fit_the_rows_and_the_model():
+    """An image cache of other rows (or of another model) is an error, not other rows' images."""
+    model = tiny_model()
+    ids, pixel_values = inputs()
+    two_rows = model(input_ids=ids, pixel_values=pixel_values, use_cache=True).image_cache
+    one_row = model(input_ids=ids[:1], pixel_values=pixel_values[:1], use_cache=True).image_cache
+    with pytest.raises(ValueError, match="image_cache has 2 rows but the text has 1"):
+        model(input_ids=ids[:1], image_cache=two_rows)
+    with pytest.raises(ValueError, match="image_cache has 1 rows but the text has 2"):
+        model(input_ids=ids, image_cache=one_row)
+    with pytest.raises(ValueError, match="image_cache has 1 rows but the text has 2"):
+        model.generate(input_ids=ids, image_cache=one_row, max_new_tokens=2)
+    with pytest.raises(ValueError, match="image_cache must be the `image_cache` of an earlier output.*tuple"):
+        model(input_ids=ids, image_cache=tuple(two_rows.key_values))
+    other = tiny_model(n=1)  # a gated block before every layer: twice as many
+    with pytest.raises(ValueError, match=r"image_cache holds the keys and values of \d+ gated cross-attention blocks"):
+        other(input_ids=ids, image_cache=two_rows)
+    model(input_ids=ids, image_cache=two_rows)  # the same rows: fine
 
 
 def test_from_pretrained_refuses_weights_that_do_not_fit_the_config(converted, tmp_path):
@@ -669,6 +717,30 @@ def test_processor_errors(converted, tiny_images):
         processor(images=[[tiny_images[0]]], text=["<image>a", "b"])
     with pytest.raises(ValueError, match="needs `text`"):
         processor(images=[tiny_images[0]])
+    for text in (5, [], [["<image>a", "b"]]):  # not a string, no row, a text pair
+        with pytest.raises(ValueError, match="`text` must be a string or a non-empty list of strings"):
+            processor(text=text)
+    with pytest.raises(ValueError, match="Unexpected keyword argument `foo` for OpenFlamingoProcessor"):
+        processor(images=[tiny_images[0]], text="<image>a", foo=1)
+    with pytest.raises(ValueError, match="return_overflowing_tokens is not supported"):
+        processor(text="a b c", truncation=True, max_length=2, return_overflowing_tokens=True)
+    with pytest.raises(ValueError, match="takes `text` only"):
+        processor(text="a", text_pair="b")
+
+
+def test_processor_passes_image_and_text_options_on(converted, tiny_images):
+    """The image processor's options reach it (flat or as `images_kwargs`), the tokenizer's reach the tokenizer."""
+    processor = AutoProcessor.from_pretrained(converted("tiny-neox"))
+    image = tiny_images[0]
+    default = processor(images=[image], text="<image>a")["pixel_values"]
+    assert default.shape[-1] == 32
+    assert processor(images=[image], text="<image>a", size=16)["pixel_values"].shape[-2:] == (16, 16)
+    raw = processor(images=[image], text="<image>a", images_kwargs={"do_normalize": False})["pixel_values"]
+    assert torch.equal(raw, torch.as_tensor(processor.image_processor(image, do_normalize=False)["pixel_values"])[None])
+    assert not torch.equal(raw, default) and raw.min() >= 0 and raw.max() <= 1
+    padded = processor(text=["a", "a b c"], pad_to_multiple_of=8)["input_ids"]
+    assert padded.shape[-1] == 8
+    assert processor(text="a", text_kwargs={"pad_to_multiple_of": 4})["input_ids"].shape[-1] == 4
 
 
 def test_processor_counts_a_4d_array_as_its_images(converted, tiny_images):

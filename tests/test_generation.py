@@ -633,6 +633,9 @@ def test_score_continuations_inputs(loaded, tiny_images):
         model.score_continuations(**batch, continuations=ids, continuation_mask=mask.flip(-1))
     with pytest.raises(ValueError, match="no images were given"):
         model.score_continuations(input_ids=batch["input_ids"], continuations=candidates)
+    for chunk in (0, -1, 1.5):  # refused whether or not the candidates need a second forward
+        with pytest.raises(ValueError, match="candidates_per_forward must be an int >= 1"):
+            model.score_continuations(**batch, continuations=[[5], [9]], candidates_per_forward=chunk)
 
 
 # --------------------------------------------------------------------------------------------------------------------

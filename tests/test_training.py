@@ -326,6 +326,21 @@ def test_collator_inputs_and_errors(converted, tiny_images, tmp_path):
         OpenFlamingoDataCollator(processor)([{"text": "<image>x", "photo": tiny_images[0]}])
     with pytest.raises(ValueError, match="1 <image> tokens but 0 images"):  # the field is there, empty
         OpenFlamingoDataCollator(processor)([{"text": "<image>x", "images": []}])
+    with pytest.raises(ValueError, match="takes a list of samples .* got a dict"):  # a batched dict, not samples
+        OpenFlamingoDataCollator(processor)({"text": ["<image>x"], "images": [[tiny_images[0]]]})
+    with pytest.raises(ValueError, match="Sample 0 is a str, not a mapping"):
+        OpenFlamingoDataCollator(processor)(["<image>x"])
+    with pytest.raises(ValueError, match="Every text of the batch is empty once tokenized"):
+        OpenFlamingoDataCollator(processor, append_eos=False)([{"text": ""}])
+    with pytest.raises(ValueError, match="max_length must be a positive int"):
+        OpenFlamingoDataCollator(processor, max_length=0)
+    # arrays are images, as the processor reads them
+    import numpy as np
+
+    array = np.asarray(tiny_images[0].convert("RGB"))
+    from_array = OpenFlamingoDataCollator(processor)([{"text": "<image>x", "images": [array]}])
+    from_pil = OpenFlamingoDataCollator(processor)([{"text": "<image>x", "images": [tiny_images[0].convert("RGB")]}])
+    assert torch.equal(from_array["pixel_values"], from_pil["pixel_values"])
 
 
 # ---- Trainer ----
