@@ -249,7 +249,7 @@ def cross_attention_mask(
         attend_all = uniform | ~keeps_output
     else:
         allowed = indices >= latent_image
-        uniform = attend_all = indices <= 0  # (negative values are refused on the CPU; on a device, as 0)
+        uniform = attend_all = indices <= 0  # (a negative value, not valid, as 0: no NaN)
         keeps_output = None
     return (allowed | attend_all).unsqueeze(1), ~uniform, keeps_output
 
@@ -274,11 +274,6 @@ def image_indices_from_input_ids(input_ids: torch.Tensor, media_token_id: int, n
             "(pixel_values.shape[1])."
         )
     return image_indices
-
-
-def _is_capturing(tensor: torch.Tensor) -> bool:
-    """Whether work on `tensor`'s device is being captured into a CUDA graph (where a host read is an error)."""
-    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _image_indices_after(last: torch.Tensor, tokens: torch.Tensor, media_token_id: int | None) -> torch.Tensor:
@@ -878,8 +873,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         labels: torch.Tensor | None,
         image_cache: OpenFlamingoImageCache | None = None,
     ) -> None:
-        """Shapes and dtypes of the inputs against each other (host-side metadata, and values only of CPU tensors: no
-        device sync)."""
+        """Shapes and dtypes of the inputs against each other (host-side metadata only: no device sync)."""
         if input_ids is not None and input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape (batch, seq); got {tuple(input_ids.shape)}.")
         if inputs_embeds is not None and inputs_embeds.ndim != 3:
@@ -915,16 +909,6 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             raise ValueError(
                 f"image_indices must be integers of shape (batch, seq) = {batch_and_seq}; got {image_indices.dtype} "
                 f"{tuple(image_indices.shape)}."
-            )
-        if (
-            image_indices is not None
-            and image_indices.device.type == "cpu"  # elsewhere a read of the values would be a device sync
-            and not torch.compiler.is_compiling()
-            and bool((image_indices < 0).any())
-        ):
-            raise ValueError(
-                "image_indices must be >= 0: for each token the 1-based number of the latest <image> at or before it, "
-                f"0 before the first one; got a minimum of {int(image_indices.min())}."
             )
         # a 4-D attention mask (`causal_attention_mask_4d`) goes to the LM as it is
         for name, tensor in (("attention_mask", attention_mask), ("labels", labels)):
@@ -1002,8 +986,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 For each token, the 1-based number of the latest `<image>` at or before it (0: none), whose image it
                 attends to (with `only_attend_immediate_media`; without it, every image up to it). A number beyond
                 the images given (after an `<image>` that `generate` produced) attends to every latent equally, as
-                the original. Negative values are an error (checked when the tensor is on the CPU; on a device that
-                would be a sync, and they act as 0). By default made from `input_ids`; when continuing from a cache,
+                the original. Values must be >= 0 (not read by the forward, whose training step makes no host sync:
+                a negative value acts as 0). By default made from `input_ids`; when continuing from a cache,
                 counted on from the prompt's last image.
             image_cache (`OpenFlamingoImageCache`, *optional*):
                 `output.image_cache` of an earlier call on the same rows: the cross-attention keys and values over the
@@ -1077,22 +1061,6 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                         "or `image_indices`, so that the new tokens know which image they follow."
                     )
                 image_indices = self._image_indices(input_ids, num_images)
-        elif (
-            # image_indices without images (e.g. a collator's batch without its pixel_values): the text's <image>
-            # tokens would be silently text. Not checked when continuing (a text-only row's generated <image> is
-            # text), nor in a compiled or captured forward (a host read; the fast path's own text-only prompts)
-            image_indices is not None
-            and not has_images
-            and not continuing
-            and input_ids is not None
-            and self.config.media_token_id is not None
-            and not (torch.compiler.is_compiling() or _is_capturing(input_ids))
-            and bool((input_ids == self.config.media_token_id).any())
-        ):
-            raise ValueError(
-                "input_ids contain <image> tokens but no images were given (pixel_values, image_hidden_states or "
-                "image_cache); image_indices alone do not bring them."
-            )
         if has_images and image_indices is None:
             raise ValueError("With inputs_embeds and images, pass image_indices.")
 
