@@ -1028,8 +1028,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         # The checks that read input_ids on the host come before the images are encoded: the device has that work
         # queued while the host waits, instead of idling while the host then queues everything after the check.
         key_values, num_images = None, None
-        if pixel_values is not None:
-            pixel_values = self._check_pixel_values(pixel_values)
+        if pixel_values is not None:  # checked above (`_check_input_shapes`); dim 1 in both layouts
             num_images = pixel_values.shape[1]
         elif image_hidden_states is not None:
             num_images = image_hidden_states.shape[1]
