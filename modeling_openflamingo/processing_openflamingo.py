@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -13,7 +14,6 @@ import transformers
 from transformers import BatchFeature, ProcessorMixin
 
 from .image_processing_openflamingo import _OVERRIDABLE as IMAGE_KWARGS
-from .modeling_openflamingo import _parameters_of
 
 IMAGE_TOKEN = "<image>"
 END_OF_CHUNK_TOKEN = "<|endofchunk|>"
@@ -214,8 +214,11 @@ class OpenFlamingoProcessor(ProcessorMixin):
             if name in IMAGE_KWARGS or name == "input_data_format":
                 images_kwargs[name] = kwargs.pop(name)
         text_kwargs.update(kwargs)
-        names, _ = _parameters_of(type(self.tokenizer).__call__)  # looked up once per tokenizer class
-        known = (names | {"truncation_side"}) - {"self", "text", "kwargs", "return_tensors", "return_token_type_ids"}
+        # (not `modeling_openflamingo._parameters_of`: a relative import of the modeling file from here breaks
+        # transformers 4.x's remote-code loading of a saved processor)
+        tokenizer_call = inspect.signature(type(self.tokenizer).__call__).parameters
+        known = {n for n, p in tokenizer_call.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
+        known = (known | {"truncation_side"}) - {"self", "text", "return_tensors", "return_token_type_ids"}
         for name, value in text_kwargs.items():
             if name in ("text_pair", "text_target", "text_pair_target", "is_split_into_words") and value:
                 raise ValueError(f"OpenFlamingoProcessor takes `text` only (one string per row); got `{name}`.")
