@@ -1647,6 +1647,10 @@ def save_atomically(output_dir: str | os.PathLike, write: Callable[[Path], Any])
     old = None
     try:
         write(tmp)
+        # as if the user had written them: transformers (5.x) writes the weights through an owner-only temporary file
+        for path in tmp.rglob("*"):
+            if not path.is_symlink():
+                _mode_by_umask(path, 0o777 if path.is_dir() or path.stat().st_mode & 0o100 else 0o666)
         if output_dir.exists() or output_dir.is_symlink():
             old = _unused_sibling(output_dir, "old")
             os.replace(output_dir, old)

@@ -121,8 +121,9 @@ def render_model_card(converted: ConvertedModel, repo_id: str | None = None) -> 
         *(f"> {note}\n" for note in (preset.notes if preset else ())),
         "## Usage",
         "",
-        "The folder carries its modeling code (`trust_remote_code=True`); with `pip install openflamingo-hf` and "
-        "`import modeling_openflamingo`, the installed code is used instead.",
+        "The folder carries its modeling code (`trust_remote_code=True`); with the openflamingo-hf package installed "
+        "(`pip install -e .` in its source tree) and `import modeling_openflamingo`, the installed code is used "
+        "instead.",
         "",
         "```python",
         "import torch",

@@ -64,6 +64,10 @@ try:
 except ImportError:  # transformers 4.x: its own layout is the on-disk one
     pass
 
+_TRANSFORMERS_MAJOR = int(_TRANSFORMERS_VERSION.split(".")[0])
+# `cache_implementation`s of fixed-length (compileable) caches
+_COMPILEABLE_CACHES = frozenset({"static", "offloaded_static", "sliding_window", "hybrid", "hybrid_chunked"})
+
 # transformers 5.24 renamed the cache argument and output field from `past_key_values` to `cache`.
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
@@ -779,6 +783,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             layer = decoder_layers[i]
             layer.__class__ = _gated_layer_class(type(layer))
             layer.flamingo_layer_idx = i
+        # Runs before any hook that `freeze_for_training` adds: those read the names this one puts in place.
+        self.register_load_state_dict_pre_hook(self._state_dict_pre_load_hook)
         if self._auto_class is not None:
             # transformers 4.x's AutoModelForVision2Seq loads saved folders with trust_remote_code too.
             config.auto_map = {
@@ -1187,6 +1193,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             `(batch * num_return_sequences, prompt_len + new_tokens)` (prompt included), or a `GenerateOutput` with
             `return_dict_in_generate=True`.
         """
+        self._check_cache_support(kwargs)
         input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
         if torch.is_tensor(input_ids) and not input_ids.is_floating_point() and kwargs.get("inputs_embeds") is None:
             # before the images are encoded or expanded for beams: the errors then name the caller's shapes
@@ -1208,6 +1215,21 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         if encode:
             kwargs["image_hidden_states"] = self.get_image_features(kwargs.pop("pixel_values"))
         return super().generate(*args, **kwargs)
+
+    def _check_cache_support(self, kwargs: dict[str, Any]) -> None:
+        """A static (compileable) cache with an MPT / MosaicGPT LM needs transformers >= 5: 4.x's `MptModel` checks a
+        4-D mask against the cache's filled length, not its fixed one, and fails deep inside with a shape error."""
+        if getattr(self.config.text_config, "model_type", None) != "mpt" or _TRANSFORMERS_MAJOR >= 5:
+            return
+        config = kwargs.get("generation_config") or self.generation_config
+        implementation = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
+        caches = (kwargs.get(name) for name in ("past_key_values", "cache"))
+        if implementation in _COMPILEABLE_CACHES or any(getattr(c, "is_compileable", False) for c in caches):
+            raise ValueError(
+                f"A static cache (cache_implementation={implementation!r}) with an MPT / MosaicGPT language model "
+                f"needs transformers >= 5 (this is {_TRANSFORMERS_VERSION}, whose MptModel cannot mask one). Leave "
+                "cache_implementation unset to decode with the dynamic cache, or upgrade transformers."
+            )
 
     def _prepare_images_for_generation(self, input_ids: Any, kwargs: dict[str, Any]) -> bool:
         """Pin each prompt token's image (`image_indices`), in place in `kwargs`; True when `pixel_values` are then
@@ -1509,7 +1531,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         """
         if args or kwargs.get("cache_implementation") != "static" or not set(kwargs) <= _FAST_DECODE_ARGUMENTS:
             return None
-        if int(_TRANSFORMERS_VERSION.split(".")[0]) < 5:  # 4.x's static cache needs `cache_position` host-side
+        if _TRANSFORMERS_MAJOR < 5:  # 4.x's static cache needs `cache_position` host-side
             return None
         if kwargs.get("do_sample") or kwargs.get("use_cache") is False:
             return None
@@ -1850,6 +1872,36 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
     def _new_token_output_hook(self, module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> Any:
         hidden_states = args[0] if args else kwargs["input"]
         return self.new_token_embeddings(hidden_states=hidden_states, logits=output, bias=getattr(module, "bias", None))
+
+    def _state_dict_pre_load_hook(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """`load_state_dict` of a saved folder's weights (e.g. `Trainer`'s `resume_from_checkpoint`) as
+        `from_pretrained` loads them: the vision tower's names in this transformers' layout (folders hold 4.x's
+        `vision_model.vision_model.*` on either major), and tied parameters that `save_pretrained` stores once given
+        under each of their names. Rows trained by [`freeze_for_training`] (a PEFT adapter's `new_token_embeddings`)
+        are refused by a model without that module, rather than silently dropped."""
+        if "new_token_embeddings" not in self._modules and any(
+            key.startswith(f"{prefix}new_token_embeddings.") for key in state_dict
+        ):
+            raise ValueError(
+                "These weights hold `new_token_embeddings` (the <image> / <|endofchunk|> rows trained after "
+                "`freeze_for_training()`), which this model does not have: call `model.freeze_for_training()` before "
+                "loading them (e.g. before `PeftModel.from_pretrained(model, adapter)`), or they would be dropped."
+            )
+        nested, flat = f"{prefix}vision_model.vision_model.", f"{prefix}vision_model."
+        if "vision_model" in self.vision_model._modules:  # transformers 4.x: the nested layout is the model's own
+            renames = {key: nested + key[len(flat) :] for key in state_dict if key.startswith(flat)}
+            renames = {key: new for key, new in renames.items() if not key.startswith(nested)}
+        else:
+            renames = {key: flat + key[len(nested) :] for key in state_dict if key.startswith(nested)}
+        for key, new in renames.items():
+            state_dict[new] = state_dict.pop(key)
+        aliases: dict[int, list[str]] = {}
+        for name, parameter in self.named_parameters(remove_duplicate=False):
+            aliases.setdefault(id(parameter), []).append(f"{prefix}{name}")
+        for names in aliases.values():
+            given = next((name for name in names if name in state_dict), None)
+            for name in names if given is not None else ():
+                state_dict.setdefault(name, state_dict[given])
 
     def _new_token_load_hook(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         """A state dict without the rows (e.g. a folder written by [`save_pretrained`]) gives them from its matrix."""

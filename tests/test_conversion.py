@@ -605,6 +605,9 @@ def test_outputs_have_the_umasks_permissions(converted, tmp_path):
         os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o755
     assert ckpt.stat().st_mode & 0o777 == 0o644
+    modes = {path.name: oct(path.stat().st_mode & 0o777) for path in out.iterdir()}
+    assert "model.safetensors" in modes
+    assert modes == dict.fromkeys(modes, oct(0o644))  # every file, the weights that transformers writes included
 
 
 def test_cli_stopped_by_sigterm_leaves_the_old_folder_and_no_temporary_one(converted, tmp_path):

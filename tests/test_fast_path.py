@@ -75,11 +75,20 @@ def assert_fast_path_equals_generate(model, kw):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_static_cache_generate_equals_dynamic(family):
-    """`cache_implementation="static"` through GenerationMixin's own loop (beams: not the fast path)."""
-    if IS_V4 and family in ("mpt", "mosaic_gpt"):
-        pytest.skip("transformers 4.x's MPT cannot decode with a static cache (its 4-D mask check)")
+    """`cache_implementation="static"` through GenerationMixin's own loop (beams: not the fast path). transformers
+    4.x's MPT cannot decode with a static cache (its 4-D mask check): refused up front, with what to do instead."""
     model = tiny_model(family)
     ids, mask, pixel_values = padded_prompt()
+    if IS_V4 and family in ("mpt", "mosaic_gpt"):
+        kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=2)
+        with pytest.raises(ValueError, match=r"MPT / MosaicGPT language model needs transformers >= 5.*Leave"):
+            model.generate(**kw, cache_implementation="static")
+        config = copy.deepcopy(model.generation_config)
+        config.cache_implementation = "static"
+        with pytest.raises(ValueError, match="needs transformers >= 5"):
+            model.generate(**kw, generation_config=config)
+        assert model.generate(**kw).shape == (ids.shape[0], ids.shape[1] + 2)  # the dynamic cache decodes
+        return
     for extra in ({"num_beams": 2}, {"output_scores": True, "return_dict_in_generate": True}):
         kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=6, min_new_tokens=6, **extra)
         dynamic, static = model.generate(**kw), model.generate(**kw, cache_implementation="static")

@@ -375,11 +375,14 @@ def test_trainer_lowers_the_loss_and_changes_only_the_recipe(converted, family, 
 
 
 def test_trainer_resumes_from_a_checkpoint_with_the_trained_rows(converted, tmp_path):
-    """Checkpoints hold the rows inside the embedding matrix; resuming takes them back out (load_state_dict hook)."""
+    """Checkpoints hold the rows inside the embedding matrix; resuming takes them back out (load_state_dict hook).
+    The vision tower trains too: checkpoints store it under transformers 4.x's names (`vision_model.vision_model.*`),
+    which `load_state_dict` (Trainer's resume) maps back onto transformers 5's `CLIPVisionModel`."""
 
     def train(resume_from_checkpoint=None):
         model, processor = load(converted, "tiny-mpt")
         model.freeze_for_training()
+        model.vision_model.requires_grad_(True)
         args = training_args(tmp_path, per_device_train_batch_size=2, save_strategy="steps", save_steps=2)
         collator = OpenFlamingoDataCollator(processor)
         trainer = Trainer(model=model, args=args, train_dataset=caption_dataset(), data_collator=collator)
@@ -387,12 +390,34 @@ def test_trainer_resumes_from_a_checkpoint_with_the_trained_rows(converted, tmp_
         return model
 
     straight = train()
+    initial = load(converted, "tiny-mpt")[0].vision_model.state_dict()
+    assert any(not torch.equal(t, initial[n]) for n, t in straight.vision_model.state_dict().items())
     resumed = train(str(tmp_path / "trainer" / "checkpoint-2"))
     straight.merge_new_token_embeddings()
     resumed.merge_new_token_embeddings()
     resumed_state = resumed.state_dict()
     for name, tensor in straight.state_dict().items():
         torch.testing.assert_close(resumed_state[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("family", ["tiny-mpt", "tiny-llama"])
+def test_load_state_dict_takes_a_saved_folders_weights(converted, family, tmp_path):
+    """A saved folder's `model.safetensors` loads with `load_state_dict` (as `Trainer` resumes) without missing or
+    unexpected names: the vision tower in this transformers' layout, tied output weights filled from their source."""
+    from safetensors.torch import load_file
+
+    model, _ = load(converted, family)
+    model.save_pretrained(tmp_path / "saved")
+    saved = load_file(tmp_path / "saved" / "model.safetensors")
+    target, _ = load(converted, family)
+    with torch.no_grad():
+        for parameter in target.parameters():
+            parameter.normal_()
+    result = target.load_state_dict(saved, strict=True)
+    assert (result.missing_keys, result.unexpected_keys) == ([], [])
+    loaded = target.state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded[name], tensor), name
 
 
 def test_trainer_bf16_and_gradient_checkpointing(converted, tmp_path):
@@ -532,6 +557,9 @@ def test_trainer_with_lora_on_the_lm_and_the_recipe(converted, tmp_path):
     trainer.save_model(str(tmp_path / "adapter"))
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
+    # without `freeze_for_training()` the base has no `new_token_embeddings`: refused, not silently dropped
+    with pytest.raises(ValueError, match=r"call `model.freeze_for_training\(\)` before loading"):
+        peft.PeftModel.from_pretrained(load(converted, family)[0], tmp_path / "adapter")
     base, _ = load(converted, family)
     base.freeze_for_training()
     reloaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter")
