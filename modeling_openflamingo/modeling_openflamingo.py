@@ -147,6 +147,7 @@ class OpenFlamingoFeedForward(nn.Module):
         self.fc2 = nn.Linear(dim * mult, dim, bias=False)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`(..., dim)` -> `(..., dim)`."""
         return self.fc2(self.act(self.fc1(self.norm(hidden_states))))
 
 
@@ -188,12 +189,15 @@ class OpenFlamingoPerceiverAttention(nn.Module):
 
 
 class OpenFlamingoPerceiverLayer(GradientCheckpointingLayer):
+    """One Perceiver Resampler layer: `latents = attn(media, latents) + latents; latents = ff(latents) + latents`."""
+
     def __init__(self, dim: int, heads: int, dim_head: int, ff_mult: int) -> None:
         super().__init__()
         self.attn = OpenFlamingoPerceiverAttention(dim, heads, dim_head)
         self.ff = OpenFlamingoFeedForward(dim, ff_mult)
 
     def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """media `(..., num_media_tokens, dim)`, latents `(..., num_latents, dim)` -> `(..., num_latents, dim)`."""
         latents = self.attn(media, latents) + latents
         return self.ff(latents) + latents
 
@@ -215,6 +219,8 @@ class OpenFlamingoPerceiverResampler(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        """`(batch_size, num_images, num_patches, dim)` patch features (the vision tower's last hidden state, without
+        `post_layernorm`) -> `(batch_size, num_images, num_latents, dim)` latents."""
         latents = self.latents.to(image_features.dtype).expand(*image_features.shape[:-2], -1, -1)
         for layer in self.layers:
             latents = layer(image_features, latents)
@@ -376,9 +382,21 @@ class OpenFlamingoGatedCrossAttentionBlock(GradientCheckpointingLayer):
         keeps_output: torch.Tensor | None = None,
         return_key_values: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            hidden_states: `(batch, seq, dim)` text hidden states; with `return_key_values=True`, the image latents
+                `(batch, num_images, num_latents, dim_visual)` instead.
+            key, value: `(batch, heads, num_images * num_latents, dim_head)`, from a `return_key_values=True` call;
+                None for a text-only forward (the cross-attention is skipped, the feed-forward still runs, as in the
+                original).
+            attn_mask, keeps_query, keeps_output: from [`cross_attention_mask`].
+            return_key_values: compute this block's keys and values over the latents instead (through the block's
+                own call, so that FSDP, which shards each block as a unit, gathers the block's parameters).
+
+        Returns:
+            `(batch, seq, dim)`, or the `(key, value)` pair with `return_key_values=True`.
+        """
         if return_key_values:
-            # `hidden_states` are then the image latents: this block's keys and values over them. Computed through the
-            # block's own call, so that FSDP (which shards each block as a unit) gathers the block's parameters.
             return self.attn.key_values(hidden_states)
         if key is not None:
             attn = self.attn(hidden_states, key, value, attn_mask, keeps_query, keeps_output)
@@ -688,6 +706,8 @@ def add_mpt_sdpa_attention(language_model: nn.Module, text_config: Any) -> None:
 
 
 class OpenFlamingoPreTrainedModel(PreTrainedModel):
+    """Weight initialisation, attention back-ends and gradient checkpointing for the OpenFlamingo models."""
+
     config_class = OpenFlamingoConfig
     main_input_name = "input_ids"
     input_modalities = ("image", "text")

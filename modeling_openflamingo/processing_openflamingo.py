@@ -43,6 +43,8 @@ def interleaved_label_mask(
 
     -100 for padding, `<image>`, every token before the first `<image>`, and the tokens after each `<|endofchunk|>`
     up to (not including) the next `<image>`. The `<|endofchunk|>` tokens and eos stay in the loss.
+
+    `input_ids` `(..., seq)` (one row or a batch) -> labels of the same shape.
     """
     labels = input_ids.clone()
     positions = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
@@ -56,7 +58,10 @@ def interleaved_label_mask(
 
 
 def caption_label_mask(input_ids: torch.Tensor, media_token_id: int, pad_token_id: int | None) -> torch.Tensor:
-    """Labels as the original makes them for image-caption pairs: pad and `<image>` -> -100; eos stays."""
+    """Labels as the original makes them for image-caption pairs: pad and `<image>` -> -100; eos stays.
+
+    `input_ids` `(..., seq)` -> labels of the same shape.
+    """
     labels = input_ids.clone()
     if pad_token_id is not None:
         labels[labels == pad_token_id] = -100
@@ -164,6 +169,11 @@ class OpenFlamingoProcessor(ProcessorMixin):
         # the tokenizer's call takes no `truncation_side` (it reads its attribute): set for this call when given
         truncation_side = kwargs.pop("truncation_side", None) or self.tokenizer.truncation_side
         saved_side, self.tokenizer.truncation_side = self.tokenizer.truncation_side, truncation_side
+        # labels need the mask (padding is found by it, not by the pad id, which may be eos): asked of the tokenizer
+        # and left out of the result afterwards if the caller said so
+        drop_mask = return_labels and kwargs.get("return_attention_mask") is False
+        if drop_mask:
+            kwargs["return_attention_mask"] = True
         try:
             encoding = self.tokenizer(
                 texts,
@@ -178,18 +188,27 @@ class OpenFlamingoProcessor(ProcessorMixin):
             self.tokenizer.truncation_side = saved_side
         # lists of token ids per row (not padded with `padding=False`); tensors are made at the end
         data = dict(encoding)
-        if truncation:
-            # the `<image>` tokens that truncation kept are the first ones of the row, or the last ones when it
-            # truncates from the left: their images are kept
-            for row, (ids, row_images) in enumerate(zip(data["input_ids"], image_rows, strict=True)):
-                kept = list(ids).count(self.image_token_id)
-                image_rows[row] = (
-                    row_images[len(row_images) - kept :] if truncation_side == "left" else row_images[:kept]
-                )
+        # Truncation (asked for, or the tokenizer's own with `max_length` alone) keeps the first `<image>` tokens of a
+        # row, or the last ones when it truncates from the left: their images are kept, in order.
+        for row, (ids, row_images) in enumerate(zip(data["input_ids"], image_rows, strict=True)):
+            kept = list(ids).count(self.image_token_id)
+            if kept < len(row_images):
+                first = len(row_images) - kept if truncation_side == "left" else 0
+                image_rows[row] = row_images[first : first + kept]
         max_images = max((len(r) for r in image_rows), default=0)
         if max_images:
             flat = [image for row in image_rows for image in row]
-            pixels = torch.as_tensor(self.image_processor(flat, return_tensors="pt", **images_kwargs)["pixel_values"])
+            processed = self.image_processor(flat, return_tensors=None, **images_kwargs)["pixel_values"]
+            shapes = sorted({tuple(np.shape(image)) for image in processed})
+            if len(shapes) > 1:
+                raise ValueError(
+                    f"The images come out of the image processor in different shapes {shapes}, but `pixel_values` "
+                    "`(batch, num_images, 3, H, W)` holds one: keep `do_center_crop=True` (the resize sets the shorter "
+                    "side only), or give images of one aspect ratio."
+                )
+            if not isinstance(processed, np.ndarray):
+                processed = np.stack([np.asarray(image) for image in processed])
+            pixels = torch.from_numpy(processed)
             pixel_values = pixels.new_zeros((len(texts), max_images, *pixels.shape[1:]))
             start = 0
             for row, row_images in enumerate(image_rows):
@@ -202,6 +221,8 @@ class OpenFlamingoProcessor(ProcessorMixin):
                 self._labels(torch.tensor(ids), torch.tensor(mask), pad_id, interleaved).tolist()
                 for ids, mask in zip(data["input_ids"], data["attention_mask"], strict=True)
             ]
+        if drop_mask:
+            del data["attention_mask"]
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def _split_kwargs(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -775,6 +775,12 @@ def test_processor_truncation_keeps_the_images_of_the_kept_image_tokens(converte
     )
     assert torch.equal(again["input_ids"], cut["input_ids"]) and torch.equal(again["pixel_values"], cut["pixel_values"])
     assert processor.tokenizer.truncation_side == "right"
+    # `max_length` alone, unpadded: the tokenizer truncates by itself; the images follow the tokens it kept
+    implicit = processor(
+        images=[tiny_images[0], tiny_images[1]], text=text, max_length=max_length, truncation_side=side, padding=False
+    )
+    assert torch.equal(implicit["input_ids"], cut["input_ids"])
+    assert torch.equal(implicit["pixel_values"], cut["pixel_values"])
 
 
 def test_processor_return_tensors(converted, tiny_images):
@@ -828,6 +834,27 @@ def test_processor_training_labels(converted, tiny_images):
     expected[(ids == processor.image_token_id) | (batch["attention_mask"] == 0)] = -100
     assert torch.equal(labels, expected)
     assert (labels == processor.end_of_chunk_token_id).sum() == 2  # <|endofchunk|> stays in the loss
+    without_mask = processor(
+        images=[[tiny_images[0]], [tiny_images[1]]],
+        text=["<image>a b<|endofchunk|>", "<image>a<|endofchunk|>"],
+        return_labels=True,
+        return_attention_mask=False,
+    )
+    assert "attention_mask" not in without_mask and torch.equal(without_mask["labels"], labels)
+
+
+def test_processor_images_of_different_sizes_need_a_fixed_output_size(converted, tiny_images):
+    """Without the centre crop, images of other aspect ratios come out in other shapes: one tensor cannot hold them,
+    and the error says what does (the image processor's own advice, `return_tensors=None`, is not the processor's)."""
+    processor = AutoProcessor.from_pretrained(converted("tiny-neox"))
+    wide = tiny_images[0].resize((50, 30))
+    with pytest.raises(ValueError, match=r"different shapes .*keep `do_center_crop=True`.*one aspect ratio") as error:
+        processor(images=[[tiny_images[0], wide]], text=["<image><image>a"], do_center_crop=False, return_tensors=None)
+    assert "return_tensors" not in str(error.value)
+    also_wide = tiny_images[1].resize((100, 60))
+    same_ratio = processor(images=[[wide], [also_wide]], text=["<image>a", "<image>b"], do_center_crop=False)
+    assert same_ratio["pixel_values"].shape[:2] == (2, 1)
+    assert same_ratio["pixel_values"].shape[-1] > same_ratio["pixel_values"].shape[-2]  # not cropped
 
 
 def test_processor_save_load_round_trip(converted, tmp_path, tiny_images):
