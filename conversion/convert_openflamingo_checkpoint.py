@@ -116,6 +116,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--output-dir is required (unless --dry-run or --list-presets)")
     if args.private and not args.push_to_hub:
         parser.error("--private goes with --push-to-hub")
+    if args.manifest and not args.dry_run:
+        parser.error("--manifest goes with --dry-run")
+    if args.dry_run and args.push_to_hub:
+        parser.error("--dry-run writes no folder, so there is nothing for --push-to-hub to upload")
     if args.dry_run and (args.vision or args.quick_gelu is not None or args.open_clip_weights):
         # the dry run reads no weights: its vision tower is the released ViT-L/14, or --open-clip-config's
         parser.error(

@@ -29,8 +29,8 @@ def classification_prompt(class_name: str | None = None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
-    parser.add_argument("--images", nargs="*", help="query images to classify (default: four demo images)")
-    parser.add_argument("--classes", nargs="*", default=CLASS_NAMES)
+    parser.add_argument("--images", nargs="+", help="query images to classify (default: four demo images)")
+    parser.add_argument("--classes", nargs="+", default=CLASS_NAMES)
     parser.add_argument("--sum", action="store_true", help="rank by total log-likelihood instead of per-token mean")
     parser.add_argument("--top-k", type=int, default=3)
     args = parser.parse_args()

@@ -101,6 +101,13 @@ def load_training_dataset(args: argparse.Namespace) -> Any:
             f"error: {args.dataset} has no image column {args.image_column!r} (nor 'image'); its columns are "
             f"{dataset.column_names}: pass --image-column."
         )
+    text_column = args.caption_column if args.caption_column is not None else args.text_column
+    if text_column not in dataset.column_names:
+        option = "--caption-column" if args.caption_column is not None else "--text-column (or --caption-column)"
+        raise SystemExit(
+            f"error: {args.dataset} has no column {text_column!r}; its columns are {dataset.column_names}: "
+            f"pass {option}."
+        )
     if args.caption_column is not None:
         dataset = dataset.map(
             lambda row: {args.text_column: f"<image>{row[args.caption_column]}<|endofchunk|>"},

@@ -56,7 +56,7 @@ def main() -> None:
     add_model_arguments(parser)
     parser.add_argument("--image", help="the query image (default: a demo image)")
     parser.add_argument(
-        "--questions", nargs="*", default=["What color is the bus?", "Is there a person?", "What is on the table?"]
+        "--questions", nargs="+", default=["What color is the bus?", "Is there a person?", "What is on the table?"]
     )
     parser.add_argument("--shots", type=int, default=2, choices=range(len(DEMONSTRATIONS) + 1))
     add_beam_search_arguments(parser, max_new_tokens=5)

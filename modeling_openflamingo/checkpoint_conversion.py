@@ -34,7 +34,14 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, CLIPVisionConfig, GenerationConfig, MptConfig, PretrainedConfig
+from transformers import (
+    AutoTokenizer,
+    CLIPVisionConfig,
+    GenerationConfig,
+    MptConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 
 from . import conversion_hub as hub
 from .configuration_openflamingo import VIT_L_14_CONFIG, OpenFlamingoConfig
@@ -843,6 +850,29 @@ def transformers_clip_vision_config(raw: Mapping[str, Any], source: Any = "confi
 _TOKENIZER_FILES = re.compile(
     r"(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab.*|merges\.txt|.*\.model|.*\.tiktoken|config\.json)"
 )
+# the files that hold a vocabulary (a `tokenizer_config.json` alone does not)
+_TOKENIZER_VOCABULARY_FILES = re.compile(r"tokenizer\.json|vocab.*|merges\.txt|.*\.model|.*\.tiktoken")
+
+
+def load_tokenizer(spec: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of a local folder or hub repo (its tokenizer files only are downloaded), with OpenFlamingo's
+    added tokens; a folder without a vocabulary (e.g. an LM folder holding weights only) is refused by name."""
+    folder = hub.resolve_folder(
+        spec, "tokenizer", lambda fs: [f for f in fs if _TOKENIZER_FILES.fullmatch(f)], cache_dir
+    )
+    if not any(_TOKENIZER_VOCABULARY_FILES.fullmatch(path.name) for path in folder.iterdir()):
+        raise ConversionError(
+            f"tokenizer: {folder} holds no tokenizer files (tokenizer.json, vocab.* / merges.txt, *.model or "
+            "*.tiktoken); pass --tokenizer with the tokenizer the checkpoint was trained with (by default the LM's "
+            "folder is used)."
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as error:  # noqa: BLE001 - missing packages (protobuf, sentencepiece) and bad files alike
+        raise ConversionError(f"tokenizer: {folder} cannot be loaded: {_first_line(error)}") from error
+    return add_openflamingo_tokens(tokenizer)
+
+
 _OPEN_CLIP_WEIGHTS = (
     "open_clip_model.safetensors",
     "open_clip_pytorch_model.safetensors",
@@ -890,6 +920,11 @@ def resolve_vision(
         raise ConversionError("Pass either a vision source (--vision) or open_clip weights (--open-clip-weights).")
     if vision is not None and hub.is_local(vision) and Path(vision).expanduser().is_file():
         open_clip_weights, vision = vision, None
+    if open_clip_config is not None and open_clip_weights is None:
+        raise ConversionError(
+            "--open-clip-config is the config of --open-clip-weights, which were not given (an open_clip folder or "
+            "repo given as --vision brings its own config)."
+        )
     origin = str(open_clip_weights or vision or DEFAULT_VISION)
     if quick_gelu is None and "openai" in origin.lower():
         quick_gelu = True
@@ -1000,13 +1035,7 @@ def resolve_inputs(
         raise FileNotFoundError(f"{lm_config_path}: no such file (the LM folder needs its config.json).")
     raw_lm_config = _read_json(lm_config_path, "language model config")
     lm_config, family = lm_config_from_dict(raw_lm_config, lm_config_path)
-    tokenizer_dir = hub.resolve_folder(
-        tokenizer, "tokenizer", lambda fs: [f for f in fs if _TOKENIZER_FILES.fullmatch(f)], cache_dir
-    )
-    try:
-        tok = add_openflamingo_tokens(AutoTokenizer.from_pretrained(str(tokenizer_dir)))
-    except Exception as error:  # noqa: BLE001
-        raise ConversionError(f"tokenizer: {tokenizer_dir} cannot be loaded: {_first_line(error)}") from error
+    tok = load_tokenizer(tokenizer, cache_dir)
     vision_input = resolve_vision(
         vision,
         open_clip_config,
@@ -1641,6 +1670,11 @@ def save_atomically(output_dir: str | os.PathLike, write: Callable[[Path], Any])
     leaves the old folder or the new one (and at worst a hidden `.NAME.old-*` / `.NAME.tmp-*` sibling), never neither.
     """
     output_dir = Path(output_dir).absolute()
+    if output_dir.exists() and Path.cwd().resolve().is_relative_to(output_dir.resolve()):
+        raise ConversionError(
+            f"{output_dir} is the working directory (or holds it): it would be replaced by a new folder, leaving "
+            "this process and your shell in a deleted one. Pass a path that does not hold the working directory."
+        )
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = _unused_sibling(output_dir, "tmp")
     tmp.mkdir()  # with the umask's permissions, as any folder the user makes
@@ -1760,6 +1794,15 @@ class DryRunReport:
         return "\n".join(lines)
 
 
+def _preset_checkpoint_manifest(preset: Preset) -> dict[str, tuple[int, ...]]:
+    """The keys and shapes of `preset`'s released `checkpoint.pt`, from its own (embedded) parts."""
+    lm_config, family = lm_config_from_dict(dict(preset.lm_config), f"{preset.name} (embedded LM config)")
+    config = make_config(
+        lm_config, CLIPVisionConfig(**VIT_L_14_CONFIG), preset.cross_attn_every_n_layers, **preset.tokens
+    )
+    return released_checkpoint_manifest(model_layout(build_empty_model(config)), family)
+
+
 def dry_run(
     preset: str | Preset | None = None,
     checkpoint: str | os.PathLike | TensorSource | None = None,
@@ -1788,10 +1831,7 @@ def dry_run(
         raw = dict(preset.lm_config)
         lm_config, family = lm_config_from_dict(raw, f"{preset.name} (embedded LM config)")
     if tokenizer is not None or preset is None:
-        tok_dir = hub.resolve_folder(
-            tokenizer or lm, "tokenizer", lambda fs: [f for f in fs if _TOKENIZER_FILES.fullmatch(f)], cache_dir
-        )
-        tok = add_openflamingo_tokens(AutoTokenizer.from_pretrained(str(tok_dir)))
+        tok = load_tokenizer(tokenizer or lm, cache_dir)
         tokens = {
             "tokenizer_length": len(tok),
             "media_token_id": tok.convert_tokens_to_ids("<image>"),
@@ -1803,6 +1843,7 @@ def dry_run(
     n = cross_attn_every_n_layers or (preset.cross_attn_every_n_layers if preset else None)
     if n is None:
         raise ConversionError("Without --preset, pass --cross-attn-every-n-layers.")
+    default_vision = vision_config is None
     if vision_config is None:
         vision_config = CLIPVisionConfig(**VIT_L_14_CONFIG)
     elif not isinstance(vision_config, CLIPVisionConfig):
@@ -1818,10 +1859,19 @@ def dry_run(
     elif checkpoint is not None and hub.is_local(checkpoint):
         checkpoint_source = torch_file_source(hub.resolve_file(checkpoint, CHECKPOINT_FILENAME, "checkpoint"))
         checked = checkpoint_source.name
-    else:
-        checkpoint_source = TensorSource.from_manifest(
-            f"{preset.checkpoint if preset else 'checkpoint'} (documented format)", manifest
+    elif preset is not None:
+        # the preset's released checkpoint, whose format the preset's own parts give: the overridden parts (LM,
+        # tokenizer, N, vision width) must fit it, as they must fit the file in a real conversion
+        overridden = (
+            (lm is not None and str(lm) != preset.lm)
+            or tokenizer is not None
+            or n != preset.cross_attn_every_n_layers
+            or not default_vision
         )
+        released = _preset_checkpoint_manifest(preset) if overridden else manifest
+        checkpoint_source = TensorSource.from_manifest(f"{preset.checkpoint} (released format)", released)
+    else:
+        checkpoint_source = TensorSource.from_manifest("checkpoint (the format of these parts)", manifest)
     lm_source = TensorSource.from_manifest(
         f"{lm or preset.lm or preset.lm_title} (config)", lm_manifest(layout, family, int(raw["vocab_size"]))
     )
@@ -1886,6 +1936,11 @@ def export_openflamingo_state_dict(
         out[name], origin[name] = tensor.contiguous() if _owns_storage(tensor) else tensor.clone(), key
 
     for key in tqdm(source.keys(), desc="Exporting tensors", unit="tensor", disable=not progress):
+        if key.startswith("new_token_embeddings."):
+            raise ConversionError(
+                f"{source.name}: key {key!r} holds the rows trained after freeze_for_training(); fold them into the "
+                "embedding matrix first (model.merge_new_token_embeddings()), or pass the model itself."
+            )
         if "lora_" in key or key.startswith("base_model.model."):
             raise ConversionError(
                 f"{source.name}: key {key!r} is a PEFT adapter weight; merge the adapter first "
@@ -1958,8 +2013,15 @@ def convert_hf_to_openflamingo(
         )
     if isinstance(model, nn.Module):
         config: Any = model.config
-        source = TensorSource.from_state_dict(type(model).__name__, model.state_dict())
+        # the rows trained after `freeze_for_training()` folded into the embedding matrix, as `save_pretrained` does
+        fold = getattr(model, "_fold_new_token_embeddings", None)
+        source = TensorSource.from_state_dict(type(model).__name__, fold(None) if fold else model.state_dict())
     else:
+        if hub.is_local(model) and (Path(model) / "adapter_config.json").is_file():
+            raise ConversionError(
+                f"{model} is a PEFT adapter folder (adapter_config.json); merge the adapter first "
+                "(model = PeftModel.from_pretrained(base, adapter).merge_and_unload()) and save the merged model."
+            )
         folder = hub.resolve_folder(model, "model", lambda fs: ["config.json", *hf_weight_files(fs)], cache_dir)
         config = _read_json(folder / "config.json", "model config")
         if config.get("model_type") != "openflamingo":

@@ -49,10 +49,17 @@ def is_local(spec: str | os.PathLike) -> bool:
 
 def _hub_error(what: str, spec: object, error: Exception) -> ConversionError:
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    # `runs/my-run/checkpoint.pt` with a typo reads as a hub id: say so when its first folder is a local one
+    first = Path(str(spec)).expanduser().parts[0] if str(spec) else ""
+    local_hint = (
+        f" ({first}/ is a local folder: if {spec!s} was meant as a local path, it does not exist.)"
+        if first and Path(first).expanduser().is_dir()
+        else ""
+    )
     return ConversionError(
         f"{what}: {spec!s} is no local path, and downloading it from the Hugging Face Hub failed "
         f"({type(error).__name__}: {first_line}). Pass a local path, check the repo id, or log in "
-        "(`hf auth login`) for gated repos."
+        f"(`hf auth login`) for gated repos.{local_hint}"
     )
 
 

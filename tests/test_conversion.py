@@ -249,6 +249,31 @@ def test_round_trip_from_a_loaded_model(family, converted):
     assert_same_tensors(exported, torch.load(FIXTURES / family / "checkpoint.pt", weights_only=True))
 
 
+def test_export_of_a_model_training_new_token_rows_holds_the_trained_rows(converted, tmp_path):
+    """After `freeze_for_training()` the added tokens' rows live in `new_token_embeddings`: the export of the loaded
+    model folds them in (as `save_pretrained`), a raw state dict holding them is refused rather than exported with
+    the embedding matrix's stale rows, and a PEFT adapter folder is refused with what to do."""
+    model = AutoModelForImageTextToText.from_pretrained(converted("tiny-mpt"))
+    model.freeze_for_training()
+    with torch.no_grad():
+        model.new_token_embeddings.weight.add_(1.0)
+    from_module = torch.load(convert_hf_to_openflamingo(model, tmp_path / "m.pt", progress=False), weights_only=True)
+    model.save_pretrained(tmp_path / "saved")
+    from_folder = torch.load(
+        convert_hf_to_openflamingo(tmp_path / "saved", tmp_path / "f.pt", progress=False), weights_only=True
+    )
+    assert_same_tensors(from_module, from_folder)
+    rows = from_module["lang_encoder.transformer.wte.weight"][model.new_token_embeddings.token_ids]
+    assert torch.equal(rows, model.new_token_embeddings.weight)
+    with pytest.raises(ConversionError, match=r"new_token_embeddings.*merge_new_token_embeddings"):
+        export_openflamingo_state_dict(model.state_dict(), model.config)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(ConversionError, match="PEFT adapter folder.*merge_and_unload"):
+        convert_hf_to_openflamingo(adapter, tmp_path / "a.pt", progress=False)
+
+
 def test_full_export_reconverts_to_the_same_model(converted, tmp_path):
     family = "tiny-mpt-1b-redpajama-200b"
     full = tmp_path / "full.pt"
@@ -491,6 +516,17 @@ def test_tokenizer_that_does_not_fit_the_checkpoint(tmp_path):
     assert "'lang_encoder.model.embed_tokens.weight'" in message and "(403, 32)" in message and "tokenizer" in message
 
 
+def test_a_tokenizer_folder_without_a_vocabulary_is_named(tmp_path):
+    """The LM's folder is the default tokenizer; one holding weights only is refused as such (transformers would build
+    an empty tokenizer, or ask for protobuf), in the dry run as in the conversion."""
+    lm_only = FIXTURES / "tiny-mpt" / "lm"
+    with pytest.raises(ConversionError, match=r"tokenizer: .*lm holds no tokenizer files .*pass --tokenizer"):
+        convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt", tokenizer=lm_only), output_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ConversionError, match=r"tokenizer: .*lm holds no tokenizer files"):
+        dry_run(lm=lm_only, cross_attn_every_n_layers=1)
+
+
 def test_v1_duplicates_that_differ(tmp_path):
     state = _variant("v1_duplicates", torch.load(FIXTURES / "tiny-llama" / "checkpoint.pt", weights_only=True))
     state["lang_encoder.gated_cross_attn_layers.3.ff.1.weight"] += 1
@@ -659,6 +695,39 @@ def test_dry_run_refuses_vision_options_it_would_not_read(capsys):
     )
 
 
+@pytest.mark.parametrize(
+    "args, error",
+    [
+        (["--output-dir", "o", "--manifest", "m.json"], "--manifest goes with --dry-run"),
+        (["--dry-run", "--push-to-hub", "me/x"], "nothing for --push-to-hub to upload"),
+    ],
+)
+def test_cli_refuses_options_that_would_go_unread(args, error, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        load_cli().parse_args(["--preset", "OpenFlamingo-3B-vitl-mpt1b", *args])
+    assert exit_.value.code == 2 and error in capsys.readouterr().err
+
+
+def test_the_working_directory_is_not_replaced(tmp_path, monkeypatch):
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    with pytest.raises(ConversionError, match="is the working directory"):
+        convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt"), output_dir=".")
+    out = convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt"), output_dir=tmp_path / "out")
+    monkeypatch.chdir(out)
+    with pytest.raises(ConversionError, match="is the working directory"):
+        convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt"), output_dir=out, overwrite=True)
+    assert Path.cwd() == out and sorted(tmp_path.iterdir()) == [here, out]
+
+
+def test_an_open_clip_config_without_its_weights_is_refused(tmp_path):
+    kwargs = fixture_kwargs("tiny-mpt", open_clip_weights=None)
+    with pytest.raises(ConversionError, match="--open-clip-config is the config of --open-clip-weights"):
+        convert_openflamingo_checkpoint(**kwargs, output_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
 def test_cli_checks_the_shard_size_before_reading_anything(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         load_cli().parse_args(
@@ -726,6 +795,14 @@ def test_v1_preset_needs_the_lm(tmp_path, capsys):
 def test_unknown_hub_repo_is_reported(fake_hub, tmp_path):
     with pytest.raises(ConversionError, match="nobody/nothing is no local path, and downloading it"):
         convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt", lm="nobody/nothing"), output_dir=tmp_path / "o")
+
+
+def test_a_mistyped_local_path_that_reads_as_a_hub_id_says_so(fake_hub, tmp_path, monkeypatch):
+    (tmp_path / "runs" / "my-run").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    typo = "runs/my-run/checkpoint_3.pt"  # the file is not there: read as repo runs/my-run, file checkpoint_3.pt
+    with pytest.raises(ConversionError, match=r"runs/ is a local folder: if runs/my-run/checkpoint_3.pt was meant"):
+        convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt", checkpoint=typo), output_dir=tmp_path / "o")
 
 
 def make_transformers_clip_folder(base: Path, folder: Path) -> dict[str, torch.Tensor]:
@@ -882,6 +959,22 @@ def test_dry_run_reports_a_checkpoint_that_does_not_fit():
                 cross_attn_every_n_layers=4)  # fmt: skip
     with pytest.raises(ConversionError, match=r"key 'lang_encoder\.gpt_neox\..*GPT-NeoX.*LLaMA"):
         dry_run("OpenFlamingo-9B", checkpoint=TensorSource.from_manifest("x", documented))
+
+
+@pytest.mark.parametrize(
+    "override, error",
+    [
+        ({"cross_attn_every_n_layers": 2}, r"trained with N=1: pass --cross-attn-every-n-layers 1"),
+        ({"lm": FIXTURES / "tiny-neox" / "lm"}, r"belongs to a MosaicGPT or MPT language model.*GPT-NeoX"),
+        ({"tokenizer": FIXTURES / "tiny-llama" / "tokenizer"}, r"is the tokenizer the one the checkpoint was trained"),
+        ({"vision_config": FIXTURES / "tiny-mpt" / "open_clip_config.json"}, r"perceiver.*has shape"),
+    ],
+)
+def test_dry_run_checks_overrides_against_the_presets_released_checkpoint(override, error):
+    """Without a local file, the preset's released format is the one its own parts give: an overridden part that
+    does not fit it fails the dry run, as it fails the real conversion."""
+    with pytest.raises(ConversionError, match=error):
+        dry_run("OpenFlamingo-3B-vitl-mpt1b", **override)
 
 
 def test_dry_run_cli_writes_the_manifest(tmp_path, capsys):

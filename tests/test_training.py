@@ -615,6 +615,9 @@ def test_finetune_example_on_a_caption_dataset_with_an_image_column(converted, t
     datasets.Dataset.from_dict({"photo": rows["image"], "caption": rows["caption"]}).save_to_disk(tmp_path / "other")
     with pytest.raises(SystemExit, match="no image column 'images' \\(nor 'image'\\).*pass --image-column"):
         finetune.main([*argv[:-5], str(tmp_path / "other"), "--caption-column", "caption", "--max-steps", "2"])
+    # the caption column forgotten: named before training starts, not by the collator at the first step
+    with pytest.raises(SystemExit, match=r"has no column 'text'.*pass --text-column \(or --caption-column\)"):
+        finetune.main([*argv[:-4], "--max-steps", "2"])
 
 
 def test_finetune_trainer_label_smoothing_scores_the_next_token(converted, tmp_path):
