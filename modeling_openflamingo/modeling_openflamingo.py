@@ -1245,8 +1245,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         implementation = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
         caches = (kwargs.get(name) for name in ("past_key_values", "cache"))
         if implementation in _COMPILEABLE_CACHES or any(getattr(c, "is_compileable", False) for c in caches):
+            what = f"cache_implementation={implementation!r}" if implementation else "a compileable cache object"
             raise ValueError(
-                f"A static cache (cache_implementation={implementation!r}) with an MPT / MosaicGPT language model "
+                f"A static cache ({what}) with an MPT / MosaicGPT language model "
                 f"needs transformers >= 5 (this is {_TRANSFORMERS_VERSION}, whose MptModel cannot mask one). Leave "
                 "cache_implementation unset to decode with the dynamic cache, or upgrade transformers."
             )
