@@ -62,6 +62,8 @@ class OpenFlamingoConfig(PretrainedConfig):
     """
 
     model_type = "openflamingo"
+    # what `Trainer`'s evaluation leaves out of its predictions (the caches are for generation)
+    keys_to_ignore_at_inference = ["past_key_values", "cache", "image_cache", "image_hidden_states"]
     sub_configs = {"vision_config": CLIPVisionConfig, "text_config": AutoConfig}
 
     def __init__(
@@ -86,6 +88,8 @@ class OpenFlamingoConfig(PretrainedConfig):
     ) -> None:
         if vision_config is None:
             vision_config = CLIPVisionConfig(**VIT_L_14_CONFIG)
+        elif isinstance(getattr(vision_config, "vision_config", None), CLIPVisionConfig):
+            vision_config = vision_config.vision_config  # a whole `CLIPConfig`: its vision tower's
         elif isinstance(vision_config, dict):
             if vision_config.get("model_type") == "clip" and isinstance(vision_config.get("vision_config"), dict):
                 vision_config = vision_config["vision_config"]  # a whole CLIP config: its vision tower's
@@ -105,6 +109,12 @@ class OpenFlamingoConfig(PretrainedConfig):
                 raise ValueError("`text_config` needs a `model_type` (for example 'mpt', 'gpt_neox' or 'llama').")
             text_config = dict(text_config)
             text_config = AutoConfig.for_model(text_config.pop("model_type"), **text_config)
+        for name, value, kind in (
+            ("vision_config", vision_config, CLIPVisionConfig),
+            ("text_config", text_config, PretrainedConfig),
+        ):
+            if not isinstance(value, kind):
+                raise ValueError(f"`{name}` must be a {kind.__name__} or a dict; got {type(value).__name__}.")
         # The composite's `use_cache` governs generation (transformers' MptConfig defaults it to False).
         text_config.use_cache = use_cache
         self.use_cache = use_cache
@@ -124,6 +134,10 @@ class OpenFlamingoConfig(PretrainedConfig):
         self.eoc_token_id = eoc_token_id
         kwargs.setdefault("tie_word_embeddings", getattr(text_config, "tie_word_embeddings", False))
         eos_token_id = kwargs.pop("eos_token_id", None)
+        if isinstance(eos_token_id, (list, tuple)):
+            eos_token_id = [_as_int(e) for e in eos_token_id]
+        else:
+            eos_token_id = _as_int(eos_token_id)
         super().__init__(pad_token_id=pad_token_id, **kwargs)
         # transformers 5.x no longer keeps token ids on the base config: keep ours explicitly.
         self.pad_token_id = pad_token_id

@@ -787,6 +787,10 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         super().__init__(config)
         self.vision_model = CLIPVisionModel(config.vision_config)
         self.perceiver = OpenFlamingoPerceiverResampler(config)
+        if config.text_config.model_type == "mpt" and config.text_config._attn_implementation == "sdpa":
+            # asked for by name (`attn_implementation="sdpa"`): transformers' MPT has eager attention only, and the
+            # SDPA one is this package's (`add_mpt_sdpa_attention`, below)
+            config.text_config._attn_implementation = "eager"
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         add_mpt_qk_layernorm(self.language_model, config.text_config)
         if config._attn_implementation != "eager":  # an explicit "eager" keeps MPT's own attention (and its weights)
@@ -834,6 +838,33 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
 
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
+
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
+    ) -> nn.Embedding:
+        """[`~PreTrainedModel.resize_token_embeddings`], refusing a size that would drop the rows of the model's own
+        tokens (`<image>`, `<|endofchunk|>`, pad, eos): the config would then name ids the LM has no row for."""
+        if new_num_tokens is not None:
+            rows = new_num_tokens
+            if pad_to_multiple_of:
+                rows = -(-new_num_tokens // pad_to_multiple_of) * pad_to_multiple_of
+            eos = self.config.eos_token_id
+            ids = {
+                name: value
+                for name, value in (
+                    ("media_token_id", self.config.media_token_id),
+                    ("eoc_token_id", self.config.eoc_token_id),
+                    ("pad_token_id", self.config.pad_token_id),
+                    *(("eos_token_id", e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])),
+                )
+                if value is not None and value >= rows
+            }
+            if ids:
+                raise ValueError(
+                    f"Resizing the embeddings to {rows} rows would drop the rows of {ids}; keep at least "
+                    f"{max(ids.values()) + 1} (the tokenizer's length, with OpenFlamingo's added tokens)."
+                )
+        return super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
 
     def get_output_embeddings(self) -> nn.Module | None:
         return self.language_model.get_output_embeddings()
@@ -1050,6 +1081,12 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         continuing = past is not None and past.get_seq_length() > 0
         if use_cache is None and past is None and self.training and torch.is_grad_enabled():
             use_cache = False  # a training step has no use for a KV cache (and a compiled block would guard on it)
+        # unset flags follow this model's config (as in any transformers model), not the LM's own `text_config`
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if output_attentions is None:
+            output_attentions = getattr(self.config, "output_attentions", False)
+        if output_hidden_states is None:
+            output_hidden_states = getattr(self.config, "output_hidden_states", False)
 
         # The checks that read input_ids on the host come before the images are encoded: the device has that work
         # queued while the host waits, instead of idling while the host then queues everything after the check.
@@ -1818,8 +1855,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         logged report: a missing tensor would stay randomly initialised (say, a gated block after
         `cross_attn_every_n_layers` was changed) and an unexpected one would be dropped. With
         `output_loading_info=True` the model loads anyway and the report is returned, as usual."""
-        if kwargs.get("output_loading_info"):
-            return super().from_pretrained(*args, **kwargs)
+        if kwargs.pop("output_loading_info", False):
+            return super().from_pretrained(*args, output_loading_info=True, **kwargs)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
         if missing or unexpected:

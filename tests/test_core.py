@@ -17,6 +17,7 @@ from transformers import (
     AutoConfig,
     AutoModelForImageTextToText,
     AutoProcessor,
+    CLIPConfig,
     CLIPVisionConfig,
     GPTNeoXConfig,
     LlamaConfig,
@@ -161,6 +162,15 @@ def test_config_errors():
     assert config.media_token_id == MEDIA and type(config.media_token_id) is int
     clip = {"model_type": "clip", "vision_config": {"hidden_size": 32, "num_attention_heads": 4}, "text_config": {}}
     assert OpenFlamingoConfig(vision_config=clip).vision_config.hidden_size == 32
+    assert (
+        OpenFlamingoConfig(vision_config=CLIPConfig(vision_config=clip["vision_config"])).vision_config.hidden_size
+        == 32
+    )
+    config = OpenFlamingoConfig(text_config=TEXT_CONFIGS["mpt"](), eoc_token_id=EOC, eos_token_id=np.int64(3))
+    assert config.eos_token_id == 3 and type(config.eos_token_id) is int
+    for name in ("text_config", "vision_config"):
+        with pytest.raises(ValueError, match=f"`{name}` must be a .*Config or a dict; got int"):
+            OpenFlamingoConfig(**{name: 42})
     # fields set after the config's __init__ (as `from_pretrained(path, **overrides)` does) are checked by the model
     config = tiny_config("mpt")
     config.cross_attn_every_n_layers = 10
@@ -625,6 +635,58 @@ def test_save_load_round_trip_sharded_no_warnings(family, tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["auto_map"]["AutoConfig"] == "configuration_openflamingo.OpenFlamingoConfig"
     assert "AutoModelForImageTextToText" in config["auto_map"]
+
+
+@pytest.mark.parametrize("family", ["mpt", "mosaic_gpt"])
+def test_mpt_attention_implementation_by_name(family, tmp_path):
+    """transformers' MPT has eager attention only; "sdpa" by name gets this package's SDPA attention (the default),
+    "eager" keeps `MptAttention` (attention weights); the two give the same logits."""
+    from transformers.models.mpt.modeling_mpt import MptAttention
+
+    from modeling_openflamingo.modeling_openflamingo import OpenFlamingoMptSdpaAttention
+
+    tiny_model(family).save_pretrained(tmp_path)
+    ids, pixel_values = inputs()
+    logits = {}
+    for implementation, attention in (("sdpa", OpenFlamingoMptSdpaAttention), ("eager", MptAttention)):
+        model = AutoModelForImageTextToText.from_pretrained(tmp_path, attn_implementation=implementation)
+        assert type(model.language_model.transformer.blocks[0].attn) is attention
+        with torch.no_grad():
+            logits[implementation] = model(input_ids=ids, pixel_values=pixel_values).logits
+    torch.testing.assert_close(logits["sdpa"], logits["eager"], rtol=1e-5, atol=1e-5)
+
+
+def test_from_pretrained_with_output_loading_info_false(tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path, output_loading_info=False)
+    assert type(loaded) is OpenFlamingoForConditionalGeneration
+
+
+def test_unset_forward_flags_follow_the_models_config():
+    """`model.config.use_cache = False` (e.g. for gradient checkpointing or an evaluation loop) turns the caches off,
+    `output_hidden_states` / `output_attentions` on the config turn those on, as on any transformers model."""
+    model = tiny_model("llama")
+    ids, pixel_values = inputs()
+    with torch.no_grad():
+        default = model(input_ids=ids, pixel_values=pixel_values)
+        assert default.past_key_values is not None and default.image_cache is not None
+        assert default.hidden_states is None
+        model.config.use_cache = False
+        model.config.output_hidden_states = True
+        flagged = model(input_ids=ids, pixel_values=pixel_values)
+        assert flagged.past_key_values is None and flagged.image_cache is None
+        assert len(flagged.hidden_states) == model.config.text_config.num_hidden_layers + 1
+        assert model(input_ids=ids, pixel_values=pixel_values, use_cache=True).image_cache is not None
+    torch.testing.assert_close(flagged.logits, default.logits, rtol=0, atol=0)
+
+
+def test_resizing_below_the_models_own_tokens_is_refused():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=r"to 320 rows would drop the rows of .*'media_token_id': 401.*at least 403"):
+        model.resize_token_embeddings(300, pad_to_multiple_of=64)
+    assert model.get_input_embeddings().weight.shape[0] == 403
+    assert model.resize_token_embeddings(410).weight.shape[0] == 410
+    assert model.config.text_config.vocab_size == 410
 
 
 def test_tied_embeddings_survive_save_load(tmp_path):

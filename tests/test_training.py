@@ -374,6 +374,22 @@ def test_trainer_lowers_the_loss_and_changes_only_the_recipe(converted, family, 
     assert {EOC, MEDIA} <= changed <= {EOC, MEDIA, PAD}  # <PAD>: weight decay, and a tied output row's gradient
 
 
+def test_trainer_predictions_are_the_logits_alone(converted, tmp_path):
+    """`Trainer.predict` / `evaluate` keep the logits, not the caches and image features the forward also returns
+    (`config.keys_to_ignore_at_inference`), which would pile up over an evaluation set."""
+    model, processor = load(converted, "tiny-neox")
+    dataset = caption_dataset()
+    trainer = Trainer(
+        model=model,
+        args=training_args(tmp_path),
+        train_dataset=dataset,
+        data_collator=OpenFlamingoDataCollator(processor),
+    )
+    predictions = trainer.predict(dataset).predictions
+    assert not isinstance(predictions, tuple)
+    assert predictions.shape[0] == len(dataset) and predictions.shape[-1] == model.config.text_config.vocab_size
+
+
 def test_trainer_resumes_from_a_checkpoint_with_the_trained_rows(converted, tmp_path):
     """Checkpoints hold the rows inside the embedding matrix; resuming takes them back out (load_state_dict hook).
     The vision tower trains too: checkpoints store it under transformers 4.x's names (`vision_model.vision_model.*`),
