@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from demo_model import DEMO_IMAGES, resolve_model
 from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
 
@@ -118,6 +119,13 @@ def load_training_dataset(args: argparse.Namespace) -> Any:
 
 class FlamingoTrainer(Trainer):
     """`Trainer` with the original's weight decay (`gets_weight_decay`: the gated cross-attention blocks' weights)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.label_smoother is not None and transformers.__version__.startswith("4."):
+            # 4.x's label smoother takes no `num_items_in_batch`: its loss is a per-batch mean, which `Trainer` then
+            # divides by the accumulation steps only for a model that takes no loss keywords (5.x handles both)
+            self.model_accepts_loss_kwargs = False
 
     def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
         """Names of the parameters that get weight decay, by the original's rule."""

@@ -147,10 +147,6 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
                 )
             self.state[parameter]["master"] = parameter.detach().clone()
             parameter.data = parameter.data.to(low_precision_dtype)
-        for group in self.param_groups:
-            for parameter in group["params"]:
-                if parameter.dtype != torch.float32 and "master" not in self.state[parameter]:
-                    self.state[parameter]["master"] = parameter.detach().float()
         if compile is None:
             compile = all(p.device.type == "cuda" for group in self.param_groups for p in group["params"])
         self._update: Callable[..., None] = _adamw
@@ -166,6 +162,20 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
             self._update = torch.compile(update, backend=backend, fullgraph=True, options=options)
         self._grad_scale: torch.Tensor | None = None
         self._lr_tensors: dict[int, torch.Tensor] = {}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As `torch.optim.Optimizer.add_param_group` (the constructor's groups come through here too); a parameter
+        already stored in low precision (bf16, fp16) gets an fp32 master weight from its current value."""
+        super().add_param_group(param_group)
+        for parameter in self.param_groups[-1]["params"]:
+            if parameter.dtype != torch.float32 and "master" not in self.state[parameter]:
+                self.state[parameter]["master"] = parameter.detach().float()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As `torch.optim.Optimizer.zero_grad`; a clipping factor from [`clip_grad_norm_`] not yet used by a step
+        goes with the gradients it was computed from (a skipped step leaves nothing behind)."""
+        self._grad_scale = None
+        super().zero_grad(set_to_none=set_to_none)
 
     def _state_of(self, parameter: nn.Parameter) -> dict[str, Any]:
         state = self.state[parameter]
@@ -270,7 +280,14 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
             key: {name: value for name, value in state.items() if name in _FLOAT32_STATE}
             for key, state in state_dict["state"].items()
         }
+        lr_tensors = [group["lr"] if isinstance(group["lr"], torch.Tensor) else None for group in self.param_groups]
         super().load_state_dict(state_dict)
+        # a tensor learning rate stays the caller's tensor (changed in place between CUDA-graph replays), with the
+        # loaded value
+        for group, tensor in zip(self.param_groups, lr_tensors, strict=True):
+            if tensor is not None:
+                tensor.copy_(torch.as_tensor(group["lr"], dtype=tensor.dtype))
+                group["lr"] = tensor
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
         for saved_id, parameter in zip(saved_ids, params, strict=True):

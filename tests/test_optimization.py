@@ -191,6 +191,61 @@ def test_each_optimizer_compiles_for_its_own_parameters():
         assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
 
 
+def test_a_group_added_later_with_a_bf16_parameter_gets_an_fp32_master():
+    """`add_param_group` (e.g. unfreezing a part later) treats a bf16 parameter as the constructor does."""
+    torch.manual_seed(0)
+    first, second = nn.Linear(4, 8), nn.Linear(8, 3)
+    x = torch.randn(5, 4)
+    models = [nn.Sequential(copy.deepcopy(first), copy.deepcopy(second).to(torch.bfloat16)) for _ in range(2)]
+    added = MixedPrecisionAdamW(models[0][0].parameters(), lr=0.1, compile=False)
+    added.add_param_group({"params": list(models[0][1].parameters())})
+    given = MixedPrecisionAdamW(
+        [{"params": list(models[1][0].parameters())}, {"params": list(models[1][1].parameters())}],
+        lr=0.1,
+        compile=False,
+    )
+    for model, optimizer in zip(models, (added, given), strict=True):
+        model[1](model[0](x).bfloat16()).float().pow(2).mean().backward()
+        optimizer.step()
+        assert optimizer.state[model[1].weight]["master"].dtype == torch.float32
+        assert optimizer.state[model[1].weight]["exp_avg"].dtype == torch.float32
+    for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_a_skipped_step_drops_its_clipping_factor():
+    """Clip, find the norm not finite, skip the step (`zero_grad`): the next step is not scaled by that factor."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 4)
+    models = [nn.Linear(4, 2) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [MixedPrecisionAdamW(m.parameters(), lr=0.1, compile=False) for m in models]
+    (models[0](x).sum() * float("inf")).backward()
+    assert not torch.isfinite(optimizers[0].clip_grad_norm_(1.0))
+    optimizers[0].zero_grad()
+    for model, optimizer in zip(models, optimizers, strict=True):
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+    for p, q in zip(*(m.parameters() for m in models), strict=True):
+        assert torch.isfinite(p).all() and torch.equal(p, q)
+
+
+def test_a_tensor_learning_rate_stays_the_callers_after_loading_a_state():
+    model = nn.Linear(4, 2)
+    lr = torch.tensor(1e-2)
+    optimizer = MixedPrecisionAdamW(model.parameters(), lr=lr, compile=False)
+    model(torch.randn(3, 4)).sum().backward()
+    optimizer.step()
+    state = copy.deepcopy(optimizer.state_dict())
+    lr.fill_(0.5)
+    optimizer.load_state_dict(state)
+    assert optimizer.param_groups[0]["lr"] is lr and lr.item() == pytest.approx(1e-2)  # the saved value
+    lr.fill_(0.0)  # in place, as between CUDA-graph replays: the step sees it
+    before = model.weight.detach().clone()
+    optimizer.step()
+    assert torch.equal(model.weight, before)
+
+
 def test_errors():
     model = nn.Linear(4, 4)
     other = nn.Linear(4, 4)
