@@ -615,8 +615,14 @@ def add_mpt_static_cache_support(language_model: nn.Module, text_config: Any) ->
     if getattr(text_config, "model_type", None) != "mpt":
         return
     for module in language_model.modules():
-        if type(module) is MptAttention:
-            module.register_forward_pre_hook(_mpt_static_cache_view, with_kwargs=True)
+        if isinstance(module, MptAttention):  # again after a switch of class (`set_attn_implementation`)
+            hooks = [key for key, hook in module._forward_pre_hooks.items() if hook is _mpt_static_cache_view]
+            if type(module) is MptAttention and not hooks:
+                module.register_forward_pre_hook(_mpt_static_cache_view, with_kwargs=True)
+            elif type(module) is not MptAttention:
+                for key in hooks:
+                    del module._forward_pre_hooks[key]
+                    module._forward_pre_hooks_with_kwargs.pop(key, None)
 
 
 class OpenFlamingoMptSdpaAttention(MptAttention):
@@ -688,16 +694,17 @@ class OpenFlamingoMptSdpaAttention(MptAttention):
         return self.out_proj(_merge_heads(out)), None
 
 
-def add_mpt_sdpa_attention(language_model: nn.Module, text_config: Any) -> None:
-    """Run transformers' MPT attention as [`OpenFlamingoMptSdpaAttention`] (same module, parameters and state dict).
+def add_mpt_sdpa_attention(language_model: nn.Module, text_config: Any, sdpa: bool = True) -> None:
+    """Run transformers' MPT attention as [`OpenFlamingoMptSdpaAttention`] (same module, parameters and state dict),
+    or, with `sdpa=False`, as `MptAttention` again. Call [`add_mpt_static_cache_support`] after a switch.
 
     Hooks already on the attention (MosaicGPT's QK-LayerNorm) keep working: only the class changes.
     """
     if getattr(text_config, "model_type", None) != "mpt":
         return
     for module in language_model.modules():
-        if type(module) is MptAttention:
-            module.__class__ = OpenFlamingoMptSdpaAttention
+        if isinstance(module, MptAttention):
+            module.__class__ = OpenFlamingoMptSdpaAttention if sdpa else MptAttention
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -838,6 +845,24 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
 
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
+
+    def set_attn_implementation(self, attn_implementation: str | dict[str, str], *args: Any, **kwargs: Any) -> None:
+        """[`~PreTrainedModel.set_attn_implementation`]. transformers' MPT has eager attention only: with an MPT /
+        MosaicGPT LM, "eager" (for the whole model, or `text_config`) switches to its `MptAttention` (attention
+        weights), any other value to [`OpenFlamingoMptSdpaAttention`] (the default)."""
+        super().set_attn_implementation(attn_implementation, *args, **kwargs)
+        text = self.config.text_config
+        if getattr(text, "model_type", None) != "mpt":
+            return
+        requested = attn_implementation
+        if isinstance(attn_implementation, dict):
+            requested = attn_implementation.get("text_config", attn_implementation.get(""))
+        if requested is None:
+            return
+        add_mpt_sdpa_attention(self.language_model, text, sdpa=requested != "eager")
+        add_mpt_static_cache_support(self.language_model, text)
+        text._attn_implementation = "eager"
+        _STATIC_DECODERS.pop(self, None)  # their graphs hold the attention they were captured with
 
     def resize_token_embeddings(
         self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True

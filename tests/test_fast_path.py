@@ -125,6 +125,34 @@ def test_static_cache_with_mpts_own_attention(family):
 
 
 @needs_v5
+@pytest.mark.parametrize("family", ["mpt", "mosaic_gpt"])
+def test_set_attn_implementation_switches_mpts_attention(family):
+    """`set_attn_implementation("eager")` on a built model switches to `MptAttention` (attention weights, the static
+    cache's view), and back with "sdpa": the same tokens either way, with the dynamic and the static cache."""
+    from transformers.models.mpt.modeling_mpt import MptAttention
+
+    from modeling_openflamingo.modeling_openflamingo import OpenFlamingoMptSdpaAttention
+
+    model = tiny_model(family)
+    ids, mask, pixel_values = padded_prompt()
+    kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=6, min_new_tokens=6, num_beams=2)
+    expected = model.generate(**kw)
+    for implementation, attention, hooked in (
+        ("eager", MptAttention, True),
+        ("sdpa", OpenFlamingoMptSdpaAttention, False),
+    ):
+        model.set_attn_implementation(implementation)
+        attentions = [m for m in model.modules() if isinstance(m, MptAttention)]
+        assert {type(m) for m in attentions} == {attention}
+        assert all((_mpt_static_cache_view in m._forward_pre_hooks.values()) == hooked for m in attentions)
+        assert torch.equal(model.generate(**kw), expected)
+        assert torch.equal(model.generate(**kw, cache_implementation="static"), expected)
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, output_attentions=True)
+        assert (out.attentions[0] is not None) == hooked
+
+
+@needs_v5
 @pytest.mark.parametrize("family", FAMILIES)
 def test_decoding_step_compiles_without_graph_breaks(family):
     """One decoding step into a static cache traces as a single graph (`fullgraph=True`) and gives eager's logits."""
