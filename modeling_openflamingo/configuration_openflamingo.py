@@ -175,12 +175,7 @@ class OpenFlamingoConfig(PretrainedConfig):
                 f"`only_attend_immediate_media` must be True or False; got {self.only_attend_immediate_media!r}."
             )
         vocab_size = getattr(self.text_config, "vocab_size", None)
-        eos = self.eos_token_id
-        tokens = [(name, getattr(self, name)) for name in ("media_token_id", "eoc_token_id", "pad_token_id")]
-        tokens += [("eos_token_id", e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
-        for name, value in tokens:
-            if value is None:
-                continue
+        for name, value in self.special_token_ids():
             if not _is_int(value) or value < 0 or (_is_int(vocab_size) and value >= vocab_size):
                 raise ValueError(
                     f"`{name}` must be a token id in 0..{vocab_size - 1 if _is_int(vocab_size) else 'vocab'} "
@@ -191,6 +186,14 @@ class OpenFlamingoConfig(PretrainedConfig):
             for name in ("eoc_token_id", "pad_token_id"):
                 if getattr(self, name) == self.media_token_id:
                     raise ValueError(f"`media_token_id` and `{name}` are both {self.media_token_id}: one token each.")
+
+    def special_token_ids(self) -> list[tuple[str, Any]]:
+        """`(field, id)` for each id set among `media_token_id`, `eoc_token_id`, `pad_token_id` and `eos_token_id`
+        (one entry per id of a list): the ids that need a row in the LM's embedding matrix."""
+        eos = self.eos_token_id
+        tokens = [(name, getattr(self, name)) for name in ("media_token_id", "eoc_token_id", "pad_token_id")]
+        tokens += [("eos_token_id", e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+        return [(name, value) for name, value in tokens if value is not None]
 
     @property
     def cross_attn_layer_indices(self) -> list[int]:

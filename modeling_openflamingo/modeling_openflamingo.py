@@ -873,17 +873,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             rows = new_num_tokens
             if pad_to_multiple_of:
                 rows = -(-new_num_tokens // pad_to_multiple_of) * pad_to_multiple_of
-            eos = self.config.eos_token_id
-            ids = {
-                name: value
-                for name, value in (
-                    ("media_token_id", self.config.media_token_id),
-                    ("eoc_token_id", self.config.eoc_token_id),
-                    ("pad_token_id", self.config.pad_token_id),
-                    *(("eos_token_id", e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])),
-                )
-                if value is not None and value >= rows
-            }
+            ids = {name: value for name, value in self.config.special_token_ids() if value >= rows}
             if ids:
                 raise ValueError(
                     f"Resizing the embeddings to {rows} rows would drop the rows of {ids}; keep at least "
