@@ -214,6 +214,26 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
     raise ValueError(f"Unsupported image array dtype {array.dtype}; expected uint8, another integer type or float.")
 
 
+def _ambiguous_channels_first(shape: tuple[int, ...], prefer_channels_first: bool) -> bool:
+    """Whether a 3-D image array of `shape`, whose first and last dimensions could both be its channels, is CHW.
+
+    The more likely channel count decides (3, then 4, then 1): `(3, 1, 1)` is a 1 x 1 RGB image, not a 3 x 1
+    grayscale one, and `(4, 7, 3)` a 4 x 7 RGB image. Equal counts (`(3, H, 3)`, `(1, H, 1)`) keep the input type's
+    convention, `prefer_channels_first` (torch: CHW, numpy: HWC), with a warning.
+    """
+    rank = {3: 0, 4: 1, 1: 2}
+    first, last = rank[shape[0]], rank[shape[-1]]
+    if first != last:
+        channels_first = first < last
+    else:
+        channels_first = prefer_channels_first
+    logger.warning_once(
+        f"The channel dimension of an image array of shape {tuple(shape)} is ambiguous; taken as "
+        f"{'channels_first (CHW)' if channels_first else 'channels_last (HWC)'}. Pass `input_data_format` to say which."
+    )
+    return channels_first
+
+
 def _array_to_pil(array: np.ndarray, input_data_format: str | None, prefer_channels_first: bool) -> Image.Image:
     """Convert a single HW, HWC or CHW image array to a PIL image (``"L"``, ``"RGB"`` or ``"RGBA"``)."""
     if array.ndim == 2:
@@ -227,7 +247,7 @@ def _array_to_pil(array: np.ndarray, input_data_format: str | None, prefer_chann
             first_ok = array.shape[0] in _CHANNELS_TO_MODE
             last_ok = array.shape[-1] in _CHANNELS_TO_MODE
             if first_ok and last_ok:
-                channels_first = prefer_channels_first
+                channels_first = _ambiguous_channels_first(array.shape, prefer_channels_first)
             elif first_ok or last_ok:
                 channels_first = first_ok
             else:
@@ -481,8 +501,9 @@ class OpenFlamingoImageProcessor(BaseImageProcessor):
                 ``NHWC``/``NCHW`` for a batch; uint8 in [0, 255], other integer types in [0, 255] or floats in
                 [0, 1], which are rounded to uint8 first), or a (possibly nested) list of those. Array inputs must have
                 1, 3 or 4 channels (converted to PIL ``"L"``, ``"RGB"`` or ``"RGBA"``). When both the first and last
-                dimension could be channels, numpy arrays are taken as channels-last and torch tensors as
-                channels-first unless ``input_data_format`` is given.
+                dimension could be channels and ``input_data_format`` is not given, the more likely count decides (3,
+                then 4, then 1: ``(3, 1, 1)`` is a 1 x 1 RGB image), and for equal counts numpy arrays are taken as
+                channels-last and torch tensors as channels-first; either way with a warning.
             return_tensors: ``None`` or ``"np"`` for numpy arrays, ``"pt"`` for torch tensors.
             **kwargs: Per-call overrides of the processor attributes (``do_resize``, ``size``, ``resample``,
                 ``do_center_crop``, ``do_rescale``, ``rescale_factor``, ``do_normalize``, ``image_mean``,

@@ -69,6 +69,23 @@ def caption_label_mask(input_ids: torch.Tensor, media_token_id: int, pad_token_i
     return labels
 
 
+def _write_portable_tokenizer_config(save_directory: str | os.PathLike) -> None:
+    """Rewrite a saved `tokenizer_config.json` in the names transformers 4.x and 5.x both read (see
+    `OpenFlamingoProcessor.save_pretrained`); a folder without one is left as it is."""
+    config_path = Path(save_directory) / "tokenizer_config.json"
+    if not config_path.is_file():
+        return
+    config = json.loads(config_path.read_text())
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    extra = config.get("extra_special_tokens")
+    if isinstance(extra, list):
+        del config["extra_special_tokens"]
+        additional = list(config.get("additional_special_tokens") or [])
+        config["additional_special_tokens"] = additional + [t for t in extra if t not in additional]
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
 def _is_image_batch(item: Any) -> bool:
     """A numpy array or torch tensor of shape `(num_images, ...)`, 4-D, as the image processor reads it."""
     return isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim == 4
@@ -157,6 +174,11 @@ class OpenFlamingoProcessor(ProcessorMixin):
                 f"each image goes); got {text!r:.200}."
             )
         images_kwargs, kwargs = self._split_kwargs(kwargs)
+        # the tokenizer options this call names may also come under `text_kwargs`
+        padding = kwargs.pop("padding", padding)
+        padding_side = kwargs.pop("padding_side", padding_side)
+        truncation = kwargs.pop("truncation", truncation)
+        max_length = kwargs.pop("max_length", max_length)
         image_rows = self._image_rows(images, len(texts), single)
         for row, (row_text, row_images) in enumerate(zip(texts, image_rows, strict=True)):
             count = row_text.count(IMAGE_TOKEN)
@@ -234,6 +256,12 @@ class OpenFlamingoProcessor(ProcessorMixin):
         for name in list(kwargs):
             if name in IMAGE_KWARGS or name == "input_data_format":
                 images_kwargs[name] = kwargs.pop(name)
+        for group, group_kwargs in (("images_kwargs", images_kwargs), ("text_kwargs", text_kwargs)):
+            if "return_tensors" in group_kwargs:
+                raise ValueError(
+                    f"`return_tensors` goes to the processor's call itself, not under `{group}`: it sets the type of "
+                    "every output (input_ids, attention_mask, pixel_values, labels) at once."
+                )
         text_kwargs.update(kwargs)
         # (not `modeling_openflamingo._parameters_of`: a relative import of the modeling file from here breaks
         # transformers 4.x's remote-code loading of a saved processor)
@@ -287,21 +315,17 @@ class OpenFlamingoProcessor(ProcessorMixin):
 
         transformers 5.x writes `"tokenizer_class": "TokenizersBackend"` and a list under `extra_special_tokens`;
         4.x knows neither. The tokenizer itself is in `tokenizer.json` either way, so the config is written in the
-        names both majors understand.
+        names both majors understand (also in what `push_to_hub=True` uploads).
         """
         result = super().save_pretrained(save_directory, *args, **kwargs)
-        config_path = Path(save_directory) / "tokenizer_config.json"
-        if config_path.is_file():
-            config = json.loads(config_path.read_text())
-            if config.get("tokenizer_class") == "TokenizersBackend":
-                config["tokenizer_class"] = "PreTrainedTokenizerFast"
-            extra = config.get("extra_special_tokens")
-            if isinstance(extra, list):
-                del config["extra_special_tokens"]
-                additional = list(config.get("additional_special_tokens") or [])
-                config["additional_special_tokens"] = additional + [t for t in extra if t not in additional]
-            config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        _write_portable_tokenizer_config(save_directory)
         return result
+
+    def _upload_modified_files(self, working_dir: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        # `save_pretrained(..., push_to_hub=True)` uploads from inside `ProcessorMixin.save_pretrained`, before the
+        # override above gets to rewrite the tokenizer config: rewritten here too, before the upload
+        _write_portable_tokenizer_config(working_dir)
+        return super()._upload_modified_files(working_dir, *args, **kwargs)
 
     def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:
         """Forwarded to the tokenizer's `batch_decode`."""

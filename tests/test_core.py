@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -796,6 +797,20 @@ def test_processor_passes_image_and_text_options_on(converted, tiny_images):
     padded = processor(text=["a", "a b c"], pad_to_multiple_of=8)["input_ids"]
     assert padded.shape[-1] == 8
     assert processor(text="a", text_kwargs={"pad_to_multiple_of": 4})["input_ids"].shape[-1] == 4
+    # the options the call names (padding, padding_side, truncation, max_length) work under `text_kwargs` too
+    texts = ["<image>a b c d e f", "<image>a"]
+    for options in (
+        {"max_length": 4, "truncation": True},
+        {"padding": "max_length", "max_length": 12},
+        {"padding_side": "right"},
+    ):
+        flat = processor(images=[[image], [image]], text=texts, **options)
+        nested = processor(images=[[image], [image]], text=texts, text_kwargs=options)
+        assert torch.equal(flat["input_ids"], nested["input_ids"]), options
+        assert torch.equal(flat["attention_mask"], nested["attention_mask"]), options
+    for group in ("text_kwargs", "images_kwargs"):
+        with pytest.raises(ValueError, match=f"not under `{group}`"):
+            processor(images=[image], text="<image>a", **{group: {"return_tensors": "np"}})
 
 
 def test_processor_counts_a_4d_array_as_its_images(converted, tiny_images):
@@ -927,6 +942,32 @@ def test_processor_save_load_round_trip(converted, tmp_path, tiny_images):
     b = again(images=[[tiny_images[3]]], text=["<image>x"])
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])
     assert len(again.tokenizer) == len(processor.tokenizer) == 403
+
+
+def test_processor_push_to_hub_uploads_the_portable_tokenizer_config(converted, tmp_path, monkeypatch):
+    """`save_pretrained(..., push_to_hub=True)` uploads from inside `ProcessorMixin.save_pretrained`: what it uploads
+    has the tokenizer config that both transformers majors read, as the saved folder does."""
+    from types import SimpleNamespace
+
+    import transformers.processing_utils as processing_utils
+    from transformers.utils.hub import PushToHubMixin
+
+    processor = AutoProcessor.from_pretrained(converted("tiny-llama"))
+    uploaded = {}
+
+    def upload(self, working_dir, repo_id, files_timestamps, **kwargs):
+        uploaded[repo_id] = json.loads((Path(working_dir) / "tokenizer_config.json").read_text())
+
+    monkeypatch.setattr(PushToHubMixin, "_upload_modified_files", upload)
+    monkeypatch.setattr(PushToHubMixin, "_create_repo", lambda self, repo_id, **kwargs: repo_id, raising=False)
+    if hasattr(processing_utils, "hf_api"):  # transformers 5.x creates the repo through it
+        hub = SimpleNamespace(create_repo=lambda repo_id, **kwargs: SimpleNamespace(repo_id=repo_id))
+        monkeypatch.setattr(processing_utils, "hf_api", lambda: hub)
+    processor.save_pretrained(str(tmp_path / "out"), push_to_hub=True, repo_id="user/tiny")
+    config = uploaded["user/tiny"]
+    assert config == json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert config.get("tokenizer_class") != "TokenizersBackend"
+    assert not isinstance(config.get("extra_special_tokens"), list)
 
 
 def test_demo_runs_offline(tmp_path):

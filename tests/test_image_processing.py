@@ -328,6 +328,30 @@ def test_ambiguous_layout_defaults_and_override(processor_32: OpenFlamingoImageP
     )
 
 
+@pytest.mark.parametrize(
+    ("shape", "channels_first"),
+    [
+        ((3, 1, 1), True),
+        ((3, 300, 1), True),
+        ((1, 1, 3), False),
+        ((1, 300, 3), False),
+        ((4, 7, 3), False),
+        ((3, 5, 4), True),
+    ],
+)
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_ambiguous_layout_follows_the_likelier_channel_count(
+    processor_32: OpenFlamingoImageProcessor, shape: tuple[int, int, int], channels_first: bool, as_tensor: bool
+) -> None:
+    """A dimension of 3 is the channels before one of 4 or 1, whatever the input type: `(3, 1, 1)` is a 1 x 1 RGB
+    image, `(4, 7, 3)` a 4 x 7 one."""
+    arr = np.random.default_rng(1).integers(0, 256, size=shape, dtype=np.uint8)
+    hwc = np.ascontiguousarray(arr.transpose(1, 2, 0)) if channels_first else arr
+    expected = processor_32(Image.fromarray(hwc if hwc.shape[-1] != 1 else hwc[..., 0]))["pixel_values"]
+    given = torch.from_numpy(arr) if as_tensor else arr
+    np.testing.assert_array_equal(processor_32(given)["pixel_values"], expected)
+
+
 def test_bfloat16_tensor_input(processor_32: OpenFlamingoImageProcessor) -> None:
     image = Image.new("RGB", (40, 36), (255, 0, 255))
     tensor = torch.zeros(3, 36, 40, dtype=torch.bfloat16)
