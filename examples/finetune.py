@@ -110,6 +110,16 @@ def load_training_dataset(args: argparse.Namespace) -> Any:
             f"pass {option}."
         )
     if args.caption_column is not None:
+        # rows without a caption are skipped, as the original's LAION pipeline skips samples without one (a null
+        # caption would otherwise be trained on as the text "None")
+        rows = len(dataset)
+        dataset = dataset.filter(
+            lambda row: isinstance(row[args.caption_column], str) and row[args.caption_column].strip()
+        )
+        if len(dataset) < rows:
+            print(f"skipped {rows - len(dataset)} of {rows} rows without a caption in {args.caption_column!r}")
+        if not len(dataset):
+            raise SystemExit(f"error: no row of {args.dataset} has a caption in {args.caption_column!r}.")
         dataset = dataset.map(
             lambda row: {args.text_column: f"<image>{row[args.caption_column]}<|endofchunk|>"},
             remove_columns=[c for c in dataset.column_names if c != image_column],
@@ -239,6 +249,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile-blocks")
     args = parser.parse_args(argv)
+    # before the model is built: LoRA's weights are drawn before `Trainer` seeds the run
+    transformers.set_seed(args.seed)
 
     path = resolve_model(args.model)
     model = AutoModelForImageTextToText.from_pretrained(path)

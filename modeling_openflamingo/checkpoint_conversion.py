@@ -328,6 +328,20 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def _not_a_checkpoint(path: Path) -> str:
+    """Why `path` (which torch could not read) is no torch checkpoint, from its first bytes."""
+    with open(path, "rb") as file:
+        head = file.read(64)
+    if head.startswith(b"version https://git-lfs"):
+        return (
+            "a Git LFS pointer, not the file itself (cloned without git-lfs?): run `git lfs pull` in its repository, "
+            "or download it with huggingface_hub"
+        )
+    if head.lstrip()[:1] == b"<":
+        return "an HTML or XML page, not a torch checkpoint (a web page saved in its place?)"
+    return "cannot be read as a torch checkpoint (truncated or corrupt?)"
+
+
 def load_torch_file(path: str | os.PathLike) -> dict[str, Any]:
     """`torch.load(..., weights_only=True, mmap=True)` with errors that name the file (and, for pickles that need
     code, the entry that needs it)."""
@@ -342,24 +356,53 @@ def load_torch_file(path: str | os.PathLike) -> dict[str, Any]:
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format: no mmap
     except Exception as error:  # noqa: BLE001 - re-raised with the file named
-        message = _first_line(error)
-        unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-        if unsupported:
-            message = f"it needs {unsupported.group(1)}"
-        if "weights_only" in str(error) or "Unsupported global" in str(error) or isinstance(error, pickle.PickleError):
-            culprit = _find_unsafe_pickle_entry(path)
+        text = str(error)
+        # torch wraps every unpickling failure of `weights_only=True` in advice to load the file without it: only
+        # its own reason is passed on
+        reason = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", text, re.DOTALL)
+        message = " ".join(reason.group(1).split()) if reason else _first_line(error)
+        unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        culprit = _find_unsafe_pickle_entry(path) if unsupported or isinstance(error, pickle.PickleError) else None
+        if unsupported or culprit:
+            if unsupported:
+                message = f"it needs {unsupported.group(1)}"
             where = f" {culprit}:" if culprit else ""
             raise ConversionError(
                 f"{path}:{where} refused with weights_only=True: the file needs code to load, which is unsafe. "
                 f"Load it in its own project and save the tensors alone (torch.save(state_dict) or safetensors). "
                 f"({message})"
             ) from error
-        raise ConversionError(
-            f"{path}: cannot be read as a torch checkpoint (truncated or corrupt?): {message}"
-        ) from error
+        raise ConversionError(f"{path}: {_not_a_checkpoint(path)}: {message}") from error
     if not isinstance(obj, Mapping):
         raise ConversionError(f"{path}: expected a dict of tensors, got {type(obj).__name__}.")
+    _check_zip_records(path)
     return dict(obj)
+
+
+def _check_zip_records(path: Path) -> None:
+    """Compare every record of a zip-format torch file with the CRC-32 the zip stores for it.
+
+    torch's reader does not check them, so a flipped byte inside a tensor would load (and convert) silently. Records
+    saved without a CRC (`torch.serialization.config.save.compute_crc32 = False` writes 0) are not checked.
+    """
+    if not zipfile.is_zipfile(path):  # the legacy (pre-zip) format has no checksums
+        return
+    with zipfile.ZipFile(path) as archive:
+        records = [info for info in archive.infolist() if info.CRC != 0]
+        total = sum(info.file_size for info in records)
+        with tqdm(
+            total=total, unit="B", unit_scale=True, desc=f"Checking {path.name}", disable=total < 1 << 28, leave=False
+        ) as bar:
+            for info in records:
+                try:
+                    with archive.open(info) as member:
+                        while chunk := member.read(1 << 24):
+                            bar.update(len(chunk))
+                except (zipfile.BadZipFile, OSError, EOFError) as error:
+                    raise ConversionError(
+                        f"{path}: record {info.filename} does not match its CRC-32 checksum: the file is corrupt "
+                        f"(download it again). ({_first_line(error)})"
+                    ) from error
 
 
 class _Opaque:

@@ -68,7 +68,10 @@ class OpenFlamingoDataCollator:
         processor ([`OpenFlamingoProcessor`]): the model's processor.
         interleaved (`bool`, defaults to `False`): mask labels as for MMC4-style interleaved documents.
         max_length (`int`, *optional*): truncate each text to this many tokens (images whose `<image>` is cut off are
-            dropped). The original used 32 for LAION and 256 for MMC4.
+            dropped). The original used 32 for LAION and 256 for MMC4. With `interleaved=True`, a document whose
+            first `<image>` falls after the cut keeps no label (everything before the first `<image>` is masked); the
+            original's MMC4 loader skips documents left without images, so filter such documents out of the dataset
+            beforehand (a batch of only such rows has no token to train on).
         append_eos (`bool`, defaults to `True`): append the tokenizer's eos token to each text that does not end with
             it, as the original's data pipeline did.
         text_column (`str`, defaults to `"text"`), image_column (`str`, defaults to `"images"`): the sample keys.

@@ -437,6 +437,50 @@ def test_truncated_checkpoint(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b"version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 4096\n", "a Git LFS pointer"),
+        (b"<!DOCTYPE html><html><body>Not found</body></html>", "an HTML or XML page"),
+        (bytes(range(256)) * 16, "cannot be read as a torch checkpoint"),
+    ],
+)
+def test_file_that_is_no_checkpoint_is_named_as_such(tmp_path, content, says):
+    """Files that are not checkpoints are not called unsafe pickles, and torch's advice to load them with
+    `weights_only=False` is not passed on."""
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(content)
+    with pytest.raises(ConversionError) as error:
+        convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt", checkpoint=path), output_dir=tmp_path / "o")
+    message = str(error.value)
+    assert message.startswith(f"{path}: {says}"), message
+    assert "needs code" not in message and "weights_only" not in message
+    assert not (tmp_path / "o").exists()
+
+
+def test_checkpoint_with_a_flipped_byte_in_a_tensor_is_refused(tmp_path):
+    """torch does not check the zip records' CRC-32; the converter does, so a corrupt tensor is not converted."""
+    import zipfile
+
+    source = FIXTURES / "tiny-mpt" / "checkpoint.pt"
+    with zipfile.ZipFile(source) as archive:
+        info = max(archive.infolist(), key=lambda i: i.file_size)  # a tensor's storage
+        assert "/data/" in info.filename and info.compress_type == zipfile.ZIP_STORED
+    data = bytearray(source.read_bytes())
+    # the record's bytes follow its local header: 30 bytes, the name, and the local extra field (its length at 28)
+    name_length, extra_length = (
+        int.from_bytes(data[info.header_offset + 26 : info.header_offset + 28], "little"),
+        int.from_bytes(data[info.header_offset + 28 : info.header_offset + 30], "little"),
+    )
+    offset = info.header_offset + 30 + name_length + extra_length
+    data[offset + info.file_size // 2] ^= 0x01
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(bytes(data))
+    with pytest.raises(ConversionError, match=rf"{path}: record {info.filename} does not match its CRC-32"):
+        convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt", checkpoint=path), output_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
 def test_truncated_lm_weights(tmp_path):
     lm = tmp_path / "lm"
     shutil.copytree(FIXTURES / "tiny-llama" / "lm", lm)

@@ -637,6 +637,55 @@ def test_finetune_example_on_a_caption_dataset_with_an_image_column(converted, t
         finetune.main([*argv[:-4], "--max-steps", "2"])
 
 
+def test_finetune_example_skips_rows_without_a_caption(tiny_images, tmp_path, capsys):
+    """A null or empty caption is not trained on as the text "None" (the original's LAION pipeline skips such
+    samples); a dataset without any caption is an error."""
+    import argparse
+
+    import datasets
+
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import finetune
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    images = [image.convert("RGB") for image in tiny_images[:4]]
+    rows = {"image": images, "caption": ["a cat", None, " ", "a dog"]}
+    datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).save_to_disk(tmp_path / "captions")
+    parser = argparse.ArgumentParser()
+    finetune.add_training_arguments(parser)
+    args = parser.parse_args(["--dataset", str(tmp_path / "captions"), "--caption-column", "caption"])
+    dataset = finetune.load_training_dataset(args)
+    assert dataset["text"] == ["<image>a cat<|endofchunk|>", "<image>a dog<|endofchunk|>"]
+    assert "skipped 2 of 4 rows without a caption in 'caption'" in capsys.readouterr().out
+    rows["caption"] = [None, "", None, ""]
+    datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).save_to_disk(tmp_path / "none")
+    args.dataset = str(tmp_path / "none")
+    with pytest.raises(SystemExit, match="no row of .* has a caption in 'caption'"):
+        finetune.load_training_dataset(args)
+
+
+def test_finetune_example_seeds_the_lora_weights(converted, tmp_path, monkeypatch):
+    """`--seed` is set before the model is built, so LoRA's weights (drawn before `Trainer` seeds the run) follow
+    it: two runs with other random states before them train the same adapter."""
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import finetune
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    argv = ["--model", str(converted("tiny-neox")), "--max-steps", "1", "--lora", "--seed", "3"]
+    adapters = []
+    for run, state in enumerate((1, 2)):
+        torch.manual_seed(state)
+        finetune.main([*argv, "--output-dir", str(tmp_path / str(run))])
+        adapters.append(load_file(tmp_path / str(run) / "adapter_model.safetensors"))
+    assert adapters[0].keys() == adapters[1].keys()
+    for name in adapters[0]:
+        assert torch.equal(adapters[0][name], adapters[1][name]), name
+
+
 def test_finetune_trainer_label_smoothing_scores_the_next_token(converted, tmp_path):
     """`FlamingoTrainer` with `label_smoothing_factor`: the smoothed loss of the shifted labels (Trainer would score
     each position's own token: it shifts only for the causal LMs it knows)."""
