@@ -576,6 +576,8 @@ def add_mpt_qk_layernorm(language_model: nn.Module, text_config: Any) -> None:
         attention.k_ln = nn.LayerNorm(d_model, eps=eps, bias=False)
         attention.register_forward_pre_hook(_follow_wqkv)
         _follow_wqkv(attention, ())  # hooked now, so that a compiled first call does not register a hook
+        if type(attention) in _MPT_ATTENTION_CLASSES:
+            attention.__class__ = _mpt_attention_class(attention, sdpa=type(attention) in _SDPA_MPT_ATTENTIONS)
 
 
 class _MptStaticCacheView:
@@ -617,9 +619,10 @@ def add_mpt_static_cache_support(language_model: nn.Module, text_config: Any) ->
     for module in language_model.modules():
         if isinstance(module, MptAttention):  # again after a switch of class (`set_attn_implementation`)
             hooks = [key for key, hook in module._forward_pre_hooks.items() if hook is _mpt_static_cache_view]
-            if type(module) is MptAttention and not hooks:
+            eager = type(module) not in _SDPA_MPT_ATTENTIONS
+            if eager and not hooks:
                 module.register_forward_pre_hook(_mpt_static_cache_view, with_kwargs=True)
-            elif type(module) is not MptAttention:
+            elif not eager:
                 for key in hooks:
                     del module._forward_pre_hooks[key]
                     module._forward_pre_hooks_with_kwargs.pop(key, None)
@@ -694,17 +697,49 @@ class OpenFlamingoMptSdpaAttention(MptAttention):
         return self.out_proj(_merge_heads(out)), None
 
 
+class OpenFlamingoMosaicGPTAttention(MptAttention):
+    """transformers' `MptAttention` in an MPT with MosaicGPT's QK-LayerNorm (`q_ln` / `k_ln`, applied by the hooks of
+    [`add_mpt_qk_layernorm`]); nothing else differs.
+
+    A class of its own because `torch.compile` does not check a module's hooks before it reuses code compiled for
+    another module of the same class: compiled after an MPT without QK-LayerNorm (of9b's) in the same process,
+    MosaicGPT (of3b's) would run that code, without its LayerNorms. The class is checked.
+    """
+
+
+class OpenFlamingoMosaicGPTSdpaAttention(OpenFlamingoMptSdpaAttention):
+    """[`OpenFlamingoMptSdpaAttention`] in an MPT with MosaicGPT's QK-LayerNorm: see
+    [`OpenFlamingoMosaicGPTAttention`] for why a class of its own."""
+
+
+_MPT_ATTENTION_CLASSES = (
+    MptAttention,
+    OpenFlamingoMptSdpaAttention,
+    OpenFlamingoMosaicGPTAttention,
+    OpenFlamingoMosaicGPTSdpaAttention,
+)
+_SDPA_MPT_ATTENTIONS = (OpenFlamingoMptSdpaAttention, OpenFlamingoMosaicGPTSdpaAttention)
+
+
+def _mpt_attention_class(attention: nn.Module, sdpa: bool) -> type:
+    """The class an MPT attention module runs as: SDPA or `MptAttention`, with or without MosaicGPT's QK-LN."""
+    if "q_ln" in attention._modules:
+        return OpenFlamingoMosaicGPTSdpaAttention if sdpa else OpenFlamingoMosaicGPTAttention
+    return OpenFlamingoMptSdpaAttention if sdpa else MptAttention
+
+
 def add_mpt_sdpa_attention(language_model: nn.Module, text_config: Any, sdpa: bool = True) -> None:
     """Run transformers' MPT attention as [`OpenFlamingoMptSdpaAttention`] (same module, parameters and state dict),
     or, with `sdpa=False`, as `MptAttention` again. Call [`add_mpt_static_cache_support`] after a switch.
 
-    Hooks already on the attention (MosaicGPT's QK-LayerNorm) keep working: only the class changes.
+    Hooks already on the attention (MosaicGPT's QK-LayerNorm) keep working: only the class changes (to the
+    `OpenFlamingoMosaicGPT*` variant with QK-LayerNorm).
     """
     if getattr(text_config, "model_type", None) != "mpt":
         return
     for module in language_model.modules():
-        if isinstance(module, MptAttention):
-            module.__class__ = OpenFlamingoMptSdpaAttention if sdpa else MptAttention
+        if type(module) in _MPT_ATTENTION_CLASSES:
+            module.__class__ = _mpt_attention_class(module, sdpa)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -2724,6 +2759,8 @@ __all__ = [
     "OpenFlamingoCausalLMOutputWithPast",
     "OpenFlamingoForConditionalGeneration",
     "OpenFlamingoImageCache",
+    "OpenFlamingoMosaicGPTAttention",
+    "OpenFlamingoMosaicGPTSdpaAttention",
     "OpenFlamingoMptSdpaAttention",
     "OpenFlamingoPreTrainedModel",
     "add_mpt_qk_layernorm",

@@ -84,6 +84,22 @@ def tiny_config(family: str = "mpt", n: int = 2, **kwargs) -> OpenFlamingoConfig
     )
 
 
+def mpt_attention_classes(family: str) -> dict[str, type]:
+    """The class MPT's attention runs as per `attn_implementation`: MosaicGPT's (QK-LayerNorm) are classes of their
+    own (`OpenFlamingoMosaicGPTAttention`)."""
+    from transformers.models.mpt.modeling_mpt import MptAttention
+
+    from modeling_openflamingo.modeling_openflamingo import (
+        OpenFlamingoMosaicGPTAttention,
+        OpenFlamingoMosaicGPTSdpaAttention,
+        OpenFlamingoMptSdpaAttention,
+    )
+
+    if family == "mosaic_gpt":
+        return {"sdpa": OpenFlamingoMosaicGPTSdpaAttention, "eager": OpenFlamingoMosaicGPTAttention}
+    return {"sdpa": OpenFlamingoMptSdpaAttention, "eager": MptAttention}
+
+
 def tiny_model(family: str = "mpt", n: int = 2, seed: int = 0, **kwargs) -> OpenFlamingoForConditionalGeneration:
     """A tiny model whose gates are open (random), so cross-attention changes the outputs."""
     torch.manual_seed(seed)
@@ -218,17 +234,16 @@ def test_mpt_sdpa_attention_equals_mpt_attention(family):
     as transformers' `MptAttention`, which an explicit `attn_implementation="eager"` keeps (with attention weights)."""
     from transformers.models.mpt.modeling_mpt import MptAttention
 
-    from modeling_openflamingo.modeling_openflamingo import OpenFlamingoMptSdpaAttention
-
+    classes = mpt_attention_classes(family)
     model = tiny_model(family)
     attentions = [type(m) for m in model.modules() if isinstance(m, MptAttention)]
-    assert attentions and set(attentions) == {OpenFlamingoMptSdpaAttention}
+    assert attentions and set(attentions) == {classes["sdpa"]}
     explicit = OpenFlamingoForConditionalGeneration._from_config(model.config, attn_implementation="eager")
-    assert {type(m) for m in explicit.modules() if isinstance(m, MptAttention)} == {MptAttention}
+    assert {type(m) for m in explicit.modules() if isinstance(m, MptAttention)} == {classes["eager"]}
     eager = copy.deepcopy(model)  # the same model but for the class of MPT's attention
     for module in eager.modules():
         if isinstance(module, MptAttention):
-            module.__class__ = MptAttention
+            module.__class__ = MptAttention  # (MosaicGPT's QK-LayerNorm is in hooks: they stay)
     ids, pixel_values = inputs(batch=3, seq=12)
     mask = torch.ones_like(ids)
     mask[1, :4] = 0  # left padding: the first queries of row 1 see no key at all (and, as labels, are in the loss)
@@ -638,18 +653,31 @@ def test_save_load_round_trip_sharded_no_warnings(family, tmp_path):
     assert "AutoModelForImageTextToText" in config["auto_map"]
 
 
+def test_compiled_mosaic_gpt_after_a_compiled_mpt_keeps_its_qk_layernorm():
+    """`torch.compile` reuses code compiled for another module of the same class without checking its hooks: MosaicGPT
+    (QK-LayerNorm by hooks) compiled after an MPT without them must not run the MPT's code. Its attention is a class of
+    its own (`OpenFlamingoMosaicGPTSdpaAttention`), which the compiled code's guards check."""
+    torch._dynamo.reset()
+    try:
+        ids, pixel_values = inputs()
+        for family in ("mpt", "mosaic_gpt"):
+            model = tiny_model(family).eval()
+            with torch.no_grad():
+                expected = model(input_ids=ids, pixel_values=pixel_values).logits
+                compiled = torch.compile(model, backend="eager")(input_ids=ids, pixel_values=pixel_values).logits
+            torch.testing.assert_close(compiled, expected, rtol=0, atol=1e-6, msg=family)
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("family", ["mpt", "mosaic_gpt"])
 def test_mpt_attention_implementation_by_name(family, tmp_path):
     """transformers' MPT has eager attention only; "sdpa" by name gets this package's SDPA attention (the default),
     "eager" keeps `MptAttention` (attention weights); the two give the same logits."""
-    from transformers.models.mpt.modeling_mpt import MptAttention
-
-    from modeling_openflamingo.modeling_openflamingo import OpenFlamingoMptSdpaAttention
-
     tiny_model(family).save_pretrained(tmp_path)
     ids, pixel_values = inputs()
     logits = {}
-    for implementation, attention in (("sdpa", OpenFlamingoMptSdpaAttention), ("eager", MptAttention)):
+    for implementation, attention in mpt_attention_classes(family).items():
         model = AutoModelForImageTextToText.from_pretrained(tmp_path, attn_implementation=implementation)
         assert type(model.language_model.transformer.blocks[0].attn) is attention
         with torch.no_grad():

@@ -23,7 +23,7 @@ from modeling_openflamingo.modeling_openflamingo import (
     _StaticGreedyDecoder,
 )
 
-from .test_core import EOC, MEDIA, PAD, inputs
+from .test_core import EOC, MEDIA, PAD, inputs, mpt_attention_classes
 from .test_core import tiny_model as cpu_tiny_model
 
 IS_V4 = transformers.__version__.startswith("4.")
@@ -111,7 +111,7 @@ def test_static_cache_with_mpts_own_attention(family):
     eager = OpenFlamingoForConditionalGeneration._from_config(model.config, attn_implementation="eager").to(DEVICE)
     eager.load_state_dict(model.state_dict())
     eager.eval()
-    assert {type(m) for m in eager.modules() if isinstance(m, MptAttention)} == {MptAttention}
+    assert {type(m) for m in eager.modules() if isinstance(m, MptAttention)} == {mpt_attention_classes(family)["eager"]}
 
     def views(m):  # the attentions that get the static cache's view
         return [a for a in m.modules() if _mpt_static_cache_view in a._forward_pre_hooks.values()]
@@ -131,16 +131,12 @@ def test_set_attn_implementation_switches_mpts_attention(family):
     cache's view), and back with "sdpa": the same tokens either way, with the dynamic and the static cache."""
     from transformers.models.mpt.modeling_mpt import MptAttention
 
-    from modeling_openflamingo.modeling_openflamingo import OpenFlamingoMptSdpaAttention
-
     model = tiny_model(family)
     ids, mask, pixel_values = padded_prompt()
     kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=6, min_new_tokens=6, num_beams=2)
     expected = model.generate(**kw)
-    for implementation, attention, hooked in (
-        ("eager", MptAttention, True),
-        ("sdpa", OpenFlamingoMptSdpaAttention, False),
-    ):
+    classes = mpt_attention_classes(family)
+    for implementation, attention, hooked in (("eager", classes["eager"], True), ("sdpa", classes["sdpa"], False)):
         model.set_attn_implementation(implementation)
         attentions = [m for m in model.modules() if isinstance(m, MptAttention)]
         assert {type(m) for m in attentions} == {attention}
