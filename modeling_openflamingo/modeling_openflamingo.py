@@ -37,7 +37,7 @@ from transformers import __version__ as _TRANSFORMERS_VERSION
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.mpt.modeling_mpt import MptAttention
-from transformers.utils import ModelOutput, logging
+from transformers.utils import ModelOutput, is_torchdynamo_compiling, logging
 
 from .configuration_openflamingo import OpenFlamingoConfig
 from .decoding_kernels import decoding_step_options, scaled_dot_product_attention
@@ -881,6 +881,12 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 
+    def _attention_weights_unavailable(self) -> bool:
+        """Whether the LM's attention is this package's SDPA attention for MPT, which returns no weights."""
+        if getattr(self.config.text_config, "model_type", None) != "mpt":
+            return False
+        return any(type(m) in _SDPA_MPT_ATTENTIONS for m in self.language_model.modules())
+
     def set_attn_implementation(self, attn_implementation: str | dict[str, str], *args: Any, **kwargs: Any) -> None:
         """[`~PreTrainedModel.set_attn_implementation`]. transformers' MPT has eager attention only: with an MPT /
         MosaicGPT LM, "eager" (for the whole model, or `text_config`) switches to its `MptAttention` (attention
@@ -1135,6 +1141,12 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if output_attentions is None:
             output_attentions = getattr(self.config, "output_attentions", False)
+        if output_attentions and not is_torchdynamo_compiling() and self._attention_weights_unavailable():
+            logger.warning_once(
+                "output_attentions=True: MPT's attention runs through SDPA here, which returns no attention weights "
+                "(`attentions` holds None for the LM's layers). Load with attn_implementation='eager', or call "
+                "model.set_attn_implementation('eager'), for them."
+            )
         if output_hidden_states is None:
             output_hidden_states = getattr(self.config, "output_hidden_states", False)
 
@@ -1302,6 +1314,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         """
         self._check_cache_support(kwargs)
         input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+        self._extend_image_indices(input_ids, kwargs)
         if torch.is_tensor(input_ids) and not input_ids.is_floating_point() and kwargs.get("inputs_embeds") is None:
             # before the images are encoded or expanded for beams: the errors then name the caller's shapes
             images = (kwargs.get("pixel_values"), kwargs.get("image_hidden_states"))
@@ -1315,7 +1328,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 labels=None,
                 image_cache=kwargs.get("image_cache"),
             )
-        encode = self._prepare_images_for_generation(input_ids, kwargs)
+        # with an assistant model, `pixel_values` stay: it encodes them with its own vision tower and Perceiver
+        encode = self._prepare_images_for_generation(input_ids, kwargs) and kwargs.get("assistant_model") is None
         fast = self._generate_static(args, kwargs)  # encodes the images itself, inside its prompt graph
         if fast is not None:
             return fast
@@ -1338,6 +1352,22 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 f"needs transformers >= 5 (this is {_TRANSFORMERS_VERSION}, whose MptModel cannot mask one). Leave "
                 "cache_implementation unset to decode with the dynamic cache, or upgrade transformers."
             )
+
+    def _extend_image_indices(self, input_ids: Any, kwargs: dict[str, Any]) -> None:
+        """`image_indices` of a prompt given with `input_ids` that continue it (assisted decoding calls its assistant's
+        `generate` with the tokens generated so far and the prompt's `image_indices`): the later tokens get their
+        images as generated tokens do ([`prepare_inputs_for_generation`]), in place in `kwargs`."""
+        image_indices = kwargs.get("image_indices")
+        if not (
+            torch.is_tensor(input_ids) and torch.is_tensor(image_indices) and self.config.media_token_id is not None
+        ):
+            return
+        if input_ids.ndim != 2 or image_indices.ndim != 2 or image_indices.shape[0] != input_ids.shape[0]:
+            return  # the shape check names them
+        grown = input_ids.shape[1] - image_indices.shape[1]
+        if grown > 0 and image_indices.shape[1] > 0 and not image_indices.is_floating_point():
+            after = _image_indices_after(image_indices[:, -1:], input_ids[:, -grown:], self.config.media_token_id)
+            kwargs["image_indices"] = torch.cat((image_indices, after), dim=-1)
 
     def _prepare_images_for_generation(self, input_ids: Any, kwargs: dict[str, Any]) -> bool:
         """Pin each prompt token's image (`image_indices`), in place in `kwargs`; True when `pixel_values` are then
@@ -1396,6 +1426,11 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         else:
             new_tokens = input_ids.shape[-1]
         if image_indices is not None:
+            if input_ids.shape[-1] < image_indices.shape[-1]:
+                # a chunk of the prompt (`prefill_chunk_size`), not the whole sequence: it starts at the cache's length
+                cache = kwargs.get("past_key_values")
+                start = cache.get_seq_length() if cache is not None else 0
+                image_indices = image_indices[:, : start + input_ids.shape[-1]]
             grown = input_ids.shape[-1] - image_indices.shape[-1]
             if grown > 0:
                 generated = input_ids[:, -grown:]

@@ -653,6 +653,29 @@ def test_save_load_round_trip_sharded_no_warnings(family, tmp_path):
     assert "AutoModelForImageTextToText" in config["auto_map"]
 
 
+@pytest.mark.parametrize("family", ["mpt", "mosaic_gpt", "llama"])
+def test_output_attentions_without_weights_says_so(family):
+    """MPT's SDPA attention returns no weights: `output_attentions=True` says so (once) instead of handing back None
+    without a word; with `set_attn_implementation("eager")` they come back. Other LMs do not warn here."""
+    from transformers.testing_utils import CaptureLogger
+
+    from modeling_openflamingo import modeling_openflamingo as modeling
+
+    model = tiny_model(family).eval()
+    ids, pixel_values = inputs()
+    modeling.logger.warning_once.cache_clear()
+    with CaptureLogger(modeling.logger) as captured, torch.no_grad():
+        out = model(input_ids=ids, pixel_values=pixel_values, output_attentions=True)
+    if family == "llama":
+        assert "returns no attention weights" not in captured.out
+        return
+    assert "returns no attention weights" in captured.out and "set_attn_implementation('eager')" in captured.out
+    assert out.attentions[0] is None
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        assert model(input_ids=ids, pixel_values=pixel_values, output_attentions=True).attentions[0] is not None
+
+
 def test_compiled_mosaic_gpt_after_a_compiled_mpt_keeps_its_qk_layernorm():
     """`torch.compile` reuses code compiled for another module of the same class without checking its hooks: MosaicGPT
     (QK-LayerNorm by hooks) compiled after an MPT without them must not run the MPT's code. Its attention is a class of

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -295,6 +296,40 @@ def test_prompt_lookup_decoding_equals_greedy(loaded, reference):
         greedy = model.generate(**inputs, max_new_tokens=12, min_new_tokens=12)
         lookup = model.generate(**inputs, max_new_tokens=12, min_new_tokens=12, prompt_lookup_num_tokens=3)
         assert torch.equal(lookup, greedy)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chunked_prefill_equals_plain(family, loaded, tiny_images):
+    """`prefill_chunk_size`: each chunk of the prompt sees its own tokens' images (it starts at the cache's length),
+    not the last tokens' of the prompt."""
+    model, processor = loaded(family)
+    batch = processor(
+        images=[[tiny_images[0], tiny_images[1]]], text=["<image>Output:a cat<|endofchunk|><image>Output:"]
+    )
+    assert batch["input_ids"].shape[1] > 8  # three chunks at least
+    plain = model.generate(**batch, max_new_tokens=6, min_new_tokens=6)
+    chunked = model.generate(**batch, max_new_tokens=6, min_new_tokens=6, prefill_chunk_size=4)
+    assert torch.equal(chunked, plain)
+
+
+@pytest.mark.parametrize("family", ["tiny-mpt-1b-redpajama-200b", "tiny-llama"])
+def test_assisted_decoding_equals_greedy(family, loaded, tiny_images):
+    """`assistant_model`: the assistant gets the tokens generated so far with the prompt's `image_indices` (extended
+    as generated tokens are) and encodes the images itself; the sequences are greedy's. The assistant here is the
+    model with other cross-attention gates, so some of its candidates are rejected."""
+    model, processor = loaded(family)
+    assistant = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, parameter in assistant.named_parameters():
+            if name.endswith(("attn_gate", "ff_gate")):
+                parameter.mul_(-3.0)
+    batch = processor(
+        images=[[tiny_images[0], tiny_images[1]]], text=["<image>Output:a cat<|endofchunk|><image>Output:"]
+    )
+    for inputs in (batch, processor(text=["A text-only prompt about"])):
+        greedy = model.generate(**inputs, max_new_tokens=8)  # (4.57 refuses min_new_tokens with an assistant)
+        assisted = model.generate(**inputs, max_new_tokens=8, assistant_model=assistant)
+        assert torch.equal(assisted, greedy)
 
 
 # --------------------------------------------------------------------------------------------------------------------
