@@ -1426,8 +1426,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         else:
             new_tokens = input_ids.shape[-1]
         if image_indices is not None:
-            if input_ids.shape[-1] < image_indices.shape[-1]:
+            if inputs_embeds is None and 0 < input_ids.shape[-1] < image_indices.shape[-1]:
                 # a chunk of the prompt (`prefill_chunk_size`), not the whole sequence: it starts at the cache's length
+                # (with `inputs_embeds`, `input_ids` hold the generated tokens only: not a chunk)
                 cache = kwargs.get("past_key_values")
                 start = cache.get_seq_length() if cache is not None else 0
                 image_indices = image_indices[:, : start + input_ids.shape[-1]]
