@@ -113,8 +113,9 @@ def load_training_dataset(args: argparse.Namespace) -> Any:
         # rows without a caption are skipped, as the original's LAION pipeline skips samples without one (a null
         # caption would otherwise be trained on as the text "None")
         rows = len(dataset)
+        # (only the caption column is read: the images are not decoded to look at it)
         dataset = dataset.filter(
-            lambda row: isinstance(row[args.caption_column], str) and row[args.caption_column].strip()
+            lambda caption: isinstance(caption, str) and bool(caption.strip()), input_columns=args.caption_column
         )
         if len(dataset) < rows:
             print(f"skipped {rows - len(dataset)} of {rows} rows without a caption in {args.caption_column!r}")

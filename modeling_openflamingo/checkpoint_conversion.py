@@ -339,12 +339,23 @@ def _not_a_checkpoint(path: Path) -> str:
         )
     if head.lstrip()[:1] == b"<":
         return "an HTML or XML page, not a torch checkpoint (a web page saved in its place?)"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            whole = any(n.endswith("/data.pkl") or n == "data.pkl" for n in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        whole = False
+    if whole:  # an intact torch zip file whose pickle `weights_only=True` does not read (e.g. `pickle_protocol=4`)
+        return (
+            "a torch file whose pickle weights_only=True cannot read: load it in its own project and save the "
+            "tensors alone (torch.save(state_dict) with the default protocol, or safetensors)"
+        )
     return "cannot be read as a torch checkpoint (truncated or corrupt?)"
 
 
-def load_torch_file(path: str | os.PathLike) -> dict[str, Any]:
+def load_torch_file(path: str | os.PathLike, verify: bool = True) -> dict[str, Any]:
     """`torch.load(..., weights_only=True, mmap=True)` with errors that name the file (and, for pickles that need
-    code, the entry that needs it)."""
+    code, the entry that needs it). `verify`: check a zip-format file's records against their CRC-32 (one more read
+    of the file; [`_check_zip_records`])."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file.")
@@ -375,7 +386,8 @@ def load_torch_file(path: str | os.PathLike) -> dict[str, Any]:
         raise ConversionError(f"{path}: {_not_a_checkpoint(path)}: {message}") from error
     if not isinstance(obj, Mapping):
         raise ConversionError(f"{path}: expected a dict of tensors, got {type(obj).__name__}.")
-    _check_zip_records(path)
+    if verify:
+        _check_zip_records(path)
     return dict(obj)
 
 
@@ -598,9 +610,9 @@ class TensorSource:
         return cls(name, shapes, dict.fromkeys(shapes, dtype), None)
 
 
-def torch_file_source(path: str | os.PathLike) -> TensorSource:
+def torch_file_source(path: str | os.PathLike, verify: bool = True) -> TensorSource:
     """A `torch.save`d state dict (or training checkpoint), memory-mapped; wrapper prefixes removed."""
-    return TensorSource.from_state_dict(str(path), unwrap_checkpoint(load_torch_file(path), path))
+    return TensorSource.from_state_dict(str(path), unwrap_checkpoint(load_torch_file(path, verify), path))
 
 
 def safetensors_source(files: Iterable[str | os.PathLike], name: str | None = None) -> TensorSource:
@@ -1900,7 +1912,10 @@ def dry_run(
     if isinstance(checkpoint, TensorSource):
         checkpoint_source, checked = checkpoint, checkpoint.name
     elif checkpoint is not None and hub.is_local(checkpoint):
-        checkpoint_source = torch_file_source(hub.resolve_file(checkpoint, CHECKPOINT_FILENAME, "checkpoint"))
+        # only the index is read (the data stays memory-mapped and unread): no CRC-32 pass
+        checkpoint_source = torch_file_source(
+            hub.resolve_file(checkpoint, CHECKPOINT_FILENAME, "checkpoint"), verify=False
+        )
         checked = checkpoint_source.name
     elif preset is not None:
         # the preset's released checkpoint, whose format the preset's own parts give: the overridden parts (LM,

@@ -890,7 +890,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
     def set_attn_implementation(self, attn_implementation: str | dict[str, str], *args: Any, **kwargs: Any) -> None:
         """[`~PreTrainedModel.set_attn_implementation`]. transformers' MPT has eager attention only: with an MPT /
         MosaicGPT LM, "eager" (for the whole model, or `text_config`) switches to its `MptAttention` (attention
-        weights), any other value to [`OpenFlamingoMptSdpaAttention`] (the default)."""
+        weights), any other value to [`OpenFlamingoMptSdpaAttention`] (the default); for MosaicGPT their
+        QK-LayerNorm variants, [`OpenFlamingoMosaicGPTAttention`] / [`OpenFlamingoMosaicGPTSdpaAttention`]."""
         super().set_attn_implementation(attn_implementation, *args, **kwargs)
         text = self.config.text_config
         if getattr(text, "model_type", None) != "mpt":
@@ -1353,11 +1354,29 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 "cache_implementation unset to decode with the dynamic cache, or upgrade transformers."
             )
 
+    def _get_candidate_generator(self, *args: Any, **kwargs: Any) -> Any:
+        """As `GenerationMixin`'s, with an OpenFlamingo assistant model given the images encoded once, by its own
+        vision tower and Perceiver (`image_hidden_states`): it is called anew for every round of candidates, and
+        `pixel_values` would be encoded again each time (transformers 4.x) or dropped after its first forward (5.x)."""
+        generator = super()._get_candidate_generator(*args, **kwargs)
+        assistant = getattr(generator, "assistant_model", None)
+        assistant_kwargs = getattr(generator, "assistant_kwargs", None)
+        if isinstance(assistant, OpenFlamingoForConditionalGeneration) and isinstance(assistant_kwargs, dict):
+            assistant_kwargs.pop("image_cache", None)  # this model's cross-attention keys/values, not the assistant's
+            pixel_values = assistant_kwargs.pop("pixel_values", None)
+            if pixel_values is not None:
+                with torch.no_grad():
+                    assistant_kwargs["image_hidden_states"] = assistant.get_image_features(pixel_values)
+        return generator
+
     def _extend_image_indices(self, input_ids: Any, kwargs: dict[str, Any]) -> None:
-        """`image_indices` of a prompt given with `input_ids` that continue it (assisted decoding calls its assistant's
-        `generate` with the tokens generated so far and the prompt's `image_indices`): the later tokens get their
-        images as generated tokens do ([`prepare_inputs_for_generation`]), in place in `kwargs`."""
+        """As an assistant model (`generation_config.is_assistant`), `image_indices` of the prompt given with
+        `input_ids` that continue it (assisted decoding calls its assistant's `generate` with the tokens generated so
+        far): the later tokens get their images as generated tokens do ([`prepare_inputs_for_generation`]), in place
+        in `kwargs`."""
         image_indices = kwargs.get("image_indices")
+        if not getattr(kwargs.get("generation_config"), "is_assistant", False):
+            return  # anyone else's `image_indices` must cover `input_ids` (the shape check says so)
         if not (
             torch.is_tensor(input_ids) and torch.is_tensor(image_indices) and self.config.media_token_id is not None
         ):
@@ -1429,7 +1448,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             if inputs_embeds is None and 0 < input_ids.shape[-1] < image_indices.shape[-1]:
                 # a chunk of the prompt (`prefill_chunk_size`), not the whole sequence: it starts at the cache's length
                 # (with `inputs_embeds`, `input_ids` hold the generated tokens only: not a chunk)
-                cache = kwargs.get("past_key_values")
+                cache = kwargs.get("cache", kwargs.get("past_key_values"))  # (transformers 5.x: `cache`)
                 start = cache.get_seq_length() if cache is not None else 0
                 image_indices = image_indices[:, : start + input_ids.shape[-1]]
             grown = input_ids.shape[-1] - image_indices.shape[-1]

@@ -36,6 +36,7 @@ from modeling_openflamingo.checkpoint_conversion import (
     convert_openflamingo_checkpoint,
     dry_run,
     export_openflamingo_state_dict,
+    load_torch_file,
     map_key,
     native_key_to_checkpoint,
     resolve_inputs,
@@ -456,6 +457,15 @@ def test_file_that_is_no_checkpoint_is_named_as_such(tmp_path, content, says):
     assert message.startswith(f"{path}: {says}"), message
     assert "needs code" not in message and "weights_only" not in message
     assert not (tmp_path / "o").exists()
+
+
+def test_intact_torch_file_that_weights_only_cannot_read_is_not_called_corrupt(tmp_path):
+    """A plain state dict saved with `pickle_protocol=4` is intact but unreadable with `weights_only=True`: the
+    message says to save the tensors again, not to download a corrupt file again."""
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"perceiver.latents": torch.zeros(2, 2)}, path, pickle_protocol=4)
+    with pytest.raises(ConversionError, match=rf"{path}: a torch file whose pickle weights_only=True cannot read"):
+        load_torch_file(path)
 
 
 def test_checkpoint_with_a_flipped_byte_in_a_tensor_is_refused(tmp_path):

@@ -301,35 +301,69 @@ def test_prompt_lookup_decoding_equals_greedy(loaded, reference):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_chunked_prefill_equals_plain(family, loaded, tiny_images):
     """`prefill_chunk_size`: each chunk of the prompt sees its own tokens' images (it starts at the cache's length),
-    not the last tokens' of the prompt."""
+    not the last or the first tokens' of the prompt: the logits of every step are plain generation's."""
     model, processor = loaded(family)
     batch = processor(
         images=[[tiny_images[0], tiny_images[1]]], text=["<image>Output:a cat<|endofchunk|><image>Output:"]
     )
     assert batch["input_ids"].shape[1] > 8  # three chunks at least
-    plain = model.generate(**batch, max_new_tokens=6, min_new_tokens=6)
-    chunked = model.generate(**batch, max_new_tokens=6, min_new_tokens=6, prefill_chunk_size=4)
-    assert torch.equal(chunked, plain)
+    options = {"max_new_tokens": 4, "min_new_tokens": 4, "return_dict_in_generate": True, "output_logits": True}
+    plain = model.generate(**batch, **options)
+    for chunk in (3, 4):
+        chunked = model.generate(**batch, **options, prefill_chunk_size=chunk)
+        assert torch.equal(chunked.sequences, plain.sequences)
+        for step, (got, expected) in enumerate(zip(chunked.logits, plain.logits, strict=True)):
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-4, msg=f"chunk {chunk}, step {step}")
 
 
 @pytest.mark.parametrize("family", ["tiny-mpt-1b-redpajama-200b", "tiny-llama"])
 def test_assisted_decoding_equals_greedy(family, loaded, tiny_images):
-    """`assistant_model`: the assistant gets the tokens generated so far with the prompt's `image_indices` (extended
-    as generated tokens are) and encodes the images itself; the sequences are greedy's. The assistant here is the
-    model with other cross-attention gates, so some of its candidates are rejected."""
+    """`assistant_model`: the assistant gets the images encoded once by its own vision tower and Perceiver, and the
+    tokens generated so far with the prompt's `image_indices` (extended as generated tokens are); the sequences are
+    greedy's. The assistant here is the model with other cross-attention gates, so some of its candidates are
+    rejected."""
     model, processor = loaded(family)
     assistant = copy.deepcopy(model)
     with torch.no_grad():
         for name, parameter in assistant.named_parameters():
             if name.endswith(("attn_gate", "ff_gate")):
                 parameter.mul_(-3.0)
-    batch = processor(
-        images=[[tiny_images[0], tiny_images[1]]], text=["<image>Output:a cat<|endofchunk|><image>Output:"]
-    )
-    for inputs in (batch, processor(text=["A text-only prompt about"])):
-        greedy = model.generate(**inputs, max_new_tokens=8)  # (4.57 refuses min_new_tokens with an assistant)
-        assisted = model.generate(**inputs, max_new_tokens=8, assistant_model=assistant)
+    seen, encoded = [], []
+
+    def record(module, args, kwargs):
+        seen.append(any(kwargs.get(k) is not None for k in ("pixel_values", "image_hidden_states", "image_cache")))
+
+    hooks = [
+        assistant.register_forward_pre_hook(record, with_kwargs=True),
+        assistant.vision_model.register_forward_hook(lambda *args: encoded.append(1)),
+    ]
+    try:
+        batch = processor(
+            images=[[tiny_images[0], tiny_images[1]]], text=["<image>Output:a cat<|endofchunk|><image>Output:"]
+        )
+        greedy = model.generate(**batch, max_new_tokens=8)  # (4.57 refuses min_new_tokens with an assistant)
+        assisted = model.generate(**batch, max_new_tokens=8, assistant_model=assistant)
         assert torch.equal(assisted, greedy)
+        assert len(seen) > 1 and all(seen), seen  # every forward of the assistant sees the images
+        assert len(encoded) == 1  # encoded once, not once per round of candidates
+        text = processor(text=["A text-only prompt about"])
+        assert torch.equal(
+            model.generate(**text, max_new_tokens=8, assistant_model=assistant),
+            model.generate(**text, max_new_tokens=8),
+        )
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def test_image_indices_shorter_than_the_prompt_are_refused(loaded, tiny_images):
+    """Only an assistant model extends the prompt's `image_indices` over later tokens; a caller's must cover
+    `input_ids`."""
+    model, processor = loaded("tiny-llama")
+    batch = processor(images=[[tiny_images[0]]], text=["<image>Output:a cat"])
+    image_indices = model._image_indices(batch["input_ids"], 1)
+    with pytest.raises(ValueError, match="image_indices must be integers of shape"):
+        model.generate(**batch, image_indices=image_indices[:, :-1], max_new_tokens=2)
 
 
 # --------------------------------------------------------------------------------------------------------------------
