@@ -3,7 +3,7 @@
 The three released shapes (of3b, of4b, of9b), the workloads of the original's benchmark (`bench_reference.py`):
 a prompt of 3 images and 96 tokens (an `<image>` every 32 tokens), 64 forced new tokens at batch 1 and 8, beam search
 (3 beams, 16 new tokens, batch 8), a forward over the prompt, and a training step of 8 x 255 tokens with 5 images per
-sample. The bare language model of each shape can be timed in the same process (`--lm-alone`).
+sample. The bare language model of each shape can be timed in the same process (`--what lm`).
 
 Decoding modes:
   eager     `generate()` as is: dynamic KV cache, no compilation.
