@@ -328,6 +328,15 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def _zip_pickle_name(path: Path) -> str | None:
+    """The name of a zip-format torch file's pickle (`.../data.pkl`); None for any other file."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return next((n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+    except (zipfile.BadZipFile, OSError):
+        return None
+
+
 def _not_a_checkpoint(path: Path) -> str:
     """Why `path` (which torch could not read) is no torch checkpoint, from its first bytes."""
     with open(path, "rb") as file:
@@ -339,12 +348,8 @@ def _not_a_checkpoint(path: Path) -> str:
         )
     if head.lstrip()[:1] == b"<":
         return "an HTML or XML page, not a torch checkpoint (a web page saved in its place?)"
-    try:
-        with zipfile.ZipFile(path) as archive:
-            whole = any(n.endswith("/data.pkl") or n == "data.pkl" for n in archive.namelist())
-    except (zipfile.BadZipFile, OSError):
-        whole = False
-    if whole:  # an intact torch zip file whose pickle `weights_only=True` does not read (e.g. `pickle_protocol=4`)
+    # an intact torch zip file whose pickle `weights_only=True` does not read (e.g. `pickle_protocol=4`)
+    if _zip_pickle_name(path) is not None:
         return (
             "a torch file whose pickle weights_only=True cannot read: load it in its own project and save the "
             "tensors alone (torch.save(state_dict) with the default protocol, or safetensors)"
@@ -451,11 +456,13 @@ def _find_unsafe_pickle_entry(path: Path) -> str | None:
 
     The pickle is walked with every class replaced by an inert stand-in, so nothing is imported or executed.
     """
+    name = _zip_pickle_name(path)
+    if name is None:  # not a zip checkpoint: no details
+        return None
     try:
         with zipfile.ZipFile(path) as archive:
-            name = next(n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
             data = archive.read(name)
-    except Exception:  # noqa: BLE001 - not a zip checkpoint: no details
+    except Exception:  # noqa: BLE001 - a damaged record: no details
         return None
 
     classes: dict[str, type] = {}
