@@ -21,6 +21,7 @@ import contextvars
 import copy
 import functools
 import inspect
+import logging as std_logging
 import operator
 import sys
 import weakref
@@ -728,6 +729,31 @@ def _mpt_attention_class(attention: nn.Module, sdpa: bool) -> type:
     return OpenFlamingoMptSdpaAttention if sdpa else MptAttention
 
 
+# What `PreTrainedModel.set_attn_implementation` logs about an MPT LM, whose switch `add_mpt_sdpa_attention` makes.
+_MPT_ATTENTION_SWITCH_WARNINGS = (
+    "MptForCausalLM does not support setting its attention implementation dynamically",
+    "attention implementation for the sub-config `text_config.attn_config`",
+)
+
+
+@contextmanager
+def _drop_transformers_warnings(fragments: Sequence[str]) -> Iterator[None]:
+    """Drop the records of `transformers.modeling_utils`' logger that contain one of `fragments`, for the block."""
+
+    class _Drop(std_logging.Filter):
+        def filter(self, record: std_logging.LogRecord) -> bool:
+            message = record.getMessage()
+            return not any(fragment in message for fragment in fragments)
+
+    target = std_logging.getLogger("transformers.modeling_utils")
+    drop = _Drop()
+    target.addFilter(drop)
+    try:
+        yield
+    finally:
+        target.removeFilter(drop)
+
+
 def add_mpt_sdpa_attention(language_model: nn.Module, text_config: Any, sdpa: bool = True) -> None:
     """Run transformers' MPT attention as [`OpenFlamingoMptSdpaAttention`] (same module, parameters and state dict),
     or, with `sdpa=False`, as `MptAttention` again. Call [`add_mpt_static_cache_support`] after a switch.
@@ -887,15 +913,26 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             return False
         return any(type(m) in _SDPA_MPT_ATTENTIONS for m in self.language_model.modules())
 
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        """Yes: the vision tower and the LM switch through transformers (MPT through `set_attn_implementation` below),
+        and the Perceiver's and the cross-attention's attention is SDPA either way (transformers' source heuristic,
+        which looks for `ALL_ATTENTION_FUNCTIONS` in this module, would say no and leave `config._attn_implementation`
+        as it was)."""
+        return True
+
     def set_attn_implementation(self, attn_implementation: str | dict[str, str], *args: Any, **kwargs: Any) -> None:
         """[`~PreTrainedModel.set_attn_implementation`]. transformers' MPT has eager attention only: with an MPT /
         MosaicGPT LM, "eager" (for the whole model, or `text_config`) switches to its `MptAttention` (attention
         weights), any other value to [`OpenFlamingoMptSdpaAttention`] (the default); for MosaicGPT their
         QK-LayerNorm variants, [`OpenFlamingoMosaicGPTAttention`] / [`OpenFlamingoMosaicGPTSdpaAttention`]."""
-        super().set_attn_implementation(attn_implementation, *args, **kwargs)
         text = self.config.text_config
         if getattr(text, "model_type", None) != "mpt":
+            super().set_attn_implementation(attn_implementation, *args, **kwargs)
             return
+        # transformers warns that `MptForCausalLM` (and its `attn_config`) cannot switch: the switch is done below.
+        with _drop_transformers_warnings(_MPT_ATTENTION_SWITCH_WARNINGS):
+            super().set_attn_implementation(attn_implementation, *args, **kwargs)
         requested = attn_implementation
         if isinstance(attn_implementation, dict):
             requested = attn_implementation.get("text_config", attn_implementation.get(""))

@@ -676,6 +676,27 @@ def test_output_attentions_without_weights_says_so(family):
         assert model(input_ids=ids, pixel_values=pixel_values, output_attentions=True).attentions[0] is not None
 
 
+@pytest.mark.parametrize("family", ["mpt", "mosaic_gpt", "gpt_neox", "llama"])
+def test_set_attn_implementation_updates_the_config_without_warnings(family):
+    """`set_attn_implementation` switches the whole model (its config, the vision tower's and the LM's attention) and
+    logs none of transformers' "does not support setting its attention implementation dynamically" warnings."""
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging
+
+    model = tiny_model(family).eval()
+    ids, pixel_values = inputs()
+    with torch.no_grad():
+        expected = model(input_ids=ids, pixel_values=pixel_values).logits
+    for implementation in ("eager", "sdpa"):
+        with CaptureLogger(logging.get_logger("transformers.modeling_utils")) as captured:
+            model.set_attn_implementation(implementation)
+        assert "attention implementation" not in captured.out, captured.out
+        assert model.config._attn_implementation == implementation
+        assert model.config.vision_config._attn_implementation == implementation
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids, pixel_values=pixel_values).logits, expected)
+
+
 def test_compiled_mosaic_gpt_after_a_compiled_mpt_keeps_its_qk_layernorm():
     """`torch.compile` reuses code compiled for another module of the same class without checking its hooks: MosaicGPT
     (QK-LayerNorm by hooks) compiled after an MPT without them must not run the MPT's code. Its attention is a class of

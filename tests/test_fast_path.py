@@ -128,8 +128,11 @@ def test_static_cache_with_mpts_own_attention(family):
 @pytest.mark.parametrize("family", ["mpt", "mosaic_gpt"])
 def test_set_attn_implementation_switches_mpts_attention(family):
     """`set_attn_implementation("eager")` on a built model switches to `MptAttention` (attention weights, the static
-    cache's view), and back with "sdpa": the same tokens either way, with the dynamic and the static cache."""
+    cache's view), and back with "sdpa": the same tokens either way, with the dynamic and the static cache. The
+    model's config says which, and transformers' "cannot switch" warnings about MPT (whose switch is ours) stay away."""
     from transformers.models.mpt.modeling_mpt import MptAttention
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging
 
     model = tiny_model(family)
     ids, mask, pixel_values = padded_prompt()
@@ -137,7 +140,12 @@ def test_set_attn_implementation_switches_mpts_attention(family):
     expected = model.generate(**kw)
     classes = mpt_attention_classes(family)
     for implementation, attention, hooked in (("eager", classes["eager"], True), ("sdpa", classes["sdpa"], False)):
-        model.set_attn_implementation(implementation)
+        with CaptureLogger(logging.get_logger("transformers.modeling_utils")) as captured:
+            model.set_attn_implementation(implementation)
+        assert "does not support setting its attention implementation" not in captured.out, captured.out
+        assert "without finding the associated sub-model" not in captured.out, captured.out
+        assert model.config._attn_implementation == implementation
+        assert model.config.vision_config._attn_implementation == implementation
         attentions = [m for m in model.modules() if isinstance(m, MptAttention)]
         assert {type(m) for m in attentions} == {attention}
         assert all((_mpt_static_cache_view in m._forward_pre_hooks.values()) == hooked for m in attentions)
