@@ -1651,6 +1651,7 @@ def convert_openflamingo_checkpoint(
         if not overwrite:
             raise FileExistsError(f"{output_dir} exists and is not empty (pass overwrite=True / --overwrite).")
         _check_replaceable(output_dir, [checkpoint, lm, tokenizer, open_clip_config, open_clip_weights, vision])
+    _check_writable_location(output_dir)
     inputs = resolve_inputs(
         preset=preset,
         checkpoint=checkpoint,
@@ -1691,6 +1692,18 @@ def quiet_libraries() -> None:
 
     huggingface_hub.utils.disable_progress_bars()
     transformers_logging.disable_progress_bar()
+
+
+def _check_writable_location(output: Path) -> None:
+    """Whether `output` can be made where it is asked for: checked before anything is read or converted (the parent
+    folders are made only at the end). Its nearest existing ancestor must be a folder this process may write in."""
+    ancestor = output.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConversionError(f"{ancestor} is a file, so {output} cannot be made under it. Choose another output path.")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConversionError(f"No permission to write in {ancestor}, where {output} would be made.")
 
 
 def _check_replaceable(output_dir: Path, inputs: Iterable[str | os.PathLike | None]) -> None:
@@ -2067,6 +2080,7 @@ def convert_hf_to_openflamingo(
         )
     if output_file.exists() and not overwrite:
         raise FileExistsError(f"{output_file} exists (pass overwrite=True / --overwrite).")
+    _check_writable_location(output_file)
     if (
         output_file.exists()
         and not isinstance(model, nn.Module)

@@ -90,8 +90,12 @@ class OpenFlamingoDataCollator:
     ) -> None:
         if not callable(processor) or getattr(processor, "tokenizer", None) is None:
             raise ValueError("OpenFlamingoDataCollator needs the model's OpenFlamingoProcessor (with a tokenizer).")
-        if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
-            raise ValueError(f"max_length must be a positive int (tokens per text); got {max_length!r}.")
+        for name, value, what in (
+            ("max_length", max_length, "tokens per text"),
+            ("pad_to_multiple_of", pad_to_multiple_of, "the padded length's multiple"),
+        ):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive int ({what}) or None; got {value!r}.")
         self.processor = processor
         self.interleaved = interleaved
         self.max_length = max_length

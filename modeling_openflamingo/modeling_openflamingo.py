@@ -287,6 +287,38 @@ def image_indices_from_input_ids(input_ids: torch.Tensor, media_token_id: int, n
     return image_indices
 
 
+def _lm_cache(kwargs: dict[str, Any]) -> Any:
+    """The LM's key/value cache among `generate`'s / `forward`'s keyword arguments (`cache` on transformers >= 5.24,
+    `past_key_values` before), or None."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+def _is_integer(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` holds integers (not floating point, complex or bool): token ids, labels, image numbers."""
+    return not (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool)
+
+
+def _check_one_image_source(pixel_values: Any, image_hidden_states: Any, image_cache: Any) -> None:
+    """The images come as one of `pixel_values`, `image_hidden_states` and `image_cache`: with two, which one counts
+    would be a guess."""
+    given = [
+        name
+        for name, value in (
+            ("pixel_values", pixel_values),
+            ("image_hidden_states", image_hidden_states),
+            ("image_cache", image_cache),
+        )
+        if value is not None
+    ]
+    if len(given) > 1:
+        raise ValueError(
+            f"Pass the images once: {' and '.join(given)} were both given (pixel_values: images to encode; "
+            "image_hidden_states: images encoded by `get_image_features`; image_cache: an earlier output's keys and "
+            "values over them)."
+        )
+
+
 def _image_indices_after(last: torch.Tensor, tokens: torch.Tensor, media_token_id: int | None) -> torch.Tensor:
     """The image of each of `tokens` `(batch, n)`, generated after a token whose image is `last` `(batch, 1)`: the
     same; after a generated `<image>`, the next one, as one forward over the whole sequence counts them (the
@@ -657,7 +689,7 @@ class OpenFlamingoMptSdpaAttention(MptAttention):
         Returns:
             `(batch, seq, hidden_size)` and None (no attention weights).
         """
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = _lm_cache(kwargs)
         batch_size, seq_length = hidden_states.shape[:2]
         mixed_qkv = self.Wqkv(hidden_states)
         if self.clip_qkv:
@@ -1023,14 +1055,29 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         image_indices: torch.Tensor | None,
         labels: torch.Tensor | None,
         image_cache: OpenFlamingoImageCache | None = None,
+        spans_cache: bool = False,
     ) -> None:
-        """Shapes and dtypes of the inputs against each other (host-side metadata only: no device sync)."""
-        if input_ids is not None and input_ids.ndim != 2:
-            raise ValueError(f"input_ids must have shape (batch, seq); got {tuple(input_ids.shape)}.")
-        if inputs_embeds is not None and inputs_embeds.ndim != 3:
-            raise ValueError(f"inputs_embeds must have shape (batch, seq, hidden); got {tuple(inputs_embeds.shape)}.")
+        """Shapes and dtypes of the inputs against each other (host-side metadata only: no device sync).
+        `attention_mask` spans the cached tokens too when continuing from a cache: then only its rank, rows and
+        (4-D) query length are checked."""
+        if input_ids is not None and (input_ids.ndim != 2 or not _is_integer(input_ids)):
+            raise ValueError(
+                f"input_ids must be integer token ids of shape (batch, seq); got {input_ids.dtype} "
+                f"{tuple(input_ids.shape)}."
+            )
+        if inputs_embeds is not None:
+            hidden = getattr(self.config.text_config, "hidden_size", None)
+            if inputs_embeds.ndim != 3 or (hidden is not None and inputs_embeds.shape[-1] != hidden):
+                raise ValueError(
+                    f"inputs_embeds must have shape (batch, seq, {hidden or 'hidden'}) (the LM's hidden size); got "
+                    f"{tuple(inputs_embeds.shape)}."
+                )
         text = input_ids if input_ids is not None else inputs_embeds
         batch_and_seq = tuple(text.shape[:2])
+        if labels is not None and not _is_integer(labels):
+            raise ValueError(f"labels must be integer token ids (-100 where ignored); got {labels.dtype}.")
+        if attention_mask is not None:
+            self._check_attention_mask(attention_mask, batch_and_seq, spans_cache)
         if pixel_values is not None:
             self._check_pixel_values(pixel_values)
         if image_hidden_states is not None:
@@ -1053,18 +1100,31 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         if image_cache is not None:
             self._check_image_cache(image_cache, batch_and_seq[0])
         if image_indices is not None and (
-            tuple(image_indices.shape) != batch_and_seq
-            or image_indices.is_floating_point()
-            or image_indices.is_complex()
+            tuple(image_indices.shape) != batch_and_seq or not _is_integer(image_indices)
         ):
             raise ValueError(
                 f"image_indices must be integers of shape (batch, seq) = {batch_and_seq}; got {image_indices.dtype} "
                 f"{tuple(image_indices.shape)}."
             )
-        # a 4-D attention mask (`causal_attention_mask_4d`) goes to the LM as it is
-        for name, tensor in (("attention_mask", attention_mask), ("labels", labels)):
-            if tensor is not None and (name == "labels" or tensor.ndim == 2) and tuple(tensor.shape) != batch_and_seq:
-                raise ValueError(f"{name} has shape {tuple(tensor.shape)}; the text has {batch_and_seq}.")
+        if labels is not None and tuple(labels.shape) != batch_and_seq:
+            raise ValueError(f"labels has shape {tuple(labels.shape)}; the text has {batch_and_seq}.")
+
+    @staticmethod
+    def _check_attention_mask(attention_mask: torch.Tensor, batch_and_seq: tuple[int, int], spans_cache: bool) -> None:
+        """A 2-D padding mask `(batch, seq)` (`(batch, cached + seq)` when continuing from a cache), or a 4-D mask
+        `(batch, 1, seq, keys)` (`causal_attention_mask_4d`), which goes to the LM as it is."""
+        batch, seq = batch_and_seq
+        shape = tuple(attention_mask.shape)
+        if attention_mask.ndim == 2:
+            fits = shape[0] == batch and (shape[1] >= seq if spans_cache else shape[1] == seq)
+            expected = f"({batch}, {'cached + ' if spans_cache else ''}{seq})"
+        elif attention_mask.ndim == 4:
+            fits = shape[0] == batch and shape[2] == seq and (spans_cache or shape[3] == seq)
+            expected = f"({batch}, 1, {seq}, {'cached + ' if spans_cache else ''}{seq})"
+        else:
+            fits, expected = False, f"({batch}, {seq}) (1 for real tokens, 0 for padding), or a 4-D mask"
+        if not fits:
+            raise ValueError(f"attention_mask must have shape {expected}; got {shape}.")
 
     def _check_image_cache(self, image_cache: OpenFlamingoImageCache, batch_size: int) -> None:
         """An `image_cache` against the model (one keys/values pair per gated block) and the text's rows."""
@@ -1089,6 +1149,11 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 "of a call on the same rows (`generate` repeats it for beams itself; see "
                 "`OpenFlamingoImageCache.repeat_interleave`)."
             )
+
+    def _num_cached_images(self, image_cache: OpenFlamingoImageCache) -> int:
+        """How many images per row `image_cache`'s keys and values are over."""
+        key_values = image_cache.key_values
+        return key_values[0][0].shape[-2] // self.config.perceiver_num_latents if key_values else 0
 
     def _image_indices(self, input_ids: torch.Tensor, num_images: int) -> torch.Tensor:
         if self.config.media_token_id is None:
@@ -1129,8 +1194,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 1 for real tokens, 0 for padding.
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_images, 3, H, W)`, *optional*):
                 The images of each row, in the order of its `<image>` tokens; rows with fewer images are zero-padded
-                (padding images are never attended). The original 6-D layout `(batch, num_images, 1, 3, H, W)` is
-                accepted too.
+                (padding images are never attended while a row has no more `<image>` tokens than images of its own,
+                which the processor checks: the model cannot tell padding from an image). The original 6-D layout
+                `(batch, num_images, 1, 3, H, W)` is accepted too.
             image_hidden_states (`torch.FloatTensor` of shape `(batch_size, num_images, num_latents, dim)`, *optional*):
                 Already encoded images ([`get_image_features`]), instead of `pixel_values`.
             image_indices (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
@@ -1160,12 +1226,12 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
-        if pixel_values is not None and image_hidden_states is not None:
-            raise ValueError("Pass pixel_values or image_hidden_states, not both.")
+        _check_one_image_source(pixel_values, image_hidden_states, image_cache)
         self._check_input_shapes(
             input_ids,
             inputs_embeds,
-            attention_mask=attention_mask if past is None else None,  # with a cache it spans the cached tokens too
+            attention_mask=attention_mask,
+            spans_cache=past is not None,  # then the mask spans the cached tokens too
             pixel_values=pixel_values,
             image_hidden_states=image_hidden_states,
             image_indices=image_indices,
@@ -1197,7 +1263,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             num_images = image_hidden_states.shape[1]
         elif image_cache is not None:
             key_values = image_cache.key_values
-            num_images = key_values[0][0].shape[-2] // self.config.perceiver_num_latents if key_values else 0
+            num_images = self._num_cached_images(image_cache)
         has_images = num_images is not None
 
         if image_indices is None and input_ids is not None and self.config.media_token_id is not None:
@@ -1224,6 +1290,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                     )
                 image_indices = self._image_indices(input_ids, num_images)
         if has_images and image_indices is None:
+            if input_ids is not None:  # (the only way here: no `media_token_id` to find the <image> tokens by)
+                self._image_indices(input_ids, num_images)
             raise ValueError("With inputs_embeds and images, pass image_indices.")
 
         if pixel_values is not None:
@@ -1351,6 +1419,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             `return_dict_in_generate=True`.
         """
         self._check_cache_support(kwargs)
+        _check_one_image_source(*(kwargs.get(name) for name in ("pixel_values", "image_hidden_states", "image_cache")))
         input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
         self._extend_image_indices(input_ids, kwargs)
         if torch.is_tensor(input_ids) and not input_ids.is_floating_point() and kwargs.get("inputs_embeds") is None:
@@ -1365,6 +1434,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 image_indices=kwargs.get("image_indices"),
                 labels=None,
                 image_cache=kwargs.get("image_cache"),
+                spans_cache=_lm_cache(kwargs) is not None,
             )
         # with an assistant model, `pixel_values` stay: it encodes them with its own vision tower and Perceiver
         encode = self._prepare_images_for_generation(input_ids, kwargs) and kwargs.get("assistant_model") is None
@@ -1438,8 +1508,20 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             or not torch.is_tensor(input_ids)
             or input_ids.ndim != 2
             or input_ids.is_floating_point()
-            or any(kwargs.get(k) is not None for k in ("inputs_embeds", "image_indices", "image_cache"))
+            or any(kwargs.get(k) is not None for k in ("inputs_embeds", "image_indices"))
         ):
+            return False
+        image_cache = kwargs.get("image_cache")
+        if image_cache is not None:
+            cache = _lm_cache(kwargs)
+            if cache is None or cache.get_seq_length() == 0:
+                # A new prompt on the images of an earlier call: its <image> tokens are numbered as with pixel_values
+                # (a continued sequence follows the cache's last image: `prepare_inputs_for_generation`).
+                if not bool((input_ids == media).any()):
+                    raise ValueError(
+                        "Images were given (image_cache) but input_ids contain no <image> token to place them."
+                    )
+                kwargs["image_indices"] = self._image_indices(input_ids, self._num_cached_images(image_cache))
             return False
         pixel_values, image_hidden_states = kwargs.get("pixel_values"), kwargs.get("image_hidden_states")
         has_images = pixel_values is not None or image_hidden_states is not None
@@ -1485,7 +1567,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             if inputs_embeds is None and 0 < input_ids.shape[-1] < image_indices.shape[-1]:
                 # a chunk of the prompt (`prefill_chunk_size`), not the whole sequence: it starts at the cache's length
                 # (with `inputs_embeds`, `input_ids` hold the generated tokens only: not a chunk)
-                cache = kwargs.get("cache", kwargs.get("past_key_values"))  # (transformers 5.x: `cache`)
+                cache = _lm_cache(kwargs)
                 start = cache.get_seq_length() if cache is not None else 0
                 image_indices = image_indices[:, : start + input_ids.shape[-1]]
             grown = input_ids.shape[-1] - image_indices.shape[-1]
@@ -1577,14 +1659,23 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             `torch.FloatTensor` of shape `(batch, num_candidates)` (fp32): for row `b` and candidate `k`,
             `sum_t log p(c_k[t] | prompt_b, c_k[:t])` (or its mean over `t`).
         """
+        if not torch.is_tensor(input_ids) or input_ids.ndim != 2 or not _is_integer(input_ids):
+            got = f"{input_ids.dtype} {tuple(input_ids.shape)}" if torch.is_tensor(input_ids) else type(input_ids)
+            raise ValueError(
+                f"input_ids must be a tensor of token ids of shape (batch, prompt_len) (the processor's "
+                f"`return_tensors='pt'`); got {got}."
+            )
         candidates, candidate_mask = self._pad_continuations(continuations, continuation_mask, input_ids.device)
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must have shape (batch, prompt_len); got {tuple(input_ids.shape)}.")
         batch_size, prompt_len = input_ids.shape
         if prompt_len == 0:
             raise ValueError("score_continuations needs a non-empty prompt (input_ids of length >= 1).")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        elif tuple(attention_mask.shape) != (batch_size, prompt_len):
+            raise ValueError(
+                f"attention_mask must have the shape of input_ids, {(batch_size, prompt_len)}; got "
+                f"{tuple(attention_mask.shape)}."
+            )
         elif bool((attention_mask[:, -1] == 0).any()):
             raise ValueError(
                 "score_continuations needs left-padded prompts (the candidates follow each prompt's last position): "
@@ -1615,6 +1706,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         )
         cache = getattr(prompt, _CACHE_FIELD)
         first = prompt.logits[:, -1].float().log_softmax(dim=-1)  # (batch, vocab): predicts each candidate's 1st token
+        if bool((candidates >= first.shape[-1]).any()):
+            raise ValueError(f"continuations hold token ids beyond the vocabulary ({first.shape[-1]} tokens).")
         scores = first[:, candidates[:, 0]]  # (batch, num_candidates)
 
         if max_len > 1:
@@ -1667,6 +1760,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                         f"continuation_mask has shape {tuple(continuation_mask.shape)}, continuations "
                         f"{tuple(ids.shape)}."
                     )
+                if bool(((continuation_mask != 0) & (continuation_mask != 1)).any()):
+                    raise ValueError("continuation_mask must hold 1 for real tokens and 0 for padding, nothing else.")
                 mask = continuation_mask.to(device=device, dtype=torch.long)
                 if bool((mask[:, 1:] > mask[:, :-1]).any()):
                     raise ValueError("continuation_mask must be right padding: 1s, then 0s.")

@@ -238,7 +238,11 @@ class OpenFlamingoProcessor(ProcessorMixin):
                 start += len(row_images)
             data["pixel_values"] = pixel_values if return_tensors is not None else list(pixel_values.numpy())
         if return_labels:
+            # The original masks the pad id; a pad that is the eos too (`tokenizer.pad_token = tokenizer.eos_token`)
+            # would take every eos out of the loss. Padding itself is found by the attention mask (`_labels`).
             pad_id = self.tokenizer.pad_token_id
+            if pad_id is not None and pad_id == self.tokenizer.eos_token_id:
+                pad_id = None
             data["labels"] = [
                 self._labels(torch.tensor(ids), torch.tensor(mask), pad_id, interleaved).tolist()
                 for ids, mask in zip(data["input_ids"], data["attention_mask"], strict=True)
@@ -302,6 +306,11 @@ class OpenFlamingoProcessor(ProcessorMixin):
             images = [images]
         images = [list(row) if _is_image_batch(row) and not single_text else row for row in images]
         if not all(isinstance(row, (list, tuple)) for row in images):
+            if single_text:
+                raise ValueError(
+                    "For one text, `images` must be its images (a list of images) or a list holding that one list; "
+                    "got images and lists of images mixed."
+                )
             raise ValueError(
                 "For a batch of texts, `images` must hold one list of images per text (an empty list for none)."
             )

@@ -647,6 +647,26 @@ def test_reverse_conversion_refuses_a_folder_and_the_models_own_files(converted,
     (Path(model) / "new.pt").unlink()
 
 
+def test_an_output_under_a_file_is_refused_before_anything_is_read(converted, tmp_path, monkeypatch):
+    """An output path whose parent is a file fails at once, with the path named, not after the whole conversion (for
+    a 9B model, ~33 GB read) with a bare "File exists"; both directions."""
+    from modeling_openflamingo import checkpoint_conversion
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("read before the output path was checked")
+
+    monkeypatch.setattr(checkpoint_conversion, "resolve_inputs", refuse)
+    monkeypatch.setattr(checkpoint_conversion, "export_openflamingo_state_dict", refuse)
+    with pytest.raises(ConversionError, match=rf"{a_file} is a file, so {a_file / 'sub' / 'o'} cannot be made"):
+        convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt"), output_dir=a_file / "sub" / "o")
+    with pytest.raises(ConversionError, match=rf"{a_file} is a file, so {a_file / 'checkpoint.pt'} cannot be made"):
+        checkpoint_conversion.convert_hf_to_openflamingo(converted("tiny-mpt"), a_file / "checkpoint.pt")
+    assert a_file.read_text() == "x"
+
+
 def test_refuses_to_overwrite(converted, tmp_path):
     out = tmp_path / "o"
     out.mkdir()

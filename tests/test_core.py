@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -555,18 +556,41 @@ def test_inputs_that_do_not_fit_each_other_are_errors():
         model(input_ids=ids, pixel_values=pixel_values, image_indices=image_indices[:, :-1])
     with pytest.raises(ValueError, match="image_indices must be integers of shape"):
         model(input_ids=ids, pixel_values=pixel_values, image_indices=image_indices.float())
-    with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 9\); the text has \(2, 10\)"):
-        model(input_ids=ids, pixel_values=pixel_values, attention_mask=torch.ones(2, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="image_indices must be integers of shape"):
+        model(input_ids=ids, pixel_values=pixel_values, image_indices=image_indices.bool())
+    mask_error = r"attention_mask must have shape \(2, 10\)"
+    for mask in (torch.ones(2, 9, dtype=torch.long), torch.ones(10, dtype=torch.long), torch.ones(2, 1, 10)):
+        with pytest.raises(ValueError, match=mask_error + rf".*got {re.escape(str(tuple(mask.shape)))}"):
+            model(input_ids=ids, pixel_values=pixel_values, attention_mask=mask)
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \(2, 1, 10, 10\); got \(2, 1, 9, 9\)"):
+        model(input_ids=ids, pixel_values=pixel_values, attention_mask=torch.ones(2, 1, 9, 9, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"labels has shape \(1, 10\)"):
         model(input_ids=ids, pixel_values=pixel_values, labels=ids[:1])
-    with pytest.raises(ValueError, match=r"input_ids must have shape \(batch, seq\)"):
+    with pytest.raises(ValueError, match="labels must be integer token ids.*float32"):
+        model(input_ids=ids, pixel_values=pixel_values, labels=ids.float())
+    with pytest.raises(ValueError, match=r"input_ids must be integer token ids of shape \(batch, seq\)"):
         model(input_ids=ids[0], pixel_values=pixel_values[:1])
+    with pytest.raises(ValueError, match="input_ids must be integer token ids.*float32"):
+        model(input_ids=ids.float(), pixel_values=pixel_values)
+    embeds = model.get_input_embeddings()(ids)
+    with pytest.raises(ValueError, match=rf"inputs_embeds must have shape \(batch, seq, {embeds.shape[-1]}\)"):
+        model(inputs_embeds=embeds[..., :-1], pixel_values=pixel_values, image_indices=image_indices)
+    cache = model(input_ids=ids, pixel_values=pixel_values, use_cache=True).image_cache
+    with pytest.raises(ValueError, match="Pass the images once: pixel_values and image_cache were both given"):
+        model(input_ids=ids, pixel_values=pixel_values, image_cache=cache)
+    with pytest.raises(ValueError, match="Pass the images once: pixel_values and image_cache were both given"):
+        model.generate(input_ids=ids, pixel_values=pixel_values, image_cache=cache, max_new_tokens=2)
     with pytest.raises(ValueError, match="pixel_values has 1 rows but the text has 2"):  # before beams expand them
         model.generate(input_ids=ids, pixel_values=pixel_values[:1], num_beams=3, max_new_tokens=2)
-    with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 9\); the text has \(2, 10\)"):
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \(2, 10\).*got \(2, 9\)"):
         model.generate(input_ids=ids, pixel_values=pixel_values, attention_mask=ids[:, 1:] * 0 + 1, max_new_tokens=2)
     with pytest.raises(ValueError, match="pixel_values must be a floating-point tensor.*torch.uint8"):
         model.get_image_features(pixel_values.to(torch.uint8))
+    model.config.media_token_id = None  # (a config made without the tokenizer's <image> id)
+    with pytest.raises(ValueError, match="config.media_token_id is not set"):
+        model(input_ids=ids, pixel_values=pixel_values)
+    with pytest.raises(ValueError, match="config.media_token_id is not set"):
+        model.generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=2)
 
 
 def test_an_image_cache_must_fit_the_rows_and_the_model():
@@ -843,6 +867,10 @@ def test_processor_errors(converted, tiny_images):
         processor(images=[[tiny_images[0]]], text=["<image>a<image>b"])
     with pytest.raises(ValueError, match="2 texts but 1 lists of images"):
         processor(images=[[tiny_images[0]]], text=["<image>a", "b"])
+    with pytest.raises(ValueError, match="For one text, `images` must be its images .* mixed"):
+        processor(images=[tiny_images[0], [tiny_images[1]]], text="<image>a<image>b")
+    with pytest.raises(ValueError, match="For a batch of texts, `images` must hold one list of images per text"):
+        processor(images=[tiny_images[0], [tiny_images[1]]], text=["<image>a", "<image>b"])
     with pytest.raises(ValueError, match="needs `text`"):
         processor(images=[tiny_images[0]])
     for text in (5, [], [["<image>a", "b"]]):  # not a string, no row, a text pair

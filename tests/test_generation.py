@@ -194,22 +194,27 @@ def test_images_and_cross_attention_keys_values_are_computed_once_per_generate(s
 
 @pytest.mark.parametrize("settings", [{"num_beams": 3}, {"do_sample": True, "top_k": 1, "num_return_sequences": 2}])
 def test_generate_from_an_image_cache_expands_it(settings, loaded, reference):
-    """`image_cache` of an earlier forward in place of the images: repeated for beams and several sequences too."""
+    """`image_cache` of an earlier forward in place of the images: repeated for beams and several sequences too; the
+    prompt's image for each token found from its <image> tokens when `image_indices` are not given."""
     model, _ = loaded("tiny-llama")
     _, ref = reference("tiny-llama")
     inputs = reference_inputs(ref)
     expected = model.generate(**inputs, max_new_tokens=5, **settings)
     image_cache = model(**inputs).image_cache
     image_indices = model._image_indices(inputs["input_ids"], inputs["pixel_values"].shape[1])
-    got = model.generate(
-        input_ids=inputs["input_ids"],
-        attention_mask=inputs["attention_mask"],
-        image_cache=image_cache,
-        image_indices=image_indices,
-        max_new_tokens=5,
-        **settings,
-    )
-    assert torch.equal(got, expected)
+    for given in ({"image_indices": image_indices}, {}):  # without them: from the prompt's <image> tokens
+        got = model.generate(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            image_cache=image_cache,
+            max_new_tokens=5,
+            **given,
+            **settings,
+        )
+        assert torch.equal(got, expected), given
+    text_only = inputs["input_ids"].masked_fill(inputs["input_ids"] == model.config.media_token_id, 5)
+    with pytest.raises(ValueError, match=r"Images were given \(image_cache\) but input_ids contain no <image>"):
+        model.generate(input_ids=text_only, image_cache=image_cache, max_new_tokens=2)
 
 
 def test_generate_from_inputs_embeds(loaded, reference):
@@ -656,6 +661,16 @@ def test_score_continuations_inputs(loaded, tiny_images):
         model.score_continuations(**batch, continuations=candidates[0])
     with pytest.raises(ValueError, match="negative token ids"):
         model.score_continuations(**batch, continuations=[[5], [-1]])
+    vocab = model.get_output_embeddings().weight.shape[0]
+    with pytest.raises(ValueError, match=rf"beyond the vocabulary \({vocab} tokens\)"):
+        model.score_continuations(**batch, continuations=[[5], [5, vocab]])
+    with pytest.raises(ValueError, match="input_ids must be a tensor of token ids.*list"):
+        model.score_continuations(batch["input_ids"].tolist(), candidates, pixel_values=batch["pixel_values"])
+    with pytest.raises(ValueError, match=r"attention_mask must have the shape of input_ids"):
+        model.score_continuations(**{**batch, "attention_mask": batch["attention_mask"][0]}, continuations=candidates)
+    for bad in (torch.tensor([[2, 2]]), torch.tensor([[1.0, 0.5]])):
+        with pytest.raises(ValueError, match="continuation_mask must hold 1 for real tokens and 0 for padding"):
+            model.score_continuations(**batch, continuations=torch.tensor([[5, 6]]), continuation_mask=bad)
 
     # a padded tensor with a mask gives the same scores
     width = max(len(c) for c in candidates)

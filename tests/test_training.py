@@ -269,6 +269,28 @@ def test_collator_laion_style_labels(converted):
     assert (batch["input_ids"][0, real:] == PAD).all()
 
 
+def test_collator_keeps_eos_in_the_loss_when_the_pad_token_is_eos(converted):
+    """`tokenizer.pad_token = tokenizer.eos_token` (a common setup): padding is found by the attention mask, so the
+    caption's eos stays a target and only the padding is masked."""
+    from modeling_openflamingo import OpenFlamingoProcessor
+
+    _, processor = load(converted, "tiny-mpt")
+    tokenizer = copy.deepcopy(processor.tokenizer)
+    tokenizer.pad_token = tokenizer.eos_token
+    processor = OpenFlamingoProcessor(processor.image_processor, tokenizer)
+    images = caption_dataset()[:2]["images"]
+    features = [
+        {"images": images[0], "text": "<image>A cat.<|endofchunk|>"},
+        {"images": images[1][0], "text": "<image>Two dogs playing in a big garden.<|endofchunk|>"},
+    ]
+    batch = OpenFlamingoDataCollator(processor)(features)
+    length = batch["input_ids"].shape[1]
+    segments = [("<image>", False), ("A cat.", True), ("<|endofchunk|>", True), (tokenizer.eos_token, True)]
+    assert batch["labels"][0].tolist() == expected_labels(tokenizer, segments, length)
+    real = int(batch["attention_mask"][0].sum())
+    assert real < length and (batch["input_ids"][0, real:] == tokenizer.eos_token_id).all()  # eos as the padding
+
+
 def test_collator_mmc4_style_labels(converted, tiny_images):
     _, processor = load(converted, "tiny-mpt")
     tokenizer = processor.tokenizer
@@ -333,8 +355,9 @@ def test_collator_inputs_and_errors(converted, tiny_images, tmp_path):
         OpenFlamingoDataCollator(processor)(["<image>x"])
     with pytest.raises(ValueError, match="Every text of the batch is empty once tokenized"):
         OpenFlamingoDataCollator(processor, append_eos=False)([{"text": ""}])
-    with pytest.raises(ValueError, match="max_length must be a positive int"):
-        OpenFlamingoDataCollator(processor, max_length=0)
+    for name, bad in (("max_length", 0), ("max_length", True), ("pad_to_multiple_of", 0), ("pad_to_multiple_of", -3)):
+        with pytest.raises(ValueError, match=f"{name} must be a positive int"):
+            OpenFlamingoDataCollator(processor, **{name: bad})
     # arrays are images, as the processor reads them
     import numpy as np
 
