@@ -9,6 +9,7 @@ Without `--model` it trains the tiny demo model on captions of the six demo imag
     python examples/finetune.py --lora --gradient-checkpointing   # + LoRA on the LM's attention
     torchrun --nproc_per_node 2 examples/finetune.py --fsdp       # FSDP2 (on CPU too, see --fsdp)
     python examples/finetune.py --model path/to/converted --dataset my_captions --caption-column caption --bf16
+    python examples/finetune.py --max-steps 40 --save-steps 10 --resume-from-checkpoint latest  # from a checkpoint
 
 A `--dataset` (a hub name, a local data folder, or a `save_to_disk` folder) needs a text column with `<image>` and
 `<|endofchunk|>` in place (`--text-column`) or a plain caption column (`--caption-column`, made into
@@ -217,7 +218,9 @@ def training_arguments(args: argparse.Namespace, on_cpu: bool) -> TrainingArgume
         lr_scheduler_type="constant_with_warmup",
         max_grad_norm=1.0,
         logging_steps=1,
-        save_strategy="no",
+        save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or 500,
+        save_total_limit=args.save_total_limit,
         report_to=[],
         remove_unused_columns=False,  # the collator needs the `text` and `images` columns
         gradient_checkpointing=args.gradient_checkpointing,
@@ -237,6 +240,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add_training_arguments(parser)
     parser.add_argument("--max-length", type=int, help="truncate texts to this many tokens")
     parser.add_argument("--output-dir", default="finetuned-openflamingo")
+    parser.add_argument(
+        "--save-steps", type=int, help="write a checkpoint (model, optimizer, scheduler) to OUTPUT_DIR/checkpoint-N"
+    )
+    parser.add_argument("--save-total-limit", type=int, help="keep at most this many checkpoints")
+    parser.add_argument(
+        "--resume-from-checkpoint",
+        help="continue a run from OUTPUT_DIR/checkpoint-N (a path), or from the latest one in OUTPUT_DIR ('latest')",
+    )
     parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
     parser.add_argument("--warmup-steps", type=int, default=0)
     parser.add_argument("--freeze-embeddings", action="store_true", help="do not train the added tokens' rows")
@@ -250,6 +261,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile-blocks")
     args = parser.parse_args(argv)
+    for name in ("save_steps", "save_total_limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    resume: str | bool | None = args.resume_from_checkpoint
+    if resume == "latest":
+        resume = True  # `Trainer`: the newest checkpoint-N in the output folder (an error if there is none)
+    elif resume is not None and not Path(resume).is_dir():
+        parser.error(f"--resume-from-checkpoint {resume}: no such folder (a checkpoint-N folder, or 'latest')")
     # before the model is built: LoRA's weights are drawn before `Trainer` seeds the run
     transformers.set_seed(args.seed)
 
@@ -285,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         train_dataset=load_training_dataset(args),
         data_collator=collator,
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     # Saves the model (the trained embedding rows written into its embedding matrix), or the LoRA adapter.
     trainer.save_model(args.output_dir)
     if trainer.args.should_save:

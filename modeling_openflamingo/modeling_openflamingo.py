@@ -25,7 +25,7 @@ import logging as std_logging
 import operator
 import sys
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -285,6 +285,23 @@ def image_indices_from_input_ids(input_ids: torch.Tensor, media_token_id: int, n
             "(pixel_values.shape[1])."
         )
     return image_indices
+
+
+@contextmanager
+def _gradient_checkpointing_paused(model: nn.Module) -> Iterator[None]:
+    """Gradient checkpointing off for the block, on a model in train mode with transformers 4.x: its checkpointed
+    layers then drop the KV cache (`use_cache=False`) while `generate` goes on feeding one token per step (a model
+    left in train mode by `Trainer` would generate from a prompt it no longer sees). Elsewhere nothing changes."""
+    paused = []
+    if _TRANSFORMERS_MAJOR < 5 and model.training:
+        paused = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for module in paused:
+        module.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for module in paused:
+            module.gradient_checkpointing = True
 
 
 def _lm_cache(kwargs: dict[str, Any]) -> Any:
@@ -800,6 +817,11 @@ def add_mpt_sdpa_attention(language_model: nn.Module, text_config: Any, sdpa: bo
             module.__class__ = _mpt_attention_class(module, sdpa)
 
 
+# Whether the `load_state_dict` under way is this model's own with `strict=True` (torch tells the pre-load hook
+# `strict=True` in every case): then tied names that a saved folder holds once are filled in.
+_FILL_TIED_NAMES: contextvars.ContextVar[bool] = contextvars.ContextVar("openflamingo_fill_tied_names", default=False)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------------------------------
@@ -974,6 +996,21 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         add_mpt_static_cache_support(self.language_model, text)
         text._attn_implementation = "eager"
         _STATIC_DECODERS.pop(self, None)  # their graphs hold the attention they were captured with
+
+    if not hasattr(PreTrainedModel, "activation_checkpointing_enable"):  # transformers < 5.24 (then it does this)
+
+        def gradient_checkpointing_enable(
+            self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any
+        ) -> None:
+            """[`~PreTrainedModel.gradient_checkpointing_enable`], non-reentrant unless `use_reentrant` is given (the
+            default of transformers 4.x is reentrant). A reentrant checkpoint gives no gradient to the weights inside
+            it when none of its inputs needs one: LoRA in the LM's layers before the first gated block, with the
+            embeddings frozen, would silently not train. With `use_reentrant=True` asked for, the input embeddings'
+            output is made to need a gradient (`enable_input_require_grads`), as transformers >= 5.24 does."""
+            checkpoint_kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+            super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs, **kwargs)
+            if checkpoint_kwargs["use_reentrant"]:
+                self.enable_input_require_grads()
 
     def resize_token_embeddings(
         self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
@@ -1441,9 +1478,10 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         fast = self._generate_static(args, kwargs)  # encodes the images itself, inside its prompt graph
         if fast is not None:
             return fast
-        if encode:
-            kwargs["image_hidden_states"] = self.get_image_features(kwargs.pop("pixel_values"))
-        return super().generate(*args, **kwargs)
+        with _gradient_checkpointing_paused(self):
+            if encode:
+                kwargs["image_hidden_states"] = self.get_image_features(kwargs.pop("pixel_values"))
+            return super().generate(*args, **kwargs)
 
     def _check_cache_support(self, kwargs: dict[str, Any]) -> None:
         """A static (compileable) cache with an MPT / MosaicGPT LM needs transformers >= 5: 4.x's `MptModel` checks a
@@ -2168,12 +2206,25 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         hidden_states = args[0] if args else kwargs["input"]
         return self.new_token_embeddings(hidden_states=hidden_states, logits=output, bias=getattr(module, "bias", None))
 
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """`nn.Module.load_state_dict`, taking a saved folder's weights as `from_pretrained` does (see
+        [`_state_dict_pre_load_hook`]). With `strict=True` (the default), tied parameters that `save_pretrained`
+        stores once are given under each of their names, so the load passes; with `strict=False` the other names are
+        reported missing, as torch and transformers' own models report them: `safetensors.torch.load_model`
+        (accelerate's `load_state`) expects that of the names it left out."""
+        token = _FILL_TIED_NAMES.set(strict)
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        finally:
+            _FILL_TIED_NAMES.reset(token)
+
     def _state_dict_pre_load_hook(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         """`load_state_dict` of a saved folder's weights (e.g. `Trainer`'s `resume_from_checkpoint`) as
         `from_pretrained` loads them: the vision tower's names in this transformers' layout (folders hold 4.x's
-        `vision_model.vision_model.*` on either major), and tied parameters that `save_pretrained` stores once given
-        under each of their names. Rows trained by [`freeze_for_training`] (a PEFT adapter's `new_token_embeddings`)
-        are refused by a model without that module, rather than silently dropped."""
+        `vision_model.vision_model.*` on either major); in a strict load of this model, tied parameters that
+        `save_pretrained` stores once given under each of their names ([`load_state_dict`]). Rows trained by
+        [`freeze_for_training`] (a PEFT adapter's `new_token_embeddings`) are refused by a model without that module,
+        rather than silently dropped."""
         if "new_token_embeddings" not in self._modules and any(
             key.startswith(f"{prefix}new_token_embeddings.") for key in state_dict
         ):
@@ -2190,6 +2241,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             renames = {key: flat + key[len(nested) :] for key in state_dict if key.startswith(nested)}
         for key, new in renames.items():
             state_dict[new] = state_dict.pop(key)
+        if not _FILL_TIED_NAMES.get():
+            return
         aliases: dict[int, list[str]] = {}
         for name, parameter in self.named_parameters(remove_duplicate=False):
             aliases.setdefault(id(parameter), []).append(f"{prefix}{name}")

@@ -799,3 +799,20 @@ def test_examples_run_offline(converted):
     assert caption.count("image ") == 4 and caption_static_cache == ([caption] if static_cache else [])
     assert vqa.count(" -> ") == 3
     assert classify.count("image ") == 4 and "(" in classify
+
+
+@pytest.mark.parametrize("family", ["mpt", "gpt_neox", "llama"])
+def test_generate_in_train_mode_with_gradient_checkpointing(family):
+    """A model left in train mode with gradient checkpointing on (as `Trainer(gradient_checkpointing=True)` leaves it)
+    generates as in eval mode: on transformers 4.x its checkpointed layers would drop the KV cache while `generate`
+    feeds one token per step (MPT then failed, GPT-NeoX and LLaMA lost the prompt). Checkpointing stays on."""
+    from .test_core import inputs, tiny_model
+
+    model = tiny_model(family).eval()
+    ids, pixel_values = inputs(batch=1)
+    expected = model.generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=6, min_new_tokens=6)
+    model.gradient_checkpointing_enable()
+    model.train()
+    got = model.generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=6, min_new_tokens=6)
+    assert torch.equal(got, expected)
+    assert model.training and model.is_gradient_checkpointing

@@ -440,6 +440,29 @@ def test_trainer_resumes_from_a_checkpoint_with_the_trained_rows(converted, tmp_
         torch.testing.assert_close(resumed_state[name], tensor, rtol=0, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("freeze", [False, True])
+def test_safetensors_save_model_and_load_model_round_trip_a_tied_model(converted, freeze, tmp_path):
+    """`safetensors.torch.save_model` / `load_model` (what accelerate's `save_state` / `load_state` use) on MPT's tied
+    embedding and output matrix: `save_model` stores it once, `load_model` expects the other name reported missing
+    (`load_state_dict(strict=False)`, as torch and transformers' own models report it) and loads the same weights."""
+    from safetensors.torch import load_model, save_model
+
+    model, _ = load(converted, "tiny-mpt")
+    target, _ = load(converted, "tiny-mpt")
+    if freeze:
+        model.freeze_for_training()
+        target.freeze_for_training()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.01)
+    save_model(model, str(tmp_path / "model.safetensors"))
+    missing, unexpected = load_model(target, str(tmp_path / "model.safetensors"))
+    assert (sorted(missing), unexpected) == ([], [])
+    loaded = target.state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded[name], tensor), name
+
+
 @pytest.mark.parametrize("family", ["tiny-mpt", "tiny-llama"])
 def test_load_state_dict_takes_a_saved_folders_weights(converted, family, tmp_path):
     """A saved folder's `model.safetensors` loads with `load_state_dict` (as `Trainer` resumes) without missing or
@@ -472,6 +495,24 @@ def test_trainer_bf16_and_gradient_checkpointing(converted, tmp_path):
     )
     Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator).train()
     assert batch_loss(model, batch) < loss_before - 0.1
+
+
+@pytest.mark.parametrize("checkpoint_kwargs", [None, {"use_reentrant": True}])
+def test_gradient_checkpointing_trains_a_layer_before_the_first_gated_block(converted, checkpoint_kwargs):
+    """With the embeddings frozen, nothing that enters the LM's first layer (before the first gated block, N=2) needs
+    a gradient: a reentrant checkpoint would give its trainable weights (e.g. LoRA's) none, silently. The default is
+    non-reentrant on every transformers version; asked for reentrant, the embeddings' output is made to need one."""
+    model, _ = load(converted, "tiny-neox")
+    assert "0" not in model.gated_cross_attn_layers
+    model.requires_grad_(False)
+    first = find_decoder_layers(model.language_model, model.config.text_config.num_hidden_layers)[0]
+    first.requires_grad_(True)
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
+    inputs = sample_inputs()
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    grads = [p.grad for p in first.parameters()]
+    assert all(g is not None for g in grads) and any(bool(g.abs().sum() > 0) for g in grads)
 
 
 @pytest.mark.parametrize("family", ["tiny-mpt", "tiny-neox"])
@@ -634,6 +675,28 @@ def test_finetune_example_runs(converted, tmp_path):
     assert compiled["last_loss"] < compiled["first_loss"]
     assert (tmp_path / "compiled" / "model.safetensors").is_file()
     torch._dynamo.reset()
+
+
+def test_finetune_example_checkpoints_and_resumes(converted, tmp_path):
+    """`--save-steps` writes checkpoints; `--resume-from-checkpoint latest` (or a path) goes on from the newest one
+    with the same losses as a run without the break."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import finetune
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    argv = ["--model", str(converted("tiny-neox")), "--learning-rate", "1e-2", "--save-steps", "2"]
+    straight = finetune.main([*argv, "--max-steps", "4", "--output-dir", str(tmp_path / "straight")])
+    assert sorted(p.name for p in (tmp_path / "straight").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    finetune.main([*argv, "--max-steps", "2", "--output-dir", str(tmp_path / "broken")])
+    resumed = finetune.main(
+        [*argv, "--max-steps", "4", "--output-dir", str(tmp_path / "broken"), "--resume-from-checkpoint", "latest"]
+    )
+    losses = [[e["loss"] for e in r["trainer"].state.log_history if "loss" in e] for r in (straight, resumed)]
+    assert len(losses[1]) == 4  # the resumed run's history holds the checkpoint's two steps, then two more
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    with pytest.raises(SystemExit):
+        finetune.main([*argv, "--resume-from-checkpoint", str(tmp_path / "nowhere")])
 
 
 def test_finetune_example_on_a_caption_dataset_with_an_image_column(converted, tiny_images, tmp_path):
