@@ -282,18 +282,19 @@ def image_indices_from_input_ids(input_ids: torch.Tensor, media_token_id: int, n
         row = int(torch.argmax((counts > num_images).int()))
         raise ValueError(
             f"Row {row} of input_ids has {int(counts[row])} <image> tokens but only {num_images} images were given "
-            "(pixel_values.shape[1])."
+            "per row."
         )
     return image_indices
 
 
 @contextmanager
 def _gradient_checkpointing_paused(model: nn.Module) -> Iterator[None]:
-    """Gradient checkpointing off for the block, on a model in train mode with transformers 4.x: its checkpointed
-    layers then drop the KV cache (`use_cache=False`) while `generate` goes on feeding one token per step (a model
-    left in train mode by `Trainer` would generate from a prompt it no longer sees). Elsewhere nothing changes."""
+    """Gradient checkpointing off for the block, on a model in train mode: checkpointed layers then drop the KV cache
+    (`use_cache=False`: transformers 4.x's layers, and MPT's model on 5.x too), which `generate` and
+    `score_continuations` decode from (a model left in train mode by `Trainer` would generate from a prompt it no
+    longer sees). Dropout, if the config has any, stays on. In eval mode nothing changes."""
     paused = []
-    if _TRANSFORMERS_MAJOR < 5 and model.training:
+    if model.training:
         paused = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
     for module in paused:
         module.gradient_checkpointing = False
@@ -1103,11 +1104,11 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 f"{tuple(input_ids.shape)}."
             )
         if inputs_embeds is not None:
-            hidden = getattr(self.config.text_config, "hidden_size", None)
-            if inputs_embeds.ndim != 3 or (hidden is not None and inputs_embeds.shape[-1] != hidden):
+            width = self._input_embedding_width()
+            if inputs_embeds.ndim != 3 or (width is not None and inputs_embeds.shape[-1] != width):
                 raise ValueError(
-                    f"inputs_embeds must have shape (batch, seq, {hidden or 'hidden'}) (the LM's hidden size); got "
-                    f"{tuple(inputs_embeds.shape)}."
+                    f"inputs_embeds must have shape (batch, seq, {width or 'hidden'}) (the width of the LM's input "
+                    f"embeddings); got {tuple(inputs_embeds.shape)}."
                 )
         text = input_ids if input_ids is not None else inputs_embeds
         batch_and_seq = tuple(text.shape[:2])
@@ -1146,18 +1147,25 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         if labels is not None and tuple(labels.shape) != batch_and_seq:
             raise ValueError(f"labels has shape {tuple(labels.shape)}; the text has {batch_and_seq}.")
 
+    def _input_embedding_width(self) -> int | None:
+        """The width of what the LM's input embeddings return (its hidden size, or e.g. OPT's `word_embed_proj_dim`)."""
+        embedding = self.get_input_embeddings()
+        width = getattr(embedding, "embedding_dim", None)
+        weight = getattr(embedding, "weight", None)
+        return width if width is not None else weight.shape[-1] if torch.is_tensor(weight) else None
+
     @staticmethod
     def _check_attention_mask(attention_mask: torch.Tensor, batch_and_seq: tuple[int, int], spans_cache: bool) -> None:
         """A 2-D padding mask `(batch, seq)` (`(batch, cached + seq)` when continuing from a cache), or a 4-D mask
-        `(batch, 1, seq, keys)` (`causal_attention_mask_4d`), which goes to the LM as it is."""
+        `(batch or 1, heads or 1, seq, keys)` (`causal_attention_mask_4d`), which goes to the LM as it is."""
         batch, seq = batch_and_seq
         shape = tuple(attention_mask.shape)
         if attention_mask.ndim == 2:
             fits = shape[0] == batch and (shape[1] >= seq if spans_cache else shape[1] == seq)
             expected = f"({batch}, {'cached + ' if spans_cache else ''}{seq})"
         elif attention_mask.ndim == 4:
-            fits = shape[0] == batch and shape[2] == seq and (spans_cache or shape[3] == seq)
-            expected = f"({batch}, 1, {seq}, {'cached + ' if spans_cache else ''}{seq})"
+            fits = shape[0] in (1, batch) and shape[2] == seq and (spans_cache or shape[3] == seq)
+            expected = f"({batch} or 1, 1, {seq}, {'cached + ' if spans_cache else ''}{seq})"
         else:
             fits, expected = False, f"({batch}, {seq}) (1 for real tokens, 0 for padding), or a 4-D mask"
         if not fits:
@@ -1228,7 +1236,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
                 Token ids, with one `<image>` token where each image stands.
             attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
-                1 for real tokens, 0 for padding.
+                1 for real tokens, 0 for padding; with a cache `(batch_size, cached + sequence_length)`. A 4-D mask
+                `(batch_size or 1, 1, sequence_length, keys)` (`causal_attention_mask_4d`) goes to the LM as it is.
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_images, 3, H, W)`, *optional*):
                 The images of each row, in the order of its `<image>` tokens; rows with fewer images are zero-padded
                 (padding images are never attended while a row has no more `<image>` tokens than images of its own,
@@ -1435,7 +1444,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         - `input_ids` `(batch, prompt_len)`, left-padded, with one `<image>` token where each image stands;
         - `attention_mask` `(batch, prompt_len)`;
         - `pixel_values` `(batch, num_images, 3, H, W)` (zero-padded for rows with fewer images; omit it for
-          text-only prompts), or already encoded `image_hidden_states` `(batch, num_images, num_latents, dim)`.
+          text-only prompts), or already encoded `image_hidden_states` `(batch, num_images, num_latents, dim)`, or
+          the `image_cache` of an earlier output on the same rows (its images: the prompt's `<image>` tokens are
+          numbered as with `pixel_values`, unless `image_indices` are given). One of the three.
 
         The vision tower and the Perceiver run here, once, on the `batch` rows; the first forward computes the
         cross-attention keys/values over the latents of the (beam- or sample-expanded) batch once, and every later step
@@ -1459,7 +1470,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         _check_one_image_source(*(kwargs.get(name) for name in ("pixel_values", "image_hidden_states", "image_cache")))
         input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
         self._extend_image_indices(input_ids, kwargs)
-        if torch.is_tensor(input_ids) and not input_ids.is_floating_point() and kwargs.get("inputs_embeds") is None:
+        if torch.is_tensor(input_ids) and kwargs.get("inputs_embeds") is None:
             # before the images are encoded or expanded for beams: the errors then name the caller's shapes
             images = (kwargs.get("pixel_values"), kwargs.get("image_hidden_states"))
             attention_mask = kwargs.get("attention_mask")
@@ -1732,48 +1743,51 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         # Only the last prompt position's logits are needed: skip the (batch, prompt_len, vocab) rest where the LM can.
         lm_parameters = inspect.signature(self.language_model.forward).parameters
         keep_last = {"logits_to_keep": 1} if "logits_to_keep" in lm_parameters else {}
-        prompt = self(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=pixel_values,
-            image_hidden_states=image_hidden_states,
-            position_ids=self._positions_from_mask(attention_mask),
-            use_cache=True,
-            return_dict=True,
-            **keep_last,
-        )
-        cache = getattr(prompt, _CACHE_FIELD)
-        first = prompt.logits[:, -1].float().log_softmax(dim=-1)  # (batch, vocab): predicts each candidate's 1st token
-        if bool((candidates >= first.shape[-1]).any()):
-            raise ValueError(f"continuations hold token ids beyond the vocabulary ({first.shape[-1]} tokens).")
-        scores = first[:, candidates[:, 0]]  # (batch, num_candidates)
+        with _gradient_checkpointing_paused(self):  # the prompt's KV cache is scored from
+            prompt = self(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                pixel_values=pixel_values,
+                image_hidden_states=image_hidden_states,
+                position_ids=self._positions_from_mask(attention_mask),
+                use_cache=True,
+                return_dict=True,
+                **keep_last,
+            )
+            cache = getattr(prompt, _CACHE_FIELD)
+            # (batch, vocab): predicts each candidate's first token
+            first = prompt.logits[:, -1].float().log_softmax(dim=-1)
+            if bool((candidates >= first.shape[-1]).any()):
+                raise ValueError(f"continuations hold token ids beyond the vocabulary ({first.shape[-1]} tokens).")
+            scores = first[:, candidates[:, 0]]  # (batch, num_candidates)
 
-        if max_len > 1:
-            if cache is None:
-                raise ValueError("The language model returned no KV cache; score_continuations needs one.")
-            chunk = candidates_per_forward or num_candidates
-            for start in range(0, num_candidates, chunk):
-                ids = candidates[start : start + chunk]
-                mask = candidate_mask[start : start + chunk]
-                k = ids.shape[0]
-                # rows ordered (prompt, candidate): row b * k + j is prompt b followed by candidate start + j
-                prompt_mask = attention_mask.repeat_interleave(k, dim=0)
-                full_mask = torch.cat((prompt_mask, mask[:, :-1].repeat(batch_size, 1).to(prompt_mask.dtype)), dim=1)
-                image_cache = prompt.image_cache.repeat_interleave(k) if prompt.image_cache is not None else None
-                out = self(
-                    input_ids=ids[:, :-1].repeat(batch_size, 1),
-                    attention_mask=full_mask,
-                    position_ids=self._positions_from_mask(full_mask)[:, prompt_len:],
-                    image_cache=image_cache,
-                    use_cache=True,
-                    return_dict=True,
-                    **{_CACHE_FIELD: self._repeat_cache(cache, k)},
-                )
-                logits = out.logits.float()  # (batch * k, max_len - 1, vocab)
-                targets = ids[:, 1:].repeat(batch_size, 1)
-                token_scores = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
-                token_scores = token_scores.masked_fill(mask[:, 1:].repeat(batch_size, 1) == 0, 0.0)
-                scores[:, start : start + k] += token_scores.sum(dim=-1).view(batch_size, k)
+            if max_len > 1:
+                if cache is None:
+                    raise ValueError("The language model returned no KV cache; score_continuations needs one.")
+                chunk = candidates_per_forward or num_candidates
+                for start in range(0, num_candidates, chunk):
+                    ids = candidates[start : start + chunk]
+                    mask = candidate_mask[start : start + chunk]
+                    k = ids.shape[0]
+                    # rows ordered (prompt, candidate): row b * k + j is prompt b followed by candidate start + j
+                    prompt_mask = attention_mask.repeat_interleave(k, dim=0)
+                    candidate_part = mask[:, :-1].repeat(batch_size, 1).to(prompt_mask.dtype)
+                    full_mask = torch.cat((prompt_mask, candidate_part), dim=1)
+                    image_cache = prompt.image_cache.repeat_interleave(k) if prompt.image_cache is not None else None
+                    out = self(
+                        input_ids=ids[:, :-1].repeat(batch_size, 1),
+                        attention_mask=full_mask,
+                        position_ids=self._positions_from_mask(full_mask)[:, prompt_len:],
+                        image_cache=image_cache,
+                        use_cache=True,
+                        return_dict=True,
+                        **{_CACHE_FIELD: self._repeat_cache(cache, k)},
+                    )
+                    logits = out.logits.float()  # (batch * k, max_len - 1, vocab)
+                    targets = ids[:, 1:].repeat(batch_size, 1)
+                    token_scores = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
+                    token_scores = token_scores.masked_fill(mask[:, 1:].repeat(batch_size, 1) == 0, 0.0)
+                    scores[:, start : start + k] += token_scores.sum(dim=-1).view(batch_size, k)
         if normalize_length:
             scores = scores / candidate_mask.sum(dim=-1).to(scores.dtype)
         return scores
@@ -1784,7 +1798,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
     ) -> tuple[torch.LongTensor, torch.Tensor]:
         """`(num_candidates, max_len)` right-padded ids and their mask; every candidate must have a first token."""
         if torch.is_tensor(continuations):
-            if continuations.ndim != 2 or continuations.is_floating_point():
+            if continuations.ndim != 2 or not _is_integer(continuations):
                 raise ValueError(
                     "continuations must be a (num_candidates, max_len) tensor of token ids or a list of lists of ids; "
                     f"got a tensor of shape {tuple(continuations.shape)} and dtype {continuations.dtype}."
@@ -2206,12 +2220,48 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         hidden_states = args[0] if args else kwargs["input"]
         return self.new_token_embeddings(hidden_states=hidden_states, logits=output, bias=getattr(module, "bias", None))
 
+    @property
+    def _keys_to_ignore_on_save(self) -> set[str]:
+        """The submodels' keys (as `post_init` gathers them) and the tied names that `save_pretrained` leaves out:
+        `Trainer` resumes with `load_state_dict(strict=False)`, which reports those missing; named here, `Trainer`
+        re-ties the weights instead of warning. Computed when read, from the parameters as they are then: on
+        transformers 4.x `from_pretrained` ties them after `__init__`, and untied weights are both saved."""
+        keys = set(self.__dict__.get("_own_keys_to_ignore_on_save") or ())
+        for name, child in self.named_children():
+            keys.update(f"{name}.{key}" for key in getattr(child, "_keys_to_ignore_on_save", None) or ())
+        return keys | self._tied_names_left_out_on_save()
+
+    @_keys_to_ignore_on_save.setter
+    def _keys_to_ignore_on_save(self, value: Any) -> None:
+        self.__dict__["_own_keys_to_ignore_on_save"] = value
+
+    def _tied_parameter_names(self) -> list[list[str]]:
+        """The names of each parameter that has more than one (tied weights), in `named_parameters` order."""
+        names: dict[int, list[str]] = {}
+        for name, parameter in self.named_parameters(remove_duplicate=False):
+            names.setdefault(id(parameter), []).append(name)
+        return [group for group in names.values() if len(group) > 1]
+
+    def _tied_names_left_out_on_save(self) -> set[str]:
+        """The names of tied parameters that `save_pretrained` leaves out (e.g. MPT's output matrix, tied to the input
+        embeddings; the embeddings' own name is kept)."""
+        tied = getattr(self, "all_tied_weights_keys", None)
+        if tied is not None:  # transformers 5: {left out: kept}, left out while they are one parameter
+            shared = {name for names in self._tied_parameter_names() for name in names}
+            return set(tied) & shared
+        output, embedding = self.get_output_embeddings(), self.get_input_embeddings()
+        if output is None or getattr(output, "weight", None) is not embedding.weight:
+            return set()
+        return {f"{name}.weight" for name, module in self.named_modules() if module is output}
+
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """`nn.Module.load_state_dict`, taking a saved folder's weights as `from_pretrained` does (see
         [`_state_dict_pre_load_hook`]). With `strict=True` (the default), tied parameters that `save_pretrained`
         stores once are given under each of their names, so the load passes; with `strict=False` the other names are
         reported missing, as torch and transformers' own models report them: `safetensors.torch.load_model`
-        (accelerate's `load_state`) expects that of the names it left out."""
+        (accelerate's `load_state`) expects that of the names it left out, and `Trainer` re-ties them (they are
+        `_keys_to_ignore_on_save`). A wrapper's `load_state_dict` (DDP, `torch.compile`, PEFT) does not come through
+        here: a strict load through it reports the left-out name missing, as for transformers' own models."""
         token = _FILL_TIED_NAMES.set(strict)
         try:
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
@@ -2243,10 +2293,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             state_dict[new] = state_dict.pop(key)
         if not _FILL_TIED_NAMES.get():
             return
-        aliases: dict[int, list[str]] = {}
-        for name, parameter in self.named_parameters(remove_duplicate=False):
-            aliases.setdefault(id(parameter), []).append(f"{prefix}{name}")
-        for names in aliases.values():
+        for names in self._tied_parameter_names():
+            names = [f"{prefix}{name}" for name in names]
             given = next((name for name in names if name in state_dict), None)
             for name in names if given is not None else ():
                 state_dict.setdefault(name, state_dict[given])

@@ -562,7 +562,7 @@ def test_inputs_that_do_not_fit_each_other_are_errors():
     for mask in (torch.ones(2, 9, dtype=torch.long), torch.ones(10, dtype=torch.long), torch.ones(2, 1, 10)):
         with pytest.raises(ValueError, match=mask_error + rf".*got {re.escape(str(tuple(mask.shape)))}"):
             model(input_ids=ids, pixel_values=pixel_values, attention_mask=mask)
-    with pytest.raises(ValueError, match=r"attention_mask must have shape \(2, 1, 10, 10\); got \(2, 1, 9, 9\)"):
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \(2 or 1, 1, 10, 10\); got \(2, 1, 9, 9\)"):
         model(input_ids=ids, pixel_values=pixel_values, attention_mask=torch.ones(2, 1, 9, 9, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"labels has shape \(1, 10\)"):
         model(input_ids=ids, pixel_values=pixel_values, labels=ids[:1])
@@ -591,6 +591,49 @@ def test_inputs_that_do_not_fit_each_other_are_errors():
         model(input_ids=ids, pixel_values=pixel_values)
     with pytest.raises(ValueError, match="config.media_token_id is not set"):
         model.generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=2)
+
+
+def test_inputs_that_fit_in_other_legitimate_forms_are_accepted():
+    """Forms the checks must let through: a 4-D mask broadcast over the batch (GPT-NeoX / LLaMA take it as it is), and
+    `inputs_embeds` as wide as the LM's input embeddings where those are narrower than its hidden size (OPT's
+    `word_embed_proj_dim`)."""
+    from transformers import OPTConfig
+
+    model = tiny_model("llama").eval()
+    ids, pixel_values = inputs()
+    causal = torch.ones(1, 1, ids.shape[1], ids.shape[1], dtype=torch.bool).tril()
+    with torch.no_grad():
+        expected = model(input_ids=ids, pixel_values=pixel_values).logits
+        broadcast = model(input_ids=ids, pixel_values=pixel_values, attention_mask=causal).logits
+    torch.testing.assert_close(broadcast, expected, rtol=0, atol=1e-5)
+
+    text = OPTConfig(
+        hidden_size=32,
+        word_embed_proj_dim=16,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        ffn_dim=64,
+        vocab_size=403,
+        max_position_embeddings=64,
+    )
+    config = OpenFlamingoConfig(
+        vision_config=tiny_vision(),
+        text_config=text,
+        cross_attn_every_n_layers=2,
+        perceiver_depth=1,
+        perceiver_num_latents=4,
+        media_token_id=MEDIA,
+        eoc_token_id=EOC,
+        pad_token_id=PAD,
+    )
+    torch.manual_seed(0)
+    opt = OpenFlamingoForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        embeds = opt.get_input_embeddings()(ids)
+        assert embeds.shape[-1] == 16 != text.hidden_size
+        image_indices = opt._image_indices(ids, pixel_values.shape[1])
+        got = opt(inputs_embeds=embeds, pixel_values=pixel_values, image_indices=image_indices).logits
+        torch.testing.assert_close(got, opt(input_ids=ids, pixel_values=pixel_values).logits, rtol=0, atol=1e-5)
 
 
 def test_an_image_cache_must_fit_the_rows_and_the_model():

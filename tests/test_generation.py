@@ -661,6 +661,8 @@ def test_score_continuations_inputs(loaded, tiny_images):
         model.score_continuations(**batch, continuations=candidates[0])
     with pytest.raises(ValueError, match="negative token ids"):
         model.score_continuations(**batch, continuations=[[5], [-1]])
+    with pytest.raises(ValueError, match="continuations must be a .* tensor of token ids.*torch.bool"):
+        model.score_continuations(**batch, continuations=torch.tensor([[True, False]]))
     vocab = model.get_output_embeddings().weight.shape[0]
     with pytest.raises(ValueError, match=rf"beyond the vocabulary \({vocab} tokens\)"):
         model.score_continuations(**batch, continuations=[[5], [5, vocab]])
@@ -804,15 +806,21 @@ def test_examples_run_offline(converted):
 @pytest.mark.parametrize("family", ["mpt", "gpt_neox", "llama"])
 def test_generate_in_train_mode_with_gradient_checkpointing(family):
     """A model left in train mode with gradient checkpointing on (as `Trainer(gradient_checkpointing=True)` leaves it)
-    generates as in eval mode: on transformers 4.x its checkpointed layers would drop the KV cache while `generate`
-    feeds one token per step (MPT then failed, GPT-NeoX and LLaMA lost the prompt). Checkpointing stays on."""
+    generates and scores candidates as in eval mode (the tiny models have no dropout): its checkpointed layers would
+    drop the KV cache (transformers 4.x's; MPT's on 5.x too) while `generate` feeds one token per step (MPT then
+    failed, GPT-NeoX and LLaMA lost the prompt) and `score_continuations` found no cache. Checkpointing stays on."""
     from .test_core import inputs, tiny_model
 
     model = tiny_model(family).eval()
     ids, pixel_values = inputs(batch=1)
     expected = model.generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=6, min_new_tokens=6)
+    candidates = [[5, 6, 7], [8, 9]]
+    scores = model.score_continuations(ids, candidates, pixel_values=pixel_values)
     model.gradient_checkpointing_enable()
     model.train()
     got = model.generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=6, min_new_tokens=6)
     assert torch.equal(got, expected)
+    torch.testing.assert_close(
+        model.score_continuations(ids, candidates, pixel_values=pixel_values), scores, rtol=0, atol=1e-5
+    )
     assert model.training and model.is_gradient_checkpointing
