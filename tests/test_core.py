@@ -71,10 +71,11 @@ TEXT_CONFIGS = {
 }
 
 
-def tiny_config(family: str = "mpt", n: int = 2, **kwargs) -> OpenFlamingoConfig:
+def tiny_config(family: str = "mpt", n: int = 2, text_config: object = None, **kwargs) -> OpenFlamingoConfig:
+    """The tiny OpenFlamingo config of `family`'s LM (or of `text_config`, an LM config of another family)."""
     return OpenFlamingoConfig(
         vision_config=tiny_vision(),
-        text_config=TEXT_CONFIGS[family](),
+        text_config=text_config if text_config is not None else TEXT_CONFIGS[family](),
         cross_attn_every_n_layers=n,
         perceiver_depth=2,
         perceiver_num_latents=4,
@@ -616,18 +617,8 @@ def test_inputs_that_fit_in_other_legitimate_forms_are_accepted():
         vocab_size=403,
         max_position_embeddings=64,
     )
-    config = OpenFlamingoConfig(
-        vision_config=tiny_vision(),
-        text_config=text,
-        cross_attn_every_n_layers=2,
-        perceiver_depth=1,
-        perceiver_num_latents=4,
-        media_token_id=MEDIA,
-        eoc_token_id=EOC,
-        pad_token_id=PAD,
-    )
     torch.manual_seed(0)
-    opt = OpenFlamingoForConditionalGeneration(config).eval()
+    opt = OpenFlamingoForConditionalGeneration(tiny_config(text_config=text)).eval()
     with torch.no_grad():
         embeds = opt.get_input_embeddings()(ids)
         assert embeds.shape[-1] == 16 != text.hidden_size
