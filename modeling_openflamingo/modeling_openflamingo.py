@@ -1486,10 +1486,10 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             )
         # with an assistant model, `pixel_values` stay: it encodes them with its own vision tower and Perceiver
         encode = self._prepare_images_for_generation(input_ids, kwargs) and kwargs.get("assistant_model") is None
-        fast = self._generate_static(args, kwargs)  # encodes the images itself, inside its prompt graph
-        if fast is not None:
-            return fast
         with _gradient_checkpointing_paused(self):
+            fast = self._generate_static(args, kwargs)  # encodes the images itself, inside its prompt graph
+            if fast is not None:
+                return fast
             if encode:
                 kwargs["image_hidden_states"] = self.get_image_features(kwargs.pop("pixel_values"))
             return super().generate(*args, **kwargs)
