@@ -2233,7 +2233,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
 
     @_keys_to_ignore_on_save.setter
     def _keys_to_ignore_on_save(self, value: Any) -> None:
-        self.__dict__["_own_keys_to_ignore_on_save"] = value
+        # (`post_init` writes back what it read: the tied names of that moment are not kept, they are read anew)
+        self.__dict__["_own_keys_to_ignore_on_save"] = set(value or ()) - self._tied_names_left_out_on_save()
 
     def _tied_parameter_names(self) -> list[list[str]]:
         """The names of each parameter that has more than one (tied weights), in `named_parameters` order."""

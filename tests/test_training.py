@@ -470,6 +470,22 @@ def test_safetensors_save_model_and_load_model_round_trip_a_tied_model(converted
         assert torch.equal(loaded[name], tensor), name
 
 
+def test_keys_to_ignore_on_save_follow_the_tie(converted, tmp_path):
+    """MPT's output matrix, tied to the embeddings, is named in `_keys_to_ignore_on_save` (what `save_pretrained`
+    leaves out and `Trainer` re-ties on resume) only while it is tied: untied, it is saved and loads back."""
+    from safetensors.torch import load_file
+
+    model, _ = load(converted, "tiny-mpt")
+    assert model._keys_to_ignore_on_save == {"language_model.lm_head.weight"}
+    head = model.language_model.lm_head
+    head.weight = torch.nn.Parameter(head.weight.detach() + 1.0)  # untied
+    assert model._keys_to_ignore_on_save == set()
+    model.config.text_config.tie_word_embeddings = False
+    model.save_pretrained(tmp_path / "untied")
+    saved = load_file(tmp_path / "untied" / "model.safetensors")
+    assert torch.equal(saved["language_model.lm_head.weight"], head.weight.detach())
+
+
 @pytest.mark.parametrize("family", ["tiny-mpt", "tiny-llama"])
 def test_load_state_dict_takes_a_saved_folders_weights(converted, family, tmp_path):
     """A saved folder's `model.safetensors` loads with `load_state_dict` (as `Trainer` resumes) without missing or
