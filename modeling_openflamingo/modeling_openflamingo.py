@@ -1579,7 +1579,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             # Text only: tokens see no image, a generated <image> included.
             kwargs["image_indices"] = torch.zeros_like(input_ids)
             return False
-        if not has_media or not has_images or (pixel_values is not None and image_hidden_states is not None):
+        if not has_media or not has_images:  # (two image sources: refused by `generate` before this)
             return False
         if pixel_values is not None:
             pixel_values = kwargs["pixel_values"] = self._check_pixel_values(pixel_values)
@@ -1917,7 +1917,6 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             or not isinstance(max_new_tokens, int)
             or max_new_tokens < 1
             or image_indices is None
-            or (pixel_values is not None and image_hidden_states is not None)
             or (self.device.type != "cuda" and not _StaticDecoder.run_on_cpu)
         ):
             return None
@@ -2250,10 +2249,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         if tied is not None:  # transformers 5: {left out: kept}, left out while they are one parameter
             shared = {name for names in self._tied_parameter_names() for name in names}
             return set(tied) & shared
-        output, embedding = self.get_output_embeddings(), self.get_input_embeddings()
-        if output is None or getattr(output, "weight", None) is not embedding.weight:
-            return set()
-        return {f"{name}.weight" for name, module in self.named_modules() if module is output}
+        # transformers 4.x keeps a tied parameter's first name (the embeddings', before the output layer's)
+        return {name for names in self._tied_parameter_names() for name in names[1:]}
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """`nn.Module.load_state_dict`, taking a saved folder's weights as `from_pretrained` does (see
