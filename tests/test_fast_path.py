@@ -406,6 +406,25 @@ def test_decoders_are_remade_when_adapters_change(fast_path_on_cpu):
     check(False)
 
 
+@needs_v5
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_fast_path_in_train_mode_with_gradient_checkpointing(family, num_beams, fast_path_on_cpu):
+    """A model left in train mode with checkpointing on (as `Trainer` leaves it): the fast path runs (a decoder made
+    for the train-mode model), gives eval mode's tokens, and leaves the model training with checkpointing on."""
+    model = tiny_model(family)
+    ids, mask, pixel_values = padded_prompt()
+    kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=6, min_new_tokens=6, num_beams=num_beams)
+    expected = model.generate(**kw)
+    model.gradient_checkpointing_enable()
+    model.train()  # the tiny models have no dropout: train mode decodes as eval mode does
+    fast = assert_fast_path_equals_generate(model, kw)
+    assert torch.equal(fast, expected)
+    assert _STATIC_DECODERS[model]  # the fast path ran
+    assert model.training and model.is_gradient_checkpointing
+    assert all(m.gradient_checkpointing for m in model.modules() if hasattr(m, "gradient_checkpointing"))
+
+
 def test_image_cache_output_is_unchanged_by_the_fast_path_module():
     """The public image cache still carries per-block keys/values and the last image index."""
     model = tiny_model("gpt_neox")
