@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 from transformers import AutoModelForCausalLM, CLIPVisionModel, GenerationMixin, PreTrainedModel
 from transformers import __version__ as _TRANSFORMERS_VERSION
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -1942,22 +1943,6 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         max_len = needed if limit is not None and max_len > limit else max_len
         num_images = None if images is None else images.tensor.shape[1]
         key = (batch_size, max_len, num_images, eos, num_beams)
-        decoders = _STATIC_DECODERS.setdefault(self, {})
-        state = _decoding_state(self)
-        if _DECODED_STATE.get(self) != state:
-            # the model changed since the decoders were made (`model.to(...)`, tensors replaced, adapters added,
-            # switched or merged, train/eval): their CUDA graphs would replay the old computation on the old memory
-            decoders.clear()
-            _DECODED_STATE[self] = state
-        decoder = decoders.get(key)
-        if decoder is None:
-            while len(decoders) >= 4:
-                decoders.pop(next(iter(decoders)))
-            if num_beams == 1:
-                decoder = _StaticGreedyDecoder(self, batch_size, max_len, num_images, eos)
-            else:
-                decoder = _StaticBeamDecoder(self, batch_size, max_len, num_images, eos, num_beams)
-            decoders[key] = decoder
         attention_mask = kwargs.get("attention_mask")
         options = {}
         if num_beams > 1:
@@ -1971,16 +1956,38 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         if attention_mask is None:  # as `GenerationMixin`: from the pad token, when it is in the prompt and no eos
             infer = pad not in eos and bool((input_ids == pad).any())
             attention_mask = input_ids.ne(pad).long() if infer else torch.ones_like(input_ids)
-        return decoder.generate(
-            input_ids,
-            attention_mask,
-            images,
-            image_indices,
-            max_new_tokens,
-            kwargs.get("min_new_tokens") or 0,
-            int(pad),
-            **options,
-        )
+        with _requires_grad_hooks_paused(_walked_modules(self)[1]):
+            decoders = _STATIC_DECODERS.setdefault(self, {})
+            if _DECODED_STATE.get(self) != _decoding_state(self):
+                # the model changed since the decoders were made (`model.to(...)`, tensors replaced, adapters added,
+                # switched or merged, train/eval, hooks added or removed): their CUDA graphs would replay the old
+                # computation on the old memory
+                decoders.clear()
+            decoder = decoders.get(key)
+            made = decoder is None
+            if made:
+                while len(decoders) >= 4:
+                    decoders.pop(next(iter(decoders)))
+                if num_beams == 1:
+                    decoder = _StaticGreedyDecoder(self, batch_size, max_len, num_images, eos)
+                else:
+                    decoder = _StaticBeamDecoder(self, batch_size, max_len, num_images, eos, num_beams)
+                decoders[key] = decoder
+            sequences = decoder.generate(
+                input_ids,
+                attention_mask,
+                images,
+                image_indices,
+                max_new_tokens,
+                kwargs.get("min_new_tokens") or 0,
+                int(pad),
+                **options,
+            )
+            if made:
+                # the state as the new decoder's first call left it: a first forward may move a hook to a module that
+                # replaced its target (MosaicGPT's QK-LayerNorm to a PEFT-wrapped `Wqkv`, [`_follow_wqkv`])
+                _DECODED_STATE[self] = _decoding_state(self)
+        return sequences
 
     # ---- training ----
 
@@ -2454,26 +2461,70 @@ class _ModuleWalk:
 _MODULE_WALKS: weakref.WeakKeyDictionary[nn.Module, _ModuleWalk] = weakref.WeakKeyDictionary()
 
 
-def _decoding_state(model: nn.Module) -> tuple:
-    """What a decoder's CUDA graphs, captured over `model`, rely on: which modules run, in which mode (train/eval;
-    for PEFT's layers, the active, disabled and merged adapters), and the address of each of their parameters and
-    buffers (`model.to(...)` and loading with `assign=True` make new tensors while the old ones still exist, so
-    their addresses differ). The module tree is walked again only after a registration ([`_registrations`]; an
-    eager forward of some LMs makes one, slicing its `ModuleList`, but the fast path's replays do not); otherwise a
-    call reads the modes and addresses (~0.3 ms for a released model's ~950 modules on a CPU here)."""
+def _walked_modules(model: nn.Module) -> tuple[_ModuleWalk, list[nn.Module]]:
+    """`model`'s [`_ModuleWalk`] and its modules. The module tree is walked again only after a registration
+    ([`_registrations`]; an eager forward of some LMs makes one, slicing its `ModuleList`, but the fast path's replays
+    do not) or when a module of the walk is gone (`del`, which registers nothing)."""
     walk = _MODULE_WALKS.get(model)
     modules = [ref() for ref in walk.modules] if walk is not None and walk.registrations == _registrations else [None]
-    if None in modules:  # no walk yet, a registration since, or a module of it gone (`del`, which registers nothing)
+    if None in modules:
         walk = _MODULE_WALKS[model] = _ModuleWalk.of(model)
         modules = [ref() for ref in walk.modules]
+    return walk, modules
+
+
+def _decoding_state(model: nn.Module) -> tuple:
+    """What a decoder's CUDA graphs, captured over `model`, rely on: which modules run, with which forward hooks, in
+    which mode (train/eval; for PEFT's layers, the active, disabled and merged adapters), and the address of each of
+    their parameters and buffers (`model.to(...)` and loading with `assign=True` make new tensors while the old ones
+    still exist, so their addresses differ). Between registrations a call reads the modes, hooks and addresses
+    (~0.3 ms for a released model's ~950 modules on a CPU here)."""
+    walk, modules = _walked_modules(model)
     peft_layers = [ref() for ref in walk.peft_layers]
     return (
         walk.ids,
         tuple([module.training for module in modules]),
+        # hooks by their handles' ids (never reused): one added or removed changes what a forward computes
+        tuple(
+            [
+                (i, tuple(m._forward_pre_hooks), tuple(m._forward_hooks))
+                for i, m in enumerate(modules)
+                if m._forward_pre_hooks or m._forward_hooks
+            ]
+        ),
+        tuple(_global_forward_hooks) + tuple(_global_forward_pre_hooks),
         tuple([t.data_ptr() if (t := ref()) is not None else -1 for ref in walk.parameters]),
         tuple([t.data_ptr() for module in modules for t in module._buffers.values() if t is not None]),
         tuple([(tuple(m.active_adapters), m.disable_adapters, tuple(m.merged_adapters)) for m in peft_layers]),
     )
+
+
+# The forward hooks that make the input embeddings' output require gradients: transformers'
+# `enable_input_require_grads` (gradient checkpointing, PEFT) and PEFT's own when a model lacks that method.
+_REQUIRES_GRAD_HOOK_NAMES = frozenset({"make_inputs_require_grads", "make_inputs_require_grad"})
+
+
+@contextmanager
+def _requires_grad_hooks_paused(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """The forward hooks of [`_REQUIRES_GRAD_HOOK_NAMES`] on `modules` left out for the block (decoding runs under
+    `torch.no_grad()`, where they change nothing); `torch.compile` cannot trace their `requires_grad_()`, so with
+    them the fast path's decoding step failed to compile after gradient checkpointing or PEFT had added them."""
+    paused = []
+    for module in modules:
+        hooks = module._forward_hooks
+        for key, hook in list(hooks.items()) if hooks else ():
+            if getattr(hook, "__name__", None) in _REQUIRES_GRAD_HOOK_NAMES:
+                paused.append((hooks, key, hook))
+                del hooks[key]
+    try:
+        yield
+    finally:
+        for hooks, key, hook in paused:
+            hooks[key] = hook
+        for hooks in {id(hooks): hooks for hooks, _, _ in paused}.values():
+            ordered = sorted(hooks.items(), key=operator.itemgetter(0))  # handle ids count up: registration order
+            hooks.clear()
+            hooks.update(ordered)
 
 
 @functools.cache

@@ -425,6 +425,78 @@ def test_fast_path_in_train_mode_with_gradient_checkpointing(family, num_beams, 
     assert all(m.gradient_checkpointing for m in model.modules() if hasattr(m, "gradient_checkpointing"))
 
 
+@needs_v5
+def test_decoders_are_remade_when_hooks_change(fast_path_on_cpu):
+    """A forward hook added or removed after a call changes the computation, which a CUDA graph would replay without
+    it: the decoders go (on the CPU the step runs eagerly and would see the hook; the decoders are checked here)."""
+    model = tiny_model("llama")
+    ids, mask, pixel_values = padded_prompt()
+    kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=6, min_new_tokens=6)
+    plain = assert_fast_path_equals_generate(model, kw)
+    (first,) = _STATIC_DECODERS[model].values()
+    shift = torch.randn(model.config.text_config.vocab_size, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    handle = model.get_output_embeddings().register_forward_hook(lambda module, args, output: output + 10 * shift)
+    hooked = assert_fast_path_equals_generate(model, kw)
+    assert not torch.equal(hooked, plain)
+    (second,) = _STATIC_DECODERS[model].values()
+    assert second is not first
+    handle.remove()
+    assert torch.equal(assert_fast_path_equals_generate(model, kw), plain)
+    (third,) = _STATIC_DECODERS[model].values()
+    assert third is not second
+    with torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: None):
+        model.generate(**kw, cache_implementation="static")
+    assert third not in _STATIC_DECODERS[model].values()  # a global hook counts too
+
+
+@needs_v5
+def test_fast_path_with_input_require_grads_hooks(fast_path_on_cpu):
+    """transformers' `enable_input_require_grads` (gradient checkpointing, PEFT) hooks `requires_grad_(True)` onto the
+    input embeddings, which `torch.compile` cannot trace (the decoding step failed to compile on a GPU, torch 2.11).
+    Under `no_grad` they change nothing: the fast path leaves them out while it runs (added or removed, they do not
+    remake the decoders) and puts them back in their order."""
+    fast_path_on_cpu.setattr(_StaticDecoder, "cpu_compile_backend", "eager")  # traced, as on the GPU
+    model = tiny_model("gpt_neox")
+    ids, mask, pixel_values = padded_prompt()
+    kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=4, min_new_tokens=4)
+    plain = model.generate(**kw)
+    embeddings = model.get_input_embeddings()
+    embeddings.register_forward_hook(lambda module, args, output: None)  # another hook, before the gradients' one
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    embeddings.register_forward_hook(lambda module, args, output: None)  # and one after it
+    hooks = {name: list(m._forward_hooks.items()) for name, m in model.named_modules() if m._forward_hooks}
+    assert any(h.__name__ == "make_inputs_require_grads" for hs in hooks.values() for _, h in hs)
+    assert torch.equal(assert_fast_path_equals_generate(model, kw), plain)
+    assert {name: list(m._forward_hooks.items()) for name, m in model.named_modules() if m._forward_hooks} == hooks
+    (decoder,) = _STATIC_DECODERS[model].values()
+    model.disable_input_require_grads()
+    assert torch.equal(model.generate(**kw, cache_implementation="static"), plain)
+    with torch.enable_grad():  # hooks put back work: a training forward's embeddings require gradients
+        model.enable_input_require_grads()
+        assert model.get_input_embeddings()(ids).requires_grad
+        assert torch.equal(model.generate(**kw, cache_implementation="static"), plain)
+        assert model.get_input_embeddings()(ids).requires_grad
+    assert list(_STATIC_DECODERS[model].values()) == [decoder]
+
+
+@needs_v5
+def test_decoders_stay_after_a_peft_wrapped_qk_layernorm_projection(fast_path_on_cpu):
+    """MosaicGPT's QK-LayerNorm hook follows `Wqkv` when PEFT wraps it (moved at the first forward): the decoder made
+    at that call is reused afterwards, not made anew at every call."""
+    peft = pytest.importorskip("peft")
+    model = tiny_model("mosaic_gpt")
+    ids, mask, pixel_values = padded_prompt()
+    kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=6, min_new_tokens=6)
+    plain = assert_fast_path_equals_generate(model, kw)
+    lora = peft.LoraConfig(r=4, target_modules=r"language_model\..*\.Wqkv", init_lora_weights=False)
+    peft_model = peft.get_peft_model(model, lora)
+    fast = peft_model.generate(**kw, cache_implementation="static")  # the fast path's forward moves the hook
+    (decoder,) = _STATIC_DECODERS[model].values()
+    assert torch.equal(peft_model.generate(**kw, cache_implementation="static"), fast)
+    assert list(_STATIC_DECODERS[model].values()) == [decoder]
+    assert torch.equal(peft_model.generate(**kw), fast) and not torch.equal(fast, plain)
+
+
 def test_image_cache_output_is_unchanged_by_the_fast_path_module():
     """The public image cache still carries per-block keys/values and the last image index."""
     model = tiny_model("gpt_neox")
