@@ -811,7 +811,8 @@ def mosaic_gpt_to_mpt_config(raw: Mapping[str, Any], source: Any = "config.json"
             "attn_pdrop": _int_if_whole(raw.get("attn_pdrop", 0)),
         },
         tie_word_embeddings=True,
-        use_cache=True,
+        # as the hub config says (its code defaults to no cache): it decides how the original generated (`make_config`)
+        use_cache=bool(raw.get("use_cache", False)),
     )
 
 
@@ -859,7 +860,8 @@ def mpt_config_from_dict(raw: Mapping[str, Any], source: Any = "config.json") ->
             "attn_pdrop": _int_if_whole(attn.get("attn_pdrop", 0)),
         },
         tie_word_embeddings=True,
-        use_cache=True,
+        # as the hub config says (its code defaults to no cache): it decides how the original generated (`make_config`)
+        use_cache=bool(raw.get("use_cache", False)),
     )
 
 
@@ -1232,12 +1234,16 @@ def make_config(
     pad_token_id: int | None,
 ) -> OpenFlamingoConfig:
     """Our config around the LM's and the vision tower's; the LM's vocabulary is the tokenizer's (the original's
-    `resize_token_embeddings(len(tokenizer))`)."""
+    `resize_token_embeddings(len(tokenizer))`). The original generated with a KV cache when the LM's config asked for
+    one (GPT-NeoX, LLaMA; not MPT or MosaicGPT), which changes what a generated `<image>` token does to the tokens
+    after it: `generated_image_conditioning` follows it."""
     lm_config.vocab_size = tokenizer_length
+    original_used_a_cache = getattr(lm_config, "use_cache", True) is not False
     return OpenFlamingoConfig(
         vision_config=vision_config,
         text_config=lm_config,
         cross_attn_every_n_layers=cross_attn_every_n_layers,
+        generated_image_conditioning="original_kv_cache" if original_used_a_cache else "sequence",
         media_token_id=media_token_id,
         eoc_token_id=eoc_token_id,
         pad_token_id=pad_token_id,

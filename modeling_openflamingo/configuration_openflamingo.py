@@ -21,6 +21,10 @@ VIT_L_14_CONFIG: dict[str, Any] = {
 }
 
 
+# How a generated `<image>` token conditions the tokens after it: see `OpenFlamingoConfig`'s docstring.
+GENERATED_IMAGE_CONDITIONINGS = ("sequence", "original_kv_cache")
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -49,6 +53,15 @@ class OpenFlamingoConfig(PretrainedConfig):
         only_attend_immediate_media (`bool`, defaults to `True`):
             A text token attends only to the latents of the latest image at or before it. `False` lets it attend to
             the latents of every image at or before it.
+        generated_image_conditioning (`str`, defaults to `"sequence"`):
+            Which image the tokens that `generate` feeds back attend to once a row generates an `<image>` token.
+            `"sequence"`: as one forward over the whole sequence counts images (the original's forward, and its
+            generation without a KV cache, which MPT's and MosaicGPT's configs ask for): that token starts the row's
+            next image. `"original_kv_cache"`: as the original's generation with a KV cache (GPT-NeoX, LLaMA): at a
+            step where any row of the batch (any beam) is fed `<image>`, every row is conditioned on that step's token
+            alone, by row position (beams do not carry it along): the rows fed `<image>` attend to their first image
+            from then on, the others to none, until the next such step. The conversion sets it from the LM config's
+            `use_cache`, so that converted models generate the original's tokens.
         perceiver_depth (`int`, defaults to 6), perceiver_heads (`int`, defaults to 8),
         perceiver_dim_head (`int`, defaults to 64), perceiver_num_latents (`int`, defaults to 64),
         perceiver_ff_mult (`int`, defaults to 4):
@@ -75,6 +88,7 @@ class OpenFlamingoConfig(PretrainedConfig):
         cross_attn_dim_head: int = 64,
         cross_attn_ff_mult: int = 4,
         only_attend_immediate_media: bool = True,
+        generated_image_conditioning: str = "sequence",
         perceiver_depth: int = 6,
         perceiver_heads: int = 8,
         perceiver_dim_head: int = 64,
@@ -125,6 +139,7 @@ class OpenFlamingoConfig(PretrainedConfig):
         self.cross_attn_dim_head = cross_attn_dim_head
         self.cross_attn_ff_mult = cross_attn_ff_mult
         self.only_attend_immediate_media = only_attend_immediate_media
+        self.generated_image_conditioning = generated_image_conditioning
         self.perceiver_depth = perceiver_depth
         self.perceiver_heads = perceiver_heads
         self.perceiver_dim_head = perceiver_dim_head
@@ -173,6 +188,11 @@ class OpenFlamingoConfig(PretrainedConfig):
         if not isinstance(self.only_attend_immediate_media, bool):
             raise ValueError(
                 f"`only_attend_immediate_media` must be True or False; got {self.only_attend_immediate_media!r}."
+            )
+        if self.generated_image_conditioning not in GENERATED_IMAGE_CONDITIONINGS:
+            raise ValueError(
+                f"`generated_image_conditioning` must be one of {', '.join(map(repr, GENERATED_IMAGE_CONDITIONINGS))}; "
+                f"got {self.generated_image_conditioning!r}."
             )
         vocab_size = getattr(self.text_config, "vocab_size", None)
         for name, value in self.special_token_ids():

@@ -24,6 +24,7 @@ import inspect
 import logging as std_logging
 import operator
 import sys
+import types
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -345,6 +346,24 @@ def _image_indices_after(last: torch.Tensor, tokens: torch.Tensor, media_token_i
     if media_token_id is None:
         return last.expand_as(tokens)
     return last + (tokens == media_token_id).cumsum(dim=-1)
+
+
+def _fed_image_indices(
+    last: torch.Tensor, tokens: torch.Tensor, media_token_id: int | None, conditioning: str
+) -> torch.Tensor:
+    """The image of each of `tokens` `(batch, n)` that generation feeds back after a token whose image is `last`
+    `(batch, 1)`, as `config.generated_image_conditioning` says: `"sequence"` as [`_image_indices_after`];
+    `"original_kv_cache"` as the original's cached layer state: at a step where any row is fed `<image>`, each row's
+    image becomes 1 if its own token is `<image>`, else 0 (none), and stays so until the next such step (the rows by
+    position: beam search must not carry `last` along with the beams)."""
+    if conditioning == "sequence" or media_token_id is None:
+        return _image_indices_after(last, tokens, media_token_id)
+    indices = []
+    for token in tokens.unbind(dim=-1):
+        is_media = (token == media_token_id).unsqueeze(-1)
+        last = torch.where(is_media.any(), is_media.to(last.dtype), last)  # no host sync: a compiled step keeps it
+        indices.append(last)
+    return torch.cat(indices, dim=-1) if indices else last[:, :0]
 
 
 def gets_weight_decay(parameter_name: str) -> bool:
@@ -1487,6 +1506,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             )
         # with an assistant model, `pixel_values` stay: it encodes them with its own vision tower and Perceiver
         encode = self._prepare_images_for_generation(input_ids, kwargs) and kwargs.get("assistant_model") is None
+        self._prepare_generated_image_state(kwargs)
         with _gradient_checkpointing_paused(self):
             fast = self._generate_static(args, kwargs)  # encodes the images itself, inside its prompt graph
             if fast is not None:
@@ -1494,6 +1514,27 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             if encode:
                 kwargs["image_hidden_states"] = self.get_image_features(kwargs.pop("pixel_values"))
             return super().generate(*args, **kwargs)
+
+    def _prepare_generated_image_state(self, kwargs: dict[str, Any]) -> None:
+        """With `config.generated_image_conditioning="original_kv_cache"` and a cache (the original's generation with a
+        KV cache), `generated_image_state` in `kwargs`: each row's image after the prompt, `(batch, 1)`, which
+        [`prepare_inputs_for_generation`] updates as generated tokens are fed. Without a cache the original ran one
+        forward over the whole sequence per step (`"sequence"`); candidates that an assistant or prompt lookup feeds
+        and then rejects would corrupt the state, so those calls decode as `"sequence"` too."""
+        image_indices = kwargs.get("image_indices")
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        use_cache = kwargs.get("use_cache", getattr(generation_config, "use_cache", True))
+        if (
+            self.config.generated_image_conditioning == "sequence"
+            or not torch.is_tensor(image_indices)
+            or image_indices.ndim != 2
+            or image_indices.shape[-1] == 0
+            or use_cache is False
+            or any(kwargs.get(name) is not None for name in ("assistant_model", "prompt_lookup_num_tokens"))
+            or getattr(generation_config, "prompt_lookup_num_tokens", None) is not None
+        ):
+            return
+        kwargs["generated_image_state"] = image_indices[:, -1:].clone()
 
     def _check_cache_support(self, kwargs: dict[str, Any]) -> None:
         """A static (compileable) cache with an MPT / MosaicGPT LM needs transformers >= 5: 4.x's `MptModel` checks a
@@ -1580,6 +1621,13 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             # Text only: tokens see no image, a generated <image> included.
             kwargs["image_indices"] = torch.zeros_like(input_ids)
             return False
+        if has_media and not has_images and _lm_cache(kwargs) is not None:
+            # Continuing from a cache, the forward sees only the new tokens: it would decode them as text only.
+            raise ValueError(
+                "input_ids contain <image> tokens but no images were given (pixel_values, image_hidden_states or "
+                "image_cache): continuing from past_key_values, pass the images again (or the previous output's "
+                "image_cache), as the prompt's tokens need them."
+            )
         if not has_media or not has_images:  # (two image sources: refused by `generate` before this)
             return False
         if pixel_values is not None:
@@ -1596,6 +1644,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         inputs_embeds: torch.FloatTensor | None = None,
         image_cache: OpenFlamingoImageCache | None = None,
         image_indices: torch.LongTensor | None = None,
+        generated_image_state: torch.LongTensor | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
         """After the prompt, images are not re-encoded: new tokens reuse `image_cache` and see the prompt's last image.
@@ -1603,7 +1652,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         `image_indices` `(batch, prompt_len)` are the prompt's (set by [`generate`]); tokens generated after it get the
         prompt's last image, or, after a generated `<image>`, the next one (there is no image for it: the average of
         every latent, as in the original's forward over the whole sequence). So a step with the LM cache and a full
-        forward without it (`use_cache=False`) agree.
+        forward without it (`use_cache=False`) agree. With `config.generated_image_conditioning="original_kv_cache"`
+        [`generate`] passes `generated_image_state` `(batch, 1)`, each row's image by row position (beam search does
+        not reorder it), updated in place as the tokens are fed ([`_fed_image_indices`]).
         """
         # `inputs_embeds` named in the signature: `generate` takes them only from a model whose signature has them
         model_inputs = super().prepare_inputs_for_generation(input_ids, *args, inputs_embeds=inputs_embeds, **kwargs)
@@ -1621,7 +1672,13 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 start = cache.get_seq_length() if cache is not None else 0
                 image_indices = image_indices[:, : start + input_ids.shape[-1]]
             grown = input_ids.shape[-1] - image_indices.shape[-1]
-            if grown > 0:
+            if grown > 0 and generated_image_state is not None and new_tokens <= grown:
+                fed = input_ids[:, -new_tokens:]  # generated tokens, fed one step at a time
+                image_indices = _fed_image_indices(
+                    generated_image_state, fed, self.config.media_token_id, self.config.generated_image_conditioning
+                )
+                generated_image_state.copy_(image_indices[:, -1:])
+            elif grown > 0:
                 generated = input_ids[:, -grown:]
                 after = _image_indices_after(image_indices[:, -1:], generated, self.config.media_token_id)
                 image_indices = torch.cat((image_indices, after), dim=-1)
@@ -1942,7 +1999,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         max_len = -(-needed // 64) * 64
         max_len = needed if limit is not None and max_len > limit else max_len
         num_images = None if images is None else images.tensor.shape[1]
-        key = (batch_size, max_len, num_images, eos, num_beams)
+        key = (batch_size, max_len, num_images, eos, num_beams, self.config.generated_image_conditioning)
         attention_mask = kwargs.get("attention_mask")
         options = {}
         if num_beams > 1:
@@ -1956,37 +2013,36 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         if attention_mask is None:  # as `GenerationMixin`: from the pad token, when it is in the prompt and no eos
             infer = pad not in eos and bool((input_ids == pad).any())
             attention_mask = input_ids.ne(pad).long() if infer else torch.ones_like(input_ids)
-        with _requires_grad_hooks_paused(_walked_modules(self)[1]):
-            decoders = _STATIC_DECODERS.setdefault(self, {})
-            if _DECODED_STATE.get(self) != _decoding_state(self):
-                # the model changed since the decoders were made (`model.to(...)`, tensors replaced, adapters added,
-                # switched or merged, train/eval, hooks added or removed): their CUDA graphs would replay the old
-                # computation on the old memory
-                decoders.clear()
-            decoder = decoders.get(key)
-            made = decoder is None
-            if made:
-                while len(decoders) >= 4:
-                    decoders.pop(next(iter(decoders)))
-                if num_beams == 1:
-                    decoder = _StaticGreedyDecoder(self, batch_size, max_len, num_images, eos)
-                else:
-                    decoder = _StaticBeamDecoder(self, batch_size, max_len, num_images, eos, num_beams)
-                decoders[key] = decoder
-            sequences = decoder.generate(
-                input_ids,
-                attention_mask,
-                images,
-                image_indices,
-                max_new_tokens,
-                kwargs.get("min_new_tokens") or 0,
-                int(pad),
-                **options,
-            )
-            if made:
-                # the state as the new decoder's first call left it: a first forward may move a hook to a module that
-                # replaced its target (MosaicGPT's QK-LayerNorm to a PEFT-wrapped `Wqkv`, [`_follow_wqkv`])
-                _DECODED_STATE[self] = _decoding_state(self)
+        decoders = _STATIC_DECODERS.setdefault(self, {})
+        if _DECODED_STATE.get(self) != _decoding_state(self):
+            # the model changed since the decoders were made (`model.to(...)`, tensors replaced, adapters added,
+            # switched or merged, train/eval, hooks added or removed): their CUDA graphs would replay the old
+            # computation on the old memory
+            decoders.clear()
+        decoder = decoders.get(key)
+        made = decoder is None
+        if made:
+            while len(decoders) >= 4:
+                decoders.pop(next(iter(decoders)))
+            if num_beams == 1:
+                decoder = _StaticGreedyDecoder(self, batch_size, max_len, num_images, eos)
+            else:
+                decoder = _StaticBeamDecoder(self, batch_size, max_len, num_images, eos, num_beams)
+            decoders[key] = decoder
+        sequences = decoder.generate(
+            input_ids,
+            attention_mask,
+            images,
+            image_indices,
+            max_new_tokens,
+            kwargs.get("min_new_tokens") or 0,
+            int(pad),
+            **options,
+        )
+        if made:
+            # the state as the new decoder's first call left it: a first forward may move a hook to a module that
+            # replaced its target (MosaicGPT's QK-LayerNorm to a PEFT-wrapped `Wqkv`, [`_follow_wqkv`])
+            _DECODED_STATE[self] = _decoding_state(self)
         return sequences
 
     # ---- training ----
@@ -2375,6 +2431,7 @@ _FAST_DECODE_ARGUMENTS = frozenset(
         "pixel_values",
         "image_hidden_states",
         "image_indices",
+        "generated_image_state",  # made by `generate`; the fast path keeps the same state in its own tensors
         "max_new_tokens",
         "min_new_tokens",
         "do_sample",
@@ -2484,15 +2541,7 @@ def _decoding_state(model: nn.Module) -> tuple:
     return (
         walk.ids,
         tuple([module.training for module in modules]),
-        # hooks by their handles' ids (never reused): one added or removed changes what a forward computes
-        tuple(
-            [
-                (i, tuple(m._forward_pre_hooks), tuple(m._forward_hooks))
-                for i, m in enumerate(modules)
-                if m._forward_pre_hooks or m._forward_hooks
-            ]
-        ),
-        tuple(_global_forward_hooks) + tuple(_global_forward_pre_hooks),
+        _module_hook_ids(modules),
         tuple([t.data_ptr() if (t := ref()) is not None else -1 for ref in walk.parameters]),
         tuple([t.data_ptr() for module in modules for t in module._buffers.values() if t is not None]),
         tuple([(tuple(m.active_adapters), m.disable_adapters, tuple(m.merged_adapters)) for m in peft_layers]),
@@ -2500,20 +2549,46 @@ def _decoding_state(model: nn.Module) -> tuple:
 
 
 # The forward hooks that make the input embeddings' output require gradients: transformers'
-# `enable_input_require_grads` (gradient checkpointing, PEFT) and PEFT's own when a model lacks that method.
+# `enable_input_require_grads` (gradient checkpointing, PEFT) and PEFT's own when a model lacks that method. Under
+# `torch.no_grad()`, as decoding runs, they change nothing.
 _REQUIRES_GRAD_HOOK_NAMES = frozenset({"make_inputs_require_grads", "make_inputs_require_grad"})
+
+
+def _hook_ids(hooks: Mapping[int, Any]) -> tuple[int, ...]:
+    """The ids of the hooks in a module's (or torch's global) hook dict that change what a decoding forward computes:
+    all but [`_REQUIRES_GRAD_HOOK_NAMES`]."""
+    return tuple([key for key, hook in hooks.items() if not _is_requires_grad_hook(hook)])
+
+
+def _is_requires_grad_hook(hook: Any) -> bool:
+    """Whether `hook` is one of [`_REQUIRES_GRAD_HOOK_NAMES`] (plain functions; `isinstance` first, as `getattr` with
+    a default is slow where the attribute is missing, e.g. on a `functools.partial`)."""
+    return isinstance(hook, types.FunctionType) and hook.__name__ in _REQUIRES_GRAD_HOOK_NAMES
+
+
+def _module_hook_ids(modules: Sequence[nn.Module]) -> tuple:
+    """The forward (pre-)hooks of `modules` and torch's global ones that a decoding forward runs, by their handles'
+    ids (never reused): one added or removed changes what a forward computes. [`_REQUIRES_GRAD_HOOK_NAMES`] do not
+    count."""
+    ids = [_hook_ids(_global_forward_pre_hooks), _hook_ids(_global_forward_hooks)]
+    for i, module in enumerate(modules):
+        if module._forward_pre_hooks or module._forward_hooks:
+            module_ids = (_hook_ids(module._forward_pre_hooks), _hook_ids(module._forward_hooks))
+            if module_ids != ((), ()):
+                ids.append((i, module_ids))
+    return tuple(ids)
 
 
 @contextmanager
 def _requires_grad_hooks_paused(modules: Sequence[nn.Module]) -> Iterator[None]:
-    """The forward hooks of [`_REQUIRES_GRAD_HOOK_NAMES`] on `modules` left out for the block (decoding runs under
-    `torch.no_grad()`, where they change nothing); `torch.compile` cannot trace their `requires_grad_()`, so with
-    them the fast path's decoding step failed to compile after gradient checkpointing or PEFT had added them."""
+    """The forward hooks of [`_REQUIRES_GRAD_HOOK_NAMES`] on `modules` left out for the block: `torch.compile` cannot
+    trace their `requires_grad_()` (with gradient checkpointing or PEFT on, the fast path's decoding step failed to
+    compile), and the decoding step needs nothing of them."""
     paused = []
     for module in modules:
         hooks = module._forward_hooks
         for key, hook in list(hooks.items()) if hooks else ():
-            if getattr(hook, "__name__", None) in _REQUIRES_GRAD_HOOK_NAMES:
+            if _is_requires_grad_hook(hook):
                 paused.append((hooks, key, hook))
                 del hooks[key]
     try:
@@ -2615,6 +2690,7 @@ class _StaticDecoder:
         self.attention_mask = torch.ones(rows, max_len, **long)
         self.image_indices = torch.zeros(rows, 1, **long)  # the image of each row's next input token
         self.media_token_id = model.config.media_token_id
+        self.image_conditioning = model.config.generated_image_conditioning
         self.key_values = None
         if num_images is not None:  # (rows, heads, images * latents, dim_head) per block, as `key_values` makes them
             config = model.config
@@ -2711,7 +2787,8 @@ class _StaticDecoder:
         # Each decoder (batch size, cache length, model) is one more compiled version of `_decode_step`: allow more
         # than dynamo's default of 8 before it refuses (with `fullgraph=True`, an error). Only these calls compile.
         limit = max(64, getattr(torch._dynamo.config, _RECOMPILE_LIMIT))
-        with torch._dynamo.config.patch(**{_RECOMPILE_LIMIT: limit}):
+        untraceable_hooks_paused = _requires_grad_hooks_paused(_walked_modules(self.model)[1])
+        with torch._dynamo.config.patch(**{_RECOMPILE_LIMIT: limit}), untraceable_hooks_paused:
             if device.type != "cuda":
                 if backend:  # compiles now rather than in the first call
                     step()
@@ -2809,7 +2886,9 @@ class _StaticGreedyDecoder(_StaticDecoder):
             self.finished_at.copy_(torch.where(ends, self.step, self.finished_at))
             self.unfinished &= ~ends
         self.token.copy_(next_tokens.unsqueeze(1))
-        self.image_indices.copy_(_image_indices_after(self.image_indices, self.token, self.media_token_id))
+        self.image_indices.copy_(
+            _fed_image_indices(self.image_indices, self.token, self.media_token_id, self.image_conditioning)
+        )
         self.step.add_(1)
 
     def _start(self, max_new_tokens: int, pad_token_id: int) -> None:
@@ -2942,8 +3021,10 @@ class _StaticBeamDecoder(_StaticDecoder):
         # each continuing beam's KV cache rows are those of the beam it extends; its next input, its new token
         source_rows = (_gather_beams(source, keep) + self.first_row).flatten()
         self.token.copy_(running_tokens.index_select(2, step).view(-1, 1))
-        previous = self.image_indices.index_select(0, source_rows)  # the image counts of the beams they extend
-        image_indices = _image_indices_after(previous, self.token, self.media_token_id)
+        previous = self.image_indices
+        if self.image_conditioning == "sequence":  # the image counts of the beams they extend
+            previous = previous.index_select(0, source_rows)
+        image_indices = _fed_image_indices(previous, self.token, self.media_token_id, self.image_conditioning)
         self.step.add_(1)
         new_state = (running_tokens, running_scores, tokens, lengths, is_finished, scores, can_improve, image_indices)
         return (*new_state, done, source_rows)

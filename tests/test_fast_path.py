@@ -333,10 +333,13 @@ def test_decoders_do_not_keep_the_model_alive_and_copies_work(fast_path_on_cpu):
 # the <image> row of the output layer scaled so that <image> is generated at some steps, and the tokens after it
 # differ from those that the prompt's last image would give
 @pytest.mark.parametrize(("num_beams", "scale"), [(1, -4.0), (3, -6.0)])
-def test_fast_path_counts_a_generated_image_token_as_generate_does(num_beams, scale, fast_path_on_cpu):
-    """A generated `<image>` starts the next image (here beyond the images given: the average of every latent) on
-    the fast path as in `generate`, beams reordered with their image counts."""
+@pytest.mark.parametrize("conditioning", ["sequence", "original_kv_cache"])
+def test_fast_path_counts_a_generated_image_token_as_generate_does(num_beams, scale, conditioning, fast_path_on_cpu):
+    """A generated `<image>` conditions the tokens after it on the fast path as in `generate`: `"sequence"`, it
+    starts the next image (here beyond the images given: the average of every latent), beams reordered with their
+    image counts; `"original_kv_cache"`, every row is conditioned on that step's tokens, by row position."""
     model = tiny_model("llama")  # an output layer of its own: the <image> row can be scaled alone
+    model.config.generated_image_conditioning = conditioning
     with torch.no_grad():
         model.get_output_embeddings().weight[MEDIA] *= scale
     ids, mask, pixel_values = padded_prompt()
@@ -345,6 +348,25 @@ def test_fast_path_counts_a_generated_image_token_as_generate_does(num_beams, sc
     generated = expected[:, ids.shape[1] : -1] == MEDIA
     assert generated.any() and not generated.all()
     assert torch.equal(model.generate(**kw, cache_implementation="static"), expected)
+
+
+@needs_v5
+@pytest.mark.parametrize("family", ["tiny-neox-s11-n1-generates-image", "tiny-llama-s4-n1-beam-generates-image"])
+def test_fast_path_gives_the_originals_ids_after_a_generated_image(family, loaded, reference, fast_path_on_cpu):
+    """The fixtures where the original's cached generation feeds back `<image>` (greedy, or a beam later dropped):
+    the fast path gives the original's ids, greedy and beam search."""
+    from .test_generation import reference_inputs
+
+    model, _ = loaded(family)
+    spec, ref = reference(family)
+    inputs = {k: v.to(DEVICE) for k, v in reference_inputs(ref).items()}
+    model.to(DEVICE)
+    for name in ("greedy", "beam3"):
+        settings = {k: spec[name][k] for k in ("max_new_tokens", "min_new_tokens", "num_beams")}
+        fast = model.generate(**inputs, **settings, cache_implementation="static")
+        assert torch.equal(fast.cpu(), ref[name]), name
+    assert len(_STATIC_DECODERS[model]) == 2
+    model.cpu()
 
 
 @needs_v5

@@ -103,13 +103,22 @@ def make_row_batch(tiny_images):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-# Made like the four (open_flamingo 2.0.1, transformers 4.33.3, open-clip-torch 2.20.0; seed 6, N=2, images of modes
-# RGBA, P with alpha, LA, L): its greedy output generates <image>, after which the original (MPT: no KV cache, one
-# forward over the whole sequence per step) attends to every latent equally.
-GENERATES_IMAGE = "tiny-mpt-s6-n2-generates-image"
+# Made like the four (open_flamingo 2.0.1, transformers 4.33.3, open-clip-torch 2.20.0), with outputs where a
+# generated <image> is fed back:
+# - MPT, seed 6, N=2, images of modes RGBA, P with alpha, LA, L: its greedy output generates <image>, after which the
+#   original (MPT: no KV cache, one forward over the whole sequence per step) attends to every latent equally;
+# - GPT-NeoX, seed 11, N=1: row 1's greedy output starts with <image>; the original's generation with a KV cache then
+#   conditions every row on that step's tokens alone (row 1 on its first image, row 0 on none);
+# - LLaMA, seed 4, N=1: in beam search a beam that is later dropped is fed <image> at steps 2 and 4, which conditions
+#   every beam of both rows anew in the original; no <image> is in the output.
+GENERATES_IMAGE = {
+    "tiny-mpt-s6-n2-generates-image": "sequence",
+    "tiny-neox-s11-n1-generates-image": "original_kv_cache",
+    "tiny-llama-s4-n1-beam-generates-image": "original_kv_cache",
+}
 
 
-@pytest.mark.parametrize("family", [*FAMILIES, GENERATES_IMAGE])
+@pytest.mark.parametrize("family", [*FAMILIES, *GENERATES_IMAGE])
 def test_greedy_and_beam_search_match_reference(family, loaded, reference):
     """Token ids of the original's `generate` (greedy, and beam search with 3 beams), exactly.
 
@@ -130,9 +139,31 @@ def test_greedy_and_beam_search_match_reference(family, loaded, reference):
             num_beams=settings["num_beams"],
         )
         assert torch.equal(out, ref[name]), (name, out[:, -settings["max_new_tokens"] :], ref[name][:, -8:])
-    if family == GENERATES_IMAGE:
+    if family in GENERATES_IMAGE and "beam" not in family:
         prompt_len = ref["input_ids_left"].shape[1]
         assert (ref["greedy"][:, prompt_len:-1] == spec["media_token_id"]).any()
+
+
+@pytest.mark.parametrize("family", [name for name, kind in GENERATES_IMAGE.items() if kind == "original_kv_cache"])
+def test_generated_image_conditioning_follows_the_original(family, loaded, reference):
+    """The conversion sets `generated_image_conditioning` from the LM config's `use_cache` (how the original
+    generated): these fixtures need the original's cached conditioning; as one forward over the sequence counts
+    images (`"sequence"`, `use_cache=False` in the original) their ids differ, and `use_cache=False` gives those."""
+    model, _ = loaded(family)
+    spec, ref = reference(family)
+    assert model.config.generated_image_conditioning == GENERATES_IMAGE[family]
+    name = "beam3" if "beam" in family else "greedy"
+    settings = {k: spec[name][k] for k in ("max_new_tokens", "min_new_tokens", "num_beams")}
+    inputs = reference_inputs(ref)
+    assert torch.equal(model.generate(**inputs, **settings), ref[name])
+    uncached = model.generate(**inputs, **settings, use_cache=False)
+    model.config.generated_image_conditioning = "sequence"
+    try:
+        as_sequence = model.generate(**inputs, **settings)
+    finally:
+        model.config.generated_image_conditioning = GENERATES_IMAGE[family]
+    assert not torch.equal(as_sequence, ref[name])
+    assert torch.equal(uncached, as_sequence)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -824,3 +855,28 @@ def test_generate_in_train_mode_with_gradient_checkpointing(family):
         model.score_continuations(ids, candidates, pixel_values=pixel_values), scores, rtol=0, atol=1e-5
     )
     assert model.training and model.is_gradient_checkpointing
+
+
+@pytest.mark.parametrize("family", ["mpt", "gpt_neox"])
+def test_continuing_from_a_cache_without_the_images_is_an_error(family):
+    """The forward of a continued call sees only the new tokens, so without the images it would decode them as text
+    only (a silent wrong answer): `generate` refuses, as it does without the cache."""
+    from .test_core import inputs, tiny_model
+
+    model = tiny_model(family)
+    ids, pixel_values = inputs(batch=2)
+    out = model.generate(
+        input_ids=ids, pixel_values=pixel_values, max_new_tokens=3, min_new_tokens=3, return_dict_in_generate=True
+    )
+    cache = getattr(out, "cache", None) or out.past_key_values
+    continued = torch.cat((out.sequences, torch.tensor([[5], [7]])), dim=1)
+    name = "cache" if hasattr(out, "cache") else "past_key_values"  # transformers >= 5.24: `cache`
+    with pytest.raises(ValueError, match="continuing from past_key_values, pass the images again"):
+        model.generate(input_ids=continued, max_new_tokens=2, **{name: copy.deepcopy(cache)})
+    with pytest.raises(ValueError, match="<image> tokens but no images were given"):
+        model.generate(input_ids=continued, max_new_tokens=2)
+    # with the images again, it continues (the prompt's tokens are in the cache; the new ones see the last image)
+    again = model.generate(
+        input_ids=continued, pixel_values=pixel_values, max_new_tokens=2, **{name: copy.deepcopy(cache)}
+    )
+    assert torch.equal(again, model.generate(input_ids=continued, pixel_values=pixel_values, max_new_tokens=2))
