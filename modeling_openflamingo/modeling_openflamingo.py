@@ -1471,10 +1471,13 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         The vision tower and the Perceiver run here, once, on the `batch` rows; the first forward computes the
         cross-attention keys/values over the latents of the (beam- or sample-expanded) batch once, and every later step
         reuses them (`image_cache`) together with the LM's KV cache. Every generated token sees the last image of its
-        row's prompt (none for a text-only row), until the row generates an `<image>` token: as the original's forward
-        over the whole sequence counts it, that token starts the next image, and beyond the images given it and the
-        tokens after it attend to every latent equally (a text-only row's stay text only). Without `eos_token_id`,
-        generation stops at `<|endofchunk|>` (`generation_config.eos_token_id`, set from `config.eoc_token_id`).
+        row's prompt (none for a text-only row), until a generated `<image>` token is fed back; then
+        `config.generated_image_conditioning` says what follows, as the original generated: `"sequence"`, the token
+        starts the row's next image (beyond the images given, it and the tokens after it attend to every latent
+        equally; a text-only row's stay text only); `"original_kv_cache"`, every row is conditioned on that step's
+        tokens alone, by row position: those fed `<image>` see their first image, the others none. Without
+        `eos_token_id`, generation stops at `<|endofchunk|>` (`generation_config.eos_token_id`, set from
+        `config.eoc_token_id`).
 
         With `cache_implementation="static"` on a CUDA device, plain greedy decoding and plain beam search (no
         sampling, logits processors, streamers or extra outputs) run a fast path of their own: one compiled decoding
