@@ -284,7 +284,8 @@ def image_indices_from_input_ids(input_ids: torch.Tensor, media_token_id: int, n
         row = int(torch.argmax((counts > num_images).int()))
         raise ValueError(
             f"Row {row} of input_ids has {int(counts[row])} <image> tokens but only {num_images} images were given "
-            "per row."
+            "per row. (A sequence from `generate` may hold a generated <image> with no image of its own: to run it "
+            "through the model again, pass `image_indices` (batch, seq), each token's image, 1-based, 0 for none.)"
         )
     return image_indices
 

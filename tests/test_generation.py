@@ -880,3 +880,29 @@ def test_continuing_from_a_cache_without_the_images_is_an_error(family):
         input_ids=continued, pixel_values=pixel_values, max_new_tokens=2, **{name: copy.deepcopy(cache)}
     )
     assert torch.equal(again, model.generate(input_ids=continued, pixel_values=pixel_values, max_new_tokens=2))
+
+
+def test_a_generated_image_token_beyond_the_images_is_scored_with_image_indices():
+    """A sequence from `generate` may hold a generated `<image>` with no image of its own. `forward` refuses to count
+    it from `input_ids` alone (more `<image>` tokens than images) and says how to run it: `image_indices`, with which
+    the logits are those that `generate` decoded with (`"sequence"`: beyond the images, every latent equally)."""
+    from .test_core import MEDIA, inputs, tiny_model
+
+    model = tiny_model("gpt_neox")
+    ids, pixel_values = inputs(batch=1)
+    prompt = model.generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=1, min_new_tokens=1)
+    sequence = torch.cat((prompt, torch.tensor([[MEDIA, 5]])), dim=1)
+    with pytest.raises(ValueError, match=r"pass `image_indices` \(batch, seq\)"):
+        model(input_ids=sequence, pixel_values=pixel_values)
+    image_indices = (sequence == MEDIA).cumsum(dim=-1)  # the generated <image>: image 3 of 2, every latent
+    logits = model(input_ids=sequence, pixel_values=pixel_values, image_indices=image_indices).logits
+    generated = model.generate(
+        input_ids=sequence[:, :-1],
+        pixel_values=pixel_values,
+        max_new_tokens=1,
+        min_new_tokens=1,
+        output_logits=True,
+        return_dict_in_generate=True,
+        image_indices=image_indices[:, :-1],
+    )
+    torch.testing.assert_close(generated.logits[0][0], logits[0, -2], rtol=0, atol=1e-5)
