@@ -1598,12 +1598,15 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         left alone, so that `generate` raises the same errors as `forward`.
         """
         media = self.config.media_token_id
+        embeds = kwargs.get("inputs_embeds")
         if (
             media is None
             or not torch.is_tensor(input_ids)
             or input_ids.ndim != 2
             or input_ids.is_floating_point()
-            or any(kwargs.get(k) is not None for k in ("inputs_embeds", "image_indices"))
+            or kwargs.get("image_indices") is not None
+            # `inputs_embeds` with the `input_ids` they embed (as `generate` takes both) place the images by those
+            or (embeds is not None and (not torch.is_tensor(embeds) or tuple(embeds.shape[:2]) != input_ids.shape))
         ):
             return False
         image_cache = kwargs.get("image_cache")

@@ -906,3 +906,21 @@ def test_a_generated_image_token_beyond_the_images_is_scored_with_image_indices(
         image_indices=image_indices[:, :-1],
     )
     torch.testing.assert_close(generated.logits[0][0], logits[0, -2], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_generate_with_input_ids_and_the_embeddings_of_them(num_beams):
+    """`generate(input_ids=..., inputs_embeds=...)` (transformers takes both: the embeddings feed the prompt, the ids
+    come back in the output): the images are placed by the `<image>` tokens of `input_ids`, as without the
+    embeddings."""
+    from .test_core import inputs, tiny_model
+
+    model = tiny_model("llama")
+    ids, pixel_values = inputs(batch=2)
+    kw = {"pixel_values": pixel_values, "max_new_tokens": 5, "min_new_tokens": 5, "num_beams": num_beams}
+    expected = model.generate(input_ids=ids, **kw)
+    embeds = model.get_input_embeddings()(ids)
+    assert torch.equal(model.generate(input_ids=ids, inputs_embeds=embeds, **kw), expected)
+    # ids that are not those embedded (transformers 4.x's generate checks the mask against them first)
+    with pytest.raises(ValueError, match="With inputs_embeds and images, pass image_indices|attention_mask must have"):
+        model.generate(input_ids=ids[:, 1:], inputs_embeds=embeds, **kw)
