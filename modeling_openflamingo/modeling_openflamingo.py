@@ -2793,15 +2793,21 @@ class _StaticDecoder:
         # Each decoder (batch size, cache length, model) is one more compiled version of `_decode_step`: allow more
         # than dynamo's default of 8 before it refuses (with `fullgraph=True`, an error). Only these calls compile.
         limit = max(64, getattr(torch._dynamo.config, _RECOMPILE_LIMIT))
-        untraceable_hooks_paused = _requires_grad_hooks_paused(_walked_modules(self.model)[1])
-        with torch._dynamo.config.patch(**{_RECOMPILE_LIMIT: limit}), untraceable_hooks_paused:
-            if device.type != "cuda":
-                if backend:  # compiles now rather than in the first call
-                    step()
-                self.replay = step
-                return
-            # compiles, then runs with everything (cuBLAS workspaces, autotuning) in place
-            self.replay = _capture_cuda_graph(step, self._reset_positions, warm_up_runs=3).replay
+
+        def compiling(function: Any) -> Any:
+            """`function` run as the step compiles: without the hooks that dynamo cannot trace."""
+            with torch._dynamo.config.patch(**{_RECOMPILE_LIMIT: limit}):
+                with _requires_grad_hooks_paused(_walked_modules(self.model)[1]):
+                    return function()
+
+        if device.type != "cuda":
+            # no CUDA graph: every call goes through dynamo's guards again, under the same conditions
+            self.replay = functools.partial(compiling, step)
+            if backend:  # compiles now rather than in the first call
+                self.replay()
+            return
+        # compiles, then runs with everything (cuBLAS workspaces, autotuning) in place
+        self.replay = compiling(lambda: _capture_cuda_graph(step, self._reset_positions, warm_up_runs=3)).replay
 
     def _reset_positions(self) -> None:
         """Cache positions and the step count back to 0 (before a prompt, or a warm-up run: writes stay in bounds)."""

@@ -485,16 +485,56 @@ def test_logits_processors_and_generation_config(loaded, reference):
 
 @pytest.mark.parametrize("family", ["tiny-mpt-1b-redpajama-200b", "tiny-neox"])
 def test_generated_image_token_counts_as_the_next_image_as_in_one_forward(family, loaded, reference):
-    """A generated `<image>` has no image: as in the original's forward over the whole sequence (its generation
-    without a KV cache, as MPT's and MosaicGPT's configs ask), it starts image `num_images + 1`, which no latent
-    belongs to, so it and the tokens after it attend to every latent equally.
-
-    (With a KV cache the original re-reads media locations from each step's input instead: after a generated
-    `<image>` its row attends to image 1 and the other rows of the batch to no image at all; a side effect of its
-    cached layers' state, not copied.)
+    """`generated_image_conditioning="sequence"`: a generated `<image>` has no image: as in the original's forward
+    over the whole sequence (its generation without a KV cache, as MPT's and MosaicGPT's configs ask), it starts image
+    `num_images + 1`, which no latent belongs to, so it and the tokens after it attend to every latent equally.
+    (The converted GPT-NeoX model has `"original_kv_cache"`: set to `"sequence"` here; that one is tested below.)
     """
     model, processor = loaded(family)
-    spec, ref = reference(family)
+    converted_conditioning = model.config.generated_image_conditioning
+    model.config.generated_image_conditioning = "sequence"
+    try:
+        check_generated_image_as_in_one_forward(model, processor, *reference(family))
+    finally:
+        model.config.generated_image_conditioning = converted_conditioning
+
+
+def test_generated_image_token_as_the_originals_kv_cache(loaded, reference):
+    """`generated_image_conditioning="original_kv_cache"` (the converted GPT-NeoX model): both rows are fed `<image>`
+    at one step, so from it on each row attends to its first image: every later token is the argmax of one forward
+    with those images."""
+    model, _ = loaded("tiny-neox")
+    spec, ref = reference("tiny-neox")
+    assert model.config.generated_image_conditioning == "original_kv_cache"
+    media, eoc = spec["media_token_id"], spec["eoc_token_id"]
+    inputs = reference_inputs(ref)
+    prompt_len = inputs["input_ids"].shape[1]
+    steps, forced_step = 6, 1
+    force = LogitsProcessorList([ForceTokenAt(media, forced_step, prompt_len)])
+    out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, logits_processor=force)
+    assert (out[:, prompt_len + forced_step] == media).all()
+    indices = (out[:, :-1] == media).cumsum(-1)
+    indices[:, prompt_len + forced_step :] = 1
+    mask = torch.cat((inputs["attention_mask"], torch.ones(2, steps - 1, dtype=torch.long)), dim=1)
+    with torch.no_grad():
+        logits = model(
+            input_ids=out[:, :-1],
+            attention_mask=mask,
+            pixel_values=inputs["pixel_values"],
+            image_indices=indices,
+            position_ids=positions(mask),
+        ).logits[:, prompt_len - 1 :]
+    logits[..., eoc] = -float("inf")
+    for t in range(steps):
+        if t != forced_step:
+            assert torch.equal(logits[:, t].argmax(-1), out[:, prompt_len + t]), t
+    as_sequence = model.generate(
+        **inputs, max_new_tokens=steps, min_new_tokens=steps, logits_processor=force, use_cache=False
+    )
+    assert not torch.equal(as_sequence, out)  # without a cache the original (and this model) count as one forward
+
+
+def check_generated_image_as_in_one_forward(model, processor, spec, ref) -> None:
     media, eoc = spec["media_token_id"], spec["eoc_token_id"]
     inputs = reference_inputs(ref)
     prompt_len = inputs["input_ids"].shape[1]
