@@ -506,79 +506,76 @@ def test_generated_image_token_as_the_originals_kv_cache(loaded, reference):
     model, _ = loaded("tiny-neox")
     spec, ref = reference("tiny-neox")
     assert model.config.generated_image_conditioning == "original_kv_cache"
-    media, eoc = spec["media_token_id"], spec["eoc_token_id"]
-    inputs = reference_inputs(ref)
-    prompt_len = inputs["input_ids"].shape[1]
-    steps, forced_step = 6, 1
-    force = LogitsProcessorList([ForceTokenAt(media, forced_step, prompt_len)])
-    out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, logits_processor=force)
-    assert (out[:, prompt_len + forced_step] == media).all()
-    indices = (out[:, :-1] == media).cumsum(-1)
-    indices[:, prompt_len + forced_step :] = 1
-    mask = torch.cat((inputs["attention_mask"], torch.ones(2, steps - 1, dtype=torch.long)), dim=1)
-    with torch.no_grad():
-        logits = model(
-            input_ids=out[:, :-1],
-            attention_mask=mask,
-            pixel_values=inputs["pixel_values"],
-            image_indices=indices,
-            position_ids=positions(mask),
-        ).logits[:, prompt_len - 1 :]
-    logits[..., eoc] = -float("inf")
-    for t in range(steps):
-        if t != forced_step:
-            assert torch.equal(logits[:, t].argmax(-1), out[:, prompt_len + t]), t
-    as_sequence = model.generate(
-        **inputs, max_new_tokens=steps, min_new_tokens=steps, logits_processor=force, use_cache=False
-    )
-    assert not torch.equal(as_sequence, out)  # without a cache the original (and this model) count as one forward
+    forced = ForcedImage(model, spec, ref)
+    indices = (forced.out[:, :-1] == forced.media).cumsum(-1)
+    indices[:, forced.prompt_len + forced.step :] = 1
+    forced.assert_argmax_of_one_forward(forced.new_token_logits(indices))
+    # without a cache the original (and this model) count as one forward over the sequence: other tokens
+    assert not torch.equal(forced.generate(use_cache=False), forced.out)
+
+
+class ForcedImage:
+    """Greedy generation from the reference prompts with `<image>` forced as every row's new token at `step`, and the
+    logits of one forward over the result, for `image_indices` given."""
+
+    steps, step = 6, 1
+
+    def __init__(self, model, spec, ref) -> None:
+        self.model, self.media, self.eoc = model, spec["media_token_id"], spec["eoc_token_id"]
+        self.inputs = reference_inputs(ref)
+        self.prompt_len = self.inputs["input_ids"].shape[1]
+        self.force = LogitsProcessorList([ForceTokenAt(self.media, self.step, self.prompt_len)])
+        self.out = self.generate()
+        assert (self.out[:, self.prompt_len + self.step] == self.media).all()
+
+    def generate(self, **kwargs):
+        return self.model.generate(
+            **self.inputs, max_new_tokens=self.steps, min_new_tokens=self.steps, logits_processor=self.force, **kwargs
+        )
+
+    def new_token_logits(self, image_indices: torch.Tensor) -> torch.Tensor:
+        """`(batch, steps, vocab)`: the logits that chose each new token, from one forward over the sequence."""
+        ones = torch.ones(self.out.shape[0], self.steps - 1, dtype=torch.long)
+        mask = torch.cat((self.inputs["attention_mask"], ones), dim=1)
+        with torch.no_grad():
+            return self.model(
+                input_ids=self.out[:, :-1],
+                attention_mask=mask,
+                pixel_values=self.inputs["pixel_values"],
+                image_indices=image_indices,
+                position_ids=positions(mask),
+            ).logits[:, self.prompt_len - 1 :]
+
+    def assert_argmax_of_one_forward(self, logits: torch.Tensor) -> None:
+        logits = logits.clone()
+        logits[..., self.eoc] = -float("inf")  # min_new_tokens
+        for t in range(self.steps):
+            if t != self.step:
+                assert torch.equal(logits[:, t].argmax(-1), self.out[:, self.prompt_len + t]), t
 
 
 def check_generated_image_as_in_one_forward(model, processor, spec, ref) -> None:
-    media, eoc = spec["media_token_id"], spec["eoc_token_id"]
-    inputs = reference_inputs(ref)
-    prompt_len = inputs["input_ids"].shape[1]
-    steps, forced_step = 6, 1
-    force = LogitsProcessorList([ForceTokenAt(media, forced_step, prompt_len)])
-    out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, logits_processor=force)
-    assert (out[:, prompt_len + forced_step] == media).all()
-    uncached = model.generate(
-        **inputs, max_new_tokens=steps, min_new_tokens=steps, logits_processor=force, use_cache=False
-    )
-    assert torch.equal(uncached, out)
+    forced = ForcedImage(model, spec, ref)
+    assert torch.equal(forced.generate(use_cache=False), forced.out)
     # every later token is the argmax of one forward over the sequence, its <image> tokens counted as the original
     # counts them (the prompt's images, then a 4th)
-    indices = (out[:, :-1] == media).cumsum(-1)
-    assert (indices[:, prompt_len + forced_step :] == inputs["pixel_values"].shape[1] + 1).all()
-    mask = torch.cat((inputs["attention_mask"], torch.ones(2, steps - 1, dtype=torch.long)), dim=1)
-
-    def new_token_logits(image_indices: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return model(
-                input_ids=out[:, :-1],
-                attention_mask=mask,
-                pixel_values=inputs["pixel_values"],
-                image_indices=image_indices,
-                position_ids=positions(mask),
-            ).logits[:, prompt_len - 1 :]
-
-    logits = new_token_logits(indices)
+    num_images = forced.inputs["pixel_values"].shape[1]
+    indices = (forced.out[:, :-1] == forced.media).cumsum(-1)
+    assert (indices[:, forced.prompt_len + forced.step :] == num_images + 1).all()
+    logits = forced.new_token_logits(indices)
     # not the prompt's last image any more: that forward's tokens differ
-    logits_kept = new_token_logits(indices.clamp(max=inputs["pixel_values"].shape[1]))
-    assert not torch.allclose(logits[:, forced_step + 1 :], logits_kept[:, forced_step + 1 :])
-    logits[..., eoc] = -float("inf")
-    for t in range(steps):
-        if t != forced_step:
-            assert torch.equal(logits[:, t].argmax(-1), out[:, prompt_len + t]), t
+    logits_kept = forced.new_token_logits(indices.clamp(max=num_images))
+    assert not torch.allclose(logits[:, forced.step + 1 :], logits_kept[:, forced.step + 1 :])
+    forced.assert_argmax_of_one_forward(logits)
     # beam search, and a text-only prompt, do not crash either
-    beams = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, num_beams=3, logits_processor=force)
-    assert (beams[:, prompt_len + forced_step] == media).all()
+    beams = forced.generate(num_beams=3)
+    assert (beams[:, forced.prompt_len + forced.step] == forced.media).all()
     text = processor(text=["Only text, no images"])
     length = text["input_ids"].shape[1]
-    force_text = LogitsProcessorList([ForceTokenAt(media, forced_step, length)])
+    force_text = LogitsProcessorList([ForceTokenAt(forced.media, forced.step, length)])
     cached = model.generate(**text, max_new_tokens=4, min_new_tokens=4, logits_processor=force_text)
     no_cache = model.generate(**text, max_new_tokens=4, min_new_tokens=4, logits_processor=force_text, use_cache=False)
-    assert cached[0, length + forced_step] == media
+    assert cached[0, length + forced.step] == forced.media
     assert torch.equal(cached, no_cache)
 
 
