@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
-from transformers import BatchFeature, ProcessorMixin
+from transformers import BatchFeature, GenerationConfig, ProcessorMixin
 
 from .image_processing_openflamingo import _OVERRIDABLE as IMAGE_KWARGS
 
@@ -280,10 +280,17 @@ class OpenFlamingoProcessor(ProcessorMixin):
                     "return_overflowing_tokens is not supported: the overflowing pieces of a row would have no images."
                 )
             if name not in known:
+                generation = hasattr(GenerationConfig(), name)
                 raise ValueError(
                     f"Unexpected keyword argument `{name}` for OpenFlamingoProcessor; it takes the image processor's "
                     f"options {[*IMAGE_KWARGS, 'input_data_format']} and the tokenizer's (e.g. add_special_tokens, "
                     "pad_to_multiple_of, truncation_side), flat or as `images_kwargs` / `text_kwargs`."
+                    + (
+                        f" `{name}` is a generation option: pass it to `generate`, or to a pipeline as "
+                        f"`generate_kwargs={{'{name}': ...}}`."
+                        if generation
+                        else ""
+                    )
                 )
         return images_kwargs, text_kwargs
 

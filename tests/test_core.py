@@ -910,8 +910,12 @@ def test_processor_errors(converted, tiny_images):
     for text in (5, [], [["<image>a", "b"]]):  # not a string, no row, a text pair
         with pytest.raises(ValueError, match="`text` must be a string or a non-empty list of strings"):
             processor(text=text)
-    with pytest.raises(ValueError, match="Unexpected keyword argument `foo` for OpenFlamingoProcessor"):
+    with pytest.raises(ValueError, match="Unexpected keyword argument `foo` for OpenFlamingoProcessor") as error:
         processor(images=[tiny_images[0]], text="<image>a", foo=1)
+    assert "generation option" not in str(error.value)
+    # what `pipeline("image-text-to-text")(..., min_new_tokens=6)` hands the processor: say where it belongs
+    with pytest.raises(ValueError, match=r"`min_new_tokens` is a generation option: .*generate_kwargs="):
+        processor(images=[tiny_images[0]], text="<image>a", min_new_tokens=6)
     with pytest.raises(ValueError, match="return_overflowing_tokens is not supported"):
         processor(text="a b c", truncation=True, max_length=2, return_overflowing_tokens=True)
     with pytest.raises(ValueError, match="takes `text` only"):
