@@ -475,8 +475,9 @@ def test_decoders_are_remade_when_hooks_change(fast_path_on_cpu):
 def test_fast_path_with_input_require_grads_hooks(fast_path_on_cpu):
     """transformers' `enable_input_require_grads` (gradient checkpointing, PEFT) hooks `requires_grad_(True)` onto the
     input embeddings, which `torch.compile` cannot trace (the decoding step failed to compile on a GPU, torch 2.11).
-    Under `no_grad` they change nothing: the fast path leaves them out while it runs (added or removed, they do not
-    remake the decoders) and puts them back in their order."""
+    Under `no_grad` they change nothing: the fast path leaves them out while its step compiles (on the CPU, where
+    every call goes through dynamo, at every call), puts them back in their order, and does not remake decoders when
+    they are added or removed."""
     fast_path_on_cpu.setattr(_StaticDecoder, "cpu_compile_backend", "eager")  # traced, as on the GPU
     model = tiny_model("gpt_neox")
     ids, mask, pixel_values = padded_prompt()
@@ -504,7 +505,7 @@ def test_fast_path_with_input_require_grads_hooks(fast_path_on_cpu):
 @needs_v5
 def test_decoders_stay_after_a_peft_wrapped_qk_layernorm_projection(fast_path_on_cpu):
     """MosaicGPT's QK-LayerNorm hook follows `Wqkv` when PEFT wraps it (moved at the first forward): the decoder made
-    at that call is reused afterwards, not made anew at every call."""
+    at that call is reused afterwards, not made again at the next call."""
     peft = pytest.importorskip("peft")
     model = tiny_model("mosaic_gpt")
     ids, mask, pixel_values = padded_prompt()
