@@ -1542,10 +1542,13 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
 
     def _check_cache_support(self, kwargs: dict[str, Any]) -> None:
         """A static (compileable) cache with an MPT / MosaicGPT LM needs transformers >= 5: 4.x's `MptModel` checks a
-        4-D mask against the cache's filled length, not its fixed one, and fails deep inside with a shape error."""
+        4-D mask against the cache's filled length, not its fixed one, and fails deep inside with a shape error.
+        `use_cache=False` makes no cache: nothing to refuse then."""
         if getattr(self.config.text_config, "model_type", None) != "mpt" or _TRANSFORMERS_MAJOR >= 5:
             return
         config = kwargs.get("generation_config") or self.generation_config
+        if kwargs.get("use_cache", getattr(config, "use_cache", True)) is False:
+            return
         implementation = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
         caches = (kwargs.get(name) for name in ("past_key_values", "cache"))
         if implementation in _COMPILEABLE_CACHES or any(getattr(c, "is_compileable", False) for c in caches):

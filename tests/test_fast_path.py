@@ -88,6 +88,11 @@ def test_static_cache_generate_equals_dynamic(family):
         with pytest.raises(ValueError, match="needs transformers >= 5"):
             model.generate(**kw, generation_config=config)
         assert model.generate(**kw).shape == (ids.shape[0], ids.shape[1] + 2)  # the dynamic cache decodes
+        # no cache at all: nothing to refuse, the static request has no effect
+        no_cache = model.generate(**kw, use_cache=False)
+        assert torch.equal(model.generate(**kw, use_cache=False, cache_implementation="static"), no_cache)
+        config.use_cache = False
+        assert torch.equal(model.generate(**kw, generation_config=config), no_cache)
         return
     for extra in ({"num_beams": 2}, {"output_scores": True, "return_dict_in_generate": True}):
         kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=6, min_new_tokens=6, **extra)
