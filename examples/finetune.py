@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -129,29 +130,43 @@ def load_training_dataset(args: argparse.Namespace) -> Any:
     return dataset
 
 
+def next_token_label_smoothing(epsilon: float) -> Callable[..., torch.Tensor]:
+    """A `Trainer` `compute_loss_func`: the label-smoothed cross-entropy of each position's next token (the logits at
+    position t score token t + 1; -100 labels ignored), summed and divided by `num_items_in_batch` (the targets of
+    the whole accumulated batch, as the model's own loss divides) or, without it, by this batch's targets. The same
+    smoothing as `Trainer`'s label smoother (`torch.nn.functional.cross_entropy(label_smoothing=epsilon)`)."""
+
+    def loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        logits, targets = logits[:, :-1].float(), labels[:, 1:].to(logits.device)
+        total = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+            label_smoothing=epsilon,
+        )
+        count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
+        return total / (count.to(total.device) if torch.is_tensor(count) else count)
+
+    return loss
+
+
 class FlamingoTrainer(Trainer):
-    """`Trainer` with the original's weight decay (`gets_weight_decay`: the gated cross-attention blocks' weights)."""
+    """`Trainer` with the original's weight decay (`gets_weight_decay`: the gated cross-attention blocks' weights)
+    and, with `label_smoothing_factor`, a smoothed loss of the next token ([`next_token_label_smoothing`]): `Trainer`'s
+    label smoother shifts the labels only for the causal LMs it knows by class name (this model shifts them inside its
+    own loss), and on transformers 4.x it takes no `num_items_in_batch` (a per-batch mean under gradient
+    accumulation). As a `compute_loss_func` it is normalised by the accumulated batch's targets on both majors."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if self.label_smoother is not None and transformers.__version__.startswith("4."):
-            # 4.x's label smoother takes no `num_items_in_batch`: its loss is a per-batch mean, which `Trainer` then
-            # divides by the accumulation steps only for a model that takes no loss keywords (5.x handles both)
-            self.model_accepts_loss_kwargs = False
+        if self.label_smoother is not None and self.compute_loss_func is None:
+            self.compute_loss_func = next_token_label_smoothing(self.args.label_smoothing_factor)
 
     def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
         """Names of the parameters that get weight decay, by the original's rule."""
         return [name for name, _ in model.named_parameters() if gets_weight_decay(name)]
-
-    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        """With `label_smoothing_factor`: `Trainer` shifts the labels for its label smoother only for the causal LMs
-        it knows by class name, and this model shifts them inside its own loss; so they are shifted here (the logits
-        at position t score token t + 1, the last position scores nothing)."""
-        if self.label_smoother is not None and "labels" in inputs:
-            labels = inputs["labels"]
-            shifted = torch.cat((labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)), dim=1)
-            inputs = {**inputs, "labels": shifted}
-        return super().compute_loss(model, inputs, *args, **kwargs)
 
 
 class CPUFSDPTrainer(FlamingoTrainer):

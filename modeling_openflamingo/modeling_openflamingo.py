@@ -1493,6 +1493,14 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         self._check_cache_support(kwargs)
         _check_one_image_source(*(kwargs.get(name) for name in ("pixel_values", "image_hidden_states", "image_cache")))
         input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        chunked = kwargs.get("prefill_chunk_size", getattr(generation_config, "prefill_chunk_size", None))
+        if chunked is not None and kwargs.get("inputs_embeds") is not None and not torch.is_tensor(input_ids):
+            raise ValueError(
+                "prefill_chunk_size splits the prompt's input_ids into chunks, and inputs_embeds came without them: "
+                "pass the prompt's input_ids too (each chunk is fed its inputs_embeds), or leave prefill_chunk_size "
+                "unset."
+            )
         self._extend_image_indices(input_ids, kwargs)
         if torch.is_tensor(input_ids) and kwargs.get("inputs_embeds") is None:
             # before the images are encoded or expanded for beams: the errors then name the caller's shapes
@@ -1666,6 +1674,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         [`generate`] passes `generated_image_state` `(batch, 1)`, each row's image by row position (beam search does
         not reorder it), updated in place as the tokens are fed ([`_fed_image_indices`]).
         """
+        span = self._prompt_span(input_ids, inputs_embeds, image_indices, kwargs)
+        if span is not None and inputs_embeds is not None:  # the fed positions' own embeddings, not their ids'
+            inputs_embeds = inputs_embeds[:, span[0] : span[1]]
         # `inputs_embeds` named in the signature: `generate` takes them only from a model whose signature has them
         model_inputs = super().prepare_inputs_for_generation(input_ids, *args, inputs_embeds=inputs_embeds, **kwargs)
         if model_inputs.get("input_ids") is not None:
@@ -1675,12 +1686,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         else:
             new_tokens = input_ids.shape[-1]
         if image_indices is not None:
-            if inputs_embeds is None and 0 < input_ids.shape[-1] < image_indices.shape[-1]:
-                # a chunk of the prompt (`prefill_chunk_size`), not the whole sequence: it starts at the cache's length
-                # (with `inputs_embeds`, `input_ids` hold the generated tokens only: not a chunk)
-                cache = _lm_cache(kwargs)
-                start = cache.get_seq_length() if cache is not None else 0
-                image_indices = image_indices[:, : start + input_ids.shape[-1]]
+            if span is not None:  # a chunk of the prompt ends before the prompt does
+                image_indices = image_indices[:, : span[1]]
             grown = input_ids.shape[-1] - image_indices.shape[-1]
             if grown > 0 and generated_image_state is not None and new_tokens <= grown:
                 fed = input_ids[:, -new_tokens:]  # generated tokens, fed one step at a time
@@ -1703,6 +1710,33 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             if image_indices is None:
                 model_inputs["image_indices"] = image_cache.last_image_index.unsqueeze(-1).expand(-1, new_tokens)
         return model_inputs
+
+    @staticmethod
+    def _prompt_span(
+        input_ids: torch.LongTensor,
+        inputs_embeds: torch.FloatTensor | None,
+        image_indices: torch.LongTensor | None,
+        kwargs: dict[str, Any],
+    ) -> tuple[int, int] | None:
+        """The prompt positions `[start, end)` that this step feeds, while it feeds the prompt with a cache: `start`
+        is the cache's length; `input_ids` are a chunk of the prompt (`prefill_chunk_size`) or the whole prompt (of
+        which the cache holds the first `start`: transformers 4.x feeds the last prompt token after the chunks).
+        None past the prompt (generated tokens; with `inputs_embeds` alone `input_ids` hold only those) or without
+        a cache."""
+        if inputs_embeds is not None:
+            prompt_length = inputs_embeds.shape[1]
+        elif image_indices is not None:
+            prompt_length = image_indices.shape[-1]
+        else:
+            return None
+        cache = _lm_cache(kwargs)
+        fed = input_ids.shape[-1]
+        if cache is None or not 0 < fed <= prompt_length:
+            return None
+        start = cache.get_seq_length()
+        if fed < prompt_length and start + fed <= prompt_length:
+            return start, start + fed
+        return (start, prompt_length) if fed == prompt_length and start < prompt_length else None
 
     def _expand_inputs_for_generation(
         self,

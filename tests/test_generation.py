@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from modeling_openflamingo import OpenFlamingoConfig, OpenFlamingoForConditionalGeneration
+from modeling_openflamingo.modeling_openflamingo import image_indices_from_input_ids
 
 from .conftest import FAMILIES, ROOT
 
@@ -350,6 +351,32 @@ def test_chunked_prefill_equals_plain(family, loaded, tiny_images):
         assert torch.equal(chunked.sequences, plain.sequences)
         for step, (got, expected) in enumerate(zip(chunked.logits, plain.logits, strict=True)):
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-4, msg=f"chunk {chunk}, step {step}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chunked_prefill_with_inputs_embeds(family, loaded, tiny_images):
+    """`prefill_chunk_size` with `input_ids` and `inputs_embeds`: each chunk (and, on transformers 4.x, the prompt's
+    last token, fed after the chunks) is fed its own embeddings and its own tokens' images: the logits are those of
+    unchunked generation from the same embeddings (scaled here, so that the ids' own embeddings would differ).
+    Without `input_ids` there is nothing to split: a clear error."""
+    model, processor = loaded(family)
+    batch = processor(
+        images=[[tiny_images[0], tiny_images[1]]], text=["<image>Output:a cat<|endofchunk|><image>Output:"]
+    )
+    embeds = model.get_input_embeddings()(batch["input_ids"]) * 1.5
+    options = {"max_new_tokens": 3, "min_new_tokens": 3, "return_dict_in_generate": True, "output_logits": True}
+    plain = model.generate(**batch, inputs_embeds=embeds, **options)
+    from_ids = model.generate(**batch, **options)
+    assert not torch.allclose(from_ids.logits[0], plain.logits[0], atol=1e-3)  # the embeddings matter
+    chunked = model.generate(**batch, inputs_embeds=embeds, **options, prefill_chunk_size=4)
+    for step, (got, expected) in enumerate(zip(chunked.logits, plain.logits, strict=True)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4, msg=f"step {step}")
+    without_ids = {k: v for k, v in batch.items() if k != "input_ids"}
+    image_indices = image_indices_from_input_ids(batch["input_ids"], model.config.media_token_id, 2)
+    with pytest.raises(ValueError, match="prefill_chunk_size splits the prompt's input_ids.*pass the prompt's"):
+        model.generate(
+            **without_ids, inputs_embeds=embeds, image_indices=image_indices, **options, prefill_chunk_size=4
+        )
 
 
 @pytest.mark.parametrize("family", ["tiny-mpt-1b-redpajama-200b", "tiny-llama"])
