@@ -591,12 +591,10 @@ class TensorSource:
             ) from error
 
     def floating_dtype(self) -> torch.dtype | None:
-        """The dtype of the first floating-point tensor (the input's precision)."""
-        for key in self.shapes:
-            dtype = self.dtypes.get(key)
-            if dtype is not None and dtype.is_floating_point:
-                return dtype
-        return None
+        """The input's precision: the dtype its floating-point tensors promote to (`torch.promote_types`), so that a
+        checkpoint mixing bf16 and fp32 tensors gives fp32 and none is rounded; None without floating-point tensors."""
+        found = {dtype for dtype in self.dtypes.values() if dtype is not None and dtype.is_floating_point}
+        return functools.reduce(torch.promote_types, sorted(found, key=str)) if found else None
 
     @classmethod
     def from_state_dict(cls, name: str, state_dict: Mapping[str, torch.Tensor]) -> TensorSource:
@@ -1327,6 +1325,11 @@ def _check_gated_layers(found: Mapping[int, str], layout: ModelLayout, source: T
     expected = layout.gated_layers
     if sorted(found) == expected:
         return
+    if not found:
+        raise ConversionError(
+            f"{source.name}: the checkpoint holds no gated cross-attention block (no key names "
+            "'gated_cross_attn_layer'): is it an OpenFlamingo checkpoint (the original's checkpoint.pt)?"
+        )
     found_indices = sorted(found)
     bad = next((i for i in found_indices if i not in expected), None)
     key = found[bad] if bad is not None else next(iter(found.values()), None)
@@ -1657,6 +1660,7 @@ def convert_openflamingo_checkpoint(
         if not overwrite:
             raise FileExistsError(f"{output_dir} exists and is not empty (pass overwrite=True / --overwrite).")
         _check_replaceable(output_dir, [checkpoint, lm, tokenizer, open_clip_config, open_clip_weights, vision])
+    _check_not_the_working_directory(output_dir)  # before anything is read (also checked when the folder is moved)
     _check_writable_location(output_dir)
     inputs = resolve_inputs(
         preset=preset,
@@ -1744,6 +1748,15 @@ def _mode_by_umask(path: Path, mode: int) -> None:
     path.chmod(mode & ~umask)
 
 
+def _check_not_the_working_directory(output_dir: Path) -> None:
+    """An output folder that is (or holds) the working directory would be replaced by a new folder: refused."""
+    if output_dir.exists() and Path.cwd().resolve().is_relative_to(output_dir.resolve()):
+        raise ConversionError(
+            f"{output_dir} is the working directory (or holds it): it would be replaced by a new folder, leaving "
+            "this process and your shell in a deleted one. Pass a path that does not hold the working directory."
+        )
+
+
 def save_atomically(output_dir: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     """Run `write(tmp_dir)` into a temporary sibling of `output_dir`, then move it into place.
 
@@ -1751,11 +1764,7 @@ def save_atomically(output_dir: str | os.PathLike, write: Callable[[Path], Any])
     leaves the old folder or the new one (and at worst a hidden `.NAME.old-*` / `.NAME.tmp-*` sibling), never neither.
     """
     output_dir = Path(output_dir).absolute()
-    if output_dir.exists() and Path.cwd().resolve().is_relative_to(output_dir.resolve()):
-        raise ConversionError(
-            f"{output_dir} is the working directory (or holds it): it would be replaced by a new folder, leaving "
-            "this process and your shell in a deleted one. Pass a path that does not hold the working directory."
-        )
+    _check_not_the_working_directory(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = _unused_sibling(output_dir, "tmp")
     tmp.mkdir()  # with the umask's permissions, as any folder the user makes

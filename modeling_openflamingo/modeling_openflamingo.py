@@ -42,6 +42,31 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.mpt.modeling_mpt import MptAttention
 from transformers.utils import ModelOutput, is_torchdynamo_compiling, logging
 
+if __name__ == "modeling_openflamingo":  # pragma: no cover - see the test of converted folders used as working dir
+    # This is the copy of the model code that a saved folder carries (for `trust_remote_code`), found by name because
+    # the folder is the working directory (a REPL, a notebook, `python -c`) where `import modeling_openflamingo` means
+    # the installed package. Hand over to the package, which that import then returns; the rest of this copy runs
+    # against the package's modules and is dropped.
+    import importlib
+    import os
+
+    _folder = os.path.dirname(os.path.abspath(__file__))
+    _path = sys.path[:]
+    sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != _folder]
+    del sys.modules[__name__]
+    try:
+        _package = importlib.import_module(__name__)
+    except ImportError as error:
+        raise ImportError(
+            f"{__file__} is a saved OpenFlamingo folder's copy of the model code, not the package "
+            "`modeling_openflamingo`, which is not installed: install openflamingo-hf, or load the folder without "
+            "it, with AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)."
+        ) from error
+    finally:
+        sys.path[:] = _path
+    sys.modules[__name__] = _package
+    __package__ = __name__
+
 from .configuration_openflamingo import OpenFlamingoConfig
 from .decoding_kernels import decoding_step_options, scaled_dot_product_attention
 

@@ -6,6 +6,7 @@ No test touches the network: `huggingface_hub` is replaced by a fake hub backed 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -405,6 +406,31 @@ def test_checkpoint_without_its_input_embeddings_is_refused(family, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_checkpoint_of_mixed_precision_converts_in_the_widest(converted, tmp_path):
+    """A checkpoint whose first tensor is bf16 and the others fp32 converts in fp32 (nothing rounded), not in the
+    first tensor's dtype; the bf16 tensor's values are kept exactly."""
+    state = torch.load(FIXTURES / "tiny-neox" / "checkpoint.pt", weights_only=True)
+    first = next(iter(state))
+    state[first] = state[first].bfloat16()
+    path = tmp_path / "mixed.pt"
+    torch.save(state, path)
+    out = convert_openflamingo_checkpoint(**fixture_kwargs("tiny-neox", checkpoint=path), output_dir=tmp_path / "o")
+    tensors, reference = folder_tensors(out), folder_tensors(converted("tiny-neox"))
+    assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.float32}
+    changed = [k for k in reference if not torch.equal(tensors[k], reference[k])]
+    assert len(changed) == 1 and torch.equal(tensors[changed[0]], reference[changed[0]].bfloat16().float())
+
+
+def test_checkpoint_without_gated_blocks_is_named(tmp_path):
+    """Not reported as a wrong `cross_attn_every_n_layers` with "key None": the file holds no gated block."""
+    state = torch.load(FIXTURES / "tiny-neox" / "checkpoint.pt", weights_only=True)
+    path = tmp_path / "no_gated.pt"
+    torch.save({k: v for k, v in state.items() if "gated_cross_attn" not in k}, path)
+    with pytest.raises(ConversionError, match=rf"{path}: the checkpoint holds no gated cross-attention block"):
+        convert_openflamingo_checkpoint(**fixture_kwargs("tiny-neox", checkpoint=path), output_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
 def test_llama_head_rows_that_exist_nowhere_are_the_mean_row(tmp_path):
     """An LM with exactly the base vocabulary: lm_head grows by 3 rows that no input has."""
     src = FIXTURES / "tiny-llama"
@@ -783,12 +809,20 @@ def test_cli_refuses_options_that_would_go_unread(args, error, capsys):
 
 
 def test_the_working_directory_is_not_replaced(tmp_path, monkeypatch):
+    """Refused before any input is read (for a 9B model, ~33 GB), as an empty folder and as an earlier conversion."""
+    from modeling_openflamingo import checkpoint_conversion
+
+    out = convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt"), output_dir=tmp_path / "out")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("read before the output path was checked")
+
+    monkeypatch.setattr(checkpoint_conversion, "resolve_inputs", refuse)
     here = tmp_path / "here"
     here.mkdir()
     monkeypatch.chdir(here)
     with pytest.raises(ConversionError, match="is the working directory"):
         convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt"), output_dir=".")
-    out = convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt"), output_dir=tmp_path / "out")
     monkeypatch.chdir(out)
     with pytest.raises(ConversionError, match="is the working directory"):
         convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt"), output_dir=out, overwrite=True)
@@ -1202,6 +1236,42 @@ def test_converted_folders_load_with_remote_code_without_the_package(converted, 
             assert dtype == "torch.bfloat16" and error < 0.15
         else:
             assert dtype == "torch.float32" and error < 1e-4
+
+
+_IMPORT_IN_FOLDER_SCRIPT = r"""
+import os, sys
+if sys.argv[1] == "not-installed":  # the package cannot be found outside the folder
+    class Hide:
+        def find_spec(self, name, path=None, target=None):
+            if name == "modeling_openflamingo" and "" not in sys.path:
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+    sys.meta_path.insert(0, Hide())
+import modeling_openflamingo
+from transformers import AutoModelForImageTextToText, AutoProcessor
+print(modeling_openflamingo.__file__)
+model = AutoModelForImageTextToText.from_pretrained(".")
+AutoProcessor.from_pretrained(".")
+print(type(model).__module__, type(model) is modeling_openflamingo.OpenFlamingoForConditionalGeneration)
+"""
+
+
+def test_import_inside_a_converted_folder_is_the_package(converted, tmp_path):
+    """A converted folder carries `modeling_openflamingo.py` (for `trust_remote_code`), the package's name: Python
+    started in that folder (a REPL, a notebook, `python -c`) finds it first. It hands over to the installed package;
+    without one, a clear error says what the file is and how to load the folder."""
+    folder = tmp_path / "model"
+    shutil.copytree(converted("tiny-mpt"), folder)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    run = functools.partial(subprocess.run, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
+    result = run([sys.executable, "-c", _IMPORT_IN_FOLDER_SCRIPT, "installed"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    package_file, line = result.stdout.strip().splitlines()[-2:]
+    assert Path(package_file) == ROOT / "modeling_openflamingo" / "__init__.py"
+    assert line == "modeling_openflamingo.modeling_openflamingo True"
+    result = run([sys.executable, "-c", _IMPORT_IN_FOLDER_SCRIPT, "not-installed"])
+    assert result.returncode == 1
+    assert "is a saved OpenFlamingo folder's copy of the model code, not the package" in result.stderr
+    assert "trust_remote_code=True" in result.stderr
 
 
 def test_failed_conversion_leaves_nothing(tmp_path):
