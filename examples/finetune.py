@@ -123,8 +123,8 @@ def load_training_dataset(args: argparse.Namespace) -> Any:
             print(f"skipped {rows - len(dataset)} of {rows} rows without a caption in {args.caption_column!r}")
         if not len(dataset):
             raise SystemExit(f"error: no row of {args.dataset} has a caption in {args.caption_column!r}.")
-        dataset = dataset.map(
-            lambda row: {args.text_column: f"<image>{row[args.caption_column]}<|endofchunk|>"},
+        dataset = dataset.map(  # stripped, as the original's LAION pipeline does
+            lambda row: {args.text_column: f"<image>{row[args.caption_column].strip()}<|endofchunk|>"},
             remove_columns=[c for c in dataset.column_names if c != image_column],
         )
     return dataset

@@ -12,7 +12,7 @@ import torch
 from transformers import PretrainedConfig
 
 from .modeling_openflamingo import image_indices_from_input_ids
-from .processing_openflamingo import IMAGE_TOKEN
+from .processing_openflamingo import IMAGE_TOKEN, _is_image_batch
 
 __all__ = ["OpenFlamingoDataCollator", "attention_mask_without_host_sync", "causal_attention_mask_4d"]
 
@@ -49,7 +49,8 @@ class OpenFlamingoDataCollator:
     goes and `<|endofchunk|>` after each image's text, e.g. `"<image>A photo of two cats.<|endofchunk|>"` (LAION-style)
     or `"An intro. <image>A caption.<|endofchunk|>More text. <image>Another.<|endofchunk|>"` (MMC4-style); and its
     images (`image_column`, default `"images"`, else `"image"`): a list of images in the order of the `<image>`
-    tokens, one image, or nothing. An image is a `PIL.Image.Image`, a path, or a `datasets` `Image` feature's
+    tokens, one image, or nothing. An image is a `PIL.Image.Image`, a path, an array or tensor (HW, HWC or CHW; a 4-D
+    one holds several, as `datasets`' "torch" / "numpy" formats give them), or a `datasets` `Image` feature's
     undecoded `{"bytes": ..., "path": ...}`; decoded `Image` features (PIL images) work as they are.
 
     The batch is built by the processor (`return_labels=True`, right padding) and holds `input_ids`,
@@ -164,9 +165,10 @@ class OpenFlamingoDataCollator:
         value = feature[key] if key is not None else None
         if value is None:
             return []
-        if isinstance(value, (list, tuple)):
-            return list(value)
-        return [value]
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        # a 4-D array or tensor stands for as many images as its first dimension holds: `datasets`' "torch" and
+        # "numpy" formats give a row's images of one size as one stack
+        return [image for item in items for image in (list(item) if _is_image_batch(item) else [item])]
 
     @staticmethod
     def _load_image(image: Any, index: int) -> Any:

@@ -1059,6 +1059,20 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             if checkpoint_kwargs["use_reentrant"]:
                 self.enable_input_require_grads()
 
+        def _set_gradient_checkpointing(
+            self, enable: bool = True, gradient_checkpointing_func: Any = torch.utils.checkpoint.checkpoint
+        ) -> None:
+            """As `PreTrainedModel`'s, with layers that run as they are without gradients, as on transformers >= 5:
+            the frozen vision tower (run under `no_grad`) is not checkpointed for nothing, nor warns at every step
+            (reentrant) that none of its inputs needs a gradient."""
+
+            def checkpoint_with_gradients(function: Any, *args: Any, **kwargs: Any) -> Any:
+                if not torch.is_grad_enabled():
+                    return function(*args)
+                return gradient_checkpointing_func(function, *args, **kwargs)
+
+            super()._set_gradient_checkpointing(enable, checkpoint_with_gradients)
+
     def resize_token_embeddings(
         self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
     ) -> nn.Embedding:

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -326,6 +327,24 @@ def test_collator_mmc4_style_labels(converted, tiny_images):
         torch.testing.assert_close(model(**batch).loss, given, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("data_format", ["torch", "numpy"])
+def test_collator_reads_datasets_torch_and_numpy_formats(converted, data_format):
+    """`with_format("torch" / "numpy")` gives a row's images of one size as one 4-D stack (CHW / HWC): the same batch
+    as from the decoded PIL images."""
+    _, processor = load(converted, "tiny-mpt")
+    image = str(FIXTURES / "tiny_images" / "image_0.png")
+    texts = ["<image>A.<|endofchunk|>", "<image>B.<|endofchunk|><image>C."]
+    rows = {"images": [[image], [image, image]], "text": texts}
+    dataset = datasets.Dataset.from_dict(rows).cast_column("images", datasets.Sequence(datasets.Image()))
+    collator = OpenFlamingoDataCollator(processor)
+    formatted = dataset.with_format(data_format)
+    assert formatted[1]["images"].ndim == 4
+    expected, got = collator([dataset[0], dataset[1]]), collator([formatted[0], formatted[1]])
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
+
+
 def test_collator_inputs_and_errors(converted, tiny_images, tmp_path):
     _, processor = load(converted, "tiny-llama")
     path = tmp_path / "image.png"
@@ -538,6 +557,24 @@ def test_gradient_checkpointing_trains_a_layer_before_the_first_gated_block(conv
 
 
 @pytest.mark.parametrize("family", ["tiny-mpt", "tiny-neox"])
+def test_reentrant_checkpointing_of_the_recipe_warns_of_nothing(converted, family):
+    """The recipe's trainables with reentrant checkpointing: the frozen vision tower runs without gradients, so its
+    layers run as they are (on transformers 4.x they were checkpointed all the same, and warned at every step that
+    none of their inputs needs a gradient); every other checkpointed layer has an input that needs one."""
+    model, _ = load(converted, family)
+    model.freeze_for_training()
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    inputs = sample_inputs()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    assert not [str(w.message) for w in caught if "requires_grad" in str(w.message)]
+    trained = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(g is not None for g in trained.values()), [k for k, g in trained.items() if g is None]
+
+
+@pytest.mark.parametrize("family", ["tiny-mpt", "tiny-neox"])
 def test_gradient_checkpointing_covers_all_three_and_changes_nothing(converted, family):
     """LM decoder layers, gated cross-attention blocks and Perceiver layers each run under a (non-reentrant)
     checkpoint: recomputed once in backward; loss and gradients are those without checkpointing."""
@@ -747,7 +784,7 @@ def test_finetune_example_on_a_caption_dataset_with_an_image_column(converted, t
 
 def test_finetune_example_skips_rows_without_a_caption(tiny_images, tmp_path, capsys):
     """A null or empty caption is not trained on as the text "None" (the original's LAION pipeline skips such
-    samples); a dataset without any caption is an error."""
+    samples, and strips the others' whitespace); a dataset without any caption is an error."""
     import argparse
 
     import datasets
@@ -758,7 +795,7 @@ def test_finetune_example_skips_rows_without_a_caption(tiny_images, tmp_path, ca
     finally:
         sys.path.remove(str(EXAMPLES))
     images = [image.convert("RGB") for image in tiny_images[:4]]
-    rows = {"image": images, "caption": ["a cat", None, " ", "a dog"]}
+    rows = {"image": images, "caption": ["a cat", None, " ", "  a dog\n"]}
     datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).save_to_disk(tmp_path / "captions")
     parser = argparse.ArgumentParser()
     finetune.add_training_arguments(parser)
