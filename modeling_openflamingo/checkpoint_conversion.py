@@ -693,7 +693,13 @@ def hf_folder_source(folder: str | os.PathLike, stem: str = "model") -> TensorSo
         except Exception as error:  # noqa: BLE001
             raise ConversionError(f"{folder / index}: not a valid shard index: {_first_line(error)}") from error
     else:
-        shards = [f for f in chosen if not f.endswith(".json")][:1]
+        weights = sorted(f for f in chosen if not f.endswith(".json"))
+        shards = [f for f in weights if not re.search(r"-\d+-of-\d+\.", f)][:1]
+        if weights and not shards:
+            raise ConversionError(
+                f"{folder}: holds shards ({weights[0]}, ...) but not their index ({stem}.safetensors.index.json or "
+                f"pytorch_{stem}.bin.index.json), which names the shard of every tensor."
+            )
     if not shards:
         raise FileNotFoundError(f"{folder}: no weights ({stem}.safetensors, its shards, or pytorch_{stem}.bin) found.")
     if shards[0].endswith(".safetensors"):
@@ -1384,6 +1390,12 @@ def plan_conversion(
     model_keys = layout.shapes
 
     # -- checkpoint.pt --
+    if not any(key.startswith(("lang_encoder.", "perceiver.")) for key in checkpoint.keys()):
+        some = ", ".join(repr(key) for key in list(checkpoint.keys())[:3])
+        raise ConversionError(
+            f"{checkpoint.name}: not an OpenFlamingo checkpoint: no key starts with 'lang_encoder.' or 'perceiver.' "
+            f"(its keys: {some}, ...). A language model's own weights go to --lm."
+        )
     _check_checkpoint_family(checkpoint, family, lm_origin or lm.name)
     gated_found: dict[int, str] = {}
     checkpoint_vision: list[str] = []
@@ -1656,7 +1668,9 @@ def convert_openflamingo_checkpoint(
     if output_dir is None:
         raise ConversionError("output_dir is required.")
     output_dir = Path(output_dir).resolve()  # a symlink: its target is the folder written
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"{output_dir} is a file; the output is a folder: pass another path.")
+    if output_dir.exists() and any(output_dir.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{output_dir} exists and is not empty (pass overwrite=True / --overwrite).")
         _check_replaceable(output_dir, [checkpoint, lm, tokenizer, open_clip_config, open_clip_weights, vision])

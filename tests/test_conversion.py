@@ -526,6 +526,35 @@ def test_truncated_lm_weights(tmp_path):
         convert_openflamingo_checkpoint(**fixture_kwargs("tiny-llama", lm=lm), output_dir=tmp_path / "o")
 
 
+def test_sharded_lm_without_its_index_is_named(tmp_path):
+    """Not "lacks N tensors" from the first shard alone: the missing index is named."""
+    from transformers import AutoModelForCausalLM
+
+    lm = tmp_path / "lm"
+    AutoModelForCausalLM.from_pretrained(FIXTURES / "tiny-llama" / "lm").save_pretrained(lm, max_shard_size="20KB")
+    (lm / "model.safetensors.index.json").unlink()
+    with pytest.raises(ConversionError, match=r"holds shards \(model-00001-of-.*but not their index"):
+        convert_openflamingo_checkpoint(**fixture_kwargs("tiny-llama", lm=lm), output_dir=tmp_path / "o")
+
+
+def test_lm_weights_given_as_the_checkpoint_are_named(tmp_path):
+    state = load_file(str(FIXTURES / "tiny-neox" / "lm" / "model.safetensors"))
+    path = tmp_path / "lm.pt"
+    torch.save(state, path)
+    with pytest.raises(ConversionError, match=rf"{path}: not an OpenFlamingo checkpoint.*weights go to --lm"):
+        convert_openflamingo_checkpoint(**fixture_kwargs("tiny-neox", checkpoint=path), output_dir=tmp_path / "o")
+
+
+def test_an_output_that_is_a_file_is_named(tmp_path):
+    """Not "exists and is not empty (pass --overwrite)", which --overwrite would then refuse."""
+    path = tmp_path / "a_file"
+    path.write_text("x")
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match=f"{path} is a file; the output is a folder"):
+            convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt"), output_dir=path, overwrite=overwrite)
+    assert path.read_text() == "x"
+
+
 @pytest.mark.parametrize(
     ("family", "wrong_n", "key", "right_n"),
     [
