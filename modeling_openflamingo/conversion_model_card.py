@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .conversion_presets import CODE_URL, EVAL_METRICS, PAPER, PAPER_URL, SHOTS, Preset
+from .conversion_presets import CODE_URL, DEFAULT_VISION, EVAL_METRICS, PAPER, PAPER_URL, SHOTS, Preset
 
 if TYPE_CHECKING:
     from .checkpoint_conversion import ConvertedModel
@@ -64,8 +64,12 @@ def _evaluation(preset: Preset) -> list[str]:
     return [*lines, ""]
 
 
-def _licenses(preset: Preset | None, lm_origin: str) -> list[str]:
+def _licenses(preset: Preset | None, lm_origin: str, vision_origin: str) -> list[str]:
     lm_license = preset.lm_license if preset else "see the language model's own license"
+    if vision_origin == DEFAULT_VISION:  # the released models' tower
+        vision = f"| vision tower: CLIP ViT-L/14 (OpenAI weights) | {_link(vision_origin)} | MIT |"
+    else:
+        vision = f"| vision tower | {_link(vision_origin)} | see the vision tower's own license |"
     lines = [
         "## License",
         "",
@@ -77,7 +81,7 @@ def _licenses(preset: Preset | None, lm_origin: str) -> list[str]:
         + (f", [{preset.checkpoint}]({preset.hub_url})" if preset else "")
         + " | MIT (code); see the original model card for the weights' terms |",
         f"| language model | {_link(lm_origin)} | {lm_license} |",
-        "| vision tower: CLIP ViT-L/14 (OpenAI weights) | [openai/CLIP](https://github.com/openai/CLIP) | MIT |",
+        vision,
         "| this port (openflamingo-hf) | | MIT |",
         "",
     ]
@@ -151,7 +155,8 @@ def render_model_card(converted: ConvertedModel, repo_id: str | None = None) -> 
         "```",
         "",
         "Each `<image>` token marks where an image goes and `<|endofchunk|>` ends the text that belongs to it; "
-        "`pixel_values` is `(batch, num_images, 3, 224, 224)`. Generation stops at `<|endofchunk|>` by default "
+        f"`pixel_values` is `(batch, num_images, 3, {vision.image_size}, {vision.image_size})`. Generation stops at "
+        "`<|endofchunk|>` by default "
         "(`generation_config.json`), as in the original.",
         "",
         "## Architecture",
@@ -189,7 +194,7 @@ def render_model_card(converted: ConvertedModel, repo_id: str | None = None) -> 
         "original's `checkpoint.pt`.",
         "",
         *(_evaluation(preset) if preset else []),
-        *_licenses(preset, inputs.lm_origin),
+        *_licenses(preset, inputs.lm_origin, inputs.vision.origin),
         "## Citation",
         "",
         "```bibtex",

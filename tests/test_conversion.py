@@ -901,6 +901,9 @@ def test_preset_downloads_every_part_from_the_hub(fake_hub, tmp_path):
     assert "77.3 (0.3)" in card and "93.0 (0.6)" in card and "Table 11" in card  # COCO 4- and 32-shot of OF-3B
     assert "AutoModelForVision2Seq" in card and "AutoModelForImageTextToText" in card
     assert "Apache-2.0" in card and "MIT" in card
+    assert "| vision tower: CLIP ViT-L/14 (OpenAI weights) |" in card
+    size = model.config.vision_config.image_size
+    assert f"`pixel_values` is `(batch, num_images, 3, {size}, {size})`" in card
 
 
 def test_preset_parts_can_be_overridden(fake_hub, tmp_path):
@@ -922,6 +925,8 @@ def test_preset_parts_can_be_overridden(fake_hub, tmp_path):
     assert [c[1] for c in fake_hub.calls if c[0] == "snapshot"] == ["someone/my-mpt", "someone/my-mpt"]
     model = AutoModelForImageTextToText.from_pretrained(out).eval()
     assert reference_logits_error(model, family) < 1e-4
+    card = (out / "README.md").read_text()  # another vision tower: not called OpenAI's ViT-L/14
+    assert "OpenAI weights" not in card and "see the vision tower's own license" in card
 
 
 def test_v1_preset_needs_the_lm(tmp_path, capsys):
