@@ -2613,6 +2613,17 @@ def _walked_modules(model: nn.Module) -> tuple[_ModuleWalk, list[nn.Module]]:
     return walk, modules
 
 
+def _with_own_code(method: types.MethodType) -> types.MethodType:
+    """`method`, bound to a copy of its function whose code object is its own. dynamo keeps a code object's compiled
+    versions with it and counts them against its recompile limit: a decoder's step compiled from its own copy starts
+    at none, and its versions go when the decoder does."""
+    function = method.__func__
+    code = function.__code__.replace()  # a new code object, equal to the old
+    own = types.FunctionType(code, function.__globals__, function.__name__, function.__defaults__, function.__closure__)
+    own.__kwdefaults__, own.__qualname__ = function.__kwdefaults__, function.__qualname__
+    return types.MethodType(own, method.__self__)
+
+
 def _decoding_state(model: nn.Module) -> tuple:
     """What a decoder's CUDA graphs, captured over `model`, rely on: which modules run, with which forward hooks, in
     which mode (train/eval; for PEFT's layers, the active, disabled and merged adapters), and the address of each of
@@ -2753,6 +2764,8 @@ class _StaticDecoder:
     cpu_compile_backend: str | None = None
     # Prompt steps kept per decoder (one per prompt length and image shape), the oldest dropped first.
     max_prompt_steps = 8
+    # Compiled versions of one decoder's step that dynamo allows (a CPU call may recompile; CUDA compiles once).
+    recompile_limit = 64
 
     def __init__(
         self,
@@ -2859,16 +2872,17 @@ class _StaticDecoder:
         backend = "inductor" if device.type == "cuda" else self.cpu_compile_backend
         rows = self.token.shape[0]
         options = decoding_step_options(device, rows) if backend == "inductor" else None  # Triton kernels, see there
-        compiled = self._decode_step
+        compiled = _with_own_code(self._decode_step)
         if backend:
             compiled = torch.compile(compiled, fullgraph=True, dynamic=False, backend=backend, options=options)
 
         def step() -> None:
             self._commit(compiled())
 
-        # Each decoder (batch size, cache length, model) is one more compiled version of `_decode_step`: allow more
-        # than dynamo's default of 8 before it refuses (with `fullgraph=True`, an error). Only these calls compile.
-        limit = max(64, getattr(torch._dynamo.config, _RECOMPILE_LIMIT))
+        # dynamo counts compiled versions per code object, against a limit (with `fullgraph=True`, an error past it):
+        # each decoder's step has a code object of its own ([`_with_own_code`]), so that the decoders a process makes
+        # over its life (every batch size, cache length and model; four kept per model) do not add up to it.
+        limit = max(self.recompile_limit, getattr(torch._dynamo.config, _RECOMPILE_LIMIT))
 
         def compiling(function: Any) -> Any:
             """`function` run as the step compiles: without the hooks that dynamo cannot trace."""

@@ -75,8 +75,9 @@ def assert_fast_path_equals_generate(model, kw):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_static_cache_generate_equals_dynamic(family):
-    """`cache_implementation="static"` through GenerationMixin's own loop (beams: not the fast path). transformers
-    4.x's MPT cannot decode with a static cache (its 4-D mask check): refused up front, with what to do instead."""
+    """`cache_implementation="static"` through GenerationMixin's own loop (extra outputs: not the fast path, on CUDA
+    either). transformers 4.x's MPT cannot decode with a static cache (its 4-D mask check): refused up front, with what
+    to do instead."""
     model = tiny_model(family)
     ids, mask, pixel_values = padded_prompt()
     if IS_V4 and family in ("mpt", "mosaic_gpt"):
@@ -94,12 +95,11 @@ def test_static_cache_generate_equals_dynamic(family):
         config.use_cache = False
         assert torch.equal(model.generate(**kw, generation_config=config), no_cache)
         return
-    for extra in ({"num_beams": 2}, {"output_scores": True, "return_dict_in_generate": True}):
+    for extra in ({"num_beams": 2}, {}):
+        extra = {**extra, "output_scores": True, "return_dict_in_generate": True}
         kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=6, min_new_tokens=6, **extra)
         dynamic, static = model.generate(**kw), model.generate(**kw, cache_implementation="static")
-        if extra.get("return_dict_in_generate"):
-            dynamic, static = dynamic.sequences, static.sequences
-        assert torch.equal(dynamic, static)
+        assert torch.equal(dynamic.sequences, static.sequences)
     assert model not in _STATIC_DECODERS
 
 
@@ -317,6 +317,28 @@ def test_fast_beam_search_compiled_step(family, fast_path_on_cpu):
     for case in BEAM_CASES[:2]:
         kw = generate_kwargs(ids, mask, pixel_values, **case)
         assert_fast_path_equals_generate(model, kw)
+
+
+@needs_v5
+def test_decoders_made_over_time_do_not_reach_dynamos_recompile_limit(fast_path_on_cpu):
+    """dynamo counts compiled versions per code object: had every decoder compiled the same `_decode_step`, a process
+    would fail (`fullgraph=True`) at its 65th decoder (every batch size, cache length and model it meets; four kept
+    per model). Each decoder's step has a code object of its own: here, with a limit of 1, four decoders."""
+    from modeling_openflamingo.modeling_openflamingo import _RECOMPILE_LIMIT
+
+    fast_path_on_cpu.setattr(_StaticDecoder, "cpu_compile_backend", "eager")  # traced by dynamo, as on the GPU
+    fast_path_on_cpu.setattr(_StaticDecoder, "recompile_limit", 1)
+    fast_path_on_cpu.setattr(torch._dynamo.config, _RECOMPILE_LIMIT, 1)
+    model = tiny_model("gpt_neox")
+    ids, mask, pixel_values = padded_prompt()
+    made = []
+    for batch in (1, 2, 1, 2):
+        kw = generate_kwargs(ids[:batch], mask[:batch], pixel_values[:batch], max_new_tokens=3, min_new_tokens=3)
+        assert_fast_path_equals_generate(model, kw)
+        made += [d for d in _STATIC_DECODERS[model].values() if all(d is not m for m in made)]
+        if batch == 2:
+            _STATIC_DECODERS[model].clear()  # made again: more decoders than shapes
+    assert len(made) == 4
 
 
 @needs_v5
