@@ -10,6 +10,7 @@ Variants (training trainables and optimizer, the decoding kernels) are named in 
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from typing import Any
@@ -122,8 +123,12 @@ def table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(paths: list[str]) -> None:
-    print(table(load(paths)))
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "records", nargs="+", metavar="FILE.json", help="records of bench_openflamingo.py / bench_reference.py"
+    )
+    print(table(load(parser.parse_args(argv).records)))
 
 
 if __name__ == "__main__":

@@ -165,7 +165,9 @@ class OpenFlamingoDataCollator:
         value = feature[key] if key is not None else None
         if value is None:
             return []
-        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        # `datasets`' "numpy" format gives a row's images of different sizes as a 1-D array of arrays
+        ragged = isinstance(value, np.ndarray) and value.dtype == object
+        items = list(value) if isinstance(value, (list, tuple)) or ragged else [value]
         # a 4-D array or tensor stands for as many images as its first dimension holds: `datasets`' "torch" and
         # "numpy" formats give a row's images of one size as one stack
         return [image for item in items for image in (list(item) if _is_image_batch(item) else [item])]

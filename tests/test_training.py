@@ -329,17 +329,19 @@ def test_collator_mmc4_style_labels(converted, tiny_images):
 
 @pytest.mark.parametrize("data_format", ["torch", "numpy"])
 def test_collator_reads_datasets_torch_and_numpy_formats(converted, data_format):
-    """`with_format("torch" / "numpy")` gives a row's images of one size as one 4-D stack (CHW / HWC): the same batch
-    as from the decoded PIL images."""
+    """`with_format("torch" / "numpy")` gives a row's images of one size as one 4-D stack (CHW / HWC), and of
+    different sizes as a list ("torch") or a 1-D array of arrays ("numpy"): the same batch as from the decoded PIL
+    images."""
     _, processor = load(converted, "tiny-mpt")
-    image = str(FIXTURES / "tiny_images" / "image_0.png")
-    texts = ["<image>A.<|endofchunk|>", "<image>B.<|endofchunk|><image>C."]
-    rows = {"images": [[image], [image, image]], "text": texts}
+    image, other = (str(FIXTURES / "tiny_images" / f"image_{i}.png") for i in (0, 1))
+    texts = ["<image>A.<|endofchunk|>", "<image>B.<|endofchunk|><image>C.", "<image>D.<|endofchunk|><image>E."]
+    rows = {"images": [[image], [image, image], [image, other]], "text": texts}
     dataset = datasets.Dataset.from_dict(rows).cast_column("images", datasets.Sequence(datasets.Image()))
+    assert dataset[2]["images"][0].size != dataset[2]["images"][1].size
     collator = OpenFlamingoDataCollator(processor)
     formatted = dataset.with_format(data_format)
     assert formatted[1]["images"].ndim == 4
-    expected, got = collator([dataset[0], dataset[1]]), collator([formatted[0], formatted[1]])
+    expected, got = collator(list(dataset)), collator(list(formatted))
     assert expected.keys() == got.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
