@@ -1534,12 +1534,14 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
         generation_config = kwargs.get("generation_config") or self.generation_config
         chunked = kwargs.get("prefill_chunk_size", getattr(generation_config, "prefill_chunk_size", None))
-        if chunked is not None and kwargs.get("inputs_embeds") is not None and not torch.is_tensor(input_ids):
-            raise ValueError(
-                "prefill_chunk_size splits the prompt's input_ids into chunks, and inputs_embeds came without them: "
-                "pass the prompt's input_ids too (each chunk is fed its inputs_embeds), or leave prefill_chunk_size "
-                "unset."
-            )
+        if chunked is not None and kwargs.get("inputs_embeds") is not None:
+            if not torch.is_tensor(input_ids):
+                raise ValueError(
+                    "prefill_chunk_size splits the prompt's input_ids into chunks, and inputs_embeds came without "
+                    "them: pass the prompt's input_ids too (each chunk is fed its inputs_embeds), or leave "
+                    "prefill_chunk_size unset."
+                )
+            kwargs["prefill_chunked_embeds"] = True  # [`prepare_inputs_for_generation`] feeds each chunk its own
         self._extend_image_indices(input_ids, kwargs)
         if torch.is_tensor(input_ids) and kwargs.get("inputs_embeds") is None:
             # before the images are encoded or expanded for beams: the errors then name the caller's shapes
@@ -1702,6 +1704,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         image_cache: OpenFlamingoImageCache | None = None,
         image_indices: torch.LongTensor | None = None,
         generated_image_state: torch.LongTensor | None = None,
+        prefill_chunked_embeds: bool = False,
         **kwargs: Any,
     ) -> dict[str, Any]:
         """After the prompt, images are not re-encoded: new tokens reuse `image_cache` and see the prompt's last image.
@@ -1711,9 +1714,11 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         every latent, as in the original's forward over the whole sequence). So a step with the LM cache and a full
         forward without it (`use_cache=False`) agree. With `config.generated_image_conditioning="original_kv_cache"`
         [`generate`] passes `generated_image_state` `(batch, 1)`, each row's image by row position (beam search does
-        not reorder it), updated in place as the tokens are fed ([`_fed_image_indices`]).
+        not reorder it), updated in place as the tokens are fed ([`_fed_image_indices`]). With `prefill_chunk_size`
+        and `inputs_embeds`, [`generate`] sets `prefill_chunked_embeds`: each chunk of the prompt is fed its own
+        embeddings (otherwise `inputs_embeds` may be longer than `input_ids`, e.g. a soft prompt, and are not sliced).
         """
-        span = self._prompt_span(input_ids, inputs_embeds, image_indices, kwargs)
+        span = self._prompt_span(input_ids, inputs_embeds if prefill_chunked_embeds else None, image_indices, kwargs)
         if span is not None and inputs_embeds is not None:  # the fed positions' own embeddings, not their ids'
             inputs_embeds = inputs_embeds[:, span[0] : span[1]]
         # `inputs_embeds` named in the signature: `generate` takes them only from a model whose signature has them
