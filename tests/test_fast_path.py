@@ -328,16 +328,16 @@ def test_decoders_made_over_time_do_not_reach_dynamos_recompile_limit(fast_path_
 
     fast_path_on_cpu.setattr(_StaticDecoder, "cpu_compile_backend", "eager")  # traced by dynamo, as on the GPU
     fast_path_on_cpu.setattr(_StaticDecoder, "recompile_limit", 1)
-    fast_path_on_cpu.setattr(torch._dynamo.config, _RECOMPILE_LIMIT, 1)
     model = tiny_model("gpt_neox")
     ids, mask, pixel_values = padded_prompt()
     made = []
-    for batch in (1, 2, 1, 2):
-        kw = generate_kwargs(ids[:batch], mask[:batch], pixel_values[:batch], max_new_tokens=3, min_new_tokens=3)
-        assert_fast_path_equals_generate(model, kw)
-        made += [d for d in _STATIC_DECODERS[model].values() if all(d is not m for m in made)]
-        if batch == 2:
-            _STATIC_DECODERS[model].clear()  # made again: more decoders than shapes
+    with torch._dynamo.config.patch(**{_RECOMPILE_LIMIT: 1}):  # (not monkeypatch: its undo deletes the option)
+        for batch in (1, 2, 1, 2):
+            kw = generate_kwargs(ids[:batch], mask[:batch], pixel_values[:batch], max_new_tokens=3, min_new_tokens=3)
+            assert_fast_path_equals_generate(model, kw)
+            made += [d for d in _STATIC_DECODERS[model].values() if all(d is not m for m in made)]
+            if batch == 2:
+                _STATIC_DECODERS[model].clear()  # made again: more decoders than shapes
     assert len(made) == 4
 
 
