@@ -168,6 +168,17 @@ class FlamingoTrainer(Trainer):
         """Names of the parameters that get weight decay, by the original's rule."""
         return [name for name, _ in model.named_parameters() if gets_weight_decay(name)]
 
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Any:
+        """As `Trainer`'s, counting the targets the loss scores, `labels[..., 1:]` (the model shifts the labels), as
+        transformers 5.x counts them; 4.x counts position 0 too, which a batch not made by `OpenFlamingoDataCollator`
+        (which sets it to -100) may hold."""
+        if int(transformers.__version__.split(".")[0]) < 5:
+            batch_samples = [
+                {**batch, "labels": batch["labels"][..., 1:]} if torch.is_tensor(batch.get("labels")) else batch
+                for batch in batch_samples
+            ]
+        return super()._get_num_items_in_batch(batch_samples, device)
+
 
 class CPUFSDPTrainer(FlamingoTrainer):
     """Runs `Trainer`'s own FSDP path on a machine without an accelerator (for this example and the tests).

@@ -592,8 +592,10 @@ class TensorSource:
 
     def floating_dtype(self) -> torch.dtype | None:
         """The input's precision: the dtype its floating-point tensors promote to (`torch.promote_types`), so that a
-        checkpoint mixing bf16 and fp32 tensors gives fp32 and none is rounded; None without floating-point tensors."""
+        checkpoint mixing bf16 and fp32 tensors gives fp32 and none is rounded; float64 only when every one is (a stray
+        float64 buffer does not double the model). None without floating-point tensors."""
         found = {dtype for dtype in self.dtypes.values() if dtype is not None and dtype.is_floating_point}
+        found = (found - {torch.float64}) or found
         return functools.reduce(torch.promote_types, sorted(found, key=str)) if found else None
 
     @classmethod

@@ -1068,7 +1068,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
 
             def checkpoint_with_gradients(function: Any, *args: Any, **kwargs: Any) -> Any:
                 if not torch.is_grad_enabled():
-                    return function(*args)
+                    return function(*args, **kwargs)
                 return gradient_checkpointing_func(function, *args, **kwargs)
 
             super()._set_gradient_checkpointing(enable, checkpoint_with_gradients)
@@ -1535,11 +1535,13 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         generation_config = kwargs.get("generation_config") or self.generation_config
         chunked = kwargs.get("prefill_chunk_size", getattr(generation_config, "prefill_chunk_size", None))
         if chunked is not None and kwargs.get("inputs_embeds") is not None:
-            if not torch.is_tensor(input_ids):
+            embeds = kwargs["inputs_embeds"]
+            if not torch.is_tensor(input_ids) or input_ids.shape[-1] != embeds.shape[1]:
+                got = f"input_ids {tuple(input_ids.shape)}" if torch.is_tensor(input_ids) else "no input_ids"
                 raise ValueError(
-                    "prefill_chunk_size splits the prompt's input_ids into chunks, and inputs_embeds came without "
-                    "them: pass the prompt's input_ids too (each chunk is fed its inputs_embeds), or leave "
-                    "prefill_chunk_size unset."
+                    "prefill_chunk_size splits the prompt's input_ids into chunks, each fed its inputs_embeds: pass "
+                    f"the ids of every embedded position (got {got} for inputs_embeds {tuple(embeds.shape)}), or "
+                    "leave prefill_chunk_size unset."
                 )
             kwargs["prefill_chunked_embeds"] = True  # [`prepare_inputs_for_generation`] feeds each chunk its own
         self._extend_image_indices(input_ids, kwargs)
@@ -1592,13 +1594,13 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
     def _check_cache_support(self, kwargs: dict[str, Any]) -> None:
         """A static (compileable) cache with an MPT / MosaicGPT LM needs transformers >= 5: 4.x's `MptModel` checks a
         4-D mask against the cache's filled length, not its fixed one, and fails deep inside with a shape error.
-        `use_cache=False` makes no cache: nothing to refuse then."""
+        With `use_cache=False` no cache is made from `cache_implementation`: only a cache object given is refused."""
         if getattr(self.config.text_config, "model_type", None) != "mpt" or _TRANSFORMERS_MAJOR >= 5:
             return
         config = kwargs.get("generation_config") or self.generation_config
-        if kwargs.get("use_cache", getattr(config, "use_cache", True)) is False:
-            return
         implementation = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
+        if kwargs.get("use_cache", getattr(config, "use_cache", True)) is False:
+            implementation = None  # no cache is made (a cache object given is still one)
         caches = (kwargs.get(name) for name in ("past_key_values", "cache"))
         if implementation in _COMPILEABLE_CACHES or any(getattr(c, "is_compileable", False) for c in caches):
             what = f"cache_implementation={implementation!r}" if implementation else "a compileable cache object"
@@ -1718,7 +1720,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         and `inputs_embeds`, [`generate`] sets `prefill_chunked_embeds`: each chunk of the prompt is fed its own
         embeddings (otherwise `inputs_embeds` may be longer than `input_ids`, e.g. a soft prompt, and are not sliced).
         """
-        span = self._prompt_span(input_ids, inputs_embeds if prefill_chunked_embeds else None, image_indices, kwargs)
+        span = None
+        if inputs_embeds is None or prefill_chunked_embeds:  # (else `input_ids` may be shorter: a soft prompt)
+            span = self._prompt_span(input_ids, inputs_embeds, image_indices, kwargs)
         if span is not None and inputs_embeds is not None:  # the fed positions' own embeddings, not their ids'
             inputs_embeds = inputs_embeds[:, span[0] : span[1]]
         # `inputs_embeds` named in the signature: `generate` takes them only from a model whose signature has them
@@ -2621,10 +2625,13 @@ def _walked_modules(model: nn.Module) -> tuple[_ModuleWalk, list[nn.Module]]:
 def _with_own_code(method: types.MethodType) -> types.MethodType:
     """`method`, bound to a copy of its function whose code object is its own. dynamo keeps a code object's compiled
     versions with it and counts them against its recompile limit: a decoder's step compiled from its own copy starts
-    at none, and its versions go when the decoder does."""
+    at none, and its versions (and the compiled functions dynamo puts in the function's globals) go when the decoder
+    does."""
     function = method.__func__
     code = function.__code__.replace()  # a new code object, equal to the old
-    own = types.FunctionType(code, function.__globals__, function.__name__, function.__defaults__, function.__closure__)
+    # globals of its own too (a copy of the module's): dynamo adds each compiled function to its frame's globals
+    namespace = dict(function.__globals__)
+    own = types.FunctionType(code, namespace, function.__name__, function.__defaults__, function.__closure__)
     own.__kwdefaults__, own.__qualname__ = function.__kwdefaults__, function.__qualname__
     return types.MethodType(own, method.__self__)
 

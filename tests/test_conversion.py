@@ -419,6 +419,11 @@ def test_checkpoint_of_mixed_precision_converts_in_the_widest(converted, tmp_pat
     assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.float32}
     changed = [k for k in reference if not torch.equal(tensors[k], reference[k])]
     assert len(changed) == 1 and torch.equal(tensors[changed[0]], reference[changed[0]].bfloat16().float())
+    # a stray float64 tensor does not make the model float64
+    state[first] = state[first].double()
+    torch.save(state, path)
+    out = convert_openflamingo_checkpoint(**fixture_kwargs("tiny-neox", checkpoint=path), output_dir=tmp_path / "o64")
+    assert {t.dtype for t in folder_tensors(out).values() if t.is_floating_point()} == {torch.float32}
 
 
 def test_checkpoint_without_gated_blocks_is_named(tmp_path):

@@ -13,6 +13,7 @@ import torch
 import transformers
 
 from modeling_openflamingo import decoding_kernels
+from modeling_openflamingo import modeling_openflamingo as modeling
 from modeling_openflamingo.modeling_openflamingo import (
     _STATIC_DECODERS,
     _TRACED_CROSS_ATTENTION,
@@ -94,6 +95,10 @@ def test_static_cache_generate_equals_dynamic(family):
         assert torch.equal(model.generate(**kw, use_cache=False, cache_implementation="static"), no_cache)
         config.use_cache = False
         assert torch.equal(model.generate(**kw, generation_config=config), no_cache)
+        # a static cache object given is still one: refused with use_cache=False too
+        static = transformers.StaticCache(config=model.config.text_config, max_cache_len=32)
+        with pytest.raises(ValueError, match="a compileable cache object"):
+            model.generate(**kw, use_cache=False, past_key_values=static)
         return
     for extra in ({"num_beams": 2}, {}):
         extra = {**extra, "output_scores": True, "return_dict_in_generate": True}
@@ -331,6 +336,7 @@ def test_decoders_made_over_time_do_not_reach_dynamos_recompile_limit(fast_path_
     model = tiny_model("gpt_neox")
     ids, mask, pixel_values = padded_prompt()
     made = []
+    compiled_before = [name for name in vars(modeling) if name.startswith("__compiled_fn")]
     with torch._dynamo.config.patch(**{_RECOMPILE_LIMIT: 1}):  # (not monkeypatch: its undo deletes the option)
         for batch in (1, 2, 1, 2):
             kw = generate_kwargs(ids[:batch], mask[:batch], pixel_values[:batch], max_new_tokens=3, min_new_tokens=3)
@@ -339,6 +345,8 @@ def test_decoders_made_over_time_do_not_reach_dynamos_recompile_limit(fast_path_
             if batch == 2:
                 _STATIC_DECODERS[model].clear()  # made again: more decoders than shapes
     assert len(made) == 4
+    # the compiled functions dynamo adds to the step's globals are the copy's own: none added to the module's
+    assert [name for name in vars(modeling) if name.startswith("__compiled_fn")] == compiled_before
 
 
 @needs_v5

@@ -373,10 +373,35 @@ def test_chunked_prefill_with_inputs_embeds(family, loaded, tiny_images):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-4, msg=f"step {step}")
     without_ids = {k: v for k, v in batch.items() if k != "input_ids"}
     image_indices = image_indices_from_input_ids(batch["input_ids"], model.config.media_token_id, 2)
-    with pytest.raises(ValueError, match="prefill_chunk_size splits the prompt's input_ids.*pass the prompt's"):
+    with pytest.raises(ValueError, match="prefill_chunk_size splits the prompt's input_ids.*got no input_ids"):
         model.generate(
             **without_ids, inputs_embeds=embeds, image_indices=image_indices, **options, prefill_chunk_size=4
         )
+    # embeddings longer than the ids (a soft prompt before them): not split by the ids, refused
+    soft = torch.cat((torch.randn(1, 3, embeds.shape[-1]), embeds), dim=1)
+    with pytest.raises(ValueError, match=r"got input_ids \(1, \d+\) for inputs_embeds \(1, \d+, \d+\)"):
+        model.generate(**batch, inputs_embeds=soft, **options, prefill_chunk_size=4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_with_a_soft_prompt_before_the_ids(family, loaded, tiny_images):
+    """`inputs_embeds` longer than `input_ids` (soft-prompt vectors before the prompt), with `image_indices` over the
+    embeddings: the first step's logits are those of a forward over the same inputs (nothing cut to the ids)."""
+    model, processor = loaded(family)
+    batch = processor(images=[[tiny_images[0]]], text=["<image>Output:a cat"])
+    ids = batch["input_ids"]
+    embeds = torch.cat((torch.randn(1, 3, model.config.text_config.hidden_size), model.get_input_embeddings()(ids)), 1)
+    image_indices = torch.cat(
+        (torch.zeros(1, 3, dtype=torch.long), image_indices_from_input_ids(ids, model.config.media_token_id, 1)), 1
+    )
+    inputs = {"inputs_embeds": embeds, "image_indices": image_indices, "pixel_values": batch["pixel_values"]}
+    mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+    with torch.no_grad():
+        expected = model(**inputs, attention_mask=mask).logits[:, -1]
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, **inputs, max_new_tokens=1, return_dict_in_generate=True, output_logits=True
+    )
+    torch.testing.assert_close(out.logits[0], expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["tiny-mpt-1b-redpajama-200b", "tiny-llama"])

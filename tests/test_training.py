@@ -887,6 +887,54 @@ def test_finetune_trainer_label_smoothing_with_gradient_accumulation(converted, 
     assert trained[1] == pytest.approx(trained[0], rel=1e-4)
 
 
+def test_finetune_trainer_counts_the_targets_the_loss_scores(converted, tmp_path):
+    """Batches not made by the collator may hold a target at position 0, which the shifted loss never scores:
+    transformers 4.x's `num_items_in_batch` counted it, 5.x does not. `FlamingoTrainer` counts `labels[..., 1:]` on
+    both: the logged loss (label smoothing on, 4 x 1 and 2 x 2) is `LabelSmoother` over the shifted labels."""
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import finetune
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    model, _ = load(converted, "tiny-mpt")
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(4):
+        row = {k: v[0] for k, v in sample_inputs(seed=i).items()}
+        row["input_ids"] = torch.cat((torch.tensor([5]), row["input_ids"][:-1]))  # starts with text: a target
+        labels = row["input_ids"].clone()
+        labels[row["input_ids"] == model.config.media_token_id] = -100
+        labels[len(labels) - 1 - i % 2 :] = -100  # other target counts per row; position 0 stays a target
+        row["pixel_values"] = row["pixel_values"] + 0.1 * torch.randn(row["pixel_values"].shape, generator=generator)
+        rows.append({**row, "labels": labels})
+
+    def collate(batch):
+        return {key: torch.stack([row[key] for row in batch]) for key in batch[0]}
+
+    with torch.no_grad():
+        batch = collate(rows)
+        expected = LabelSmoother(epsilon=0.1)(
+            model(**{k: v for k, v in batch.items() if k != "labels"}), batch["labels"], shift_labels=True
+        )
+    for batch_size, accumulation in ((4, 1), (2, 2)):
+        args = training_args(
+            tmp_path / str(batch_size),
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            label_smoothing_factor=0.1,
+            max_steps=1,
+            learning_rate=0.0,
+        )
+        trainer = finetune.FlamingoTrainer(
+            model=copy.deepcopy(model), args=args, train_dataset=rows, data_collator=collate
+        )
+        trainer.train()
+        logged = next(entry["loss"] for entry in trainer.state.log_history if "loss" in entry)
+        assert logged == pytest.approx(float(expected), rel=1e-4), (batch_size, accumulation)
+
+
 def test_cuda_graph_training_example_runs_its_step(converted, tmp_path):
     """The example's batches keep one shape (tokens padded to --length, images to --max-images) and its step trains;
     on this CPU the step runs eagerly (on a GPU it is captured once and replayed)."""
