@@ -1534,6 +1534,12 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
         generation_config = kwargs.get("generation_config") or self.generation_config
         chunked = kwargs.get("prefill_chunk_size", getattr(generation_config, "prefill_chunk_size", None))
+        if kwargs.get("inputs_embeds") is not None and kwargs.get("assistant_model") is not None:
+            raise ValueError(
+                "Assisted decoding (assistant_model) with inputs_embeds is not supported (it gave other tokens than "
+                "greedy decoding on transformers 5.x, and failed on 4.x): pass input_ids alone, or leave "
+                "assistant_model unset."
+            )
         if chunked is not None and kwargs.get("inputs_embeds") is not None:
             embeds = kwargs["inputs_embeds"]
             if not torch.is_tensor(input_ids) or input_ids.shape[-1] != embeds.shape[1]:

@@ -439,6 +439,9 @@ def test_assisted_decoding_equals_greedy(family, loaded, tiny_images):
             model.generate(**text, max_new_tokens=8, assistant_model=assistant),
             model.generate(**text, max_new_tokens=8),
         )
+        embeds = model.get_input_embeddings()(batch["input_ids"])
+        with pytest.raises(ValueError, match=r"Assisted decoding \(assistant_model\) with inputs_embeds"):
+            model.generate(**batch, inputs_embeds=embeds, max_new_tokens=8, assistant_model=assistant)
     finally:
         for hook in hooks:
             hook.remove()
