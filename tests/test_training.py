@@ -854,34 +854,50 @@ def test_finetune_trainer_label_smoothing_scores_the_next_token(converted, tmp_p
     torch.testing.assert_close(smoothed, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_finetune_trainer_label_smoothing_with_gradient_accumulation(converted, tmp_path):
-    """One step over 4 rows, as 4 x 1 or 2 x 2 (gradient accumulation): the same loss and gradient norm with label
-    smoothing, on both transformers majors (4.x's own label smoother takes no `num_items_in_batch`: `FlamingoTrainer`
-    gives its loss as a `compute_loss_func`)."""
+def smoothed_step_as_4x1_and_2x2(tmp_path, make_model, dataset, collator, **overrides) -> list[dict]:
+    """One `FlamingoTrainer` step with label smoothing over 4 rows, as 4 x 1 and as 2 x 2 (gradient accumulation),
+    each on a model from `make_model()`: the first log entry of each run."""
     sys.path.insert(0, str(EXAMPLES))
     try:
         import finetune
     finally:
         sys.path.remove(str(EXAMPLES))
-    dataset = caption_dataset()
-    trained = []
+    logs = []
     for batch_size, accumulation in ((4, 1), (2, 2)):
-        model, processor = load(converted, "tiny-mpt")
-        model.freeze_for_training()
         args = training_args(
             tmp_path / str(batch_size),
             per_device_train_batch_size=batch_size,
             gradient_accumulation_steps=accumulation,
             label_smoothing_factor=0.1,
             max_steps=1,
-            max_grad_norm=1e9,
-            learning_rate=1e-3,
+            **overrides,
         )
-        trainer = finetune.FlamingoTrainer(
-            model=model, args=args, train_dataset=dataset, data_collator=OpenFlamingoDataCollator(processor)
-        )
+        trainer = finetune.FlamingoTrainer(model=make_model(), args=args, train_dataset=dataset, data_collator=collator)
         trainer.train()
-        trained.append({k: v for k, v in trainer.state.log_history[0].items() if k in ("loss", "grad_norm")})
+        logs.append(trainer.state.log_history[0])
+    return logs
+
+
+def test_finetune_trainer_label_smoothing_with_gradient_accumulation(converted, tmp_path):
+    """One step over 4 rows, as 4 x 1 or 2 x 2 (gradient accumulation): the same loss and gradient norm with label
+    smoothing, on both transformers majors (4.x's own label smoother takes no `num_items_in_batch`: `FlamingoTrainer`
+    gives its loss as a `compute_loss_func`)."""
+    _, processor = load(converted, "tiny-mpt")
+
+    def make_model():
+        model, _ = load(converted, "tiny-mpt")
+        model.freeze_for_training()
+        return model
+
+    logs = smoothed_step_as_4x1_and_2x2(
+        tmp_path,
+        make_model,
+        caption_dataset(),
+        OpenFlamingoDataCollator(processor),
+        max_grad_norm=1e9,
+        learning_rate=1e-3,
+    )
+    trained = [{k: v for k, v in log.items() if k in ("loss", "grad_norm")} for log in logs]
     assert trained[0].keys() == {"loss", "grad_norm"}
     # normalised by the accumulated batch's targets on both majors (not the mean of the micro-batches' means)
     assert trained[1] == pytest.approx(trained[0], rel=1e-4)
@@ -893,11 +909,6 @@ def test_finetune_trainer_counts_the_targets_the_loss_scores(converted, tmp_path
     both: the logged loss (label smoothing on, 4 x 1 and 2 x 2) is `LabelSmoother` over the shifted labels."""
     from transformers.trainer_pt_utils import LabelSmoother
 
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import finetune
-    finally:
-        sys.path.remove(str(EXAMPLES))
     model, _ = load(converted, "tiny-mpt")
     generator = torch.Generator().manual_seed(0)
     rows = []
@@ -918,21 +929,9 @@ def test_finetune_trainer_counts_the_targets_the_loss_scores(converted, tmp_path
         expected = LabelSmoother(epsilon=0.1)(
             model(**{k: v for k, v in batch.items() if k != "labels"}), batch["labels"], shift_labels=True
         )
-    for batch_size, accumulation in ((4, 1), (2, 2)):
-        args = training_args(
-            tmp_path / str(batch_size),
-            per_device_train_batch_size=batch_size,
-            gradient_accumulation_steps=accumulation,
-            label_smoothing_factor=0.1,
-            max_steps=1,
-            learning_rate=0.0,
-        )
-        trainer = finetune.FlamingoTrainer(
-            model=copy.deepcopy(model), args=args, train_dataset=rows, data_collator=collate
-        )
-        trainer.train()
-        logged = next(entry["loss"] for entry in trainer.state.log_history if "loss" in entry)
-        assert logged == pytest.approx(float(expected), rel=1e-4), (batch_size, accumulation)
+    logs = smoothed_step_as_4x1_and_2x2(tmp_path, lambda: copy.deepcopy(model), rows, collate, learning_rate=0.0)
+    for log, runs in zip(logs, ("4 x 1", "2 x 2"), strict=True):
+        assert log["loss"] == pytest.approx(float(expected), rel=1e-4), runs
 
 
 def test_cuda_graph_training_example_runs_its_step(converted, tmp_path):
