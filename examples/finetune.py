@@ -30,7 +30,7 @@ from demo_model import DEMO_IMAGES, resolve_model
 from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
 
 import modeling_openflamingo  # noqa: F401 - registers the Auto classes
-from modeling_openflamingo import OpenFlamingoDataCollator, gets_weight_decay
+from modeling_openflamingo import OpenFlamingoDataCollator, OpenFlamingoForConditionalGeneration, gets_weight_decay
 
 DEMO_CAPTIONS = [
     "A small square of pixels.",
@@ -131,23 +131,13 @@ def load_training_dataset(args: argparse.Namespace) -> Any:
 
 
 def next_token_label_smoothing(epsilon: float) -> Callable[..., torch.Tensor]:
-    """A `Trainer` `compute_loss_func`: the label-smoothed cross-entropy of each position's next token (the logits at
-    position t score token t + 1; -100 labels ignored), summed and divided by `num_items_in_batch` (the targets of
-    the whole accumulated batch, as the model's own loss divides) or, without it, by this batch's targets. The same
-    smoothing as `Trainer`'s label smoother (`torch.nn.functional.cross_entropy(label_smoothing=epsilon)`)."""
+    """A `Trainer` `compute_loss_func`: the model's own loss (each position's logits score the next token; -100 labels
+    ignored; summed and divided by `num_items_in_batch`, the targets of the whole accumulated batch, or else the mean
+    over this batch's targets) with label smoothing `epsilon`, the same smoothing as `Trainer`'s label smoother."""
 
     def loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        logits, targets = logits[:, :-1].float(), labels[:, 1:].to(logits.device)
-        total = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]),
-            targets.reshape(-1),
-            ignore_index=-100,
-            reduction="sum",
-            label_smoothing=epsilon,
-        )
-        count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
-        return total / (count.to(total.device) if torch.is_tensor(count) else count)
+        return OpenFlamingoForConditionalGeneration._loss(logits, labels, num_items_in_batch, label_smoothing=epsilon)
 
     return loss
 

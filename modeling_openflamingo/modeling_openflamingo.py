@@ -1471,13 +1471,16 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         return output if return_dict else output.to_tuple()
 
     @staticmethod
-    def _loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
-        """The causal LM loss: shifted cross-entropy in fp32, mean over labels != -100 (or sum / num_items_in_batch)."""
+    def _loss(
+        logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: Any = None, label_smoothing: float = 0.0
+    ) -> torch.Tensor:
+        """The causal LM loss: shifted cross-entropy in fp32, mean over labels != -100 (or sum / num_items_in_batch);
+        `label_smoothing` as `torch.nn.functional.cross_entropy` takes it (the model's forward uses none)."""
         logits = logits[:, :-1].float().flatten(0, 1)
         targets = labels[:, 1:].to(logits.device).flatten()
         if num_items_in_batch is None:
-            return F.cross_entropy(logits, targets, ignore_index=-100)
-        loss = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+            return F.cross_entropy(logits, targets, ignore_index=-100, label_smoothing=label_smoothing)
+        loss = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum", label_smoothing=label_smoothing)
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
         return loss / num_items_in_batch
