@@ -1059,6 +1059,17 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             if checkpoint_kwargs["use_reentrant"]:
                 self.enable_input_require_grads()
 
+        def enable_input_require_grads(self) -> None:
+            """[`~PreTrainedModel.enable_input_require_grads`] for both towers, as on transformers >= 5 (which hooks
+            every sub-model's input embeddings): the vision tower's patch embedding too, else a reentrant checkpoint
+            gives trainable weights inside the frozen tower (e.g. LoRA's) no gradient."""
+            super().enable_input_require_grads()
+            self.vision_model.enable_input_require_grads()
+
+        def disable_input_require_grads(self) -> None:
+            super().disable_input_require_grads()
+            self.vision_model.disable_input_require_grads()
+
         def _set_gradient_checkpointing(
             self, enable: bool = True, gradient_checkpointing_func: Any = torch.utils.checkpoint.checkpoint
         ) -> None:

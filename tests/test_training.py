@@ -541,14 +541,19 @@ def test_trainer_bf16_and_gradient_checkpointing(converted, tmp_path):
 
 
 @pytest.mark.parametrize("checkpoint_kwargs", [None, {"use_reentrant": True}])
-def test_gradient_checkpointing_trains_a_layer_before_the_first_gated_block(converted, checkpoint_kwargs):
-    """With the embeddings frozen, nothing that enters the LM's first layer (before the first gated block, N=2) needs
-    a gradient: a reentrant checkpoint would give its trainable weights (e.g. LoRA's) none, silently. The default is
-    non-reentrant on every transformers version; asked for reentrant, the embeddings' output is made to need one."""
+@pytest.mark.parametrize("tower", ["language", "vision"])
+def test_gradient_checkpointing_trains_a_first_layer(converted, checkpoint_kwargs, tower):
+    """With the embeddings frozen, nothing that enters the LM's first layer (before the first gated block, N=2) or
+    the vision tower's first layer needs a gradient: a reentrant checkpoint would give its trainable weights (e.g.
+    LoRA's) none, silently. The default is non-reentrant on every transformers version; asked for reentrant, the
+    output of both towers' input embeddings is made to need one (on transformers 4.x the vision tower's was not)."""
     model, _ = load(converted, "tiny-neox")
     assert "0" not in model.gated_cross_attn_layers
     model.requires_grad_(False)
-    first = find_decoder_layers(model.language_model, model.config.text_config.num_hidden_layers)[0]
+    if tower == "language":
+        first = find_decoder_layers(model.language_model, model.config.text_config.num_hidden_layers)[0]
+    else:
+        first = find_decoder_layers(model.vision_model, model.config.vision_config.num_hidden_layers)[0]
     first.requires_grad_(True)
     model.train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
