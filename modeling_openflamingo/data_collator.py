@@ -16,6 +16,9 @@ from .processing_openflamingo import IMAGE_TOKEN, _is_image_batch
 
 __all__ = ["OpenFlamingoDataCollator", "attention_mask_without_host_sync", "causal_attention_mask_4d"]
 
+# The channel counts of the image arrays that the image processor reads (L, RGB, RGBA), first or last
+_ARRAY_CHANNELS = (1, 3, 4)
+
 # LM families (`model_type`) whose attention reads a 2-D padding mask on the device, without a host-side check of it
 _READ_2D_MASK_ON_DEVICE = ("mpt",)
 
@@ -50,7 +53,8 @@ class OpenFlamingoDataCollator:
     or `"An intro. <image>A caption.<|endofchunk|>More text. <image>Another.<|endofchunk|>"` (MMC4-style); and its
     images (`image_column`, default `"images"`, else `"image"`): a list of images in the order of the `<image>`
     tokens, one image, or nothing. An image is a `PIL.Image.Image`, a path, an array or tensor (HW, HWC or CHW; a 4-D
-    one holds several, as `datasets`' "torch" / "numpy" formats give them), or a `datasets` `Image` feature's
+    one holds several, as `datasets`' "torch" / "numpy" formats give them, and so does a 3-D array that cannot be one
+    image: "numpy"'s `(n, H, W)` stack of grayscale images), or a `datasets` `Image` feature's
     undecoded `{"bytes": ..., "path": ...}`; decoded `Image` features (PIL images) work as they are.
 
     The batch is built by the processor (`return_labels=True`, right padding) and holds `input_ids`,
@@ -129,7 +133,7 @@ class OpenFlamingoDataCollator:
             if self.append_eos and eos and not text.endswith(eos):
                 text = text + eos
             texts.append(text)
-            images.append([self._load_image(image, index) for image in self._sample_images(feature)])
+            images.append([self._load_image(image, index) for image in self._sample_images(feature, text, index)])
             if not images[-1] and IMAGE_TOKEN in text and self._image_key(feature) is None:
                 raise ValueError(
                     f"Sample {index} has <image> tokens but no {self.image_column!r} (or 'image') field (its keys: "
@@ -160,17 +164,37 @@ class OpenFlamingoDataCollator:
         """The sample's images field: `image_column`, else `"image"`; None when it has neither."""
         return self.image_column if self.image_column in feature else "image" if "image" in feature else None
 
-    def _sample_images(self, feature: Any) -> list[Any]:
+    def _sample_images(self, feature: Any, text: str, index: int) -> list[Any]:
         key = self._image_key(feature)
         value = feature[key] if key is not None else None
         if value is None:
             return []
+        if isinstance(value, np.ndarray) and value.ndim == 3 and value.dtype != object:
+            return self._grayscale_stack_or_image(value, text, index)
         # `datasets`' "numpy" format gives a row's images of different sizes as a 1-D array of arrays
         ragged = isinstance(value, np.ndarray) and value.dtype == object
         items = list(value) if isinstance(value, (list, tuple)) or ragged else [value]
         # a 4-D array or tensor stands for as many images as its first dimension holds: `datasets`' "torch" and
         # "numpy" formats give a row's images of one size as one stack
         return [image for item in items for image in (list(item) if _is_image_batch(item) else [item])]
+
+    @staticmethod
+    def _grayscale_stack_or_image(value: np.ndarray, text: str, index: int) -> list[np.ndarray]:
+        """A row's 3-D array: `datasets`' "numpy" format gives a row's 2-D (grayscale) images of one size as one
+        `(num_images, H, W)` stack, which is read as such when it cannot be one image (no dimension of 1, 3 or 4
+        channels first or last); otherwise it is one image (HWC or CHW), unless the text asks for as many images as
+        its first dimension holds, which is ambiguous."""
+        channels = _ARRAY_CHANNELS
+        if value.shape[0] not in channels and value.shape[-1] not in channels:
+            return list(value)
+        wanted = text.count(IMAGE_TOKEN)
+        if wanted > 1 and value.shape[0] == wanted and value.shape[-1] not in channels:
+            raise ValueError(
+                f"Sample {index}: its images are one array of shape {tuple(value.shape)} for {wanted} <image> tokens: "
+                f"one image with {wanted} channels first, or {wanted} grayscale images (as datasets' \"numpy\" format "
+                "stacks them)? Give a list of images, or use datasets' \"torch\" format (it gives `(n, 1, H, W)`)."
+            )
+        return [value]
 
     @staticmethod
     def _load_image(image: Any, index: int) -> Any:

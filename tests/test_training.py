@@ -12,6 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -347,6 +348,35 @@ def test_collator_reads_datasets_torch_and_numpy_formats(converted, data_format)
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
 
 
+@pytest.mark.parametrize("num_images", [1, 2, 5])
+def test_collator_reads_datasets_numpy_grayscale_stacks(converted, num_images):
+    """`with_format("numpy")` gives a row's grayscale images of one size as one `(n, H, W)` array: n images, as the
+    decoded PIL images give them (one image when n is 1, a 1-channel CHW one)."""
+    _, processor = load(converted, "tiny-mpt")
+    gray = Image.open(FIXTURES / "tiny_images" / "image_0.png").convert("L")
+    text = "".join(f"<image>{i}.<|endofchunk|>" for i in range(num_images))
+    dataset = datasets.Dataset.from_dict({"images": [[gray] * num_images], "text": [text]})
+    dataset = dataset.cast_column("images", datasets.Sequence(datasets.Image()))
+    formatted = dataset.with_format("numpy")
+    assert formatted[0]["images"].shape == (num_images, *gray.size[::-1])
+    collator = OpenFlamingoDataCollator(processor)
+    expected, got = collator(list(dataset)), collator(list(formatted))
+    assert got["pixel_values"].shape[1] == num_images
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_collator_refuses_an_array_that_is_one_image_or_a_grayscale_stack(converted):
+    """`(3, H, W)` for a text with three `<image>`s is one CHW RGB image or three grayscale images: a clear error, not
+    a guess (one image for one `<image>` is read as such)."""
+    _, processor = load(converted, "tiny-mpt")
+    array = np.zeros((3, 20, 30), dtype=np.uint8)
+    collator = OpenFlamingoDataCollator(processor)
+    with pytest.raises(ValueError, match=r"Sample 0: its images are one array of shape \(3, 20, 30\) for 3 <image>"):
+        collator([{"text": "<image>a<image>b<image>c", "images": array}])
+    assert collator([{"text": "<image>a", "images": array}])["pixel_values"].shape[:2] == (1, 1)
+
+
 def test_collator_inputs_and_errors(converted, tiny_images, tmp_path):
     _, processor = load(converted, "tiny-llama")
     path = tmp_path / "image.png"
@@ -379,8 +409,6 @@ def test_collator_inputs_and_errors(converted, tiny_images, tmp_path):
         with pytest.raises(ValueError, match=f"{name} must be a positive int"):
             OpenFlamingoDataCollator(processor, **{name: bad})
     # arrays are images, as the processor reads them
-    import numpy as np
-
     array = np.asarray(tiny_images[0].convert("RGB"))
     from_array = OpenFlamingoDataCollator(processor)([{"text": "<image>x", "images": [array]}])
     from_pil = OpenFlamingoDataCollator(processor)([{"text": "<image>x", "images": [tiny_images[0].convert("RGB")]}])
