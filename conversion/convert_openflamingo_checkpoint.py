@@ -81,7 +81,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parts.add_argument("--open-clip-config", help="open_clip model config JSON (with --open-clip-weights)")
     parts.add_argument("--open-clip-weights", help="open_clip state dict (visual.* keys, or the visual tower alone)")
-    parts.add_argument("--cross-attn-every-n-layers", type=int, help="N: a gated block before every N-th layer")
+    parts.add_argument(
+        "--cross-attn-every-n-layers",
+        type=int,
+        help="N: a gated block before every N-th layer (default: the preset's, else the checkpoint's blocks' places)",
+    )
     parts.add_argument(
         "--quick-gelu",
         action=argparse.BooleanOptionalAction,

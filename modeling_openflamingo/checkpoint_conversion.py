@@ -1085,15 +1085,7 @@ def resolve_inputs(
             cross_attn_every_n_layers = preset.cross_attn_every_n_layers
         if quick_gelu is None:
             quick_gelu = True  # the released models use OpenAI's CLIP weights, which need QuickGELU
-    missing = [
-        flag
-        for flag, value in (
-            ("--checkpoint", checkpoint),
-            ("--lm", lm),
-            ("--cross-attn-every-n-layers", cross_attn_every_n_layers),
-        )
-        if value is None
-    ]
+    missing = [flag for flag, value in (("--checkpoint", checkpoint), ("--lm", lm)) if value is None]
     if missing:
         raise ConversionError(f"Without --preset, pass {', '.join(missing)}.")
     tokenizer = tokenizer if tokenizer is not None else lm
@@ -1114,8 +1106,11 @@ def resolve_inputs(
         default_config=CLIPVisionConfig(**VIT_L_14_CONFIG) if preset is not None else None,
         cache_dir=cache_dir,
     )
+    checkpoint_source = torch_file_source(checkpoint_path)
+    if cross_attn_every_n_layers is None:
+        cross_attn_every_n_layers = infer_cross_attn_every_n_layers(checkpoint_source)
     return ConversionInputs(
-        checkpoint=torch_file_source(checkpoint_path),
+        checkpoint=checkpoint_source,
         checkpoint_origin=str(checkpoint),
         lm=hf_folder_source(lm_dir),
         lm_origin=str(lm),
@@ -1329,15 +1324,46 @@ def _gated_index(target: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+# The decoder layer index in the original's names of a gated block: `lang_encoder.<layers>.<i>.gated_cross_attn_layer.`
+# and v1's second copies, `lang_encoder.gated_cross_attn_layers.<i>.`
+_ORIGINAL_GATED_KEY = re.compile(
+    r"^lang_encoder\.(?:.+\.(\d+)\.gated_cross_attn_layer|gated_cross_attn_layers\.(\d+))\."
+)
+
+
+def _no_gated_blocks(source: TensorSource) -> ConversionError:
+    return ConversionError(
+        f"{source.name}: the checkpoint holds no gated cross-attention block (no key names "
+        "'gated_cross_attn_layer'): is it an OpenFlamingo checkpoint (the original's checkpoint.pt)?"
+    )
+
+
+def infer_cross_attn_every_n_layers(checkpoint: TensorSource) -> int:
+    """N from where `checkpoint`'s gated cross-attention blocks are: the original puts one before every decoder layer
+    `i` with `(i + 1) % N == 0`, so the first is before layer N - 1. Blocks at other places are an error (pass N);
+    whether the LM has the layers they need is checked with the LM."""
+    indices = sorted(
+        {int(m.group(1) or m.group(2)) for key in checkpoint.keys() if (m := _ORIGINAL_GATED_KEY.match(key))}
+    )
+    if not indices:
+        raise _no_gated_blocks(checkpoint)
+    n = indices[0] + 1
+    expected = list(range(n - 1, indices[-1] + 1, n))
+    if indices != expected:
+        raise ConversionError(
+            f"{checkpoint.name}: its gated cross-attention blocks are before decoder layers {indices}: no "
+            f"cross_attn_every_n_layers puts them there (N={n} would give {expected}). Pass "
+            "--cross-attn-every-n-layers to convert it with the blocks that N places."
+        )
+    return n
+
+
 def _check_gated_layers(found: Mapping[int, str], layout: ModelLayout, source: TensorSource) -> None:
     expected = layout.gated_layers
     if sorted(found) == expected:
         return
     if not found:
-        raise ConversionError(
-            f"{source.name}: the checkpoint holds no gated cross-attention block (no key names "
-            "'gated_cross_attn_layer'): is it an OpenFlamingo checkpoint (the original's checkpoint.pt)?"
-        )
+        raise _no_gated_blocks(source)
     found_indices = sorted(found)
     bad = next((i for i in found_indices if i not in expected), None)
     key = found[bad] if bad is not None else next(iter(found.values()), None)
@@ -1947,8 +1973,18 @@ def dry_run(
     else:
         tokens = dict(preset.tokens)
     n = cross_attn_every_n_layers or (preset.cross_attn_every_n_layers if preset else None)
+    given_checkpoint = None
+    if isinstance(checkpoint, TensorSource):
+        given_checkpoint = checkpoint
+    elif checkpoint is not None and hub.is_local(checkpoint):
+        # only the index is read (the data stays memory-mapped and unread): no CRC-32 pass
+        given_checkpoint = torch_file_source(
+            hub.resolve_file(checkpoint, CHECKPOINT_FILENAME, "checkpoint"), verify=False
+        )
     if n is None:
-        raise ConversionError("Without --preset, pass --cross-attn-every-n-layers.")
+        if given_checkpoint is None:
+            raise ConversionError("Without --preset, pass --cross-attn-every-n-layers, or a local --checkpoint.")
+        n = infer_cross_attn_every_n_layers(given_checkpoint)
     default_vision = vision_config is None
     if vision_config is None:
         vision_config = CLIPVisionConfig(**VIT_L_14_CONFIG)
@@ -1960,14 +1996,8 @@ def dry_run(
     layout = model_layout(model)
     manifest = released_checkpoint_manifest(layout, family)
     checked = None
-    if isinstance(checkpoint, TensorSource):
-        checkpoint_source, checked = checkpoint, checkpoint.name
-    elif checkpoint is not None and hub.is_local(checkpoint):
-        # only the index is read (the data stays memory-mapped and unread): no CRC-32 pass
-        checkpoint_source = torch_file_source(
-            hub.resolve_file(checkpoint, CHECKPOINT_FILENAME, "checkpoint"), verify=False
-        )
-        checked = checkpoint_source.name
+    if given_checkpoint is not None:
+        checkpoint_source, checked = given_checkpoint, given_checkpoint.name
     elif preset is not None:
         # the preset's released checkpoint, whose format the preset's own parts give: the overridden parts (LM,
         # tokenizer, N, vision width) must fit it, as they must fit the file in a real conversion

@@ -191,8 +191,8 @@ class OpenFlamingoDataCollator:
         if wanted > 1 and value.shape[0] == wanted and value.shape[-1] not in channels:
             raise ValueError(
                 f"Sample {index}: its images are one array of shape {tuple(value.shape)} for {wanted} <image> tokens: "
-                f"one image with {wanted} channels first, or {wanted} grayscale images (as datasets' \"numpy\" format "
-                "stacks them)? Give a list of images, or use datasets' \"torch\" format (it gives `(n, 1, H, W)`)."
+                f'one image with {wanted} channels first, or {wanted} grayscale images (as datasets\' "numpy" format '
+                'stacks them)? Give a list of images, or use datasets\' "torch" format (it gives `(n, 1, H, W)`).'
             )
         return [value]
 

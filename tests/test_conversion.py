@@ -577,6 +577,49 @@ def test_wrong_cross_attn_interval(family, wrong_n, key, right_n, tmp_path):
     assert f"--cross-attn-every-n-layers {right_n}" in message
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cross_attn_interval_is_read_from_the_checkpoint(family, tmp_path):
+    """Without a preset or `--cross-attn-every-n-layers`, N is where the checkpoint's gated blocks are (v1's second
+    copies included): the same folder as with N given; a dry run of the local file finds it too."""
+    n = spec_of(family)["cross_attn_every_n_layers"]
+    given = convert_openflamingo_checkpoint(**fixture_kwargs(family), output_dir=tmp_path / "given")
+    read = convert_openflamingo_checkpoint(
+        **fixture_kwargs(family, cross_attn_every_n_layers=None), output_dir=tmp_path / "read"
+    )
+    assert json.loads((read / "config.json").read_text())["cross_attn_every_n_layers"] == n
+    assert_same_tensors(folder_tensors(read), folder_tensors(given))
+    kwargs = fixture_kwargs(family, cross_attn_every_n_layers=None)
+    report = dry_run(
+        checkpoint=kwargs["checkpoint"], lm=kwargs["lm"], tokenizer=kwargs["tokenizer"],
+        vision_config=kwargs["open_clip_config"],
+    )  # fmt: skip
+    assert f"(every {n})" in report.summary()
+
+
+def test_cross_attn_interval_read_from_a_checkpoint_trained_with_another_n(tmp_path):
+    """tiny-mpt's blocks (N=1) before layers 1 and 3 only: the checkpoint of an N=2 model, converted as one; blocks at
+    places that no N gives are refused, naming them."""
+    state = torch.load(FIXTURES / "tiny-mpt" / "checkpoint.pt", weights_only=True)
+    blocks = ("lang_encoder.transformer.blocks.0.gated_cross_attn_layer.", "lang_encoder.transformer.blocks.2.")
+    path = tmp_path / "n2.pt"
+    torch.save({k: v for k, v in state.items() if not k.startswith(blocks)}, path)
+    out = convert_openflamingo_checkpoint(
+        **fixture_kwargs("tiny-mpt", checkpoint=path, cross_attn_every_n_layers=None), output_dir=tmp_path / "o"
+    )
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    assert model.config.cross_attn_every_n_layers == 2 and sorted(model.gated_cross_attn_layers) == ["1", "3"]
+    irregular = tmp_path / "irregular.pt"
+    torch.save({k: v for k, v in state.items() if not k.startswith(blocks[1])}, irregular)
+    with pytest.raises(ConversionError) as error:
+        convert_openflamingo_checkpoint(
+            **fixture_kwargs("tiny-mpt", checkpoint=irregular, cross_attn_every_n_layers=None),
+            output_dir=tmp_path / "o2",
+        )
+    message = str(error.value)
+    assert str(irregular) in message and "before decoder layers [0, 1, 3]" in message
+    assert "--cross-attn-every-n-layers" in message and not (tmp_path / "o2").exists()
+
+
 def test_lm_with_fewer_layers_than_the_checkpoint(tmp_path):
     """The message says the LM is too shallow, instead of suggesting the N that was passed."""
     src = FIXTURES / "tiny-llama"
