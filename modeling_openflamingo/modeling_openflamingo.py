@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
-from transformers import AutoModelForCausalLM, CLIPVisionModel, GenerationMixin, PreTrainedModel
+from transformers import AutoModelForCausalLM, CLIPVisionModel, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import __version__ as _TRANSFORMERS_VERSION
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -135,7 +135,8 @@ class OpenFlamingoCausalLMOutputWithPast(ModelOutput):
 
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
-            The LM's shifted cross-entropy, mean over the label tokens that are not -100.
+            The LM's shifted cross-entropy, mean over the label tokens that are not -100 (with `Trainer`'s
+            `num_items_in_batch`: their sum divided by it).
         logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
             Scores of the language modelling head.
         past_key_values (`Cache`, *optional*, returned when `use_cache=True`):
@@ -372,6 +373,16 @@ def _image_indices_after(last: torch.Tensor, tokens: torch.Tensor, media_token_i
     if media_token_id is None:
         return last.expand_as(tokens)
     return last + (tokens == media_token_id).cumsum(dim=-1)
+
+
+def _image_indices_extended_to(
+    image_indices: torch.Tensor, input_ids: torch.Tensor, media_token_id: int | None
+) -> torch.Tensor:
+    """`image_indices` `(batch, k)` extended to cover `input_ids` `(batch, n > k)`: the tokens after the first k get
+    their images as generated tokens do ([`_image_indices_after`])."""
+    grown = input_ids.shape[-1] - image_indices.shape[-1]
+    after = _image_indices_after(image_indices[:, -1:], input_ids[:, -grown:], media_token_id)
+    return torch.cat((image_indices, after), dim=-1)
 
 
 def _fed_image_indices(
@@ -651,7 +662,13 @@ def _follow_wqkv(attention: nn.Module, _args: Any) -> None:
         state["_qk_ln_target"] = wqkv
 
 
-def add_mpt_qk_layernorm(language_model: nn.Module, text_config: Any) -> None:
+def _is_mpt(text_config: PretrainedConfig) -> bool:
+    """Whether the LM is transformers' MPT (MPT-7B, and MosaicGPT converted to it): the family that needs this
+    module's attention, QK-LayerNorm and static-cache additions."""
+    return getattr(text_config, "model_type", None) == "mpt"
+
+
+def add_mpt_qk_layernorm(language_model: nn.Module, text_config: PretrainedConfig) -> None:
     """Give transformers' MPT the QK-LayerNorm of MosaicGPT when `text_config.attn_config.qk_ln` is set.
 
     `q_ln` / `k_ln` are bias-free LayerNorms over the full `d_model` (all heads together), applied to q and k right
@@ -659,7 +676,7 @@ def add_mpt_qk_layernorm(language_model: nn.Module, text_config: Any) -> None:
     MosaicGPT checkpoints. transformers' own MPT ignores `qk_ln`; this makes it count.
     """
     attn_config = getattr(text_config, "attn_config", None)
-    if getattr(text_config, "model_type", None) != "mpt" or not getattr(attn_config, "qk_ln", False):
+    if not _is_mpt(text_config) or not getattr(attn_config, "qk_ln", False):
         return
     if getattr(attn_config, "clip_qkv", None):
         raise ValueError("MPT with both `qk_ln` and `clip_qkv` is not supported.")
@@ -705,13 +722,13 @@ def _mpt_static_cache_view(_attention: nn.Module, args: Any, kwargs: dict[str, A
     return None
 
 
-def add_mpt_static_cache_support(language_model: nn.Module, text_config: Any) -> None:
+def add_mpt_static_cache_support(language_model: nn.Module, text_config: PretrainedConfig) -> None:
     """Let transformers' MPT decode with a static cache (`cache_implementation="static"`) and `torch.compile`.
 
     Only `MptAttention` itself needs this: [`OpenFlamingoMptSdpaAttention`] reads the length only for an ALiBi bias
     other than `MptModel`'s (`size(1) > 1`), where 0 would be wrong.
     """
-    if getattr(text_config, "model_type", None) != "mpt":
+    if not _is_mpt(text_config):
         return
     for module in language_model.modules():
         if isinstance(module, MptAttention):  # again after a switch of class (`set_attn_implementation`)
@@ -850,14 +867,14 @@ def _drop_transformers_warnings(fragments: Sequence[str]) -> Iterator[None]:
         target.removeFilter(drop)
 
 
-def add_mpt_sdpa_attention(language_model: nn.Module, text_config: Any, sdpa: bool = True) -> None:
+def add_mpt_sdpa_attention(language_model: nn.Module, text_config: PretrainedConfig, sdpa: bool = True) -> None:
     """Run transformers' MPT attention as [`OpenFlamingoMptSdpaAttention`] (same module, parameters and state dict),
     or, with `sdpa=False`, as `MptAttention` again. Call [`add_mpt_static_cache_support`] after a switch.
 
     Hooks already on the attention (MosaicGPT's QK-LayerNorm) keep working: only the class changes (to the
     `OpenFlamingoMosaicGPT*` variant with QK-LayerNorm).
     """
-    if getattr(text_config, "model_type", None) != "mpt":
+    if not _is_mpt(text_config):
         return
     for module in language_model.modules():
         if type(module) in _MPT_ATTENTION_CLASSES:
@@ -931,6 +948,12 @@ def _forward_parameters(module_class: type) -> frozenset[str]:
     return _parameters_of(module_class.forward)[0]
 
 
+def _position_ids_from_mask(attention_mask: torch.Tensor) -> torch.LongTensor:
+    """`(batch, seq)` position ids from a padding mask as transformers 5's `generate` makes them: 0 on each row's first
+    real token (left padding), 0 at padding."""
+    return (attention_mask.long().cumsum(dim=-1) - 1).masked_fill(attention_mask == 0, 0)
+
+
 # `torch.compile`d versions of the loss, one per set of compile arguments (a model keeps the arguments, which pickle).
 _COMPILED_LOSSES: dict[str, Any] = {}
 
@@ -956,7 +979,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         super().__init__(config)
         self.vision_model = CLIPVisionModel(config.vision_config)
         self.perceiver = OpenFlamingoPerceiverResampler(config)
-        if config.text_config.model_type == "mpt" and config.text_config._attn_implementation == "sdpa":
+        if _is_mpt(config.text_config) and config.text_config._attn_implementation == "sdpa":
             # asked for by name (`attn_implementation="sdpa"`): transformers' MPT has eager attention only, and the
             # SDPA one is this package's (`add_mpt_sdpa_attention`, below)
             config.text_config._attn_implementation = "eager"
@@ -1010,7 +1033,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
 
     def _attention_weights_unavailable(self) -> bool:
         """Whether the LM's attention is this package's SDPA attention for MPT, which returns no weights."""
-        if getattr(self.config.text_config, "model_type", None) != "mpt":
+        if not _is_mpt(self.config.text_config):
             return False
         return any(type(m) in _SDPA_MPT_ATTENTIONS for m in self.language_model.modules())
 
@@ -1028,7 +1051,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         weights), any other value to [`OpenFlamingoMptSdpaAttention`] (the default); for MosaicGPT their
         QK-LayerNorm variants, [`OpenFlamingoMosaicGPTAttention`] / [`OpenFlamingoMosaicGPTSdpaAttention`]."""
         text = self.config.text_config
-        if getattr(text, "model_type", None) != "mpt":
+        if not _is_mpt(text):
             super().set_attn_implementation(attn_implementation, *args, **kwargs)
             return
         # transformers warns that `MptForCausalLM` (and its `attn_config`) cannot switch: the switch is done below.
@@ -1236,7 +1259,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             expected = f"({batch}, {'cached + ' if spans_cache else ''}{seq})"
         elif attention_mask.ndim == 4:
             fits = shape[0] in (1, batch) and shape[2] == seq and (spans_cache or shape[3] == seq)
-            expected = f"({batch} or 1, 1, {seq}, {'cached + ' if spans_cache else ''}{seq})"
+            expected = f"({batch} or 1, heads or 1, {seq}, {'cached + ' if spans_cache else ''}{seq})"
         else:
             fits, expected = False, f"({batch}, {seq}) (1 for real tokens, 0 for padding), or a 4-D mask"
         if not fits:
@@ -1501,7 +1524,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         return accepted is None or name in accepted
 
     def _language_model_kwargs(self, **kwargs: Any) -> dict[str, Any]:
-        """Drop unset arguments, and those the LM's forward does not take (e.g. `position_ids` for ALiBi MPT)."""
+        """Drop unset arguments, and those the LM's forward does not take (only an LM whose forward has no
+        `**kwargs` drops any: transformers' LMs take them all)."""
         accepted = _accepted_kwargs(self.language_model)
         return {k: v for k, v in kwargs.items() if v is not None and (accepted is None or k in accepted)}
 
@@ -1530,8 +1554,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         starts the row's next image (beyond the images given, it and the tokens after it attend to every latent
         equally; a text-only row's stay text only); `"original_kv_cache"`, every row is conditioned on that step's
         tokens alone, by row position: those fed `<image>` see their first image, the others none. Without
-        `eos_token_id`, generation stops at `<|endofchunk|>` (`generation_config.eos_token_id`, set from
-        `config.eoc_token_id`).
+        `eos_token_id`, generation stops at `generation_config.eos_token_id`: `config.eos_token_id`, which is
+        `<|endofchunk|>` unless the config says otherwise.
 
         With `cache_implementation="static"` on a CUDA device, plain greedy decoding and plain beam search (no
         sampling, logits processors, streamers or extra outputs) run a fast path of their own: one compiled decoding
@@ -1615,7 +1639,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         """A static (compileable) cache with an MPT / MosaicGPT LM needs transformers >= 5: 4.x's `MptModel` checks a
         4-D mask against the cache's filled length, not its fixed one, and fails deep inside with a shape error.
         With `use_cache=False` no cache is made from `cache_implementation`: only a cache object given is refused."""
-        if getattr(self.config.text_config, "model_type", None) != "mpt" or _TRANSFORMERS_MAJOR >= 5:
+        if not _is_mpt(self.config.text_config) or _TRANSFORMERS_MAJOR >= 5:
             return
         config = kwargs.get("generation_config") or self.generation_config
         implementation = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
@@ -1661,8 +1685,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             return  # the shape check names them
         grown = input_ids.shape[1] - image_indices.shape[1]
         if grown > 0 and image_indices.shape[1] > 0 and not image_indices.is_floating_point():
-            after = _image_indices_after(image_indices[:, -1:], input_ids[:, -grown:], self.config.media_token_id)
-            kwargs["image_indices"] = torch.cat((image_indices, after), dim=-1)
+            kwargs["image_indices"] = _image_indices_extended_to(image_indices, input_ids, self.config.media_token_id)
 
     def _prepare_images_for_generation(self, input_ids: Any, kwargs: dict[str, Any]) -> bool:
         """Pin each prompt token's image (`image_indices`), in place in `kwargs`; True when `pixel_values` are then
@@ -1764,9 +1787,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 )
                 generated_image_state.copy_(image_indices[:, -1:])
             elif grown > 0:
-                generated = input_ids[:, -grown:]
-                after = _image_indices_after(image_indices[:, -1:], generated, self.config.media_token_id)
-                image_indices = torch.cat((image_indices, after), dim=-1)
+                image_indices = _image_indices_extended_to(image_indices, input_ids, self.config.media_token_id)
             # a copy with the same strides at every step, as `input_ids`: a compiled step would recompile on new strides
             model_inputs["image_indices"] = image_indices[:, image_indices.shape[-1] - new_tokens :].clone(
                 memory_format=torch.contiguous_format
@@ -1910,19 +1931,16 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             raise ValueError(
                 f"candidates_per_forward must be an int >= 1 (or None: all); got {candidates_per_forward!r}."
             )
-        # Only the last prompt position's logits are needed: skip the (batch, prompt_len, vocab) rest where the LM can.
-        lm_parameters = inspect.signature(self.language_model.forward).parameters
-        keep_last = {"logits_to_keep": 1} if "logits_to_keep" in lm_parameters else {}
         with _gradient_checkpointing_paused(self):  # the prompt's KV cache is scored from
             prompt = self(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 pixel_values=pixel_values,
                 image_hidden_states=image_hidden_states,
-                position_ids=self._positions_from_mask(attention_mask),
+                position_ids=_position_ids_from_mask(attention_mask),
                 use_cache=True,
                 return_dict=True,
-                **keep_last,
+                logits_to_keep=1,  # only the last prompt position's (the LM skips the rest where it can)
             )
             cache = getattr(prompt, _CACHE_FIELD)
             # (batch, vocab): predicts each candidate's first token
@@ -1947,7 +1965,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                     out = self(
                         input_ids=ids[:, :-1].repeat(batch_size, 1),
                         attention_mask=full_mask,
-                        position_ids=self._positions_from_mask(full_mask)[:, prompt_len:],
+                        position_ids=_position_ids_from_mask(full_mask)[:, prompt_len:],
                         image_cache=image_cache,
                         use_cache=True,
                         return_dict=True,
@@ -2017,19 +2035,12 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         return ids, mask
 
     @staticmethod
-    def _positions_from_mask(attention_mask: torch.Tensor) -> torch.LongTensor:
-        """Position ids that start at 0 on each row's first real token, as `generate` makes them (padding: 0)."""
-        return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
-
-    @staticmethod
     def _repeat_cache(cache: Any, repeats: int) -> Any:
         """A new cache whose rows are each row of `cache` repeated `repeats` times; `cache` itself is left unchanged.
 
         The layers are copied shallowly and their tensors replaced (`batch_repeat_interleave` rebinds them, and the
         LM's `update` concatenates into new tensors), so the shared prompt cache is never written to.
         """
-        if isinstance(cache, (tuple, list)):  # legacy tuple cache
-            return tuple(tuple(t.repeat_interleave(repeats, dim=0) for t in layer) for layer in cache)
         if isinstance(getattr(cache, "layers", None), list):
             repeated = copy.copy(cache)
             repeated.layers = [copy.copy(layer) for layer in cache.layers]
@@ -3264,7 +3275,7 @@ class _PromptStep:
         except RuntimeError as error:  # e.g. a host sync in some LM's code: such a prompt runs eagerly
             cause = error.__context__ or error  # what failed inside the capture (not the capture's own end)
             logger.warning_once(
-                f"The prompt step of fast greedy decoding runs without a CUDA graph: {type(cause).__name__}: {cause}"
+                f"The prompt step of fast decoding runs without a CUDA graph: {type(cause).__name__}: {cause}"
             )
             self.eager = True
             torch.cuda.synchronize()
@@ -3279,8 +3290,7 @@ class _PromptStep:
     def _step(self) -> None:
         decoder = self.decoder
         mask = decoder.attention_mask[:, : self.input_ids.shape[1]]
-        # position ids as `generate` makes them from the attention mask (left padding: a row's first real token is 0)
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        positions = _position_ids_from_mask(mask)
         if self.images is None:  # text only; `image_indices` (zeros) spare the forward its host-side <image> check
             out = decoder._forward(self.input_ids, self.image_indices, positions)
         else:

@@ -563,7 +563,7 @@ def test_inputs_that_do_not_fit_each_other_are_errors():
     for mask in (torch.ones(2, 9, dtype=torch.long), torch.ones(10, dtype=torch.long), torch.ones(2, 1, 10)):
         with pytest.raises(ValueError, match=mask_error + rf".*got {re.escape(str(tuple(mask.shape)))}"):
             model(input_ids=ids, pixel_values=pixel_values, attention_mask=mask)
-    with pytest.raises(ValueError, match=r"attention_mask must have shape \(2 or 1, 1, 10, 10\); got \(2, 1, 9, 9\)"):
+    with pytest.raises(ValueError, match=r"must have shape \(2 or 1, heads or 1, 10, 10\); got \(2, 1, 9, 9\)"):
         model(input_ids=ids, pixel_values=pixel_values, attention_mask=torch.ones(2, 1, 9, 9, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"labels has shape \(1, 10\)"):
         model(input_ids=ids, pixel_values=pixel_values, labels=ids[:1])
