@@ -1147,8 +1147,10 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         """
         pixel_values = self._check_pixel_values(pixel_values)
         batch_size, num_images = pixel_values.shape[:2]
-        vision_trainable = any(p.requires_grad for p in self.vision_model.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and vision_trainable):
+        # a frozen tower runs without gradients (no activations kept), unless the pixels themselves need one
+        # (saliency maps, adversarial images): freezing weights never stops the gradient to the inputs
+        needs_grad = pixel_values.requires_grad or any(p.requires_grad for p in self.vision_model.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and needs_grad):
             vision_dtype = self.vision_model.get_input_embeddings().weight.dtype
             patches = self.vision_model(pixel_values=pixel_values.flatten(0, 1).to(vision_dtype)).last_hidden_state
         patches = patches[:, 1:].unflatten(0, (batch_size, num_images))

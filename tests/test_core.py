@@ -306,6 +306,30 @@ def test_six_dim_pixel_values_equal_five_dim():
     torch.testing.assert_close(five, six, atol=0, rtol=0)
 
 
+def test_gradients_reach_pixel_values_with_the_weights_frozen():
+    """Frozen weights (the whole model, or the recipe's trainables) still pass the gradient to `pixel_values` that
+    need one (saliency maps, adversarial images), as any PyTorch module does: the same gradient as with nothing
+    frozen. Pixels that need none keep the frozen tower without gradients."""
+    model = tiny_model()
+    ids, pixel_values = inputs()
+
+    def pixel_gradient() -> torch.Tensor:
+        pixels = pixel_values.clone().requires_grad_(True)
+        model(input_ids=ids, pixel_values=pixels).logits.float().square().sum().backward()
+        return pixels.grad
+
+    expected = pixel_gradient()
+    assert expected is not None and bool(expected.abs().sum() > 0)
+    for freeze in (lambda: model.requires_grad_(False), model.freeze_for_training):
+        model.requires_grad_(True)
+        freeze()
+        torch.testing.assert_close(pixel_gradient(), expected)
+    features = model.get_image_features(pixel_values)
+    assert features.grad_fn is not None  # the Perceiver trains
+    model.requires_grad_(False)
+    assert model.get_image_features(pixel_values).grad_fn is None
+
+
 def test_perceiver_attention_runs_sdpa_on_one_batch_dimension(monkeypatch):
     """The Perceiver's `(batch, images, ...)` inputs reach SDPA as 4-D tensors (its fused kernels take nothing else; a
     5-D input runs the math kernel), and the result is the original's per-image attention."""
