@@ -114,6 +114,9 @@ class OpenFlamingoProcessor(ProcessorMixin):
     def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None, **kwargs):
         if tokenizer is not None:
             add_openflamingo_tokens(tokenizer)
+            # left, as this processor pads for generation by default: what pads without it (a pipeline's batches,
+            # `tokenizer.pad`) reads the tokenizer's side; training batches ask for right padding by name
+            tokenizer.padding_side = "left"
         self.image_token = IMAGE_TOKEN
         self.end_of_chunk_token = END_OF_CHUNK_TOKEN
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)

@@ -880,6 +880,15 @@ def test_image_text_to_text_pipeline(converted, loaded, tiny_images):
     )
     assert len(batched) == 2
     assert len(pipe(text="Just text", max_new_tokens=3)) == 1
+    # batched by the pipeline itself (it pads with the tokenizer's side: left): as one at a time
+    texts = ["Hi", "A much longer text-only prompt"]
+    items = [{"images": tiny_images[:1], "text": "<image>Output: a cat on a sofa.<|endofchunk|>Output:"}]
+    items.append({"images": tiny_images[2:3], "text": "<image>Out:"})
+    options = {"return_full_text": False, "generate_kwargs": {"max_new_tokens": 4, "min_new_tokens": 4}}
+    one_by_one = [pipe(text=t, **options)[0]["generated_text"] for t in texts]
+    one_by_one += [pipe(images=x["images"], text=x["text"], **options)[0]["generated_text"] for x in items]
+    batched = pipe(text=texts, batch_size=2, **options) + list(pipe((x for x in items), batch_size=2, **options))
+    assert [(r[0] if isinstance(r, list) else r)["generated_text"] for r in batched] == one_by_one
     # built from the folder as well
     assert pipeline("image-text-to-text", model=str(path)).processor is not None
 
