@@ -284,13 +284,15 @@ class OpenFlamingoProcessor(ProcessorMixin):
                 )
             if name not in known:
                 generation = hasattr(GenerationConfig(), name)
+                # `generate` matches stop strings with a tokenizer it is given
+                stop_strings_tokenizer = ", 'tokenizer': processor.tokenizer" if name == "stop_strings" else ""
                 raise ValueError(
                     f"Unexpected keyword argument `{name}` for OpenFlamingoProcessor; it takes the image processor's "
                     f"options {[*IMAGE_KWARGS, 'input_data_format']} and the tokenizer's (e.g. add_special_tokens, "
                     "pad_to_multiple_of, truncation_side), flat or as `images_kwargs` / `text_kwargs`."
                     + (
                         f" `{name}` is a generation option: pass it to `generate`, or to a pipeline as "
-                        f"`generate_kwargs={{'{name}': ...}}`."
+                        f"`generate_kwargs={{'{name}': ...{stop_strings_tokenizer}}}`."
                         if generation
                         else ""
                     )

@@ -940,6 +940,8 @@ def test_processor_errors(converted, tiny_images):
     # what `pipeline("image-text-to-text")(..., min_new_tokens=6)` hands the processor: say where it belongs
     with pytest.raises(ValueError, match=r"`min_new_tokens` is a generation option: .*generate_kwargs="):
         processor(images=[tiny_images[0]], text="<image>a", min_new_tokens=6)
+    with pytest.raises(ValueError, match=r"generate_kwargs=\{'stop_strings': ..., 'tokenizer': processor.tokenizer\}"):
+        processor(images=[tiny_images[0]], text="<image>a", stop_strings=["x"])  # (the pipeline test follows it)
     with pytest.raises(ValueError, match="return_overflowing_tokens is not supported"):
         processor(text="a b c", truncation=True, max_length=2, return_overflowing_tokens=True)
     with pytest.raises(ValueError, match="takes `text` only"):

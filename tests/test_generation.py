@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -889,6 +890,14 @@ def test_image_text_to_text_pipeline(converted, loaded, tiny_images):
     one_by_one += [pipe(images=x["images"], text=x["text"], **options)[0]["generated_text"] for x in items]
     batched = pipe(text=texts, batch_size=2, **options) + list(pipe((x for x in items), batch_size=2, **options))
     assert [(r[0] if isinstance(r, list) else r)["generated_text"] for r in batched] == one_by_one
+    # stop strings as the processor's error says to pass them to a pipeline
+    long = {"max_new_tokens": 12, "min_new_tokens": 12}
+    plain = pipe(text=texts[1], return_full_text=False, generate_kwargs=long)[0]["generated_text"]
+    word = re.search(r"[A-Za-z]{2,}", plain)
+    assert word is not None and word.end() < len(plain), plain
+    long.update(min_new_tokens=0, stop_strings=[word.group()], tokenizer=processor.tokenizer)
+    stopped = pipe(text=texts[1], return_full_text=False, generate_kwargs=long)[0]["generated_text"]
+    assert plain.startswith(stopped) and word.group() in stopped and len(stopped) < len(plain), (plain, stopped)
     # built from the folder as well
     assert pipeline("image-text-to-text", model=str(path)).processor is not None
 
