@@ -127,7 +127,8 @@ def render_model_card(converted: ConvertedModel, repo_id: str | None = None) -> 
         "",
         "The folder carries its modeling code (`trust_remote_code=True`); with the openflamingo-hf package installed "
         "(`pip install -e .` in its source tree) and `import modeling_openflamingo`, the installed code is used "
-        "instead.",
+        "instead (on transformers 4.x only when loading without `trust_remote_code=True`, which there picks the "
+        "folder's copy).",
         "",
         "```python",
         "import torch",

@@ -869,6 +869,18 @@ def test_auto_model_for_vision2seq_on_v4(tmp_path):
     assert type(AutoModelForVision2Seq.from_pretrained(tmp_path)) is OpenFlamingoForConditionalGeneration
 
 
+@pytest.mark.parametrize("trust_remote_code", [False, True])
+def test_which_code_a_converted_folder_loads_with_the_package_imported(converted, trust_remote_code):
+    """As the model card says: the installed package's classes, except with `trust_remote_code=True` on
+    transformers 4.x, which picks the folder's copy."""
+    path = converted("tiny-llama")
+    model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=trust_remote_code)
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    installed = not (IS_V4 and trust_remote_code)
+    assert isinstance(model, OpenFlamingoForConditionalGeneration) == installed
+    assert (type(processor).__module__ == "modeling_openflamingo.processing_openflamingo") == installed
+
+
 def test_trust_remote_code_without_the_package(converted, tmp_path):
     """A saved folder (model + processor) loads in a Python where `modeling_openflamingo` cannot be imported."""
     path = converted("tiny-mpt-1b-redpajama-200b")
