@@ -954,6 +954,15 @@ def _position_ids_from_mask(attention_mask: torch.Tensor) -> torch.LongTensor:
     return (attention_mask.long().cumsum(dim=-1) - 1).masked_fill(attention_mask == 0, 0)
 
 
+def _new_token_rows_not_loadable() -> ValueError:
+    return ValueError(
+        "These weights hold `new_token_embeddings` (the <image> / <|endofchunk|> rows trained after "
+        "`freeze_for_training()`), which this model does not have: call `model.freeze_for_training()` before "
+        "loading them (e.g. before `PeftModel.from_pretrained(model, adapter)` or `model.load_adapter(adapter)`), or "
+        "they would be dropped. An adapter folder is loaded onto its base model, not with `from_pretrained` alone."
+    )
+
+
 # `torch.compile`d versions of the loss, one per set of compile arguments (a model keeps the arguments, which pickle).
 _COMPILED_LOSSES: dict[str, Any] = {}
 
@@ -2335,6 +2344,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             return super().from_pretrained(*args, output_loading_info=True, **kwargs)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
+        if any(key.startswith("new_token_embeddings.") for key in unexpected):  # an adapter's folder (transformers 5)
+            raise _new_token_rows_not_loadable()
         if missing or unexpected:
             where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
             gated = any(k.startswith("gated_cross_attn_layers.") for k in (*missing, *unexpected))
@@ -2345,6 +2356,30 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 + " Pass output_loading_info=True to load it anyway and inspect the report."
             )
         return model
+
+    if _TRANSFORMERS_MAJOR >= 5:  # 4.x's loads the adapter through `load_state_dict` ([`_state_dict_pre_load_hook`])
+
+        def load_adapter(self, *args: Any, **kwargs: Any) -> Any:
+            """[`~PreTrainedModel.load_adapter`], refusing an adapter whose `new_token_embeddings` (rows trained after
+            [`freeze_for_training`]) this model has no place for: transformers 5 would drop them with a logged
+            report. The adapter it added is deleted again before the error where PEFT can (`delete_adapter` needs
+            peft >= 0.22 on transformers 5)."""
+            before = set(getattr(self, "peft_config", None) or ())
+            info = super().load_adapter(*args, **kwargs)
+            unexpected = getattr(info, "unexpected_keys", None) or ()
+            if "new_token_embeddings" not in self._modules and any(
+                key.startswith("new_token_embeddings.") for key in unexpected
+            ):
+                error = _new_token_rows_not_loadable()
+                try:
+                    for name in set(getattr(self, "peft_config", None) or ()) - before:
+                        self.delete_adapter(name)
+                except (ImportError, ValueError) as cannot:
+                    raise ValueError(
+                        f"{error} The adapter stays loaded without them ({cannot}): load the base model again."
+                    ) from None
+                raise error
+            return info
 
     def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
         """[`~PreTrainedModel.save_pretrained`]; rows trained since [`freeze_for_training`] are written into the saved
@@ -2464,11 +2499,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         if "new_token_embeddings" not in self._modules and any(
             key.startswith(f"{prefix}new_token_embeddings.") for key in state_dict
         ):
-            raise ValueError(
-                "These weights hold `new_token_embeddings` (the <image> / <|endofchunk|> rows trained after "
-                "`freeze_for_training()`), which this model does not have: call `model.freeze_for_training()` before "
-                "loading them (e.g. before `PeftModel.from_pretrained(model, adapter)`), or they would be dropped."
-            )
+            raise _new_token_rows_not_loadable()
         nested, flat = f"{prefix}vision_model.vision_model.", f"{prefix}vision_model."
         if "vision_model" in self.vision_model._modules:  # transformers 4.x: the nested layout is the model's own
             renames = {key: nested + key[len(flat) :] for key in state_dict if key.startswith(flat)}

@@ -735,6 +735,17 @@ def test_trainer_with_lora_on_the_lm_and_the_recipe(converted, tmp_path):
     # without `freeze_for_training()` the base has no `new_token_embeddings`: refused, not silently dropped
     with pytest.raises(ValueError, match=r"call `model.freeze_for_training\(\)` before loading"):
         peft.PeftModel.from_pretrained(load(converted, family)[0], tmp_path / "adapter")
+    # so are transformers' own ways in (transformers 5 would drop them with a logged report)
+    with pytest.raises(ValueError, match=r"call `model.freeze_for_training\(\)` before loading"):
+        load(converted, family)[0].load_adapter(str(tmp_path / "adapter"))
+    with pytest.raises(ValueError, match=r"call `model.freeze_for_training\(\)` before loading"):
+        AutoModelForImageTextToText.from_pretrained(tmp_path / "adapter")
+    base, _ = load(converted, family)
+    base.freeze_for_training()
+    base.load_adapter(str(tmp_path / "adapter"))
+    base.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(base(**inputs).logits, adapted, rtol=0, atol=1e-6)
     base, _ = load(converted, family)
     base.freeze_for_training()
     reloaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter")
