@@ -1352,8 +1352,8 @@ def infer_cross_attn_every_n_layers(checkpoint: TensorSource) -> int:
     if indices != expected:
         raise ConversionError(
             f"{checkpoint.name}: its gated cross-attention blocks are before decoder layers {indices}: no "
-            f"cross_attn_every_n_layers puts them there (N={n} would give {expected}). Pass "
-            "--cross-attn-every-n-layers to convert it with the blocks that N places."
+            f"cross_attn_every_n_layers puts them there (N={n} would give {expected}), so no OpenFlamingo model "
+            "holds them. Is the checkpoint whole?"
         )
     return n
 

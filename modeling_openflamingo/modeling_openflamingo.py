@@ -23,6 +23,7 @@ import functools
 import inspect
 import logging as std_logging
 import operator
+import os
 import sys
 import types
 import weakref
@@ -963,6 +964,22 @@ def _new_token_rows_not_loadable() -> ValueError:
     )
 
 
+def _adapter_holds_new_token_rows(adapter: Any, state_dict: Mapping[str, Any] | None) -> bool:
+    """Whether a PEFT adapter (a local folder, or its state dict) holds `new_token_embeddings` rows; False when
+    that cannot be told without loading it (a hub id)."""
+    if state_dict is not None:
+        return any(".new_token_embeddings." in f".{key}" for key in state_dict)
+    if adapter is None or not os.path.isdir(adapter):
+        return False
+    path = os.path.join(adapter, "adapter_model.safetensors")
+    if not os.path.isfile(path):
+        return False
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as weights:
+        return any(".new_token_embeddings." in f".{key}" for key in weights.keys())
+
+
 # `torch.compile`d versions of the loss, one per set of compile arguments (a model keeps the arguments, which pickle).
 _COMPILED_LOSSES: dict[str, Any] = {}
 
@@ -1891,8 +1908,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 The prompts, left-padded (the processor's default), `<image>` where each image stands.
             continuations (`list[list[int]]` or `torch.LongTensor` of shape `(num_candidates, max_len)`):
                 The K candidates' token ids, without special tokens (e.g.
-                `tokenizer(class_names, add_special_tokens=False)["input_ids"]`). As a tensor, right-padded, with
-                `continuation_mask`.
+                `tokenizer(class_names, add_special_tokens=False)["input_ids"]`). As a tensor, padded on either side
+                (`tokenizer(..., padding=True, return_tensors="pt")`), with `continuation_mask`.
             attention_mask (`torch.Tensor` of shape `(batch, prompt_len)`, *optional*): 1 for real prompt tokens.
             pixel_values (`torch.FloatTensor` of shape `(batch, num_images, 3, H, W)`, *optional*):
                 The prompts' images (zero-padded rows), as for [`forward`].
@@ -1995,7 +2012,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
     def _pad_continuations(
         continuations: Sequence[Sequence[int]] | torch.Tensor, continuation_mask: torch.Tensor | None, device: Any
     ) -> tuple[torch.LongTensor, torch.Tensor]:
-        """`(num_candidates, max_len)` right-padded ids and their mask; every candidate must have a first token."""
+        """`(num_candidates, max_len)` right-padded ids and their mask (a left-padded tensor is moved to the right);
+        every candidate must have a first token."""
         if torch.is_tensor(continuations):
             if continuations.ndim != 2 or not _is_integer(continuations):
                 raise ValueError(
@@ -2015,7 +2033,11 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                     raise ValueError("continuation_mask must hold 1 for real tokens and 0 for padding, nothing else.")
                 mask = continuation_mask.to(device=device, dtype=torch.long)
                 if bool((mask[:, 1:] > mask[:, :-1]).any()):
-                    raise ValueError("continuation_mask must be right padding: 1s, then 0s.")
+                    if bool((mask[:, 1:] < mask[:, :-1]).any()):
+                        raise ValueError("continuation_mask must be padding on one side: 1s then 0s, or 0s then 1s.")
+                    # left padding (a tokenizer that pads left): each row's tokens moved to its front
+                    order = torch.argsort(1 - mask, dim=-1, stable=True)
+                    ids, mask = ids.gather(-1, order), mask.gather(-1, order)
         else:
             if continuation_mask is not None:
                 raise ValueError("continuation_mask goes with a tensor of continuations, not with lists of ids.")
@@ -2357,29 +2379,29 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             )
         return model
 
-    if _TRANSFORMERS_MAJOR >= 5:  # 4.x's loads the adapter through `load_state_dict` ([`_state_dict_pre_load_hook`])
-
-        def load_adapter(self, *args: Any, **kwargs: Any) -> Any:
-            """[`~PreTrainedModel.load_adapter`], refusing an adapter whose `new_token_embeddings` (rows trained after
-            [`freeze_for_training`]) this model has no place for: transformers 5 would drop them with a logged
-            report. The adapter it added is deleted again before the error where PEFT can (`delete_adapter` needs
-            peft >= 0.22 on transformers 5)."""
-            before = set(getattr(self, "peft_config", None) or ())
-            info = super().load_adapter(*args, **kwargs)
-            unexpected = getattr(info, "unexpected_keys", None) or ()
-            if "new_token_embeddings" not in self._modules and any(
-                key.startswith("new_token_embeddings.") for key in unexpected
-            ):
-                error = _new_token_rows_not_loadable()
-                try:
-                    for name in set(getattr(self, "peft_config", None) or ()) - before:
-                        self.delete_adapter(name)
-                except (ImportError, ValueError) as cannot:
-                    raise ValueError(
-                        f"{error} The adapter stays loaded without them ({cannot}): load the base model again."
-                    ) from None
-                raise error
-            return info
+    def load_adapter(self, peft_model_id: str | os.PathLike | None = None, *args: Any, **kwargs: Any) -> Any:
+        """[`~PreTrainedModel.load_adapter`], refusing an adapter whose `new_token_embeddings` (rows trained after
+        [`freeze_for_training`]) this model has no place for (transformers 5 would drop them with a logged report):
+        before anything is loaded when the adapter is a local folder or a state dict; otherwise after, with the added
+        adapter deleted again where PEFT can (`delete_adapter` needs peft >= 0.22 on transformers 5)."""
+        if "new_token_embeddings" in self._modules:
+            return super().load_adapter(peft_model_id, *args, **kwargs)
+        if _adapter_holds_new_token_rows(peft_model_id, kwargs.get("adapter_state_dict")):
+            raise _new_token_rows_not_loadable()
+        before = set(getattr(self, "peft_config", None) or ())
+        info = super().load_adapter(peft_model_id, *args, **kwargs)
+        unexpected = getattr(info, "unexpected_keys", None) or ()
+        if any(key.startswith("new_token_embeddings.") for key in unexpected):
+            error = _new_token_rows_not_loadable()
+            try:
+                for name in set(getattr(self, "peft_config", None) or ()) - before:
+                    self.delete_adapter(name)
+            except (ImportError, ValueError) as cannot:
+                raise ValueError(
+                    f"{error} The adapter stays loaded without them ({cannot}): load the base model again."
+                ) from None
+            raise error
+        return info
 
     def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
         """[`~PreTrainedModel.save_pretrained`]; rows trained since [`freeze_for_training`] are written into the saved

@@ -579,8 +579,8 @@ def test_wrong_cross_attn_interval(family, wrong_n, key, right_n, tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cross_attn_interval_is_read_from_the_checkpoint(family, tmp_path):
-    """Without a preset or `--cross-attn-every-n-layers`, N is where the checkpoint's gated blocks are (v1's second
-    copies included): the same folder as with N given; a dry run of the local file finds it too."""
+    """Without a preset or `--cross-attn-every-n-layers`, N is where the checkpoint's gated blocks are: the same
+    folder as with N given; a dry run of the local file finds it too."""
     n = spec_of(family)["cross_attn_every_n_layers"]
     given = convert_openflamingo_checkpoint(**fixture_kwargs(family), output_dir=tmp_path / "given")
     read = convert_openflamingo_checkpoint(
@@ -608,6 +608,16 @@ def test_cross_attn_interval_read_from_a_checkpoint_trained_with_another_n(tmp_p
     )
     model = AutoModelForImageTextToText.from_pretrained(out)
     assert model.config.cross_attn_every_n_layers == 2 and sorted(model.gated_cross_attn_layers) == ["1", "3"]
+    # the v1 layout's second copies alone, under an FSDP wrapper's names
+    llama = torch.load(FIXTURES / "tiny-llama" / "checkpoint.pt", weights_only=True)
+    v1 = _variant("v1_duplicates", llama)
+    v1 = {f"module.{k}": t for k, t in v1.items() if ".gated_cross_attn_layer." not in k}
+    assert any(k.startswith("module.lang_encoder.gated_cross_attn_layers.") for k in v1)
+    torch.save(v1, tmp_path / "v1.pt")
+    kwargs = fixture_kwargs("tiny-llama", checkpoint=tmp_path / "v1.pt", cross_attn_every_n_layers=None)
+    kwargs.pop("progress")
+    inputs = resolve_inputs(**kwargs)
+    assert inputs.cross_attn_every_n_layers == spec_of("tiny-llama")["cross_attn_every_n_layers"]
     irregular = tmp_path / "irregular.pt"
     torch.save({k: v for k, v in state.items() if not k.startswith(blocks[1])}, irregular)
     with pytest.raises(ConversionError) as error:
@@ -617,7 +627,7 @@ def test_cross_attn_interval_read_from_a_checkpoint_trained_with_another_n(tmp_p
         )
     message = str(error.value)
     assert str(irregular) in message and "before decoder layers [0, 1, 3]" in message
-    assert "--cross-attn-every-n-layers" in message and not (tmp_path / "o2").exists()
+    assert "no cross_attn_every_n_layers puts them there" in message and not (tmp_path / "o2").exists()
 
 
 def test_lm_with_fewer_layers_than_the_checkpoint(tmp_path):

@@ -811,6 +811,26 @@ def test_score_continuations_inputs(loaded, tiny_images):
     torch.testing.assert_close(
         model.score_continuations(**batch, continuations=padded, continuation_mask=mask), scores, atol=1e-5, rtol=0
     )
+    # left padding too (the processor's tokenizer pads left)
+    left_ids, left_mask = torch.full_like(ids, -100), torch.zeros_like(mask)
+    for i, c in enumerate(candidates):
+        left_ids[i, width - len(c) :], left_mask[i, width - len(c) :] = torch.tensor(c), 1
+    torch.testing.assert_close(
+        model.score_continuations(**batch, continuations=left_ids, continuation_mask=left_mask),
+        scores,
+        atol=1e-5,
+        rtol=0,
+    )
+    tokenized = processor.tokenizer(["a cat", "dog"], add_special_tokens=False, padding=True, return_tensors="pt")
+    by_lists = processor.tokenizer(["a cat", "dog"], add_special_tokens=False)["input_ids"]
+    torch.testing.assert_close(
+        model.score_continuations(
+            **batch, continuations=tokenized["input_ids"], continuation_mask=tokenized["attention_mask"]
+        ),
+        model.score_continuations(**batch, continuations=by_lists),
+        atol=1e-5,
+        rtol=0,
+    )
     # single-token candidates need no second forward at all
     counter = CallCounter(embed=model.get_input_embeddings())
     try:
@@ -839,8 +859,9 @@ def test_score_continuations_inputs(loaded, tiny_images):
         model.score_continuations(**batch, continuations=[[5], []])
     with pytest.raises(ValueError, match="continuations is empty"):
         model.score_continuations(**batch, continuations=[])
-    with pytest.raises(ValueError, match="right padding"):
-        model.score_continuations(**batch, continuations=ids, continuation_mask=mask.flip(-1))
+    with pytest.raises(ValueError, match="continuation_mask must be padding on one side"):
+        holes = torch.tensor([[1, 0, 1]])
+        model.score_continuations(**batch, continuations=torch.tensor([[5, 6, 7]]), continuation_mask=holes)
     with pytest.raises(ValueError, match="no images were given"):
         model.score_continuations(input_ids=batch["input_ids"], continuations=candidates)
     for chunk in (0, -1, 1.5):  # refused whether or not the candidates need a second forward

@@ -736,12 +736,17 @@ def test_trainer_with_lora_on_the_lm_and_the_recipe(converted, tmp_path):
     with pytest.raises(ValueError, match=r"call `model.freeze_for_training\(\)` before loading"):
         peft.PeftModel.from_pretrained(load(converted, family)[0], tmp_path / "adapter")
     # so are transformers' own ways in (transformers 5 would drop them with a logged report)
+    base, _ = load(converted, family)
+    with torch.no_grad():
+        plain_logits = base(**inputs).logits
     with pytest.raises(ValueError, match=r"call `model.freeze_for_training\(\)` before loading"):
-        load(converted, family)[0].load_adapter(str(tmp_path / "adapter"))
+        base.load_adapter(str(tmp_path / "adapter"))
+    assert not getattr(base, "peft_config", None)  # refused before anything was loaded
+    with torch.no_grad():
+        torch.testing.assert_close(base(**inputs).logits, plain_logits, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"call `model.freeze_for_training\(\)` before loading"):
         AutoModelForImageTextToText.from_pretrained(tmp_path / "adapter")
-    base, _ = load(converted, family)
-    base.freeze_for_training()
+    base.freeze_for_training()  # the same model, as the error says
     base.load_adapter(str(tmp_path / "adapter"))
     base.eval()
     with torch.no_grad():
