@@ -25,7 +25,7 @@ import tempfile
 import uuid
 import warnings
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +44,7 @@ from transformers import (
 )
 
 from . import conversion_hub as hub
-from .configuration_openflamingo import VIT_L_14_CONFIG, OpenFlamingoConfig
+from .configuration_openflamingo import VIT_L_14_CONFIG, OpenFlamingoConfig, gated_layer_indices
 from .conversion_errors import ConversionError
 from .conversion_presets import CHECKPOINT_FILENAME, DEFAULT_VISION, Preset, get_preset
 from .image_processing_openflamingo import OpenFlamingoImageProcessor
@@ -1338,21 +1338,30 @@ def _no_gated_blocks(source: TensorSource) -> ConversionError:
     )
 
 
+def _interval_of(indices: Sequence[int]) -> int | None:
+    """The N that places gated blocks before exactly the decoder layers `indices` (sorted) as far as they go
+    ([`gated_layer_indices`]: the first before layer N - 1); None if no N does."""
+    if not indices:
+        return None
+    n = indices[0] + 1
+    return n if list(indices) == gated_layer_indices(n, indices[-1] + 1) else None
+
+
 def infer_cross_attn_every_n_layers(checkpoint: TensorSource) -> int:
-    """N from where `checkpoint`'s gated cross-attention blocks are: the original puts one before every decoder layer
-    `i` with `(i + 1) % N == 0`, so the first is before layer N - 1. Blocks at other places are an error (pass N);
-    whether the LM has the layers they need is checked with the LM."""
+    """N from where `checkpoint`'s gated cross-attention blocks are ([`_interval_of`]). Blocks that no N places are
+    an error; whether the LM has the layers they need is checked with the LM."""
     indices = sorted(
         {int(m.group(1) or m.group(2)) for key in checkpoint.keys() if (m := _ORIGINAL_GATED_KEY.match(key))}
     )
     if not indices:
         raise _no_gated_blocks(checkpoint)
-    n = indices[0] + 1
-    expected = list(range(n - 1, indices[-1] + 1, n))
-    if indices != expected:
+    n = _interval_of(indices)
+    if n is None:
+        first = indices[0] + 1
+        placed = gated_layer_indices(first, indices[-1] + 1)
         raise ConversionError(
             f"{checkpoint.name}: its gated cross-attention blocks are before decoder layers {indices}: no "
-            f"cross_attn_every_n_layers puts them there (N={n} would give {expected}), so no OpenFlamingo model "
+            f"cross_attn_every_n_layers puts them there (N={first} would give {placed}), so no OpenFlamingo model "
             "holds them. Is the checkpoint whole?"
         )
     return n
@@ -1367,8 +1376,7 @@ def _check_gated_layers(found: Mapping[int, str], layout: ModelLayout, source: T
     found_indices = sorted(found)
     bad = next((i for i in found_indices if i not in expected), None)
     key = found[bad] if bad is not None else next(iter(found.values()), None)
-    steps = {b - a for a, b in zip(found_indices, found_indices[1:], strict=False)}
-    inferred = found_indices[0] + 1 if found_indices and steps <= {found_indices[0] + 1} else None
+    inferred = _interval_of(found_indices)
     hint = ""
     if found_indices and found_indices[-1] >= layout.num_lm_layers:
         hint = (

@@ -34,6 +34,12 @@ def _as_int(value: Any) -> Any:
     return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
 
 
+def gated_layer_indices(cross_attn_every_n_layers: int, num_layers: int) -> list[int]:
+    """The decoder layers (of `num_layers`) that a gated cross-attention block precedes: every layer `i` with
+    `(i + 1) % cross_attn_every_n_layers == 0`, as the original places them."""
+    return [i for i in range(num_layers) if (i + 1) % cross_attn_every_n_layers == 0]
+
+
 class OpenFlamingoConfig(PretrainedConfig):
     r"""
     Configuration of [`OpenFlamingoForConditionalGeneration`].
@@ -218,8 +224,7 @@ class OpenFlamingoConfig(PretrainedConfig):
     @property
     def cross_attn_layer_indices(self) -> list[int]:
         """Indices of the decoder layers that a gated cross-attention block precedes."""
-        n = self.cross_attn_every_n_layers
-        return [i for i in range(self.text_config.num_hidden_layers) if (i + 1) % n == 0]
+        return gated_layer_indices(self.cross_attn_every_n_layers, self.text_config.num_hidden_layers)
 
     def to_dict(self) -> dict[str, Any]:
         """As the base class, with sub-config dtypes that follow the model's, and the legacy rotary keys that
