@@ -968,16 +968,16 @@ def _adapter_holds_new_token_rows(adapter: Any, state_dict: Mapping[str, Any] | 
     """Whether a PEFT adapter (a local folder, or its state dict) holds `new_token_embeddings` rows; False when
     that cannot be told without loading it (a hub id)."""
     if state_dict is not None:
-        return any(".new_token_embeddings." in f".{key}" for key in state_dict)
-    if adapter is None or not os.path.isdir(adapter):
-        return False
-    path = os.path.join(adapter, "adapter_model.safetensors")
-    if not os.path.isfile(path):
-        return False
-    from safetensors import safe_open
+        keys = list(state_dict)
+    else:
+        path = os.path.join(adapter, "adapter_model.safetensors") if adapter is not None else None
+        if path is None or not os.path.isfile(path):
+            return False
+        from safetensors import safe_open
 
-    with safe_open(path, "pt") as weights:
-        return any(".new_token_embeddings." in f".{key}" for key in weights.keys())
+        with safe_open(path, "pt") as weights:
+            keys = list(weights.keys())
+    return any(".new_token_embeddings." in f".{key}" for key in keys)
 
 
 # `torch.compile`d versions of the loss, one per set of compile arguments (a model keeps the arguments, which pickle).
