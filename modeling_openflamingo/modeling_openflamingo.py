@@ -507,11 +507,16 @@ class OpenFlamingoGatedCrossAttentionBlock(GradientCheckpointingLayer):
         """
         if return_key_values:
             return self.attn.key_values(hidden_states)
+        lm_dtype = hidden_states.dtype
+        if lm_dtype != self.ff_gate.dtype and not torch.is_autocast_enabled(hidden_states.device.type):
+            # an LM loaded in another dtype than the blocks (`dtype={"text_config": torch.bfloat16, "": "float32"}`):
+            # the block computes in its own dtype and hands the LM its hidden states back in the LM's
+            hidden_states = hidden_states.to(self.ff_gate.dtype)
         if key is not None:
             attn = self.attn(hidden_states, key, value, attn_mask, keeps_query, keeps_output)
             hidden_states = attn * self.attn_gate.tanh().to(attn.dtype) + hidden_states
         ff = self.ff(hidden_states)
-        return ff * self.ff_gate.tanh().to(ff.dtype) + hidden_states
+        return (ff * self.ff_gate.tanh().to(ff.dtype) + hidden_states).to(lm_dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -687,8 +692,11 @@ def add_mpt_qk_layernorm(language_model: nn.Module, text_config: PretrainedConfi
         raise ValueError(f"`qk_ln` is set but {type(language_model).__name__} has no `Wqkv` attention to apply it to.")
     for attention in attentions:
         d_model = attention.Wqkv.out_features // 3
-        attention.q_ln = nn.LayerNorm(d_model, eps=eps, bias=False)
-        attention.k_ln = nn.LayerNorm(d_model, eps=eps, bias=False)
+        # in the LM's dtype, which may not be the default one (transformers 4.x's `dtype={"text_config": ...}`)
+        weight = attention.Wqkv.weight
+        factory = {"dtype": weight.dtype, "device": weight.device} if weight.is_floating_point() else {}
+        attention.q_ln = nn.LayerNorm(d_model, eps=eps, bias=False, **factory)
+        attention.k_ln = nn.LayerNorm(d_model, eps=eps, bias=False, **factory)
         attention.register_forward_pre_hook(_follow_wqkv)
         _follow_wqkv(attention, ())  # hooked now, so that a compiled first call does not register a hook
         if type(attention) in _MPT_ATTENTION_CLASSES:

@@ -861,6 +861,37 @@ def test_bfloat16_load_and_forward(tmp_path):
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
 
 
+@pytest.mark.parametrize("family", list(TEXT_CONFIGS))
+def test_language_model_in_another_dtype_than_the_blocks(family):
+    """An LM in bf16 with fp32 gated blocks, vision tower and Perceiver, without autocast (what transformers 4.x's
+    `from_pretrained(dtype={"text_config": torch.bfloat16, "": torch.float32})` builds): the blocks compute in their
+    own dtype and return the LM's; logits are the all-fp32 model's up to bf16 rounding, and training gets gradients."""
+    model = tiny_model(family)
+    ids, pixel_values = inputs()
+    with torch.no_grad():
+        reference = model(input_ids=ids, pixel_values=pixel_values).logits
+    model.language_model.to(torch.bfloat16)
+    out = model(input_ids=ids, pixel_values=pixel_values, labels=ids)
+    assert out.logits.dtype == torch.bfloat16
+    torch.testing.assert_close(out.logits.float(), reference, atol=0.1, rtol=0.05)
+    out.loss.backward()
+    block = next(iter(model.gated_cross_attn_layers.values()))
+    assert block.attn.to_q.weight.grad.dtype == torch.float32 and block.attn.to_q.weight.grad.abs().sum() > 0
+    generated = model.generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=3, min_new_tokens=3)
+    assert generated.shape == (2, ids.shape[1] + 3)
+
+
+@pytest.mark.skipif(not IS_V4, reason="transformers 5.x loads a per-module dtype dict in one dtype, with a warning")
+def test_per_module_dtype_dict_on_v4(tmp_path):
+    tiny_model("mosaic_gpt").save_pretrained(tmp_path)
+    dtypes = {"text_config": torch.bfloat16, "": torch.float32}
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path, dtype=dtypes)
+    assert {p.dtype for p in model.language_model.parameters()} == {torch.bfloat16}  # MosaicGPT's q_ln / k_ln too
+    assert {p.dtype for p in model.gated_cross_attn_layers.parameters()} == {torch.float32}
+    ids, pixel_values = inputs()
+    assert model(input_ids=ids, pixel_values=pixel_values).logits.dtype == torch.bfloat16
+
+
 @pytest.mark.skipif(not IS_V4, reason="AutoModelForVision2Seq exists on transformers 4.x only")
 def test_auto_model_for_vision2seq_on_v4(tmp_path):
     from transformers import AutoModelForVision2Seq
