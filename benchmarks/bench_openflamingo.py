@@ -52,9 +52,8 @@ from modeling_openflamingo import (  # noqa: E402
 from modeling_openflamingo.checkpoint_conversion import preset_config  # noqa: E402
 from modeling_openflamingo.configuration_openflamingo import VIT_L_14_CONFIG  # noqa: E402
 from modeling_openflamingo.data_collator import attention_mask_without_host_sync  # noqa: E402
+from modeling_openflamingo.fast_decoding import _STATIC_DECODERS, _capture_cuda_graph  # noqa: E402
 from modeling_openflamingo.modeling_openflamingo import (  # noqa: E402
-    _STATIC_DECODERS,
-    _capture_cuda_graph,
     add_mpt_static_cache_support,
     image_indices_from_input_ids,
 )

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_openflamingo import flamingo_config  # noqa: E402
 
 from modeling_openflamingo import OpenFlamingoForConditionalGeneration  # noqa: E402
-from modeling_openflamingo.modeling_openflamingo import (  # noqa: E402
+from modeling_openflamingo.fast_decoding import (  # noqa: E402
     _decoding_state,
     _module_hook_ids,
     _walked_modules,

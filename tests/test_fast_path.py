@@ -12,16 +12,17 @@ import pytest
 import torch
 import transformers
 
-from modeling_openflamingo import decoding_kernels
-from modeling_openflamingo import modeling_openflamingo as modeling
-from modeling_openflamingo.modeling_openflamingo import (
+from modeling_openflamingo import decoding_kernels, fast_decoding
+from modeling_openflamingo.fast_decoding import (
     _STATIC_DECODERS,
-    _TRACED_CROSS_ATTENTION,
-    OpenFlamingoImageCache,
-    _mpt_static_cache_view,
     _StaticBeamDecoder,
     _StaticDecoder,
     _StaticGreedyDecoder,
+)
+from modeling_openflamingo.modeling_openflamingo import (
+    _TRACED_CROSS_ATTENTION,
+    OpenFlamingoImageCache,
+    _mpt_static_cache_view,
 )
 
 from .test_core import EOC, MEDIA, PAD, inputs, mpt_attention_classes
@@ -336,7 +337,7 @@ def test_decoders_made_over_time_do_not_reach_dynamos_recompile_limit(fast_path_
     model = tiny_model("gpt_neox")
     ids, mask, pixel_values = padded_prompt()
     made = []
-    compiled_before = [name for name in vars(modeling) if name.startswith("__compiled_fn")]
+    compiled_before = [name for name in vars(fast_decoding) if name.startswith("__compiled_fn")]
     with torch._dynamo.config.patch(**{_RECOMPILE_LIMIT: 1}):  # (not monkeypatch: its undo deletes the option)
         for batch in (1, 2, 1, 2):
             kw = generate_kwargs(ids[:batch], mask[:batch], pixel_values[:batch], max_new_tokens=3, min_new_tokens=3)
@@ -346,7 +347,7 @@ def test_decoders_made_over_time_do_not_reach_dynamos_recompile_limit(fast_path_
                 _STATIC_DECODERS[model].clear()  # made again: more decoders than shapes
     assert len(made) == 4
     # the compiled functions dynamo adds to the step's globals are the copy's own: none added to the module's
-    assert [name for name in vars(modeling) if name.startswith("__compiled_fn")] == compiled_before
+    assert [name for name in vars(fast_decoding) if name.startswith("__compiled_fn")] == compiled_before
 
 
 @needs_v5
@@ -594,7 +595,7 @@ def test_fast_path_prompt_steps_per_prompt_shape(fast_path_on_cpu):
 def test_prompt_step_capture_failure_falls_back_cleanly(monkeypatch):
     """A prompt step that cannot be captured (here: a host sync inside) runs eagerly: same tokens, and the device's
     random number generator still works afterwards."""
-    from modeling_openflamingo.modeling_openflamingo import _PromptStep
+    from modeling_openflamingo.fast_decoding import _PromptStep
 
     step = _PromptStep._step
 

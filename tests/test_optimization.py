@@ -266,7 +266,7 @@ def test_errors():
 def test_inductor_update_captured_in_a_cuda_graph_follows_the_eager_one(converted):
     """The default on CUDA (each parameter's update one inductor kernel), in a training step captured as one CUDA
     graph and replayed, against the eager update: the same path to rounding."""
-    from modeling_openflamingo.modeling_openflamingo import _capture_cuda_graph
+    from modeling_openflamingo.fast_decoding import _capture_cuda_graph
 
     eager = recipe_model(converted)
     graphed = copy.deepcopy(eager)
