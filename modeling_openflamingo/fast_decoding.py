@@ -18,7 +18,7 @@ import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -31,13 +31,14 @@ from .modeling_openflamingo import (
     _CACHE_FIELD,
     _RECOMPILE_LIMIT,
     _TRANSFORMERS_MAJOR,
-    OpenFlamingoCausalLMOutputWithPast,
-    OpenFlamingoForConditionalGeneration,
     OpenFlamingoImageCache,
     _fed_image_indices,
     _forward_parameters,
     _position_ids_from_mask,
 )
+
+if TYPE_CHECKING:  # annotations only
+    from .modeling_openflamingo import OpenFlamingoCausalLMOutputWithPast, OpenFlamingoForConditionalGeneration
 
 logger = logging.get_logger(__name__)
 
@@ -207,7 +208,7 @@ def generate_static(
     )
     if made:
         # the state as the new decoder's first call left it: a first forward may move a hook to a module that
-        # replaced its target (MosaicGPT's QK-LayerNorm to a PEFT-wrapped `Wqkv`, [`_follow_wqkv`])
+        # replaced its target (MosaicGPT's QK-LayerNorm to a PEFT-wrapped `Wqkv`, `modeling_openflamingo._follow_wqkv`)
         _DECODED_STATE[model] = _decoding_state(model)
     return sequences
 

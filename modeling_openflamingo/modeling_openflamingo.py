@@ -21,6 +21,7 @@ import contextvars
 import copy
 import functools
 import inspect
+import itertools
 import logging as std_logging
 import operator
 import os
@@ -176,6 +177,12 @@ class OpenFlamingoFeedForward(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """`(..., dim)` -> `(..., dim)`."""
         return self.fc2(self.act(self.fc1(self.norm(hidden_states))))
+
+
+def _autocast_enabled(tensor: torch.Tensor) -> bool:
+    """Whether autocast is on for `tensor`'s device type (False on devices autocast does not know, as `meta`)."""
+    device_type = tensor.device.type
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -429,6 +436,14 @@ class OpenFlamingoCrossAttention(nn.Module):
 
     def key_values(self, image_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`(batch, num_images, num_latents, dim_visual)` -> keys and values `(batch, heads, images * latents, dh)`."""
+        weight = self.to_kv.weight
+        if (
+            weight.is_floating_point()
+            and weight.dtype != image_hidden_states.dtype
+            and not _autocast_enabled(image_hidden_states)
+        ):
+            # a Perceiver in another dtype than the blocks (a per-module dtype dict)
+            image_hidden_states = image_hidden_states.to(weight.dtype)
         k, v = self.to_kv(image_hidden_states.flatten(1, 2)).chunk(2, dim=-1)
         # contiguous: computed once per call and read at every step (and FSDP warns about returning views)
         return _split_heads(k, self.heads).contiguous(), _split_heads(v, self.heads).contiguous()
@@ -505,15 +520,21 @@ class OpenFlamingoGatedCrossAttentionBlock(GradientCheckpointingLayer):
         if return_key_values:
             return self.attn.key_values(hidden_states)
         lm_dtype = hidden_states.dtype
-        if lm_dtype != self.ff_gate.dtype and not torch.is_autocast_enabled(hidden_states.device.type):
-            # an LM loaded in another dtype than the blocks (`dtype={"text_config": torch.bfloat16, "": "float32"}`):
-            # the block computes in its own dtype and hands the LM its hidden states back in the LM's
-            hidden_states = hidden_states.to(self.ff_gate.dtype)
+        compute_dtype = self.ff_gate.dtype
+        if compute_dtype != lm_dtype and _autocast_enabled(hidden_states):
+            compute_dtype = lm_dtype  # autocast picks the matmuls' dtype
+        # An LM loaded in another dtype than the blocks (transformers 4.x's `dtype={"text_config": torch.bfloat16,
+        # "": torch.float32}`, or the reverse): the attention and feed-forward run in the blocks' dtype, the residual
+        # stream in the wider of the two, so that a closed gate hands the LM its hidden states back unchanged. With
+        # one dtype every cast below is a no-op.
+        residual_dtype = torch.promote_types(lm_dtype, compute_dtype)
+        residual = hidden_states.to(residual_dtype)
         if key is not None:
-            attn = self.attn(hidden_states, key, value, attn_mask, keeps_query, keeps_output)
-            hidden_states = attn * self.attn_gate.tanh().to(attn.dtype) + hidden_states
-        ff = self.ff(hidden_states)
-        return (ff * self.ff_gate.tanh().to(ff.dtype) + hidden_states).to(lm_dtype)
+            attn = self.attn(residual.to(compute_dtype), key, value, attn_mask, keeps_query, keeps_output)
+            residual = residual + (attn * self.attn_gate.tanh().to(attn.dtype)).to(residual_dtype)
+        ff = self.ff(residual.to(compute_dtype))
+        residual = residual + (ff * self.ff_gate.tanh().to(ff.dtype)).to(residual_dtype)
+        return residual.to(lm_dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -671,6 +692,17 @@ def _is_mpt(text_config: PretrainedConfig) -> bool:
     return getattr(text_config, "model_type", None) == "mpt"
 
 
+def _layer_norm_factory(wqkv: nn.Module) -> dict[str, Any]:
+    """Device and dtype for a LayerNorm beside `wqkv`: its weight's, which may not be the default dtype (transformers
+    4.x's `dtype={"text_config": ...}`); the device only when the weight is quantized (an integer `weight`, or none at
+    all, as GPTQ's `qweight`)."""
+    weight = getattr(wqkv, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        return {"dtype": weight.dtype, "device": weight.device}
+    tensor = next(itertools.chain(wqkv.parameters(), wqkv.buffers()), None)
+    return {} if tensor is None else {"device": tensor.device}
+
+
 def add_mpt_qk_layernorm(language_model: nn.Module, text_config: PretrainedConfig) -> None:
     """Give transformers' MPT the QK-LayerNorm of MosaicGPT when `text_config.attn_config.qk_ln` is set.
 
@@ -688,12 +720,9 @@ def add_mpt_qk_layernorm(language_model: nn.Module, text_config: PretrainedConfi
     if not attentions:
         raise ValueError(f"`qk_ln` is set but {type(language_model).__name__} has no `Wqkv` attention to apply it to.")
     for attention in attentions:
-        d_model = attention.Wqkv.out_features // 3
-        # in the LM's dtype, which may not be the default one (transformers 4.x's `dtype={"text_config": ...}`)
-        weight = attention.Wqkv.weight
-        factory = {"dtype": weight.dtype, "device": weight.device} if weight.is_floating_point() else {}
-        attention.q_ln = nn.LayerNorm(d_model, eps=eps, bias=False, **factory)
-        attention.k_ln = nn.LayerNorm(d_model, eps=eps, bias=False, **factory)
+        factory = _layer_norm_factory(attention.Wqkv)
+        attention.q_ln = nn.LayerNorm(text_config.hidden_size, eps=eps, bias=False, **factory)
+        attention.k_ln = nn.LayerNorm(text_config.hidden_size, eps=eps, bias=False, **factory)
         attention.register_forward_pre_hook(_follow_wqkv)
         _follow_wqkv(attention, ())  # hooked now, so that a compiled first call does not register a hook
         if type(attention) in _MPT_ATTENTION_CLASSES:
@@ -1012,7 +1041,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         self.perceiver = OpenFlamingoPerceiverResampler(config)
         if _is_mpt(config.text_config) and config.text_config._attn_implementation == "sdpa":
             # asked for by name (`attn_implementation="sdpa"`): transformers' MPT has eager attention only, and the
-            # SDPA one is this package's (`add_mpt_sdpa_attention`, below)
+            # SDPA one is this package's (`add_mpt_sdpa_attention`, after the LM is built)
             config.text_config._attn_implementation = "eager"
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         add_mpt_qk_layernorm(self.language_model, config.text_config)
@@ -1595,7 +1624,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         With `cache_implementation="static"` on a CUDA device, plain greedy decoding and plain beam search (no
         sampling, logits processors, streamers or extra outputs) run a fast path of their own: one compiled decoding
         step replayed as a CUDA graph, with the same sequences as `GenerationMixin`'s loop (`fast_decoding.py`:
-        [`_StaticGreedyDecoder`], [`_StaticBeamDecoder`]). Its first call per batch size and cache length compiles.
+        `_StaticGreedyDecoder`, `_StaticBeamDecoder`). Its first call per batch size and cache length compiles.
 
         Returns:
             As `GenerationMixin.generate`: `torch.LongTensor` of shape

@@ -1294,7 +1294,7 @@ for folder, reference in json.loads(sys.argv[1]):
             out = model(input_ids=ref["input_ids_right"], attention_mask=ref["attention_mask_right"],
                         pixel_values=ref["vision_x"])
         error = (out.logits.float() - ref["logits_right"]).abs().max().item()
-        # `generate` imports the folder's copy of the fast path's module (`fast_decoding.py`)
+        # `generate` imports the folder's copy of `fast_decoding.py` (the fast path itself runs on CUDA only)
         greedy = model.generate(input_ids=ref["input_ids_left"], attention_mask=ref["attention_mask_left"],
                                 pixel_values=ref["vision_x"], max_new_tokens=8, min_new_tokens=8)
         results.append([folder, auto.__name__, type(model).__module__, str(model.dtype), error,

@@ -29,6 +29,8 @@ from transformers import (
 from modeling_openflamingo import OpenFlamingoConfig, OpenFlamingoForConditionalGeneration
 from modeling_openflamingo.modeling_openflamingo import (
     _ACTIVE_CROSS_ATTENTION,
+    OpenFlamingoGatedCrossAttentionBlock,
+    add_mpt_qk_layernorm,
     cross_attention_mask,
     find_decoder_layers,
 )
@@ -879,6 +881,63 @@ def test_language_model_in_another_dtype_than_the_blocks(family):
     assert block.attn.to_q.weight.grad.dtype == torch.float32 and block.attn.to_q.weight.grad.abs().sum() > 0
     generated = model.generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=3, min_new_tokens=3)
     assert generated.shape == (2, ids.shape[1] + 3)
+
+
+@pytest.mark.parametrize(
+    ("lm_dtype", "block_dtype"), [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)]
+)
+def test_a_closed_gated_block_is_the_identity_across_dtypes(lm_dtype, block_dtype):
+    """Gates at 0 (a fresh block) hand the LM its hidden states back bit for bit, whichever of the LM and the block
+    is wider: the residual stream is kept in the wider dtype, only the attention's and feed-forward's inputs are cast.
+    Open gates give the all-fp32 block's output up to bf16 rounding."""
+    config = tiny_config()
+    torch.manual_seed(0)
+    block = OpenFlamingoGatedCrossAttentionBlock(config).to(block_dtype)
+    hidden = torch.randn(2, 5, 32).to(lm_dtype) * 100  # large, so that rounding to bf16 would show
+    latents = torch.randn(2, 1, 4, 32)
+    key, value = block(latents, return_key_values=True)  # fp32 latents into a bf16 block: cast to its dtype
+    assert key.dtype == block_dtype
+    mask = torch.ones(2, 1, 5, 4, dtype=torch.bool)
+    keeps = torch.ones(2, 5, 1, dtype=torch.bool)
+    out = block(hidden, key, value, mask, keeps)
+    assert out.dtype == lm_dtype and torch.equal(out, hidden)
+
+    with torch.no_grad():
+        block.attn_gate.fill_(0.5)
+        block.ff_gate.fill_(-0.5)
+    reference = copy.deepcopy(block).float()
+    expected = reference(hidden.float(), *reference(latents, return_key_values=True), mask, keeps)
+    out = block(hidden, key, value, mask, keeps)
+    assert out.dtype == lm_dtype
+    torch.testing.assert_close(out.float(), expected, atol=0.5, rtol=0.02)
+
+
+def test_a_gated_block_on_the_meta_device_across_dtypes():
+    """Autocast is not asked about on a device it does not know (`meta`, as in a shape-only dry run)."""
+    with torch.device("meta"):
+        block = OpenFlamingoGatedCrossAttentionBlock(tiny_config())
+        out = block(torch.empty(2, 5, 32, dtype=torch.bfloat16))
+    assert out.shape == (2, 5, 32) and out.dtype == torch.bfloat16
+
+
+def test_qk_layernorm_beside_a_quantized_wqkv():
+    """A `Wqkv` with no floating `weight` (GPTQ's `QuantLinear` keeps `qweight` buffers): the LayerNorms take its
+    device and the default dtype."""
+
+    class QuantLinear(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("qweight", torch.zeros(32, 96, dtype=torch.int32))
+
+    class Attention(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.Wqkv = QuantLinear()
+
+    language_model = torch.nn.ModuleList([Attention(), Attention()])
+    add_mpt_qk_layernorm(language_model, TEXT_CONFIGS["mosaic_gpt"]())
+    for attention in language_model:
+        assert attention.q_ln.weight.shape == (32,) and attention.k_ln.weight.dtype == torch.get_default_dtype()
 
 
 @pytest.mark.skipif(not IS_V4, reason="transformers 5.x loads a per-module dtype dict in one dtype, with a warning")
