@@ -1294,17 +1294,26 @@ for folder, reference in json.loads(sys.argv[1]):
             out = model(input_ids=ref["input_ids_right"], attention_mask=ref["attention_mask_right"],
                         pixel_values=ref["vision_x"])
         error = (out.logits.float() - ref["logits_right"]).abs().max().item()
-        # `generate` imports the folder's copy of `fast_decoding.py` (the fast path itself runs on CUDA only)
-        greedy = model.generate(input_ids=ref["input_ids_left"], attention_mask=ref["attention_mask_left"],
-                                pixel_values=ref["vision_x"], max_new_tokens=8, min_new_tokens=8)
+        prompt = dict(input_ids=ref["input_ids_left"], attention_mask=ref["attention_mask_left"],
+                      pixel_values=ref["vision_x"], max_new_tokens=8, min_new_tokens=8)
+        greedy = model.generate(**prompt)
+        fast_equal = None
+        if major >= 5:
+            # the folder's copy of the decoding fast path (`fast_decoding.py`), let run on the CPU (uncompiled)
+            fast = sys.modules[type(model).__module__.rpartition(".")[0] + ".fast_decoding"]
+            fast._StaticDecoder.run_on_cpu = True
+            fast_greedy = model.generate(**prompt, cache_implementation="static")
+            fast._StaticDecoder.run_on_cpu = False
+            fast_equal = model in fast._STATIC_DECODERS and torch.equal(fast_greedy, greedy)
         results.append([folder, auto.__name__, type(model).__module__, str(model.dtype), error,
-                        type(processor).__name__, torch.equal(greedy, ref["greedy"])])
+                        type(processor).__name__, torch.equal(greedy, ref["greedy"]), fast_equal])
 print(json.dumps(results))
 """
 
 
 def test_converted_folders_load_with_remote_code_without_the_package(converted, tmp_path):
-    """A subprocess whose sys.path excludes the repo: only the code files inside the folders can be used."""
+    """A subprocess whose sys.path excludes the repo: only the code files inside the folders can be used. They give
+    the original's logits and greedy ids, and on transformers 5.x the copy's decoding fast path gives `generate`'s."""
     sharded = tmp_path / "sharded-bf16"
     args = cli_args("tiny-neox", sharded, **{"--dtype": "bfloat16", "--max-shard-size": "100KB"}) + ["--no-progress"]
     assert load_cli().main(args) == 0
@@ -1324,9 +1333,10 @@ def test_converted_folders_load_with_remote_code_without_the_package(converted, 
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(rows) == 2 * (1 if IS_V5 else 2)
-    for folder, _auto, module, dtype, error, processor, greedy_equal in rows:
+    for folder, _auto, module, dtype, error, processor, greedy_equal, fast_equal in rows:
         assert module.startswith("transformers_modules"), module
         assert processor == "OpenFlamingoProcessor"
+        assert fast_equal is (True if IS_V5 else None)  # the copy's fast path ran and gave `generate`'s ids
         if folder == str(sharded):
             assert dtype == "torch.bfloat16" and error < 0.15
         else:
