@@ -21,7 +21,6 @@ import contextvars
 import copy
 import functools
 import inspect
-import itertools
 import logging as std_logging
 import operator
 import os
@@ -694,13 +693,15 @@ def _is_mpt(text_config: PretrainedConfig) -> bool:
 
 def _layer_norm_factory(wqkv: nn.Module) -> dict[str, Any]:
     """Device and dtype for a LayerNorm beside `wqkv`: its weight's, which may not be the default dtype (transformers
-    4.x's `dtype={"text_config": ...}`); the device only when the weight is quantized (an integer `weight`, or none at
-    all, as GPTQ's `qweight`)."""
+    4.x's `dtype={"text_config": ...}`). A quantized `wqkv` (an integer `weight`, or none, as GPTQ's `qweight`) gives
+    its first floating tensor's dtype (GPTQ's `scales`), else only its device."""
     weight = getattr(wqkv, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
-        return {"dtype": weight.dtype, "device": weight.device}
-    tensor = next(itertools.chain(wqkv.parameters(), wqkv.buffers()), None)
-    return {} if tensor is None else {"device": tensor.device}
+    tensors = [weight] if isinstance(weight, torch.Tensor) else []
+    tensors += [*wqkv.parameters(), *wqkv.buffers()]
+    floating = next((tensor for tensor in tensors if tensor.is_floating_point()), None)
+    if floating is not None:
+        return {"dtype": floating.dtype, "device": floating.device}
+    return {"device": tensors[0].device} if tensors else {}
 
 
 def add_mpt_qk_layernorm(language_model: nn.Module, text_config: PretrainedConfig) -> None:

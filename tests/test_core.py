@@ -921,23 +921,25 @@ def test_a_gated_block_on_the_meta_device_across_dtypes():
 
 
 def test_qk_layernorm_beside_a_quantized_wqkv():
-    """A `Wqkv` with no floating `weight` (GPTQ's `QuantLinear` keeps `qweight` buffers): the LayerNorms take its
-    device and the default dtype."""
+    """A `Wqkv` with no floating `weight` (GPTQ's `QuantLinear` keeps `qweight` and fp16 `scales` buffers): the
+    LayerNorms take the dtype of its scales, or the default dtype when it has no floating tensor at all."""
 
     class QuantLinear(torch.nn.Module):
-        def __init__(self) -> None:
+        def __init__(self, scales: bool) -> None:
             super().__init__()
             self.register_buffer("qweight", torch.zeros(32, 96, dtype=torch.int32))
+            if scales:
+                self.register_buffer("scales", torch.ones(1, 96, dtype=torch.float16))
 
     class Attention(torch.nn.Module):
-        def __init__(self) -> None:
+        def __init__(self, scales: bool) -> None:
             super().__init__()
-            self.Wqkv = QuantLinear()
+            self.Wqkv = QuantLinear(scales)
 
-    language_model = torch.nn.ModuleList([Attention(), Attention()])
+    language_model = torch.nn.ModuleList([Attention(scales=True), Attention(scales=False)])
     add_mpt_qk_layernorm(language_model, TEXT_CONFIGS["mosaic_gpt"]())
-    for attention in language_model:
-        assert attention.q_ln.weight.shape == (32,) and attention.k_ln.weight.dtype == torch.get_default_dtype()
+    assert [attention.q_ln.weight.shape for attention in language_model] == [(32,), (32,)]
+    assert [attention.k_ln.weight.dtype for attention in language_model] == [torch.float16, torch.get_default_dtype()]
 
 
 @pytest.mark.skipif(not IS_V4, reason="transformers 5.x loads a per-module dtype dict in one dtype, with a warning")
