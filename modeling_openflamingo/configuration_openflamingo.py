@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import numbers
 from typing import Any
 
@@ -38,6 +39,15 @@ def gated_layer_indices(cross_attn_every_n_layers: int, num_layers: int) -> list
     """The decoder layers (of `num_layers`) that a gated cross-attention block precedes: every layer `i` with
     `(i + 1) % cross_attn_every_n_layers == 0`, as the original places them."""
     return [i for i in range(num_layers) if (i + 1) % cross_attn_every_n_layers == 0]
+
+
+# The dtypes of a model's parts while the model saves itself (`OpenFlamingoForConditionalGeneration.save_pretrained`):
+# `{"vision_config": "bfloat16", "text_config": "float32", "": "float32"}` for the vision tower, the LM and the rest.
+# The sub-configs then record their parts' own dtypes, which may differ from the top-level one (a model loaded with a
+# per-part dtype dict on transformers 4.x).
+SAVED_PART_DTYPES: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "openflamingo_saved_part_dtypes", default=None
+)
 
 
 class OpenFlamingoConfig(PretrainedConfig):
@@ -236,15 +246,22 @@ class OpenFlamingoConfig(PretrainedConfig):
         output = super().to_dict()
         # The sub-configs carry the model's dtype too: transformers 4.x loads each sub-model in its sub-config's
         # dtype under `dtype="auto"`, so a stale one (say float32 from the LM's own config.json, on a model saved in
-        # bfloat16) would load a model of mixed dtypes.
+        # bfloat16) would load a model of mixed dtypes. A model saving itself gives its parts' actual dtypes instead.
+        part_dtypes = SAVED_PART_DTYPES.get() or {}
+        for key in ("dtype", "torch_dtype"):
+            if "" in part_dtypes and output.get(key) is not None:
+                output[key] = part_dtypes[""]  # the Perceiver's and the blocks' (transformers writes the first one's)
         top_dtype = output.get("dtype") or output.get("torch_dtype")
-        if top_dtype is not None:
-            for name in ("text_config", "vision_config"):
-                sub = output.get(name)
-                if isinstance(sub, dict):
-                    for key in ("dtype", "torch_dtype"):
-                        if sub.get(key) is not None:
-                            sub[key] = top_dtype
+        for name in ("text_config", "vision_config"):
+            sub = output.get(name)
+            if not isinstance(sub, dict):
+                continue
+            dtype = part_dtypes.get(name, top_dtype)
+            keys = [key for key in ("dtype", "torch_dtype") if sub.get(key) is not None]
+            if name in part_dtypes and not keys:
+                keys = ["dtype" if "dtype" in output else "torch_dtype"]
+            for key in keys if dtype is not None else ():
+                sub[key] = dtype
         text = output.get("text_config")
         rope = text.get("rope_parameters") if isinstance(text, dict) else None
         if isinstance(rope, dict) and rope.get("rope_type", "default") == "default":

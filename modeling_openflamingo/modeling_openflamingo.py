@@ -65,7 +65,7 @@ if __name__ == "modeling_openflamingo":  # pragma: no cover - see the test of co
     sys.modules[__name__] = _package
     __package__ = __name__
 
-from .configuration_openflamingo import OpenFlamingoConfig
+from .configuration_openflamingo import SAVED_PART_DTYPES, OpenFlamingoConfig
 from .decoding_kernels import scaled_dot_product_attention
 
 try:  # transformers >= 5: initialisers that leave loaded weights alone
@@ -182,6 +182,17 @@ def _autocast_enabled(tensor: torch.Tensor) -> bool:
     """Whether autocast is on for `tensor`'s device type (False on devices autocast does not know, as `meta`)."""
     device_type = tensor.device.type
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def _narrowed(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` in `dtype`, clamped to its range where that is narrower (fp32 activations beyond fp16's 65504 become
+    its largest finite value, not inf, which a LayerNorm would turn into NaN). A no-op in `tensor`'s own dtype."""
+    if tensor.dtype == dtype:
+        return tensor
+    info = torch.finfo(dtype)
+    if info.max < torch.finfo(tensor.dtype).max:
+        tensor = tensor.clamp(info.min, info.max)
+    return tensor.to(dtype)
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -519,19 +530,20 @@ class OpenFlamingoGatedCrossAttentionBlock(GradientCheckpointingLayer):
         if return_key_values:
             return self.attn.key_values(hidden_states)
         lm_dtype = hidden_states.dtype
-        compute_dtype = self.ff_gate.dtype
-        if compute_dtype != lm_dtype and _autocast_enabled(hidden_states):
-            compute_dtype = lm_dtype  # autocast picks the matmuls' dtype
-        # An LM loaded in another dtype than the blocks (transformers 4.x's `dtype={"text_config": torch.bfloat16,
-        # "": torch.float32}`, or the reverse): the attention and feed-forward run in the blocks' dtype, the residual
-        # stream in the wider of the two, so that a closed gate hands the LM its hidden states back unchanged. With
-        # one dtype every cast below is a no-op.
+        compute_dtype = block_dtype = self.ff_gate.dtype
+        if block_dtype != lm_dtype and torch.promote_types(lm_dtype, block_dtype) == block_dtype:
+            if _autocast_enabled(hidden_states):
+                compute_dtype = lm_dtype  # a block wider than the LM under autocast: autocast picks the matmuls' dtype
+        # An LM in another dtype than the blocks (transformers 4.x's `dtype={"text_config": torch.bfloat16, "": ...}`,
+        # or the reverse): the attention and feed-forward run in the blocks' dtype (or the LM's, if narrower, under
+        # autocast), the residual stream in the wider of the two, so that a closed gate hands the LM its hidden states
+        # back unchanged. With one dtype every cast below is a no-op.
         residual_dtype = torch.promote_types(lm_dtype, compute_dtype)
         residual = hidden_states.to(residual_dtype)
         if key is not None:
-            attn = self.attn(residual.to(compute_dtype), key, value, attn_mask, keeps_query, keeps_output)
+            attn = self.attn(_narrowed(residual, compute_dtype), key, value, attn_mask, keeps_query, keeps_output)
             residual = residual + (attn * self.attn_gate.tanh().to(attn.dtype)).to(residual_dtype)
-        ff = self.ff(residual.to(compute_dtype))
+        ff = self.ff(_narrowed(residual, compute_dtype))
         residual = residual + (ff * self.ff_gate.tanh().to(ff.dtype)).to(residual_dtype)
         return residual.to(lm_dtype)
 
@@ -1038,7 +1050,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
     def __init__(self, config: OpenFlamingoConfig) -> None:
         config.check()  # again: `from_pretrained(path, **overrides)` sets fields after the config's __init__
         super().__init__(config)
-        self.vision_model = CLIPVisionModel(config.vision_config)
+        # `_from_config`, as the LM's `from_config`: each built in its sub-config's dtype (transformers 4.x's
+        # `from_pretrained(dtype={"vision_config": ..., "text_config": ..., "": ...})`)
+        self.vision_model = CLIPVisionModel._from_config(config.vision_config)
         self.perceiver = OpenFlamingoPerceiverResampler(config)
         if _is_mpt(config.text_config) and config.text_config._attn_implementation == "sdpa":
             # asked for by name (`attn_implementation="sdpa"`): transformers' MPT has eager attention only, and the
@@ -2337,14 +2351,25 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             else:
                 kwargs["state_dict"] = self._fold_new_token_embeddings(kwargs.get("state_dict"))
         wrapped_class = type(self)
-        if not wrapped_class.__module__.startswith("torch.distributed"):
-            return super().save_pretrained(save_directory, *args, **kwargs)
         own_class = next(c for c in wrapped_class.__mro__ if not c.__module__.startswith("torch.distributed"))
         self.__class__ = own_class
+        token = SAVED_PART_DTYPES.set(self._part_dtypes())
         try:
             return super().save_pretrained(save_directory, *args, **kwargs)
         finally:
+            SAVED_PART_DTYPES.reset(token)
             self.__class__ = wrapped_class
+
+    def _part_dtypes(self) -> dict[str, str]:
+        """The dtypes of the vision tower, the LM and the Perceiver (their first floating parameter's), by sub-config
+        name (`""` for the Perceiver, whose dtype the gated blocks share unless set apart)."""
+        dtypes = {}
+        parts = (("vision_config", self.vision_model), ("text_config", self.language_model), ("", self.perceiver))
+        for name, module in parts:
+            dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+            if dtype is not None:
+                dtypes[name] = str(dtype).removeprefix("torch.")
+        return dtypes
 
     def _new_token_embedding_keys(self) -> list[str]:
         """State-dict names of the embedding matrix whose rows are trained (input embeddings, and a tied output)."""

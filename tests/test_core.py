@@ -883,31 +883,38 @@ def test_language_model_in_another_dtype_than_the_blocks(family):
     assert generated.shape == (2, ids.shape[1] + 3)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize(
-    ("lm_dtype", "block_dtype"), [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)]
+    ("lm_dtype", "block_dtype"),
+    [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16), (torch.float32, torch.float16)],
 )
-def test_a_closed_gated_block_is_the_identity_across_dtypes(lm_dtype, block_dtype):
+def test_a_closed_gated_block_is_the_identity_across_dtypes(lm_dtype, block_dtype, autocast):
     """Gates at 0 (a fresh block) hand the LM its hidden states back bit for bit, whichever of the LM and the block
-    is wider: the residual stream is kept in the wider dtype, only the attention's and feed-forward's inputs are cast.
-    Open gates give the all-fp32 block's output up to bf16 rounding."""
+    is wider, with or without autocast: the residual stream is kept in the wider dtype, only the attention's and
+    feed-forward's inputs are cast (clamped to fp16's range: an fp32 outlier beyond it would be inf, then NaN after a
+    LayerNorm, and NaN times a closed gate is NaN). Open gates give the all-fp32 block's output up to the rounding
+    of the narrower dtype."""
     config = tiny_config()
     torch.manual_seed(0)
     block = OpenFlamingoGatedCrossAttentionBlock(config).to(block_dtype)
     hidden = torch.randn(2, 5, 32).to(lm_dtype) * 100  # large, so that rounding to bf16 would show
+    outlier = hidden.clone()
+    outlier[0, 0, 0] = 7e4 if lm_dtype == torch.float32 else 0  # beyond fp16's 65504
     latents = torch.randn(2, 1, 4, 32)
-    key, value = block(latents, return_key_values=True)  # fp32 latents into a bf16 block: cast to its dtype
-    assert key.dtype == block_dtype
     mask = torch.ones(2, 1, 5, 4, dtype=torch.bool)
     keeps = torch.ones(2, 5, 1, dtype=torch.bool)
-    out = block(hidden, key, value, mask, keeps)
-    assert out.dtype == lm_dtype and torch.equal(out, hidden)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        key, value = block(latents, return_key_values=True)  # fp32 latents into a bf16 block: cast to its dtype
+        for x in (hidden, outlier):
+            out = block(x, key, value, mask, keeps)
+            assert out.dtype == lm_dtype and torch.equal(out, x)
 
-    with torch.no_grad():
-        block.attn_gate.fill_(0.5)
-        block.ff_gate.fill_(-0.5)
+        with torch.no_grad():
+            block.attn_gate.fill_(0.5)
+            block.ff_gate.fill_(-0.5)
+        out = block(hidden, key, value, mask, keeps)
     reference = copy.deepcopy(block).float()
     expected = reference(hidden.float(), *reference(latents, return_key_values=True), mask, keeps)
-    out = block(hidden, key, value, mask, keeps)
     assert out.dtype == lm_dtype
     torch.testing.assert_close(out.float(), expected, atol=0.5, rtol=0.02)
 
@@ -943,14 +950,31 @@ def test_qk_layernorm_beside_a_quantized_wqkv():
 
 
 @pytest.mark.skipif(not IS_V4, reason="transformers 5.x loads a per-module dtype dict in one dtype, with a warning")
-def test_per_module_dtype_dict_on_v4(tmp_path):
+@pytest.mark.parametrize("vision_dtype", [torch.float32, torch.bfloat16])
+def test_per_module_dtype_dict_on_v4(tmp_path, vision_dtype):
+    """transformers 4.x's per-part dtypes: the LM and the vision tower each in its sub-config's dtype, the Perceiver
+    and the gated blocks in the top-level one; a save records each part's dtype, and `dtype="auto"` restores them."""
     tiny_model("mosaic_gpt").save_pretrained(tmp_path)
-    dtypes = {"text_config": torch.bfloat16, "": torch.float32}
+    dtypes = {"text_config": torch.bfloat16, "vision_config": vision_dtype, "": torch.float32}
     model = AutoModelForImageTextToText.from_pretrained(tmp_path, dtype=dtypes)
-    assert {p.dtype for p in model.language_model.parameters()} == {torch.bfloat16}  # MosaicGPT's q_ln / k_ln too
-    assert {p.dtype for p in model.gated_cross_attn_layers.parameters()} == {torch.float32}
+
+    def part_dtypes(model):
+        parts = (model.language_model, model.vision_model, model.perceiver, model.gated_cross_attn_layers)
+        return [{p.dtype for p in part.parameters()} for part in parts]
+
+    # MosaicGPT's q_ln / k_ln in the LM's dtype too
+    assert part_dtypes(model) == [{torch.bfloat16}, {vision_dtype}, {torch.float32}, {torch.float32}]
     ids, pixel_values = inputs()
-    assert model(input_ids=ids, pixel_values=pixel_values).logits.dtype == torch.bfloat16
+    logits = model(input_ids=ids, pixel_values=pixel_values).logits
+    assert logits.dtype == torch.bfloat16
+
+    model.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert saved["text_config"]["dtype"] == "bfloat16"
+    assert saved["vision_config"]["dtype"] == str(vision_dtype).removeprefix("torch.")
+    again = AutoModelForImageTextToText.from_pretrained(tmp_path / "saved", dtype="auto")
+    assert part_dtypes(again) == part_dtypes(model)
+    assert torch.equal(again(input_ids=ids, pixel_values=pixel_values).logits, logits)
 
 
 @pytest.mark.skipif(not IS_V4, reason="AutoModelForVision2Seq exists on transformers 4.x only")
