@@ -2340,7 +2340,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
     def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
         """[`~PreTrainedModel.save_pretrained`]; rows trained since [`freeze_for_training`] are written into the saved
         embedding matrix (and its tied output copy), so the folder loads as an ordinary model. A `state_dict` passed
-        in (e.g. by `Trainer` under FSDP) is folded the same way; it must hold full tensors.
+        in (e.g. by `Trainer` under FSDP) is folded the same way; it must hold full tensors. The config records the
+        dtype of each part (vision tower, LM, the rest), so that transformers 4.x's `dtype="auto"` restores a model of
+        mixed dtypes as it was.
 
         Under FSDP2 the model's class is a subclass that torch makes (`FSDPOpenFlamingoForConditionalGeneration`);
         the folder's code and `auto_map` are those of this class, not of torch's FSDP module.
