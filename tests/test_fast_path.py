@@ -176,7 +176,7 @@ def test_decoding_step_compiles_without_graph_breaks(family):
 
     torch._dynamo.reset()
     model = tiny_model(family)
-    ids, pixel_values = inputs()
+    ids, pixel_values = (tensor.to(DEVICE) for tensor in inputs())
     text_config = model.config.text_config
     results = []
     for compiled in (False, True):
@@ -186,7 +186,7 @@ def test_decoding_step_compiles_without_graph_breaks(family):
             step = torch.compile(model, backend="eager", fullgraph=True) if compiled else model
             nxt = step(
                 input_ids=out.logits[:, -1:].argmax(-1),
-                attention_mask=torch.ones(2, 16, dtype=torch.long),
+                attention_mask=torch.ones(2, 16, dtype=torch.long, device=DEVICE),
                 image_cache=out.image_cache,
                 image_indices=out.image_cache.last_image_index[:, None],
                 cache=cache,
@@ -565,7 +565,7 @@ def test_decoders_stay_after_a_peft_wrapped_qk_layernorm_projection(fast_path_on
 def test_image_cache_output_is_unchanged_by_the_fast_path_module():
     """The public image cache still carries per-block keys/values and the last image index."""
     model = tiny_model("gpt_neox")
-    ids, pixel_values = inputs()
+    ids, pixel_values = (tensor.to(DEVICE) for tensor in inputs())
     with torch.no_grad():
         out = model(input_ids=ids, pixel_values=pixel_values, use_cache=True)
     assert isinstance(out.image_cache, OpenFlamingoImageCache)
