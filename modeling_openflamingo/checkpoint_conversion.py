@@ -1654,10 +1654,11 @@ def build_converted_model(
         )
     target_dtype = dtype or inputs.checkpoint.floating_dtype() or torch.float32
     load_into(model, materialize(plan, target_dtype, progress))
-    # The sub-configs keep the dtype of their sources (the LM's config.json says float32); transformers 4.x's
-    # `dtype="auto"` loads each sub-model in its sub-config's dtype, so they must say what is stored.
-    for sub_config in (config, config.text_config, config.vision_config):
-        sub_config.dtype = target_dtype
+    # The sub-configs keep the dtype of their sources (the LM's config.json says float32); transformers 4.x builds
+    # each sub-model in its sub-config's dtype where one is set, so theirs are unset: every part is in the model's.
+    config.dtype = target_dtype
+    for sub_config in (config.text_config, config.vision_config):
+        sub_config.dtype = None
     model.eval()
     model.generation_config = default_generation_config(config, tok)
     processor = OpenFlamingoProcessor(

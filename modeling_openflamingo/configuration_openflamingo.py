@@ -41,11 +41,11 @@ def gated_layer_indices(cross_attn_every_n_layers: int, num_layers: int) -> list
     return [i for i in range(num_layers) if (i + 1) % cross_attn_every_n_layers == 0]
 
 
-# The dtypes of a model's parts while the model saves itself (`OpenFlamingoForConditionalGeneration.save_pretrained`):
-# `{"vision_config": "bfloat16", "text_config": "float32", "": "float32"}` for the vision tower, the LM and the rest.
-# The sub-configs then record their parts' own dtypes, which may differ from the top-level one (a model loaded with a
-# per-part dtype dict on transformers 4.x).
-SAVED_PART_DTYPES: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+# While a model saves itself (`OpenFlamingoForConditionalGeneration.save_pretrained`): its config and the dtypes of its
+# parts, `{"vision_config": "bfloat16", "text_config": "float32", "": "float32"}` for the vision tower, the LM and the
+# rest. That config's sub-configs then record the dtype of a part that differs from the rest (a model loaded with a
+# per-part dtype dict on transformers 4.x); other configs serialised meanwhile are not affected.
+SAVED_PART_DTYPES: contextvars.ContextVar[tuple[PretrainedConfig, dict[str, str]] | None] = contextvars.ContextVar(
     "openflamingo_saved_part_dtypes", default=None
 )
 
@@ -237,31 +237,32 @@ class OpenFlamingoConfig(PretrainedConfig):
         return gated_layer_indices(self.cross_attn_every_n_layers, self.text_config.num_hidden_layers)
 
     def to_dict(self) -> dict[str, Any]:
-        """As the base class, with sub-config dtypes that follow the model's, and the legacy rotary keys that
-        transformers 4.x reads, so one folder loads on both majors.
+        """As the base class, with sub-config dtypes only where a saved model's part differs from the rest, and the
+        legacy rotary keys that transformers 4.x reads, so one folder loads on both majors.
 
         transformers 5.x writes rotary settings only as `rope_parameters`; 4.x ignores that and falls back to its
         defaults (GPT-NeoX: `rotary_pct=0.25`), which would silently change the model.
         """
         output = super().to_dict()
-        # The sub-configs carry the model's dtype too: transformers 4.x loads each sub-model in its sub-config's
-        # dtype under `dtype="auto"`, so a stale one (say float32 from the LM's own config.json, on a model saved in
-        # bfloat16) would load a model of mixed dtypes. A model saving itself gives its parts' actual dtypes instead.
-        part_dtypes = SAVED_PART_DTYPES.get() or {}
-        for key in ("dtype", "torch_dtype"):
-            if "" in part_dtypes and output.get(key) is not None:
-                output[key] = part_dtypes[""]  # the Perceiver's and the blocks' (transformers writes the first one's)
-        top_dtype = output.get("dtype") or output.get("torch_dtype")
+        # transformers 4.x builds each sub-model in its sub-config's dtype where one is set (`dtype="auto"`, a dtype
+        # dict that leaves the part out, `from_config`), else in the top-level one. A sub-config's own dtype is
+        # therefore written only by a model saving itself, for a part whose dtype differs from the rest; otherwise
+        # it is left unset (one from the LM's own config.json would be stale, one equal to the top-level redundant).
+        saved = SAVED_PART_DTYPES.get()
+        part_dtypes = saved[1] if saved is not None and saved[0] is self else {}
+        dtype_key = "dtype" if "dtype" in output else "torch_dtype"
+        if "" in part_dtypes and output.get(dtype_key) is not None:
+            output[dtype_key] = part_dtypes[""]  # the Perceiver's and the blocks' (transformers writes the first one's)
+        top_dtype = output.get(dtype_key)
         for name in ("text_config", "vision_config"):
             sub = output.get(name)
             if not isinstance(sub, dict):
                 continue
-            dtype = part_dtypes.get(name, top_dtype)
-            keys = [key for key in ("dtype", "torch_dtype") if sub.get(key) is not None]
-            if name in part_dtypes and not keys:
-                keys = ["dtype" if "dtype" in output else "torch_dtype"]
-            for key in keys if dtype is not None else ():
-                sub[key] = dtype
+            for key in ("dtype", "torch_dtype"):
+                if key in sub:
+                    sub[key] = None
+            if part_dtypes.get(name, top_dtype) != top_dtype:
+                sub[dtype_key] = part_dtypes[name]
         text = output.get("text_config")
         rope = text.get("rope_parameters") if isinstance(text, dict) else None
         if isinstance(rope, dict) and rope.get("rope_type", "default") == "default":

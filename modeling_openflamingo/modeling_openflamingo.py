@@ -447,13 +447,9 @@ class OpenFlamingoCrossAttention(nn.Module):
     def key_values(self, image_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`(batch, num_images, num_latents, dim_visual)` -> keys and values `(batch, heads, images * latents, dh)`."""
         weight = self.to_kv.weight
-        if (
-            weight.is_floating_point()
-            and weight.dtype != image_hidden_states.dtype
-            and not _autocast_enabled(image_hidden_states)
-        ):
+        if weight.is_floating_point() and not _autocast_enabled(image_hidden_states):
             # a Perceiver in another dtype than the blocks (a per-module dtype dict)
-            image_hidden_states = image_hidden_states.to(weight.dtype)
+            image_hidden_states = _narrowed(image_hidden_states, weight.dtype)
         k, v = self.to_kv(image_hidden_states.flatten(1, 2)).chunk(2, dim=-1)
         # contiguous: computed once per call and read at every step (and FSDP warns about returning views)
         return _split_heads(k, self.heads).contiguous(), _split_heads(v, self.heads).contiguous()
@@ -529,15 +525,13 @@ class OpenFlamingoGatedCrossAttentionBlock(GradientCheckpointingLayer):
         """
         if return_key_values:
             return self.attn.key_values(hidden_states)
-        lm_dtype = hidden_states.dtype
-        compute_dtype = block_dtype = self.ff_gate.dtype
-        if block_dtype != lm_dtype and torch.promote_types(lm_dtype, block_dtype) == block_dtype:
-            if _autocast_enabled(hidden_states):
-                compute_dtype = lm_dtype  # a block wider than the LM under autocast: autocast picks the matmuls' dtype
         # An LM in another dtype than the blocks (transformers 4.x's `dtype={"text_config": torch.bfloat16, "": ...}`,
-        # or the reverse): the attention and feed-forward run in the blocks' dtype (or the LM's, if narrower, under
-        # autocast), the residual stream in the wider of the two, so that a closed gate hands the LM its hidden states
-        # back unchanged. With one dtype every cast below is a no-op.
+        # or the reverse): the attention and feed-forward run in the blocks' dtype (under autocast, in the LM's if
+        # that is the narrower: autocast picks the matmuls' dtype), the residual stream in the wider of the two, so
+        # that a closed gate hands the LM its hidden states back unchanged. With one dtype every cast is a no-op.
+        lm_dtype, block_dtype = hidden_states.dtype, self.ff_gate.dtype
+        block_is_wider = block_dtype != lm_dtype and torch.promote_types(lm_dtype, block_dtype) == block_dtype
+        compute_dtype = lm_dtype if block_is_wider and _autocast_enabled(hidden_states) else block_dtype
         residual_dtype = torch.promote_types(lm_dtype, compute_dtype)
         residual = hidden_states.to(residual_dtype)
         if key is not None:
@@ -2295,7 +2289,15 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         """As `PreTrainedModel.from_pretrained`, except that weights which do not fit the config are an error, not a
         logged report: a missing tensor would stay randomly initialised (say, a gated block after
         `cross_attn_every_n_layers` was changed) and an unexpected one would be dropped. With
-        `output_loading_info=True` the model loads anyway and the report is returned, as usual."""
+        `output_loading_info=True` the model loads anyway and the report is returned, as usual.
+
+        On transformers 4.x, a per-part `dtype` dict (`{"text_config": torch.bfloat16, "": torch.float32}`) gives the
+        parts it leaves out its `""` dtype (float32 without one), as it does the Perceiver and the gated blocks, not
+        a dtype that the folder's sub-config may hold."""
+        for key in ("dtype", "torch_dtype"):
+            if _TRANSFORMERS_MAJOR < 5 and isinstance(kwargs.get(key), dict):
+                main = kwargs[key].get("", torch.float32)
+                kwargs[key] = {"text_config": main, "vision_config": main, **kwargs[key]}
         if kwargs.pop("output_loading_info", False):
             return super().from_pretrained(*args, output_loading_info=True, **kwargs)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
@@ -2355,7 +2357,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         wrapped_class = type(self)
         own_class = next(c for c in wrapped_class.__mro__ if not c.__module__.startswith("torch.distributed"))
         self.__class__ = own_class
-        token = SAVED_PART_DTYPES.set(self._part_dtypes())
+        token = SAVED_PART_DTYPES.set((self.config, self._part_dtypes()))
         try:
             return super().save_pretrained(save_directory, *args, **kwargs)
         finally:

@@ -971,10 +971,58 @@ def test_per_module_dtype_dict_on_v4(tmp_path, vision_dtype):
     model.save_pretrained(tmp_path / "saved")
     saved = json.loads((tmp_path / "saved" / "config.json").read_text())
     assert saved["text_config"]["dtype"] == "bfloat16"
-    assert saved["vision_config"]["dtype"] == str(vision_dtype).removeprefix("torch.")
+    # written where the part's dtype differs from the rest's (float32, the top-level one), else left unset
+    assert saved["vision_config"].get("dtype") == (None if vision_dtype == torch.float32 else "bfloat16")
     again = AutoModelForImageTextToText.from_pretrained(tmp_path / "saved", dtype="auto")
     assert part_dtypes(again) == part_dtypes(model)
     assert torch.equal(again(input_ids=ids, pixel_values=pixel_values).logits, logits)
+
+
+@pytest.mark.parametrize("sub_config_dtypes", [False, True], ids=["new-folder", "sub-configs-say-bf16"])
+def test_a_dtype_dict_gives_the_parts_it_leaves_out_the_rest_dtype(tmp_path, sub_config_dtypes):
+    """A one-dtype save writes no sub-config dtype (transformers 4.x would build that part in it whatever the dtype
+    asked for); on 4.x the README's dict gives the vision tower the `""` dtype, also for a folder whose sub-configs
+    hold one (as converted folders did)."""
+    tiny_model("mosaic_gpt").to(torch.bfloat16).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert [config[name].get("dtype") for name in ("text_config", "vision_config")] == [None, None]
+    assert (config.get("dtype") or config.get("torch_dtype")) == "bfloat16"
+    if sub_config_dtypes:
+        for name in ("text_config", "vision_config"):
+            config[name]["dtype"] = "bfloat16"
+        (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path, dtype="auto")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    if not IS_V4:
+        return  # 5.x loads a dtype dict in one dtype
+    dtypes = {"text_config": torch.bfloat16, "": torch.float32}
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path, dtype=dtypes)
+    assert {p.dtype for p in model.language_model.parameters()} == {torch.bfloat16}
+    rest = (model.vision_model, model.perceiver, model.gated_cross_attn_layers)
+    assert {p.dtype for part in rest for p in part.parameters()} == {torch.float32}
+
+
+def test_part_dtypes_of_a_saving_model_reach_its_own_config_only():
+    """The dtypes that a model's `save_pretrained` records apply to that model's config, not to another config
+    serialised meanwhile; outside a save, the sub-configs' dtypes are left unset."""
+    from modeling_openflamingo.configuration_openflamingo import SAVED_PART_DTYPES
+
+    saving, other = tiny_model("llama").config, tiny_model("llama").config
+    saving.dtype = other.dtype = torch.float32  # as `save_pretrained` sets it before the config is written
+    token = SAVED_PART_DTYPES.set((saving, {"vision_config": "float32", "text_config": "bfloat16", "": "float16"}))
+    try:
+        mixed, plain = saving.to_dict(), other.to_dict()
+    finally:
+        SAVED_PART_DTYPES.reset(token)
+    dtype_key = "dtype" if "dtype" in mixed else "torch_dtype"
+    assert (mixed[dtype_key], mixed["vision_config"][dtype_key], mixed["text_config"][dtype_key]) == (
+        "float16",
+        "float32",
+        "bfloat16",
+    )
+    assert plain[dtype_key] != "float16"
+    assert plain["vision_config"].get(dtype_key) is None and plain["text_config"].get(dtype_key) is None
+    assert saving.to_dict()["vision_config"].get(dtype_key) is None
 
 
 @pytest.mark.skipif(not IS_V4, reason="AutoModelForVision2Seq exists on transformers 4.x only")
