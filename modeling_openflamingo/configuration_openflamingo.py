@@ -244,8 +244,8 @@ class OpenFlamingoConfig(PretrainedConfig):
         defaults (GPT-NeoX: `rotary_pct=0.25`), which would silently change the model.
         """
         output = super().to_dict()
-        # transformers 4.x builds each sub-model in its sub-config's dtype where one is set (`dtype="auto"`, a dtype
-        # dict that leaves the part out, `from_config`), else in the top-level one. A sub-config's own dtype is
+        # transformers 4.x builds each sub-model in its sub-config's dtype where one is set (`dtype="auto"`,
+        # `from_config`), else in the top-level one. A sub-config's own dtype is
         # therefore written only by a model saving itself, for a part whose dtype differs from the rest; otherwise
         # it is left unset (one from the LM's own config.json would be stale, one equal to the top-level redundant).
         saved = SAVED_PART_DTYPES.get()
