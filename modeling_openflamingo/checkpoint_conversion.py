@@ -936,8 +936,14 @@ def load_tokenizer(spec: str | os.PathLike, cache_dir: str | os.PathLike | None 
             "*.tiktoken); pass --tokenizer with the tokenizer the checkpoint was trained with (by default the LM's "
             "folder is used)."
         )
+    kwargs = {}
+    config_file = folder / "tokenizer_config.json"
+    if not config_file.is_file() or "clean_up_tokenization_spaces" not in _read_json(config_file, "tokenizer"):
+        # decoded text as the original's: transformers 4.33 cleaned up tokenization spaces unless told otherwise
+        # (" ." -> "."), later versions do not
+        kwargs["clean_up_tokenization_spaces"] = True
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), **kwargs)
     except Exception as error:  # noqa: BLE001 - missing packages (protobuf, sentencepiece) and bad files alike
         raise ConversionError(f"tokenizer: {folder} cannot be loaded: {_first_line(error)}") from error
     return add_openflamingo_tokens(tokenizer)

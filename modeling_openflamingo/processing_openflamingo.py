@@ -117,6 +117,10 @@ class OpenFlamingoProcessor(ProcessorMixin):
             # left, as this processor pads for generation by default: what pads without it (a pipeline's batches,
             # `tokenizer.pad`) reads the tokenizer's side; training batches ask for right padding by name
             tokenizer.padding_side = "left"
+            if getattr(tokenizer, "clean_up_tokenization_spaces", False):
+                # decoded text as the original's and transformers 4.x's (" ." -> "."): transformers 5 skips the
+                # cleanup that the tokenizer's config asks for when the tokenizer is BPE, unless told to apply it
+                tokenizer.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True
         self.image_token = IMAGE_TOKEN
         self.end_of_chunk_token = END_OF_CHUNK_TOKEN
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)

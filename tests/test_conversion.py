@@ -683,6 +683,29 @@ def test_tokenizer_that_does_not_fit_the_checkpoint(tmp_path):
     assert "'lang_encoder.model.embed_tokens.weight'" in message and "(403, 32)" in message and "tokenizer" in message
 
 
+@pytest.mark.parametrize("source_says", [None, True, False])
+def test_decoded_text_cleans_up_tokenization_spaces_as_the_original(tmp_path, source_says):
+    """The original (transformers 4.33) cleaned up tokenization spaces when the tokenizer's config did not say
+    otherwise (" ." -> "."); later transformers do not, and 5.x skips it for BPE tokenizers even when asked. A converted
+    tokenizer says what the original did, and the processor decodes as the original on both majors."""
+    source = tmp_path / "tokenizer"
+    shutil.copytree(FIXTURES / "tiny-neox" / "tokenizer", source)
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    config.pop("clean_up_tokenization_spaces")
+    if source_says is not None:
+        config["clean_up_tokenization_spaces"] = source_says
+    (source / "tokenizer_config.json").write_text(json.dumps(config))
+    out = tmp_path / "o"
+    convert_openflamingo_checkpoint(**fixture_kwargs("tiny-neox", tokenizer=source), output_dir=out)
+    cleans_up = source_says is not False
+    assert json.loads((out / "tokenizer_config.json").read_text())["clean_up_tokenization_spaces"] is cleans_up
+    processor = AutoProcessor.from_pretrained(out)
+    ids = processor.tokenizer("a cat , a dog . is n't it ?")["input_ids"]
+    expected = "a cat, a dog. isn't it?" if cleans_up else "a cat , a dog . is n't it ?"
+    assert processor.batch_decode([ids]) == [expected] and processor.decode(ids) == expected
+    assert processor.batch_decode([ids], clean_up_tokenization_spaces=False) == ["a cat , a dog . is n't it ?"]
+
+
 def test_a_tokenizer_folder_without_a_vocabulary_is_named(tmp_path):
     """The LM's folder is the default tokenizer; one holding weights only is refused as such (transformers would build
     an empty tokenizer, or ask for protobuf), in the dry run as in the conversion."""
