@@ -245,9 +245,9 @@ class OpenFlamingoConfig(PretrainedConfig):
         """
         output = super().to_dict()
         # transformers 4.x builds each sub-model in its sub-config's dtype where one is set (`dtype="auto"`,
-        # `from_config`), else in the top-level one. A sub-config's own dtype is
-        # therefore written only by a model saving itself, for a part whose dtype differs from the rest; otherwise
-        # it is left unset (one from the LM's own config.json would be stale, one equal to the top-level redundant).
+        # `from_config`), else in the top-level one. A sub-config's own dtype is therefore written only by a model
+        # saving itself, for a part whose dtype differs from the rest; otherwise it is left unset (one from the LM's
+        # own config.json would be stale, one equal to the top-level redundant).
         saved = SAVED_PART_DTYPES.get()
         part_dtypes = saved[1] if saved is not None and saved[0] is self else {}
         dtype_key = "dtype" if "dtype" in output else "torch_dtype"

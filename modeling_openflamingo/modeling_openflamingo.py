@@ -2294,10 +2294,11 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         On transformers 4.x, a per-part `dtype` dict (`{"text_config": torch.bfloat16, "": torch.float32}`) gives the
         parts it leaves out its `""` dtype (float32 without one), as it does the Perceiver and the gated blocks, not
         a dtype that the folder's sub-config may hold."""
-        for key in ("dtype", "torch_dtype"):
-            if _TRANSFORMERS_MAJOR < 5 and isinstance(kwargs.get(key), dict):
-                main = kwargs[key].get("", torch.float32)
-                kwargs[key] = {"text_config": main, "vision_config": main, **kwargs[key]}
+        if _TRANSFORMERS_MAJOR < 5:
+            for key in ("dtype", "torch_dtype"):
+                if isinstance(kwargs.get(key), dict):
+                    main = kwargs[key].get("", torch.float32)
+                    kwargs[key] = {"text_config": main, "vision_config": main, **kwargs[key]}
         if kwargs.pop("output_loading_info", False):
             return super().from_pretrained(*args, output_loading_info=True, **kwargs)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)

@@ -980,9 +980,9 @@ def test_per_module_dtype_dict_on_v4(tmp_path, vision_dtype):
 
 @pytest.mark.parametrize("sub_config_dtypes", [False, True], ids=["new-folder", "sub-configs-say-bf16"])
 def test_a_dtype_dict_gives_the_parts_it_leaves_out_the_rest_dtype(tmp_path, sub_config_dtypes):
-    """A one-dtype save writes no sub-config dtype (transformers 4.x would build that part in it whatever the dtype
-    asked for); on 4.x the README's dict gives the vision tower the `""` dtype, also for a folder whose sub-configs
-    hold one (as converted folders did)."""
+    """A one-dtype save writes no sub-config dtype (transformers 4.x would build that part in it under `dtype="auto"`
+    and in `from_config`); on 4.x the README's dict gives the vision tower the `""` dtype, also for a folder whose
+    sub-configs hold one (as converted folders did)."""
     tiny_model("mosaic_gpt").to(torch.bfloat16).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert [config[name].get("dtype") for name in ("text_config", "vision_config")] == [None, None]

@@ -26,7 +26,8 @@ from modeling_openflamingo.modeling_openflamingo import (
     _mpt_static_cache_view,
 )
 
-from .test_core import EOC, MEDIA, PAD, inputs, mpt_attention_classes
+from .test_core import EOC, MEDIA, PAD, mpt_attention_classes
+from .test_core import inputs as cpu_inputs
 from .test_core import tiny_model as cpu_tiny_model
 
 IS_V4 = transformers.__version__.startswith("4.")
@@ -37,6 +38,10 @@ DEVICE = torch.device(os.environ.get("OPENFLAMINGO_TEST_DEVICE", "cpu"))
 
 def tiny_model(*args, **kwargs):
     return cpu_tiny_model(*args, **kwargs).to(DEVICE)
+
+
+def inputs(*args, **kwargs):
+    return tuple(tensor.to(DEVICE) for tensor in cpu_inputs(*args, **kwargs))
 
 
 FAMILIES = ["mpt", "mosaic_gpt", "gpt_neox", "llama"]
@@ -57,7 +62,7 @@ def padded_prompt(batch: int = 3, seq: int = 12):
     mask[0, :3] = 0  # left padding on the first row
     ids[0, :3] = PAD
     ids[0, 3] = MEDIA
-    return ids.to(DEVICE), mask.to(DEVICE), pixel_values.to(DEVICE)
+    return ids, mask, pixel_values
 
 
 def generate_kwargs(ids, mask, pixel_values, **kwargs):
@@ -176,7 +181,7 @@ def test_decoding_step_compiles_without_graph_breaks(family):
 
     torch._dynamo.reset()
     model = tiny_model(family)
-    ids, pixel_values = (tensor.to(DEVICE) for tensor in inputs())
+    ids, pixel_values = inputs()
     text_config = model.config.text_config
     results = []
     for compiled in (False, True):
@@ -565,7 +570,7 @@ def test_decoders_stay_after_a_peft_wrapped_qk_layernorm_projection(fast_path_on
 def test_image_cache_output_is_unchanged_by_the_fast_path_module():
     """The public image cache still carries per-block keys/values and the last image index."""
     model = tiny_model("gpt_neox")
-    ids, pixel_values = (tensor.to(DEVICE) for tensor in inputs())
+    ids, pixel_values = inputs()
     with torch.no_grad():
         out = model(input_ids=ids, pixel_values=pixel_values, use_cache=True)
     assert isinstance(out.image_cache, OpenFlamingoImageCache)
