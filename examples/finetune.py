@@ -19,6 +19,7 @@ A `--dataset` (a hub name, a local data folder, or a `save_to_disk` folder) need
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -204,6 +205,15 @@ class CPUFSDPTrainer(FlamingoTrainer):
         self.is_fsdp_enabled = True
 
 
+def checkpointing_arguments(enabled: bool) -> dict[str, Any]:
+    """`TrainingArguments` keywords for non-reentrant gradient checkpointing, under the installed transformers' name
+    (`activation_checkpointing` since 5.24, whose old `gradient_checkpointing` warns from 5.25 on; 4.x has only the
+    old name)."""
+    names = {field.name for field in dataclasses.fields(TrainingArguments)}
+    name = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
+
+
 def fsdp_training_arguments(on_cpu: bool) -> dict[str, Any]:
     """`TrainingArguments` keywords for FSDP2 full-shard with auto-wrap, for transformers 4.57 and 5.x.
 
@@ -239,8 +249,7 @@ def training_arguments(args: argparse.Namespace, on_cpu: bool) -> TrainingArgume
         save_total_limit=args.save_total_limit,
         report_to=[],
         remove_unused_columns=False,  # the collator needs the `text` and `images` columns
-        gradient_checkpointing=args.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
+        **checkpointing_arguments(args.gradient_checkpointing),
         bf16=args.bf16,
         use_cpu=on_cpu,
         seed=args.seed,

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from finetune import CPUFSDPTrainer, FlamingoTrainer, fsdp_training_arguments
+from finetune import CPUFSDPTrainer, FlamingoTrainer, checkpointing_arguments, fsdp_training_arguments
 from transformers import (
     AutoModelForImageTextToText,
     CLIPVisionConfig,
@@ -256,13 +256,6 @@ def build_model(config: OpenFlamingoConfig, device: torch.device, dtype: torch.d
                 block.ff_gate.fill_(0.5)
     model.freeze_for_training()
     return model
-
-
-def checkpointing_arguments(enabled: bool) -> dict[str, Any]:
-    """Gradient checkpointing (non-reentrant) under the argument name of the installed transformers."""
-    names = {field.name for field in dataclasses.fields(TrainingArguments)}
-    name = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
-    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
 
 
 def release_optimizer_state(trainer: Any) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import PreTrainedModel
 
 import modeling_openflamingo  # noqa: F401 - registers the Auto classes
 
@@ -16,6 +17,25 @@ ROOT = Path(__file__).resolve().parent.parent
 MEDIA, EOC, PAD = 401, 400, 402  # the tiny families' added tokens
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FAMILIES = ["tiny-mpt", "tiny-mpt-1b-redpajama-200b", "tiny-neox", "tiny-llama"]
+# transformers >= 5.24 names gradient checkpointing "activation checkpointing" (methods and `TrainingArguments`), and
+# from 5.25 on the old names warn; 4.x has the old names only. Tests use the installed version's.
+NEW_NAMES = hasattr(PreTrainedModel, "activation_checkpointing_enable")
+CHECKPOINTING = "activation_checkpointing" if NEW_NAMES else "gradient_checkpointing"
+
+
+def enable_checkpointing(model: PreTrainedModel, **checkpoint_kwargs) -> None:
+    """`model.activation_checkpointing_enable(...)`, or `gradient_checkpointing_enable(...)` on transformers 4.x."""
+    kwargs = {f"{CHECKPOINTING}_kwargs": checkpoint_kwargs} if checkpoint_kwargs else {}
+    getattr(model, f"{CHECKPOINTING}_enable")(**kwargs)
+
+
+def is_checkpointing(model: PreTrainedModel) -> bool:
+    return getattr(model, f"is_{CHECKPOINTING}")
+
+
+def checkpointing_training_arguments(**checkpoint_kwargs) -> dict:
+    """`TrainingArguments` keywords that turn checkpointing on, under the installed version's name."""
+    return {CHECKPOINTING: True, f"{CHECKPOINTING}_kwargs": checkpoint_kwargs or None}
 
 
 def load_cli():

@@ -26,6 +26,7 @@ from modeling_openflamingo.modeling_openflamingo import (
     _mpt_static_cache_view,
 )
 
+from .conftest import enable_checkpointing, is_checkpointing
 from .test_core import EOC, MEDIA, PAD, mpt_attention_classes
 from .test_core import inputs as cpu_inputs
 from .test_core import tiny_model as cpu_tiny_model
@@ -485,12 +486,12 @@ def test_fast_path_in_train_mode_with_gradient_checkpointing(family, num_beams, 
     ids, mask, pixel_values = padded_prompt()
     kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=6, min_new_tokens=6, num_beams=num_beams)
     expected = model.generate(**kw)
-    model.gradient_checkpointing_enable()
+    enable_checkpointing(model)
     model.train()  # the tiny models have no dropout: train mode decodes as eval mode does
     fast = assert_fast_path_equals_generate(model, kw)
     assert torch.equal(fast, expected)
     assert _STATIC_DECODERS[model]  # the fast path ran
-    assert model.training and model.is_gradient_checkpointing
+    assert model.training and is_checkpointing(model)
     assert all(m.gradient_checkpointing for m in model.modules() if hasattr(m, "gradient_checkpointing"))
 
 
@@ -532,7 +533,7 @@ def test_fast_path_with_input_require_grads_hooks(fast_path_on_cpu):
     plain = model.generate(**kw)
     embeddings = model.get_input_embeddings()
     embeddings.register_forward_hook(lambda module, args, output: None)  # another hook, before the gradients' one
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    enable_checkpointing(model, use_reentrant=True)
     embeddings.register_forward_hook(lambda module, args, output: None)  # and one after it
     hooks = {name: list(m._forward_hooks.items()) for name, m in model.named_modules() if m._forward_hooks}
     assert any(h.__name__ == "make_inputs_require_grads" for hs in hooks.values() for _, h in hs)

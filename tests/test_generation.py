@@ -26,7 +26,7 @@ from transformers import (
 from modeling_openflamingo import OpenFlamingoConfig, OpenFlamingoForConditionalGeneration
 from modeling_openflamingo.modeling_openflamingo import image_indices_from_input_ids
 
-from .conftest import FAMILIES, ROOT
+from .conftest import FAMILIES, ROOT, enable_checkpointing, is_checkpointing
 
 CAPTION_PROMPT = (
     "<image>Output:A photo of two cats.<|endofchunk|><image>Output:A bathroom sink.<|endofchunk|><image>Output:"
@@ -978,14 +978,14 @@ def test_generate_in_train_mode_with_gradient_checkpointing(family):
     expected = model.generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=6, min_new_tokens=6)
     candidates = [[5, 6, 7], [8, 9]]
     scores = model.score_continuations(ids, candidates, pixel_values=pixel_values)
-    model.gradient_checkpointing_enable()
+    enable_checkpointing(model)
     model.train()
     got = model.generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=6, min_new_tokens=6)
     assert torch.equal(got, expected)
     torch.testing.assert_close(
         model.score_continuations(ids, candidates, pixel_values=pixel_values), scores, rtol=0, atol=1e-5
     )
-    assert model.training and model.is_gradient_checkpointing
+    assert model.training and is_checkpointing(model)
 
 
 @pytest.mark.parametrize("family", ["mpt", "gpt_neox"])
