@@ -2293,7 +2293,15 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
 
         On transformers 4.x, a per-part `dtype` dict (`{"text_config": torch.bfloat16, "": torch.float32}`) gives the
         parts it leaves out its `""` dtype (float32 without one), as it does the Perceiver and the gated blocks, not
-        a dtype that the folder's sub-config may hold."""
+        a dtype that the folder's sub-config may hold.
+
+        Hub kernels are off unless asked for (`use_kernels=True` or a `kernel_config`): transformers >= 5.25 turns
+        them on by default, and on a GPU that swaps LLaMA's RMSNorm and rotary embedding and, in eval mode, the
+        activations (CLIP's quick-GELU, GPT-NeoX's GELU, LLaMA's SiLU) for kernels downloaded from the hub: other
+        numbers than the original's, and an error on a machine without network access (at load with
+        `device_map="cuda"`, or at the first `train()` / `eval()` on the GPU)."""
+        if "kernel_config" not in kwargs:
+            kwargs.setdefault("use_kernels", False)
         if _TRANSFORMERS_MAJOR < 5:
             for key in ("dtype", "torch_dtype"):
                 if isinstance(kwargs.get(key), dict):

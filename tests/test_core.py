@@ -24,6 +24,7 @@ from transformers import (
     GPTNeoXConfig,
     LlamaConfig,
     MptConfig,
+    PreTrainedModel,
 )
 
 from modeling_openflamingo import OpenFlamingoConfig, OpenFlamingoForConditionalGeneration
@@ -817,6 +818,26 @@ def test_from_pretrained_with_output_loading_info_false(tmp_path):
     tiny_model("llama").save_pretrained(tmp_path)
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path, output_loading_info=False)
     assert type(loaded) is OpenFlamingoForConditionalGeneration
+
+
+@pytest.mark.parametrize("use_kernels", [None, True])
+def test_hub_kernels_only_when_asked_for(tmp_path, monkeypatch, use_kernels):
+    """transformers >= 5.25 kernelizes what `from_pretrained` loads unless told not to: on a GPU, kernels downloaded
+    from the hub for LLaMA's RMSNorm and rotary embedding and for the activations (other numbers than the original's;
+    an error offline, found on an H200). OpenFlamingo loads without them unless `use_kernels=True` is passed."""
+    tiny_model("llama").save_pretrained(tmp_path)
+    requested = []
+    if hasattr(PreTrainedModel, "set_use_kernels"):  # transformers 5: called with the resolved `use_kernels`
+        monkeypatch.setattr(
+            PreTrainedModel, "set_use_kernels", lambda self, use, *args, **kwargs: requested.append(bool(use))
+        )
+    else:  # 4.57: `use_kernels=True` sets the property, whose setter kernelizes
+        monkeypatch.setattr(PreTrainedModel, "kernelize", lambda self: requested.append(True))
+    kwargs = {} if use_kernels is None else {"use_kernels": use_kernels}
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path, **kwargs)
+    assert any(requested) is bool(use_kernels)
+    if use_kernels is None:
+        assert not model.use_kernels
 
 
 def test_unset_forward_flags_follow_the_models_config():
