@@ -179,9 +179,15 @@ class OpenFlamingoFeedForward(nn.Module):
 
 
 def _autocast_enabled(tensor: torch.Tensor) -> bool:
-    """Whether autocast is on for `tensor`'s device type (False on devices autocast does not know, as `meta`)."""
+    """Whether autocast is on for `tensor`'s device type (False on devices autocast does not know, as `meta`).
+
+    Availability is not asked while `torch.compile` traces (compiled code runs on devices autocast knows): dynamo
+    before torch 2.13 cannot trace `is_autocast_available`, which broke every compiled gated block's graph in two (a
+    warning in the training step on an H200 with torch 2.11) and would fail a `fullgraph=True` compilation."""
     device_type = tensor.device.type
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device_type):
+        return False
+    return torch.is_autocast_enabled(device_type)
 
 
 def _narrowed(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

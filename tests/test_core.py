@@ -948,6 +948,38 @@ def test_a_gated_block_on_the_meta_device_across_dtypes():
     assert out.shape == (2, 5, 32) and out.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_a_mixed_dtype_gated_block_compiles_without_graph_breaks(monkeypatch, autocast):
+    """A bf16 LM with fp32 blocks (the training recipe's fp32 gates) asks whether autocast is on; dynamo before
+    torch 2.13 cannot trace `torch.amp.is_autocast_available`, so the question must not reach it while compiling (on an
+    H200 with torch 2.11 every compiled block broke in two). Stood in for here by a function that fails when traced."""
+    available = torch.amp.is_autocast_available
+
+    def untraceable(device_type: str) -> bool:
+        if torch.compiler.is_compiling():
+            raise AssertionError("is_autocast_available was traced")
+        return available(device_type)
+
+    monkeypatch.setattr(torch.amp, "is_autocast_available", untraceable)
+    torch.manual_seed(0)
+    block = OpenFlamingoGatedCrossAttentionBlock(tiny_config())
+    with torch.no_grad():
+        block.attn_gate.fill_(0.5)
+        block.ff_gate.fill_(0.5)
+    hidden = torch.randn(2, 5, 32).to(torch.bfloat16)
+    mask = torch.ones(2, 1, 5, 4, dtype=torch.bool)
+    keeps = torch.ones(2, 5, 1, dtype=torch.bool)
+
+    def step(hidden: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        return block(hidden, *block(latents, return_key_values=True), mask, keeps)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="eager", fullgraph=True)
+    latents = torch.randn(2, 1, 4, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), torch.no_grad():
+        torch.testing.assert_close(compiled(hidden, latents), step(hidden, latents), rtol=0, atol=0)
+
+
 def test_qk_layernorm_beside_a_quantized_wqkv():
     """A `Wqkv` with no floating `weight` (GPTQ's `QuantLinear` keeps `qweight` and fp16 `scales` buffers): the
     LayerNorms take the dtype of its scales, or the default dtype when it has no floating tensor at all."""
