@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"Wrote {out}")
         if args.push_to_hub:
-            url = push_folder_to_hub(out, args.push_to_hub, private=args.private)
+            url = push_folder_to_hub(out, args.push_to_hub, private=True if args.private else None)
             print(f"Pushed to https://huggingface.co/{args.push_to_hub} ({url})")
     except (ConversionError, OSError, ValueError) as error:  # ValueError: a config that cannot be (e.g. its N)
         print(f"error: {error}", file=sys.stderr)

@@ -134,11 +134,12 @@ def resolve_folder(
 def push_folder_to_hub(
     folder: str | os.PathLike,
     repo_id: str,
-    private: bool = False,
+    private: bool | None = None,
     commit_message: str = "Upload OpenFlamingo converted with openflamingo-hf",
     token: str | None = None,
 ) -> str:
-    """Create `repo_id` (if needed) and upload `folder` to it in one commit; returns the commit URL."""
+    """Create `repo_id` (if needed) and upload `folder` to it in one commit; returns the commit URL. `private=None`
+    creates the repo with the hub's default visibility (public, unless the organization's default is private)."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ConversionError(f"{folder}: not a converted model folder (no config.json).")

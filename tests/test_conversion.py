@@ -1095,6 +1095,13 @@ def test_push_to_hub(monkeypatch, tmp_path):
     assert api.upload_folder.call_args.kwargs["folder_path"] == str(out.absolute())
     assert api.upload_folder.call_args.kwargs["repo_id"] == "me/of-tiny"
     assert 'from_pretrained("me/of-tiny"' in (out / "README.md").read_text()
+    # without --private the hub's default visibility (an organization's may be private), not a forced public repo
+    api.reset_mock()
+    assert (
+        load_cli().main([*cli_args("tiny-llama", out), "--overwrite", "--push-to-hub", "me/of-tiny", "--no-progress"])
+        == 0
+    )
+    api.create_repo.assert_called_once_with(repo_id="me/of-tiny", repo_type="model", private=None, exist_ok=True)
 
 
 def test_list_presets(capsys):
