@@ -23,27 +23,11 @@ from modeling_openflamingo import OpenFlamingoDataCollator, attention_mask_witho
 from modeling_openflamingo.modeling_openflamingo import OpenFlamingoNewTokenEmbeddings, find_decoder_layers
 
 try:
-    from .conftest import (
-        EOC,
-        FIXTURES,
-        MEDIA,
-        PAD,
-        ROOT,
-        checkpointing_training_arguments,
-        enable_checkpointing,
-        sample_inputs,
-    )
+    from . import conftest as shared
+    from .conftest import EOC, FIXTURES, MEDIA, PAD, ROOT, sample_inputs
 except ImportError:  # run as a script: the FSDP worker under torchrun
-    from conftest import (
-        EOC,
-        FIXTURES,
-        MEDIA,
-        PAD,
-        ROOT,
-        checkpointing_training_arguments,
-        enable_checkpointing,
-        sample_inputs,
-    )
+    import conftest as shared
+    from conftest import EOC, FIXTURES, MEDIA, PAD, ROOT, sample_inputs
 
 datasets = pytest.importorskip("datasets")
 peft = pytest.importorskip("peft")
@@ -579,7 +563,7 @@ def test_trainer_bf16_and_gradient_checkpointing(converted, tmp_path):
     collator = OpenFlamingoDataCollator(processor)
     batch = collator([dataset[i] for i in range(len(dataset))])
     loss_before = batch_loss(model, batch)
-    args = training_args(tmp_path, bf16=True, **checkpointing_training_arguments(use_reentrant=False))
+    args = training_args(tmp_path, bf16=True, **shared.checkpointing_training_arguments(use_reentrant=False))
     Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator).train()
     assert batch_loss(model, batch) < loss_before - 0.1
 
@@ -600,7 +584,7 @@ def test_gradient_checkpointing_trains_a_first_layer(converted, checkpoint_kwarg
         first = find_decoder_layers(model.vision_model, model.config.vision_config.num_hidden_layers)[0]
     first.requires_grad_(True)
     model.train()
-    enable_checkpointing(model, **(checkpoint_kwargs or {}))
+    shared.enable_checkpointing(model, **(checkpoint_kwargs or {}))
     inputs = sample_inputs()
     model(**inputs, labels=inputs["input_ids"]).loss.backward()
     grads = [p.grad for p in first.parameters()]
@@ -615,7 +599,7 @@ def test_reentrant_checkpointing_of_the_recipe_warns_of_nothing(converted, famil
     model, _ = load(converted, family)
     model.freeze_for_training()
     model.train()
-    enable_checkpointing(model, use_reentrant=True)
+    shared.enable_checkpointing(model, use_reentrant=True)
     inputs = sample_inputs()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -637,7 +621,7 @@ def test_gradient_checkpointing_covers_all_three_and_changes_nothing(converted, 
         model.train()
         runs = collections.Counter()
         if checkpointing:
-            enable_checkpointing(model, use_reentrant=False)
+            shared.enable_checkpointing(model, use_reentrant=False)
             for module in model.modules():
                 if getattr(module, "gradient_checkpointing", False) and hasattr(module, "_gradient_checkpointing_func"):
                     checkpoint, name = module._gradient_checkpointing_func, type(module).__name__
@@ -1057,7 +1041,7 @@ def fsdp_worker(model_dir: str, out_dir: str) -> None:
     def fresh():
         model = AutoModelForImageTextToText.from_pretrained(model_dir)
         model.freeze_for_training()
-        enable_checkpointing(model, use_reentrant=False)
+        shared.enable_checkpointing(model, use_reentrant=False)
         return model
 
     reference = fresh()
@@ -1171,7 +1155,7 @@ def test_compile_repeated_blocks_changes_nothing_and_compiles_each_kind_once(con
         model.freeze_for_training()
         model.train()
         if checkpointing:
-            enable_checkpointing(model, use_reentrant=False)
+            shared.enable_checkpointing(model, use_reentrant=False)
         if compiled:
             model.compile_repeated_blocks(backend="aot_eager", dynamic=False)
         loss = model(**inputs, labels=inputs["input_ids"]).loss
