@@ -181,10 +181,12 @@ class OpenFlamingoFeedForward(nn.Module):
 def _autocast_enabled(tensor: torch.Tensor) -> bool:
     """Whether autocast is on for `tensor`'s device type (False on devices autocast does not know, as `meta`).
 
-    Availability is not asked while `torch.compile` traces (compiled code runs on devices autocast knows): dynamo
-    before torch 2.13 cannot trace `is_autocast_available`, which broke every compiled gated block's graph in two (a
-    warning in the training step on an H200 with torch 2.11) and would fail a `fullgraph=True` compilation."""
+    While `torch.compile` traces, only `meta` is checked for by name: dynamo before torch 2.13 cannot trace
+    `is_autocast_available`, which broke every compiled gated block's graph in two (a warning in the training step
+    on an H200 with torch 2.11) and would fail a `fullgraph=True` compilation."""
     device_type = tensor.device.type
+    if device_type == "meta":
+        return False
     if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device_type):
         return False
     return torch.is_autocast_enabled(device_type)
@@ -2301,13 +2303,13 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         parts it leaves out its `""` dtype (float32 without one), as it does the Perceiver and the gated blocks, not
         a dtype that the folder's sub-config may hold.
 
-        Hub kernels are off unless asked for (`use_kernels=True` or a `kernel_config`): transformers >= 5.25 turns
-        them on by default, and on a GPU that swaps LLaMA's RMSNorm and rotary embedding and, in eval mode, the
-        activations (CLIP's quick-GELU, GPT-NeoX's GELU, LLaMA's SiLU) for kernels downloaded from the hub: other
-        numbers than the original's, and an error on a machine without network access (at load with
-        `device_map="cuda"`, or at the first `train()` / `eval()` on the GPU)."""
-        if "kernel_config" not in kwargs:
-            kwargs.setdefault("use_kernels", False)
+        Hub kernels are off unless asked for (`use_kernels=True`, a `kernel_config` or a `kernels_mode`):
+        transformers >= 5.25 turns them on by default, and on a GPU that swaps LLaMA's RMSNorm and rotary embedding
+        and, in eval mode, the activations (CLIP's quick-GELU, GPT-NeoX's GELU, LLaMA's SiLU) for kernels downloaded
+        from the hub: other numbers than the original's, and an error on a machine without network access (at load
+        with `device_map="cuda"`, or when `train()` changes the mode of a model on the GPU)."""
+        if all(kwargs.get(key) is None for key in ("use_kernels", "kernel_config", "kernels_mode")):
+            kwargs["use_kernels"] = False
         if _TRANSFORMERS_MAJOR < 5:
             for key in ("dtype", "torch_dtype"):
                 if isinstance(kwargs.get(key), dict):

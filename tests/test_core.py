@@ -25,6 +25,7 @@ from transformers import (
     LlamaConfig,
     MptConfig,
     PreTrainedModel,
+    modeling_utils,
 )
 
 from modeling_openflamingo import OpenFlamingoConfig, OpenFlamingoForConditionalGeneration
@@ -820,11 +821,28 @@ def test_from_pretrained_with_output_loading_info_false(tmp_path):
     assert type(loaded) is OpenFlamingoForConditionalGeneration
 
 
-@pytest.mark.parametrize("use_kernels", [None, True])
-def test_hub_kernels_only_when_asked_for(tmp_path, monkeypatch, use_kernels):
+@pytest.mark.parametrize("kwargs", [{}, {"use_kernels": None}, {"kernel_config": None}])
+def test_hub_kernels_stay_off_unless_asked_for(tmp_path, monkeypatch, kwargs):
     """transformers >= 5.25 kernelizes what `from_pretrained` loads unless told not to: on a GPU, kernels downloaded
     from the hub for LLaMA's RMSNorm and rotary embedding and for the activations (other numbers than the original's;
-    an error offline, found on an H200). OpenFlamingo loads without them unless `use_kernels=True` is passed."""
+    an error offline, found on an H200 when `train()` re-kernelized a model moved to CUDA). OpenFlamingo's loads
+    without them, and switching modes afterwards does not kernelize either."""
+    if "kernel_config" in kwargs and IS_V4:
+        pytest.skip("transformers 4.x's from_pretrained has no kernel_config")
+    tiny_model("llama").save_pretrained(tmp_path)
+    kernelized = []
+    if hasattr(modeling_utils, "kernelize"):  # transformers 5: the function `set_use_kernels(True)` and `train()` call
+        monkeypatch.setattr(modeling_utils, "kernelize", lambda model, *args, **kw: kernelized.append(model))
+    else:  # 4.57: the method that `use_kernels=True` and a mode change call
+        monkeypatch.setattr(PreTrainedModel, "kernelize", lambda model: kernelized.append(model))
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path, **kwargs)
+    model.train()
+    model.eval()
+    assert not kernelized and not model.use_kernels
+
+
+def test_hub_kernels_when_asked_for(tmp_path, monkeypatch):
+    """`use_kernels=True` still reaches transformers (recorded, not run: the kernels would be downloaded)."""
     tiny_model("llama").save_pretrained(tmp_path)
     requested = []
     if hasattr(PreTrainedModel, "set_use_kernels"):  # transformers 5: called with the resolved `use_kernels`
@@ -833,11 +851,8 @@ def test_hub_kernels_only_when_asked_for(tmp_path, monkeypatch, use_kernels):
         )
     else:  # 4.57: `use_kernels=True` sets the property, whose setter kernelizes
         monkeypatch.setattr(PreTrainedModel, "kernelize", lambda self: requested.append(True))
-    kwargs = {} if use_kernels is None else {"use_kernels": use_kernels}
-    model = AutoModelForImageTextToText.from_pretrained(tmp_path, **kwargs)
-    assert any(requested) is bool(use_kernels)
-    if use_kernels is None:
-        assert not model.use_kernels
+    AutoModelForImageTextToText.from_pretrained(tmp_path, use_kernels=True)
+    assert requested == [True]
 
 
 def test_unset_forward_flags_follow_the_models_config():
@@ -940,12 +955,23 @@ def test_a_closed_gated_block_is_the_identity_across_dtypes(lm_dtype, block_dtyp
     torch.testing.assert_close(out.float(), expected, atol=0.5, rtol=0.02)
 
 
-def test_a_gated_block_on_the_meta_device_across_dtypes():
-    """Autocast is not asked about on a device it does not know (`meta`, as in a shape-only dry run)."""
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_gated_block_on_the_meta_device_across_dtypes(compiled):
+    """Autocast is not asked about on a device it does not know (`meta`, as in a shape-only dry run), compiled too."""
     with torch.device("meta"):
         block = OpenFlamingoGatedCrossAttentionBlock(tiny_config())
-        out = block(torch.empty(2, 5, 32, dtype=torch.bfloat16))
-    assert out.shape == (2, 5, 32) and out.dtype == torch.bfloat16
+        latents = torch.empty(2, 1, 4, 32)
+        mask = torch.ones(2, 1, 5, 4, dtype=torch.bool)
+        keeps = torch.ones(2, 5, 1, dtype=torch.bool)
+
+        def step(hidden: torch.Tensor) -> torch.Tensor:
+            return block(hidden, *block(latents, return_key_values=True), mask, keeps)
+
+        if compiled:
+            torch._dynamo.reset()
+            step = torch.compile(step, backend="eager")  # (dynamo breaks the graph at a meta `unflatten`)
+        out = step(torch.empty(2, 5, 32, dtype=torch.bfloat16))
+    assert out.shape == (2, 5, 32) and out.dtype == torch.bfloat16 and out.is_meta
 
 
 @pytest.mark.parametrize("autocast", [False, True])
