@@ -974,35 +974,40 @@ def test_a_gated_block_on_the_meta_device_across_dtypes(compiled):
     assert out.shape == (2, 5, 32) and out.dtype == torch.bfloat16 and out.is_meta
 
 
+@pytest.mark.parametrize("stand_in", [True, False], ids=["untraceable-stand-in", "torch-itself"])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_a_mixed_dtype_gated_block_compiles_without_graph_breaks(monkeypatch, autocast):
+def test_a_mixed_dtype_gated_block_compiles_without_graph_breaks(monkeypatch, autocast, stand_in):
     """A bf16 LM with fp32 blocks (the training recipe's fp32 gates) asks whether autocast is on; dynamo before
     torch 2.13 cannot trace `torch.amp.is_autocast_available`, so the question must not reach it while compiling (on an
-    H200 with torch 2.11 every compiled block broke in two). Stood in for here by a function that fails when traced."""
-    available = torch.amp.is_autocast_available
+    H200 with torch 2.11 every compiled block broke in two). Stood in for by a function that fails when traced; without
+    the stand-in, torch's own functions are compiled (the real check with torch < 2.13, which the GPU machine has: run
+    with OPENFLAMINGO_TEST_DEVICE=cuda for CUDA's autocast)."""
+    device = torch.device(os.environ.get("OPENFLAMINGO_TEST_DEVICE", "cpu"))
+    if stand_in:
+        available = torch.amp.is_autocast_available
 
-    def untraceable(device_type: str) -> bool:
-        if torch.compiler.is_compiling():
-            raise AssertionError("is_autocast_available was traced")
-        return available(device_type)
+        def untraceable(device_type: str) -> bool:
+            if torch.compiler.is_compiling():
+                raise AssertionError("is_autocast_available was traced")
+            return available(device_type)
 
-    monkeypatch.setattr(torch.amp, "is_autocast_available", untraceable)
+        monkeypatch.setattr(torch.amp, "is_autocast_available", untraceable)
     torch.manual_seed(0)
-    block = OpenFlamingoGatedCrossAttentionBlock(tiny_config())
+    block = OpenFlamingoGatedCrossAttentionBlock(tiny_config()).to(device)
     with torch.no_grad():
         block.attn_gate.fill_(0.5)
         block.ff_gate.fill_(0.5)
-    hidden = torch.randn(2, 5, 32).to(torch.bfloat16)
-    mask = torch.ones(2, 1, 5, 4, dtype=torch.bool)
-    keeps = torch.ones(2, 5, 1, dtype=torch.bool)
+    hidden = torch.randn(2, 5, 32).to(device, torch.bfloat16)
+    mask = torch.ones(2, 1, 5, 4, dtype=torch.bool, device=device)
+    keeps = torch.ones(2, 5, 1, dtype=torch.bool, device=device)
 
     def step(hidden: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         return block(hidden, *block(latents, return_key_values=True), mask, keeps)
 
     torch._dynamo.reset()
     compiled = torch.compile(step, backend="eager", fullgraph=True)
-    latents = torch.randn(2, 1, 4, 32)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), torch.no_grad():
+    latents = torch.randn(2, 1, 4, 32, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast), torch.no_grad():
         torch.testing.assert_close(compiled(hidden, latents), step(hidden, latents), rtol=0, atol=0)
 
 
