@@ -153,8 +153,10 @@ class OpenFlamingoProcessor(ProcessorMixin):
         """
         Args:
             images: per row, the list of its images in the order of its `<image>` tokens
-                (`[[img, ...], [img, ...]]`); for a single `text` string, a list of images or one image. Rows may have
-                different numbers of images (and none); `pixel_values` is zero-padded to the batch's largest count.
+                (`[[img, ...], [img, ...]]`), or one flat list of all rows' images in order (`[img, img, ...]`, as
+                transformers' pipelines pass them), split by the rows' `<image>` counts; for a single `text` string, a
+                list of images or one image. Rows may have different numbers of images (and none); `pixel_values` is
+                zero-padded to the batch's largest count.
             text: one string or a list of strings, with one `<image>` where each image goes.
             padding_side: "left" by default (inference), "right" when `return_labels=True` (training).
             return_labels: also return `labels`: the input ids with pad and `<image>` set to -100 (eos stays), as
@@ -186,7 +188,7 @@ class OpenFlamingoProcessor(ProcessorMixin):
         padding_side = kwargs.pop("padding_side", padding_side)
         truncation = kwargs.pop("truncation", truncation)
         max_length = kwargs.pop("max_length", max_length)
-        image_rows = self._image_rows(images, len(texts), single)
+        image_rows = self._image_rows(images, [t.count(IMAGE_TOKEN) for t in texts], single)
         for row, (row_text, row_images) in enumerate(zip(texts, image_rows, strict=True)):
             count = row_text.count(IMAGE_TOKEN)
             if count != len(row_images):
@@ -313,13 +315,29 @@ class OpenFlamingoProcessor(ProcessorMixin):
         return labels.masked_fill(attention_mask == 0, -100)
 
     @staticmethod
-    def _image_rows(images: Any, batch_size: int, single_text: bool) -> list[list[Any]]:
+    def _image_rows(images: Any, image_counts: list[int], single_text: bool) -> list[list[Any]]:
+        """Each text's images, from one list per text, or (for a batch of texts, as transformers' pipelines and other
+        processors take them) one flat list of every text's images in order, split by the texts' `<image>` counts."""
+        batch_size = len(image_counts)
         if images is None:
             return [[] for _ in range(batch_size)]
         if not isinstance(images, (list, tuple)):
             images = [images]
         if single_text and not any(isinstance(i, (list, tuple)) for i in images):
             images = [images]
+        flat = not any(isinstance(i, (list, tuple)) for i in images)
+        if not single_text and flat and not all(_is_image_batch(i) for i in images):
+            # a flat list of images (4-D arrays among them stand for theirs), split by the texts' <image> counts
+            flat_images = [image for item in images for image in (item if _is_image_batch(item) else [item])]
+            if len(flat_images) != sum(image_counts):
+                raise ValueError(
+                    f"Got a flat list of {len(flat_images)} images for {batch_size} texts with {sum(image_counts)} "
+                    f"{IMAGE_TOKEN} tokens in all ({', '.join(map(str, image_counts))}). Pass one image per "
+                    f"{IMAGE_TOKEN} token, in order, or one list of images per text (an empty list for none)."
+                )
+            starts = [sum(image_counts[:row]) for row in range(batch_size)]
+            return [flat_images[start : start + count] for start, count in zip(starts, image_counts, strict=True)]
+        # a 4-D array or tensor alone stands for one text's images
         images = [list(row) if _is_image_batch(row) and not single_text else row for row in images]
         if not all(isinstance(row, (list, tuple)) for row in images):
             if single_text:
@@ -328,7 +346,8 @@ class OpenFlamingoProcessor(ProcessorMixin):
                     "got images and lists of images mixed."
                 )
             raise ValueError(
-                "For a batch of texts, `images` must hold one list of images per text (an empty list for none)."
+                "For a batch of texts, `images` must hold one list of images per text (an empty list for none), or "
+                "one flat list of every text's images in order; got images and lists of images mixed."
             )
         if len(images) != batch_size:
             raise ValueError(f"Got {batch_size} texts but {len(images)} lists of images.")

@@ -1179,6 +1179,28 @@ def test_processor_batches_rows_with_different_image_counts(converted, tiny_imag
     assert "pixel_values" not in text_only
 
 
+def test_processor_takes_a_flat_list_of_every_texts_images(converted, tiny_images):
+    """A batch of texts with one flat list of images (transformers' pipelines and other processors take images so):
+    split by the texts' `<image>` counts, in order; the same batch as with one list per text."""
+    processor = AutoProcessor.from_pretrained(converted("tiny-neox"))
+    texts = ["<image>a<image>b", "just text", "<image>c"]
+    expected = processor(images=[tiny_images[:2], [], [tiny_images[2]]], text=texts)
+    for flat in (tiny_images[:3], tuple(tiny_images[:3])):
+        got = processor(images=flat, text=texts)
+        assert set(got) == set(expected)
+        for key in expected:
+            assert torch.equal(got[key], expected[key]), key
+    arrays = [np.asarray(image.convert("RGB").resize((32, 32))) for image in tiny_images[:3]]
+    stacked = processor(images=[np.stack(arrays[:2]), arrays[2]], text=texts)  # a 4-D array: its images, in order
+    assert torch.equal(stacked["pixel_values"], processor(images=arrays, text=texts)["pixel_values"])
+    one = processor(images=tiny_images[0], text=["<image>a", "b"])  # one image for a batch: the one <image>
+    assert one["pixel_values"].shape == (2, 1, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"flat list of 2 images for 3 texts with 3 <image> tokens in all \(2, 0, 1\)"):
+        processor(images=tiny_images[:2], text=texts)
+    with pytest.raises(ValueError, match=r"flat list of 4 images for 3 texts with 3 <image> tokens"):
+        processor(images=tiny_images[:4], text=texts)
+
+
 def test_processor_errors(converted, tiny_images):
     processor = AutoProcessor.from_pretrained(converted("tiny-neox"))
     with pytest.raises(ValueError, match="has 2 <image> tokens but 1 images"):
