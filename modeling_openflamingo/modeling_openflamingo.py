@@ -91,6 +91,26 @@ except ImportError:  # transformers 4.x: its own layout is the on-disk one
     pass
 
 _TRANSFORMERS_MAJOR = int(_TRANSFORMERS_VERSION.split(".")[0])
+
+
+def _checkpoint_renamings(model: nn.Module) -> list:
+    """The key renamings that transformers 5.x's `from_pretrained` applies to a checkpoint of `model` (and
+    `save_pretrained` reverts), its sub-models' included (each scoped to its prefix), e.g. GPT-NeoX's `embed_out.` ->
+    `lm_head.`; none on 4.x, which loads and saves the modules' own names."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+    except ImportError:
+        return []
+    return [transform for transform in get_model_conversion_mapping(model) if isinstance(transform, WeightRenaming)]
+
+
+def _apply_renamings(key: str, renamings: list) -> str:
+    """`key` after every one of `renamings` ([`_checkpoint_renamings`]), as `from_pretrained` renames it."""
+    for renaming in renamings:
+        key, _ = renaming.rename_source_key(key)
+    return key
+
+
 # `cache_implementation`s of fixed-length (compileable) caches
 _COMPILEABLE_CACHES = frozenset({"static", "offloaded_static", "sliding_window", "hybrid", "hybrid_chunked"})
 
@@ -1669,6 +1689,10 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                     "leave prefill_chunk_size unset."
                 )
             kwargs["prefill_chunked_embeds"] = True  # [`prepare_inputs_for_generation`] feeds each chunk its own
+        if torch.is_tensor(kwargs.get("inputs_embeds")):
+            # `GenerationMixin` appends the generated tokens to the ids given with the embeddings (none, the
+            # embedded positions' or a soft prompt's fewer): [`prepare_inputs_for_generation`] finds them after these
+            kwargs["embeds_prompt_ids"] = input_ids.shape[-1] if torch.is_tensor(input_ids) else 0
         self._extend_image_indices(input_ids, kwargs)
         if torch.is_tensor(input_ids) and kwargs.get("inputs_embeds") is None:
             # before the images are encoded or expanded for beams: the errors then name the caller's shapes
@@ -1779,31 +1803,41 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         """
         media = self.config.media_token_id
         embeds = kwargs.get("inputs_embeds")
+        image_cache = kwargs.get("image_cache")
+        pixel_values, image_hidden_states = kwargs.get("pixel_values"), kwargs.get("image_hidden_states")
+        has_images = any(images is not None for images in (pixel_values, image_hidden_states, image_cache))
+        if media is None or kwargs.get("image_indices") is not None:
+            return False
         if (
-            media is None
-            or not torch.is_tensor(input_ids)
+            torch.is_tensor(embeds)
+            and embeds.ndim == 3
+            and not (torch.is_tensor(input_ids) and tuple(input_ids.shape) == tuple(embeds.shape[:2]))
+        ):
+            # `inputs_embeds` without the ids of each embedded position: no <image> token to place images by
+            if has_images:
+                raise ValueError("With inputs_embeds and images, pass image_indices.")  # (as the forward says)
+            # Text only: the tokens see no image, a generated <image> included (as with input_ids below).
+            kwargs["image_indices"] = embeds.new_zeros(embeds.shape[:2], dtype=torch.long)
+            return False
+        if (
+            not torch.is_tensor(input_ids)
             or input_ids.ndim != 2
             or input_ids.is_floating_point()
-            or kwargs.get("image_indices") is not None
             # `inputs_embeds` with the `input_ids` they embed (as `generate` takes both) place the images by those
             or (embeds is not None and (not torch.is_tensor(embeds) or tuple(embeds.shape[:2]) != input_ids.shape))
         ):
             return False
-        image_cache = kwargs.get("image_cache")
-        if image_cache is not None:
-            cache = _lm_cache(kwargs)
-            if cache is None or cache.get_seq_length() == 0:
-                # A new prompt on the images of an earlier call: its <image> tokens are numbered as with pixel_values
-                # (a continued sequence follows the cache's last image: `prepare_inputs_for_generation`).
-                if not bool((input_ids == media).any()):
-                    raise ValueError(
-                        "Images were given (image_cache) but input_ids contain no <image> token to place them."
-                    )
-                kwargs["image_indices"] = self._image_indices(input_ids, self._num_cached_images(image_cache))
-            return False
-        pixel_values, image_hidden_states = kwargs.get("pixel_values"), kwargs.get("image_hidden_states")
-        has_images = pixel_values is not None or image_hidden_states is not None
         has_media = bool((input_ids == media).any())
+        if image_cache is not None:
+            # The images of an earlier call: the <image> tokens are numbered as with pixel_values, a continued
+            # sequence's too (`generate` takes the whole sequence with past_key_values), so that an <image> beyond the
+            # cached images is refused and a generated one is counted as with the other image sources.
+            if not has_media:
+                raise ValueError(
+                    "Images were given (image_cache) but input_ids contain no <image> token to place them."
+                )
+            kwargs["image_indices"] = self._image_indices(input_ids, self._num_cached_images(image_cache))
+            return False
         if not has_media and not has_images:
             # Text only: tokens see no image, a generated <image> included.
             kwargs["image_indices"] = torch.zeros_like(input_ids)
@@ -1813,7 +1847,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             raise ValueError(
                 "input_ids contain <image> tokens but no images were given (pixel_values, image_hidden_states or "
                 "image_cache): continuing from past_key_values, pass the images again (or the previous output's "
-                "image_cache), as the prompt's tokens need them."
+                "image_cache), as the prompt's tokens need them. If those <image> tokens were generated in a "
+                "text-only conversation, pass image_indices=torch.zeros_like(input_ids) to keep it text only."
             )
         if not has_media or not has_images:  # (two image sources: refused by `generate` before this)
             return False
@@ -1833,6 +1868,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         image_indices: torch.LongTensor | None = None,
         generated_image_state: torch.LongTensor | None = None,
         prefill_chunked_embeds: bool = False,
+        embeds_prompt_ids: int | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
         """After the prompt, images are not re-encoded: new tokens reuse `image_cache` and see the prompt's last image.
@@ -1845,6 +1881,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         not reorder it), updated in place as the tokens are fed ([`_fed_image_indices`]). With `prefill_chunk_size`
         and `inputs_embeds`, [`generate`] sets `prefill_chunked_embeds`: each chunk of the prompt is fed its own
         embeddings (otherwise `inputs_embeds` may be longer than `input_ids`, e.g. a soft prompt, and are not sliced).
+        With `inputs_embeds`, [`generate`] sets `embeds_prompt_ids`: how many ids came with them (none, one per
+        embedded position, or a soft prompt's fewer); `input_ids` are those, then the generated tokens, which follow
+        `image_indices` (one per embedded position).
         """
         span = None
         if inputs_embeds is None or prefill_chunked_embeds:  # (else `input_ids` may be shorter: a soft prompt)
@@ -1862,25 +1901,28 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         if image_indices is not None:
             if span is not None:  # a chunk of the prompt ends before the prompt does
                 image_indices = image_indices[:, : span[1]]
-            grown = input_ids.shape[-1] - image_indices.shape[-1]
+            # the tokens after those that `image_indices` cover: generated ones
+            start = image_indices.shape[-1] if embeds_prompt_ids is None else embeds_prompt_ids
+            generated = input_ids[:, start:]
+            grown = generated.shape[-1]
             if grown > 0 and generated_image_state is not None and new_tokens <= grown:
-                fed = input_ids[:, -new_tokens:]  # generated tokens, fed one step at a time
+                fed = generated[:, -new_tokens:]  # generated tokens, fed one step at a time
                 image_indices = _fed_image_indices(
                     generated_image_state, fed, self.config.media_token_id, self.config.generated_image_conditioning
                 )
                 generated_image_state.copy_(image_indices[:, -1:])
             elif grown > 0:
-                image_indices = _image_indices_extended_to(image_indices, input_ids, self.config.media_token_id)
+                after = _image_indices_after(image_indices[:, -1:], generated, self.config.media_token_id)
+                image_indices = torch.cat((image_indices, after), dim=-1)
             # a copy with the same strides at every step, as `input_ids`: a compiled step would recompile on new strides
             model_inputs["image_indices"] = image_indices[:, image_indices.shape[-1] - new_tokens :].clone(
                 memory_format=torch.contiguous_format
             )
         if image_cache is not None:
+            # (without `image_indices` the forward places the fed tokens after the cache's last image itself)
             model_inputs.pop("pixel_values", None)
             model_inputs.pop("image_hidden_states", None)
             model_inputs["image_cache"] = image_cache
-            if image_indices is None:
-                model_inputs["image_indices"] = image_cache.last_image_index.unsqueeze(-1).expand(-1, new_tokens)
         return model_inputs
 
     @staticmethod
@@ -2480,10 +2522,11 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
     def _state_dict_pre_load_hook(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         """`load_state_dict` of a saved folder's weights (e.g. `Trainer`'s `resume_from_checkpoint`) as
         `from_pretrained` loads them: the vision tower's names in this transformers' layout (folders hold 4.x's
-        `vision_model.vision_model.*` on either major); in a strict load of this model, tied parameters that
-        `save_pretrained` stores once given under each of their names ([`load_state_dict`]). Rows trained by
-        [`freeze_for_training`] (a PEFT adapter's `new_token_embeddings`) are refused by a model without that module,
-        rather than silently dropped."""
+        `vision_model.vision_model.*` on either major), and on transformers 5.x the LM's own checkpoint renamings
+        (GPT-NeoX's saved `embed_out` is its `lm_head`: [`_checkpoint_renamings`]); in a strict load of this model, tied
+        parameters that `save_pretrained` stores once given under each of their names ([`load_state_dict`]). Rows
+        trained by [`freeze_for_training`] (a PEFT adapter's `new_token_embeddings`) are refused by a model without that
+        module, rather than silently dropped."""
         if "new_token_embeddings" not in self._modules and any(
             key.startswith(f"{prefix}new_token_embeddings.") for key in state_dict
         ):
@@ -2496,6 +2539,11 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             renames = {key: flat + key[len(nested) :] for key in state_dict if key.startswith(nested)}
         for key, new in renames.items():
             state_dict[new] = state_dict.pop(key)
+        renamings = _checkpoint_renamings(self)
+        for key in [key for key in state_dict if key.startswith(prefix)] if renamings else ():
+            new = prefix + _apply_renamings(key[len(prefix) :], renamings)
+            if new != key:
+                state_dict[new] = state_dict.pop(key)
         if not _FILL_TIED_NAMES.get():
             return
         for names in self._tied_parameter_names():

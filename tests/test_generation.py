@@ -15,6 +15,7 @@ import torch
 import transformers
 from transformers import (
     AutoModelForImageTextToText,
+    DynamicCache,
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
@@ -1011,6 +1012,124 @@ def test_continuing_from_a_cache_without_the_images_is_an_error(family):
         input_ids=continued, pixel_values=pixel_values, max_new_tokens=2, **{name: copy.deepcopy(cache)}
     )
     assert torch.equal(again, model.generate(input_ids=continued, pixel_values=pixel_values, max_new_tokens=2))
+
+
+@pytest.mark.parametrize("conditioning", ["sequence", "original_kv_cache"])
+def test_continuing_from_an_image_cache_equals_continuing_with_the_images(conditioning):
+    """`generate` continues a sequence from an LM cache with the `image_cache` of the forward that made it as it does
+    with the images: a generated `<image>` is counted as there (`"sequence"`: as in the cache-less run), and an
+    `<image>` beyond the cached images is refused."""
+    from .test_core import EOC, MEDIA, inputs, tiny_model
+
+    model = tiny_model("gpt_neox", generated_image_conditioning=conditioning)
+    ids, pixel_values = inputs(batch=1)
+    with torch.no_grad():
+        first = model(input_ids=ids, pixel_values=pixel_values, past_key_values=DynamicCache(), use_cache=True)
+    lm_cache = getattr(first, "cache", None) or first.past_key_values
+    name = "cache" if hasattr(first, "cache") else "past_key_values"  # transformers >= 5.24: `cache`
+    continued = torch.cat((ids, torch.tensor([[5, 6]])), dim=1)
+    force_image = LogitsProcessorList([ForceTokenAt(MEDIA, 1, continued.shape[1])])
+    settings = dict(max_new_tokens=5, min_new_tokens=5, return_dict_in_generate=True, output_logits=True)
+    runs = {
+        "no cache": model.generate(
+            input_ids=continued, pixel_values=pixel_values, use_cache=False, logits_processor=force_image, **settings
+        ),
+        "images": model.generate(
+            input_ids=continued,
+            pixel_values=pixel_values,
+            **{name: copy.deepcopy(lm_cache)},
+            logits_processor=force_image,
+            **settings,
+        ),
+        "image_cache": model.generate(
+            input_ids=continued,
+            image_cache=first.image_cache,
+            **{name: copy.deepcopy(lm_cache)},
+            logits_processor=force_image,
+            **settings,
+        ),
+    }
+    # `"original_kv_cache"` decodes as `"sequence"` without a cache (the original's one forward per step)
+    no_cache = runs.pop("no cache")
+    expected = no_cache if conditioning == "sequence" else runs.pop("images")
+    assert expected.sequences[0, continued.shape[1] + 1] == MEDIA
+    for run, got in runs.items():
+        assert torch.equal(got.sequences, expected.sequences), run
+        for step, (a, b) in enumerate(zip(got.logits, expected.logits, strict=True)):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=f"{run}, step {step}")
+    beyond = torch.cat((ids, torch.tensor([[EOC, MEDIA, 5]])), dim=1)
+    with pytest.raises(ValueError, match="has 3 <image> tokens but only 2 images"):
+        model.generate(
+            input_ids=beyond, image_cache=first.image_cache, max_new_tokens=2, **{name: copy.deepcopy(lm_cache)}
+        )
+
+
+@pytest.mark.parametrize("conditioning", ["sequence", "original_kv_cache"])
+def test_generate_from_inputs_embeds_counts_a_generated_image_as_from_input_ids(conditioning):
+    """With the prompt given as `inputs_embeds` (the generated tokens then make up all of `input_ids`), a generated
+    `<image>` is counted as with `input_ids`; a text-only prompt stays text only, as with `input_ids`; and an
+    `image_cache` without `image_indices` is refused, as the other image sources are."""
+    from .test_core import MEDIA, inputs, tiny_model
+
+    model = tiny_model("llama", generated_image_conditioning=conditioning)
+    ids, pixel_values = inputs(batch=2, seq=6)
+    embeds = model.get_input_embeddings()(ids)
+    image_indices = model._image_indices(ids, pixel_values.shape[1])
+    settings = dict(max_new_tokens=9, min_new_tokens=9, return_dict_in_generate=True, output_logits=True)
+    for step in (1, 7):  # the generated <image> before and after as many tokens as the prompt's
+        expected = model.generate(
+            input_ids=ids,
+            pixel_values=pixel_values,
+            logits_processor=LogitsProcessorList([ForceTokenAt(MEDIA, step, ids.shape[1])]),
+            **settings,
+        )
+        got = model.generate(
+            inputs_embeds=embeds,
+            pixel_values=pixel_values,
+            image_indices=image_indices,
+            logits_processor=LogitsProcessorList([ForceTokenAt(MEDIA, step, 0)]),
+            **settings,
+        )
+        assert torch.equal(got.sequences, expected.sequences[:, ids.shape[1] :]), step
+        for a, b in zip(got.logits, expected.logits, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    text = ids.masked_fill(ids == MEDIA, 5)
+    force_image = LogitsProcessorList([ForceTokenAt(MEDIA, 1, 0)])
+    got = model.generate(inputs_embeds=model.get_input_embeddings()(text), logits_processor=force_image, **settings)
+    force_image = LogitsProcessorList([ForceTokenAt(MEDIA, 1, text.shape[1])])
+    expected = model.generate(input_ids=text, logits_processor=force_image, **settings)
+    assert torch.equal(got.sequences, expected.sequences[:, text.shape[1] :])
+    image_cache = model(input_ids=ids, pixel_values=pixel_values).image_cache
+    with pytest.raises(ValueError, match="With inputs_embeds and images, pass image_indices"):
+        model.generate(inputs_embeds=embeds, image_cache=image_cache, max_new_tokens=2)
+
+
+def test_a_text_only_conversation_continues_after_a_generated_image_with_image_indices():
+    """Continuing from a cache, `<image>` tokens without images are refused (they may be the prompt's); the error
+    says how to continue a text-only conversation whose model generated one, and that way gives the cache-less run."""
+    from .test_core import MEDIA, tiny_model
+
+    model = tiny_model("mpt")
+    ids = torch.tensor([[7, 8, 9, 10]])
+    out = model.generate(
+        input_ids=ids,
+        max_new_tokens=3,
+        min_new_tokens=3,
+        logits_processor=LogitsProcessorList([ForceTokenAt(MEDIA, 1, ids.shape[1])]),
+        return_dict_in_generate=True,
+    )
+    cache = getattr(out, "cache", None) or out.past_key_values
+    continued = torch.cat((out.sequences, torch.tensor([[5]])), dim=1)
+    name = "cache" if hasattr(out, "cache") else "past_key_values"  # transformers >= 5.24: `cache`
+    with pytest.raises(ValueError, match=r"pass image_indices=torch.zeros_like\(input_ids\)"):
+        model.generate(input_ids=continued, max_new_tokens=2, **{name: copy.deepcopy(cache)})
+    text_only = torch.zeros_like(continued)
+    got = model.generate(
+        input_ids=continued, image_indices=text_only, max_new_tokens=3, min_new_tokens=3, **{name: copy.deepcopy(cache)}
+    )
+    assert torch.equal(
+        got, model.generate(input_ids=continued, image_indices=text_only, max_new_tokens=3, min_new_tokens=3)
+    )
 
 
 def test_a_generated_image_token_beyond_the_images_is_scored_with_image_indices():

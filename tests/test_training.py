@@ -536,10 +536,12 @@ def test_keys_to_ignore_on_save_follow_the_tie(converted, tmp_path):
     assert torch.equal(saved["language_model.lm_head.weight"], head.weight.detach())
 
 
-@pytest.mark.parametrize("family", ["tiny-mpt", "tiny-llama"])
+@pytest.mark.parametrize("family", shared.FAMILIES)
 def test_load_state_dict_takes_a_saved_folders_weights(converted, family, tmp_path):
     """A saved folder's `model.safetensors` loads with `load_state_dict` (as `Trainer` resumes) without missing or
-    unexpected names: the vision tower in this transformers' layout, tied output weights filled from their source."""
+    unexpected names: the vision tower in this transformers' layout, tied output weights filled from their source,
+    and the LM's names as `from_pretrained` renames them (transformers 5.x saves GPT-NeoX's `lm_head` as `embed_out`,
+    and a resumed run read the pretrained one, silently, until the load renamed it)."""
     from safetensors.torch import load_file
 
     model, _ = load(converted, family)
