@@ -198,15 +198,19 @@ class OpenFlamingoDataCollator:
 
     @staticmethod
     def _load_image(image: Any, index: int) -> Any:
-        """A PIL image from a PIL image, a path, or a `datasets` `{"bytes": ..., "path": ...}` dict."""
-        from PIL import Image
+        """A PIL image from a PIL image, a path (opened as it is stored, as the original's data pipelines open theirs),
+        or a `datasets` `{"bytes": ..., "path": ...}` dict (as `datasets` decodes it: turned upright by its EXIF
+        orientation, so that an undecoded `Image` feature gives what the decoded one gives)."""
+        from PIL import ExifTags, Image, ImageOps
 
         if isinstance(image, Image.Image) or (isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim in (2, 3)):
             return image  # an array is read by the image processor (HW, HWC or CHW)
         if isinstance(image, dict) and (image.get("bytes") is not None or image.get("path") is not None):
-            if image.get("bytes") is not None:
-                return Image.open(io.BytesIO(image["bytes"]))
-            return Image.open(image["path"])
+            opened = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") is not None else image["path"])
+            opened.load()
+            if opened.getexif().get(ExifTags.Base.Orientation) is not None:  # (as `datasets` checks it)
+                return ImageOps.exif_transpose(opened)
+            return opened
         if isinstance(image, (str, os.PathLike)):
             return Image.open(image)
         raise ValueError(

@@ -379,6 +379,30 @@ def test_collator_refuses_an_array_that_is_one_image_or_a_grayscale_stack(conver
     assert collator([{"text": "<image>a", "images": array}])["pixel_values"].shape[:2] == (1, 1)
 
 
+def test_collator_decodes_an_undecoded_datasets_image_as_datasets_does(converted, tmp_path):
+    """A `datasets` `Image(decode=False)` value (`{"bytes", "path"}`) gives the pixels of the decoded feature, which
+    `datasets` turns upright by the EXIF orientation (a photo taken sideways was fed rotated); a path is opened as it is
+    stored, as the original's data pipelines open theirs (and as a PIL image the caller opened is used)."""
+    datasets = pytest.importorskip("datasets")
+    _, processor = load(converted, "tiny-mpt")
+    pixels = np.random.default_rng(0).integers(0, 255, (40, 64, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees to display
+    path = tmp_path / "sideways.jpg"
+    Image.fromarray(pixels).save(path, exif=exif.tobytes())
+    rows = datasets.Dataset.from_dict({"images": [[str(path)]], "text": ["<image>x<|endofchunk|>"]})
+    decoded = rows.cast_column("images", datasets.Sequence(datasets.Image()))
+    undecoded = rows.cast_column("images", datasets.Sequence(datasets.Image(decode=False)))
+    assert decoded[0]["images"][0].size == (40, 64) and isinstance(undecoded[0]["images"][0], dict)
+    collator = OpenFlamingoDataCollator(processor)
+    expected = collator([decoded[0]])["pixel_values"]
+    assert torch.equal(collator([undecoded[0]])["pixel_values"], expected)
+    as_stored = collator([{"text": "<image>x<|endofchunk|>", "images": str(path)}])["pixel_values"]
+    with Image.open(path) as opened:
+        assert torch.equal(as_stored, collator([{"text": "<image>x<|endofchunk|>", "images": opened}])["pixel_values"])
+    assert not torch.equal(as_stored, expected)
+
+
 def test_collator_inputs_and_errors(converted, tiny_images, tmp_path):
     _, processor = load(converted, "tiny-llama")
     path = tmp_path / "image.png"
