@@ -377,7 +377,10 @@ def load_torch_file(path: str | os.PathLike, verify: bool = True) -> dict[str, A
         # its own reason is passed on
         reason = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", text, re.DOTALL)
         message = " ".join(reason.group(1).split()) if reason else _first_line(error)
-        unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        # a global outside torch's allowlist, or in a module torch blocks outright (`os`, `posix`, `sys`, ...)
+        unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", text) or re.search(
+            r"unsupported GLOBAL (\S+) whose module \S+ is blocked", text
+        )
         culprit = _find_unsafe_pickle_entry(path) if unsupported or isinstance(error, pickle.PickleError) else None
         if unsupported or culprit:
             if unsupported:

@@ -669,6 +669,26 @@ def test_pickle_that_needs_code(tmp_path):
     assert "needs code to load" in message
 
 
+class _CallsIntoOs:
+    """Pickles as a call of `os.getpid` (as a code-execution payload calls `os.system`): a module torch blocks."""
+
+    def __reduce__(self):
+        return (os.getpid, ())
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_pickle_that_calls_into_a_blocked_module(tmp_path, zip_format):
+    """Refused as unsafe, naming what it needs, in either format: not called corrupt, and without torch's advice to
+    load the file with weights_only=False (the advice that would run the payload)."""
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"w": torch.zeros(2), "x": _CallsIntoOs()}, path, _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(ConversionError) as error:
+        load_torch_file(path)
+    message = str(error.value)
+    assert "needs code to load" in message and f"it needs {os.getpid.__module__}.getpid" in message
+    assert "corrupt" not in message and "weights_only` set to `False`" not in message
+
+
 def test_tokenizer_that_does_not_fit_the_checkpoint(tmp_path):
     from transformers import AutoTokenizer
 
