@@ -1817,6 +1817,24 @@ def _check_not_the_working_directory(output_dir: Path) -> None:
         )
 
 
+def _write_failed(target: Path, error: Exception) -> ConversionError:
+    """The error for a write into `target` that failed midway (a full disk, a file-size limit, a lost mount), with its
+    reason and the space left: the libraries that write raise their own types (safetensors' `SafetensorError`,
+    torch's `RuntimeError`) with the system's reason somewhere in the text, or none."""
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else _first_line(error)
+    where = target if target.exists() else target.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        free = f"; {shutil.disk_usage(where).free / 1e9:.2f} GB free there now"
+    except OSError:
+        free = ""
+    return ConversionError(
+        f"Writing {target} failed ({type(error).__name__}: {reason}){free}. Nothing was left in its place; make room "
+        "(or raise the file-size limit, `ulimit -f`) and run again."
+    )
+
+
 def save_atomically(output_dir: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     """Run `write(tmp_dir)` into a temporary sibling of `output_dir`, then move it into place.
 
@@ -1830,7 +1848,12 @@ def save_atomically(output_dir: str | os.PathLike, write: Callable[[Path], Any])
     tmp.mkdir()  # with the umask's permissions, as any folder the user makes
     old = None
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except ConversionError:
+            raise
+        except Exception as error:  # noqa: BLE001 - re-raised with the output named
+            raise _write_failed(output_dir, error) from error
         # as if the user had written them: transformers (5.x) writes the weights through an owner-only temporary file
         for path in tmp.rglob("*"):
             if not path.is_symlink():
@@ -2194,7 +2217,10 @@ def convert_hf_to_openflamingo(
     handle, tmp = tempfile.mkstemp(prefix=f".{output_file.name}.tmp-", dir=output_file.parent)
     os.close(handle)
     try:
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except Exception as error:  # noqa: BLE001 - re-raised with the output named
+            raise _write_failed(output_file, error) from error
         _mode_by_umask(Path(tmp), 0o666)  # mkstemp makes it owner-only
         os.replace(tmp, output_file)
     except BaseException:

@@ -41,6 +41,7 @@ from modeling_openflamingo.checkpoint_conversion import (
     map_key,
     native_key_to_checkpoint,
     resolve_inputs,
+    save_atomically,
     unmap_key,
 )
 from modeling_openflamingo.conversion_presets import PRESETS, get_preset
@@ -903,6 +904,49 @@ sys.exit(cli.main({args!r}))
     assert process.wait(timeout=60) == 128 + signal.SIGTERM
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
     assert_same_tensors(folder_tensors(out), folder_tensors(converted("tiny-mpt")))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="a file-size limit for a child process (POSIX)")
+def test_cli_writes_that_fail_midway_end_in_one_error_line(converted, tmp_path):
+    """A write that fails midway (here a file-size limit; a full disk fails the same way) ends both CLIs with their
+    one-line error naming the output, not the writing library's traceback, and leaves nothing behind."""
+    import resource
+
+    def limited() -> None:  # 200 KB per file: the tiny model's weights do not fit
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    out = tmp_path / "out"
+    reverse = [
+        str(ROOT / "conversion" / "convert_hf_to_openflamingo.py"),
+        *("--model", str(converted("tiny-mpt")), "--output", str(out / "checkpoint.pt"), "--include-lm"),
+    ]
+    forward = [str(ROOT / "conversion" / "convert_openflamingo_checkpoint.py"), *cli_args("tiny-mpt", out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for command, target in ((forward, out), (reverse, out / "checkpoint.pt")):
+        out.mkdir(exist_ok=True)
+        result = subprocess.run(
+            [sys.executable, *command, "--no-progress"], preexec_fn=limited, env=env, capture_output=True, text=True
+        )
+        assert result.returncode == 1, result.stderr
+        assert "Traceback" not in result.stderr, result.stderr
+        assert f"error: Writing {target} failed (" in result.stderr and "ulimit -f" in result.stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and not any(out.iterdir())
+        out.rmdir()
+
+
+def test_save_atomically_names_the_output_of_a_failed_write_and_keeps_the_old_folder(tmp_path):
+    output = tmp_path / "o"
+    output.mkdir()
+    (output / "kept.txt").write_text("old")
+
+    def write(folder: Path) -> None:
+        (folder / "half.bin").write_bytes(b"x")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    with pytest.raises(ConversionError, match=r"Writing .*o failed \(RuntimeError: \[enforce fail") as error:
+        save_atomically(output, write)
+    assert isinstance(error.value.__cause__, RuntimeError)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"] and (output / "kept.txt").read_text() == "old"
 
 
 def test_cli_names_the_lm_config_that_lacks_a_key(tmp_path, capsys):
