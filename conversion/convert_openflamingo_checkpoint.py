@@ -38,7 +38,7 @@ from modeling_openflamingo.checkpoint_conversion import (  # noqa: E402
     quiet_libraries,
     raise_on_termination,
 )
-from modeling_openflamingo.conversion_hub import push_folder_to_hub  # noqa: E402
+from modeling_openflamingo.conversion_hub import push_folder_to_hub, push_problem  # noqa: E402
 from modeling_openflamingo.conversion_presets import (  # noqa: E402
     DEFAULT_VISION,
     PRESETS,
@@ -124,6 +124,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--manifest goes with --dry-run")
     if args.dry_run and args.push_to_hub:
         parser.error("--dry-run writes no folder, so there is nothing for --push-to-hub to upload")
+    if args.push_to_hub and not args.list_presets and (problem := push_problem(args.push_to_hub)):
+        parser.error(f"--push-to-hub {args.push_to_hub}: {problem}")  # before hours of conversion, not after
     if args.dry_run and (args.vision or args.quick_gelu is not None or args.open_clip_weights):
         # the dry run reads no weights: its vision tower is the released ViT-L/14, or --open-clip-config's
         parser.error(

@@ -131,6 +131,23 @@ def resolve_folder(
         raise _hub_error(what, spec, error) from error
 
 
+def push_problem(repo_id: str) -> str | None:
+    """Why an upload to `repo_id` cannot work, found before anything is converted (None when none is seen): a repo id
+    the hub refuses, the hub switched off (`HF_HUB_OFFLINE`), or no token to write with."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        return str(error)
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return "the hub is switched off here (HF_HUB_OFFLINE is set): unset it, or convert without --push-to-hub."
+    if huggingface_hub.get_token() is None:
+        return "no hub token to upload with: log in (`hf auth login`) or set HF_TOKEN first."
+    return None
+
+
 def push_folder_to_hub(
     folder: str | os.PathLike,
     repo_id: str,
@@ -151,9 +168,11 @@ def push_folder_to_hub(
         )
     except Exception as error:  # noqa: BLE001
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        status = getattr(getattr(error, "response", None), "status_code", None)
+        hint = " Are you logged in (`hf auth login`) with a token that can write to it?" if status in (401, 403) else ""
         raise ConversionError(
-            f"Uploading {folder} to the hub repo {repo_id} failed ({type(error).__name__}: {first_line}). "
-            "Are you logged in (`hf auth login`) with a token that can write to it?"
+            f"Uploading {folder} to the hub repo {repo_id} failed ({type(error).__name__}: {first_line}).{hint} "
+            f"The folder stays as it is: upload it later with `hf upload {repo_id} {folder} .`."
         ) from error
     return str(getattr(commit, "commit_url", commit))
 
@@ -164,6 +183,7 @@ __all__ = [
     "list_files",
     "parse_hub_spec",
     "push_folder_to_hub",
+    "push_problem",
     "resolve_file",
     "resolve_folder",
 ]

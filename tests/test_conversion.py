@@ -1151,6 +1151,8 @@ def test_push_to_hub(monkeypatch, tmp_path):
     api.upload_folder.return_value = SimpleNamespace(commit_url="https://huggingface.co/me/of-tiny/commit/abc")
     hf_api = mock.MagicMock(return_value=api)
     monkeypatch.setattr(huggingface_hub, "HfApi", hf_api)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
     out = tmp_path / "o"
     args = cli_args("tiny-llama", out) + ["--push-to-hub", "me/of-tiny", "--private", "--no-progress"]
     assert load_cli().main(args) == 0
@@ -1166,6 +1168,48 @@ def test_push_to_hub(monkeypatch, tmp_path):
         == 0
     )
     api.create_repo.assert_called_once_with(repo_id="me/of-tiny", repo_type="model", private=None, exist_ok=True)
+
+
+def test_push_to_hub_that_cannot_work_is_refused_before_converting(monkeypatch, tmp_path, capsys):
+    """A repo id the hub refuses, the hub switched off, or no token: refused at once (the upload came after the whole
+    conversion, and its error asked whether one is logged in whatever the cause); nothing is read or written."""
+    monkeypatch.setattr(huggingface_hub, "HfApi", mock.MagicMock(side_effect=AssertionError("no upload")))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
+    out = tmp_path / "o"
+    args = [*cli_args("tiny-llama", out, **{"--checkpoint": str(tmp_path / "missing.pt")}), "--no-progress"]
+    with pytest.raises(SystemExit) as exit_:
+        load_cli().main([*args, "--push-to-hub", "my org/OpenFlamingo tiny"])
+    assert exit_.value.code == 2 and "Repo id must use alphanumeric chars" in capsys.readouterr().err
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit):
+        load_cli().main([*args, "--push-to-hub", "me/of-tiny"])
+    assert "the hub is switched off here (HF_HUB_OFFLINE is set)" in capsys.readouterr().err
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    with pytest.raises(SystemExit):
+        load_cli().main([*args, "--push-to-hub", "me/of-tiny"])
+    assert "no hub token to upload with: log in (`hf auth login`)" in capsys.readouterr().err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_failed_upload_says_where_the_folder_is_and_asks_for_a_login_only_when_refused(monkeypatch, tmp_path):
+    from modeling_openflamingo.conversion_hub import push_folder_to_hub
+
+    folder = tmp_path / "o"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    for status, login in ((401, True), (500, False), (None, False)):
+        error = RuntimeError("it failed")
+        error.response = SimpleNamespace(status_code=status) if status else None
+        api = mock.MagicMock()
+        api.upload_folder.side_effect = error
+        monkeypatch.setattr(huggingface_hub, "HfApi", mock.MagicMock(return_value=api))
+        with pytest.raises(ConversionError) as raised:
+            push_folder_to_hub(folder, "me/of-tiny")
+        message = str(raised.value)
+        assert f"upload it later with `hf upload me/of-tiny {folder} .`" in message
+        assert ("hf auth login" in message) == login, (status, message)
 
 
 def test_list_presets(capsys):
