@@ -1,10 +1,11 @@
 """openflamingo-hf: OpenFlamingo as a transformers model.
 
 Importing this package registers the model with the Auto classes: `AutoConfig`, `AutoModelForImageTextToText`,
-`AutoModelForVision2Seq` (transformers 4.x), `AutoImageProcessor` and `AutoProcessor`.
+`AutoModelForVision2Seq` (transformers 4.x), `AutoImageProcessor` and `AutoProcessor` (and, on 4.x, `AutoTokenizer`
+for a folder without `tokenizer_config.json`).
 """
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 from .configuration_openflamingo import OpenFlamingoConfig
 from .data_collator import OpenFlamingoDataCollator, attention_mask_without_host_sync, causal_attention_mask_4d
@@ -24,9 +25,12 @@ __version__ = "0.1.0"
 AutoConfig.register("openflamingo", OpenFlamingoConfig, exist_ok=True)
 AutoModelForImageTextToText.register(OpenFlamingoConfig, OpenFlamingoForConditionalGeneration, exist_ok=True)
 try:  # transformers 4.x only
-    from transformers import AutoModelForVision2Seq
+    from transformers import AutoModelForVision2Seq, PreTrainedTokenizerFast
 
     AutoModelForVision2Seq.register(OpenFlamingoConfig, OpenFlamingoForConditionalGeneration, exist_ok=True)
+    # a folder whose tokenizer_config.json is missing: its tokenizer.json, as 5.x reads it (4.x looked the config class
+    # up in its own table and failed with a bare KeyError)
+    AutoTokenizer.register(OpenFlamingoConfig, fast_tokenizer_class=PreTrainedTokenizerFast, exist_ok=True)
 except ImportError:
     pass
 AutoImageProcessor.register(OpenFlamingoConfig, slow_image_processor_class=OpenFlamingoImageProcessor, exist_ok=True)

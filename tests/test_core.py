@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -1199,6 +1200,20 @@ def test_processor_takes_a_flat_list_of_every_texts_images(converted, tiny_image
         processor(images=tiny_images[:2], text=texts)
     with pytest.raises(ValueError, match=r"flat list of 4 images for 3 texts with 3 <image> tokens"):
         processor(images=tiny_images[:4], text=texts)
+
+
+def test_processor_loads_from_a_folder_without_tokenizer_config(converted, tmp_path):
+    """A folder whose `tokenizer_config.json` is missing: the tokenizer is read from `tokenizer.json` on both majors
+    (transformers 4.x failed with a bare `KeyError: 'OpenFlamingoConfig'`), with the added tokens in place."""
+    folder = tmp_path / "no-tokenizer-config"
+    shutil.copytree(converted("tiny-neox"), folder)
+    (folder / "tokenizer_config.json").unlink()
+    expected = AutoProcessor.from_pretrained(converted("tiny-neox"))
+    processor = AutoProcessor.from_pretrained(folder)
+    assert len(processor.tokenizer) == len(expected.tokenizer)
+    text = "<image>A photo of two cats.<|endofchunk|><image>Output:"
+    assert processor.tokenizer(text)["input_ids"] == expected.tokenizer(text)["input_ids"]
+    assert processor.image_token_id == expected.image_token_id
 
 
 def test_processor_errors(converted, tiny_images):
