@@ -1673,6 +1673,12 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
         generation_config = kwargs.get("generation_config") or self.generation_config
         chunked = kwargs.get("prefill_chunk_size", getattr(generation_config, "prefill_chunk_size", None))
+        if kwargs.get("assistant_early_exit", getattr(generation_config, "assistant_early_exit", None)) is not None:
+            raise ValueError(
+                "assistant_early_exit (self-speculative decoding from an early layer, as LayerSkip models are trained "
+                "for) is not supported: OpenFlamingo's LMs have no early-exit head, and the early layers alone skip "
+                "the later cross-attention blocks. Use prompt_lookup_num_tokens or an assistant_model instead."
+            )
         if kwargs.get("inputs_embeds") is not None and kwargs.get("assistant_model") is not None:
             raise ValueError(
                 "Assisted decoding (assistant_model) with inputs_embeds is not supported (it gave other tokens than "

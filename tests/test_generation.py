@@ -1104,6 +1104,19 @@ def test_generate_from_inputs_embeds_counts_a_generated_image_as_from_input_ids(
         model.generate(inputs_embeds=embeds, image_cache=image_cache, max_new_tokens=2)
 
 
+def test_early_exit_self_speculation_is_refused_clearly():
+    """transformers' early-exit candidates (`assistant_early_exit`) failed deep inside with an AttributeError."""
+    from .test_core import inputs, tiny_model
+
+    model = tiny_model("llama")
+    ids, pixel_values = inputs(batch=1)
+    with pytest.raises(ValueError, match="assistant_early_exit .* is not supported"):
+        model.generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=2, assistant_early_exit=1)
+    config = GenerationConfig(max_new_tokens=2, assistant_early_exit=1)
+    with pytest.raises(ValueError, match="assistant_early_exit .* is not supported"):
+        model.generate(input_ids=ids, pixel_values=pixel_values, generation_config=config)
+
+
 def test_a_text_only_conversation_continues_after_a_generated_image_with_image_indices():
     """Continuing from a cache, `<image>` tokens without images are refused (they may be the prompt's); the error
     says how to continue a text-only conversation whose model generated one, and that way gives the cache-less run."""
