@@ -1707,7 +1707,8 @@ def convert_openflamingo_checkpoint(
     """Convert the original parts into a `save_pretrained` folder (model, processor, generation config, model card).
 
     Each part is a local path or a hub id; a `preset` (one of the six released models) fills in the parts it knows.
-    The folder is written to a temporary sibling and moved into place at the end: a failed conversion leaves nothing.
+    The folder is written to a temporary sibling and moved into place at the end (an existing empty folder is filled in
+    place: [`save_atomically`]): a failed conversion leaves nothing.
     `repo_id` (where the folder will be published) is only used in the model card's usage snippet. Returns the output
     folder.
     """
@@ -1764,9 +1765,20 @@ def quiet_libraries() -> None:
     transformers_logging.disable_progress_bar()
 
 
+def _is_empty_folder(path: Path) -> bool:
+    """An existing, empty folder (not a link to one): [`save_atomically`] fills it where it is."""
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
 def _check_writable_location(output: Path) -> None:
     """Whether `output` can be made where it is asked for: checked before anything is read or converted (the parent
-    folders are made only at the end). Its nearest existing ancestor must be a folder this process may write in."""
+    folders are made only at the end). Its nearest existing ancestor must be a folder this process may write in; an
+    existing empty folder is filled in place (it may be a mount point, in a parent that is not writable), so it must
+    be writable itself."""
+    if _is_empty_folder(output):
+        if not os.access(output, os.W_OK | os.X_OK):
+            raise ConversionError(f"No permission to write in {output}.")
+        return
     ancestor = output.absolute().parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
@@ -1809,8 +1821,13 @@ def _mode_by_umask(path: Path, mode: int) -> None:
 
 
 def _check_not_the_working_directory(output_dir: Path) -> None:
-    """An output folder that is (or holds) the working directory would be replaced by a new folder: refused."""
-    if output_dir.exists() and Path.cwd().resolve().is_relative_to(output_dir.resolve()):
+    """An output folder that is (or holds) the working directory would be replaced by a new folder: refused (an empty
+    one is filled in place instead)."""
+    if (
+        output_dir.exists()
+        and not _is_empty_folder(output_dir)
+        and Path.cwd().resolve().is_relative_to(output_dir.resolve())
+    ):
         raise ConversionError(
             f"{output_dir} is the working directory (or holds it): it would be replaced by a new folder, leaving "
             "this process and your shell in a deleted one. Pass a path that does not hold the working directory."
@@ -1835,29 +1852,61 @@ def _write_failed(target: Path, error: Exception) -> ConversionError:
     )
 
 
+def _write_into(tmp: Path, output_dir: Path, write: Callable[[Path], Any]) -> None:
+    """`write(tmp)`, its failures named after `output_dir`, and the files given the modes the user's own would have."""
+    try:
+        write(tmp)
+    except ConversionError:
+        raise
+    except Exception as error:  # noqa: BLE001 - re-raised with the output named
+        raise _write_failed(output_dir, error) from error
+    # as if the user had written them: transformers (5.x) writes the weights through an owner-only temporary file
+    for path in tmp.rglob("*"):
+        if not path.is_symlink():
+            _mode_by_umask(path, 0o777 if path.is_dir() or path.stat().st_mode & 0o100 else 0o666)
+
+
+def _fill_in_place(output_dir: Path, write: Callable[[Path], Any]) -> Path:
+    """[`save_atomically`] into an existing empty folder: written into a hidden folder inside it, then moved up."""
+    tmp = output_dir / f".tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    moved = []
+    try:
+        _write_into(tmp, output_dir, write)
+        others = sorted(path.name for path in output_dir.iterdir() if path != tmp)
+        if others:
+            raise ConversionError(f"{output_dir} was empty, but now holds {', '.join(others)}: nothing was written.")
+        for entry in sorted(tmp.iterdir(), key=lambda path: path.name == "config.json"):  # config.json last
+            os.replace(entry, output_dir / entry.name)
+            moved.append(output_dir / entry.name)
+        tmp.rmdir()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for path in moved:  # empty again, as it was
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+        raise
+    return output_dir
+
+
 def save_atomically(output_dir: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     """Run `write(tmp_dir)` into a temporary sibling of `output_dir`, then move it into place.
 
     An existing `output_dir` is moved aside first and deleted only once the new folder is in place, so an interruption
     leaves the old folder or the new one (and at worst a hidden `.NAME.old-*` / `.NAME.tmp-*` sibling), never neither.
+    An existing empty `output_dir` (e.g. a mounted volume, which cannot be moved) is kept: the temporary folder is
+    made inside it and its files are moved up at the end, `config.json` last, so that until the end the folder holds
+    no loadable model; a failure leaves it empty again.
     """
     output_dir = Path(output_dir).absolute()
+    if _is_empty_folder(output_dir):
+        return _fill_in_place(output_dir, write)
     _check_not_the_working_directory(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = _unused_sibling(output_dir, "tmp")
     tmp.mkdir()  # with the umask's permissions, as any folder the user makes
     old = None
     try:
-        try:
-            write(tmp)
-        except ConversionError:
-            raise
-        except Exception as error:  # noqa: BLE001 - re-raised with the output named
-            raise _write_failed(output_dir, error) from error
-        # as if the user had written them: transformers (5.x) writes the weights through an owner-only temporary file
-        for path in tmp.rglob("*"):
-            if not path.is_symlink():
-                _mode_by_umask(path, 0o777 if path.is_dir() or path.stat().st_mode & 0o100 else 0o666)
+        _write_into(tmp, output_dir, write)
         if output_dir.exists() or output_dir.is_symlink():
             old = _unused_sibling(output_dir, "old")
             os.replace(output_dir, old)

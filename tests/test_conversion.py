@@ -934,6 +934,42 @@ def test_cli_writes_that_fail_midway_end_in_one_error_line(converted, tmp_path):
         out.rmdir()
 
 
+def test_an_existing_empty_output_folder_is_filled_in_place(converted, tmp_path, monkeypatch):
+    """An existing empty `--output-dir` (a mounted volume, which cannot be moved or replaced: `EBUSY`) is kept and
+    filled, `config.json` last; a failed write leaves it empty again. It was moved aside at the end of the whole
+    conversion, which failed there for a mount point."""
+    import errno
+
+    out = tmp_path / "volume"
+    out.mkdir()
+    inode = out.stat().st_ino
+    replace, order = os.replace, []
+
+    def like_a_mount_point(source, target):  # the folder itself cannot be renamed, its files can
+        if Path(source) == out:
+            raise OSError(errno.EBUSY, "Device or resource busy", str(source))
+        order.append(Path(target).name)
+        return replace(source, target)
+
+    monkeypatch.setattr(os, "replace", like_a_mount_point)
+    assert load_cli().main([*cli_args("tiny-mpt", out), "--no-progress"]) == 0
+    assert out.stat().st_ino == inode and order[-1] == "config.json"
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in converted("tiny-mpt").iterdir())
+    assert_same_tensors(folder_tensors(out), folder_tensors(converted("tiny-mpt")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["volume"]
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+
+    def stopped(folder: Path) -> None:
+        (folder / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        save_atomically(empty, stopped)
+    assert list(empty.iterdir()) == []
+
+
 def test_save_atomically_names_the_output_of_a_failed_write_and_keeps_the_old_folder(tmp_path):
     output = tmp_path / "o"
     output.mkdir()
