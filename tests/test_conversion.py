@@ -1019,20 +1019,22 @@ def test_cli_refuses_options_that_would_go_unread(args, error, capsys):
 
 
 def test_the_working_directory_is_not_replaced(tmp_path, monkeypatch):
-    """Refused before any input is read (for a 9B model, ~33 GB), as an empty folder and as an earlier conversion."""
+    """An output folder that is (or holds) the working directory and would be replaced (an earlier conversion, with
+    --overwrite) is refused before any input is read (for a 9B model, ~33 GB); an empty one is filled in place, so the
+    working directory stays."""
     from modeling_openflamingo import checkpoint_conversion
 
     out = convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt"), output_dir=tmp_path / "out")
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt"), output_dir=".") == here
+    assert Path.cwd() == here and (here / "config.json").is_file()
 
     def refuse(*args, **kwargs):
         raise AssertionError("read before the output path was checked")
 
     monkeypatch.setattr(checkpoint_conversion, "resolve_inputs", refuse)
-    here = tmp_path / "here"
-    here.mkdir()
-    monkeypatch.chdir(here)
-    with pytest.raises(ConversionError, match="is the working directory"):
-        convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt"), output_dir=".")
     monkeypatch.chdir(out)
     with pytest.raises(ConversionError, match="is the working directory"):
         convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt"), output_dir=out, overwrite=True)
