@@ -13,6 +13,7 @@ allocated, so peak memory stays near one copy of the model.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -377,15 +378,23 @@ def load_torch_file(path: str | os.PathLike, verify: bool = True) -> dict[str, A
         # its own reason is passed on
         reason = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", text, re.DOTALL)
         message = " ".join(reason.group(1).split()) if reason else _first_line(error)
-        # a global outside torch's allowlist, or in a module torch blocks outright (`os`, `posix`, `sys`, ...)
-        unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", text) or re.search(
-            r"unsupported GLOBAL (\S+) whose module \S+ is blocked", text
+        # a global outside torch's allowlist (a training script's class), or in a module torch blocks outright
+        # (`os`, `posix`, `sys`, ...: what a code-execution payload calls)
+        unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        blocked = re.search(r"unsupported GLOBAL (\S+) whose module \S+ is blocked", text)
+        culprit = (
+            _find_unsafe_pickle_entry(path) if unsupported or blocked or isinstance(error, pickle.PickleError) else None
         )
-        culprit = _find_unsafe_pickle_entry(path) if unsupported or isinstance(error, pickle.PickleError) else None
+        where = f" {culprit}:" if culprit else ""
+        if blocked:
+            raise ConversionError(
+                f"{path}:{where} refused with weights_only=True: loading it would call {blocked.group(1)}, which "
+                "runs commands or touches the system, as malicious files do. Do not load it anywhere; get the "
+                "weights from a source you trust."
+            ) from error
         if unsupported or culprit:
             if unsupported:
                 message = f"it needs {unsupported.group(1)}"
-            where = f" {culprit}:" if culprit else ""
             raise ConversionError(
                 f"{path}:{where} refused with weights_only=True: the file needs code to load, which is unsafe. "
                 f"Load it in its own project and save the tensors alone (torch.save(state_dict) or safetensors). "
@@ -1717,7 +1726,7 @@ def convert_openflamingo_checkpoint(
     output_dir = Path(output_dir).resolve()  # a symlink: its target is the folder written
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"{output_dir} is a file; the output is a folder: pass another path.")
-    if output_dir.exists() and any(output_dir.iterdir()):
+    if output_dir.exists() and not _is_empty_folder(output_dir):
         if not overwrite:
             raise FileExistsError(f"{output_dir} exists and is not empty (pass overwrite=True / --overwrite).")
         _check_replaceable(output_dir, [checkpoint, lm, tokenizer, open_clip_config, open_clip_weights, vision])
@@ -1765,9 +1774,19 @@ def quiet_libraries() -> None:
     transformers_logging.disable_progress_bar()
 
 
+def _is_fill_leftover(path: Path) -> bool:
+    """What an in-place fill stopped by SIGKILL leaves: its hidden `.tmp-XXXXXXXX` folder ([`_fill_in_place`])."""
+    return re.fullmatch(r"\.tmp-[0-9a-f]{8}", path.name) is not None and path.is_dir() and not path.is_symlink()
+
+
 def _is_empty_folder(path: Path) -> bool:
-    """An existing, empty folder (not a link to one): [`save_atomically`] fills it where it is."""
-    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+    """An existing folder (not a link to one) that holds nothing but a new volume's `lost+found` and the leftovers of a
+    stopped in-place fill: [`save_atomically`] fills it where it is."""
+    return (
+        path.is_dir()
+        and not path.is_symlink()
+        and all(entry.name == "lost+found" or _is_fill_leftover(entry) for entry in path.iterdir())
+    )
 
 
 def _check_writable_location(output: Path) -> None:
@@ -1839,6 +1858,13 @@ def _write_failed(target: Path, error: Exception) -> ConversionError:
     reason and the space left: the libraries that write raise their own types (safetensors' `SafetensorError`,
     torch's `RuntimeError`) with the system's reason somewhere in the text, or none."""
     reason = error.strerror if isinstance(error, OSError) and error.strerror else _first_line(error)
+    no_room = (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)) or any(
+        sign in str(error) for sign in ("No space left", "Disk quota exceeded", "File too large", "unexpected pos")
+    )  # ("unexpected pos": torch's writer, which keeps the system's reason to itself)
+    if not no_room:
+        return ConversionError(
+            f"Writing {target} failed ({type(error).__name__}: {reason}). Nothing was left in its place."
+        )
     where = target if target.exists() else target.parent
     while not where.exists() and where != where.parent:
         where = where.parent
@@ -1868,12 +1894,14 @@ def _write_into(tmp: Path, output_dir: Path, write: Callable[[Path], Any]) -> No
 
 def _fill_in_place(output_dir: Path, write: Callable[[Path], Any]) -> Path:
     """[`save_atomically`] into an existing empty folder: written into a hidden folder inside it, then moved up."""
+    for leftover in filter(_is_fill_leftover, output_dir.iterdir()):  # of a fill stopped by SIGKILL
+        shutil.rmtree(leftover)
     tmp = output_dir / f".tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     moved = []
     try:
         _write_into(tmp, output_dir, write)
-        others = sorted(path.name for path in output_dir.iterdir() if path != tmp)
+        others = sorted(path.name for path in output_dir.iterdir() if path != tmp and path.name != "lost+found")
         if others:
             raise ConversionError(f"{output_dir} was empty, but now holds {', '.join(others)}: nothing was written.")
         for entry in sorted(tmp.iterdir(), key=lambda path: path.name == "config.json"):  # config.json last

@@ -154,8 +154,9 @@ class OpenFlamingoProcessor(ProcessorMixin):
         Args:
             images: per row, the list of its images in the order of its `<image>` tokens
                 (`[[img, ...], [img, ...]]`), or one flat list of all rows' images in order (`[img, img, ...]`, as
-                transformers' pipelines pass them), split by the rows' `<image>` counts; for a single `text` string, a
-                list of images or one image. Rows may have different numbers of images (and none); `pixel_values` is
+                transformers' pipelines pass them), split by the rows' `<image>` counts (a 4-D array or tensor stands
+                for its images; a list of one per row is each row's); for a single `text` string, a list of images or
+                one image. Rows may have different numbers of images (and none); `pixel_values` is
                 zero-padded to the batch's largest count.
             text: one string or a list of strings, with one `<image>` where each image goes.
             padding_side: "left" by default (inference), "right" when `return_labels=True` (training).
@@ -326,8 +327,10 @@ class OpenFlamingoProcessor(ProcessorMixin):
         if single_text and not any(isinstance(i, (list, tuple)) for i in images):
             images = [images]
         flat = not any(isinstance(i, (list, tuple)) for i in images)
-        if not single_text and flat and not all(_is_image_batch(i) for i in images):
-            # a flat list of images (4-D arrays among them stand for theirs), split by the texts' <image> counts
+        per_text = flat and len(images) == batch_size and all(_is_image_batch(i) for i in images)
+        if not single_text and flat and not per_text:
+            # a flat list of images (4-D arrays among them stand for theirs), split by the texts' <image> counts; a
+            # list of one 4-D array per text is each text's images
             flat_images = [image for item in images for image in (item if _is_image_batch(item) else [item])]
             if len(flat_images) != sum(image_counts):
                 raise ValueError(

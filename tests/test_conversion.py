@@ -686,8 +686,9 @@ def test_pickle_that_calls_into_a_blocked_module(tmp_path, zip_format):
     with pytest.raises(ConversionError) as error:
         load_torch_file(path)
     message = str(error.value)
-    assert "needs code to load" in message and f"it needs {os.getpid.__module__}.getpid" in message
+    assert f"loading it would call {os.getpid.__module__}.getpid" in message and "Do not load it anywhere" in message
     assert "corrupt" not in message and "weights_only` set to `False`" not in message
+    assert "Load it in its own project" not in message  # (the advice for a training script's classes)
 
 
 def test_tokenizer_that_does_not_fit_the_checkpoint(tmp_path):
@@ -968,6 +969,13 @@ def test_an_existing_empty_output_folder_is_filled_in_place(converted, tmp_path,
     with pytest.raises(KeyboardInterrupt):
         save_atomically(empty, stopped)
     assert list(empty.iterdir()) == []
+    # a new volume's lost+found stays; what a fill stopped by SIGKILL left is removed; the folder still counts as empty
+    (empty / "lost+found").mkdir()
+    (empty / ".tmp-0123abcd").mkdir()
+    (empty / ".tmp-0123abcd" / "model.safetensors").write_bytes(b"half")
+    assert convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt"), output_dir=empty) == empty
+    names = sorted(p.name for p in empty.iterdir())
+    assert names == sorted(["lost+found", *(p.name for p in converted("tiny-mpt").iterdir())])
 
 
 def test_save_atomically_names_the_output_of_a_failed_write_and_keeps_the_old_folder(tmp_path):
@@ -981,8 +989,15 @@ def test_save_atomically_names_the_output_of_a_failed_write_and_keeps_the_old_fo
 
     with pytest.raises(ConversionError, match=r"Writing .*o failed \(RuntimeError: \[enforce fail") as error:
         save_atomically(output, write)
-    assert isinstance(error.value.__cause__, RuntimeError)
+    assert isinstance(error.value.__cause__, RuntimeError) and "make room" in str(error.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"] and (output / "kept.txt").read_text() == "old"
+
+    def write_a_bad_tensor(folder: Path) -> None:  # not the disk: no advice to make room
+        raise ValueError("You are trying to save a non contiguous tensor")
+
+    with pytest.raises(ConversionError, match=r"failed \(ValueError: You are trying .*\)\. Nothing was left") as error:
+        save_atomically(output, write_a_bad_tensor)
+    assert "make room" not in str(error.value) and "GB free" not in str(error.value)
 
 
 def test_cli_names_the_lm_config_that_lacks_a_key(tmp_path, capsys):

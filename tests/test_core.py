@@ -1196,6 +1196,11 @@ def test_processor_takes_a_flat_list_of_every_texts_images(converted, tiny_image
     assert torch.equal(stacked["pixel_values"], processor(images=arrays, text=texts)["pixel_values"])
     one = processor(images=tiny_images[0], text=["<image>a", "b"])  # one image for a batch: the one <image>
     assert one["pixel_values"].shape == (2, 1, 3, 32, 32)
+    all_in_one = processor(images=np.stack(arrays), text=texts)  # one 4-D array of every text's images
+    assert torch.equal(all_in_one["pixel_values"], stacked["pixel_values"])
+    per_text = processor(images=[np.stack(arrays[:2]), np.stack(arrays[2:])], text=["<image>a<image>b", "<image>c"])
+    assert torch.equal(per_text["pixel_values"][1, 0], stacked["pixel_values"][2, 0])  # one 4-D array per text
+    assert "pixel_values" not in processor(images=[], text=["a", "b"])  # no images for texts without <image>
     with pytest.raises(ValueError, match=r"flat list of 2 images for 3 texts with 3 <image> tokens in all \(2, 0, 1\)"):
         processor(images=tiny_images[:2], text=texts)
     with pytest.raises(ValueError, match=r"flat list of 4 images for 3 texts with 3 <image> tokens"):
