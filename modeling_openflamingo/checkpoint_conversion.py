@@ -1774,6 +1774,18 @@ def quiet_libraries() -> None:
     transformers_logging.disable_progress_bar()
 
 
+def _nearest_existing(path: Path) -> Path:
+    """`path`, or its nearest ancestor that exists."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _remove(path: Path, missing_ok: bool = False) -> None:
+    """Delete a file, a link or a folder tree."""
+    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=missing_ok)
+
+
 def _is_fill_leftover(path: Path) -> bool:
     """What an in-place fill stopped by SIGKILL leaves: its hidden `.tmp-XXXXXXXX` folder ([`_fill_in_place`])."""
     return re.fullmatch(r"\.tmp-[0-9a-f]{8}", path.name) is not None and path.is_dir() and not path.is_symlink()
@@ -1798,9 +1810,7 @@ def _check_writable_location(output: Path) -> None:
         if not os.access(output, os.W_OK | os.X_OK):
             raise ConversionError(f"No permission to write in {output}.")
         return
-    ancestor = output.absolute().parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
+    ancestor = _nearest_existing(output.absolute().parent)
     if not ancestor.is_dir():
         raise ConversionError(f"{ancestor} is a file, so {output} cannot be made under it. Choose another output path.")
     if not os.access(ancestor, os.W_OK | os.X_OK):
@@ -1865,11 +1875,8 @@ def _write_failed(target: Path, error: Exception) -> ConversionError:
         return ConversionError(
             f"Writing {target} failed ({type(error).__name__}: {reason}). Nothing was left in its place."
         )
-    where = target if target.exists() else target.parent
-    while not where.exists() and where != where.parent:
-        where = where.parent
     try:
-        free = f"; {shutil.disk_usage(where).free / 1e9:.2f} GB free there now"
+        free = f"; {shutil.disk_usage(_nearest_existing(target)).free / 1e9:.2f} GB free there now"
     except OSError:
         free = ""
     return ConversionError(
@@ -1911,7 +1918,7 @@ def _fill_in_place(output_dir: Path, write: Callable[[Path], Any]) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         for path in moved:  # empty again, as it was
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+            _remove(path, missing_ok=True)
         raise
     return output_dir
 
@@ -1949,7 +1956,7 @@ def save_atomically(output_dir: str | os.PathLike, write: Callable[[Path], Any])
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if old is not None:
-        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+        _remove(old)
     return output_dir
 
 

@@ -418,13 +418,12 @@ def _image_indices_after(last: torch.Tensor, tokens: torch.Tensor, media_token_i
     return last + (tokens == media_token_id).cumsum(dim=-1)
 
 
-def _image_indices_extended_to(
-    image_indices: torch.Tensor, input_ids: torch.Tensor, media_token_id: int | None
+def _image_indices_followed_by(
+    image_indices: torch.Tensor, tokens: torch.Tensor, media_token_id: int | None
 ) -> torch.Tensor:
-    """`image_indices` `(batch, k)` extended to cover `input_ids` `(batch, n > k)`: the tokens after the first k get
-    their images as generated tokens do ([`_image_indices_after`])."""
-    grown = input_ids.shape[-1] - image_indices.shape[-1]
-    after = _image_indices_after(image_indices[:, -1:], input_ids[:, -grown:], media_token_id)
+    """`image_indices` `(batch, k)` extended by the `tokens` `(batch, n)` that follow those k: they get their images as
+    generated tokens do ([`_image_indices_after`])."""
+    after = _image_indices_after(image_indices[:, -1:], tokens, media_token_id)
     return torch.cat((image_indices, after), dim=-1)
 
 
@@ -1798,7 +1797,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             return  # the shape check names them
         grown = input_ids.shape[1] - image_indices.shape[1]
         if grown > 0 and image_indices.shape[1] > 0 and not image_indices.is_floating_point():
-            kwargs["image_indices"] = _image_indices_extended_to(image_indices, input_ids, self.config.media_token_id)
+            following = input_ids[:, image_indices.shape[1] :]
+            kwargs["image_indices"] = _image_indices_followed_by(image_indices, following, self.config.media_token_id)
 
     def _prepare_images_for_generation(self, input_ids: Any, kwargs: dict[str, Any]) -> bool:
         """Pin each prompt token's image (`image_indices`), in place in `kwargs`; True when `pixel_values` are then
@@ -1918,8 +1918,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 )
                 generated_image_state.copy_(image_indices[:, -1:])
             elif grown > 0:
-                after = _image_indices_after(image_indices[:, -1:], generated, self.config.media_token_id)
-                image_indices = torch.cat((image_indices, after), dim=-1)
+                image_indices = _image_indices_followed_by(image_indices, generated, self.config.media_token_id)
             # a copy with the same strides at every step, as `input_ids`: a compiled step would recompile on new strides
             model_inputs["image_indices"] = image_indices[:, image_indices.shape[-1] - new_tokens :].clone(
                 memory_format=torch.contiguous_format
@@ -2537,19 +2536,17 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             key.startswith(f"{prefix}new_token_embeddings.") for key in state_dict
         ):
             raise _new_token_rows_not_loadable()
-        nested, flat = f"{prefix}vision_model.vision_model.", f"{prefix}vision_model."
         if "vision_model" in self.vision_model._modules:  # transformers 4.x: the nested layout is the model's own
+            nested, flat = f"{prefix}vision_model.vision_model.", f"{prefix}vision_model."
             renames = {key: nested + key[len(flat) :] for key in state_dict if key.startswith(flat)}
             renames = {key: new for key, new in renames.items() if not key.startswith(nested)}
-        else:
-            renames = {key: flat + key[len(nested) :] for key in state_dict if key.startswith(nested)}
+        else:  # 5.x: `from_pretrained`'s renamings, the vision tower's nested names (registered above) included
+            renamings = _checkpoint_renamings(self)
+            keys = [key for key in state_dict if key.startswith(prefix)]
+            renames = {key: prefix + _apply_renamings(key[len(prefix) :], renamings) for key in keys}
+            renames = {key: new for key, new in renames.items() if new != key}
         for key, new in renames.items():
             state_dict[new] = state_dict.pop(key)
-        renamings = _checkpoint_renamings(self)
-        for key in [key for key in state_dict if key.startswith(prefix)] if renamings else ():
-            new = prefix + _apply_renamings(key[len(prefix) :], renamings)
-            if new != key:
-                state_dict[new] = state_dict.pop(key)
         if not _FILL_TIED_NAMES.get():
             return
         for names in self._tied_parameter_names():

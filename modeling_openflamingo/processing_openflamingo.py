@@ -91,6 +91,11 @@ def _is_image_batch(item: Any) -> bool:
     return isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim == 4
 
 
+def _each_image(items: list[Any]) -> list[Any]:
+    """`items` with each 4-D array or tensor replaced by the images it holds (as many as its first dimension)."""
+    return [image for item in items for image in (item if _is_image_batch(item) else [item])]
+
+
 class OpenFlamingoProcessor(ProcessorMixin):
     r"""
     Builds OpenFlamingo inputs from interleaved images and text.
@@ -189,9 +194,9 @@ class OpenFlamingoProcessor(ProcessorMixin):
         padding_side = kwargs.pop("padding_side", padding_side)
         truncation = kwargs.pop("truncation", truncation)
         max_length = kwargs.pop("max_length", max_length)
-        image_rows = self._image_rows(images, [t.count(IMAGE_TOKEN) for t in texts], single)
-        for row, (row_text, row_images) in enumerate(zip(texts, image_rows, strict=True)):
-            count = row_text.count(IMAGE_TOKEN)
+        image_counts = [t.count(IMAGE_TOKEN) for t in texts]
+        image_rows = self._image_rows(images, image_counts, single)
+        for row, (count, row_images) in enumerate(zip(image_counts, image_rows, strict=True)):
             if count != len(row_images):
                 raise ValueError(
                     f"Text {row} has {count} {IMAGE_TOKEN} tokens but {len(row_images)} images were given for it."
@@ -331,7 +336,7 @@ class OpenFlamingoProcessor(ProcessorMixin):
         if not single_text and flat and not per_text:
             # a flat list of images (4-D arrays among them stand for theirs), split by the texts' <image> counts; a
             # list of one 4-D array per text is each text's images
-            flat_images = [image for item in images for image in (item if _is_image_batch(item) else [item])]
+            flat_images = _each_image(images)
             if len(flat_images) != sum(image_counts):
                 raise ValueError(
                     f"Got a flat list of {len(flat_images)} images for {batch_size} texts with {sum(image_counts)} "
@@ -354,8 +359,7 @@ class OpenFlamingoProcessor(ProcessorMixin):
             )
         if len(images) != batch_size:
             raise ValueError(f"Got {batch_size} texts but {len(images)} lists of images.")
-        # a 4-D array or tensor in a row stands for as many images as its first dimension holds
-        return [[image for item in row for image in (item if _is_image_batch(item) else [item])] for row in images]
+        return [_each_image(row) for row in images]
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
         """As `ProcessorMixin.save_pretrained`, with a tokenizer config that transformers 4.x and 5.x both read.
