@@ -183,10 +183,10 @@ def test_each_optimizer_compiles_for_its_own_parameters():
     """torch.compile counts recompilations per code object: optimizers of models of other shapes (and parameter
     counts) in one process must not add up to its limit (with fullgraph=True, an error)."""
     for layers in (1, 2, 3):
-        model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(layers)])
+        model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(layers)]).to(DEVICE)
         optimizer = MixedPrecisionAdamW(model.parameters(), lr=0.1, compile="eager")
         before = [p.detach().clone() for p in model.parameters()]
-        model(torch.randn(2, 4)).sum().backward()
+        model(torch.randn(2, 4, device=DEVICE)).sum().backward()
         optimizer.step()
         assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
 
@@ -194,8 +194,8 @@ def test_each_optimizer_compiles_for_its_own_parameters():
 def test_a_group_added_later_with_a_bf16_parameter_gets_an_fp32_master():
     """`add_param_group` (e.g. unfreezing a part later) treats a bf16 parameter as the constructor does."""
     torch.manual_seed(0)
-    first, second = nn.Linear(4, 8), nn.Linear(8, 3)
-    x = torch.randn(5, 4)
+    first, second = nn.Linear(4, 8).to(DEVICE), nn.Linear(8, 3).to(DEVICE)
+    x = torch.randn(5, 4, device=DEVICE)
     models = [nn.Sequential(copy.deepcopy(first), copy.deepcopy(second).to(torch.bfloat16)) for _ in range(2)]
     added = MixedPrecisionAdamW(models[0][0].parameters(), lr=0.1, compile=False)
     added.add_param_group({"params": list(models[0][1].parameters())})
@@ -216,8 +216,8 @@ def test_a_group_added_later_with_a_bf16_parameter_gets_an_fp32_master():
 def test_a_skipped_step_drops_its_clipping_factor():
     """Clip, find the norm not finite, skip the step (`zero_grad`): the next step is not scaled by that factor."""
     torch.manual_seed(0)
-    x = torch.randn(5, 4)
-    models = [nn.Linear(4, 2) for _ in range(2)]
+    x = torch.randn(5, 4, device=DEVICE)
+    models = [nn.Linear(4, 2).to(DEVICE) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
     optimizers = [MixedPrecisionAdamW(m.parameters(), lr=0.1, compile=False) for m in models]
     (models[0](x).sum() * float("inf")).backward()
@@ -231,10 +231,10 @@ def test_a_skipped_step_drops_its_clipping_factor():
 
 
 def test_a_tensor_learning_rate_stays_the_callers_after_loading_a_state():
-    model = nn.Linear(4, 2)
-    lr = torch.tensor(1e-2)
+    model = nn.Linear(4, 2).to(DEVICE)
+    lr = torch.tensor(1e-2, device=DEVICE)
     optimizer = MixedPrecisionAdamW(model.parameters(), lr=lr, compile=False)
-    model(torch.randn(3, 4)).sum().backward()
+    model(torch.randn(3, 4, device=DEVICE)).sum().backward()
     optimizer.step()
     state = copy.deepcopy(optimizer.state_dict())
     lr.fill_(0.5)
@@ -247,8 +247,8 @@ def test_a_tensor_learning_rate_stays_the_callers_after_loading_a_state():
 
 
 def test_errors():
-    model = nn.Linear(4, 4)
-    other = nn.Linear(4, 4)
+    model = nn.Linear(4, 4).to(DEVICE)
+    other = nn.Linear(4, 4).to(DEVICE)
     with pytest.raises(ValueError, match="not among the optimizer's parameters"):
         MixedPrecisionAdamW(model.parameters(), low_precision_params=other.parameters())
     with pytest.raises(ValueError, match="must be fp32"):
