@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, CLIPVisionModel, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import __version__ as _TRANSFORMERS_VERSION
+from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.mpt.modeling_mpt import MptAttention
@@ -1964,13 +1965,18 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         input_ids: torch.LongTensor | None = None,
         **model_kwargs: Any,
     ) -> tuple[torch.LongTensor | None, dict[str, Any]]:
-        """As `GenerationMixin`'s, which repeats tensors only: a given `image_cache` is repeated with the rows."""
+        """As `GenerationMixin`'s, which repeats tensors only: a given `image_cache`, and a given LM cache (continuing
+        from an earlier call's `past_key_values` with beams or `num_return_sequences`), are repeated with the rows. The
+        LM cache is repeated into a new cache: the caller's stays as it was."""
         image_cache = model_kwargs.pop("image_cache", None)
         input_ids, model_kwargs = super()._expand_inputs_for_generation(
             expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
         )
         if image_cache is not None:
             model_kwargs["image_cache"] = image_cache.repeat_interleave(expand_size) if expand_size > 1 else image_cache
+        for name in ("cache", "past_key_values"):
+            if expand_size > 1 and isinstance(model_kwargs.get(name), Cache):
+                model_kwargs[name] = self._repeat_cache(model_kwargs[name], expand_size)
         return input_ids, model_kwargs
 
     def _update_model_kwargs_for_generation(

@@ -1014,6 +1014,43 @@ def test_continuing_from_a_cache_without_the_images_is_an_error(family):
     assert torch.equal(again, model.generate(input_ids=continued, pixel_values=pixel_values, max_new_tokens=2))
 
 
+@pytest.mark.parametrize("family", ["mpt", "llama"])
+def test_beams_and_several_return_sequences_continue_from_a_cache(family):
+    """An LM cache given to `generate` is repeated with the rows for beams and `num_return_sequences` (transformers
+    repeats tensors only; a plain LM fails with a shape error): continuing from it gives what the whole prompt gives,
+    and the caller's cache is left as it was."""
+    from .test_core import inputs, tiny_model
+
+    model = tiny_model(family)
+    ids, pixel_values = inputs(batch=2)
+    attention_mask = torch.ones_like(ids)
+    with torch.no_grad():
+        first = model(input_ids=ids[:, :-2], pixel_values=pixel_values, past_key_values=DynamicCache(), use_cache=True)
+    cache = getattr(first, "cache", None) or first.past_key_values
+    name = "cache" if hasattr(first, "cache") else "past_key_values"  # transformers >= 5.24: `cache`
+    length = cache.get_seq_length()
+    settings = {
+        "beams": dict(num_beams=3, num_return_sequences=2, max_new_tokens=4, min_new_tokens=4),
+        "samples": dict(do_sample=True, top_k=5, num_return_sequences=3, max_new_tokens=4, min_new_tokens=4),
+    }
+    for what, kwargs in settings.items():
+        runs = []
+        for cached in (False, True):
+            torch.manual_seed(0)
+            runs.append(
+                model.generate(
+                    input_ids=ids,
+                    attention_mask=attention_mask,
+                    pixel_values=pixel_values,
+                    **({name: cache} if cached else {}),
+                    **kwargs,
+                )
+            )
+        assert runs[0].shape[0] == ids.shape[0] * kwargs["num_return_sequences"], what
+        assert torch.equal(runs[1], runs[0]), what
+        assert cache.get_seq_length() == length and cache.layers[0].keys.shape[0] == ids.shape[0], what
+
+
 @pytest.mark.parametrize("conditioning", ["sequence", "original_kv_cache"])
 def test_continuing_from_an_image_cache_equals_continuing_with_the_images(conditioning):
     """`generate` continues a sequence from an LM cache with the `image_cache` of the forward that made it as it does
