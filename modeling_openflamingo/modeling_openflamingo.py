@@ -991,6 +991,16 @@ class OpenFlamingoPreTrainedModel(PreTrainedModel):
                 init.ones_(module.weight)
             if module.bias is not None:
                 init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            # the rows `resize_token_embeddings(..., mean_resizing=False)` adds: the LM's own initialisation, as the
+            # LM's own resize gives them (torch's default N(0, 1) would be ~50x the scale of a trained matrix)
+            language_model = getattr(self, "language_model", None)
+            if isinstance(language_model, PreTrainedModel):
+                language_model._init_weights(module)
+            else:
+                init.normal_(module.weight, mean=0.0, std=std)
+                if module.padding_idx is not None:
+                    init.zeros_(module.weight[module.padding_idx])
 
 
 @functools.lru_cache(maxsize=256)
@@ -1220,6 +1230,14 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 raise ValueError(
                     f"Resizing the embeddings to {rows} rows would drop the rows of {ids}; keep at least "
                     f"{max(ids.values()) + 1} (the tokenizer's length, with OpenFlamingo's added tokens)."
+                )
+            rows_in_training = self._modules.get("new_token_embeddings")
+            trained = [i for i in getattr(rows_in_training, "token_id_list", ()) if i >= rows]
+            if trained:
+                raise ValueError(
+                    f"Resizing the embeddings to {rows} rows would drop token ids {trained}, whose rows "
+                    "freeze_for_training() is training (new_token_embeddings); keep at least "
+                    f"{max(trained) + 1}."
                 )
         return super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
 

@@ -25,12 +25,16 @@ def add_openflamingo_tokens(tokenizer: Any) -> Any:
 
     Idempotent: a tokenizer that already has them as special tokens is returned unchanged. A tokenizer that has one
     as an ordinary vocabulary entry (split into pieces when it tokenizes text) gets it as a special token, with that
-    entry's id, as the original's `add_special_tokens` call does.
+    entry's id, as the original's `add_special_tokens` call does. The tokenizer's own additional special tokens stay
+    special (the original's call replaced that list; no released LM's tokenizer has any, and the ids are the same).
     """
     special = set(tokenizer.all_special_tokens)
     missing = [t for t in (END_OF_CHUNK_TOKEN, IMAGE_TOKEN) if t not in special]
     if missing:
-        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+        parameters = inspect.signature(tokenizer.add_special_tokens).parameters
+        names = ("replace_extra_special_tokens", "replace_additional_special_tokens")  # (5.x's name, 4.x's)
+        keep_the_others = {name: False for name in names if name in parameters}
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, **keep_the_others)
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     return tokenizer

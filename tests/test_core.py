@@ -18,6 +18,7 @@ import torch
 import transformers
 from transformers import (
     AutoConfig,
+    AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoProcessor,
     CLIPConfig,
@@ -883,6 +884,35 @@ def test_resizing_below_the_models_own_tokens_is_refused():
     assert model.config.text_config.vocab_size == 410
 
 
+def test_resizing_below_a_row_in_training_is_refused():
+    """A row that `freeze_for_training` trains (`new_token_embeddings`) beyond the new size would be lost: refused."""
+    model = tiny_model("mpt")
+    model.resize_token_embeddings(410)
+    model.freeze_for_training(new_token_ids=[401, 402, 408])
+    with pytest.raises(ValueError, match=r"to 405 rows would drop token ids \[408\], whose rows freeze_for_training"):
+        model.resize_token_embeddings(405)
+    assert model.get_input_embeddings().weight.shape[0] == 410
+    assert model.resize_token_embeddings(409).weight.shape[0] == 409
+
+
+@pytest.mark.parametrize("family", ["mpt", "gpt_neox", "llama"])
+def test_rows_added_without_mean_resizing_get_the_language_models_initialisation(family):
+    """`resize_token_embeddings(..., mean_resizing=False)` initialises the new rows as the bare LM's own resize does
+    (normal with `initializer_range`), not with torch's N(0, 1): on a tied LM those would dominate the logits."""
+    model = tiny_model(family)
+    bare = AutoModelForCausalLM.from_config(model.config.text_config)
+    old = model.get_input_embeddings().weight.shape[0]
+    torch.manual_seed(0)
+    new_rows = model.resize_token_embeddings(old + 4000, mean_resizing=False).weight[old:]
+    torch.manual_seed(0)
+    bare_rows = bare.resize_token_embeddings(old + 4000, mean_resizing=False).weight[old:]
+    std = model.config.text_config.initializer_range
+    assert new_rows.std().item() == pytest.approx(std, rel=0.05)
+    assert bare_rows.std().item() == pytest.approx(std, rel=0.05)
+    output_rows = model.get_output_embeddings().weight[old:]
+    assert output_rows.std().item() == pytest.approx(std, rel=0.05)
+
+
 def test_tied_embeddings_survive_save_load(tmp_path):
     model = tiny_model("mpt")
     model.save_pretrained(tmp_path)
@@ -1362,6 +1392,26 @@ def test_image_token_in_the_vocabulary_becomes_a_special_token():
     size = len(tokenizer)
     add_openflamingo_tokens(tokenizer)  # idempotent
     assert len(tokenizer) == size
+
+
+def test_the_tokenizers_own_special_tokens_stay_special(tmp_path):
+    """Adding `<image>` / `<|endofchunk|>` keeps the tokenizer's own additional special tokens special (in
+    `all_special_ids`, skipped when decoding), also in a processor saved and loaded; their ids are unchanged."""
+    from transformers import AutoTokenizer
+
+    from modeling_openflamingo import OpenFlamingoImageProcessor, OpenFlamingoProcessor
+
+    from .conftest import FIXTURES
+
+    tokenizer = AutoTokenizer.from_pretrained(FIXTURES / "tiny-mpt" / "tokenizer")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    processor = OpenFlamingoProcessor(OpenFlamingoImageProcessor(), tokenizer)
+    processor.save_pretrained(tmp_path)
+    for tokenizer in (processor.tokenizer, AutoProcessor.from_pretrained(tmp_path).tokenizer):
+        ids = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|endofchunk|>", "<image>"])
+        assert ids == [400, 401, 402]
+        assert set(ids) <= set(tokenizer.all_special_ids)
+        assert tokenizer.decode(tokenizer("<|im_start|>hi<image>")["input_ids"], skip_special_tokens=True) == "hi"
 
 
 def test_processor_training_labels(converted, tiny_images):
