@@ -36,6 +36,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, CLIPVisionModel, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import __version__ as _TRANSFORMERS_VERSION
 from transformers.cache_utils import Cache
+from transformers.generation.logits_process import LogitsProcessorList, UnbatchedClassifierFreeGuidanceLogitsProcessor
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.mpt.modeling_mpt import MptAttention
@@ -388,6 +389,11 @@ def _lm_cache(kwargs: dict[str, Any]) -> Any:
 def _is_integer(tensor: torch.Tensor) -> bool:
     """Whether `tensor` holds integers (not floating point, complex or bool): token ids, labels, image numbers."""
     return not (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool)
+
+
+def _text_only_forward(model: nn.Module, input_ids: torch.Tensor, **kwargs: Any) -> Any:
+    """`model`'s forward of `input_ids` with no image: every token, an `<image>` one too, sees none."""
+    return model(input_ids, image_indices=torch.zeros_like(input_ids), **kwargs)
 
 
 def _check_one_image_source(pixel_values: Any, image_hidden_states: Any, image_cache: Any) -> None:
@@ -1831,7 +1837,12 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         image_cache = kwargs.get("image_cache")
         pixel_values, image_hidden_states = kwargs.get("pixel_values"), kwargs.get("image_hidden_states")
         has_images = any(images is not None for images in (pixel_values, image_hidden_states, image_cache))
-        if media is None or kwargs.get("image_indices") is not None:
+        if kwargs.get("image_indices") is not None:
+            # placed by the caller (a collator's batch, inputs_embeds): the pixels are still encoded once, not per beam
+            if pixel_values is not None:
+                kwargs["pixel_values"] = self._check_pixel_values(pixel_values)
+            return pixel_values is not None
+        if media is None:
             return False
         if (
             torch.is_tensor(embeds)
@@ -1996,6 +2007,16 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             if expand_size > 1 and isinstance(model_kwargs.get(name), Cache):
                 model_kwargs[name] = self._repeat_cache(model_kwargs[name], expand_size)
         return input_ids, model_kwargs
+
+    def _get_logits_processor(self, *args: Any, **kwargs: Any) -> LogitsProcessorList:
+        """As `GenerationMixin`'s, with classifier-free guidance's unconditional pass (`guidance_scale`: its own
+        forwards of the prompt's last token, or of `negative_prompt_ids`, then of each generated token) text only, as
+        it has no images: an `<image>` token there sees no image, instead of being refused for want of images."""
+        processors = super()._get_logits_processor(*args, **kwargs)
+        for processor in processors:
+            if isinstance(processor, UnbatchedClassifierFreeGuidanceLogitsProcessor):
+                processor.model = functools.partial(_text_only_forward, self)
+        return processors
 
     def _update_model_kwargs_for_generation(
         self, outputs: ModelOutput, model_kwargs: dict[str, Any], *args: Any, **kwargs: Any

@@ -205,9 +205,16 @@ def test_cached_generation_equals_argmax_of_full_forwards(family, loaded, refere
     ],
     ids=["greedy", "beam3", "beam3-return2", "sample-return3"],
 )
-def test_images_and_cross_attention_keys_values_are_computed_once_per_generate(settings, loaded, reference):
+@pytest.mark.parametrize("placed", [False, True], ids=["", "image_indices"])
+def test_images_and_cross_attention_keys_values_are_computed_once_per_generate(settings, placed, loaded, reference):
+    """Also with `image_indices` given (as a collator's batches carry them, e.g. to `Seq2SeqTrainer`'s generate)."""
     model, _ = loaded("tiny-neox")  # cross-attention every 2 layers: 2 blocks
     _, ref = reference("tiny-neox")
+    inputs = reference_inputs(ref)
+    if placed:
+        inputs["image_indices"] = model._image_indices(inputs["input_ids"], inputs["pixel_values"].shape[1])
+    torch.manual_seed(0)
+    expected = model.generate(**reference_inputs(ref), max_new_tokens=5, min_new_tokens=5, **settings)
     counter = CallCounter(
         vision=model.vision_model,
         perceiver=model.perceiver,
@@ -215,10 +222,11 @@ def test_images_and_cross_attention_keys_values_are_computed_once_per_generate(s
     )
     try:
         torch.manual_seed(0)
-        out = model.generate(**reference_inputs(ref), max_new_tokens=5, min_new_tokens=5, **settings)
+        out = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, **settings)
     finally:
         counter.remove()
     assert out.shape[0] == 2 * settings.get("num_return_sequences", 1)
+    assert torch.equal(out, expected)
     assert len(model.gated_cross_attn_layers) == 2
     assert counter.calls == dict.fromkeys(counter.calls, 1), counter.calls
     # the vision tower sees the batch's 2 x 3 images once, not once per beam or sample
@@ -1049,6 +1057,45 @@ def test_beams_and_several_return_sequences_continue_from_a_cache(family):
         assert runs[0].shape[0] == ids.shape[0] * kwargs["num_return_sequences"], what
         assert torch.equal(runs[1], runs[0]), what
         assert cache.get_seq_length() == length and cache.layers[0].keys.shape[0] == ids.shape[0], what
+
+
+@pytest.mark.parametrize("family", ["mpt", "llama"])
+def test_classifier_free_guidance_has_a_text_only_unconditional_pass(family):
+    """`guidance_scale`: the unconditional logits come from the prompt's last token (here `<image>`) and the generated
+    ones alone, without images (a generated `<image>` too), as a by-hand loop of no-cache forwards computes them."""
+    from .test_core import MEDIA, inputs, tiny_model
+
+    model = tiny_model(family)
+    ids, pixel_values = inputs(batch=2, seq=9, images=3)
+    ids[:, 4] = 5
+    ids[:, -1] = MEDIA  # the unconditional pass starts from an <image> token; a generated one is the third image
+    scale, new = 1.5, 4
+
+    class ImageOnlyAtStepOne(ForceTokenAt):
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+            return super().__call__(input_ids, scores.index_fill(-1, torch.tensor([MEDIA]), -float("inf")))
+
+    force_image = ImageOnlyAtStepOne(MEDIA, 1, ids.shape[1])
+    got = model.generate(
+        input_ids=ids,
+        pixel_values=pixel_values,
+        guidance_scale=scale,
+        logits_processor=LogitsProcessorList([force_image]),
+        max_new_tokens=new,
+        min_new_tokens=new,
+    )
+    sequence = ids
+    with torch.no_grad():
+        for _ in range(new):
+            conditional = model(input_ids=sequence, pixel_values=pixel_values).logits[:, -1].log_softmax(-1)
+            unconditional_ids = sequence[:, ids.shape[1] - 1 :]
+            unconditional = model(input_ids=unconditional_ids, image_indices=torch.zeros_like(unconditional_ids))
+            unconditional = unconditional.logits[:, -1].log_softmax(-1)
+            scores = scale * (conditional - unconditional) + unconditional
+            token = force_image(sequence, scores).argmax(-1, keepdim=True)
+            sequence = torch.cat((sequence, token), dim=1)
+    assert (sequence[:, ids.shape[1] + 1] == MEDIA).all()
+    assert torch.equal(got, sequence)
 
 
 @pytest.mark.parametrize("conditioning", ["sequence", "original_kv_cache"])
