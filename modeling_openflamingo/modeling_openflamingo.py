@@ -1092,13 +1092,16 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         # `from_pretrained(dtype={"vision_config": ..., "text_config": ..., "": ...})`)
         self.vision_model = CLIPVisionModel._from_config(config.vision_config)
         self.perceiver = OpenFlamingoPerceiverResampler(config)
+        # what was asked for the LM: by name for the whole model or for `text_config` (a dict), else the model's
+        text_requested = getattr(config.text_config, "_attn_implementation_internal", None)
+        mpt_sdpa = (text_requested or config._attn_implementation) != "eager"
         if _is_mpt(config.text_config) and config.text_config._attn_implementation == "sdpa":
             # asked for by name (`attn_implementation="sdpa"`): transformers' MPT has eager attention only, and the
             # SDPA one is this package's (`add_mpt_sdpa_attention`, after the LM is built)
             config.text_config._attn_implementation = "eager"
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         add_mpt_qk_layernorm(self.language_model, config.text_config)
-        if config._attn_implementation != "eager":  # an explicit "eager" keeps MPT's own attention (and its weights)
+        if mpt_sdpa:  # an explicit "eager" keeps MPT's own attention (and its weights)
             add_mpt_sdpa_attention(self.language_model, config.text_config)
         add_mpt_static_cache_support(self.language_model, config.text_config)  # what `MptAttention` itself needs
         self._loss_compile_kwargs: dict[str, Any] | None = None  # set by `compile_repeated_blocks`
@@ -1531,6 +1534,12 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             num_images = self._num_cached_images(image_cache)
         has_images = num_images is not None
 
+        if image_indices is None and input_ids is not None and has_images and is_torchdynamo_compiling():
+            # traced (`torch.compile(model)`, `torch.export`): the checks below read input_ids on the host, a graph
+            # break (an export error); the numbering is theirs, unchecked. Pass image_indices to have them checked.
+            image_indices = (input_ids == self.config.media_token_id).cumsum(dim=-1)
+            if continuing and image_cache is not None:
+                image_indices = image_indices + image_cache.last_image_index.unsqueeze(-1)
         if image_indices is None and input_ids is not None and self.config.media_token_id is not None:
             has_media = bool((input_ids == self.config.media_token_id).any())
             if has_media and not has_images:

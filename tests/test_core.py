@@ -785,6 +785,36 @@ def test_set_attn_implementation_updates_the_config_without_warnings(family):
             torch.testing.assert_close(model(input_ids=ids, pixel_values=pixel_values).logits, expected)
 
 
+@pytest.mark.parametrize("family", ["mpt", "llama"])
+def test_the_whole_forward_compiles_in_one_graph_and_exports_from_plain_inputs(family):
+    """`torch.compile(model, fullgraph=True)` and `torch.export` of the forward from input_ids and pixel_values alone:
+    the host-side checks of the <image> tokens are skipped while tracing (they were a graph break, an export error),
+    and the traced numbering is the eager one, continuing from an image cache too."""
+    torch._dynamo.reset()
+    try:
+        ids, pixel_values = inputs(batch=2, seq=10, images=2)
+        model = tiny_model(family).eval()
+        with torch.no_grad():
+            expected = model(input_ids=ids, pixel_values=pixel_values, use_cache=False).logits
+            compiled = torch.compile(model, backend="eager", fullgraph=True)
+            got = compiled(input_ids=ids, pixel_values=pixel_values, use_cache=False).logits
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+            exported = torch.export.export(
+                model, (), {"input_ids": ids, "pixel_values": pixel_values, "use_cache": False}
+            )
+            got = exported.module()(input_ids=ids, pixel_values=pixel_values, use_cache=False).logits
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+            # continuing from an image cache: the fed <image> is counted on from the cached prompt's last image
+            first = model(input_ids=ids[:, :4], pixel_values=pixel_values, use_cache=True)
+            cache = getattr(first, "cache", None) or first.past_key_values
+            name = "cache" if hasattr(first, "cache") else "past_key_values"  # transformers >= 5.24: `cache`
+            rest = {"input_ids": ids[:, 4:], "image_cache": first.image_cache, name: cache}
+            expected = model(**{**rest, name: copy.deepcopy(cache)}).logits
+            torch.testing.assert_close(compiled(**rest).logits, expected, rtol=0, atol=1e-6)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_compiled_mosaic_gpt_after_a_compiled_mpt_keeps_its_qk_layernorm():
     """`torch.compile` reuses code compiled for another module of the same class without checking its hooks: MosaicGPT
     (QK-LayerNorm by hooks) compiled after an MPT without them must not run the MPT's code. Its attention is a class of
@@ -815,6 +845,17 @@ def test_mpt_attention_implementation_by_name(family, tmp_path):
         with torch.no_grad():
             logits[implementation] = model(input_ids=ids, pixel_values=pixel_values).logits
     torch.testing.assert_close(logits["sdpa"], logits["eager"], rtol=1e-5, atol=1e-5)
+    # asked for the LM alone (a dict, as `set_attn_implementation` takes too), or not at all (SDPA)
+    classes = mpt_attention_classes(family)
+    for requested, expected in [
+        ({"text_config": "eager"}, "eager"),
+        ({"text_config": "eager", "vision_config": "sdpa"}, "eager"),
+        ({"text_config": "sdpa", "": "eager"}, "sdpa"),
+        (None, "sdpa"),
+    ]:
+        kwargs = {} if requested is None else {"attn_implementation": requested}
+        model = AutoModelForImageTextToText.from_pretrained(tmp_path, **kwargs)
+        assert type(model.language_model.transformer.blocks[0].attn) is classes[expected], requested
 
 
 def test_from_pretrained_with_output_loading_info_false(tmp_path):
