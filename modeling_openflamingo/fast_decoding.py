@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import operator
-import sys
 import types
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -34,6 +33,7 @@ from .modeling_openflamingo import (
     OpenFlamingoImageCache,
     _fed_image_indices,
     _forward_parameters,
+    _is_peft_layer,
     _position_ids_from_mask,
 )
 
@@ -297,10 +297,10 @@ def _with_own_code(method: types.MethodType) -> types.MethodType:
 
 def _decoding_state(model: nn.Module) -> tuple:
     """What a decoder's CUDA graphs, captured over `model`, rely on: which modules run, with which forward hooks, in
-    which mode (train/eval; for PEFT's layers, the active, disabled and merged adapters), and the address of each of
-    their parameters and buffers (`model.to(...)` and loading with `assign=True` make new tensors while the old ones
-    still exist, so their addresses differ). Between registrations a call reads the modes, hooks and addresses
-    (0.41 ms for of3b's 955 modules on an H200 machine's host: `benchmarks/bench_state_check.py`)."""
+    which mode (train/eval; for PEFT's layers, the active, disabled and merged adapters and their scales), and the
+    address of each of their parameters and buffers (`model.to(...)` and loading with `assign=True` make new tensors
+    while the old ones still exist, so their addresses differ). Between registrations a call reads the modes, hooks
+    and addresses (0.41 ms for of3b's 955 modules on an H200 machine's host: `benchmarks/bench_state_check.py`)."""
     walk, modules = _walked_modules(model)
     peft_layers = [ref() for ref in walk.peft_layers]
     return (
@@ -310,6 +310,8 @@ def _decoding_state(model: nn.Module) -> tuple:
         tuple([t.data_ptr() if (t := ref()) is not None else -1 for ref in walk.parameters]),
         tuple([t.data_ptr() for module in modules for t in module._buffers.values() if t is not None]),
         tuple([(tuple(m.active_adapters), m.disable_adapters, tuple(m.merged_adapters)) for m in peft_layers]),
+        # each adapter's scale (`set_scale`, `peft.helpers.rescale_adapter_scale`), a number the graphs hold
+        tuple([tuple(sorted(getattr(m, "scaling", {}).items())) for m in peft_layers]),
     )
 
 
@@ -367,12 +369,6 @@ def _requires_grad_hooks_paused(modules: Sequence[nn.Module]) -> Iterator[None]:
 
 
 @functools.cache
-def _is_peft_layer(cls: type) -> bool:
-    """Whether `cls` is a PEFT adapter layer (a class that exists only once `peft` is imported)."""
-    base = getattr(sys.modules.get("peft.tuners.tuners_utils"), "BaseTunerLayer", None)
-    return base is not None and issubclass(cls, base)
-
-
 @dataclass
 class _PromptImages:
     """The images of a fast-path prompt: `pixel_values` (encoded inside the prompt step) or `image_hidden_states`."""

@@ -391,6 +391,12 @@ def _is_integer(tensor: torch.Tensor) -> bool:
     return not (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool)
 
 
+def _is_peft_layer(cls: type) -> bool:
+    """Whether `cls` is a PEFT adapter layer (a class that exists only once `peft` is imported)."""
+    base = getattr(sys.modules.get("peft.tuners.tuners_utils"), "BaseTunerLayer", None)
+    return base is not None and issubclass(cls, base)
+
+
 def _text_only_forward(model: nn.Module, input_ids: torch.Tensor, **kwargs: Any) -> Any:
     """`model`'s forward of `input_ids` with no image: every token, an `<image>` one too, sees none."""
     return model(input_ids, image_indices=torch.zeros_like(input_ids), **kwargs)
@@ -2269,6 +2275,13 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 The token ids whose rows train. Defaults to `config.eoc_token_id`, `config.media_token_id` and
                 `config.pad_token_id` (those that are set).
         """
+        if any(_is_peft_layer(type(module)) for module in self.modules()):
+            raise ValueError(
+                "freeze_for_training() on a model with PEFT adapters would freeze the adapters and make the "
+                "Perceiver's and the cross-attention blocks' own weights trainable, outside the adapter (which does "
+                "not save them): call it before get_peft_model, with "
+                "LoraConfig(..., modules_to_save=model.peft_modules_to_save())."
+            )
         embedding = self.get_input_embeddings()
         weight = getattr(embedding, "weight", None)
         token_ids: list[int] = []
@@ -2467,6 +2480,11 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         Under FSDP2 the model's class is a subclass that torch makes (`FSDPOpenFlamingoForConditionalGeneration`);
         the folder's code and `auto_map` are those of this class, not of torch's FSDP module.
         """
+        text_config = self.config.text_config
+        if self.config.tie_word_embeddings is False and getattr(text_config, "tie_word_embeddings", False):
+            # untied at the top only (as PEFT's merge_and_unload of an adapted MPT `wte` leaves it): transformers 4.x
+            # ties by the LM's own flag when loading, which would drop the saved output matrix
+            text_config.tie_word_embeddings = False
         if "new_token_embeddings" in self._modules:
             if len(args) >= 2:  # (is_main_process, state_dict, ...) given positionally
                 args = (args[0], self._fold_new_token_embeddings(args[1]), *args[2:])
@@ -2524,6 +2542,13 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         return state_dict
 
     def _new_token_input_hook(self, module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> Any:
+        if _is_peft_layer(type(self.get_input_embeddings())):
+            raise ValueError(
+                "A PEFT adapter on the input embeddings together with freeze_for_training()'s new-token rows: the rows "
+                "replace the embedding's output for those tokens, so merging the adapter would drop its change to "
+                "them. Leave the embeddings out of target_modules, or call "
+                "freeze_for_training(train_new_token_embeddings=False) before get_peft_model."
+            )
         input_ids = args[0] if args else kwargs["input"]
         return self.new_token_embeddings(input_ids=input_ids, inputs_embeds=output)
 

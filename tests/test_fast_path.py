@@ -445,8 +445,8 @@ def test_decoders_are_remade_when_the_weights_move(fast_path_on_cpu):
 
 @needs_v5
 def test_decoders_are_remade_when_adapters_change(fast_path_on_cpu):
-    """A CUDA graph replays the computation it captured: LoRA layers added, disabled or merged after a call (and
-    train/eval) change the computation, so the decoders go (on a GPU a stale graph would keep the adapters on)."""
+    """A CUDA graph replays the computation it captured: LoRA layers added, disabled, rescaled or merged after a call
+    (and train/eval) change the computation, so the decoders go (on a GPU a stale graph would keep the adapters on)."""
     peft = pytest.importorskip("peft")
     model = tiny_model("llama")
     ids, mask, pixel_values = padded_prompt()
@@ -467,6 +467,9 @@ def test_decoders_are_remade_when_adapters_change(fast_path_on_cpu):
     with peft_model.disable_adapter():
         check(True)
     check(False)  # enabled again
+    with peft.helpers.rescale_adapter_scale(peft_model, 0.0):  # a number the graphs hold: the LoRA branch adds 0
+        check(True)
+    check(False)
     peft_model.merge_adapter()  # in place: same addresses, but the LoRA branch no longer runs
     check(False)
     model.train()  # the tiny models have no dropout: the same tokens, in a new mode

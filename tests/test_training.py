@@ -737,6 +737,41 @@ def test_lora_on_the_cross_attention_save_load_merge(converted, tmp_path):
         torch.testing.assert_close(reloaded.merge_and_unload()(**inputs).logits, adapted, rtol=0, atol=1e-5)
 
 
+def test_the_recipe_and_peft_in_the_wrong_order_are_refused(converted):
+    """`freeze_for_training()` after `get_peft_model` would freeze the adapter and train base weights that the adapter
+    does not save; an adapter on the input embeddings with the recipe's new-token rows would lose its change to those
+    rows when merged. Both are refused with what to do instead."""
+    model, _ = load(converted, "tiny-llama")
+    adapted = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="call it before get_peft_model"):
+        adapted.freeze_for_training()
+    assert all(p.requires_grad for n, p in adapted.named_parameters() if "lora_" in n)
+    model, _ = load(converted, "tiny-llama")
+    model.freeze_for_training()
+    config = peft.LoraConfig(r=4, target_modules=["embed_tokens"], modules_to_save=model.peft_modules_to_save())
+    adapted = peft.get_peft_model(model, config)
+    with pytest.raises(ValueError, match="adapter on the input embeddings together with freeze_for_training"):
+        adapted(**sample_inputs())
+
+
+def test_an_mpt_output_matrix_untied_at_the_top_stays_untied_when_reloaded(converted, tmp_path):
+    """`config.tie_word_embeddings=False` with a separate MPT `lm_head` (as PEFT's merge of an adapted `wte` leaves
+    it): saved and loaded, the output matrix is the saved one (transformers 4.x tied it to `wte` again by the LM's
+    own flag)."""
+    model, _ = load(converted, "tiny-mpt")
+    lm = model.language_model
+    lm.lm_head.weight = torch.nn.Parameter(lm.lm_head.weight.detach() + 0.5 * torch.randn_like(lm.lm_head.weight))
+    model.config.tie_word_embeddings = False
+    inputs = sample_inputs()
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert reloaded.get_output_embeddings().weight is not reloaded.get_input_embeddings().weight
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, expected, rtol=0, atol=1e-6)
+
+
 def test_trainer_with_lora_on_the_lm_and_the_recipe(converted, tmp_path):
     """LoRA on the LM's native names + the recipe's modules trained in full (modules_to_save), tied MPT."""
     family = "tiny-mpt"
