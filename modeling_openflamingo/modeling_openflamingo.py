@@ -391,6 +391,10 @@ def _is_integer(tensor: torch.Tensor) -> bool:
     return not (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool)
 
 
+# What `generate` adds to the model kwargs for [`prepare_inputs_for_generation`] (not inputs of the forward)
+_GENERATE_STATE_KEYS = frozenset({"generated_image_state", "embeds_prompt_ids", "prefill_chunked_embeds"})
+
+
 def _is_peft_layer(cls: type) -> bool:
     """Whether `cls` is a PEFT adapter layer (a class that exists only once `peft` is imported)."""
     base = getattr(sys.modules.get("peft.tuners.tuners_utils"), "BaseTunerLayer", None)
@@ -2022,6 +2026,11 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             if expand_size > 1 and isinstance(model_kwargs.get(name), Cache):
                 model_kwargs[name] = self._repeat_cache(model_kwargs[name], expand_size)
         return input_ids, model_kwargs
+
+    def _validate_model_kwargs(self, model_kwargs: dict[str, Any]) -> None:
+        """As `GenerationMixin`'s, without the keys `generate` adds for [`prepare_inputs_for_generation`]: they are
+        this model's own, and a wrapper's replacement of that method (PEFT's prompt learning) does not name them."""
+        super()._validate_model_kwargs({k: v for k, v in model_kwargs.items() if k not in _GENERATE_STATE_KEYS})
 
     def _get_logits_processor(self, *args: Any, **kwargs: Any) -> LogitsProcessorList:
         """As `GenerationMixin`'s, with classifier-free guidance's unconditional pass (`guidance_scale`: its own

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
@@ -752,6 +753,44 @@ def test_the_recipe_and_peft_in_the_wrong_order_are_refused(converted):
     adapted = peft.get_peft_model(model, config)
     with pytest.raises(ValueError, match="adapter on the input embeddings together with freeze_for_training"):
         adapted(**sample_inputs())
+
+
+@pytest.mark.parametrize("conditioning", ["sequence", "original_kv_cache"])
+def test_prefix_tuning_generates_as_the_model_does_after_the_prefix_tokens(conditioning):
+    """PEFT's prefix tuning (its own `prepare_inputs_for_generation`, which does not name this model's generation
+    state) with a prefix whose keys/values are those of real text tokens: `generate` gives what the model gives for
+    those tokens followed by the prompt. transformers 5.x passes `cache`, where peft 0.21 looks for
+    `past_key_values` (a plain LLaMA loses the prefix too), so the tokens are compared on 4.x only."""
+    from .test_core import MEDIA, tiny_model
+
+    model = tiny_model("llama", generated_image_conditioning=conditioning)
+    reference = copy.deepcopy(model)
+    prefix = torch.randint(0, 400, (1, 3), generator=torch.Generator().manual_seed(5))
+    adapted = peft.get_peft_model(model, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)).eval()
+    with torch.no_grad():
+        out = reference(input_ids=prefix, use_cache=True)
+        cache = getattr(out, "cache", None) or out.past_key_values  # transformers >= 5.24: `cache`
+        layers = [(layer.keys, layer.values) for layer in cache.layers]  # (1, heads, 3, head_dim) each
+        rows = torch.stack([t[0].transpose(0, 1) for kv in layers for t in kv], dim=1)  # (3, 2 * layers, heads, hd)
+        adapted.prompt_encoder["default"].embedding.weight.copy_(rows.reshape(3, -1))
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 400, (2, 8), generator=generator)
+    ids[:, 2] = ids[:, 5] = MEDIA
+    mask = torch.ones_like(ids)
+    ids[1, :2], mask[1, :2] = 402, 0  # left padding
+    pixel_values = torch.randn(2, 2, 3, 32, 32, generator=generator)
+    settings = dict(max_new_tokens=6, min_new_tokens=6, num_beams=1)
+    got = adapted.generate(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, **settings)
+    assert got.shape == (2, ids.shape[1] + 6)  # (before: the generation state refused as an unused model kwarg)
+    if not transformers.__version__.startswith("4."):
+        return
+    expected = reference.generate(
+        input_ids=torch.cat((prefix.expand(2, -1), ids), dim=1),
+        attention_mask=torch.cat((torch.ones(2, 3, dtype=torch.long), mask), dim=1),
+        pixel_values=pixel_values,
+        **settings,
+    )
+    assert torch.equal(got[:, -6:], expected[:, -6:])
 
 
 def test_an_mpt_output_matrix_untied_at_the_top_stays_untied_when_reloaded(converted, tmp_path):
