@@ -54,7 +54,8 @@ class OpenFlamingoDataCollator:
     images (`image_column`, default `"images"`, else `"image"`): a list of images in the order of the `<image>`
     tokens, one image, or nothing. An image is a `PIL.Image.Image`, a path, an array or tensor (HW, HWC or CHW; a 4-D
     one holds several, as `datasets`' "torch" / "numpy" formats give them, and so does a 3-D array that cannot be one
-    image: "numpy"'s `(n, H, W)` stack of grayscale images), or a `datasets` `Image` feature's
+    image: "numpy"'s `(n, H, W)` stack of grayscale images; those formats give a palette image's indices, not its
+    colours: keep such a column unformatted), or a `datasets` `Image` feature's
     undecoded `{"bytes": ..., "path": ...}`; decoded `Image` features (PIL images) work as they are.
 
     The batch is built by the processor (`return_labels=True`, right padding) and holds `input_ids`,
@@ -123,8 +124,15 @@ class OpenFlamingoDataCollator:
             if not isinstance(feature, Mapping):
                 raise ValueError(f"Sample {index} is a {type(feature).__name__}, not a mapping with a text and images.")
             if self.text_column not in feature:
+                stripped = (
+                    " (Trainer's remove_unused_columns drops the columns the model's forward does not take, before "
+                    "the collator sees them: pass TrainingArguments(remove_unused_columns=False).)"
+                    if not feature
+                    else ""
+                )
                 raise ValueError(
-                    f"Sample {index} has no {self.text_column!r} field (its keys: {sorted(feature)}); set text_column."
+                    f"Sample {index} has no {self.text_column!r} field (its keys: {sorted(feature)}); set "
+                    f"text_column.{stripped}"
                 )
             text = feature[self.text_column]
             if not isinstance(text, str):
@@ -153,7 +161,6 @@ class OpenFlamingoDataCollator:
         batch = dict(encoding)
         if batch["input_ids"].shape[-1] == 0:
             raise ValueError("Every text of the batch is empty once tokenized: there is nothing to train on.")
-        batch["labels"][:, 0] = -100
         if "pixel_values" in batch:
             batch["image_indices"] = image_indices_from_input_ids(
                 batch["input_ids"], self.processor.image_token_id, batch["pixel_values"].shape[1]

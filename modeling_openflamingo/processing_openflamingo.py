@@ -157,6 +157,8 @@ class OpenFlamingoProcessor(ProcessorMixin):
         return_labels: bool = False,
         interleaved: bool = False,
         return_tensors: str | None = "pt",
+        videos: Any = None,
+        audio: Any = None,
         **kwargs: Any,
     ) -> BatchFeature:
         """
@@ -170,7 +172,8 @@ class OpenFlamingoProcessor(ProcessorMixin):
             text: one string or a list of strings, with one `<image>` where each image goes.
             padding_side: "left" by default (inference), "right" when `return_labels=True` (training).
             return_labels: also return `labels`: the input ids with pad and `<image>` set to -100 (eos stays), as
-                the original's training code makes them.
+                the original's training code makes them; also -100 where no real token precedes (each row's first
+                position, and with left padding the first real token), as nothing predicts those.
             interleaved: with `return_labels`, also mask as for MMC4-style interleaved documents (everything before
                 the first `<image>` and between each `<|endofchunk|>` and the next `<image>`).
 
@@ -183,6 +186,8 @@ class OpenFlamingoProcessor(ProcessorMixin):
             [`BatchFeature`] with `input_ids` and `attention_mask` `(batch, seq)`, `pixel_values`
             `(batch, max_images, 3, H, W)` when any row has images, and `labels` when asked for.
         """
+        if videos is not None or audio is not None:  # (`apply_chat_template` passes both, as None)
+            raise ValueError("OpenFlamingo takes images and text only, not videos or audio.")
         if text is None:
             raise ValueError("OpenFlamingoProcessor needs `text`, with one <image> token where each image goes.")
         single = isinstance(text, str)
@@ -322,7 +327,13 @@ class OpenFlamingoProcessor(ProcessorMixin):
             labels = interleaved_label_mask(input_ids, self.image_token_id, self.end_of_chunk_token_id, pad_id)
         else:
             labels = caption_label_mask(input_ids, self.image_token_id, pad_id)
-        return labels.masked_fill(attention_mask == 0, -100)
+        labels = labels.masked_fill(attention_mask == 0, -100)
+        # a target only after a real token: not the first position (no token predicts it; transformers 4.x's Trainer
+        # still counts it into `num_items_in_batch`), nor a left-padded row's first real token (the last padding
+        # position, which attends to no real token, would "predict" it)
+        labels[..., :1] = -100
+        labels[..., 1:] = labels[..., 1:].masked_fill(attention_mask[..., :-1] == 0, -100)
+        return labels
 
     @staticmethod
     def _image_rows(images: Any, image_counts: list[int], single_text: bool) -> list[list[Any]]:

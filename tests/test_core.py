@@ -1435,6 +1435,24 @@ def test_image_token_in_the_vocabulary_becomes_a_special_token():
     assert len(tokenizer) == size
 
 
+def test_a_chat_template_applies(converted, tiny_images):
+    """`apply_chat_template` (and the pipeline's chat path) calls the processor with `videos=None, audio=None`: taken
+    as absent, so a template given to the processor gives what the plain call gives; videos or audio are refused."""
+    processor = AutoProcessor.from_pretrained(converted("tiny-llama"))
+    processor.chat_template = (
+        "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>{% else %}"
+        "{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %}Output:{% endif %}"
+    )
+    content = [{"type": "image", "image": tiny_images[0]}, {"type": "text", "text": "Describe"}]
+    messages = [{"role": "user", "content": content}]
+    got = processor.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=True)
+    expected = processor(images=[tiny_images[0]], text="<image>DescribeOutput:")
+    assert torch.equal(got["input_ids"], expected["input_ids"])
+    assert torch.equal(got["pixel_values"], expected["pixel_values"])
+    with pytest.raises(ValueError, match="images and text only, not videos or audio"):
+        processor(text="<image>a", images=[tiny_images[0]], videos=[tiny_images[1]])
+
+
 def test_the_tokenizers_own_special_tokens_stay_special(tmp_path):
     """Adding `<image>` / `<|endofchunk|>` keeps the tokenizer's own additional special tokens special (in
     `all_special_ids`, skipped when decoding), also in a processor saved and loaded; their ids are unchanged."""
@@ -1475,6 +1493,25 @@ def test_processor_training_labels(converted, tiny_images):
         return_attention_mask=False,
     )
     assert "attention_mask" not in without_mask and torch.equal(without_mask["labels"], labels)
+
+
+def test_processor_labels_score_only_tokens_after_a_real_one(converted, tiny_images):
+    """`return_labels=True` with left padding: a row's first real token follows padding, which predicts nothing, so it
+    is no target (it was: one more target than the same rows right-padded, and another loss); with text before the
+    first `<image>`, position 0 is no target either way."""
+    path = converted("tiny-llama")
+    processor = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    kwargs = dict(images=[[tiny_images[0]], [tiny_images[1]]], text=["a b <image>c d e", "f <image>g"])
+    losses, counts = {}, {}
+    for side in ("right", "left"):
+        batch = processor(**kwargs, return_labels=True, padding_side=side)
+        assert (batch["labels"][:, 0] == -100).all()
+        counts[side] = int((batch["labels"] != -100).sum())
+        with torch.no_grad():
+            losses[side] = model(**batch).loss
+    assert counts["left"] == counts["right"]
+    torch.testing.assert_close(losses["left"], losses["right"], rtol=1e-5, atol=1e-6)
 
 
 def test_processor_images_of_different_sizes_need_a_fixed_output_size(converted, tiny_images):

@@ -418,8 +418,11 @@ def test_collator_inputs_and_errors(converted, tiny_images, tmp_path):
     assert batch["input_ids"].shape == (2, 6)
     assert batch["input_ids"][0, 0] != MEDIA and batch["labels"][0, 0] == -100  # position 0: never a target
     assert batch["labels"][0, 1] == batch["input_ids"][0, 1]  # caption mode: text before the image is in the loss
-    with pytest.raises(ValueError, match="has no 'text' field"):
+    with pytest.raises(ValueError, match="has no 'text' field") as error:
         OpenFlamingoDataCollator(processor)([{"caption": "x"}])
+    assert "remove_unused_columns" not in str(error.value)
+    with pytest.raises(ValueError, match=r"has no 'text' field .*remove_unused_columns=False"):  # what Trainer left
+        OpenFlamingoDataCollator(processor)([{}])
     with pytest.raises(ValueError, match="cannot read an image"):
         OpenFlamingoDataCollator(processor)([{"images": [3], "text": "<image>x"}])
     with pytest.raises(ValueError, match=r"Sample 0 has <image> tokens but no 'images' \(or 'image'\) field"):
