@@ -368,7 +368,6 @@ def _requires_grad_hooks_paused(modules: Sequence[nn.Module]) -> Iterator[None]:
             hooks.update(ordered)
 
 
-@functools.cache
 @dataclass
 class _PromptImages:
     """The images of a fast-path prompt: `pixel_values` (encoded inside the prompt step) or `image_hidden_states`."""

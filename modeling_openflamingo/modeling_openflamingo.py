@@ -395,6 +395,7 @@ def _is_integer(tensor: torch.Tensor) -> bool:
 _GENERATE_STATE_KEYS = frozenset({"generated_image_state", "embeds_prompt_ids", "prefill_chunked_embeds"})
 
 
+@functools.cache
 def _is_peft_layer(cls: type) -> bool:
     """Whether `cls` is a PEFT adapter layer (a class that exists only once `peft` is imported)."""
     base = getattr(sys.modules.get("peft.tuners.tuners_utils"), "BaseTunerLayer", None)
