@@ -337,7 +337,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     if trainer.args.should_save:
         print(f"model: {path}\nsteps: {len(losses)}, loss: {losses[0]:.4f} -> {losses[-1]:.4f}")
-        print(f"saved to {args.output_dir}" + (" (LoRA adapter; PeftModel.from_pretrained to load)" * args.lora))
+        print(
+            f"saved to {args.output_dir}"
+            + (" (LoRA adapter: base.freeze_for_training(), then PeftModel.from_pretrained(base, folder))" * args.lora)
+        )
     return {"first_loss": losses[0], "last_loss": losses[-1], "trainer": trainer}
 
 

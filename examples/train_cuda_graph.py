@@ -2,8 +2,8 @@
 """Train with the whole step (forward, backward, gradient clipping, AdamW) captured as one CUDA graph.
 
 The host then does nothing per step but copy the next batch into the tensors the graph reads, so the GPU never waits
-for Python (of3b on an H100, 8 x 255 tokens: 25,913 tok/s this way with `--bf16`, 18,696 with CUDA graphs per
-compiled block; README, Benchmarks).
+for Python (of3b on an H100, 8 x 255 tokens, the original benchmark's trainables: 24,915 tok/s this way with `--bf16`,
+18,696 with CUDA graphs per compiled block; 25,913 this way with `freeze_for_training()`'s; README, Benchmarks).
 What it takes:
 
 - fixed shapes: every batch padded to `--length` tokens (`max_length` + `pad_to_multiple_of` in the collator) and to

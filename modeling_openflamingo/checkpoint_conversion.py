@@ -2285,7 +2285,8 @@ def convert_hf_to_openflamingo(
         if hub.is_local(model) and (Path(model) / "adapter_config.json").is_file():
             raise ConversionError(
                 f"{model} is a PEFT adapter folder (adapter_config.json); merge the adapter first "
-                "(model = PeftModel.from_pretrained(base, adapter).merge_and_unload()) and save the merged model."
+                "(base.freeze_for_training() if it was trained with it, then "
+                "model = PeftModel.from_pretrained(base, adapter).merge_and_unload()) and save the merged model."
             )
         folder = hub.resolve_folder(model, "model", lambda fs: ["config.json", *hf_weight_files(fs)], cache_dir)
         config = _read_json(folder / "config.json", "model config")

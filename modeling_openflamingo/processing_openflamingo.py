@@ -120,6 +120,20 @@ class OpenFlamingoProcessor(ProcessorMixin):
         # `AutoImageProcessor` (where the package registers it) and warns that a name here is deprecated
         image_processor_class = "AutoImageProcessor"
 
+        @classmethod
+        def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> list[Any]:
+            """As transformers 4.x's (each part through its Auto class), with `use_fast=False` for the image processor
+            unless given: it has no fast variant, and 4.x's `AutoImageProcessor` otherwise warns on every load of a
+            switch to a fast one that "will result in minor differences in outputs". (Not for the tokenizer, whose
+            fast variant is the one to load.)"""
+            from transformers import AutoImageProcessor, AutoTokenizer
+
+            image_processor_kwargs = {"use_fast": False, **kwargs}
+            return [
+                AutoImageProcessor.from_pretrained(pretrained_model_name_or_path, **image_processor_kwargs),
+                AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs),
+            ]
+
     def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None, **kwargs):
         if tokenizer is not None:
             add_openflamingo_tokens(tokenizer)

@@ -1435,6 +1435,21 @@ def test_image_token_in_the_vocabulary_becomes_a_special_token():
     assert len(tokenizer) == size
 
 
+def test_processor_loads_without_the_fast_image_processor_warning(converted):
+    """transformers 4.x's `AutoImageProcessor` warns on every load that `use_fast` is unset and that a fast processor
+    "will result in minor differences in outputs": this one has no fast variant, so the processor asks for the slow
+    one itself (and still loads the fast tokenizer)."""
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.warning_once.cache_clear()  # (shown once per process)
+    logger = transformers_logging.get_logger("transformers.models.auto.image_processing_auto")
+    with CaptureLogger(logger) as captured:
+        processor = AutoProcessor.from_pretrained(converted("tiny-llama"))
+    assert "use_fast" not in captured.out
+    assert processor.tokenizer.is_fast
+
+
 def test_a_chat_template_applies(converted, tiny_images):
     """`apply_chat_template` (and the pipeline's chat path) calls the processor with `videos=None, audio=None`: taken
     as absent, so a template given to the processor gives what the plain call gives; videos or audio are refused."""
