@@ -391,6 +391,11 @@ def _is_integer(tensor: torch.Tensor) -> bool:
     return not (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool)
 
 
+_CONTINUING_WITH_IMAGES = (
+    "Continuing from past_key_values with images: pass `image_cache` (from the previous output) or `image_indices`, "
+    "so that the new tokens know which image they follow."
+)
+
 # What `generate` adds to the model kwargs for [`prepare_inputs_for_generation`] (not inputs of the forward)
 _GENERATE_STATE_KEYS = frozenset({"generated_image_state", "embeds_prompt_ids", "prefill_chunked_embeds"})
 
@@ -1098,21 +1103,25 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
 
     def __init__(self, config: OpenFlamingoConfig) -> None:
         config.check()  # again: `from_pretrained(path, **overrides)` sets fields after the config's __init__
+        # What was asked for the LM (read before `PreTrainedModel.__init__` resolves the whole model's value): for
+        # `text_config` alone (a dict) when the whole model has no value, else the model's. A config reused from a
+        # built MPT model (`from_config(model.config)`) holds the "eager" written below for its LM, under the model's
+        # own value: that one counts. ("sdpa" for the LM is never written below.)
+        top = getattr(config, "_attn_implementation_internal", None)
+        text = getattr(config.text_config, "_attn_implementation_internal", None)
+        lm_requested = text if text == "sdpa" or (text is not None and top is None) else top  # None: the default
         super().__init__(config)
         # `_from_config`, as the LM's `from_config`: each built in its sub-config's dtype (transformers 4.x's
         # `from_pretrained(dtype={"vision_config": ..., "text_config": ..., "": ...})`)
         self.vision_model = CLIPVisionModel._from_config(config.vision_config)
         self.perceiver = OpenFlamingoPerceiverResampler(config)
-        # what was asked for the LM: by name for the whole model or for `text_config` (a dict), else the model's
-        text_requested = getattr(config.text_config, "_attn_implementation_internal", None)
-        mpt_sdpa = (text_requested or config._attn_implementation) != "eager"
         if _is_mpt(config.text_config) and config.text_config._attn_implementation == "sdpa":
             # asked for by name (`attn_implementation="sdpa"`): transformers' MPT has eager attention only, and the
             # SDPA one is this package's (`add_mpt_sdpa_attention`, after the LM is built)
             config.text_config._attn_implementation = "eager"
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         add_mpt_qk_layernorm(self.language_model, config.text_config)
-        if mpt_sdpa:  # an explicit "eager" keeps MPT's own attention (and its weights)
+        if (lm_requested or config._attn_implementation) != "eager":  # "eager" keeps MPT's own attention (weights)
             add_mpt_sdpa_attention(self.language_model, config.text_config)
         add_mpt_static_cache_support(self.language_model, config.text_config)  # what `MptAttention` itself needs
         self._loss_compile_kwargs: dict[str, Any] | None = None  # set by `compile_repeated_blocks`
@@ -1548,6 +1557,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         if image_indices is None and input_ids is not None and has_images and is_torchdynamo_compiling():
             # traced (`torch.compile(model)`, `torch.export`): the checks below read input_ids on the host, a graph
             # break (an export error); the numbering is theirs, unchecked. Pass image_indices to have them checked.
+            if continuing and image_cache is None:
+                raise ValueError(_CONTINUING_WITH_IMAGES)  # (as below, where it needs no input_ids either)
             image_indices = (input_ids == self.config.media_token_id).cumsum(dim=-1)
             if continuing and image_cache is not None:
                 image_indices = image_indices + image_cache.last_image_index.unsqueeze(-1)
@@ -1569,10 +1580,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 if not has_media and not continuing:
                     raise ValueError("Images were given but input_ids contain no <image> token to place them.")
                 if continuing:
-                    raise ValueError(
-                        "Continuing from past_key_values with images: pass `image_cache` (from the previous output) "
-                        "or `image_indices`, so that the new tokens know which image they follow."
-                    )
+                    raise ValueError(_CONTINUING_WITH_IMAGES)
                 image_indices = self._image_indices(input_ids, num_images)
         if has_images and image_indices is None:
             if input_ids is not None:  # (the only way here: no `media_token_id` to find the <image> tokens by)
@@ -2024,8 +2032,11 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         if image_cache is not None:
             model_kwargs["image_cache"] = image_cache.repeat_interleave(expand_size) if expand_size > 1 else image_cache
         for name in ("cache", "past_key_values"):
-            if expand_size > 1 and isinstance(model_kwargs.get(name), Cache):
-                model_kwargs[name] = self._repeat_cache(model_kwargs[name], expand_size)
+            cache = model_kwargs.get(name)
+            # a filled one (an empty or static cache is made for the expanded rows already)
+            repeatable = all(hasattr(layer, "batch_repeat_interleave") for layer in getattr(cache, "layers", [None]))
+            if expand_size > 1 and isinstance(cache, Cache) and repeatable and cache.get_seq_length() > 0:
+                model_kwargs[name] = self._repeat_cache(cache, expand_size)
         return input_ids, model_kwargs
 
     def _validate_model_kwargs(self, model_kwargs: dict[str, Any]) -> None:
