@@ -311,8 +311,17 @@ def _decoding_state(model: nn.Module) -> tuple:
         tuple([t.data_ptr() for module in modules for t in module._buffers.values() if t is not None]),
         tuple([(tuple(m.active_adapters), m.disable_adapters, tuple(m.merged_adapters)) for m in peft_layers]),
         # each adapter's scale (`set_scale`, `peft.helpers.rescale_adapter_scale`), a number the graphs hold
-        tuple([tuple(sorted(getattr(m, "scaling", {}).items())) for m in peft_layers]),
+        tuple([_adapter_scales(m) for m in peft_layers]),
     )
+
+
+def _adapter_scales(layer: nn.Module) -> tuple:
+    """A PEFT layer's `scaling` (adapter name -> number) as a comparable tuple; a tensor by identity (the graphs read
+    its current value), as any other kind of value."""
+    scaling = getattr(layer, "scaling", None)
+    if not isinstance(scaling, Mapping):
+        return () if scaling is None else (scaling if isinstance(scaling, (int, float)) else id(scaling),)
+    return tuple(sorted((name, v if isinstance(v, (int, float)) else id(v)) for name, v in scaling.items()))
 
 
 # The forward hooks that make the input embeddings' output require gradients: transformers'
