@@ -318,10 +318,14 @@ def _decoding_state(model: nn.Module) -> tuple:
 def _adapter_scales(layer: nn.Module) -> tuple:
     """A PEFT layer's `scaling` (adapter name -> number) as a comparable tuple; a tensor by identity (the graphs read
     its current value), as any other kind of value."""
+
+    def comparable(value: Any) -> Any:
+        return value if isinstance(value, (int, float)) else id(value)
+
     scaling = getattr(layer, "scaling", None)
-    if not isinstance(scaling, Mapping):
-        return () if scaling is None else (scaling if isinstance(scaling, (int, float)) else id(scaling),)
-    return tuple(sorted((name, v if isinstance(v, (int, float)) else id(v)) for name, v in scaling.items()))
+    if isinstance(scaling, Mapping):
+        return tuple(sorted((name, comparable(value)) for name, value in scaling.items()))
+    return () if scaling is None else (comparable(scaling),)
 
 
 # The forward hooks that make the input embeddings' output require gradients: transformers'

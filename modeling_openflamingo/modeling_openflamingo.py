@@ -1559,9 +1559,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             # break (an export error); the numbering is theirs, unchecked. Pass image_indices to have them checked.
             if continuing and image_cache is None:
                 raise ValueError(_CONTINUING_WITH_IMAGES)  # (as below, where it needs no input_ids either)
-            image_indices = (input_ids == self.config.media_token_id).cumsum(dim=-1)
-            if continuing and image_cache is not None:
-                image_indices = image_indices + image_cache.last_image_index.unsqueeze(-1)
+            last = image_cache.last_image_index.unsqueeze(-1) if continuing else input_ids.new_zeros(())
+            image_indices = _image_indices_after(last, input_ids, self.config.media_token_id)
         if image_indices is None and input_ids is not None and self.config.media_token_id is not None:
             has_media = bool((input_ids == self.config.media_token_id).any())
             if has_media and not has_images:
@@ -2031,11 +2030,11 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         )
         if image_cache is not None:
             model_kwargs["image_cache"] = image_cache.repeat_interleave(expand_size) if expand_size > 1 else image_cache
-        for name in ("cache", "past_key_values"):
+        for name in ("cache", "past_key_values") if expand_size > 1 else ():
             cache = model_kwargs.get(name)
-            # a filled one (an empty or static cache is made for the expanded rows already)
-            repeatable = all(hasattr(layer, "batch_repeat_interleave") for layer in getattr(cache, "layers", [None]))
-            if expand_size > 1 and isinstance(cache, Cache) and repeatable and cache.get_seq_length() > 0:
+            # a filled one, whose layers repeat (an empty or static cache is made for the expanded rows already)
+            layers = getattr(cache, "layers", None) if isinstance(cache, Cache) else None
+            if layers and all(hasattr(layer, "batch_repeat_interleave") for layer in layers) and cache.get_seq_length():
                 model_kwargs[name] = self._repeat_cache(cache, expand_size)
         return input_ids, model_kwargs
 

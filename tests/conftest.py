@@ -114,6 +114,13 @@ def tiny_images():
     return [Image.open(FIXTURES / "tiny_images" / f"image_{i}.png") for i in range(6)]
 
 
+def lm_cache_of(output) -> tuple[str, object]:
+    """The LM's key/value cache in a model or `generate` output, and the keyword that takes it back: `cache` on
+    transformers >= 5.24, `past_key_values` before."""
+    name = "cache" if hasattr(output, "cache") else "past_key_values"
+    return name, getattr(output, "cache", None) or output.past_key_values
+
+
 def seeded(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

@@ -39,7 +39,7 @@ from modeling_openflamingo.modeling_openflamingo import (
     find_decoder_layers,
 )
 
-from .conftest import seeded
+from .conftest import lm_cache_of, seeded
 
 IS_V4 = transformers.__version__.startswith("4.")
 MEDIA, EOC, PAD = 401, 400, 402
@@ -806,8 +806,7 @@ def test_the_whole_forward_compiles_in_one_graph_and_exports_from_plain_inputs(f
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
             # continuing from an image cache: the fed <image> is counted on from the cached prompt's last image
             first = model(input_ids=ids[:, :4], pixel_values=pixel_values, use_cache=True)
-            cache = getattr(first, "cache", None) or first.past_key_values
-            name = "cache" if hasattr(first, "cache") else "past_key_values"  # transformers >= 5.24: `cache`
+            name, cache = lm_cache_of(first)
             rest = {"input_ids": ids[:, 4:], "image_cache": first.image_cache, name: cache}
             expected = model(**{**rest, name: copy.deepcopy(cache)}).logits
             torch.testing.assert_close(compiled(**rest).logits, expected, rtol=0, atol=1e-6)

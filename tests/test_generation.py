@@ -28,7 +28,7 @@ from transformers import (
 from modeling_openflamingo import OpenFlamingoConfig, OpenFlamingoForConditionalGeneration
 from modeling_openflamingo.modeling_openflamingo import image_indices_from_input_ids
 
-from .conftest import FAMILIES, ROOT, enable_checkpointing, is_checkpointing
+from .conftest import FAMILIES, ROOT, enable_checkpointing, is_checkpointing, lm_cache_of
 
 CAPTION_PROMPT = (
     "<image>Output:A photo of two cats.<|endofchunk|><image>Output:A bathroom sink.<|endofchunk|><image>Output:"
@@ -1009,9 +1009,8 @@ def test_continuing_from_a_cache_without_the_images_is_an_error(family):
     out = model.generate(
         input_ids=ids, pixel_values=pixel_values, max_new_tokens=3, min_new_tokens=3, return_dict_in_generate=True
     )
-    cache = getattr(out, "cache", None) or out.past_key_values
+    name, cache = lm_cache_of(out)
     continued = torch.cat((out.sequences, torch.tensor([[5], [7]])), dim=1)
-    name = "cache" if hasattr(out, "cache") else "past_key_values"  # transformers >= 5.24: `cache`
     with pytest.raises(ValueError, match="continuing from past_key_values, pass the images again"):
         model.generate(input_ids=continued, max_new_tokens=2, **{name: copy.deepcopy(cache)})
     with pytest.raises(ValueError, match="<image> tokens but no images were given"):
@@ -1035,8 +1034,7 @@ def test_beams_and_several_return_sequences_continue_from_a_cache(family):
     attention_mask = torch.ones_like(ids)
     with torch.no_grad():
         first = model(input_ids=ids[:, :-2], pixel_values=pixel_values, past_key_values=DynamicCache(), use_cache=True)
-    cache = getattr(first, "cache", None) or first.past_key_values
-    name = "cache" if hasattr(first, "cache") else "past_key_values"  # transformers >= 5.24: `cache`
+    name, cache = lm_cache_of(first)
     length = cache.get_seq_length()
     settings = {
         "beams": dict(num_beams=3, num_return_sequences=2, max_new_tokens=4, min_new_tokens=4),
@@ -1125,8 +1123,7 @@ def test_continuing_from_an_image_cache_equals_continuing_with_the_images(condit
     ids, pixel_values = inputs(batch=1)
     with torch.no_grad():
         first = model(input_ids=ids, pixel_values=pixel_values, past_key_values=DynamicCache(), use_cache=True)
-    lm_cache = getattr(first, "cache", None) or first.past_key_values
-    name = "cache" if hasattr(first, "cache") else "past_key_values"  # transformers >= 5.24: `cache`
+    name, lm_cache = lm_cache_of(first)
     continued = torch.cat((ids, torch.tensor([[5, 6]])), dim=1)
     force_image = LogitsProcessorList([ForceTokenAt(MEDIA, 1, continued.shape[1])])
     settings = dict(max_new_tokens=5, min_new_tokens=5, return_dict_in_generate=True, output_logits=True)
@@ -1231,9 +1228,8 @@ def test_a_text_only_conversation_continues_after_a_generated_image_with_image_i
         logits_processor=LogitsProcessorList([ForceTokenAt(MEDIA, 1, ids.shape[1])]),
         return_dict_in_generate=True,
     )
-    cache = getattr(out, "cache", None) or out.past_key_values
+    name, cache = lm_cache_of(out)
     continued = torch.cat((out.sequences, torch.tensor([[5]])), dim=1)
-    name = "cache" if hasattr(out, "cache") else "past_key_values"  # transformers >= 5.24: `cache`
     with pytest.raises(ValueError, match=r"pass image_indices=torch.zeros_like\(input_ids\)"):
         model.generate(input_ids=continued, max_new_tokens=2, **{name: copy.deepcopy(cache)})
     text_only = torch.zeros_like(continued)

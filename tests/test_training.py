@@ -25,10 +25,10 @@ from modeling_openflamingo.modeling_openflamingo import OpenFlamingoNewTokenEmbe
 
 try:
     from . import conftest as shared
-    from .conftest import EOC, FIXTURES, MEDIA, PAD, ROOT, sample_inputs
+    from .conftest import EOC, FIXTURES, MEDIA, PAD, ROOT, lm_cache_of, sample_inputs
 except ImportError:  # run as a script: the FSDP worker under torchrun
     import conftest as shared
-    from conftest import EOC, FIXTURES, MEDIA, PAD, ROOT, sample_inputs
+    from conftest import EOC, FIXTURES, MEDIA, PAD, ROOT, lm_cache_of, sample_inputs
 
 datasets = pytest.importorskip("datasets")
 peft = pytest.importorskip("peft")
@@ -772,7 +772,7 @@ def test_prefix_tuning_generates_as_the_model_does_after_the_prefix_tokens(condi
     adapted = peft.get_peft_model(model, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)).eval()
     with torch.no_grad():
         out = reference(input_ids=prefix, use_cache=True)
-        cache = getattr(out, "cache", None) or out.past_key_values  # transformers >= 5.24: `cache`
+        _, cache = lm_cache_of(out)
         layers = [(layer.keys, layer.values) for layer in cache.layers]  # (1, heads, 3, head_dim) each
         rows = torch.stack([t[0].transpose(0, 1) for kv in layers for t in kv], dim=1)  # (3, 2 * layers, heads, hd)
         adapted.prompt_encoder["default"].embedding.weight.copy_(rows.reshape(3, -1))
