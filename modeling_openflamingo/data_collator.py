@@ -26,7 +26,8 @@ _READ_2D_MASK_ON_DEVICE = ("mpt",)
 def causal_attention_mask_4d(attention_mask: torch.Tensor) -> torch.Tensor:
     """`(batch, seq)` padding mask -> `(batch, 1, seq, seq)` bool, True where a query may attend to a key (causal and
     not padding): the form transformers' LMs with SDPA attention (GPT-NeoX, LLaMA, ...) take as it is, without the
-    host-side check they make of a 2-D mask. (MPT and MosaicGPT take the 2-D mask, which they read without one.)"""
+    host-side check they make of a 2-D mask (the model makes it additive for eager attention). (MPT and MosaicGPT take
+    the 2-D mask, which they read without one.)"""
     seq = attention_mask.shape[-1]
     causal = torch.ones(seq, seq, dtype=torch.bool, device=attention_mask.device).tril()
     return causal & attention_mask.bool()[:, None, None, :]

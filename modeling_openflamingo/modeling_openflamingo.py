@@ -607,6 +607,9 @@ class _ActiveCrossAttention:
     attn_mask: torch.Tensor | None
     keeps_query: torch.Tensor | None
     keeps_output: torch.Tensor | None
+    # the input of decoder layer 0 before its block (with `cross_attn_every_n_layers=1`): the LMs whose hidden states
+    # transformers records by hooks on their layers take the first one from layer 0's input, after the block
+    first_layer_input: torch.Tensor | None = None
 
 
 _ACTIVE_CROSS_ATTENTION: contextvars.ContextVar[_ActiveCrossAttention | None] = contextvars.ContextVar(
@@ -653,6 +656,8 @@ class _GatedDecoderLayerMixin:
             key, value = active.key_values[name] if active.key_values is not None else (None, None)
             block = active.blocks[name]
             images = (key, value, active.attn_mask, active.keeps_query, active.keeps_output)
+            if self.flamingo_layer_idx == 0:
+                active.first_layer_input = args[0] if args else kwargs["hidden_states"]
             if args:
                 args = (block(args[0], *images), *args[1:])
             else:
@@ -1396,12 +1401,20 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         weight = getattr(embedding, "weight", None)
         return width if width is not None else weight.shape[-1] if torch.is_tensor(weight) else None
 
-    @staticmethod
-    def _check_attention_mask(attention_mask: torch.Tensor, batch_and_seq: tuple[int, int], spans_cache: bool) -> None:
-        """A 2-D padding mask `(batch, seq)` (`(batch, cached + seq)` when continuing from a cache), or a 4-D mask
-        `(batch or 1, heads or 1, seq, keys)` (`causal_attention_mask_4d`), which goes to the LM as it is."""
+    def _check_attention_mask(
+        self, attention_mask: torch.Tensor, batch_and_seq: tuple[int, int], spans_cache: bool
+    ) -> None:
+        """A 2-D padding mask `(batch, seq)` (`(batch, cached + seq)` when continuing from a cache), or, for an LM
+        other than MPT / MosaicGPT, a 4-D mask `(batch or 1, heads or 1, seq, keys)` (`causal_attention_mask_4d`)."""
         batch, seq = batch_and_seq
         shape = tuple(attention_mask.shape)
+        if attention_mask.ndim == 4 and _is_mpt(self.config.text_config):
+            # transformers 5.x's MptModel reads a boolean 4-D mask as True = masked (the other way round), 4.x fails
+            # inside it: neither is the mask this package makes
+            raise ValueError(
+                f"attention_mask must be the 2-D padding mask ({batch}, {seq}) for an MPT / MosaicGPT language model "
+                f"(it reads that one on the device, without a host sync); got a 4-D mask {shape}."
+            )
         if attention_mask.ndim == 2:
             fits = shape[0] == batch and (shape[1] >= seq if spans_cache else shape[1] == seq)
             expected = f"({batch}, {'cached + ' if spans_cache else ''}{seq})"
@@ -1479,7 +1492,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 Token ids, with one `<image>` token where each image stands.
             attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
                 1 for real tokens, 0 for padding; with a cache `(batch_size, cached + sequence_length)`. A 4-D mask
-                `(batch_size or 1, 1, sequence_length, keys)` (`causal_attention_mask_4d`) goes to the LM as it is.
+                `(batch_size or 1, 1, sequence_length, keys)` (`causal_attention_mask_4d`: boolean, True where a
+                query attends to a key; or additive) goes to the LM (GPT-NeoX, LLaMA, ...; not MPT / MosaicGPT),
+                made additive for an attention implementation other than SDPA.
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_images, 3, H, W)`, *optional*):
                 The images of each row, in the order of its `<image>` tokens; rows with fewer images are zero-padded
                 (padding images are never attended while a row has no more `<image>` tokens than images of its own,
@@ -1597,6 +1612,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         named_key_values = None
         if key_values:
             named_key_values = dict(zip(self.gated_cross_attn_layers.keys(), key_values, strict=True))
+        if attention_mask is not None and attention_mask.ndim == 4:
+            attention_mask = self._lm_attention_mask_4d(attention_mask)
         lm_kwargs = self._language_model_kwargs(
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -1630,6 +1647,10 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 input_ids=input_ids, inputs_embeds=inputs_embeds, return_dict=True, **lm_kwargs
             )
 
+        hidden_states = outputs.hidden_states
+        if hidden_states is not None and hidden_states[0] is not None and active.first_layer_input is not None:
+            # the embeddings, as transformers' LMs and the original give them, not the first block's output
+            hidden_states = (active.first_layer_input, *hidden_states[1:])
         logits = outputs.logits
         if slice_logits:  # an LM that cannot skip the logits itself
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -1648,13 +1669,24 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         output = OpenFlamingoCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            hidden_states=outputs.hidden_states,
+            hidden_states=hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=image_hidden_states,
             image_cache=new_image_cache,
             **{_CACHE_FIELD: new_cache},
         )
         return output if return_dict else output.to_tuple()
+
+    def _lm_attention_mask_4d(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """A 4-D mask as the LM's attention reads it. transformers passes a 4-D mask to the attention function as it
+        is: SDPA reads a boolean one (True: attend, as `causal_attention_mask_4d` makes it) as a mask, but eager and
+        flex attention add it to the scores, so a boolean one becomes additive here (0 where True, the dtype's
+        minimum where False). A float mask is taken to be additive already."""
+        if attention_mask.dtype != torch.bool or self.config.text_config._attn_implementation == "sdpa":
+            return attention_mask
+        dtype = self.language_model.dtype
+        additive = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+        return additive.masked_fill(~attention_mask, torch.finfo(dtype).min)
 
     @staticmethod
     def _loss(

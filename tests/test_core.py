@@ -927,6 +927,25 @@ def test_unset_forward_flags_follow_the_models_config():
     torch.testing.assert_close(flagged.logits, default.logits, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("family", list(TEXT_CONFIGS))
+def test_first_hidden_state_is_the_embeddings_before_the_first_block(family):
+    """With a block before decoder layer 0 (`cross_attn_every_n_layers=1`), `hidden_states[0]` is the embeddings, as
+    transformers' LMs and the original give it, and `hidden_states[i]` the input of layer i before its block: the LMs
+    whose hidden states transformers records by hooks on the layers took the first one after the block."""
+    model = tiny_model(family, n=1)
+    ids, pixel_values = inputs()
+    blocks_in = []
+    for block in model.gated_cross_attn_layers.values():
+        # (a block is also called on the image latents, for its keys and values: 4-D)
+        block.register_forward_pre_hook(lambda module, args: blocks_in.append(args[0]) if args[0].ndim == 3 else None)
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=pixel_values, output_hidden_states=True)
+        torch.testing.assert_close(out.hidden_states[0], model.get_input_embeddings()(ids), rtol=0, atol=0)
+    assert len(out.hidden_states) == len(blocks_in) + 1
+    for hidden_state, block_input in zip(out.hidden_states[:-1], blocks_in, strict=True):
+        torch.testing.assert_close(hidden_state, block_input, rtol=0, atol=0)
+
+
 def test_resizing_below_the_models_own_tokens_is_refused():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match=r"to 320 rows would drop the rows of .*'media_token_id': 401.*at least 403"):
