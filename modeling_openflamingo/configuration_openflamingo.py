@@ -265,7 +265,12 @@ class OpenFlamingoConfig(PretrainedConfig):
                 sub[dtype_key] = part_dtypes[name]
         text = output.get("text_config")
         rope = text.get("rope_parameters") if isinstance(text, dict) else None
-        if isinstance(rope, dict) and rope.get("rope_type", "default") == "default":
+        if isinstance(rope, dict):
+            if rope.get("rope_type", "default") != "default" and text.get("rope_scaling") is None:
+                # (linear, dynamic, yarn, llama3, ...: 4.x's `rope_scaling` holds the same keys, less these two)
+                text["rope_scaling"] = {
+                    k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")
+                }
             if "rope_theta" in rope:
                 text.setdefault("rope_theta", rope["rope_theta"])
             if "partial_rotary_factor" in rope:
