@@ -2575,7 +2575,15 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         ]
 
     def _fold_new_token_embeddings(self, state_dict: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-        state_dict = dict(self.state_dict() if state_dict is None else state_dict)
+        if state_dict is None:
+            state_dict = self.state_dict()
+            if any(tensor.is_meta for tensor in state_dict.values()):
+                # parts offloaded by a device map (CPU / disk) are placeholders here: their weights are read back, as
+                # transformers does for a save without a given state dict (4.x only then)
+                from accelerate.utils.modeling import get_state_dict_offloaded_model
+
+                state_dict = get_state_dict_offloaded_model(self)
+        state_dict = dict(state_dict)
         rows = state_dict.pop("new_token_embeddings.weight", None)
         if rows is None:
             return state_dict

@@ -227,6 +227,25 @@ def test_trained_rows_are_saved_into_the_matrix_and_restored_on_load(converted, 
         torch.testing.assert_close(model(**inputs).logits, trained, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["tiny-mpt", "tiny-neox"])
+def test_trained_rows_are_saved_from_a_model_with_offloaded_parts(converted, family, tmp_path):
+    """A model loaded with parts offloaded by a device map (here the vision tower to disk, as `device_map="auto"`
+    does when memory runs out): its state dict holds placeholders for them, which are read back for the save
+    (transformers 4.x failed with "Cannot copy out of meta tensor" once the trained rows were folded in)."""
+    device_map = {"vision_model": "disk", "perceiver": "cpu", "gated_cross_attn_layers": "cpu", "language_model": "cpu"}
+    model = AutoModelForImageTextToText.from_pretrained(
+        converted(family), device_map=device_map, offload_folder=tmp_path / "offload"
+    )
+    model.freeze_for_training()
+    with torch.no_grad():
+        model.new_token_embeddings.weight.add_(1.0)
+        trained = model(**sample_inputs()).logits
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "saved")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**sample_inputs()).logits, trained, rtol=0, atol=1e-5)
+
+
 def test_deepcopy_of_a_model_in_training_is_independent(converted):
     model, _ = load(converted, "tiny-mpt")
     model.freeze_for_training()
