@@ -200,8 +200,9 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
             raise ValueError("Float image array contains NaN or infinite values.")
         if array.size and (array.min() < 0.0 or array.max() > 1.0):
             raise ValueError(
-                f"Float image arrays must have values in [0, 1] (got range [{array.min():.4g}, {array.max():.4g}]). "
-                "Pass uint8 images, or float images scaled to [0, 1] (not already normalized)."
+                "Float image arrays must have values in [0, 1] (got range "
+                f"[{float(array.min())!r}, {float(array.max())!r}]). Pass uint8 images, or float images scaled to "
+                "[0, 1] (not already normalized)."
             )
         # Round (rather than truncate) so that `uint8 / 255` float inputs map back to the exact same uint8 values.
         return np.rint(array * np.float32(255.0)).astype(np.uint8)
@@ -285,14 +286,15 @@ def _normalize_data_format(value: Any, name: str) -> str:
     raise ValueError(f"`{name}` must be 'channels_first' or 'channels_last', got {value!r}.")
 
 
-def _flatten_images(images: Any, input_data_format: str | None) -> list[Image.Image]:
-    """Flatten the supported input structures into a list of PIL images."""
+def _flatten_images(images: Any, input_data_format: str | None) -> list[tuple[Image.Image, bool]]:
+    """Flatten the supported input structures into a list of PIL images, each with whether it was given as a float
+    array (in [0, 1]; its PIL image holds it times 255)."""
     if isinstance(images, Image.Image):
-        return [images]
+        return [(images, False)]
     if isinstance(images, (list, tuple)):
         if len(images) == 0:
             raise ValueError("Got an empty list of images.")
-        flat: list[Image.Image] = []
+        flat: list[tuple[Image.Image, bool]] = []
         for item in images:
             if isinstance(item, (list, tuple)) and len(item) == 0:
                 raise ValueError("Got an empty nested list of images.")
@@ -316,12 +318,15 @@ def _flatten_images(images: Any, input_data_format: str | None) -> list[Image.Im
     )
 
 
-def _flatten_array(array: np.ndarray, input_data_format: str | None, prefer_channels_first: bool) -> list[Image.Image]:
+def _flatten_array(
+    array: np.ndarray, input_data_format: str | None, prefer_channels_first: bool
+) -> list[tuple[Image.Image, bool]]:
+    is_float = bool(np.issubdtype(array.dtype, np.floating))
     if array.ndim == 4:
         if array.shape[0] == 0:
             raise ValueError(f"Got an empty batch of images (shape {array.shape}).")
-        return [_array_to_pil(a, input_data_format, prefer_channels_first) for a in array]
-    return [_array_to_pil(array, input_data_format, prefer_channels_first)]
+        return [(_array_to_pil(a, input_data_format, prefer_channels_first), is_float) for a in array]
+    return [(_array_to_pil(array, input_data_format, prefer_channels_first), is_float)]
 
 
 def _normalize_size(size: Any) -> int:
@@ -398,7 +403,8 @@ class OpenFlamingoImageProcessor(BaseImageProcessor):
         do_center_crop (`bool`, *optional*, defaults to `True`):
             Whether to center-crop to `size x size` (zero-padding images smaller than the crop, like torchvision).
         do_rescale (`bool`, *optional*, defaults to `True`):
-            Whether to multiply the uint8 pixel values by `rescale_factor`.
+            Whether to multiply the uint8 pixel values by `rescale_factor`. Without it, an image given as a float
+            array (in [0, 1]) keeps that scale, as transformers' image processors keep an image already scaled.
         rescale_factor (`float`, *optional*, defaults to `1/255`):
             Rescale factor. When it is `1/k` for an integer `k`, pixels are divided by `k` (bit-exact ToTensor).
         do_normalize (`bool`, *optional*, defaults to `True`):
@@ -539,7 +545,7 @@ class OpenFlamingoImageProcessor(BaseImageProcessor):
 
         opts = self._resolve_options(**overrides)
         pil_images = _flatten_images(images, input_data_format)
-        arrays = [self._transform(image, **opts) for image in pil_images]
+        arrays = [self._transform(image, **opts, from_float=from_float) for image, from_float in pil_images]
         if data_format == _CHANNELS_LAST:
             arrays = [np.ascontiguousarray(a.transpose(1, 2, 0)) for a in arrays]
 
@@ -590,7 +596,11 @@ class OpenFlamingoImageProcessor(BaseImageProcessor):
         image_mean: tuple[float, ...],
         image_std: tuple[float, ...],
         do_convert_rgb: bool,
+        from_float: bool = False,
     ) -> np.ndarray:
+        """The transform of one PIL image; `from_float`: it was given as a float array in [0, 1] (and made a uint8
+        image by x 255): without `do_rescale` its values are given back in [0, 1], the scale they came in, as
+        transformers' image processors leave an image already scaled to [0, 1] with `do_rescale=False`."""
         if image.width == 0 or image.height == 0:
             raise ValueError(f"Image has an empty spatial dimension (size {image.size}).")
         if do_resize:
@@ -612,6 +622,8 @@ class OpenFlamingoImageProcessor(BaseImageProcessor):
         array = array.astype(np.float32)
         if do_rescale:
             array = _rescale(array, rescale_factor)
+        elif from_float:
+            array = _rescale(array, 1 / 255)
         if do_normalize:
             # torchvision Normalize: (x - mean) / std with float32 mean/std tensors.
             array = (array - np.asarray(image_mean, dtype=np.float32)) / np.asarray(image_std, dtype=np.float32)

@@ -360,6 +360,31 @@ def test_bfloat16_tensor_input(processor_32: OpenFlamingoImageProcessor) -> None
     np.testing.assert_array_equal(processor_32(tensor)["pixel_values"], processor_32(image)["pixel_values"])
 
 
+@pytest.mark.parametrize("do_normalize", [True, False])
+def test_float_images_keep_their_scale_without_do_rescale(
+    processor_32: OpenFlamingoImageProcessor, do_normalize: bool
+) -> None:
+    """A float image in [0, 1] with `do_rescale=False` (what transformers advises for images already scaled) keeps
+    that scale, as `CLIPImageProcessor` keeps it: the x 255 that makes it a uint8 image is internal (it came out 255x
+    too large). A uint8 image without `do_rescale` stays in [0, 255]."""
+    uint8 = np.random.default_rng(2).integers(0, 256, size=(3, 36, 40), dtype=np.uint8)
+    scaled = torch.from_numpy(uint8).float() / 255
+    expected = processor_32(uint8, do_normalize=do_normalize)["pixel_values"]
+    for options in ({}, {"do_rescale": False}):
+        np.testing.assert_array_equal(
+            processor_32(scaled, do_normalize=do_normalize, **options)["pixel_values"], expected
+        )
+    mixed = processor_32([uint8, scaled], do_rescale=False, do_normalize=False)["pixel_values"]
+    np.testing.assert_array_equal(mixed[0], mixed[1] * 255)
+
+
+def test_a_float_image_out_of_range_names_its_values(processor_32: OpenFlamingoImageProcessor) -> None:
+    image = np.zeros((8, 8, 3), dtype=np.float32)
+    image[0, 0, 0] = np.nextafter(np.float32(1), np.float32(2))
+    with pytest.raises(ValueError, match=r"got range \[0.0, 1.0000001192092896\]"):
+        processor_32(image)
+
+
 def test_return_tensors(processor_32: OpenFlamingoImageProcessor) -> None:
     image = _load_images(32)[0]
     np_out = processor_32(image)["pixel_values"]
