@@ -1401,20 +1401,12 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         weight = getattr(embedding, "weight", None)
         return width if width is not None else weight.shape[-1] if torch.is_tensor(weight) else None
 
-    def _check_attention_mask(
-        self, attention_mask: torch.Tensor, batch_and_seq: tuple[int, int], spans_cache: bool
-    ) -> None:
-        """A 2-D padding mask `(batch, seq)` (`(batch, cached + seq)` when continuing from a cache), or, for an LM
-        other than MPT / MosaicGPT, a 4-D mask `(batch or 1, heads or 1, seq, keys)` (`causal_attention_mask_4d`)."""
+    @staticmethod
+    def _check_attention_mask(attention_mask: torch.Tensor, batch_and_seq: tuple[int, int], spans_cache: bool) -> None:
+        """A 2-D padding mask `(batch, seq)` (`(batch, cached + seq)` when continuing from a cache), or a 4-D mask
+        `(batch or 1, heads or 1, seq, keys)` (see `forward`)."""
         batch, seq = batch_and_seq
         shape = tuple(attention_mask.shape)
-        if attention_mask.ndim == 4 and _is_mpt(self.config.text_config):
-            # transformers 5.x's MptModel reads a boolean 4-D mask as True = masked (the other way round), 4.x fails
-            # inside it: neither is the mask this package makes
-            raise ValueError(
-                f"attention_mask must be the 2-D padding mask ({batch}, {seq}) for an MPT / MosaicGPT language model "
-                f"(it reads that one on the device, without a host sync); got a 4-D mask {shape}."
-            )
         if attention_mask.ndim == 2:
             fits = shape[0] == batch and (shape[1] >= seq if spans_cache else shape[1] == seq)
             expected = f"({batch}, {'cached + ' if spans_cache else ''}{seq})"
@@ -1492,9 +1484,10 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 Token ids, with one `<image>` token where each image stands.
             attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
                 1 for real tokens, 0 for padding; with a cache `(batch_size, cached + sequence_length)`. A 4-D mask
-                `(batch_size or 1, 1, sequence_length, keys)` (`causal_attention_mask_4d`: boolean, True where a
-                query attends to a key; or additive) goes to the LM (GPT-NeoX, LLaMA, ...; not MPT / MosaicGPT),
-                made additive for an attention implementation other than SDPA.
+                `(batch_size or 1, 1, sequence_length, keys)` goes to the LM: for GPT-NeoX, LLaMA, ... boolean
+                (`causal_attention_mask_4d`: True where a query attends to a key; made additive for an attention
+                other than SDPA) or additive. MPT / MosaicGPT read a 4-D mask in their own way (transformers 5.x's
+                `MptModel`: True where masked, as `generate` makes it for a static cache): give them the 2-D mask.
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_images, 3, H, W)`, *optional*):
                 The images of each row, in the order of its `<image>` tokens; rows with fewer images are zero-padded
                 (padding images are never attended while a row has no more `<image>` tokens than images of its own,
@@ -1682,8 +1675,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         is: SDPA reads a boolean one (True: attend, as `causal_attention_mask_4d` makes it) as a mask, but eager and
         flex attention add it to the scores, so a boolean one becomes additive here (0 where True, the dtype's
         minimum where False). A float mask is taken to be additive already."""
-        if attention_mask.dtype != torch.bool or self.config.text_config._attn_implementation == "sdpa":
-            return attention_mask
+        text_config = self.config.text_config
+        if attention_mask.dtype != torch.bool or text_config._attn_implementation == "sdpa" or _is_mpt(text_config):
+            return attention_mask  # (MPT's own convention: see `forward`)
         dtype = self.language_model.dtype
         additive = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
         return additive.masked_fill(~attention_mask, torch.finfo(dtype).min)

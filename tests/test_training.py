@@ -1338,20 +1338,6 @@ def test_a_4d_mask_equals_the_2d_mask_with_either_attention(family, attn_impleme
     torch.testing.assert_close(given.logits[1, :-3], expected.logits[1, :-3])
 
 
-@pytest.mark.parametrize("family", ["mpt", "mosaic_gpt"])
-def test_a_4d_mask_is_refused_for_mpt(family):
-    """transformers 5.x's MPT reads a boolean 4-D mask the other way round (True: masked), 4.x fails inside it: the
-    2-D mask it takes is asked for instead."""
-    from modeling_openflamingo import causal_attention_mask_4d
-
-    from .test_core import inputs, tiny_model
-
-    model = tiny_model(family)
-    ids, pixel_values = inputs()
-    with pytest.raises(ValueError, match=r"must be the 2-D padding mask \(2, 10\) for an MPT / MosaicGPT"):
-        model(input_ids=ids, attention_mask=causal_attention_mask_4d(torch.ones_like(ids)), pixel_values=pixel_values)
-
-
 @pytest.mark.parametrize("family", ["mpt", "mosaic_gpt", "gpt_neox", "llama"])
 def test_a_training_step_with_image_indices_makes_no_host_sync(family):
     """With `image_indices` (as the collator makes them) a training step never waits on the device: the host queues
