@@ -13,6 +13,7 @@ allocated, so peak memory stays near one copy of the model.
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import functools
 import json
@@ -408,6 +409,20 @@ def load_torch_file(path: str | os.PathLike, verify: bool = True) -> dict[str, A
     return dict(obj)
 
 
+_CHECK_BAR_MIN_BYTES = 1 << 28  # files smaller than this are checked without a progress bar
+# whether the conversion that is running shows progress bars (its `progress` argument), for those made deep inside it
+_SHOW_PROGRESS: contextvars.ContextVar[bool] = contextvars.ContextVar("openflamingo_conversion_progress", default=True)
+
+
+@contextmanager
+def _progress_shown(progress: bool) -> Iterator[None]:
+    token = _SHOW_PROGRESS.set(progress)
+    try:
+        yield
+    finally:
+        _SHOW_PROGRESS.reset(token)
+
+
 def _check_zip_records(path: Path) -> None:
     """Compare every record of a zip-format torch file with the CRC-32 the zip stores for it.
 
@@ -420,7 +435,12 @@ def _check_zip_records(path: Path) -> None:
         records = [info for info in archive.infolist() if info.CRC != 0]
         total = sum(info.file_size for info in records)
         with tqdm(
-            total=total, unit="B", unit_scale=True, desc=f"Checking {path.name}", disable=total < 1 << 28, leave=False
+            total=total,
+            unit="B",
+            unit_scale=True,
+            desc=f"Checking {path.name}",
+            disable=not _SHOW_PROGRESS.get() or total < _CHECK_BAR_MIN_BYTES,
+            leave=False,
         ) as bar:
             for info in records:
                 try:
@@ -1732,19 +1752,20 @@ def convert_openflamingo_checkpoint(
         _check_replaceable(output_dir, [checkpoint, lm, tokenizer, open_clip_config, open_clip_weights, vision])
     _check_not_the_working_directory(output_dir)  # before anything is read (also checked when the folder is moved)
     _check_writable_location(output_dir)
-    inputs = resolve_inputs(
-        preset=preset,
-        checkpoint=checkpoint,
-        lm=lm,
-        tokenizer=tokenizer,
-        vision=vision,
-        open_clip_config=open_clip_config,
-        open_clip_weights=open_clip_weights,
-        cross_attn_every_n_layers=cross_attn_every_n_layers,
-        quick_gelu=quick_gelu,
-        cache_dir=cache_dir,
-    )
-    converted = build_converted_model(inputs, dtype, progress)
+    with _progress_shown(progress):
+        inputs = resolve_inputs(
+            preset=preset,
+            checkpoint=checkpoint,
+            lm=lm,
+            tokenizer=tokenizer,
+            vision=vision,
+            open_clip_config=open_clip_config,
+            open_clip_weights=open_clip_weights,
+            cross_attn_every_n_layers=cross_attn_every_n_layers,
+            quick_gelu=quick_gelu,
+            cache_dir=cache_dir,
+        )
+        converted = build_converted_model(inputs, dtype, progress)
     from .conversion_model_card import render_model_card
 
     card = render_model_card(converted, repo_id=repo_id)
@@ -2294,10 +2315,12 @@ def convert_hf_to_openflamingo(
             raise ConversionError(
                 f"{folder / 'config.json'}: model_type={config.get('model_type')!r}, not openflamingo."
             )
-        source = hf_folder_source(folder)
-    state = export_openflamingo_state_dict(
-        source, config, include_lm, include_vision, v1_duplicates, dtype, progress=progress
-    )
+        with _progress_shown(progress):
+            source = hf_folder_source(folder)
+    with _progress_shown(progress):
+        state = export_openflamingo_state_dict(
+            source, config, include_lm, include_vision, v1_duplicates, dtype, progress=progress
+        )
     output_file.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{output_file.name}.tmp-", dir=output_file.parent)
     os.close(handle)

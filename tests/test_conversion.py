@@ -751,6 +751,19 @@ def test_v1_duplicates_that_differ(tmp_path):
     assert "'lang_encoder.model.layers.3.gated_cross_attn_layer.ff.1.weight'" in message
 
 
+def test_no_progress_silences_the_checksum_bar(tmp_path, capsys, monkeypatch):
+    """`--no-progress` silences the bar of the checksum check too (shown for files of 256 MiB and more: here for
+    every file), which every released checkpoint.pt showed."""
+    from modeling_openflamingo import checkpoint_conversion
+
+    monkeypatch.setattr(checkpoint_conversion, "_CHECK_BAR_MIN_BYTES", 0)
+    cli = load_cli()
+    assert cli.main(cli_args("tiny-neox", tmp_path / "shown")) == 0
+    assert "Checking checkpoint.pt" in capsys.readouterr().err
+    assert cli.main([*cli_args("tiny-neox", tmp_path / "silent"), "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_cli_reports_errors(tmp_path, capsys):
     cli = load_cli()
     args = cli_args("tiny-neox", tmp_path / "o", **{"--cross-attn-every-n-layers": "1"})
