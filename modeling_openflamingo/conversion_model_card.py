@@ -90,6 +90,24 @@ def _licenses(preset: Preset | None, lm_origin: str, vision_origin: str) -> list
     return lines
 
 
+def _replaced_parts_note(preset: Preset, inputs: object) -> list[str]:
+    """A note naming the parts given in place of `preset`'s own hub files (a local copy of one counts: it cannot be
+    told apart from other weights), for which the card's title, evaluation and licenses may not hold."""
+    parts = (
+        ("checkpoint", inputs.checkpoint_origin, preset.checkpoint),
+        ("language model", inputs.lm_origin, preset.lm),
+        ("vision tower", inputs.vision.origin, DEFAULT_VISION),
+    )
+    replaced = [f"{name} {_link(origin)}" for name, origin, own in parts if own is not None and origin != own]
+    if not replaced:
+        return []
+    return [
+        f"> Converted with `--preset {preset.name}` but with another {', another '.join(replaced)} than its own "
+        "hub files: the title, evaluation and licenses below are the released model's, and hold for this folder only "
+        "if those are copies of its files.\n"
+    ]
+
+
 def render_model_card(converted: ConvertedModel, repo_id: str | None = None) -> str:
     """The model card (README.md) of a converted folder: usage on both transformers majors, architecture, how it was
     converted, the paper's evaluation of this model, and the licenses of its parts."""
@@ -123,6 +141,7 @@ def render_model_card(converted: ConvertedModel, repo_id: str | None = None) -> 
         "implementation (`open_flamingo==2.0.1`).",
         "",
         *(f"> {note}\n" for note in (preset.notes if preset else ())),
+        *(_replaced_parts_note(preset, inputs) if preset else []),
         "## Usage",
         "",
         "The folder carries its modeling code (`trust_remote_code=True`); with the openflamingo-hf package installed "

@@ -1113,6 +1113,7 @@ def test_preset_downloads_every_part_from_the_hub(fake_hub, tmp_path):
     assert "AutoModelForVision2Seq" in card and "AutoModelForImageTextToText" in card
     assert "Apache-2.0" in card and "MIT" in card
     assert "| vision tower: CLIP ViT-L/14 (OpenAI weights) |" in card
+    assert "but with another" not in card  # every part is the preset's own
     size = model.config.vision_config.image_size
     assert f"`pixel_values` is `(batch, num_images, 3, {size}, {size})`" in card
 
@@ -1138,6 +1139,12 @@ def test_preset_parts_can_be_overridden(fake_hub, tmp_path):
     assert reference_logits_error(model, family) < 1e-4
     card = (out / "README.md").read_text()  # another vision tower: not called OpenAI's ViT-L/14
     assert "OpenAI weights" not in card and "see the vision tower's own license" in card
+    checkpoint, vision = FIXTURES / family / "checkpoint.pt", FIXTURES / family / "open_clip_config.json"
+    assert (
+        "> Converted with `--preset OpenFlamingo-9B-vitl-mpt7b` but with another checkpoint "
+        f"`{checkpoint}`, another language model [someone/my-mpt](https://huggingface.co/someone/my-mpt), another "
+        f"vision tower `{vision.parent}"
+    ) in card.replace("\n", " ")
 
 
 def test_v1_preset_needs_the_lm(tmp_path, capsys):
