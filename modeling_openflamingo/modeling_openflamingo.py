@@ -1361,7 +1361,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         batch_and_seq = tuple(text.shape[:2])
         if labels is not None and not _is_integer(labels):
             raise ValueError(f"labels must be integer token ids (-100 where ignored); got {labels.dtype}.")
-        if attention_mask is not None:
+        if torch.is_tensor(attention_mask):  # (not a flex attention `BlockMask`, which `generate` may make)
             self._check_attention_mask(attention_mask, batch_and_seq, spans_cache)
         if pixel_values is not None:
             self._check_pixel_values(pixel_values)
@@ -1605,7 +1605,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         named_key_values = None
         if key_values:
             named_key_values = dict(zip(self.gated_cross_attn_layers.keys(), key_values, strict=True))
-        if attention_mask is not None and attention_mask.ndim == 4:
+        if torch.is_tensor(attention_mask) and attention_mask.ndim == 4:
             attention_mask = self._lm_attention_mask_4d(attention_mask)
         lm_kwargs = self._language_model_kwargs(
             attention_mask=attention_mask,

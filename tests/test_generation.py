@@ -1283,3 +1283,20 @@ def test_generate_with_input_ids_and_the_embeddings_of_them(num_beams):
     # ids that are not those embedded (transformers 4.x's generate checks the mask against them first)
     with pytest.raises(ValueError, match="With inputs_embeds and images, pass image_indices|attention_mask must have"):
         model.generate(input_ids=ids[:, 1:], inputs_embeds=embeds, **kw)
+
+
+def test_flex_attention_with_a_static_cache_generates_as_sdpa():
+    """With flex attention and a compileable cache, `generate` gives the LM a flex `BlockMask`, not a tensor: it goes
+    to the LM unchecked (reading its shape failed with AttributeError)."""
+    from .test_core import inputs, tiny_model
+
+    flex = tiny_model("llama", attn_implementation="flex_attention")
+    sdpa = tiny_model("llama")
+    ids, pixel_values = inputs(seq=6)
+    mask = torch.ones_like(ids)
+    kwargs = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 402, "eos_token_id": 400}
+    expected = sdpa.generate(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, **kwargs)
+    given = flex.generate(
+        input_ids=ids, attention_mask=mask, pixel_values=pixel_values, cache_implementation="static", **kwargs
+    )
+    assert torch.equal(given, expected)
