@@ -23,42 +23,30 @@ from .conftest import FIXTURES
 SAVED = FIXTURES / "saved"
 IS_V4 = transformers.__version__.startswith("4.")
 
+
+def _tiny_lm(config_class: type, **rotary: object) -> object:
+    """A tiny LM config of `config_class` (the tests' sizes) with the given rotary settings."""
+    sizes = {"hidden_size": 32, "num_attention_heads": 4, "num_hidden_layers": 4, "intermediate_size": 64}
+    return config_class(**sizes, vocab_size=403, **rotary)
+
+
 # LMs with other rotary settings than the default, as transformers takes them on either major (legacy keywords)
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 ROPE_SCALED_LMS = {
-    "rope-llama-linear": lambda: LlamaConfig(
-        hidden_size=32,
-        num_attention_heads=4,
-        num_hidden_layers=4,
-        intermediate_size=64,
-        vocab_size=403,
-        rope_theta=500000.0,
-        rope_scaling={"rope_type": "linear", "factor": 4.0},
+    "rope-llama-linear": lambda: _tiny_lm(
+        LlamaConfig, rope_theta=500000.0, rope_scaling={"rope_type": "linear", "factor": 4.0}
     ),
-    "rope-llama-llama3": lambda: LlamaConfig(
-        hidden_size=32,
-        num_attention_heads=4,
-        num_hidden_layers=4,
-        intermediate_size=64,
-        vocab_size=403,
-        max_position_embeddings=256,
-        rope_theta=500000.0,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 64,
-        },
+    "rope-llama-llama3": lambda: _tiny_lm(
+        LlamaConfig, max_position_embeddings=256, rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING)
     ),
-    "rope-neox-linear": lambda: GPTNeoXConfig(
-        hidden_size=32,
-        num_attention_heads=4,
-        num_hidden_layers=4,
-        intermediate_size=64,
-        vocab_size=403,
-        rotary_pct=0.5,
-        rotary_emb_base=20000,
-        rope_scaling={"rope_type": "linear", "factor": 2.0},
+    "rope-neox-linear": lambda: _tiny_lm(
+        GPTNeoXConfig, rotary_pct=0.5, rotary_emb_base=20000, rope_scaling={"rope_type": "linear", "factor": 2.0}
     ),
 }
 
