@@ -271,6 +271,9 @@ class OpenFlamingoConfig(PretrainedConfig):
                 text["rope_scaling"] = {
                     k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")
                 }
+            if rope.get("rope_type") == "longrope" and "original_max_position_embeddings" in rope:
+                # (4.x's longrope reads it from the config, not from `rope_scaling`)
+                text.setdefault("original_max_position_embeddings", rope["original_max_position_embeddings"])
             if "rope_theta" in rope:
                 text.setdefault("rope_theta", rope["rope_theta"])
             if "partial_rotary_factor" in rope:

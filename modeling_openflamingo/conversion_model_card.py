@@ -90,6 +90,14 @@ def _licenses(preset: Preset | None, lm_origin: str, vision_origin: str) -> list
     return lines
 
 
+def _of_repo(origin: str, repo_id: str) -> bool:
+    """Whether `origin` names hub repo `repo_id` (a file in it or a revision of it too), not a local path."""
+    from .conversion_hub import is_local, parse_hub_spec
+
+    spec = None if is_local(origin) else parse_hub_spec(origin)
+    return spec is not None and spec.repo_id == repo_id
+
+
 def _replaced_parts_note(preset: Preset, inputs: object) -> list[str]:
     """A note naming the parts given in place of `preset`'s own hub files (a local copy of one counts: it cannot be
     told apart from other weights), for which the card's title, evaluation and licenses may not hold."""
@@ -98,7 +106,9 @@ def _replaced_parts_note(preset: Preset, inputs: object) -> list[str]:
         ("language model", inputs.lm_origin, preset.lm),
         ("vision tower", inputs.vision.origin, DEFAULT_VISION),
     )
-    replaced = [f"{name} {_link(origin)}" for name, origin, own in parts if own is not None and origin != own]
+    replaced = [
+        f"{name} {_link(origin)}" for name, origin, own in parts if own is not None and not _of_repo(origin, own)
+    ]
     if not replaced:
         return []
     return [

@@ -1132,6 +1132,10 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         self._loss_compile_kwargs: dict[str, Any] | None = None  # set by `compile_repeated_blocks`
         # looked up once here, not in `forward` (which torch.compile traces)
         self._lm_takes_logits_to_keep = "logits_to_keep" in _forward_parameters(type(self.language_model))
+        # an LM that builds its masks with transformers' `masking_utils` passes a 4-D mask to its attention as it is
+        # (GPT-NeoX, LLaMA, ...); older code (e.g. 4.x's XGLM) inverts a 1 = attend mask itself
+        lm_module = sys.modules.get(type(self.language_model).__module__)
+        self._lm_passes_4d_mask_on = hasattr(lm_module, "create_causal_mask") and not _is_mpt(config.text_config)
         self.gated_cross_attn_layers = nn.ModuleDict(
             {str(i): OpenFlamingoGatedCrossAttentionBlock(config) for i in config.cross_attn_layer_indices}
         )
@@ -1674,10 +1678,15 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         """A 4-D mask as the LM's attention reads it. transformers passes a 4-D mask to the attention function as it
         is: SDPA reads a boolean one (True: attend, as `causal_attention_mask_4d` makes it) as a mask, but eager and
         flex attention add it to the scores, so a boolean one becomes additive here (0 where True, the dtype's
-        minimum where False). A float mask is taken to be additive already."""
-        text_config = self.config.text_config
-        if attention_mask.dtype != torch.bool or text_config._attn_implementation == "sdpa" or _is_mpt(text_config):
-            return attention_mask  # (MPT's own convention: see `forward`)
+        minimum where False). A float mask is taken to be additive already. Only for an LM that builds its masks with
+        transformers' `masking_utils` (which passes a 4-D one on as it is): others (MPT, 4.x's XGLM, ...) read a 4-D
+        mask in their own way, and get it unchanged."""
+        if (
+            attention_mask.dtype != torch.bool
+            or self.config.text_config._attn_implementation == "sdpa"
+            or not self._lm_passes_4d_mask_on
+        ):
+            return attention_mask
         dtype = self.language_model.dtype
         additive = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
         return additive.masked_fill(~attention_mask, torch.finfo(dtype).min)
@@ -2352,6 +2361,13 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 raise ValueError(
                     f"The language model's input embeddings ({type(embedding).__name__}) have no 2-D `weight`; "
                     "cannot train rows of it."
+                )
+            if weight.is_meta:
+                raise ValueError(
+                    "The language model's input embeddings are offloaded (device_map to 'disk' or CPU offload): "
+                    "freeze_for_training() copies the rows it trains out of them. Load the model with the input "
+                    "embeddings on a device (e.g. device_map with the LM's embeddings on 'cpu' or a GPU), or pass "
+                    "train_new_token_embeddings=False."
                 )
             out_of_range = [i for i in token_ids if not 0 <= i < weight.shape[0]]
             if out_of_range:

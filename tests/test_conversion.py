@@ -1598,3 +1598,19 @@ def test_failed_conversion_leaves_nothing(tmp_path):
                 **fixture_kwargs("tiny-neox", cross_attn_every_n_layers=1), output_dir=tmp_path / "o"
             )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_model_card_counts_a_pinned_revision_or_file_of_the_presets_repo_as_its_own():
+    from types import SimpleNamespace
+
+    from modeling_openflamingo.conversion_model_card import _replaced_parts_note
+    from modeling_openflamingo.conversion_presets import DEFAULT_VISION, get_preset
+
+    preset = get_preset("OpenFlamingo-3B-vitl-mpt1b")
+    for checkpoint in (preset.checkpoint, f"{preset.checkpoint}@main", f"{preset.checkpoint}/checkpoint.pt"):
+        inputs = SimpleNamespace(
+            checkpoint_origin=checkpoint, lm_origin=preset.lm, vision=SimpleNamespace(origin=DEFAULT_VISION)
+        )
+        assert _replaced_parts_note(preset, inputs) == []
+    inputs.checkpoint_origin = "someone/fine-tuned@v2"
+    assert "another checkpoint [someone/fine-tuned@v2]" in _replaced_parts_note(preset, inputs)[0]

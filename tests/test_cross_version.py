@@ -99,3 +99,17 @@ def test_a_folder_saved_by_5x_keeps_its_rotary_settings(name):
     torch.testing.assert_close(got.inv_freq, expected.inv_freq, rtol=0, atol=0)
     for a, b in zip(got(hidden, positions), expected(hidden, positions), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(IS_V4, reason="transformers 5.x's form of the rotary settings (rope_parameters)")
+def test_longrope_writes_its_original_length_where_4x_reads_it():
+    """4.x's longrope reads `original_max_position_embeddings` from the config, not from `rope_scaling` (it failed
+    to load a folder whose 5.x `rope_parameters` held it)."""
+    from .test_core import tiny_config
+
+    longrope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 16}
+    factors = {"long_factor": [2.0, 2.1, 2.2, 2.3], "short_factor": [1.0, 1.1, 1.2, 1.3]}
+    lm = _tiny_lm(LlamaConfig, max_position_embeddings=64, rope_parameters={**longrope, **factors})
+    text = tiny_config(text_config=lm).to_dict()["text_config"]
+    assert text["original_max_position_embeddings"] == 16
+    assert text["rope_scaling"] == {**factors, "rope_type": "longrope", "original_max_position_embeddings": 16}

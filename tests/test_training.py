@@ -246,6 +246,19 @@ def test_trained_rows_are_saved_from_a_model_with_offloaded_parts(converted, fam
         torch.testing.assert_close(reloaded(**sample_inputs()).logits, trained, rtol=0, atol=1e-5)
 
 
+def test_training_rows_of_offloaded_input_embeddings_is_refused(converted, tmp_path):
+    """freeze_for_training() copies the rows it trains out of the input embeddings: offloaded (here to disk), they are
+    placeholders (the rows came out on the meta device, and the forward failed)."""
+    device_map = {"vision_model": "cpu", "perceiver": "cpu", "gated_cross_attn_layers": "cpu", "language_model": "disk"}
+    model = AutoModelForImageTextToText.from_pretrained(
+        converted("tiny-neox"), device_map=device_map, offload_folder=tmp_path / "offload"
+    )
+    with pytest.raises(ValueError, match="input embeddings are offloaded"):
+        model.freeze_for_training()
+    model.freeze_for_training(train_new_token_embeddings=False)
+    assert "new_token_embeddings" not in model._modules
+
+
 def test_deepcopy_of_a_model_in_training_is_independent(converted):
     model, _ = load(converted, "tiny-mpt")
     model.freeze_for_training()
