@@ -2362,7 +2362,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                     f"The language model's input embeddings ({type(embedding).__name__}) have no 2-D `weight`; "
                     "cannot train rows of it."
                 )
-            if weight.is_meta:
+            if weight.is_meta and getattr(self, "hf_device_map", None):  # (not a model built on the meta device)
                 raise ValueError(
                     "The language model's input embeddings are offloaded (device_map to 'disk' or CPU offload): "
                     "freeze_for_training() copies the rows it trains out of them. Load the model with the input "
