@@ -1752,7 +1752,7 @@ def convert_openflamingo_checkpoint(
         _check_replaceable(output_dir, [checkpoint, lm, tokenizer, open_clip_config, open_clip_weights, vision])
     _check_not_the_working_directory(output_dir)  # before anything is read (also checked when the folder is moved)
     _check_writable_location(output_dir)
-    with _progress_shown(progress):
+    with _progress_shown(progress):  # (the input files are read, and checked, here)
         inputs = resolve_inputs(
             preset=preset,
             checkpoint=checkpoint,
@@ -1765,7 +1765,7 @@ def convert_openflamingo_checkpoint(
             quick_gelu=quick_gelu,
             cache_dir=cache_dir,
         )
-        converted = build_converted_model(inputs, dtype, progress)
+    converted = build_converted_model(inputs, dtype, progress)
     from .conversion_model_card import render_model_card
 
     card = render_model_card(converted, repo_id=repo_id)
@@ -2315,12 +2315,11 @@ def convert_hf_to_openflamingo(
             raise ConversionError(
                 f"{folder / 'config.json'}: model_type={config.get('model_type')!r}, not openflamingo."
             )
-        with _progress_shown(progress):
+        with _progress_shown(progress):  # (torch files are read, and checked, here)
             source = hf_folder_source(folder)
-    with _progress_shown(progress):
-        state = export_openflamingo_state_dict(
-            source, config, include_lm, include_vision, v1_duplicates, dtype, progress=progress
-        )
+    state = export_openflamingo_state_dict(
+        source, config, include_lm, include_vision, v1_duplicates, dtype, progress=progress
+    )
     output_file.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{output_file.name}.tmp-", dir=output_file.parent)
     os.close(handle)

@@ -227,15 +227,20 @@ def test_trained_rows_are_saved_into_the_matrix_and_restored_on_load(converted, 
         torch.testing.assert_close(model(**inputs).logits, trained, rtol=0, atol=1e-5)
 
 
+def load_with_part_on_disk(path: Path, part: str, offload_folder: Path):
+    """The model at `path` with its `part` (a top-level module) offloaded to disk by a device map, the rest on the
+    CPU."""
+    parts = ("vision_model", "perceiver", "gated_cross_attn_layers", "language_model")
+    device_map = {name: "disk" if name == part else "cpu" for name in parts}
+    return AutoModelForImageTextToText.from_pretrained(path, device_map=device_map, offload_folder=offload_folder)
+
+
 @pytest.mark.parametrize("family", ["tiny-mpt", "tiny-neox"])
 def test_trained_rows_are_saved_from_a_model_with_offloaded_parts(converted, family, tmp_path):
     """A model loaded with parts offloaded by a device map (here the vision tower to disk, as `device_map="auto"`
     does when memory runs out): its state dict holds placeholders for them, which are read back for the save
     (transformers 4.x failed with "Cannot copy out of meta tensor" once the trained rows were folded in)."""
-    device_map = {"vision_model": "disk", "perceiver": "cpu", "gated_cross_attn_layers": "cpu", "language_model": "cpu"}
-    model = AutoModelForImageTextToText.from_pretrained(
-        converted(family), device_map=device_map, offload_folder=tmp_path / "offload"
-    )
+    model = load_with_part_on_disk(converted(family), "vision_model", tmp_path / "offload")
     model.freeze_for_training()
     with torch.no_grad():
         model.new_token_embeddings.weight.add_(1.0)
@@ -249,10 +254,7 @@ def test_trained_rows_are_saved_from_a_model_with_offloaded_parts(converted, fam
 def test_training_rows_of_offloaded_input_embeddings_is_refused(converted, tmp_path):
     """freeze_for_training() copies the rows it trains out of the input embeddings: offloaded (here to disk), they are
     placeholders (the rows came out on the meta device, and the forward failed)."""
-    device_map = {"vision_model": "cpu", "perceiver": "cpu", "gated_cross_attn_layers": "cpu", "language_model": "disk"}
-    model = AutoModelForImageTextToText.from_pretrained(
-        converted("tiny-neox"), device_map=device_map, offload_folder=tmp_path / "offload"
-    )
+    model = load_with_part_on_disk(converted("tiny-neox"), "language_model", tmp_path / "offload")
     with pytest.raises(ValueError, match="input embeddings are offloaded"):
         model.freeze_for_training()
     model.freeze_for_training(train_new_token_embeddings=False)
