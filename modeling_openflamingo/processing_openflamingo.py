@@ -97,6 +97,13 @@ def _is_image_batch(item: Any) -> bool:
 
 def _each_image(items: list[Any]) -> list[Any]:
     """`items` with each 4-D array or tensor replaced by the images it holds (as many as its first dimension)."""
+    if any(isinstance(item, (list, tuple)) for item in items):
+        # (else each inner list would count as one image here, and the image processor, which flattens lists, would
+        # hand its images to the next `<image>` tokens and rows)
+        raise ValueError(
+            "`images` are nested too deeply: give one list of images per text (each image once, in the order of the "
+            "text's <image> tokens), not lists of lists (OpenFlamingo takes one frame per image)."
+        )
     return [image for item in items for image in (item if _is_image_batch(item) else [item])]
 
 
@@ -134,11 +141,24 @@ class OpenFlamingoProcessor(ProcessorMixin):
                 AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs),
             ]
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> OpenFlamingoProcessor:
+        """As [`~ProcessorMixin.from_pretrained`]; `padding_side="right"` (or `"left"`) sets the side calls pad on by
+        default (without it, left: the processor pads for generation)."""
+        padding_side = kwargs.get("padding_side")
+        if padding_side not in (None, "left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
+        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if padding_side is not None:
+            processor.tokenizer.padding_side = padding_side
+        return processor
+
     def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None, **kwargs):
         if tokenizer is not None:
             add_openflamingo_tokens(tokenizer)
-            # left, as this processor pads for generation by default: what pads without it (a pipeline's batches,
-            # `tokenizer.pad`) reads the tokenizer's side; training batches ask for right padding by name
+            # left, as this processor pads for generation by default (a call reads the tokenizer's side, as do
+            # `tokenizer.pad` and a pipeline's batches); `from_pretrained(padding_side=...)` or
+            # `processor.tokenizer.padding_side = ...` choose another; training batches ask for right padding by name
             tokenizer.padding_side = "left"
             if getattr(tokenizer, "clean_up_tokenization_spaces", False):
                 # decoded text as the original's and transformers 4.x's (" ." -> "."): transformers 5 skips the
@@ -184,7 +204,8 @@ class OpenFlamingoProcessor(ProcessorMixin):
                 one image. Rows may have different numbers of images (and none); `pixel_values` is
                 zero-padded to the batch's largest count.
             text: one string or a list of strings, with one `<image>` where each image goes.
-            padding_side: "left" by default (inference), "right" when `return_labels=True` (training).
+            padding_side: by default the tokenizer's (`processor.tokenizer.padding_side`: "left", for generation,
+                unless set otherwise), "right" when `return_labels=True` (training).
             return_labels: also return `labels`: the input ids with pad and `<image>` set to -100 (eos stays), as
                 the original's training code makes them; also -100 where no real token precedes (each row's first
                 position, and with left padding the first real token), as nothing predicts those.
@@ -225,7 +246,7 @@ class OpenFlamingoProcessor(ProcessorMixin):
                     f"Text {row} has {count} {IMAGE_TOKEN} tokens but {len(row_images)} images were given for it."
                 )
         if padding_side is None:
-            padding_side = "right" if return_labels else "left"
+            padding_side = "right" if return_labels else self.tokenizer.padding_side
         # the tokenizer's call takes no `truncation_side` (it reads its attribute): set for this call when given
         truncation_side = kwargs.pop("truncation_side", None) or self.tokenizer.truncation_side
         saved_side, self.tokenizer.truncation_side = self.tokenizer.truncation_side, truncation_side
