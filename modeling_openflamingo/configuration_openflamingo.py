@@ -41,6 +41,11 @@ def gated_layer_indices(cross_attn_every_n_layers: int, num_layers: int) -> list
     return [i for i in range(num_layers) if (i + 1) % cross_attn_every_n_layers == 0]
 
 
+# The attribute with which a built model marks its config when the LM's "eager" there is the one the model wrote for
+# MPT's own class while the LM runs this package's SDPA attention (`OpenFlamingoForConditionalGeneration.__init__`);
+# never saved.
+LM_SDPA_WRITTEN_AS_EAGER = "_openflamingo_lm_sdpa_written_as_eager"
+
 # While a model saves itself (`OpenFlamingoForConditionalGeneration.save_pretrained`): its config and the dtypes of its
 # parts, `{"vision_config": "bfloat16", "text_config": "float32", "": "float32"}` for the vision tower, the LM and the
 # rest. That config's sub-configs then record the dtype of a part that differs from the rest (a model loaded with a
@@ -244,6 +249,7 @@ class OpenFlamingoConfig(PretrainedConfig):
         defaults (GPT-NeoX: `rotary_pct=0.25`), which would silently change the model.
         """
         output = super().to_dict()
+        output.pop(LM_SDPA_WRITTEN_AS_EAGER, None)
         # transformers 4.x builds each sub-model in its sub-config's dtype where one is set (`dtype="auto"`,
         # `from_config`), else in the top-level one. A sub-config's own dtype is therefore written only by a model
         # saving itself, for a part whose dtype differs from the rest; otherwise it is left unset (one from the LM's

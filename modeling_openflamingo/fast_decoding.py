@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+from transformers import CompileConfig, PretrainedConfig
 from transformers.utils import logging
 
 from .decoding_kernels import decoding_step_options
@@ -93,16 +94,16 @@ _STATIC_DECODERS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _StaticDecode
 _DECODED_STATE: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 
-def generate_static(
-    model: OpenFlamingoForConditionalGeneration, args: tuple, kwargs: dict[str, Any]
-) -> torch.LongTensor | None:
+def generate_static(model: OpenFlamingoForConditionalGeneration, kwargs: dict[str, Any]) -> torch.LongTensor | None:
     """`generate(cache_implementation="static")` for plain greedy decoding or plain beam search on a CUDA device,
     through [`_StaticGreedyDecoder`] or [`_StaticBeamDecoder`] (one compiled step replayed as a CUDA graph). None
     when the call asks for anything else (sampling, logits processors, streamers, extra outputs, transformers
     4.x): `GenerationMixin`'s loop then runs it.
     """
-    if args or kwargs.get("cache_implementation") != "static" or not set(kwargs) <= _FAST_DECODE_ARGUMENTS:
+    if kwargs.get("cache_implementation") != "static" or not set(kwargs) <= _FAST_DECODE_ARGUMENTS:
         return None
+    if kwargs.get("compile_config") not in (None, CompileConfig()):
+        return None  # compilation settings of the caller's: `GenerationMixin`'s loop compiles with them
     if _TRANSFORMERS_MAJOR < 5:  # 4.x's static cache needs `cache_position` host-side
         return None
     if kwargs.get("do_sample") or kwargs.get("use_cache") is False:
@@ -299,8 +300,9 @@ def _decoding_state(model: nn.Module) -> tuple:
     """What a decoder's CUDA graphs, captured over `model`, rely on: which modules run, with which forward hooks, in
     which mode (train/eval; for PEFT's layers, the active, disabled and merged adapters and their scales), and the
     address of each of their parameters and buffers (`model.to(...)` and loading with `assign=True` make new tensors
-    while the old ones still exist, so their addresses differ). Between registrations a call reads the modes, hooks
-    and addresses (0.41 ms for of3b's 955 modules on an H200 machine's host: `benchmarks/bench_state_check.py`)."""
+    while the old ones still exist, so their addresses differ), and the config's settings. Between registrations a
+    call reads the modes, hooks, addresses and settings (`benchmarks/bench_state_check.py`: 0.41 ms for of3b's 955
+    modules on an H200 machine's host before the settings were read, run 64; 0.44 ms with them on a 2-core CPU)."""
     walk, modules = _walked_modules(model)
     peft_layers = [ref() for ref in walk.peft_layers]
     return (
@@ -312,7 +314,32 @@ def _decoding_state(model: nn.Module) -> tuple:
         tuple([(tuple(m.active_adapters), m.disable_adapters, tuple(m.merged_adapters)) for m in peft_layers]),
         # each adapter's scale (`set_scale`, `peft.helpers.rescale_adapter_scale`), a number the graphs hold
         tuple([_adapter_scales(m) for m in peft_layers]),
+        # settings the compiled steps hold as constants (`only_attend_immediate_media`, `media_token_id`, the LM's
+        # attention implementation, ...)
+        _config_values(model.config),
     )
+
+
+# Config entries that say where a config came from or goes, not what a step computes (`save_pretrained` writes the
+# first three; a dtype change moves the parameters, which `_decoding_state` sees)
+_CONFIG_BOOKKEEPING = frozenset(
+    {"architectures", "auto_map", "transformers_version", "_name_or_path", "_commit_hash", "dtype", "torch_dtype"}
+)
+
+
+def _config_values(config: Any) -> tuple:
+    """A config's settings and its sub-configs', comparable: plain values as they are, others by `repr`."""
+    values = []
+    for name, value in sorted(vars(config).items()):
+        if name in _CONFIG_BOOKKEEPING:
+            continue
+        if isinstance(value, PretrainedConfig):  # a sub-config
+            values.append((name, _config_values(value)))
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            values.append((name, value))
+        else:
+            values.append((name, repr(value)))
+    return tuple(values)
 
 
 def _adapter_scales(layer: nn.Module) -> tuple:

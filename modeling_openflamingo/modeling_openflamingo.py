@@ -67,7 +67,7 @@ if __name__ == "modeling_openflamingo":  # pragma: no cover - see the test of co
     sys.modules[__name__] = _package
     __package__ = __name__
 
-from .configuration_openflamingo import SAVED_PART_DTYPES, OpenFlamingoConfig
+from .configuration_openflamingo import LM_SDPA_WRITTEN_AS_EAGER, SAVED_PART_DTYPES, OpenFlamingoConfig
 from .decoding_kernels import scaled_dot_product_attention
 
 try:  # transformers >= 5: initialisers that leave loaded weights alone
@@ -983,6 +983,27 @@ def add_mpt_sdpa_attention(language_model: nn.Module, text_config: PretrainedCon
 _FILL_TIED_NAMES: contextvars.ContextVar[bool] = contextvars.ContextVar("openflamingo_fill_tied_names", default=False)
 
 
+# What a `from_pretrained` / `from_config` call asks for the LM's attention by name
+# (`attn_implementation={"text_config": ...}`), read by the model's `__init__`: the config alone cannot tell it from
+# the "eager" that `__init__` writes for MPT's own class into the config a built model holds (and
+# `from_config(model.config)` reuses).
+_REQUESTED_LM_ATTENTION: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "openflamingo_requested_lm_attention", default=None
+)
+
+
+@contextmanager
+def _lm_attention_requested(attn_implementation: Any) -> Iterator[None]:
+    """Within: `attn_implementation`'s `"text_config"` entry, when it is a dict with one, as the LM's attention asked
+    for (see `_REQUESTED_LM_ATTENTION`)."""
+    requested = attn_implementation.get("text_config") if isinstance(attn_implementation, dict) else None
+    token = _REQUESTED_LM_ATTENTION.set(requested)
+    try:
+        yield
+    finally:
+        _REQUESTED_LM_ATTENTION.reset(token)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------------------------------
@@ -1097,6 +1118,26 @@ def _compiled_loss(compile_kwargs: dict[str, Any]) -> Any:
     return _COMPILED_LOSSES[key]
 
 
+_GENERATE_SIGNATURE = inspect.signature(GenerationMixin.generate)
+
+
+def _generate_keywords(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`generate`'s arguments as keywords: positional ones by `GenerationMixin.generate`'s signature (`inputs`,
+    `generation_config`, `logits_processor`, ...), and `inputs` as `input_ids`, so that every check of the call reads
+    them wherever they were given. Raises `TypeError` as Python does for too many or repeated arguments."""
+    if args:
+        positional = _GENERATE_SIGNATURE.bind_partial(None, *args).arguments  # (None for `self`)
+        del positional["self"]
+        repeated = [name for name in positional if name in kwargs]
+        if repeated:
+            raise TypeError(f"generate() got multiple values for argument {repeated[0]!r}")
+        kwargs = {**positional, **kwargs}
+    if "inputs" in kwargs and "input_ids" not in kwargs:  # (`GenerationMixin` takes either, as the same)
+        kwargs = {**kwargs, "input_ids": kwargs["inputs"]}
+        del kwargs["inputs"]
+    return kwargs
+
+
 class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, GenerationMixin):
     """
     OpenFlamingo: interleaved images and text in, text out.
@@ -1108,13 +1149,15 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
 
     def __init__(self, config: OpenFlamingoConfig) -> None:
         config.check()  # again: `from_pretrained(path, **overrides)` sets fields after the config's __init__
-        # What was asked for the LM (read before `PreTrainedModel.__init__` resolves the whole model's value): for
-        # `text_config` alone (a dict) when the whole model has no value, else the model's. A config reused from a
-        # built MPT model (`from_config(model.config)`) holds the "eager" written below for its LM, under the model's
-        # own value: that one counts. ("sdpa" for the LM is never written below.)
+        # What was asked for the LM (read before `PreTrainedModel.__init__` resolves the whole model's value): by
+        # name in the building call (`attn_implementation={"text_config": ...}`), else the LM's value, else the
+        # model's. A config reused from a built MPT model (`from_config(model.config)`) holds the "eager" written
+        # below for MPT's own class (marked so): then the model's value counts.
         top = getattr(config, "_attn_implementation_internal", None)
         text = getattr(config.text_config, "_attn_implementation_internal", None)
-        lm_requested = text if text == "sdpa" or (text is not None and top is None) else top  # None: the default
+        if text == "eager" and getattr(config, LM_SDPA_WRITTEN_AS_EAGER, False):
+            text = None
+        lm_requested = _REQUESTED_LM_ATTENTION.get() or text or top  # None: the default
         super().__init__(config)
         # `_from_config`, as the LM's `from_config`: each built in its sub-config's dtype (transformers 4.x's
         # `from_pretrained(dtype={"vision_config": ..., "text_config": ..., "": ...})`)
@@ -1126,8 +1169,11 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             config.text_config._attn_implementation = "eager"
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         add_mpt_qk_layernorm(self.language_model, config.text_config)
-        if (lm_requested or config._attn_implementation) != "eager":  # "eager" keeps MPT's own attention (weights)
+        lm_sdpa = (lm_requested or config._attn_implementation) != "eager"  # "eager" keeps MPT's own (weights)
+        if lm_sdpa:
             add_mpt_sdpa_attention(self.language_model, config.text_config)
+        if _is_mpt(config.text_config):  # (its config says "eager" either way: transformers' MPT has no other)
+            setattr(config, LM_SDPA_WRITTEN_AS_EAGER, lm_sdpa)
         add_mpt_static_cache_support(self.language_model, config.text_config)  # what `MptAttention` itself needs
         self._loss_compile_kwargs: dict[str, Any] | None = None  # set by `compile_repeated_blocks`
         # looked up once here, not in `forward` (which torch.compile traces)
@@ -1210,6 +1256,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         add_mpt_sdpa_attention(self.language_model, text, sdpa=requested != "eager")
         add_mpt_static_cache_support(self.language_model, text)
         text._attn_implementation = "eager"
+        setattr(self.config, LM_SDPA_WRITTEN_AS_EAGER, requested != "eager")  # (a model built from the config follows)
         from .fast_decoding import forget_decoders  # (imported here: that module imports this one)
 
         forget_decoders(self)  # their graphs hold the attention they were captured with
@@ -1241,7 +1288,10 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             self.vision_model.disable_input_require_grads()
 
         def _set_gradient_checkpointing(
-            self, enable: bool = True, gradient_checkpointing_func: Any = torch.utils.checkpoint.checkpoint
+            self,
+            enable: bool = True,
+            gradient_checkpointing_func: Any = torch.utils.checkpoint.checkpoint,
+            **kwargs: Any,
         ) -> None:
             """As `PreTrainedModel`'s, with layers that run as they are without gradients, as on transformers >= 5:
             the frozen vision tower (run under `no_grad`) is not checkpointed for nothing, nor warns at every step
@@ -1252,7 +1302,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                     return function(*args, **kwargs)
                 return gradient_checkpointing_func(function, *args, **kwargs)
 
-            super()._set_gradient_checkpointing(enable, checkpoint_with_gradients)
+            # (`kwargs`: what later versions pass, e.g. 5.18-5.22's `every_n_layers`)
+            super()._set_gradient_checkpointing(enable, checkpoint_with_gradients, **kwargs)
 
     def resize_token_embeddings(
         self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
@@ -1754,9 +1805,10 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             `(batch * num_return_sequences, prompt_len + new_tokens)` (prompt included), or a `GenerateOutput` with
             `return_dict_in_generate=True`.
         """
+        kwargs = _generate_keywords(args, kwargs)
         self._check_cache_support(kwargs)
         _check_one_image_source(*(kwargs.get(name) for name in ("pixel_values", "image_hidden_states", "image_cache")))
-        input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+        input_ids = kwargs.get("input_ids")
         generation_config = kwargs.get("generation_config") or self.generation_config
         chunked = kwargs.get("prefill_chunk_size", getattr(generation_config, "prefill_chunk_size", None))
         if kwargs.get("assistant_early_exit", getattr(generation_config, "assistant_early_exit", None)) is not None:
@@ -1806,12 +1858,12 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         from .fast_decoding import generate_static  # (imported here: that module imports this one)
 
         with _gradient_checkpointing_paused(self):
-            fast = generate_static(self, args, kwargs)  # encodes the images itself, inside its prompt graph
+            fast = generate_static(self, kwargs)  # encodes the images itself, inside its prompt graph
             if fast is not None:
                 return fast
             if encode:
                 kwargs["image_hidden_states"] = self.get_image_features(kwargs.pop("pixel_values"))
-            return super().generate(*args, **kwargs)
+            return super().generate(**kwargs)
 
     def _prepare_generated_image_state(self, kwargs: dict[str, Any]) -> None:
         """With `config.generated_image_conditioning="original_kv_cache"` and a cache (the original's generation with a
@@ -2133,7 +2185,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             image_hidden_states (`torch.FloatTensor` of shape `(batch, num_images, num_latents, dim)`, *optional*):
                 Already encoded images, instead of `pixel_values`.
             continuation_mask (`torch.Tensor` of shape `(num_candidates, max_len)`, *optional*):
-                With a tensor `continuations`: 1 for real tokens, 0 for right padding.
+                With a tensor `continuations`: 1 for real tokens, 0 for padding (on either side).
             normalize_length (`bool`, defaults to `False`):
                 Return the mean log-probability per candidate token instead of the sum.
             candidates_per_forward (`int`, *optional*):
@@ -2469,6 +2521,13 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         self._loss_compile_kwargs = dict(compile_kwargs)
 
     @classmethod
+    def _from_config(cls, config: OpenFlamingoConfig, **kwargs: Any) -> Any:
+        """As `PreTrainedModel._from_config` (`AutoModelForImageTextToText.from_config`), with the LM's attention
+        asked for by name (`attn_implementation={"text_config": "eager", ...}`) as asked, also for MPT."""
+        with _lm_attention_requested(kwargs.get("attn_implementation")):
+            return super()._from_config(config, **kwargs)
+
+    @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
         """As `PreTrainedModel.from_pretrained`, except that weights which do not fit the config are an error, not a
         logged report: a missing tensor would stay randomly initialised (say, a gated block after
@@ -2491,9 +2550,10 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 if isinstance(kwargs.get(key), dict):
                     main = kwargs[key].get("", torch.float32)
                     kwargs[key] = {"text_config": main, "vision_config": main, **kwargs[key]}
-        if kwargs.pop("output_loading_info", False):
-            return super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        with _lm_attention_requested(kwargs.get("attn_implementation")):
+            if kwargs.pop("output_loading_info", False):
+                return super().from_pretrained(*args, output_loading_info=True, **kwargs)
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
         if any(key.startswith("new_token_embeddings.") for key in unexpected):  # an adapter's folder (transformers 5)
             raise _new_token_rows_not_loadable()
