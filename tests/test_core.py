@@ -856,17 +856,41 @@ def test_mpt_attention_implementation_by_name(family, tmp_path):
         ({"text_config": "eager"}, "eager"),
         ({"text_config": "eager", "vision_config": "sdpa"}, "eager"),
         ({"text_config": "sdpa", "": "eager"}, "sdpa"),
+        # with a value for the whole model too (the LM's "eager" was taken for the one this package writes)
+        ({"text_config": "eager", "": "sdpa"}, "eager"),
+        ({"text_config": "eager", "vision_config": "sdpa", "": "sdpa"}, "eager"),
         (None, "sdpa"),
     ]:
         kwargs = {} if requested is None else {"attn_implementation": requested}
         model = AutoModelForImageTextToText.from_pretrained(tmp_path, **kwargs)
         assert type(model.language_model.transformer.blocks[0].attn) is classes[expected], requested
+        built = AutoModelForImageTextToText.from_config(model.config, **kwargs)
+        assert type(built.language_model.transformer.blocks[0].attn) is classes[expected], requested
     # a model built from a built model's config (which holds the "eager" written for MPT's own class) keeps SDPA
     for again in (
         OpenFlamingoForConditionalGeneration(model.config),
         AutoModelForImageTextToText.from_config(model.config),
     ):
         assert type(again.language_model.transformer.blocks[0].attn) is classes["sdpa"]
+    eager = AutoModelForImageTextToText.from_pretrained(
+        tmp_path, attn_implementation={"text_config": "eager", "": "sdpa"}
+    )
+    with torch.no_grad():
+        output = eager(input_ids=ids, pixel_values=pixel_values, output_attentions=True)
+    assert all(a is not None for a in output.attentions)  # MPT's own attention: weights
+    for again in (  # and a model built from its config keeps the LM's eager attention
+        OpenFlamingoForConditionalGeneration(eager.config),
+        AutoModelForImageTextToText.from_config(eager.config),
+    ):
+        assert type(again.language_model.transformer.blocks[0].attn) is classes["eager"]
+    # switched after building: a model built from the config has the attention switched to (either way)
+    for switched, expected in ((eager, "sdpa"), (model, "eager")):
+        switched.set_attn_implementation({"text_config": expected})
+        assert type(switched.language_model.transformer.blocks[0].attn) is classes[expected]
+        again = AutoModelForImageTextToText.from_config(copy.deepcopy(switched.config))
+        assert type(again.language_model.transformer.blocks[0].attn) is classes[expected]
+    model.save_pretrained(tmp_path / "saved")  # the mark of the LM's config is the model's own, never saved
+    assert "sdpa_written_as_eager" not in (tmp_path / "saved" / "config.json").read_text()
 
 
 def test_from_pretrained_with_output_loading_info_false(tmp_path):
@@ -1378,6 +1402,48 @@ def test_processor_passes_image_and_text_options_on(converted, tiny_images):
     for group in ("text_kwargs", "images_kwargs"):
         with pytest.raises(ValueError, match=f"not under `{group}`"):
             processor(images=[image], text="<image>a", **{group: {"return_tensors": "np"}})
+
+
+def test_processor_refuses_images_nested_too_deeply(converted, tiny_images):
+    """A row's images as a list of lists (the original's `(batch, images, frames)` layout) is an error: each inner
+    list counted as one image and the image processor flattened them, so images went to the next rows, silently."""
+    processor = AutoProcessor.from_pretrained(converted("tiny-neox"))
+    one, two, three = tiny_images[:3]
+    for texts, images in (
+        (["<image>a", "<image>b"], [[[one, two]], [[three]]]),
+        (["<image>a", "<image>b"], [[[one]], [[two]]]),
+        ("<image>a<image>b", [[[one, two], [three]]]),
+        (["<image>a", "<image>b"], [[one], [[two]]]),
+    ):
+        with pytest.raises(ValueError, match="nested too deeply: give one list of images per text"):
+            processor(images=images, text=texts)
+    # one level less is each row's list of images
+    batch = processor(images=[[one], [three]], text=["<image>a", "<image>b"])
+    assert torch.equal(batch["pixel_values"][1, 0], processor(images=three, text="<image>b")["pixel_values"][0, 0])
+
+
+def test_processor_padding_side_follows_from_pretrained_and_the_tokenizer(converted, tiny_images):
+    """`AutoProcessor.from_pretrained(..., padding_side="right")` pads calls on the right (it loaded left before: the
+    processor set the tokenizer's side after loading); setting `processor.tokenizer.padding_side` does the same; the
+    default stays left (generation), a call's `padding_side` and `return_labels=True` still choose."""
+    texts = ["<image>a b c", "<image>a"]
+    images = [[tiny_images[0]], [tiny_images[1]]]
+    default = AutoProcessor.from_pretrained(converted("tiny-neox"))
+    assert default.tokenizer.padding_side == "left"
+    assert default(images=images, text=texts)["attention_mask"][1, 0] == 0  # left
+    right = AutoProcessor.from_pretrained(converted("tiny-neox"), padding_side="right")
+    assert right.tokenizer.padding_side == "right"
+    batch = right(images=images, text=texts)
+    assert batch["attention_mask"][1, -1] == 0 and batch["attention_mask"][1, 0] == 1  # right
+    assert torch.equal(batch["input_ids"], default(images=images, text=texts, padding_side="right")["input_ids"])
+    assert right(images=images, text=texts, padding_side="left")["attention_mask"][1, 0] == 0
+    default.tokenizer.padding_side = "right"
+    assert torch.equal(default(images=images, text=texts)["input_ids"], batch["input_ids"])
+    default.tokenizer.padding_side = "left"
+    # labels pad right unless told otherwise, whatever the tokenizer's side
+    assert default(images=images, text=texts, return_labels=True)["attention_mask"][1, -1] == 0
+    with pytest.raises(ValueError, match="padding_side must be 'left' or 'right'"):
+        AutoProcessor.from_pretrained(converted("tiny-neox"), padding_side="middle")
 
 
 def test_processor_counts_a_4d_array_as_its_images(converted, tiny_images):

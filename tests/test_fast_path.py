@@ -11,6 +11,7 @@ import weakref
 import pytest
 import torch
 import transformers
+from transformers import CompileConfig
 
 from modeling_openflamingo import decoding_kernels, fast_decoding
 from modeling_openflamingo import modeling_openflamingo as modeling
@@ -19,6 +20,7 @@ from modeling_openflamingo.fast_decoding import (
     _StaticBeamDecoder,
     _StaticDecoder,
     _StaticGreedyDecoder,
+    forget_decoders,
 )
 from modeling_openflamingo.modeling_openflamingo import (
     _TRACED_CROSS_ATTENTION,
@@ -261,10 +263,24 @@ def test_fast_path_only_for_plain_greedy_and_beam_search_calls(fast_path_on_cpu)
     model.generate(**kw, repetition_penalty=1.3)
     model.generate(**kw, num_beams=2, no_repeat_ngram_size=2)
     model.generate(**kw, length_penalty=0.5)  # greedy: GenerationMixin warns that the flag is unused
+    # compilation settings of the caller's: GenerationMixin's loop compiles with them (the fast path has its own)
+    model.generate(**kw, compile_config=CompileConfig(backend="eager", fullgraph=False))
     with pytest.raises(ValueError, match="num_return_sequences"):  # GenerationMixin's own check
         model.generate(**kw, num_beams=2, num_return_sequences=3)
     assert model not in _STATIC_DECODERS
     model.generate(**kw, length_penalty=1.0, num_return_sequences=1)  # greedy with the defaults spelled out
+    assert {type(d) for d in _STATIC_DECODERS[model].values()} == {_StaticGreedyDecoder}
+    forget_decoders(model)
+    model.generate(**kw, compile_config=CompileConfig())  # no settings of the caller's (as the benchmark passes it)
+    assert {type(d) for d in _STATIC_DECODERS[model].values()} == {_StaticGreedyDecoder}
+    forget_decoders(model)
+    # ids and a generation config by position (before: the fast path took keywords only)
+    config = copy.deepcopy(model.generation_config)
+    config.max_new_tokens = 4
+    positional = model.generate(ids, config, attention_mask=mask, pixel_values=pixel_values, do_sample=False,
+                                pad_token_id=PAD, cache_implementation="static")  # fmt: skip
+    assert model not in _STATIC_DECODERS  # a `generation_config` given: GenerationMixin's loop
+    assert torch.equal(model.generate(ids, **{k: v for k, v in kw.items() if k != "input_ids"}), positional)
     assert {type(d) for d in _STATIC_DECODERS[model].values()} == {_StaticGreedyDecoder}
     model.generate(**kw)
     model.generate(**kw, num_beams=2)
@@ -441,6 +457,32 @@ def test_decoders_are_remade_when_the_weights_move(fast_path_on_cpu):
     assert_fast_path_equals_generate(model, kw)
     (third,) = _STATIC_DECODERS[model].values()
     assert third is not second
+
+
+@needs_v5
+def test_decoders_are_remade_when_the_config_changes(fast_path_on_cpu, tmp_path):
+    """A decoder's compiled steps hold config settings as constants (`only_attend_immediate_media`, ...): after
+    `model.config` changes, the fast path follows the new setting, as `generate` does (its CUDA graphs replayed the
+    old one: the decoders were reused)."""
+    model = tiny_model("llama")
+    ids, pixel_values = inputs(batch=2, seq=12, images=2)
+    kw = generate_kwargs(ids, torch.ones_like(ids), pixel_values, max_new_tokens=8, min_new_tokens=8)
+    outputs, made = {}, []
+    for value in (True, False, True):
+        model.config.only_attend_immediate_media = value
+        outputs[value] = assert_fast_path_equals_generate(model, kw)
+        (decoder,) = _STATIC_DECODERS[model].values()
+        assert all(decoder is not other for other in made)
+        made.append(decoder)
+    assert not torch.equal(outputs[True], outputs[False])  # the setting matters for this prompt
+    model.config.text_config._attn_implementation = "eager"  # the LM's attention, read as the step is traced
+    assert_fast_path_equals_generate(model, kw)
+    assert all(_STATIC_DECODERS[model][key] is not other for key in _STATIC_DECODERS[model] for other in made)
+    # what `save_pretrained` writes into the config (architectures, auto_map, dtype) changes no step: kept
+    (decoder,) = _STATIC_DECODERS[model].values()
+    model.save_pretrained(tmp_path)
+    assert_fast_path_equals_generate(model, kw)
+    assert list(_STATIC_DECODERS[model].values()) == [decoder]
 
 
 @needs_v5

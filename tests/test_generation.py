@@ -382,6 +382,13 @@ def test_chunked_prefill_with_inputs_embeds(family, loaded, tiny_images):
     chunked = model.generate(**batch, inputs_embeds=embeds, **options, prefill_chunk_size=4)
     for step, (got, expected) in enumerate(zip(chunked.logits, plain.logits, strict=True)):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-4, msg=f"step {step}")
+    # the same through a `GenerationConfig` given positionally (`generate(ids, config)`), which the chunking's
+    # bookkeeping did not read: the chunks were fed the ids' embeddings (4.57) or failed (5.x)
+    rest = {k: v for k, v in batch.items() if k != "input_ids"}
+    config = GenerationConfig(**options, prefill_chunk_size=4)
+    positional = model.generate(batch["input_ids"], config, **rest, inputs_embeds=embeds)
+    for step, (got, expected) in enumerate(zip(positional.logits, plain.logits, strict=True)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4, msg=f"positional config, step {step}")
     without_ids = {k: v for k, v in batch.items() if k != "input_ids"}
     image_indices = image_indices_from_input_ids(batch["input_ids"], model.config.media_token_id, 2)
     with pytest.raises(ValueError, match="prefill_chunk_size splits the prompt's input_ids.*got no input_ids"):
@@ -1212,6 +1219,33 @@ def test_early_exit_self_speculation_is_refused_clearly():
     config = GenerationConfig(max_new_tokens=2, assistant_early_exit=1)
     with pytest.raises(ValueError, match="assistant_early_exit .* is not supported"):
         model.generate(input_ids=ids, pixel_values=pixel_values, generation_config=config)
+    with pytest.raises(ValueError, match="assistant_early_exit .* is not supported"):  # (AttributeError before)
+        model.generate(ids, config, pixel_values=pixel_values)
+
+
+def test_generate_reads_positional_arguments_as_their_keywords():
+    """`generate(inputs, generation_config, logits_processor, ...)` by position, as `GenerationMixin.generate` takes
+    them: the same tokens as by keyword (the checks and the image bookkeeping read them either way), and Python's
+    errors for a repeated or an extra argument."""
+    from .test_core import MEDIA as MEDIA_ID
+    from .test_core import PAD as PAD_ID
+    from .test_core import inputs, tiny_model
+
+    model = tiny_model("llama")
+    ids, pixel_values = inputs(batch=2)
+    config = GenerationConfig(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=PAD_ID)
+    processors = LogitsProcessorList([ForceTokenAt(MEDIA_ID, 1, ids.shape[1])])
+    expected = model.generate(
+        input_ids=ids, generation_config=config, logits_processor=processors, pixel_values=pixel_values
+    )
+    assert (expected[:, ids.shape[1] + 1] == MEDIA_ID).all()
+    assert torch.equal(model.generate(ids, config, processors, pixel_values=pixel_values), expected)
+    assert torch.equal(model.generate(inputs=ids, generation_config=config, logits_processor=processors,
+                                      pixel_values=pixel_values), expected)  # fmt: skip
+    with pytest.raises(TypeError, match="multiple values for argument 'generation_config'"):
+        model.generate(ids, config, generation_config=config, pixel_values=pixel_values)
+    with pytest.raises(TypeError, match="too many positional arguments"):
+        model.generate(ids, config, processors, None, None, None, None, None, None, None, None, None, None, None)
 
 
 def test_a_text_only_conversation_continues_after_a_generated_image_with_image_indices():

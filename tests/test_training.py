@@ -673,6 +673,27 @@ def test_reentrant_checkpointing_of_the_recipe_warns_of_nothing(converted, famil
     assert trained and all(g is not None for g in trained.values()), [k for k, g in trained.items() if g is None]
 
 
+@pytest.mark.skipif(shared.NEW_NAMES, reason="the override exists for transformers without activation_checkpointing")
+def test_checkpointing_override_passes_later_keywords_on(converted, monkeypatch):
+    """transformers 5.18-5.22 (no `activation_checkpointing_*` names yet, as 4.x) call
+    `_set_gradient_checkpointing(..., every_n_layers=...)`: the override for those versions failed with a TypeError.
+    Simulated here on 4.x with a base method of that signature: the keyword reaches it, and checkpointing works."""
+    seen = {}
+    base = transformers.PreTrainedModel._set_gradient_checkpointing
+
+    def with_a_later_keyword(self, enable=True, gradient_checkpointing_func=None, every_n_layers=None):
+        seen["every_n_layers"] = every_n_layers
+        return base(self, enable, gradient_checkpointing_func)
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "_set_gradient_checkpointing", with_a_later_keyword)
+    model, _ = load(converted, "tiny-neox")
+    model._set_gradient_checkpointing(True, torch.utils.checkpoint.checkpoint, every_n_layers=2)
+    assert seen == {"every_n_layers": 2} and model.is_gradient_checkpointing
+    model.train()
+    inputs = sample_inputs()
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+
+
 @pytest.mark.parametrize("family", ["tiny-mpt", "tiny-neox"])
 def test_gradient_checkpointing_covers_all_three_and_changes_nothing(converted, family):
     """LM decoder layers, gated cross-attention blocks and Perceiver layers each run under a (non-reentrant)
