@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from packaging import version
 from torch import nn
 from transformers import AutoModelForCausalLM, CLIPVisionModel, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import __version__ as _TRANSFORMERS_VERSION
@@ -93,6 +94,8 @@ except ImportError:  # transformers 4.x: its own layout is the on-disk one
     pass
 
 _TRANSFORMERS_MAJOR = int(_TRANSFORMERS_VERSION.split(".")[0])
+# transformers < 5.24 checkpoints a layer's forward also where no gradient is taken (under `no_grad`)
+_CHECKPOINTS_WITHOUT_GRADIENTS = version.parse(_TRANSFORMERS_VERSION) < version.parse("5.24.0.dev0")
 
 
 def _checkpoint_renamings(model: nn.Module) -> list:
@@ -1261,7 +1264,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
 
         forget_decoders(self)  # their graphs hold the attention they were captured with
 
-    if not hasattr(PreTrainedModel, "activation_checkpointing_enable"):  # transformers < 5.24 (then it does this)
+    if not hasattr(PreTrainedModel, "activation_checkpointing_enable"):  # transformers < 5.23 (then it does this)
 
         def gradient_checkpointing_enable(
             self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any
@@ -1287,13 +1290,15 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             super().disable_input_require_grads()
             self.vision_model.disable_input_require_grads()
 
+    if _CHECKPOINTS_WITHOUT_GRADIENTS:  # transformers < 5.24 (then its checkpointed layers do this)
+
         def _set_gradient_checkpointing(
             self,
             enable: bool = True,
             gradient_checkpointing_func: Any = torch.utils.checkpoint.checkpoint,
             **kwargs: Any,
         ) -> None:
-            """As `PreTrainedModel`'s, with layers that run as they are without gradients, as on transformers >= 5:
+            """As `PreTrainedModel`'s, with layers that run as they are without gradients, as on transformers >= 5.24:
             the frozen vision tower (run under `no_grad`) is not checkpointed for nothing, nor warns at every step
             (reentrant) that none of its inputs needs a gradient."""
 
@@ -2040,6 +2045,10 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             span = self._prompt_span(input_ids, inputs_embeds, image_indices, kwargs)
         if span is not None and inputs_embeds is not None:  # the fed positions' own embeddings, not their ids'
             inputs_embeds = inputs_embeds[:, span[0] : span[1]]
+            if _TRANSFORMERS_MAJOR >= 5:
+                # (which `GenerationMixin` feeds only on a first iteration: transformers 5.18-5.22's chunked prefill
+                # calls this without saying so, and its chunks were fed their ids' embeddings, silently)
+                kwargs["is_first_iteration"] = True
         # `inputs_embeds` named in the signature: `generate` takes them only from a model whose signature has them
         model_inputs = super().prepare_inputs_for_generation(input_ids, *args, inputs_embeds=inputs_embeds, **kwargs)
         if model_inputs.get("input_ids") is not None:

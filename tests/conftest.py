@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MEDIA, EOC, PAD = 401, 400, 402  # the tiny families' added tokens
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FAMILIES = ["tiny-mpt", "tiny-mpt-1b-redpajama-200b", "tiny-neox", "tiny-llama"]
-# transformers >= 5.24 names gradient checkpointing "activation checkpointing" (methods and `TrainingArguments`); the
+# transformers >= 5.23 names gradient checkpointing "activation checkpointing" (methods and `TrainingArguments`); the
 # old names warn (deprecated); 4.x has the old names only. Tests use the installed version's.
 NEW_NAMES = hasattr(PreTrainedModel, "activation_checkpointing_enable")
 CHECKPOINTING = "activation_checkpointing" if NEW_NAMES else "gradient_checkpointing"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import functools
 import json
 import os
 import subprocess
@@ -21,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
 
 from modeling_openflamingo import OpenFlamingoDataCollator, attention_mask_without_host_sync
+from modeling_openflamingo import modeling_openflamingo as modeling
 from modeling_openflamingo.modeling_openflamingo import OpenFlamingoNewTokenEmbeddings, find_decoder_layers
 
 try:
@@ -673,10 +675,12 @@ def test_reentrant_checkpointing_of_the_recipe_warns_of_nothing(converted, famil
     assert trained and all(g is not None for g in trained.values()), [k for k, g in trained.items() if g is None]
 
 
-@pytest.mark.skipif(shared.NEW_NAMES, reason="the override exists for transformers without activation_checkpointing")
+@pytest.mark.skipif(
+    not modeling._CHECKPOINTS_WITHOUT_GRADIENTS, reason="the override exists for transformers < 5.24 only"
+)
 def test_checkpointing_override_passes_later_keywords_on(converted, monkeypatch):
-    """transformers 5.18-5.22 (no `activation_checkpointing_*` names yet, as 4.x) call
-    `_set_gradient_checkpointing(..., every_n_layers=...)`: the override for those versions failed with a TypeError.
+    """transformers 5.18-5.23 call `_set_gradient_checkpointing(..., every_n_layers=...)`: the override for versions
+    whose checkpointed layers also checkpoint without gradients failed with a TypeError.
     Simulated here on 4.x with a base method of that signature: the keyword reaches it, and checkpointing works."""
     seen = {}
     base = transformers.PreTrainedModel._set_gradient_checkpointing
@@ -687,7 +691,8 @@ def test_checkpointing_override_passes_later_keywords_on(converted, monkeypatch)
 
     monkeypatch.setattr(transformers.PreTrainedModel, "_set_gradient_checkpointing", with_a_later_keyword)
     model, _ = load(converted, "tiny-neox")
-    model._set_gradient_checkpointing(True, torch.utils.checkpoint.checkpoint, every_n_layers=2)
+    checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    model._set_gradient_checkpointing(True, checkpoint, every_n_layers=2)
     assert seen == {"every_n_layers": 2} and model.is_gradient_checkpointing
     model.train()
     inputs = sample_inputs()
