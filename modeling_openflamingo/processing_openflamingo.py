@@ -95,6 +95,11 @@ def _is_image_batch(item: Any) -> bool:
     return isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim == 4
 
 
+def _check_padding_side(side: Any) -> None:
+    if side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}.")
+
+
 def _each_image(items: list[Any]) -> list[Any]:
     """`items` with each 4-D array or tensor replaced by the images it holds (as many as its first dimension)."""
     if any(isinstance(item, (list, tuple)) for item in items):
@@ -143,23 +148,27 @@ class OpenFlamingoProcessor(ProcessorMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> OpenFlamingoProcessor:
-        """As [`~ProcessorMixin.from_pretrained`]; `padding_side="right"` (or `"left"`) sets the side calls pad on by
-        default (without it, left: the processor pads for generation)."""
-        padding_side = kwargs.get("padding_side")
-        if padding_side not in (None, "left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
-        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        if padding_side is not None:
-            processor.tokenizer.padding_side = padding_side
-        return processor
+        """As [`~ProcessorMixin.from_pretrained`]; `padding_side="left"` or `"right"` sets [`padding_side`] (else the
+        folder's, left where it has none)."""
+        if "padding_side" in kwargs:  # checked first: the tokenizer's loading takes it too (4.x hides its error)
+            _check_padding_side(kwargs["padding_side"])
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
-    def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None, **kwargs):
+    def __init__(
+        self,
+        image_processor: Any = None,
+        tokenizer: Any = None,
+        chat_template: str | None = None,
+        padding_side: str = "left",
+        **kwargs: Any,
+    ) -> None:
+        _check_padding_side(padding_side)
         if tokenizer is not None:
             add_openflamingo_tokens(tokenizer)
-            # left, as this processor pads for generation by default (a call reads the tokenizer's side, as do
-            # `tokenizer.pad` and a pipeline's batches); `from_pretrained(padding_side=...)` or
-            # `processor.tokenizer.padding_side = ...` choose another; training batches ask for right padding by name
-            tokenizer.padding_side = "left"
+            # the side a call pads on by default, as do `tokenizer.pad` and a pipeline's batches (they read the
+            # tokenizer's): left unless chosen otherwise, as this processor pads for generation; training batches ask
+            # for right padding by name
+            tokenizer.padding_side = padding_side
             if getattr(tokenizer, "clean_up_tokenization_spaces", False):
                 # decoded text as the original's and transformers 4.x's (" ." -> "."): transformers 5 skips the
                 # cleanup that the tokenizer's config asks for when the tokenizer is BPE, unless told to apply it
@@ -167,6 +176,24 @@ class OpenFlamingoProcessor(ProcessorMixin):
         self.image_token = IMAGE_TOKEN
         self.end_of_chunk_token = END_OF_CHUNK_TOKEN
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    @property
+    def padding_side(self) -> str:
+        """The side calls pad on by default (the tokenizer's: `processor.padding_side = "right"` sets both), saved by
+        `save_pretrained` in `processor_config.json`; `AutoProcessor.from_pretrained(path, padding_side=...)` chooses
+        it on loading (a folder without it loads left)."""
+        return self.tokenizer.padding_side
+
+    @padding_side.setter
+    def padding_side(self, side: str) -> None:
+        _check_padding_side(side)
+        self.tokenizer.padding_side = side
+
+    def to_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """As [`~ProcessorMixin.to_dict`], with the padding side (the tokenizer's, where it is set)."""
+        output = super().to_dict(*args, **kwargs)
+        output["padding_side"] = self.padding_side
+        return output
 
     @property
     def image_token_id(self) -> int:
@@ -204,8 +231,8 @@ class OpenFlamingoProcessor(ProcessorMixin):
                 one image. Rows may have different numbers of images (and none); `pixel_values` is
                 zero-padded to the batch's largest count.
             text: one string or a list of strings, with one `<image>` where each image goes.
-            padding_side: by default the tokenizer's (`processor.tokenizer.padding_side`: "left", for generation,
-                unless set otherwise), "right" when `return_labels=True` (training).
+            padding_side: by default the processor's ([`padding_side`]: "left", for generation, unless set
+                otherwise), "right" when `return_labels=True` (training).
             return_labels: also return `labels`: the input ids with pad and `<image>` set to -100 (eos stays), as
                 the original's training code makes them; also -100 where no real token precedes (each row's first
                 position, and with left padding the first real token), as nothing predicts those.
@@ -246,7 +273,7 @@ class OpenFlamingoProcessor(ProcessorMixin):
                     f"Text {row} has {count} {IMAGE_TOKEN} tokens but {len(row_images)} images were given for it."
                 )
         if padding_side is None:
-            padding_side = "right" if return_labels else self.tokenizer.padding_side
+            padding_side = "right" if return_labels else self.padding_side
         # the tokenizer's call takes no `truncation_side` (it reads its attribute): set for this call when given
         truncation_side = kwargs.pop("truncation_side", None) or self.tokenizer.truncation_side
         saved_side, self.tokenizer.truncation_side = self.tokenizer.truncation_side, truncation_side

@@ -1422,28 +1422,39 @@ def test_processor_refuses_images_nested_too_deeply(converted, tiny_images):
     assert torch.equal(batch["pixel_values"][1, 0], processor(images=three, text="<image>b")["pixel_values"][0, 0])
 
 
-def test_processor_padding_side_follows_from_pretrained_and_the_tokenizer(converted, tiny_images):
+def test_processor_padding_side_is_chosen_on_loading_set_and_saved(converted, tiny_images, tmp_path):
     """`AutoProcessor.from_pretrained(..., padding_side="right")` pads calls on the right (it loaded left before: the
-    processor set the tokenizer's side after loading); setting `processor.tokenizer.padding_side` does the same; the
-    default stays left (generation), a call's `padding_side` and `return_labels=True` still choose."""
+    processor set the tokenizer's side after loading), as does `processor.padding_side = "right"` (the tokenizer's
+    side, which `tokenizer.pad` reads, follows); `save_pretrained` keeps the side (a saved processor loaded left
+    again). The default stays left (generation); a call's `padding_side` and `return_labels=True` still choose."""
     texts = ["<image>a b c", "<image>a"]
     images = [[tiny_images[0]], [tiny_images[1]]]
     default = AutoProcessor.from_pretrained(converted("tiny-neox"))
-    assert default.tokenizer.padding_side == "left"
+    assert default.padding_side == default.tokenizer.padding_side == "left"
     assert default(images=images, text=texts)["attention_mask"][1, 0] == 0  # left
     right = AutoProcessor.from_pretrained(converted("tiny-neox"), padding_side="right")
-    assert right.tokenizer.padding_side == "right"
+    assert right.padding_side == right.tokenizer.padding_side == "right"
     batch = right(images=images, text=texts)
     assert batch["attention_mask"][1, -1] == 0 and batch["attention_mask"][1, 0] == 1  # right
     assert torch.equal(batch["input_ids"], default(images=images, text=texts, padding_side="right")["input_ids"])
     assert right(images=images, text=texts, padding_side="left")["attention_mask"][1, 0] == 0
-    default.tokenizer.padding_side = "right"
-    assert torch.equal(default(images=images, text=texts)["input_ids"], batch["input_ids"])
-    default.tokenizer.padding_side = "left"
-    # labels pad right unless told otherwise, whatever the tokenizer's side
+    # labels pad right unless told otherwise, whatever the processor's side
     assert default(images=images, text=texts, return_labels=True)["attention_mask"][1, -1] == 0
-    with pytest.raises(ValueError, match="padding_side must be 'left' or 'right'"):
-        AutoProcessor.from_pretrained(converted("tiny-neox"), padding_side="middle")
+    # saved and loaded with the side it had (the tokenizer's, however it was set), unless chosen on loading
+    default.padding_side = "right"
+    assert default.tokenizer.padding_side == "right"
+    assert torch.equal(default(images=images, text=texts)["input_ids"], batch["input_ids"])
+    default.save_pretrained(tmp_path / "right")
+    assert AutoProcessor.from_pretrained(tmp_path / "right").padding_side == "right"
+    assert AutoProcessor.from_pretrained(tmp_path / "right", padding_side="left").padding_side == "left"
+    right.tokenizer.padding_side = "left"
+    right.save_pretrained(tmp_path / "left")
+    loaded = AutoProcessor.from_pretrained(tmp_path / "left")
+    assert loaded.padding_side == "left" and loaded(images=images, text=texts)["attention_mask"][1, 0] == 0
+    for bad in (lambda: AutoProcessor.from_pretrained(converted("tiny-neox"), padding_side="middle"),
+                lambda: setattr(loaded, "padding_side", "middle")):  # fmt: skip
+        with pytest.raises(ValueError, match="padding_side must be 'left' or 'right', got 'middle'"):
+            bad()
 
 
 def test_processor_counts_a_4d_array_as_its_images(converted, tiny_images):
