@@ -6,7 +6,29 @@ import contextvars
 import numbers
 from typing import Any
 
+import transformers
+from packaging.specifiers import SpecifierSet
 from transformers import AutoConfig, CLIPVisionConfig, PretrainedConfig
+
+# The transformers releases this package works with (pyproject.toml's requirement, the same): 4.57.x, and 5.x from
+# 5.18 (5.0-5.17 name, rename and load weights differently: 5.0's loading mapped the vision tower's keys wrongly, and
+# 5.4-5.17's image processors need torchvision).
+# Beyond the next major nothing is known; the import refuses only releases known not to work.
+_WORKS_WITH = ">=4.57," + ",".join(f"!=5.{minor}.*" for minor in range(18))
+TRANSFORMERS_REQUIREMENT = _WORKS_WITH + ",<6"
+
+
+def check_transformers_version(installed: str = transformers.__version__) -> None:
+    """Raises `ImportError` naming the supported releases when `installed` is known not to work (older than 4.57,
+    or 5.0-5.17)."""
+    if not SpecifierSet(_WORKS_WITH).contains(installed, prereleases=True):
+        raise ImportError(
+            f"openflamingo-hf needs transformers 4.57.x or 5.18 and newer (5.x); this is transformers {installed}. "
+            "Install a supported release, e.g. `pip install -U 'transformers>=5.18,<6'`."
+        )
+
+
+check_transformers_version()  # (here, as every module of the package and of a saved folder's code imports this one)
 
 # CLIP ViT-L/14 at 224 px (OpenAI weights), the vision tower of every released OpenFlamingo model.
 VIT_L_14_CONFIG: dict[str, Any] = {

@@ -131,6 +131,28 @@ def inputs(batch: int = 2, seq: int = 10, images: int = 2, seed: int = 0):
 # ---- config ----
 
 
+def test_transformers_releases_known_not_to_work_are_refused_at_import():
+    """5.0-5.17 (and anything before 4.57) fail in many places (5.0 loaded the vision tower's weights under the wrong
+    names; 5.4-5.17's image processors need torchvision): importing the package says so instead. The requirement
+    that pip reads is the same one."""
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    from modeling_openflamingo.configuration_openflamingo import TRANSFORMERS_REQUIREMENT, check_transformers_version
+
+    project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
+    (required,) = [Requirement(r) for r in project["dependencies"] if Requirement(r).name == "transformers"]
+    assert required.specifier == SpecifierSet(TRANSFORMERS_REQUIREMENT)
+    assert required.specifier.contains(transformers.__version__)  # (this run's)
+    for works in ("4.57.0", "4.57.6", "5.18.0", "5.22.2", "5.25.0", "5.26.0.dev0", "6.0.0"):
+        check_transformers_version(works)
+    for fails in ("4.56.2", "5.0.0", "5.3.0", "5.10.4", "5.17.0"):
+        with pytest.raises(ImportError, match=rf"needs transformers 4.57.x or 5.18 and newer .* {fails}\."):
+            check_transformers_version(fails)
+    assert not required.specifier.contains("6.0.0")  # (pip: nothing is known of the next major)
+
+
 @pytest.mark.parametrize("family", list(TEXT_CONFIGS))
 def test_config_round_trip(family, tmp_path):
     config = tiny_config(family, n=2)
