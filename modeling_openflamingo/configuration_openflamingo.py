@@ -11,9 +11,8 @@ from packaging.specifiers import SpecifierSet
 from transformers import AutoConfig, CLIPVisionConfig, PretrainedConfig
 
 # The transformers releases this package works with (pyproject.toml's requirement, the same): 4.57.x, and 5.x from
-# 5.18 (5.0-5.17 name, rename and load weights differently: 5.0's loading mapped the vision tower's keys wrongly, and
-# 5.4-5.17's image processors need torchvision).
-# Beyond the next major nothing is known; the import refuses only releases known not to work.
+# 5.18 (5.0 loaded the vision tower's weights under the wrong names, and 5.4-5.17's image processors need torchvision).
+# Of the next major nothing is known: pip is kept off it, the import refuses only releases known not to work.
 _WORKS_WITH = ">=4.57," + ",".join(f"!=5.{minor}.*" for minor in range(18))
 TRANSFORMERS_REQUIREMENT = _WORKS_WITH + ",<6"
 

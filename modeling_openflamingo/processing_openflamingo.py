@@ -123,6 +123,8 @@ class OpenFlamingoProcessor(ProcessorMixin):
         image_processor ([`OpenFlamingoImageProcessor`]): the image transform.
         tokenizer ([`PreTrainedTokenizerBase`]): the language model's tokenizer.
         chat_template (`str`, *optional*): unused by the released models; kept for the `ProcessorMixin` API.
+        padding_side (`str`, defaults to `"left"`): the side calls pad on unless told otherwise (left: for
+            generation); the tokenizer's is set to it. Saved with the processor.
     """
 
     attributes = ["image_processor", "tokenizer"]
