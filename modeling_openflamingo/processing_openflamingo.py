@@ -165,6 +165,7 @@ class OpenFlamingoProcessor(ProcessorMixin):
         **kwargs: Any,
     ) -> None:
         _check_padding_side(padding_side)
+        self._padding_side = padding_side
         if tokenizer is not None:
             add_openflamingo_tokens(tokenizer)
             # the side a call pads on by default, as do `tokenizer.pad` and a pipeline's batches (they read the
@@ -181,18 +182,23 @@ class OpenFlamingoProcessor(ProcessorMixin):
 
     @property
     def padding_side(self) -> str:
-        """The side calls pad on by default (the tokenizer's: `processor.padding_side = "right"` sets both), saved by
-        `save_pretrained` in `processor_config.json`; `AutoProcessor.from_pretrained(path, padding_side=...)` chooses
-        it on loading (a folder without it loads left)."""
-        return self.tokenizer.padding_side
+        """The side calls pad on by default: left (for generation) unless the processor was set to right
+        (`from_pretrained(padding_side="right")`, `processor.padding_side = "right"`, which sets the tokenizer's side
+        too) and its tokenizer still pads right. So a tokenizer set to right alone, as training scripts do, leaves
+        prompts left-padded, and a pipeline that sets the tokenizer to left for generation is followed. Saved by
+        `save_pretrained` in `processor_config.json` (a folder without it loads left)."""
+        tokenizer_side = getattr(self.tokenizer, "padding_side", self._padding_side)
+        return "right" if self._padding_side == "right" and tokenizer_side == "right" else "left"
 
     @padding_side.setter
     def padding_side(self, side: str) -> None:
         _check_padding_side(side)
-        self.tokenizer.padding_side = side
+        self._padding_side = side
+        if self.tokenizer is not None:
+            self.tokenizer.padding_side = side
 
     def to_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """As [`~ProcessorMixin.to_dict`], with the padding side (the tokenizer's, where it is set)."""
+        """As [`~ProcessorMixin.to_dict`], with the padding side."""
         output = super().to_dict(*args, **kwargs)
         output["padding_side"] = self.padding_side
         return output

@@ -1448,7 +1448,8 @@ def test_processor_padding_side_is_chosen_on_loading_set_and_saved(converted, ti
     """`AutoProcessor.from_pretrained(..., padding_side="right")` pads calls on the right (it loaded left before: the
     processor set the tokenizer's side after loading), as does `processor.padding_side = "right"` (the tokenizer's
     side, which `tokenizer.pad` reads, follows); `save_pretrained` keeps the side (a saved processor loaded left
-    again). The default stays left (generation); a call's `padding_side` and `return_labels=True` still choose."""
+    again). The default stays left (generation), also with only the tokenizer set to right (helper-64: generation
+    from such a processor's prompts gave other tokens); a call's `padding_side` and `return_labels=True` choose."""
     texts = ["<image>a b c", "<image>a"]
     images = [[tiny_images[0]], [tiny_images[1]]]
     default = AutoProcessor.from_pretrained(converted("tiny-neox"))
@@ -1469,7 +1470,15 @@ def test_processor_padding_side_is_chosen_on_loading_set_and_saved(converted, ti
     default.save_pretrained(tmp_path / "right")
     assert AutoProcessor.from_pretrained(tmp_path / "right").padding_side == "right"
     assert AutoProcessor.from_pretrained(tmp_path / "right", padding_side="left").padding_side == "left"
+    # the tokenizer's side set alone (as training scripts do) leaves calls, and the saved processor, on the left
+    alone = AutoProcessor.from_pretrained(converted("tiny-neox"))
+    alone.tokenizer.padding_side = "right"
+    assert alone.padding_side == "left" and alone(images=images, text=texts)["attention_mask"][1, 0] == 0
+    alone.save_pretrained(tmp_path / "alone")
+    assert AutoProcessor.from_pretrained(tmp_path / "alone").padding_side == "left"
+    # a processor set to right follows its tokenizer set back to left (as 5.x's pipelines do for generation)
     right.tokenizer.padding_side = "left"
+    assert right(images=images, text=texts)["attention_mask"][1, 0] == 0
     right.save_pretrained(tmp_path / "left")
     loaded = AutoProcessor.from_pretrained(tmp_path / "left")
     assert loaded.padding_side == "left" and loaded(images=images, text=texts)["attention_mask"][1, 0] == 0
