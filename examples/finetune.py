@@ -207,8 +207,8 @@ class CPUFSDPTrainer(FlamingoTrainer):
 
 def checkpointing_arguments(enabled: bool) -> dict[str, Any]:
     """`TrainingArguments` keywords for non-reentrant gradient checkpointing, under the installed transformers' name
-    (`activation_checkpointing` since 5.24, where the old `gradient_checkpointing` is deprecated and warns; 4.x has
-    only the old name)."""
+    (`activation_checkpointing` since 5.23, where the old `gradient_checkpointing` is deprecated and warns; 4.x and
+    5.18-5.22 have only the old name)."""
     names = {field.name for field in dataclasses.fields(TrainingArguments)}
     name = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}

@@ -1273,7 +1273,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             default of transformers 4.x is reentrant). A reentrant checkpoint gives no gradient to the weights inside
             it when none of its inputs needs one: LoRA in the LM's layers before the first gated block, with the
             embeddings frozen, would silently not train. With `use_reentrant=True` asked for, the input embeddings'
-            output is made to need a gradient (`enable_input_require_grads`), as transformers >= 5.24 does."""
+            output is made to need a gradient (`enable_input_require_grads`), as transformers >= 5.23 does."""
             checkpoint_kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
             super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs, **kwargs)
             if checkpoint_kwargs["use_reentrant"]:
