@@ -987,9 +987,9 @@ _FILL_TIED_NAMES: contextvars.ContextVar[bool] = contextvars.ContextVar("openfla
 
 
 # What a `from_pretrained` / `from_config` call asks for the LM's attention by name
-# (`attn_implementation={"text_config": ...}`), read by the model's `__init__`: the config alone cannot tell it from
-# the "eager" that `__init__` writes for MPT's own class into the config a built model holds (and
-# `from_config(model.config)` reuses).
+# (`attn_implementation={"text_config": ...}`, or a name for the whole model), read by the model's `__init__`: the
+# config alone cannot tell it from the "eager" that `__init__` writes for MPT's own class into the config a built
+# model holds (and `from_config(model.config)` reuses).
 _REQUESTED_LM_ATTENTION: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "openflamingo_requested_lm_attention", default=None
 )
@@ -997,9 +997,12 @@ _REQUESTED_LM_ATTENTION: contextvars.ContextVar[str | None] = contextvars.Contex
 
 @contextmanager
 def _lm_attention_requested(attn_implementation: Any) -> Iterator[None]:
-    """Within: `attn_implementation`'s `"text_config"` entry, when it is a dict with one, as the LM's attention asked
-    for (see `_REQUESTED_LM_ATTENTION`)."""
-    requested = attn_implementation.get("text_config") if isinstance(attn_implementation, dict) else None
+    """Within: `attn_implementation`'s `"text_config"` entry (a dict), or the name itself (a string, for the whole
+    model and so for the LM), as the LM's attention asked for (see `_REQUESTED_LM_ATTENTION`)."""
+    if isinstance(attn_implementation, dict):
+        requested = attn_implementation.get("text_config")
+    else:  # a name for the whole model is the LM's too
+        requested = attn_implementation if isinstance(attn_implementation, str) else None
     token = _REQUESTED_LM_ATTENTION.set(requested)
     try:
         yield
@@ -1155,11 +1158,11 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         # What was asked for the LM (read before `PreTrainedModel.__init__` resolves the whole model's value): by
         # name in the building call (`attn_implementation={"text_config": ...}`), else the LM's value, else the
         # model's. A config reused from a built MPT model (`from_config(model.config)`) holds the "eager" written
-        # below for MPT's own class (marked so): then the model's value counts.
+        # below for MPT's own class (marked so): that LM ran SDPA, whatever the model's own value.
         top = getattr(config, "_attn_implementation_internal", None)
         text = getattr(config.text_config, "_attn_implementation_internal", None)
         if text == "eager" and getattr(config, LM_SDPA_WRITTEN_AS_EAGER, False):
-            text = None
+            text = "sdpa"  # what that LM runs (this package's SDPA attention), whatever the model's own value
         lm_requested = _REQUESTED_LM_ATTENTION.get() or text or top  # None: the default
         super().__init__(config)
         # `_from_config`, as the LM's `from_config`: each built in its sub-config's dtype (transformers 4.x's

@@ -911,6 +911,18 @@ def test_mpt_attention_implementation_by_name(family, tmp_path):
         assert type(switched.language_model.transformer.blocks[0].attn) is classes[expected]
         again = AutoModelForImageTextToText.from_config(copy.deepcopy(switched.config))
         assert type(again.language_model.transformer.blocks[0].attn) is classes[expected]
+    # the LM's SDPA asked for beside eager for the whole model: a model built from that config runs SDPA too (helper-66)
+    mixed = AutoModelForImageTextToText.from_pretrained(
+        tmp_path, attn_implementation={"text_config": "sdpa", "": "eager"}
+    )
+    for again in (
+        OpenFlamingoForConditionalGeneration(copy.deepcopy(mixed.config)),
+        AutoModelForImageTextToText.from_config(copy.deepcopy(mixed.config)),
+    ):
+        assert type(again.language_model.transformer.blocks[0].attn) is classes["sdpa"]
+    # and a name for the whole model, given when building from a config that runs SDPA, is the LM's too
+    again = AutoModelForImageTextToText.from_config(copy.deepcopy(mixed.config), attn_implementation="eager")
+    assert type(again.language_model.transformer.blocks[0].attn) is classes["eager"]
     model.save_pretrained(tmp_path / "saved")  # the mark of the LM's config is the model's own, never saved
     assert "sdpa_written_as_eager" not in (tmp_path / "saved" / "config.json").read_text()
 
