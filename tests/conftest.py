@@ -17,6 +17,16 @@ ROOT = Path(__file__).resolve().parent.parent
 MEDIA, EOC, PAD = 401, 400, 402  # the tiny families' added tokens
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FAMILIES = ["tiny-mpt", "tiny-mpt-1b-redpajama-200b", "tiny-neox", "tiny-llama"]
+# Made with the original as the four were (open_flamingo 2.0.1, transformers 4.33.3, open-clip-torch 2.20.0, fp32 CPU)
+# by a sweep over what those four do not vary; each has its own images (`images/`, PIL modes in spec.json) and a
+# vision tower of width 16 (the LM's is 32):
+# - MPT, seed 213, N=2 of 4 layers, `softmax_scale` 0.3, `use_cache` True, 3 rows; L, I;16 (2x3), RGB (1x1), P made
+#   from RGBA, F images;
+# - GPT-NeoX, seed 202, N=4 of 6 layers (one block), parallel residual, `rotary_pct` 0.25, 40 px images (25 patches),
+#   text before the first <image>; P with transparency, LA, CMYK, RGBA images;
+# - LLaMA, seed 206, N=4 of 6 layers, grouped-query attention (2 key/value heads), 3 images a row; I;16, F, LA, P made
+#   from RGBA images.
+SWEEP = ["sweep-mpt-s213-n2-kv-cache", "sweep-neox-s202-l6-n4-parallel", "sweep-llama-s206-l6-n4-gqa"]
 # transformers >= 5.23 names gradient checkpointing "activation checkpointing" (methods and `TrainingArguments`); the
 # old names warn (deprecated); 4.x has the old names only. Tests use the installed version's.
 NEW_NAMES = hasattr(PreTrainedModel, "activation_checkpointing_enable")
@@ -112,6 +122,18 @@ def tiny_images():
     from PIL import Image
 
     return [Image.open(FIXTURES / "tiny_images" / f"image_{i}.png") for i in range(6)]
+
+
+def fixture_images(family: str, tiny_images: list) -> list:
+    """The images a fixture's inputs were made from: its own (`images/`, as spec.json lists them), else the shared
+    `tiny_images`."""
+    from PIL import Image
+
+    folder = FIXTURES / family / "images"
+    if not folder.is_dir():
+        return tiny_images
+    names = json.loads((FIXTURES / family / "spec.json").read_text())["images"]
+    return [Image.open(folder / name) for name in names]
 
 
 def lm_cache_of(output) -> tuple[str, object]:

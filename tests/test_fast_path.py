@@ -28,7 +28,7 @@ from modeling_openflamingo.modeling_openflamingo import (
     _mpt_static_cache_view,
 )
 
-from .conftest import enable_checkpointing, is_checkpointing
+from .conftest import SWEEP, enable_checkpointing, is_checkpointing
 from .test_core import EOC, MEDIA, PAD, mpt_attention_classes
 from .test_core import inputs as cpu_inputs
 from .test_core import tiny_model as cpu_tiny_model
@@ -415,10 +415,12 @@ def test_fast_path_counts_a_generated_image_token_as_generate_does(num_beams, sc
 
 
 @needs_v5
-@pytest.mark.parametrize("family", ["tiny-neox-s11-n1-generates-image", "tiny-llama-s4-n1-beam-generates-image"])
-def test_fast_path_gives_the_originals_ids_after_a_generated_image(family, loaded, reference, fast_path_on_cpu):
-    """The fixtures where the original's cached generation feeds back `<image>` (greedy, or a beam later dropped):
-    the fast path gives the original's ids, greedy and beam search."""
+@pytest.mark.parametrize(
+    "family", ["tiny-neox-s11-n1-generates-image", "tiny-llama-s4-n1-beam-generates-image", *SWEEP]
+)
+def test_fast_path_gives_the_originals_ids(family, loaded, reference, fast_path_on_cpu):
+    """The fixtures where the original's cached generation feeds back `<image>` (greedy, or a beam later dropped), and
+    those of the sweep against the original: the fast path gives the original's ids, greedy and beam search."""
     from .test_generation import reference_inputs
 
     model, _ = loaded(family)

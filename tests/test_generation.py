@@ -29,7 +29,7 @@ from transformers import (
 from modeling_openflamingo import OpenFlamingoConfig, OpenFlamingoForConditionalGeneration
 from modeling_openflamingo.modeling_openflamingo import image_indices_from_input_ids
 
-from .conftest import FAMILIES, ROOT, enable_checkpointing, is_checkpointing, lm_cache_of
+from .conftest import FAMILIES, ROOT, SWEEP, enable_checkpointing, is_checkpointing, lm_cache_of
 
 CAPTION_PROMPT = (
     "<image>Output:A photo of two cats.<|endofchunk|><image>Output:A bathroom sink.<|endofchunk|><image>Output:"
@@ -123,7 +123,7 @@ GENERATES_IMAGE = {
 }
 
 
-@pytest.mark.parametrize("family", [*FAMILIES, *GENERATES_IMAGE])
+@pytest.mark.parametrize("family", [*FAMILIES, *GENERATES_IMAGE, *SWEEP])
 def test_greedy_and_beam_search_match_reference(family, loaded, reference):
     """Token ids of the original's `generate` (greedy, and beam search with 3 beams), exactly.
 
