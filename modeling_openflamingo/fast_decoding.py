@@ -446,6 +446,14 @@ def _release_cuda_rng_from_failed_capture() -> None:
         torch.empty(1, device=torch.cuda.current_device()).fill_(0)
 
 
+def _key_value_dtype(model: nn.Module, block: nn.Module) -> torch.dtype:
+    """The dtype of `block.attn.key_values(...)`: its `to_kv` weight's when floating, else (a quantized `to_kv` whose
+    weight is packed integers, as bitsandbytes' `Int8Params` / `Params4bit`) that of the images it is given, the
+    Perceiver's."""
+    weight = block.attn.to_kv.weight
+    return weight.dtype if weight.is_floating_point() else model.perceiver.latents.dtype
+
+
 class _StaticDecoder:
     """Decoding of `rows` sequences into a static KV cache of `max_len` positions. The subclasses choose the tokens:
     [`_StaticGreedyDecoder`] (greedy) and [`_StaticBeamDecoder`] (beam search, `num_beams` rows per prompt).
@@ -498,7 +506,7 @@ class _StaticDecoder:
             shape = (rows, config.cross_attn_heads, num_images * config.perceiver_num_latents)
             self.key_values = tuple(
                 tuple(
-                    torch.zeros(*shape, config.cross_attn_dim_head, dtype=block.attn.to_kv.weight.dtype, device=device)
+                    torch.zeros(*shape, config.cross_attn_dim_head, dtype=_key_value_dtype(model, block), device=device)
                     for _ in range(2)
                 )
                 for block in model.gated_cross_attn_layers.values()

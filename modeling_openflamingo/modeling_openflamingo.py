@@ -298,10 +298,15 @@ class OpenFlamingoPerceiverResampler(nn.Module):
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         """`(batch_size, num_images, num_patches, dim)` patch features (the vision tower's last hidden state, without
         `post_layernorm`) -> `(batch_size, num_images, num_latents, dim)` latents."""
-        latents = self.latents.to(image_features.dtype).expand(*image_features.shape[:-2], -1, -1)
+        batch_shape = image_features.shape[:-2]
+        # the images of all rows as one batch dimension: every Linear sees 3-D inputs (bitsandbytes' 8-bit matmul
+        # takes no more dimensions)
+        image_features = image_features.reshape(-1, *image_features.shape[-2:])
+        latents = self.latents.to(image_features.dtype).expand(image_features.shape[0], -1, -1)
         for layer in self.layers:
             latents = layer(image_features, latents)
-        return self.norm(latents)
+        latents = self.norm(latents)
+        return latents.reshape(*batch_shape, *latents.shape[-2:])
 
 
 def cross_attention_mask(
@@ -401,6 +406,16 @@ _CONTINUING_WITH_IMAGES = (
 
 # What `generate` adds to the model kwargs for [`prepare_inputs_for_generation`] (not inputs of the forward)
 _GENERATE_STATE_KEYS = frozenset({"generated_image_state", "embeds_prompt_ids", "prefill_chunked_embeds"})
+
+
+def _is_quantized(parameter: torch.Tensor) -> bool:
+    """Whether a parameter holds quantized weights: packed integers (bitsandbytes' `Int8Params`, `Params4bit`) or a
+    tensor subclass standing for them (torchao's `AffineQuantizedTensor`, quanto's `QTensor`). FSDP2's `DTensor`
+    shards are not."""
+    data = parameter.data
+    if not data.is_floating_point():
+        return True
+    return type(data) not in (torch.Tensor, nn.Parameter) and type(data).__name__ != "DTensor"
 
 
 @functools.cache
@@ -2400,6 +2415,20 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 "Perceiver's and the cross-attention blocks' own weights trainable, outside the adapter (which does "
                 "not save them): call it before get_peft_model, with "
                 "LoraConfig(..., modules_to_save=model.peft_modules_to_save())."
+            )
+        # Quantized, they cannot train (transformers' quantization integrations convert them unless told not to):
+        # torchao's weights would take requires_grad and get no gradient, bitsandbytes' refuse it half-way through.
+        trained = ("perceiver", "gated_cross_attn_layers")
+        quantized = [
+            name for part in trained for name, p in getattr(self, part).named_parameters(part) if _is_quantized(p)
+        ]
+        if quantized:
+            raise ValueError(
+                "freeze_for_training() trains the Perceiver and the gated cross-attention blocks, but "
+                f"{len(quantized)} of their weights are quantized (e.g. {quantized[0]!r}). Load the model with them "
+                "left out of quantization: BitsAndBytesConfig(..., llm_int8_skip_modules=SKIP), or TorchAoConfig / "
+                "QuantoConfig(..., modules_to_not_convert=SKIP), with SKIP = ['perceiver', 'gated_cross_attn_layers', "
+                "'lm_head'] (a list replaces transformers' own, so it names the output layer too)."
             )
         embedding = self.get_input_embeddings()
         weight = getattr(embedding, "weight", None)

@@ -1193,6 +1193,52 @@ def test_qk_layernorm_beside_a_quantized_wqkv():
     assert [attention.k_ln.weight.dtype for attention in language_model] == [torch.float16, torch.get_default_dtype()]
 
 
+class Int8Linear(torch.nn.Module):
+    """bitsandbytes' `Linear8bitLt` in miniature: an int8 weight with per-row scales, and inputs of 2 or 3 dimensions
+    only (as its 8-bit matmul)."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1, keepdim=True).clamp_min(1e-8) / 127
+        self.weight = torch.nn.Parameter((weight / scale).round().to(torch.int8), requires_grad=False)
+        self.register_buffer("scale", scale)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight.float() * self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() > 3:
+            raise RuntimeError(f"the 8-bit matmul takes 2-D or 3-D inputs, got {x.dim()}-D")
+        return torch.nn.functional.linear(x, self.dequantized().to(x.dtype))
+
+
+def quantized_int8(model: OpenFlamingoForConditionalGeneration, parts=("perceiver", "gated_cross_attn_layers")):
+    """`model` with every `nn.Linear` of `parts` made an [`Int8Linear`] (in place), and a float copy of it with the
+    dequantized weights: the numbers the quantized model computes with."""
+    float_model = copy.deepcopy(model)
+    for part in parts:
+        for name, linear in list(getattr(model, part).named_modules()):
+            if isinstance(linear, torch.nn.Linear):
+                quantized = Int8Linear(linear)
+                getattr(model, part).set_submodule(name, quantized)
+                getattr(float_model, part).get_submodule(name).weight.data = quantized.dequantized()
+    return model, float_model
+
+
+@pytest.mark.parametrize("family", ["mpt", "llama"])
+def test_int8_perceiver_and_blocks_compute_with_their_weights(family):
+    """A model whose Perceiver and gated blocks are quantized as bitsandbytes' 8-bit layers are (the integrations
+    convert them by default): it computes with the dequantized weights. The Perceiver gives its Linears 3-D inputs
+    (rows x images flattened): bitsandbytes' 8-bit matmul failed on the 4-D ones (helper-67)."""
+    model, float_model = quantized_int8(tiny_model(family))
+    ids, pixel_values = inputs()
+    with torch.no_grad():
+        got = model(input_ids=ids, pixel_values=pixel_values).logits
+        expected = float_model(input_ids=ids, pixel_values=pixel_values).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
 @pytest.mark.skipif(not IS_V4, reason="transformers 5.x loads a per-module dtype dict in one dtype, with a warning")
 @pytest.mark.parametrize("vision_dtype", [torch.float32, torch.bfloat16])
 def test_per_module_dtype_dict_on_v4(tmp_path, vision_dtype):

@@ -436,6 +436,21 @@ def test_fast_path_gives_the_originals_ids(family, loaded, reference, fast_path_
 
 
 @needs_v5
+def test_fast_path_with_int8_cross_attention_weights(fast_path_on_cpu):
+    """Gated blocks quantized as bitsandbytes' 8-bit layers (an int8 `to_kv.weight`): the decoder's cross-attention
+    keys/values take the images' dtype, not the weight's (SDPA refused int8 keys; helper-67), and the fast path gives
+    plain `generate`'s tokens."""
+    from .test_core import quantized_int8
+
+    model, _ = quantized_int8(cpu_tiny_model("llama"))
+    ids, mask, pixel_values = padded_prompt()
+    for num_beams in (1, 3):
+        kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=6, min_new_tokens=6, num_beams=num_beams)
+        assert_fast_path_equals_generate(model, kw)
+    assert len(_STATIC_DECODERS[model]) == 2  # the fast path ran (greedy, beams)
+
+
+@needs_v5
 def test_decoders_are_remade_when_the_weights_move(fast_path_on_cpu):
     """`model.to(dtype)` or tensors loaded with `assign=True` put the weights elsewhere: a decoder's CUDA graphs and
     buffers would read the old memory (on the CPU the old dtype made `index_copy_` fail), so the decoders go."""

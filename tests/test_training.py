@@ -818,6 +818,32 @@ def test_the_recipe_and_peft_in_the_wrong_order_are_refused(converted):
         adapted(**sample_inputs())
 
 
+def test_the_recipe_refuses_quantized_trainables():
+    """transformers' quantization integrations convert the Perceiver and the gated blocks unless told not to: the
+    recipe cannot train them (torchao's weights took `requires_grad` and got no gradient, bitsandbytes' refused it
+    half-way through; helper-67). Refused before anything changes, naming the modules to leave out."""
+    from .test_core import quantized_int8, tiny_model
+
+    model, _ = quantized_int8(tiny_model("llama"), parts=("gated_cross_attn_layers",))  # bitsandbytes: int8 data
+    before = {name: p.requires_grad for name, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"weights are quantized.*'perceiver', 'gated_cross_attn_layers', 'lm_head'"):
+        model.freeze_for_training()
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == before
+
+    class PackedWeight(torch.Tensor):  # a float tensor subclass standing for quantized values, as torchao's
+        pass
+
+    model = tiny_model("llama")
+    to_q = model.perceiver.layers[0].attn.to_q
+    plain = to_q.weight
+    to_q.weight = torch.nn.Parameter(plain.detach().as_subclass(PackedWeight), requires_grad=False)  # as torchao's
+    with pytest.raises(ValueError, match=r"1 of their weights are quantized \(e.g. 'perceiver.layers.0.attn.to_q"):
+        model.freeze_for_training()
+    to_q.weight = plain  # plain again: the recipe applies
+    model.freeze_for_training()
+    assert to_q.weight.requires_grad
+
+
 @pytest.mark.parametrize("conditioning", ["sequence", "original_kv_cache"])
 def test_prefix_tuning_generates_as_the_model_does_after_the_prefix_tokens(conditioning):
     """PEFT's prefix tuning (its own `prepare_inputs_for_generation`, which does not name this model's generation
