@@ -409,13 +409,18 @@ _GENERATE_STATE_KEYS = frozenset({"generated_image_state", "embeds_prompt_ids", 
 
 
 def _is_quantized(parameter: torch.Tensor) -> bool:
-    """Whether a parameter holds quantized weights: packed integers (bitsandbytes' `Int8Params`, `Params4bit`) or a
-    tensor subclass standing for them (torchao's `AffineQuantizedTensor`, quanto's `QTensor`). FSDP2's `DTensor`
-    shards are not."""
+    """Whether a parameter holds quantized weights: bitsandbytes' (`Int8Params`; `Params4bit`, with a `quant_state`,
+    whatever dtype stores it), or a tensor subclass standing for them (torchao's `AffineQuantizedTensor`, quanto's
+    `QTensor`). torch's own subclasses (`DTensor`, `FakeTensor`) and torchao's float8 training weights are not."""
+    if getattr(parameter, "quant_state", None) is not None:  # bitsandbytes' Params4bit, whatever its quant_storage
+        return True
     data = parameter.data
     if not data.is_floating_point():
         return True
-    return type(data) not in (torch.Tensor, nn.Parameter) and type(data).__name__ != "DTensor"
+    cls = type(data)
+    # torch's own subclasses (DTensor shards, FakeTensor / FunctionalTensor while tracing or estimating memory) and
+    # torchao's float8 *training* weights (fp32 weights cast to float8 for FSDP's all-gather) are not quantized
+    return cls not in (torch.Tensor, nn.Parameter) and not cls.__module__.startswith(("torch.", "torchao.float8."))
 
 
 @functools.cache

@@ -842,6 +842,18 @@ def test_the_recipe_refuses_quantized_trainables():
     to_q.weight = plain  # plain again: the recipe applies
     model.freeze_for_training()
     assert to_q.weight.requires_grad
+    # bitsandbytes' 4-bit weights stored in bf16 (`bnb_4bit_quant_storage`, as for FSDP): known by their quant_state
+    model = tiny_model("llama")
+    model.perceiver.layers[0].ff.fc1.weight.quant_state = object()
+    with pytest.raises(ValueError, match=r"1 of their weights are quantized \(e.g. 'perceiver.layers.0.ff.fc1"):
+        model.freeze_for_training()
+    # torch's own subclasses are not quantized weights: a model built under FakeTensorMode (memory estimators)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        model = tiny_model("llama")
+        model.freeze_for_training()
+    assert model.perceiver.latents.requires_grad and not next(model.vision_model.parameters()).requires_grad
 
 
 @pytest.mark.parametrize("conditioning", ["sequence", "original_kv_cache"])
