@@ -436,6 +436,39 @@ def test_fast_path_gives_the_originals_ids(family, loaded, reference, fast_path_
 
 
 @needs_v5
+def test_fast_path_leaves_a_wrappers_prepare_inputs_to_generate(fast_path_on_cpu):
+    """A wrapper that puts its own `prepare_inputs_for_generation` on the model for the call (PEFT's prompt learning,
+    to add a prefix or virtual tokens) is run by `GenerationMixin`'s loop: the fast path, whose decoders never call
+    it, leaves such a call alone (it dropped what the wrapper adds)."""
+    model = cpu_tiny_model("llama")
+    ids, mask, pixel_values = padded_prompt()
+    kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=4, min_new_tokens=4)
+    own, calls = model.prepare_inputs_for_generation, []
+
+    def wrapped(*args, **kwargs):
+        calls.append(len(calls))
+        return own(*args, **kwargs)
+
+    model.prepare_inputs_for_generation = wrapped
+    out = model.generate(**kw, cache_implementation="static")
+    assert len(calls) == 4 and not _STATIC_DECODERS.get(model)
+    del model.prepare_inputs_for_generation
+    assert torch.equal(out, model.generate(**kw))
+
+    # PEFT: prompt learning puts its own there for the call and the model's own back afterwards (then the fast path
+    # runs); LoRA never replaces it (the fast path runs)
+    peft = pytest.importorskip("peft")
+    prefixed = peft.get_peft_model(model, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    prefixed.generate(**kw)
+    assert_fast_path_equals_generate(model, kw)
+    assert len(_STATIC_DECODERS[model]) == 1
+    model = cpu_tiny_model("llama")
+    adapted = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    assert_fast_path_equals_generate(adapted, kw)
+    assert len(_STATIC_DECODERS[model]) == 1
+
+
+@needs_v5
 def test_fast_path_with_int8_cross_attention_weights(fast_path_on_cpu):
     """Gated blocks quantized as bitsandbytes' 8-bit layers (an int8 `to_kv.weight`): the decoder's cross-attention
     keys/values take the images' dtype, not the weight's (SDPA refused int8 keys; helper-67), and the fast path gives
