@@ -408,6 +408,14 @@ _CONTINUING_WITH_IMAGES = (
 _GENERATE_STATE_KEYS = frozenset({"generated_image_state", "embeds_prompt_ids", "prefill_chunked_embeds"})
 
 
+def _peft_prompt_learning(model: nn.Module) -> bool:
+    """Whether PEFT's prompt learning (prompt tuning, p-tuning, prefix tuning) has put its
+    `prepare_inputs_for_generation` on `model` for a `generate` call (to add the virtual tokens or the prefix)."""
+    wrapper = vars(model).get("prepare_inputs_for_generation")
+    config = getattr(getattr(wrapper, "__self__", None), "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
 def _is_quantized(parameter: torch.Tensor) -> bool:
     """Whether a parameter holds quantized weights: bitsandbytes' (`Int8Params`; `Params4bit`, with a `quant_state`,
     whatever dtype stores it), or a tensor subclass standing for them (torchao's `AffineQuantizedTensor`, quanto's
@@ -1187,13 +1195,16 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         super().__init__(config)
         # `_from_config`, as the LM's `from_config`: each built in its sub-config's dtype (transformers 4.x's
         # `from_pretrained(dtype={"vision_config": ..., "text_config": ..., "": ...})`)
-        self.vision_model = CLIPVisionModel._from_config(config.vision_config)
-        self.perceiver = OpenFlamingoPerceiverResampler(config)
+        vision_model = CLIPVisionModel._from_config(config.vision_config)
+        perceiver = OpenFlamingoPerceiverResampler(config)
         if _is_mpt(config.text_config) and config.text_config._attn_implementation == "sdpa":
             # asked for by name (`attn_implementation="sdpa"`): transformers' MPT has eager attention only, and the
             # SDPA one is this package's (`add_mpt_sdpa_attention`, after the LM is built)
             config.text_config._attn_implementation = "eager"
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        # registered after the LM, built before it (the same random initialisation as ever): PEFT's prompt tuning and
+        # p-tuning embed the tokens with the word embeddings of the first `PreTrainedModel` child
+        self.vision_model, self.perceiver = vision_model, perceiver
         add_mpt_qk_layernorm(self.language_model, config.text_config)
         lm_sdpa = (lm_requested or config._attn_implementation) != "eager"  # "eager" keeps MPT's own (weights)
         if lm_sdpa:
@@ -1467,8 +1478,15 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 )
         if image_cache is not None:
             self._check_image_cache(image_cache, batch_and_seq[0])
+        soft_prompted = (  # a soft prompt before the embedded tokens (PEFT's prompt tuning): checked in the forward
+            input_ids is None
+            and image_indices is not None
+            and image_indices.ndim == 2
+            and image_indices.shape[0] == batch_and_seq[0]
+            and image_indices.shape[1] < batch_and_seq[1]
+        )
         if image_indices is not None and (
-            tuple(image_indices.shape) != batch_and_seq or not _is_integer(image_indices)
+            (tuple(image_indices.shape) != batch_and_seq and not soft_prompted) or not _is_integer(image_indices)
         ):
             raise ValueError(
                 f"image_indices must be integers of shape (batch, seq) = {batch_and_seq}; got {image_indices.dtype} "
@@ -1534,6 +1552,33 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         if self.config.media_token_id is None:
             raise ValueError("config.media_token_id is not set: the model cannot find the <image> tokens.")
         return image_indices_from_input_ids(input_ids, self.config.media_token_id, num_images)
+
+    def _image_indices_with_soft_prompt(self, inputs_embeds: torch.Tensor, image_indices: torch.Tensor) -> torch.Tensor:
+        """`image_indices` `(batch, k)` of the last k positions of `inputs_embeds` `(batch, seq, hidden)`, made
+        `(batch, seq)`: the positions before them (a soft prompt, as PEFT's prompt tuning and p-tuning prepend to the
+        embedded tokens) see no image. Checked against the `<image>` embeddings the positions hold, so that indices of
+        other positions are refused, not shifted."""
+        prefix = inputs_embeds.shape[1] - image_indices.shape[1]
+        found = None
+        if self.config.media_token_id is not None:
+            found = (self._media_ids_from_embeds(inputs_embeds) == self.config.media_token_id).cumsum(dim=-1)
+        if found is None or bool(found[:, prefix - 1].any()) or not torch.equal(found[:, prefix:], image_indices):
+            raise ValueError(
+                f"image_indices {tuple(image_indices.shape)} cover the last {image_indices.shape[1]} of the "
+                f"{inputs_embeds.shape[1]} positions of inputs_embeds (a soft prompt before them, as PEFT's prompt "
+                "tuning prepends), but they do not number the <image> embeddings of those positions, with none "
+                "before: pass image_indices (batch, seq) for every position, or none (the images are then placed by "
+                "the <image> embeddings)."
+            )
+        return torch.cat((image_indices.new_zeros(image_indices.shape[0], prefix), image_indices), dim=-1)
+
+    def _media_ids_from_embeds(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """`(batch, seq)`: `config.media_token_id` where a position of `inputs_embeds` `(batch, seq, hidden)` holds the
+        `<image>` token's input embedding, -1 elsewhere: ids to find the `<image>` tokens in."""
+        media = self.config.media_token_id
+        ids = torch.full((1, 1), media, dtype=torch.long, device=inputs_embeds.device)
+        row = self.get_input_embeddings()(ids).to(inputs_embeds.dtype)
+        return torch.where((inputs_embeds == row).all(dim=-1), media, -1)
 
     def _cross_attention_key_values(self, image_hidden_states: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], ...]:
         blocks = self.gated_cross_attn_layers.values()
@@ -1645,15 +1690,28 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             num_images = self._num_cached_images(image_cache)
         has_images = num_images is not None
 
-        if image_indices is None and input_ids is not None and has_images and is_torchdynamo_compiling():
+        if image_indices is not None and input_ids is None and image_indices.shape[-1] < inputs_embeds.shape[1]:
+            if continuing:  # (a soft prompt comes before the prompt's tokens, in the first forward only)
+                raise ValueError(
+                    f"image_indices must be integers of shape (batch, seq) = {tuple(inputs_embeds.shape[:2])}; got "
+                    f"{tuple(image_indices.shape)}: a soft prompt before the embedded tokens (as PEFT's prompt tuning "
+                    "prepends) goes into the first forward only, not into one that continues from a cache."
+                )
+            image_indices = self._image_indices_with_soft_prompt(inputs_embeds, image_indices)
+        placing_ids = input_ids  # the ids that the <image> tokens are found in
+        if input_ids is None and image_indices is None and has_images and self.config.media_token_id is not None:
+            # `inputs_embeds` alone (e.g. PEFT's prompt tuning prepends learned ones): the <image> tokens are the rows
+            # that equal the <image> token's embedding, as transformers' vision-language models find them
+            placing_ids = self._media_ids_from_embeds(inputs_embeds)
+        if image_indices is None and placing_ids is not None and has_images and is_torchdynamo_compiling():
             # traced (`torch.compile(model)`, `torch.export`): the checks below read input_ids on the host, a graph
             # break (an export error); the numbering is theirs, unchecked. Pass image_indices to have them checked.
             if continuing and image_cache is None:
                 raise ValueError(_CONTINUING_WITH_IMAGES)  # (as below, where it needs no input_ids either)
-            last = image_cache.last_image_index.unsqueeze(-1) if continuing else input_ids.new_zeros(())
-            image_indices = _image_indices_after(last, input_ids, self.config.media_token_id)
-        if image_indices is None and input_ids is not None and self.config.media_token_id is not None:
-            has_media = bool((input_ids == self.config.media_token_id).any())
+            last = image_cache.last_image_index.unsqueeze(-1) if continuing else placing_ids.new_zeros(())
+            image_indices = _image_indices_after(last, placing_ids, self.config.media_token_id)
+        if image_indices is None and placing_ids is not None and self.config.media_token_id is not None:
+            has_media = bool((placing_ids == self.config.media_token_id).any())
             if has_media and not has_images:
                 raise ValueError(
                     "input_ids contain <image> tokens but no images were given (pixel_values, image_hidden_states "
@@ -1661,17 +1719,22 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 )
             if continuing and image_cache is not None:
                 offset = image_cache.last_image_index.unsqueeze(-1)
-                image_indices = offset + self._image_indices(input_ids, num_images)
+                image_indices = offset + self._image_indices(placing_ids, num_images)
                 if bool((image_indices[:, -1] > num_images).any()):
                     raise ValueError(
                         f"The continued input_ids add <image> tokens beyond the {num_images} images of image_cache."
                     )
             elif has_images:
                 if not has_media and not continuing:
+                    if input_ids is None:
+                        raise ValueError(
+                            "Images were given but no position of inputs_embeds holds the <image> token's embedding "
+                            "(`model.get_input_embeddings()` of it) to place them: pass image_indices."
+                        )
                     raise ValueError("Images were given but input_ids contain no <image> token to place them.")
                 if continuing:
                     raise ValueError(_CONTINUING_WITH_IMAGES)
-                image_indices = self._image_indices(input_ids, num_images)
+                image_indices = self._image_indices(placing_ids, num_images)
         if has_images and image_indices is None:
             if input_ids is not None:  # (the only way here: no `media_token_id` to find the <image> tokens by)
                 self._image_indices(input_ids, num_images)
@@ -1865,6 +1928,13 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             # `GenerationMixin` appends the generated tokens to the ids given with the embeddings (none, the
             # embedded positions' or a soft prompt's fewer): [`prepare_inputs_for_generation`] finds them after these
             kwargs["embeds_prompt_ids"] = input_ids.shape[-1] if torch.is_tensor(input_ids) else 0
+            embedded, given = kwargs["inputs_embeds"].shape[:2], kwargs["embeds_prompt_ids"]
+            if 0 < given != embedded[-1] and kwargs.get("attention_mask") is None:
+                # `GenerationMixin` would make the mask from the ids, of another length (an error deep in the LM)
+                raise ValueError(
+                    f"inputs_embeds hold {embedded[-1]} positions and input_ids {given}: pass an attention_mask of "
+                    f"shape {tuple(embedded)}, 1 for every embedded position to attend to."
+                )
         self._extend_image_indices(input_ids, kwargs)
         if torch.is_tensor(input_ids) and kwargs.get("inputs_embeds") is None:
             # before the images are encoded or expanded for beams: the errors then name the caller's shapes
@@ -1991,12 +2061,13 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             and embeds.ndim == 3
             and not (torch.is_tensor(input_ids) and tuple(input_ids.shape) == tuple(embeds.shape[:2]))
         ):
-            # `inputs_embeds` without the ids of each embedded position: no <image> token to place images by
-            if has_images:
-                raise ValueError("With inputs_embeds and images, pass image_indices.")  # (as the forward says)
-            # Text only: the tokens see no image, a generated <image> included (as with input_ids below).
-            kwargs["image_indices"] = embeds.new_zeros(embeds.shape[:2], dtype=torch.long)
-            return False
+            # `inputs_embeds` without the ids of each embedded position
+            if not has_images:
+                # Text only: the tokens see no image, a generated <image> included (as with input_ids below).
+                kwargs["image_indices"] = embeds.new_zeros(embeds.shape[:2], dtype=torch.long)
+                return False
+            # the <image> tokens are the positions that hold the <image> token's embedding (as the forward finds them)
+            input_ids = self._media_ids_from_embeds(embeds)
         if (
             not torch.is_tensor(input_ids)
             or input_ids.ndim != 2
@@ -2104,6 +2175,14 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             model_inputs.pop("pixel_values", None)
             model_inputs.pop("image_hidden_states", None)
             model_inputs["image_cache"] = image_cache
+        if (
+            _CACHE_FIELD != "past_key_values"
+            and model_inputs.get(_CACHE_FIELD) is not None
+            and _peft_prompt_learning(self)
+        ):
+            # peft 0.21 reads and replaces the cache as `past_key_values` (transformers >= 5.24 names it `cache`):
+            # without it, prompt tuning adds the virtual tokens again at every step, prefix tuning drops the prefix
+            model_inputs["past_key_values"] = model_inputs.pop(_CACHE_FIELD)
         return model_inputs
 
     @staticmethod

@@ -1172,8 +1172,8 @@ def test_continuing_from_an_image_cache_equals_continuing_with_the_images(condit
 @pytest.mark.parametrize("conditioning", ["sequence", "original_kv_cache"])
 def test_generate_from_inputs_embeds_counts_a_generated_image_as_from_input_ids(conditioning):
     """With the prompt given as `inputs_embeds` (the generated tokens then make up all of `input_ids`), a generated
-    `<image>` is counted as with `input_ids`; a text-only prompt stays text only, as with `input_ids`; and an
-    `image_cache` without `image_indices` is refused, as the other image sources are."""
+    `<image>` is counted as with `input_ids`; a text-only prompt stays text only, as with `input_ids`; and the images
+    of an `image_cache` are placed by the `<image>` embeddings, as with `input_ids`."""
     from .test_core import MEDIA, inputs, tiny_model
 
     model = tiny_model("llama", generated_image_conditioning=conditioning)
@@ -1204,9 +1204,11 @@ def test_generate_from_inputs_embeds_counts_a_generated_image_as_from_input_ids(
     force_image = LogitsProcessorList([ForceTokenAt(MEDIA, 1, text.shape[1])])
     expected = model.generate(input_ids=text, logits_processor=force_image, **settings)
     assert torch.equal(got.sequences, expected.sequences[:, text.shape[1] :])
+    # images from an earlier call's `image_cache`, placed by the <image> embeddings as by the <image> ids
     image_cache = model(input_ids=ids, pixel_values=pixel_values).image_cache
-    with pytest.raises(ValueError, match="With inputs_embeds and images, pass image_indices"):
-        model.generate(inputs_embeds=embeds, image_cache=image_cache, max_new_tokens=2)
+    expected = model.generate(input_ids=ids, image_cache=image_cache, max_new_tokens=4, min_new_tokens=4)
+    got = model.generate(inputs_embeds=embeds, image_cache=image_cache, max_new_tokens=4, min_new_tokens=4)
+    assert torch.equal(got, expected[:, ids.shape[1] :])
 
 
 def test_early_exit_self_speculation_is_refused_clearly():
@@ -1302,6 +1304,34 @@ def test_a_generated_image_token_beyond_the_images_is_scored_with_image_indices(
     torch.testing.assert_close(generated.logits[0][0], logits[0, -2], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "mpt"])
+def test_inputs_embeds_alone_place_the_images_by_the_image_embedding(family):
+    """`inputs_embeds` without `input_ids` or `image_indices` (a soft prompt's, e.g. PEFT's prompt tuning): the images
+    go where the positions hold the `<image>` token's embedding, as transformers' vision-language models place them;
+    the forward and `generate` (greedy, beams) give what they give for the ids. Without such a position, or with
+    more of them than images, a clear error."""
+    from .test_core import MEDIA, PAD, inputs, tiny_model
+
+    model = tiny_model(family)
+    ids, pixel_values = inputs(batch=2, seq=10)
+    mask = torch.ones_like(ids)
+    ids[0, :2], mask[0, :2], ids[0, 2] = PAD, 0, MEDIA
+    embeds = model.get_input_embeddings()(ids)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values).logits
+        got = model(inputs_embeds=embeds, attention_mask=mask, pixel_values=pixel_values).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    for num_beams in (1, 3):
+        kw = dict(attention_mask=mask, pixel_values=pixel_values, max_new_tokens=5, min_new_tokens=5)
+        expected = model.generate(input_ids=ids, num_beams=num_beams, **kw)
+        assert torch.equal(model.generate(inputs_embeds=embeds, num_beams=num_beams, **kw), expected[:, -5:])
+    text = model.get_input_embeddings()(ids.masked_fill(ids == MEDIA, 5))
+    with pytest.raises(ValueError, match="no position of inputs_embeds holds the <image> token's embedding"):
+        model(inputs_embeds=text, pixel_values=pixel_values)
+    with pytest.raises(ValueError, match="has 2 <image> tokens but only 1 images"):
+        model(inputs_embeds=embeds, pixel_values=pixel_values[:, :1])
+
+
 @pytest.mark.parametrize("num_beams", [1, 2])
 def test_generate_with_input_ids_and_the_embeddings_of_them(num_beams):
     """`generate(input_ids=..., inputs_embeds=...)` (transformers takes both: the embeddings feed the prompt, the ids
@@ -1315,9 +1345,13 @@ def test_generate_with_input_ids_and_the_embeddings_of_them(num_beams):
     expected = model.generate(input_ids=ids, **kw)
     embeds = model.get_input_embeddings()(ids)
     assert torch.equal(model.generate(input_ids=ids, inputs_embeds=embeds, **kw), expected)
-    # ids that are not those embedded (transformers 4.x's generate checks the mask against them first)
-    with pytest.raises(ValueError, match="With inputs_embeds and images, pass image_indices|attention_mask must have"):
+    # ids that are not those embedded (a soft prompt's fewer): an attention mask for the embedded positions is needed,
+    # and the images are placed by the <image> embeddings
+    with pytest.raises(ValueError, match=r"inputs_embeds hold 10 positions and input_ids 9: pass an attention"):
         model.generate(input_ids=ids[:, 1:], inputs_embeds=embeds, **kw)
+    mask = torch.ones_like(ids)
+    got = model.generate(input_ids=ids[:, 1:], inputs_embeds=embeds, attention_mask=mask, **kw)
+    assert torch.equal(got[:, -5:], expected[:, -5:])
 
 
 @pytest.mark.skipif(

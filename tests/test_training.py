@@ -856,12 +856,74 @@ def test_the_recipe_refuses_quantized_trainables():
     assert model.perceiver.latents.requires_grad and not next(model.vision_model.parameters()).requires_grad
 
 
+@pytest.mark.parametrize("kind", ["prompt_tuning", "p_tuning"])
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "mpt"])
+def test_prompt_tuning_and_p_tuning(kind, family):
+    """PEFT's prompt tuning and p-tuning: PEFT takes the first `PreTrainedModel` child for the backbone whose word
+    embeddings it embeds the tokens with (the LM: registered before the vision tower), and prepends its virtual
+    tokens' embeddings: the images are placed by the `<image>` embeddings, or by a collator's `image_indices`, which
+    cover the tokens after the soft prompt (checked against those embeddings). The loss, the gradients (the prompt's
+    only) and `generate` are the model's own with the soft prompt's embeddings prepended, on transformers >= 5.24 too
+    (which names the cache `cache`, where peft 0.21 looks for `past_key_values`)."""
+    from .test_core import MEDIA, PAD, inputs, tiny_model
+
+    model = tiny_model(family)
+    text = model.config.text_config
+    keys = {"num_layers": text.num_hidden_layers, "token_dim": text.hidden_size}  # (MPT's names PEFT does not know)
+    keys["num_attention_heads"] = text.num_attention_heads
+    if kind == "prompt_tuning":
+        config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, **keys)
+    else:
+        config = peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, encoder_hidden_size=16, **keys)
+    adapted = peft.get_peft_model(model, config)
+    assert adapted.word_embeddings is model.get_input_embeddings()
+    ids, pixel_values = inputs(batch=2, seq=10)
+    mask = torch.ones_like(ids)
+    ids[0, :2], mask[0, :2], ids[0, 2] = PAD, 0, MEDIA  # left padding
+    labels = ids.masked_fill(mask == 0, -100)
+    image_indices = modeling.image_indices_from_input_ids(ids, MEDIA, pixel_values.shape[1])  # as the collator's
+    loss = adapted(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, labels=labels).loss
+    loss.backward()
+    assert {name.split(".")[0] for name, p in adapted.named_parameters() if p.grad is not None} == {"prompt_encoder"}
+    adapted.eval()
+    prompt = adapted.get_prompt(batch_size=2).detach()
+    embeds = torch.cat((prompt, model.get_input_embeddings()(ids)), dim=1)
+    prompt_mask = torch.cat((torch.ones(2, 3, dtype=mask.dtype), mask), dim=1)
+    with torch.no_grad():
+        expected = model(
+            inputs_embeds=embeds,
+            attention_mask=prompt_mask,
+            pixel_values=pixel_values,
+            image_indices=torch.cat((torch.zeros(2, 3, dtype=torch.long), image_indices), dim=1),
+            labels=torch.cat((torch.full((2, 3), -100), labels), dim=1),
+        )
+        for given in ({}, {"image_indices": image_indices}):
+            got = adapted(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, labels=labels, **given)
+            torch.testing.assert_close(got.logits, expected.logits, rtol=0, atol=1e-6)
+            torch.testing.assert_close(got.loss, expected.loss, rtol=0, atol=1e-6)
+        with pytest.raises(ValueError, match="do not number the <image> embeddings of those positions"):
+            adapted(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, image_indices=image_indices.roll(1))
+    # generate: PEFT drops position ids for prompt learning (the LM counts positions from 0, padding included), so
+    # the rows are not padded here
+    ids, pixel_values = inputs(batch=2, seq=10, seed=1)
+    embeds = torch.cat((prompt, model.get_input_embeddings()(ids)), dim=1)
+    settings = dict(pixel_values=pixel_values, max_new_tokens=5, min_new_tokens=5, output_logits=True)
+    settings.update(return_dict_in_generate=True, pad_token_id=PAD)
+    for num_beams in (1, 3):
+        got = adapted.generate(input_ids=ids, num_beams=num_beams, **settings)
+        expected = model.generate(inputs_embeds=embeds, num_beams=num_beams, **settings)
+        assert torch.equal(got.sequences[:, -5:], expected.sequences[:, -5:]), num_beams
+        for a, b in zip(got.logits, expected.logits, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("conditioning", ["sequence", "original_kv_cache"])
 def test_prefix_tuning_generates_as_the_model_does_after_the_prefix_tokens(conditioning):
     """PEFT's prefix tuning (its own `prepare_inputs_for_generation`, which does not name this model's generation
     state) with a prefix whose keys/values are those of real text tokens: `generate` gives what the model gives for
-    those tokens followed by the prompt. transformers 5.x passes `cache`, where peft 0.21 looks for
-    `past_key_values` (a plain LLaMA loses the prefix too), so the tokens are compared on 4.x only."""
+    those tokens followed by the prompt; on transformers >= 5.24 too, which names the cache `cache`, where peft 0.21
+    looks for `past_key_values` (a plain LLaMA loses the prefix there): the model hands PEFT's prompt learning its
+    cache under the old name."""
     from .test_core import MEDIA, tiny_model
 
     model = tiny_model("llama", generated_image_conditioning=conditioning)
@@ -883,8 +945,6 @@ def test_prefix_tuning_generates_as_the_model_does_after_the_prefix_tokens(condi
     settings = dict(max_new_tokens=6, min_new_tokens=6, num_beams=1)
     got = adapted.generate(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, **settings)
     assert got.shape == (2, ids.shape[1] + 6)  # (before: the generation state refused as an unused model kwarg)
-    if not transformers.__version__.startswith("4."):
-        return
     expected = reference.generate(
         input_ids=torch.cat((prefix.expand(2, -1), ids), dim=1),
         attention_mask=torch.cat((torch.ones(2, 3, dtype=torch.long), mask), dim=1),
