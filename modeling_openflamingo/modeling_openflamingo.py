@@ -1914,6 +1914,12 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 "greedy decoding on transformers 5.x, and failed on 4.x): pass input_ids alone, or leave "
                 "assistant_model unset."
             )
+        if chunked is not None and _peft_prompt_learning(self):
+            raise ValueError(
+                "prefill_chunk_size with PEFT's prompt learning (prompt tuning, p-tuning, prefix tuning) is not "
+                "supported: PEFT's prepare_inputs_for_generation keeps only the last token of every chunk after the "
+                "first (a plain LM then generates other tokens). Leave prefill_chunk_size unset."
+            )
         if chunked is not None and kwargs.get("inputs_embeds") is not None:
             embeds = kwargs["inputs_embeds"]
             if not torch.is_tensor(input_ids) or input_ids.shape[-1] != embeds.shape[1]:
@@ -2051,6 +2057,17 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         has_images = any(images is not None for images in (pixel_values, image_hidden_states, image_cache))
         if kwargs.get("image_indices") is not None:
             # placed by the caller (a collator's batch, inputs_embeds): the pixels are still encoded once, not per beam
+            given = kwargs["image_indices"]
+            if (
+                torch.is_tensor(embeds)
+                and embeds.ndim == 3
+                and torch.is_tensor(given)
+                and given.ndim == 2
+                and given.shape[0] == embeds.shape[0]
+                and given.shape[1] < embeds.shape[1]
+            ):
+                # those of the positions after a soft prompt, as the forward takes them (checked there too)
+                kwargs["image_indices"] = self._image_indices_with_soft_prompt(embeds, given)
             if pixel_values is not None:
                 kwargs["pixel_values"] = self._check_pixel_values(pixel_values)
             return pixel_values is not None

@@ -909,12 +909,19 @@ def test_prompt_tuning_and_p_tuning(kind, family):
     embeds = torch.cat((prompt, model.get_input_embeddings()(ids)), dim=1)
     settings = dict(pixel_values=pixel_values, max_new_tokens=5, min_new_tokens=5, output_logits=True)
     settings.update(return_dict_in_generate=True, pad_token_id=PAD)
+    image_indices = modeling.image_indices_from_input_ids(ids, MEDIA, pixel_values.shape[1])
     for num_beams in (1, 3):
         got = adapted.generate(input_ids=ids, num_beams=num_beams, **settings)
         expected = model.generate(inputs_embeds=embeds, num_beams=num_beams, **settings)
         assert torch.equal(got.sequences[:, -5:], expected.sequences[:, -5:]), num_beams
         for a, b in zip(got.logits, expected.logits, strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        # the images placed by indices of the positions after the soft prompt, as the forward takes them
+        placed = model.generate(inputs_embeds=embeds, image_indices=image_indices, num_beams=num_beams, **settings)
+        assert torch.equal(placed.sequences, expected.sequences), num_beams
+    # chunked prefill: PEFT keeps only the last token of every chunk after the first (a plain LM goes wrong silently)
+    with pytest.raises(ValueError, match="prefill_chunk_size with PEFT's prompt learning"):
+        adapted.generate(input_ids=ids, prefill_chunk_size=4, **settings)
 
 
 @pytest.mark.parametrize("conditioning", ["sequence", "original_kv_cache"])
