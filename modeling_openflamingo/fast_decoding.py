@@ -457,9 +457,9 @@ def _release_cuda_rng_from_failed_capture() -> None:
 
 
 def _key_value_dtype(model: nn.Module, block: nn.Module) -> torch.dtype:
-    """The dtype of `block.attn.key_values(...)`: its `to_kv` weight's when floating, else (a quantized `to_kv` whose
-    weight is packed integers, as bitsandbytes' `Int8Params` / `Params4bit`) that of the images it is given, the
-    Perceiver's."""
+    """The dtype of `block.attn.key_values(...)`, by its own rule: its `to_kv` weight's when floating (the images are
+    cast to it; a tensor subclass of torchao's or bitsandbytes' 4-bit weights stored in bf16 included), else (packed
+    integers, as bitsandbytes' `Int8Params` / `Params4bit`) that of the images it is given, the Perceiver's."""
     weight = block.attn.to_kv.weight
     return weight.dtype if weight.is_floating_point() else model.perceiver.latents.dtype
 
