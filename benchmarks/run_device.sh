@@ -13,8 +13,12 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-.}
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 # Our side's packages, when the machine's are older than wanted (e.g. a newer transformers): wheels in .whl-ours/.
+# `.whl-ours/min/ours.txz` (benchmarks/fetch_wheels.sh): the same, installed and cut down to fit the device's carry.
 ours=.
-if [ -d .whl-ours ]; then
+if [ -f .whl-ours/min/ours.txz ]; then
+  mkdir -p /tmp/ours && tar xJf .whl-ours/min/ours.txz -C /tmp/ours
+  ours=.:/tmp/ours
+elif compgen -G ".whl-ours/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/ours .whl-ours/*.whl
   ours=.:/tmp/ours
 fi
