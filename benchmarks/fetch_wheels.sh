@@ -15,7 +15,7 @@ rm -f .whl-ours/numpy-*.whl  # torch's numpy, the machine's own, stays
 # the cut-down tree: the machine's own packages serve for what is left out
 installed=$(mktemp -d)
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$installed" "${target[@]}" \
-  $(ls .whl-ours/*.whl | grep -v -E "/(hf_xet|kernels|pydantic|pydantic_core|annotated_types|typing_inspection|typer|rich|pygments|markdown_it_py|mdurl|shellingham|annotated_doc|tomlkit|truststore)-")
+  $(ls .whl-ours/*.whl | grep -v -E "/(hf_xet|kernels|pydantic|pydantic_core|annotated_types|typing_inspection|typer|rich|pygments|markdown_it_py|mdurl|shellingham|annotated_doc|tomlkit)-")
 rm -rf "$installed/bin"
 for model in "$installed"/transformers/models/*/; do
   case $(basename "$model") in auto | clip | encoder_decoder | gpt_neox | llama | mpt) ;; *) rm -rf "$model" ;; esac
