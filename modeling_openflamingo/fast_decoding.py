@@ -36,6 +36,7 @@ from .modeling_openflamingo import (
     _forward_parameters,
     _is_peft_layer,
     _position_ids_from_mask,
+    _wrapper_prepare_inputs,
 )
 
 if TYPE_CHECKING:  # annotations only
@@ -94,14 +95,6 @@ _STATIC_DECODERS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _StaticDecode
 _DECODED_STATE: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 
-def _wrapper_prepares_inputs(model: nn.Module) -> bool:
-    """Whether a wrapper has put its own `prepare_inputs_for_generation` on the model for the call (PEFT's prompt
-    learning does, to add a prefix or virtual tokens, and puts the model's own back afterwards): `GenerationMixin`'s
-    loop calls it at every step, the decoders never do."""
-    wrapper = vars(model).get("prepare_inputs_for_generation")
-    return wrapper is not None and getattr(wrapper, "__func__", None) is not type(model).prepare_inputs_for_generation
-
-
 def generate_static(model: OpenFlamingoForConditionalGeneration, kwargs: dict[str, Any]) -> torch.LongTensor | None:
     """`generate(cache_implementation="static")` for plain greedy decoding or plain beam search on a CUDA device,
     through [`_StaticGreedyDecoder`] or [`_StaticBeamDecoder`] (one compiled step replayed as a CUDA graph). None
@@ -110,8 +103,8 @@ def generate_static(model: OpenFlamingoForConditionalGeneration, kwargs: dict[st
     """
     if kwargs.get("cache_implementation") != "static" or not set(kwargs) <= _FAST_DECODE_ARGUMENTS:
         return None
-    if _wrapper_prepares_inputs(model):
-        return None
+    if _wrapper_prepare_inputs(model) is not None:
+        return None  # `GenerationMixin`'s loop calls a wrapper's `prepare_inputs_for_generation`; the decoders never do
     if kwargs.get("compile_config") not in (None, CompileConfig()):
         return None  # compilation settings of the caller's: `GenerationMixin`'s loop compiles with them
     if _TRANSFORMERS_MAJOR < 5:  # 4.x's static cache needs `cache_position` host-side

@@ -408,12 +408,31 @@ _CONTINUING_WITH_IMAGES = (
 _GENERATE_STATE_KEYS = frozenset({"generated_image_state", "embeds_prompt_ids", "prefill_chunked_embeds"})
 
 
+def _wrapper_prepare_inputs(model: nn.Module) -> Any | None:
+    """The `prepare_inputs_for_generation` that a wrapper has put on `model` for a `generate` call, not the model's own
+    (PEFT's prompt learning does, to add a prefix or virtual tokens, and puts the model's own back afterwards); None
+    without one."""
+    wrapper = vars(model).get("prepare_inputs_for_generation")
+    own = getattr(wrapper, "__func__", None) is type(model).prepare_inputs_for_generation
+    return None if wrapper is None or own else wrapper
+
+
 def _peft_prompt_learning(model: nn.Module) -> bool:
     """Whether PEFT's prompt learning (prompt tuning, p-tuning, prefix tuning) has put its
     `prepare_inputs_for_generation` on `model` for a `generate` call (to add the virtual tokens or the prefix)."""
-    wrapper = vars(model).get("prepare_inputs_for_generation")
-    config = getattr(getattr(wrapper, "__self__", None), "active_peft_config", None)
+    config = getattr(getattr(_wrapper_prepare_inputs(model), "__self__", None), "active_peft_config", None)
     return bool(getattr(config, "is_prompt_learning", False))
+
+
+def _covers_after_a_soft_prompt(image_indices: Any, batch_and_seq: tuple[int, ...]) -> bool:
+    """Whether `image_indices` are those of the last positions of a `(batch, seq)` text only: a 2-D tensor of its rows
+    and fewer positions, as with a soft prompt before the embedded tokens (PEFT's prompt tuning)."""
+    return (
+        torch.is_tensor(image_indices)
+        and image_indices.ndim == 2
+        and image_indices.shape[0] == batch_and_seq[0]
+        and image_indices.shape[1] < batch_and_seq[1]
+    )
 
 
 def _is_quantized(parameter: torch.Tensor) -> bool:
@@ -1478,13 +1497,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 )
         if image_cache is not None:
             self._check_image_cache(image_cache, batch_and_seq[0])
-        soft_prompted = (  # a soft prompt before the embedded tokens (PEFT's prompt tuning): checked in the forward
-            input_ids is None
-            and image_indices is not None
-            and image_indices.ndim == 2
-            and image_indices.shape[0] == batch_and_seq[0]
-            and image_indices.shape[1] < batch_and_seq[1]
-        )
+        # a soft prompt before the embedded tokens (PEFT's prompt tuning): checked in the forward
+        soft_prompted = input_ids is None and _covers_after_a_soft_prompt(image_indices, batch_and_seq)
         if image_indices is not None and (
             (tuple(image_indices.shape) != batch_and_seq and not soft_prompted) or not _is_integer(image_indices)
         ):
@@ -2058,14 +2072,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         if kwargs.get("image_indices") is not None:
             # placed by the caller (a collator's batch, inputs_embeds): the pixels are still encoded once, not per beam
             given = kwargs["image_indices"]
-            if (
-                torch.is_tensor(embeds)
-                and embeds.ndim == 3
-                and torch.is_tensor(given)
-                and given.ndim == 2
-                and given.shape[0] == embeds.shape[0]
-                and given.shape[1] < embeds.shape[1]
-            ):
+            if torch.is_tensor(embeds) and embeds.ndim == 3 and _covers_after_a_soft_prompt(given, embeds.shape[:2]):
                 # those of the positions after a soft prompt, as the forward takes them (checked there too)
                 kwargs["image_indices"] = self._image_indices_with_soft_prompt(embeds, given)
             if pixel_values is not None:
