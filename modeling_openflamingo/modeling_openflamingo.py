@@ -394,6 +394,18 @@ def _lm_cache(kwargs: dict[str, Any]) -> Any:
     return cache if cache is not None else kwargs.get("past_key_values")
 
 
+def _check_tensors(**named: Any) -> None:
+    """A clear error for inputs given as lists or numpy arrays (`return_tensors="np"` / `None` outputs), which
+    otherwise fail deep inside the LM or `generate` with an AttributeError. (A flex attention `BlockMask`, which
+    `generate` may make, is not a tensor either, and passes.)"""
+    for name, value in named.items():
+        if isinstance(value, (list, tuple)) or type(value).__module__ == "numpy":
+            raise ValueError(
+                f"{name} must be a torch.Tensor; got {type(value).__name__} (call the processor with "
+                "return_tensors='pt', its default)."
+            )
+
+
 def _is_integer(tensor: torch.Tensor) -> bool:
     """Whether `tensor` holds integers (not floating point, complex or bool): token ids, labels, image numbers."""
     return not (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool)
@@ -1458,6 +1470,14 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         """Shapes and dtypes of the inputs against each other (host-side metadata only: no device sync).
         `attention_mask` spans the cached tokens too when continuing from a cache: then only its rank, rows and
         (4-D) query length are checked."""
+        _check_tensors(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            labels=labels,
+            image_indices=image_indices,
+            pixel_values=pixel_values,
+        )
         if input_ids is not None and (input_ids.ndim != 2 or not _is_integer(input_ids)):
             raise ValueError(
                 f"input_ids must be integer token ids of shape (batch, seq); got {input_ids.dtype} "
@@ -1911,6 +1931,13 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             `return_dict_in_generate=True`.
         """
         kwargs = _generate_keywords(args, kwargs)
+        if torch.is_tensor(kwargs.get("generation_config")):
+            raise ValueError(
+                "generate's second positional argument is `generation_config` (as in transformers), not an image "
+                "tensor: pass the images by keyword, generate(input_ids, pixel_values=...); the original's "
+                "generate(vision_x, lang_x) is generate(input_ids=lang_x, pixel_values=vision_x) here."
+            )
+        _check_tensors(**{k: kwargs.get(k) for k in ("input_ids", "attention_mask", "pixel_values", "image_indices")})
         self._check_cache_support(kwargs)
         _check_one_image_source(*(kwargs.get(name) for name in ("pixel_values", "image_hidden_states", "image_cache")))
         input_ids = kwargs.get("input_ids")

@@ -239,6 +239,8 @@ class OpenFlamingoProcessor(ProcessorMixin):
                 one image. Rows may have different numbers of images (and none); `pixel_values` is
                 zero-padded to the batch's largest count.
             text: one string or a list of strings, with one `<image>` where each image goes.
+            max_length: with `truncation` unset, truncates to `max_length` tokens (as the tokenizer does for
+                `max_length` alone), unless `padding="max_length"`; the images of cut `<image>` tokens are dropped.
             padding_side: by default the processor's ([`padding_side`]: "left", for generation, unless set
                 otherwise), "right" when `return_labels=True` (training).
             return_labels: also return `labels`: the input ids with pad and `<image>` set to -100 (eos stays), as
@@ -273,6 +275,10 @@ class OpenFlamingoProcessor(ProcessorMixin):
         padding_side = kwargs.pop("padding_side", padding_side)
         truncation = kwargs.pop("truncation", truncation)
         max_length = kwargs.pop("max_length", max_length)
+        if max_length is not None and truncation is None and padding != "max_length":
+            # as the tokenizer does for `max_length` alone (its check only fires with `padding=False`, and this call
+            # pads "longest" by default, so it would keep every token without a word)
+            truncation = True
         image_counts = [t.count(IMAGE_TOKEN) for t in texts]
         image_rows = self._image_rows(images, image_counts, single)
         for row, (count, row_images) in enumerate(zip(image_counts, image_rows, strict=True)):
@@ -366,6 +372,8 @@ class OpenFlamingoProcessor(ProcessorMixin):
         tokenizer_call = inspect.signature(type(self.tokenizer).__call__).parameters
         known = {n for n, p in tokenizer_call.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
         known = (known | {"truncation_side"}) - {"self", "text", "return_tensors", "return_token_type_ids"}
+        if not text_kwargs.get("return_token_type_ids", True):
+            del text_kwargs["return_token_type_ids"]  # (never returned: the model takes none)
         for name, value in text_kwargs.items():
             if name in ("text_pair", "text_target", "text_pair_target", "is_split_into_words") and value:
                 raise ValueError(f"OpenFlamingoProcessor takes `text` only (one string per row); got `{name}`.")

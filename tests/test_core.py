@@ -1591,6 +1591,10 @@ def test_processor_truncation_keeps_the_images_of_the_kept_image_tokens(converte
     )
     assert torch.equal(implicit["input_ids"], cut["input_ids"])
     assert torch.equal(implicit["pixel_values"], cut["pixel_values"])
+    # ... and with the processor's default padding ("longest"), under which the tokenizer alone would keep every token
+    padded = processor(images=[tiny_images[0], tiny_images[1]], text=text, max_length=max_length, truncation_side=side)
+    assert torch.equal(padded["input_ids"], cut["input_ids"])
+    assert torch.equal(padded["pixel_values"], cut["pixel_values"])
 
 
 def test_processor_return_tensors(converted, tiny_images):
@@ -1608,6 +1612,21 @@ def test_processor_return_tensors(converted, tiny_images):
     unpadded = processor(**kwargs, padding=False, return_tensors=None)
     assert [len(row) for row in unpadded["input_ids"]] == [len(row) for row in unpadded["labels"]] == [4, 1]
     assert unpadded["labels"][0][0] == -100  # the <image> token
+    # the model takes tensors only, and says so before anything runs (the LM or `generate` failed deep inside)
+    model = tiny_model("gpt_neox")
+    for name in ("input_ids", "attention_mask", "labels"):
+        for other in (as_numpy, as_lists):
+            given = {**as_torch, name: other[name]}
+            with pytest.raises(ValueError, match=f"{name} must be a torch.Tensor; got {type(other[name]).__name__}"):
+                model(**given)
+            if name != "labels":
+                with pytest.raises(ValueError, match=f"{name} must be a torch.Tensor"):
+                    model.generate(**{k: v for k, v in given.items() if k != "labels"}, max_new_tokens=2)
+    with pytest.raises(ValueError, match="pixel_values must be a torch.Tensor; got ndarray"):
+        model(**{**as_torch, "pixel_values": as_numpy["pixel_values"]})
+    # `return_token_type_ids=False` is the tokenizer's keyword, and what the processor asks of it anyway
+    plain = processor(**kwargs, return_token_type_ids=False)
+    assert plain.keys() == as_torch.keys() and torch.equal(plain["input_ids"], as_torch["input_ids"])
 
 
 def test_image_token_in_the_vocabulary_becomes_a_special_token():

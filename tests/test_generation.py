@@ -1249,6 +1249,10 @@ def test_generate_reads_positional_arguments_as_their_keywords():
         model.generate(ids, config, generation_config=config, pixel_values=pixel_values)
     with pytest.raises(TypeError, match="too many positional arguments"):
         model.generate(ids, config, processors, None, None, None, None, None, None, None, None, None, None, None)
+    # the images by position (as the original's `generate(vision_x, lang_x)`) land on `generation_config`: say so
+    for args in ((ids, pixel_values), (pixel_values, ids)):
+        with pytest.raises(ValueError, match=r"generate\(input_ids=lang_x, pixel_values=vision_x\)"):
+            model.generate(*args, max_new_tokens=2)
 
 
 def test_a_text_only_conversation_continues_after_a_generated_image_with_image_indices():
