@@ -29,6 +29,7 @@ import torch
 import transformers
 from demo_model import DEMO_IMAGES, resolve_model
 from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 
 import modeling_openflamingo  # noqa: F401 - registers the Auto classes
 from modeling_openflamingo import OpenFlamingoDataCollator, OpenFlamingoForConditionalGeneration, gets_weight_decay
@@ -271,7 +272,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--save-total-limit", type=int, help="keep at most this many checkpoints")
     parser.add_argument(
         "--resume-from-checkpoint",
-        help="continue a run from OUTPUT_DIR/checkpoint-N (a path), or from the latest one in OUTPUT_DIR ('latest')",
+        help="continue a run from OUTPUT_DIR/checkpoint-N (a path), or from the latest one in OUTPUT_DIR ('latest'; "
+        "from the start when there is none yet)",
     )
     parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
     parser.add_argument("--warmup-steps", type=int, default=0)
@@ -291,7 +293,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     resume: str | bool | None = args.resume_from_checkpoint
     if resume == "latest":
-        resume = True  # `Trainer`: the newest checkpoint-N in the output folder (an error if there is none)
+        # the newest checkpoint-N in the output folder; none yet (a first run of a resumable job): from the start
+        resume = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+        if resume is None:
+            print(f"--resume-from-checkpoint latest: no checkpoint in {args.output_dir} yet; starting from step 0")
     elif resume is not None and not Path(resume).is_dir():
         parser.error(f"--resume-from-checkpoint {resume}: no such folder (a checkpoint-N folder, or 'latest')")
     # before the model is built: LoRA's weights are drawn before `Trainer` seeds the run

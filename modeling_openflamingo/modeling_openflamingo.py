@@ -305,8 +305,8 @@ class OpenFlamingoPerceiverResampler(nn.Module):
         latents = self.latents.to(image_features.dtype).expand(image_features.shape[0], -1, -1)
         for layer in self.layers:
             latents = layer(image_features, latents)
-        latents = self.norm(latents)
-        return latents.reshape(*batch_shape, *latents.shape[-2:])
+        # the norm last, on the final shape: the output is no view (FSDP2 warns about views among a root's outputs)
+        return self.norm(latents.reshape(*batch_shape, *latents.shape[-2:]))
 
 
 def cross_attention_mask(

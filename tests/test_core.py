@@ -550,6 +550,7 @@ def test_output_fields_and_tuple_output():
     ids, pixel_values = inputs()
     out = model(input_ids=ids, pixel_values=pixel_values, use_cache=True)
     assert out.image_hidden_states.shape == (2, 2, 4, 32)
+    assert not out.image_hidden_states._is_view()  # FSDP2 warns of a view among a wrapped root's outputs
     assert len(out.image_cache.key_values) == len(model.gated_cross_attn_layers)
     assert out.image_cache.last_image_index.tolist() == [2, 2]
     assert isinstance(model(input_ids=ids, pixel_values=pixel_values, return_dict=False), tuple)

@@ -1066,7 +1066,13 @@ def test_finetune_example_checkpoints_and_resumes(converted, tmp_path):
     argv = ["--model", str(converted("tiny-neox")), "--learning-rate", "1e-2", "--save-steps", "2"]
     straight = finetune.main([*argv, "--max-steps", "4", "--output-dir", str(tmp_path / "straight")])
     assert sorted(p.name for p in (tmp_path / "straight").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
-    finetune.main([*argv, "--max-steps", "2", "--output-dir", str(tmp_path / "broken")])
+    # `latest` with no checkpoint yet (a resumable job's first run) starts from the beginning
+    first = finetune.main(
+        [*argv, "--max-steps", "2", "--output-dir", str(tmp_path / "broken"), "--resume-from-checkpoint", "latest"]
+    )
+    assert [e["loss"] for e in first["trainer"].state.log_history if "loss" in e] == pytest.approx(
+        [e["loss"] for e in straight["trainer"].state.log_history if "loss" in e][:2], rel=1e-5
+    )
     resumed = finetune.main(
         [*argv, "--max-steps", "4", "--output-dir", str(tmp_path / "broken"), "--resume-from-checkpoint", "latest"]
     )
