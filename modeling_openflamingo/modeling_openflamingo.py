@@ -1915,8 +1915,10 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         row's prompt (none for a text-only row), until a generated `<image>` token is fed back; then
         `config.generated_image_conditioning` says what follows, as the original generated: `"sequence"`, the token
         starts the row's next image (beyond the images given, it and the tokens after it attend to every latent
-        equally; a text-only row's stay text only); `"original_kv_cache"`, every row is conditioned on that step's
-        tokens alone, by row position: those fed `<image>` see their first image, the others none. Without
+        equally; those of a text-only call stay text only, while a row with fewer images than the batch attends to
+        the zero-padding image after its own, as README's "Batches" says); `"original_kv_cache"`, every row is
+        conditioned on that step's tokens alone, by row position: those fed `<image>` see their first image, the
+        others none. Without
         `eos_token_id`, generation stops at `generation_config.eos_token_id`: `config.eos_token_id`, which is
         `<|endofchunk|>` unless the config says otherwise.
 
@@ -2063,6 +2065,11 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             if pixel_values is not None:
                 with torch.no_grad():
                     assistant_kwargs["image_hidden_states"] = assistant.get_image_features(pixel_values)
+        elif assistant is not None and isinstance(assistant_kwargs, dict):
+            # a text-only draft model (a plain causal LM of the same tokenizer): it drafts without the images, and
+            # this model verifies every candidate with them, so the tokens stay those of greedy decoding
+            for name in ("pixel_values", "image_hidden_states", "image_cache", "image_indices", *_GENERATE_STATE_KEYS):
+                assistant_kwargs.pop(name, None)
         return generator
 
     def _extend_image_indices(self, input_ids: Any, kwargs: dict[str, Any]) -> None:

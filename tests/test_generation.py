@@ -15,6 +15,7 @@ import torch
 import transformers
 from packaging import version
 from transformers import (
+    AutoModelForCausalLM,
     AutoModelForImageTextToText,
     DynamicCache,
     GenerationConfig,
@@ -458,6 +459,13 @@ def test_assisted_decoding_equals_greedy(family, loaded, tiny_images):
             model.generate(**text, max_new_tokens=8, assistant_model=assistant),
             model.generate(**text, max_new_tokens=8),
         )
+        # a plain causal LM of the same vocabulary drafts without the images; the tokens stay greedy's
+        draft = AutoModelForCausalLM.from_config(copy.deepcopy(model.config.text_config)).eval()
+        for prompt in (batch, text):
+            assert torch.equal(
+                model.generate(**prompt, max_new_tokens=8, assistant_model=draft),
+                model.generate(**prompt, max_new_tokens=8),
+            )
         embeds = model.get_input_embeddings()(batch["input_ids"])
         with pytest.raises(ValueError, match=r"Assisted decoding \(assistant_model\) with inputs_embeds"):
             model.generate(**batch, inputs_embeds=embeds, max_new_tokens=8, assistant_model=assistant)
