@@ -2059,7 +2059,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         generator = super()._get_candidate_generator(*args, **kwargs)
         assistant = getattr(generator, "assistant_model", None)
         assistant_kwargs = getattr(generator, "assistant_kwargs", None)
-        if isinstance(assistant, OpenFlamingoForConditionalGeneration) and isinstance(assistant_kwargs, dict):
+        # (by model type, not class: a PEFT-wrapped assistant, or one loaded with trust_remote_code, is another class)
+        is_openflamingo = getattr(getattr(assistant, "config", None), "model_type", None) == self.config.model_type
+        if is_openflamingo and isinstance(assistant_kwargs, dict):
             assistant_kwargs.pop("image_cache", None)  # this model's cross-attention keys/values, not the assistant's
             pixel_values = assistant_kwargs.pop("pixel_values", None)
             if pixel_values is not None:

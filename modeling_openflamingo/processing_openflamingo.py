@@ -239,8 +239,10 @@ class OpenFlamingoProcessor(ProcessorMixin):
                 one image. Rows may have different numbers of images (and none); `pixel_values` is
                 zero-padded to the batch's largest count.
             text: one string or a list of strings, with one `<image>` where each image goes.
-            max_length: with `truncation` unset, truncates to `max_length` tokens (as the tokenizer does for
-                `max_length` alone), unless `padding="max_length"`; the images of cut `<image>` tokens are dropped.
+            max_length: with `truncation` unset, truncates to `max_length` tokens unless `padding="max_length"`
+                (also under the default `padding="longest"`, where the tokenizer alone would not: it does only for
+                `padding=False`); a `pad_to_multiple_of` must then divide it. The images of cut `<image>` tokens
+                are dropped.
             padding_side: by default the processor's ([`padding_side`]: "left", for generation, unless set
                 otherwise), "right" when `return_labels=True` (training).
             return_labels: also return `labels`: the input ids with pad and `<image>` set to -100 (eos stays), as

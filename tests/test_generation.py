@@ -466,6 +466,13 @@ def test_assisted_decoding_equals_greedy(family, loaded, tiny_images):
                 model.generate(**prompt, max_new_tokens=8, assistant_model=draft),
                 model.generate(**prompt, max_new_tokens=8),
             )
+        # an OpenFlamingo assistant of another class (PEFT-wrapped) is still given the images
+        from peft import LoraConfig, get_peft_model
+
+        seen.clear()
+        wrapped = get_peft_model(assistant, LoraConfig(r=2, target_modules=["to_q"]))
+        assert torch.equal(model.generate(**batch, max_new_tokens=8, assistant_model=wrapped), greedy)
+        assert len(seen) > 1 and all(seen), seen
         embeds = model.get_input_embeddings()(batch["input_ids"])
         with pytest.raises(ValueError, match=r"Assisted decoding \(assistant_model\) with inputs_embeds"):
             model.generate(**batch, inputs_embeds=embeds, max_new_tokens=8, assistant_model=assistant)
