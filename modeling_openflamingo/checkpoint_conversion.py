@@ -771,10 +771,12 @@ def _lm_config_from_dict(raw: Mapping[str, Any], source: Any) -> tuple[Pretraine
         raise ConversionError(
             f"{source}: unknown LM family model_type={family!r}; supported: {', '.join(LM_FAMILIES)}."
         )
-    if family == "mosaic_gpt":
-        return mosaic_gpt_to_mpt_config(raw, source), family
-    if family == "mpt":
-        return mpt_config_from_dict(raw, source), family
+    if family in ("mosaic_gpt", "mpt"):
+        config = (mosaic_gpt_to_mpt_config if family == "mosaic_gpt" else mpt_config_from_dict)(raw, source)
+        if config.attn_config.qk_ln != (family == "mosaic_gpt"):
+            # QK-LayerNorm tells the two apart (`lm_family_of`) except here: MosaicGPT without it, MPT with it
+            config.original_model_type = family
+        return config, family
     clean = {k: v for k, v in raw.items() if k not in ("auto_map", "_name_or_path")}
     return CONFIG_MAPPING[family].from_dict(clean), family
 
@@ -814,6 +816,18 @@ def _require(source: Any, what: str, options: Mapping[str, tuple[Any, Any]]) -> 
             raise ConversionError(f"{source}: {what} with {name}={value!r} is not supported (needs {needed!r}).")
 
 
+def _exact_gelu_or_none(activation: Any) -> Any:
+    """llm-foundry's `ffn_act_fn`: None where it names MPT's own activation (exact GELU), else itself."""
+    if activation is None or (
+        isinstance(activation, Mapping)
+        and activation.get("name") == "gelu"
+        and activation.get("approximate", "none") == "none"
+        and set(activation) <= {"name", "approximate"}
+    ):
+        return None
+    return activation
+
+
 def mosaic_gpt_to_mpt_config(raw: Mapping[str, Any], source: Any = "config.json") -> MptConfig:
     """MosaicGPT's config as transformers' `MptConfig` (QK-LayerNorm kept in `attn_config.qk_ln`)."""
     _require(
@@ -826,6 +840,7 @@ def mosaic_gpt_to_mpt_config(raw: Mapping[str, Any], source: Any = "config.json"
             "attn_uses_sequence_id": (raw.get("attn_uses_sequence_id", False), False),
             "logit_scale": (raw.get("logit_scale"), None),
             "mlp_ratio": (raw.get("mlp_ratio", 4), 4),
+            "alibi_bias_max": (raw.get("alibi_bias_max", 8), 8),
         },
     )
     return MptConfig(
@@ -860,6 +875,7 @@ def mpt_config_from_dict(raw: Mapping[str, Any], source: Any = "config.json") ->
     Options that transformers' MPT silently ignores are refused unless they hold the value it implements.
     """
     attn = {k: v for k, v in dict(raw.get("attn_config") or {}).items() if k != "model_type"}
+    ffn = dict(raw.get("ffn_config") or {})
     _require(
         source,
         "MPT",
@@ -872,6 +888,12 @@ def mpt_config_from_dict(raw: Mapping[str, Any], source: Any = "config.json") ->
             "no_bias": (raw.get("no_bias", True), True),
             "logit_scale": (raw.get("logit_scale"), None),
             "expansion_ratio": (raw.get("expansion_ratio", 4), 4),
+            # (options of later llm-foundry MPTs that transformers' MPT ignores, with the weights' names unchanged)
+            "norm_type": (raw.get("norm_type", "layernorm").replace("low_precision_", ""), "layernorm"),
+            "attn_config.qk_gn": (attn.get("qk_gn", False), False),
+            "attn_config.sliding_window_size": (attn.get("sliding_window_size", -1) or -1, -1),
+            "ffn_config.ffn_type": (ffn.get("ffn_type", "mptmlp"), "mptmlp"),
+            "ffn_config.ffn_act_fn": (_exact_gelu_or_none(ffn.get("ffn_act_fn")), None),
         },
     )
     return MptConfig(
@@ -1743,7 +1765,7 @@ def convert_openflamingo_checkpoint(
     """
     if output_dir is None:
         raise ConversionError("output_dir is required.")
-    output_dir = Path(output_dir).resolve()  # a symlink: its target is the folder written
+    output_dir = Path(output_dir).expanduser().resolve()  # a symlink: its target is the folder written
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"{output_dir} is a file; the output is a folder: pass another path.")
     if output_dir.exists() and not _is_empty_folder(output_dir):
@@ -1775,7 +1797,7 @@ def convert_openflamingo_checkpoint(
         converted.processor.save_pretrained(tmp)
         (tmp / "README.md").write_text(card)
 
-    return save_atomically(output_dir, write)
+    return save_atomically(output_dir, write, overwrite=overwrite)
 
 
 def raise_on_termination() -> None:
@@ -1944,7 +1966,7 @@ def _fill_in_place(output_dir: Path, write: Callable[[Path], Any]) -> Path:
     return output_dir
 
 
-def save_atomically(output_dir: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+def save_atomically(output_dir: str | os.PathLike, write: Callable[[Path], Any], overwrite: bool = True) -> Path:
     """Run `write(tmp_dir)` into a temporary sibling of `output_dir`, then move it into place.
 
     An existing `output_dir` is moved aside first and deleted only once the new folder is in place, so an interruption
@@ -1963,6 +1985,8 @@ def save_atomically(output_dir: str | os.PathLike, write: Callable[[Path], Any])
     old = None
     try:
         _write_into(tmp, output_dir, write)
+        if not overwrite and (output_dir.exists() or output_dir.is_symlink()):
+            raise FileExistsError(f"{output_dir} appeared while converting; not replaced (pass --overwrite).")
         if output_dir.exists() or output_dir.is_symlink():
             old = _unused_sibling(output_dir, "old")
             os.replace(output_dir, old)
@@ -2182,6 +2206,8 @@ def lm_family_of(config: OpenFlamingoConfig | Mapping[str, Any]) -> str:
     """The original LM family of a model of ours (MosaicGPT is the MPT config with QK-LayerNorm)."""
     text = config["text_config"] if isinstance(config, Mapping) else config.text_config.to_dict()
     model_type = text.get("model_type")
+    if model_type == "mpt" and text.get("original_model_type") in ("mpt", "mosaic_gpt"):
+        return text["original_model_type"]  # (recorded by the conversion where QK-LayerNorm would mislead)
     if model_type == "mpt":
         attn = text.get("attn_config") or {}
         attn = attn if isinstance(attn, Mapping) else attn.to_dict()
@@ -2280,7 +2306,7 @@ def convert_hf_to_openflamingo(
     The file is a plain `torch.save`d dict of tensors that the original's `model.load_state_dict(..., strict=False)`
     reads. It is written to a temporary file and renamed into place.
     """
-    output_file = Path(output_file)
+    output_file = Path(output_file).expanduser()
     if output_file.is_dir():
         raise ConversionError(
             f"{output_file} is a folder; the output is the checkpoint file to write (e.g. checkpoint.pt)."

@@ -163,6 +163,13 @@ class OpenFlamingoConfig(PretrainedConfig):
         elif isinstance(text_config, dict):
             if "model_type" not in text_config:
                 raise ValueError("`text_config` needs a `model_type` (for example 'mpt', 'gpt_neox' or 'llama').")
+            if text_config["model_type"] == "mosaic_gpt":
+                raise ValueError(
+                    "`text_config` is a MosaicGPT config (model_type 'mosaic_gpt', MPT-1B's remote code), which "
+                    "transformers has no class for: make it an MptConfig with "
+                    "`modeling_openflamingo.checkpoint_conversion.mosaic_gpt_to_mpt_config(config_dict)` (QK-LayerNorm "
+                    "kept), as the converter does."
+                )
             text_config = dict(text_config)
             text_config = AutoConfig.for_model(text_config.pop("model_type"), **text_config)
         for name, value, kind in (

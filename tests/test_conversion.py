@@ -10,6 +10,7 @@ import functools
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -37,8 +38,11 @@ from modeling_openflamingo.checkpoint_conversion import (
     convert_openflamingo_checkpoint,
     dry_run,
     export_openflamingo_state_dict,
+    lm_family_of,
     load_torch_file,
     map_key,
+    mosaic_gpt_to_mpt_config,
+    mpt_config_from_dict,
     native_key_to_checkpoint,
     resolve_inputs,
     save_atomically,
@@ -243,6 +247,63 @@ def test_round_trip_is_bit_identical(family, converted, tmp_path):
     assert_same_tensors(
         torch.load(out, weights_only=True), torch.load(FIXTURES / family / "checkpoint.pt", weights_only=True)
     )
+
+
+def test_mpt_options_transformers_ignores_are_refused():
+    """llm-foundry options that transformers' MPT ignores while the weights keep their names (the conversion would
+    succeed and compute without them) are refused; MPT's own activation spelled out is not one of them."""
+    raw = json.loads((FIXTURES / "tiny-mpt" / "lm" / "config.json").read_text())
+    for change, name in (
+        ({"norm_type": "rmsnorm"}, "norm_type"),
+        ({"norm_type": "low_precision_rmsnorm"}, "norm_type"),
+        ({"attn_config": {**raw["attn_config"], "qk_gn": True}}, "attn_config.qk_gn"),
+        ({"attn_config": {**raw["attn_config"], "sliding_window_size": 4}}, "attn_config.sliding_window_size"),
+        ({"ffn_config": {"ffn_type": "mptglu"}}, "ffn_config.ffn_type"),
+        ({"ffn_config": {"ffn_type": "mptmlp", "ffn_act_fn": {"name": "silu"}}}, "ffn_config.ffn_act_fn"),
+        ({"ffn_config": {"ffn_act_fn": {"name": "gelu", "approximate": "tanh"}}}, "ffn_config.ffn_act_fn"),
+    ):
+        with pytest.raises(ConversionError, match=f"MPT with {re.escape(name)}=.* is not supported"):
+            mpt_config_from_dict({**raw, **change})
+    spelled_out = {"ffn_type": "mptmlp", "ffn_act_fn": {"name": "gelu", "approximate": "none"}}
+    no_window = {**raw["attn_config"], "sliding_window_size": -1}
+    same = mpt_config_from_dict({**raw, "ffn_config": spelled_out, "attn_config": no_window})
+    assert same.to_dict() == mpt_config_from_dict(raw).to_dict()
+    mosaic = json.loads((FIXTURES / "tiny-mpt-1b-redpajama-200b" / "lm" / "config.json").read_text())
+    with pytest.raises(ConversionError, match="MosaicGPT with alibi_bias_max=4 is not supported"):
+        mosaic_gpt_to_mpt_config({**mosaic, "alibi_bias_max": 4})
+
+
+@pytest.mark.parametrize("family", ["tiny-mpt", "tiny-mpt-1b-redpajama-200b"])
+def test_reverse_conversion_keeps_an_mpt_lms_own_family_whatever_its_qk_layernorm(family, tmp_path):
+    """QK-LayerNorm tells MosaicGPT (MPT-1B, with it) from MPT (MPT-7B, without) on the way back; an MPT with it or a
+    MosaicGPT without it is recorded by the conversion, and exported with its own names (with MosaicGPT's, the
+    original's `load_state_dict(strict=False)` would have dropped an MPT's LM weights)."""
+    lm = tmp_path / "lm"
+    shutil.copytree(FIXTURES / family / "lm", lm)
+    config = json.loads((lm / "config.json").read_text())
+    weights = load_file(str(lm / "model.safetensors"))
+    if family == "tiny-mpt":
+        config["attn_config"]["qk_ln"] = True
+        for i in range(config["n_layers"]):
+            for name in ("q_ln", "k_ln"):
+                weights[f"transformer.blocks.{i}.attn.{name}.weight"] = torch.full((config["d_model"],), 1.5)
+    else:
+        assert config.pop("attn_qk_ln")
+        weights = {k: v for k, v in weights.items() if ".q_ln." not in k and ".k_ln." not in k}
+    (lm / "config.json").write_text(json.dumps(config))
+    save_file(weights, str(lm / "model.safetensors"))
+    out = convert_openflamingo_checkpoint(**fixture_kwargs(family, lm=lm), output_dir=tmp_path / "ours")
+    expected = "mpt" if family == "tiny-mpt" else "mosaic_gpt"
+    assert lm_family_of(json.loads((out / "config.json").read_text())) == expected
+    checkpoint = convert_hf_to_openflamingo(out, tmp_path / "full.pt", include_lm=True, progress=False)
+    keys = torch.load(checkpoint, weights_only=True).keys()
+    assert any(k.endswith(".norm_1.weight" if expected == "mpt" else ".ln_1.weight") for k in keys)
+    again = convert_openflamingo_checkpoint(
+        **fixture_kwargs(family, lm=lm, checkpoint=checkpoint), output_dir=tmp_path / "again"
+    )
+    assert_same_tensors(folder_tensors(again), folder_tensors(out))
+    # the released layouts record nothing: QK-LayerNorm says it
+    assert "original_model_type" not in (FIXTURES / family / "lm" / "config.json").read_text()
 
 
 @pytest.mark.parametrize("family", ["tiny-neox", "tiny-llama"])
@@ -845,6 +906,26 @@ def test_refuses_to_overwrite(converted, tmp_path):
     with pytest.raises(FileExistsError):
         convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt"), output_dir=out)
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_a_folder_that_appears_while_converting_is_not_replaced_without_overwrite(tmp_path, monkeypatch):
+    """Without `--overwrite`, a folder made at the output path during the conversion (a second conversion into it,
+    or the user's files) is kept, and the conversion fails; `~` in the output paths is the home folder."""
+    out = tmp_path / "o"
+
+    def write(tmp: Path) -> None:
+        (tmp / "config.json").write_text("{}")
+        out.mkdir()
+        (out / "mine.txt").write_text("precious")
+
+    with pytest.raises(FileExistsError, match="appeared while converting"):
+        save_atomically(out, write, overwrite=False)
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # no temporary sibling left
+    monkeypatch.setenv("HOME", str(tmp_path))
+    made = convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt"), output_dir="~/home-out")
+    assert made == tmp_path / "home-out" and (made / "config.json").is_file()
+    assert convert_hf_to_openflamingo("~/home-out", "~/home.pt", progress=False) == tmp_path / "home.pt"
 
 
 def test_overwrite_replaces_an_earlier_conversion_only(converted, tmp_path):

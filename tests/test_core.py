@@ -180,6 +180,9 @@ def test_cross_attn_layer_placement(n, expected):
 def test_config_errors():
     with pytest.raises(ValueError, match="model_type"):
         OpenFlamingoConfig(text_config={"hidden_size": 4})
+    # MosaicGPT's own config (no transformers class; transformers' error listed every model type it knows)
+    with pytest.raises(ValueError, match=r"MosaicGPT config .*mosaic_gpt_to_mpt_config\(config_dict\)"):
+        OpenFlamingoConfig(text_config={"model_type": "mosaic_gpt", "d_model": 32, "n_heads": 4, "n_layers": 2})
     with pytest.raises(ValueError, match="cross_attn_every_n_layers"):
         OpenFlamingoConfig(cross_attn_every_n_layers=0)
     # more than the LM's layers would build no gated block at all (images silently ignored); not an int
