@@ -1674,7 +1674,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 Targets for the LM loss; -100 is ignored. Shifted inside, as for any causal LM.
             logits_to_keep (`int` or `torch.Tensor`, defaults to 0):
                 Return logits for the last `logits_to_keep` positions only (0: all), as transformers' causal LMs do;
-                `generate` uses 1 for the prompt step, which spares a `(batch, prompt_len, vocab)` tensor.
+                `generate` uses 1 for the prompt step, which spares a `(batch, prompt_len, vocab)` tensor. Not
+                with `labels` (an error).
 
         Returns:
             [`OpenFlamingoCausalLMOutputWithPast`].
@@ -1797,7 +1798,15 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         )
         if past is not None:
             lm_kwargs[_CACHE_FIELD if self._lm_accepts(_CACHE_FIELD) else "past_key_values"] = past
-        slice_logits = labels is None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0)
+        keeps_some = not (isinstance(logits_to_keep, int) and logits_to_keep == 0)
+        if labels is not None and keeps_some:
+            # transformers' causal LMs slice the logits and then fail on the labels' length; ignoring it would
+            # return every position's logits (and score them all) where the caller asked for the last ones
+            raise ValueError(
+                "logits_to_keep with labels: the loss needs every position's logits. Pass labels=None and compute "
+                "the loss from the kept logits, or leave logits_to_keep at 0."
+            )
+        slice_logits = labels is None and keeps_some
         if slice_logits and self._lm_takes_logits_to_keep:
             lm_kwargs["logits_to_keep"], slice_logits = logits_to_keep, False
         attn_mask = keeps_query = keeps_output = None

@@ -1824,6 +1824,10 @@ def test_logits_to_keep(family):
         last = model(input_ids=ids, pixel_values=pixel_values, logits_to_keep=1).logits
     assert last.shape == (2, 1, 403)
     torch.testing.assert_close(last, full[:, -1:], atol=1e-6, rtol=0)
+    # with labels the loss needs every position: refused (it was ignored, returning and scoring every position)
+    with pytest.raises(ValueError, match="logits_to_keep with labels"):
+        model(input_ids=ids, pixel_values=pixel_values, labels=ids, logits_to_keep=1)
+    assert model(input_ids=ids, pixel_values=pixel_values, labels=ids, logits_to_keep=0).logits.shape == full.shape
 
 
 def test_bfloat16_save_with_stale_sub_config_dtypes_reloads_in_one_dtype(tmp_path):
