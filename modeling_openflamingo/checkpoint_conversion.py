@@ -2355,11 +2355,30 @@ def convert_hf_to_openflamingo(
         except Exception as error:  # noqa: BLE001 - re-raised with the output named
             raise _write_failed(output_file, error) from error
         _mode_by_umask(Path(tmp), 0o666)  # mkstemp makes it owner-only
-        os.replace(tmp, output_file)
+        _move_into_place(Path(tmp), output_file, overwrite)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return output_file
+
+
+def _move_into_place(tmp: Path, output_file: Path, overwrite: bool) -> None:
+    """Rename `tmp` to `output_file`; without `overwrite`, never over a file that appeared there since the start (a
+    hard link fails if the name exists; where the file system has none, a check just before the rename)."""
+    if not overwrite:
+        try:
+            os.link(tmp, output_file)
+        except FileExistsError:
+            raise FileExistsError(
+                f"{output_file} appeared while converting; not replaced (pass overwrite=True / --overwrite)."
+            ) from None
+        except OSError:  # no hard links here
+            if output_file.exists() or output_file.is_symlink():
+                raise FileExistsError(f"{output_file} appeared while converting; not replaced.") from None
+        else:
+            tmp.unlink()
+            return
+    os.replace(tmp, output_file)
 
 
 __all__ = [

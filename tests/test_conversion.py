@@ -926,6 +926,18 @@ def test_a_folder_that_appears_while_converting_is_not_replaced_without_overwrit
     made = convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt"), output_dir="~/home-out")
     assert made == tmp_path / "home-out" and (made / "config.json").is_file()
     assert convert_hf_to_openflamingo("~/home-out", "~/home.pt", progress=False) == tmp_path / "home.pt"
+    # the way back: a checkpoint file that appears meanwhile is kept too
+    target = tmp_path / "back.pt"
+    real_save = torch.save
+
+    def save_and_meanwhile(obj, path, *args, **kwargs):
+        real_save(obj, path, *args, **kwargs)
+        target.write_text("theirs")
+
+    monkeypatch.setattr(torch, "save", save_and_meanwhile)
+    with pytest.raises(FileExistsError, match="appeared while converting"):
+        convert_hf_to_openflamingo(made, target, progress=False)
+    assert target.read_text() == "theirs" and not list(tmp_path.glob(".back.pt.tmp-*"))
 
 
 def test_overwrite_replaces_an_earlier_conversion_only(converted, tmp_path):
