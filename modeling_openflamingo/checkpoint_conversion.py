@@ -876,6 +876,7 @@ def mpt_config_from_dict(raw: Mapping[str, Any], source: Any = "config.json") ->
     """
     attn = {k: v for k, v in dict(raw.get("attn_config") or {}).items() if k != "model_type"}
     ffn = dict(raw.get("ffn_config") or {})
+    eps = raw.get("layer_norm_epsilon", raw.get("norm_eps", 1e-5))
     _require(
         source,
         "MPT",
@@ -889,11 +890,16 @@ def mpt_config_from_dict(raw: Mapping[str, Any], source: Any = "config.json") ->
             "logit_scale": (raw.get("logit_scale"), None),
             "expansion_ratio": (raw.get("expansion_ratio", 4), 4),
             # (options of later llm-foundry MPTs that transformers' MPT ignores, with the weights' names unchanged)
-            "norm_type": (raw.get("norm_type", "layernorm").replace("low_precision_", ""), "layernorm"),
+            "norm_type": (str(raw.get("norm_type") or "layernorm").replace("low_precision_", ""), "layernorm"),
             "attn_config.qk_gn": (attn.get("qk_gn", False), False),
             "attn_config.sliding_window_size": (attn.get("sliding_window_size", -1) or -1, -1),
             "ffn_config.ffn_type": (ffn.get("ffn_type", "mptmlp"), "mptmlp"),
             "ffn_config.ffn_act_fn": (_exact_gelu_or_none(ffn.get("ffn_act_fn")), None),
+            "tie_word_embeddings": (raw.get("tie_word_embeddings", True), True),  # else its own lm_head, dropped
+            "attn_config.attn_logit_softcapping": (attn.get("attn_logit_softcapping"), None),
+            "final_logit_softcapping": (raw.get("final_logit_softcapping"), None),
+            "block_overrides": (raw.get("block_overrides") or None, None),
+            "norm_eps": (raw.get("norm_eps", eps), eps),  # llm-foundry's name; both given: they must agree
         },
     )
     return MptConfig(
@@ -905,7 +911,7 @@ def mpt_config_from_dict(raw: Mapping[str, Any], source: Any = "config.json") ->
         vocab_size=raw["vocab_size"],
         resid_pdrop=float(raw.get("resid_pdrop", 0.0)),
         emb_pdrop=float(raw.get("emb_pdrop", 0.0)),
-        layer_norm_epsilon=raw.get("layer_norm_epsilon", 1e-5),
+        layer_norm_epsilon=eps,
         learned_pos_emb=bool(raw.get("learned_pos_emb", True)),
         no_bias=True,
         norm_type=raw.get("norm_type", "low_precision_layernorm"),
@@ -1768,7 +1774,8 @@ def convert_openflamingo_checkpoint(
     output_dir = Path(output_dir).expanduser().resolve()  # a symlink: its target is the folder written
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"{output_dir} is a file; the output is a folder: pass another path.")
-    if output_dir.exists() and not _is_empty_folder(output_dir):
+    replaces = output_dir.exists() and not _is_empty_folder(output_dir)
+    if replaces:
         if not overwrite:
             raise FileExistsError(f"{output_dir} exists and is not empty (pass overwrite=True / --overwrite).")
         _check_replaceable(output_dir, [checkpoint, lm, tokenizer, open_clip_config, open_clip_weights, vision])
@@ -1797,7 +1804,8 @@ def convert_openflamingo_checkpoint(
         converted.processor.save_pretrained(tmp)
         (tmp / "README.md").write_text(card)
 
-    return save_atomically(output_dir, write, overwrite=overwrite)
+    # only the earlier conversion checked above is replaced: a folder that appears meanwhile is kept
+    return save_atomically(output_dir, write, overwrite=overwrite and replaces)
 
 
 def raise_on_termination() -> None:
@@ -1986,7 +1994,10 @@ def save_atomically(output_dir: str | os.PathLike, write: Callable[[Path], Any],
     try:
         _write_into(tmp, output_dir, write)
         if not overwrite and (output_dir.exists() or output_dir.is_symlink()):
-            raise FileExistsError(f"{output_dir} appeared while converting; not replaced (pass --overwrite).")
+            raise FileExistsError(
+                f"{output_dir} appeared while converting; not replaced (--overwrite replaces only an earlier "
+                "conversion that was there at the start)."
+            )
         if output_dir.exists() or output_dir.is_symlink():
             old = _unused_sibling(output_dir, "old")
             os.replace(output_dir, old)
@@ -2311,7 +2322,7 @@ def convert_hf_to_openflamingo(
         raise ConversionError(
             f"{output_file} is a folder; the output is the checkpoint file to write (e.g. checkpoint.pt)."
         )
-    if output_file.exists() and not overwrite:
+    if (output_file.exists() or output_file.is_symlink()) and not overwrite:
         raise FileExistsError(f"{output_file} exists (pass overwrite=True / --overwrite).")
     _check_writable_location(output_file)
     if (
@@ -2329,7 +2340,7 @@ def convert_hf_to_openflamingo(
         fold = getattr(model, "_fold_new_token_embeddings", None)
         source = TensorSource.from_state_dict(type(model).__name__, fold(None) if fold else model.state_dict())
     else:
-        if hub.is_local(model) and (Path(model) / "adapter_config.json").is_file():
+        if hub.is_local(model) and (Path(model).expanduser() / "adapter_config.json").is_file():
             raise ConversionError(
                 f"{model} is a PEFT adapter folder (adapter_config.json); merge the adapter first "
                 "(base.freeze_for_training() if it was trained with it, then "
@@ -2370,7 +2381,7 @@ def _move_into_place(tmp: Path, output_file: Path, overwrite: bool) -> None:
             os.link(tmp, output_file)
         except FileExistsError:
             raise FileExistsError(
-                f"{output_file} appeared while converting; not replaced (pass overwrite=True / --overwrite)."
+                f"{output_file} appeared while converting; not replaced (overwrite=True / --overwrite replaces it)."
             ) from None
         except OSError:  # no hard links here
             if output_file.exists() or output_file.is_symlink():

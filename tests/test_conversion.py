@@ -26,6 +26,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from modeling_openflamingo import OpenFlamingoProcessor
 from modeling_openflamingo.checkpoint_conversion import (
     LM_KEY_RULES,
     OPEN_CLIP_KEY_RULES,
@@ -261,6 +262,11 @@ def test_mpt_options_transformers_ignores_are_refused():
         ({"ffn_config": {"ffn_type": "mptglu"}}, "ffn_config.ffn_type"),
         ({"ffn_config": {"ffn_type": "mptmlp", "ffn_act_fn": {"name": "silu"}}}, "ffn_config.ffn_act_fn"),
         ({"ffn_config": {"ffn_act_fn": {"name": "gelu", "approximate": "tanh"}}}, "ffn_config.ffn_act_fn"),
+        ({"tie_word_embeddings": False}, "tie_word_embeddings"),
+        ({"attn_config": {**raw["attn_config"], "attn_logit_softcapping": 30.0}}, "attn_config.attn_logit_softcapping"),
+        ({"final_logit_softcapping": 30.0}, "final_logit_softcapping"),
+        ({"block_overrides": {"order": []}}, "block_overrides"),
+        ({"norm_eps": 1e-2, "layer_norm_epsilon": 1e-5}, "norm_eps"),
     ):
         with pytest.raises(ConversionError, match=f"MPT with {re.escape(name)}=.* is not supported"):
             mpt_config_from_dict({**raw, **change})
@@ -268,13 +274,15 @@ def test_mpt_options_transformers_ignores_are_refused():
     no_window = {**raw["attn_config"], "sliding_window_size": -1}
     same = mpt_config_from_dict({**raw, "ffn_config": spelled_out, "attn_config": no_window})
     assert same.to_dict() == mpt_config_from_dict(raw).to_dict()
+    foundry = {**{k: v for k, v in raw.items() if k != "layer_norm_epsilon"}, "norm_eps": 1e-2}
+    assert mpt_config_from_dict(foundry).layer_norm_epsilon == 1e-2  # llm-foundry's name for it
     mosaic = json.loads((FIXTURES / "tiny-mpt-1b-redpajama-200b" / "lm" / "config.json").read_text())
     with pytest.raises(ConversionError, match="MosaicGPT with alibi_bias_max=4 is not supported"):
         mosaic_gpt_to_mpt_config({**mosaic, "alibi_bias_max": 4})
 
 
 @pytest.mark.parametrize("family", ["tiny-mpt", "tiny-mpt-1b-redpajama-200b"])
-def test_reverse_conversion_keeps_an_mpt_lms_own_family_whatever_its_qk_layernorm(family, tmp_path):
+def test_reverse_conversion_keeps_an_mpt_lms_own_family_whatever_its_qk_layernorm(family, converted, tmp_path):
     """QK-LayerNorm tells MosaicGPT (MPT-1B, with it) from MPT (MPT-7B, without) on the way back; an MPT with it or a
     MosaicGPT without it is recorded by the conversion, and exported with its own names (with MosaicGPT's, the
     original's `load_state_dict(strict=False)` would have dropped an MPT's LM weights)."""
@@ -303,7 +311,7 @@ def test_reverse_conversion_keeps_an_mpt_lms_own_family_whatever_its_qk_layernor
     )
     assert_same_tensors(folder_tensors(again), folder_tensors(out))
     # the released layouts record nothing: QK-LayerNorm says it
-    assert "original_model_type" not in (FIXTURES / family / "lm" / "config.json").read_text()
+    assert "original_model_type" not in (converted(family) / "config.json").read_text()
 
 
 @pytest.mark.parametrize("family", ["tiny-neox", "tiny-llama"])
@@ -922,10 +930,33 @@ def test_a_folder_that_appears_while_converting_is_not_replaced_without_overwrit
         save_atomically(out, write, overwrite=False)
     assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # no temporary sibling left
+    # with --overwrite too: it replaces an earlier conversion found at the start, not what appears meanwhile
+    out = tmp_path / "p"
+    real_save = OpenFlamingoProcessor.save_pretrained
+
+    def save_and_meanwhile(self, *args, **kwargs):
+        out.mkdir(exist_ok=True)
+        (out / "mine.txt").write_text("precious")
+        return real_save(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(OpenFlamingoProcessor, "save_pretrained", save_and_meanwhile)
+        with pytest.raises(FileExistsError, match="replaces only an earlier conversion that was there at the start"):
+            convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt"), output_dir=out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
     monkeypatch.setenv("HOME", str(tmp_path))
     made = convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt"), output_dir="~/home-out")
     assert made == tmp_path / "home-out" and (made / "config.json").is_file()
     assert convert_hf_to_openflamingo("~/home-out", "~/home.pt", progress=False) == tmp_path / "home.pt"
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(ConversionError, match="is a PEFT adapter folder"):
+        convert_hf_to_openflamingo("~/adapter", tmp_path / "a.pt", progress=False)
+    dangling = tmp_path / "dangling.pt"
+    dangling.symlink_to(tmp_path / "nowhere.pt")
+    with pytest.raises(FileExistsError, match="exists"):  # at the start, not after the export
+        convert_hf_to_openflamingo(made, dangling, progress=False)
     # the way back: a checkpoint file that appears meanwhile is kept too
     target = tmp_path / "back.pt"
     real_save = torch.save
