@@ -440,7 +440,7 @@ def test_fast_path_leaves_a_wrappers_prepare_inputs_to_generate(fast_path_on_cpu
     """A wrapper that puts its own `prepare_inputs_for_generation` on the model for the call (PEFT's prompt learning,
     to add a prefix or virtual tokens) is run by `GenerationMixin`'s loop: the fast path, whose decoders never call
     it, leaves such a call alone (it dropped what the wrapper adds)."""
-    model = cpu_tiny_model("llama")
+    model = tiny_model("llama")
     ids, mask, pixel_values = padded_prompt()
     kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=4, min_new_tokens=4)
     own, calls = model.prepare_inputs_for_generation, []
@@ -462,7 +462,7 @@ def test_fast_path_leaves_a_wrappers_prepare_inputs_to_generate(fast_path_on_cpu
     prefixed.generate(**kw)
     assert_fast_path_equals_generate(model, kw)
     assert len(_STATIC_DECODERS[model]) == 1
-    model = cpu_tiny_model("llama")
+    model = tiny_model("llama")
     adapted = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
     assert_fast_path_equals_generate(adapted, kw)
     assert len(_STATIC_DECODERS[model]) == 1
@@ -475,7 +475,7 @@ def test_fast_path_with_int8_cross_attention_weights(fast_path_on_cpu):
     plain `generate`'s tokens."""
     from .test_core import quantized_int8
 
-    model, _ = quantized_int8(cpu_tiny_model("llama"))
+    model = quantized_int8(cpu_tiny_model("llama"))[0].to(DEVICE)
     ids, mask, pixel_values = padded_prompt()
     for num_beams in (1, 3):
         kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=6, min_new_tokens=6, num_beams=num_beams)
