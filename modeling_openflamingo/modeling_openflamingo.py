@@ -1927,9 +1927,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         equally; those of a text-only call stay text only, while a row with fewer images than the batch attends to
         the zero-padding image after its own, as README's "Batches" says); `"original_kv_cache"`, every row is
         conditioned on that step's tokens alone, by row position: those fed `<image>` see their first image, the
-        others none. Without
-        `eos_token_id`, generation stops at `generation_config.eos_token_id`: `config.eos_token_id`, which is
-        `<|endofchunk|>` unless the config says otherwise.
+        others none. Without `eos_token_id`, generation stops at `generation_config.eos_token_id`:
+        `config.eos_token_id`, which is `<|endofchunk|>` unless the config says otherwise.
 
         With `cache_implementation="static"` on a CUDA device, plain greedy decoding and plain beam search (no
         sampling, logits processors, streamers or extra outputs) run a fast path of their own: one compiled decoding
