@@ -2217,9 +2217,9 @@ def lm_family_of(config: OpenFlamingoConfig | Mapping[str, Any]) -> str:
     """The original LM family of a model of ours (MosaicGPT is the MPT config with QK-LayerNorm)."""
     text = config["text_config"] if isinstance(config, Mapping) else config.text_config.to_dict()
     model_type = text.get("model_type")
-    if model_type == "mpt" and text.get("original_model_type") in ("mpt", "mosaic_gpt"):
-        return text["original_model_type"]  # (recorded by the conversion where QK-LayerNorm would mislead)
     if model_type == "mpt":
+        if text.get("original_model_type") in ("mpt", "mosaic_gpt"):
+            return text["original_model_type"]  # (recorded by the conversion where QK-LayerNorm would mislead)
         attn = text.get("attn_config") or {}
         attn = attn if isinstance(attn, Mapping) else attn.to_dict()
         return "mosaic_gpt" if attn.get("qk_ln") else "mpt"
@@ -2380,15 +2380,16 @@ def _move_into_place(tmp: Path, output_file: Path, overwrite: bool) -> None:
         try:
             os.link(tmp, output_file)
         except FileExistsError:
-            raise FileExistsError(
-                f"{output_file} appeared while converting; not replaced (overwrite=True / --overwrite replaces it)."
-            ) from None
+            appeared = True
         except OSError:  # no hard links here
-            if output_file.exists() or output_file.is_symlink():
-                raise FileExistsError(f"{output_file} appeared while converting; not replaced.") from None
+            appeared = output_file.exists() or output_file.is_symlink()
         else:
             tmp.unlink()
             return
+        if appeared:
+            raise FileExistsError(
+                f"{output_file} appeared while converting; not replaced (overwrite=True / --overwrite replaces it)."
+            )
     os.replace(tmp, output_file)
 
 
