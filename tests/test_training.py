@@ -1063,22 +1063,20 @@ def test_finetune_example_checkpoints_and_resumes(converted, tmp_path):
         import finetune
     finally:
         sys.path.remove(str(EXAMPLES))
+
+    def losses(result: dict) -> list[float]:
+        return [entry["loss"] for entry in result["trainer"].state.log_history if "loss" in entry]
+
     argv = ["--model", str(converted("tiny-neox")), "--learning-rate", "1e-2", "--save-steps", "2"]
     straight = finetune.main([*argv, "--max-steps", "4", "--output-dir", str(tmp_path / "straight")])
     assert sorted(p.name for p in (tmp_path / "straight").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    broken = [*argv, "--output-dir", str(tmp_path / "broken"), "--resume-from-checkpoint", "latest"]
     # `latest` with no checkpoint yet (a resumable job's first run) starts from the beginning
-    first = finetune.main(
-        [*argv, "--max-steps", "2", "--output-dir", str(tmp_path / "broken"), "--resume-from-checkpoint", "latest"]
-    )
-    assert [e["loss"] for e in first["trainer"].state.log_history if "loss" in e] == pytest.approx(
-        [e["loss"] for e in straight["trainer"].state.log_history if "loss" in e][:2], rel=1e-5
-    )
-    resumed = finetune.main(
-        [*argv, "--max-steps", "4", "--output-dir", str(tmp_path / "broken"), "--resume-from-checkpoint", "latest"]
-    )
-    losses = [[e["loss"] for e in r["trainer"].state.log_history if "loss" in e] for r in (straight, resumed)]
-    assert len(losses[1]) == 4  # the resumed run's history holds the checkpoint's two steps, then two more
-    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    first = finetune.main([*broken, "--max-steps", "2"])
+    assert losses(first) == pytest.approx(losses(straight)[:2], rel=1e-5)
+    resumed = finetune.main([*broken, "--max-steps", "4"])
+    assert len(losses(resumed)) == 4  # the resumed run's history holds the checkpoint's two steps, then two more
+    assert losses(resumed) == pytest.approx(losses(straight), rel=1e-5)
     with pytest.raises(SystemExit):
         finetune.main([*argv, "--resume-from-checkpoint", str(tmp_path / "nowhere")])
 
