@@ -312,14 +312,6 @@ def checkpoint_alias_primary(key: str, family: str) -> str | None:
     return primary if isinstance(primary, str) and primary != key else None
 
 
-def apply_rules(key: str, rules: Rules) -> str | None:
-    """`map_key` for rules without fused tensors (kept for callers of the earlier API)."""
-    mapped = map_key(key, rules)
-    if isinstance(mapped, tuple):
-        raise ConversionError(f"{key!r} is a fused tensor that splits into {mapped}; use map_key.")
-    return mapped
-
-
 # ====================================================================================================================
 # Reading files
 # ====================================================================================================================
@@ -604,11 +596,6 @@ class TensorSource:
         """The keys, in the input's order."""
         return list(self.shapes)
 
-    @property
-    def is_manifest(self) -> bool:
-        """True when only the shapes are known (a dry run)."""
-        return self._loader is None
-
     def load(self, key: str) -> torch.Tensor:
         """Read one tensor; errors name the input and the key."""
         if self._loader is None:
@@ -752,12 +739,6 @@ def hf_folder_source(folder: str | os.PathLike, stem: str = "model") -> TensorSo
     )
 
 
-def load_lm_state_dict(lm_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All weights of a HF model folder, in memory (small models; conversions read tensors one at a time instead)."""
-    source = hf_folder_source(lm_dir)
-    return {key: source.load(key) for key in source.keys()}
-
-
 # ====================================================================================================================
 # Configs
 # ====================================================================================================================
@@ -778,7 +759,21 @@ def _lm_config_from_dict(raw: Mapping[str, Any], source: Any) -> tuple[Pretraine
             config.original_model_type = family
         return config, family
     clean = {k: v for k, v in raw.items() if k not in ("auto_map", "_name_or_path")}
-    return CONFIG_MAPPING[family].from_dict(clean), family
+    config = CONFIG_MAPPING[family].from_dict(clean)
+    if family == "gpt_neox":
+        # An odd number of rotary dimensions (`int(head_dim * rotary_pct)`, e.g. 1 for 4-wide heads at 0.25) is
+        # rotated differently by the transformers the original ran (4.3x broadcasts cos / sin one dimension wider
+        # over the odd slice, widening queries and keys) and by today's: refused rather than computed otherwise.
+        rope = getattr(config, "rope_parameters", None) or {}
+        fraction = rope.get("partial_rotary_factor", getattr(config, "rotary_pct", 1.0))
+        head_dim = config.hidden_size // config.num_attention_heads
+        if int(head_dim * fraction) % 2:
+            raise ConversionError(
+                f"{source}: GPT-NeoX with an odd number of rotary dimensions (int(head_dim * rotary_pct) = "
+                f"int({head_dim} * {fraction}) = {int(head_dim * fraction)}) is not supported: the transformers the "
+                "original ran and this one rotate them differently."
+            )
+    return config, family
 
 
 def lm_config_from_dict(raw: Mapping[str, Any], source: Any = "config.json") -> tuple[PretrainedConfig, str]:
@@ -792,18 +787,6 @@ def lm_config_from_dict(raw: Mapping[str, Any], source: Any = "config.json") -> 
     except Exception as error:  # transformers' own checks: TypeError, ValueError, huggingface_hub's strict dataclasses
         message = " ".join(str(error).split()) or type(error).__name__
         raise ConversionError(f"{source}: the LM config is not one transformers accepts: {message}") from error
-
-
-def lm_config_from_folder(lm_dir: str | os.PathLike) -> tuple[PretrainedConfig, str]:
-    """The LM's transformers config and its family (`mosaic_gpt`, `mpt`, `gpt_neox`, `llama`)."""
-    config_path = Path(lm_dir) / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path}: no such file (the LM folder needs its config.json).")
-    try:
-        raw = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise ConversionError(f"{config_path}: not valid JSON: {error}") from error
-    return lm_config_from_dict(raw, config_path)
 
 
 def _int_if_whole(value: Any) -> Any:
@@ -888,7 +871,6 @@ def mpt_config_from_dict(raw: Mapping[str, Any], source: Any = "config.json") ->
             "attn_config.attn_uses_sequence_id": (attn.get("attn_uses_sequence_id", False), False),
             "no_bias": (raw.get("no_bias", True), True),
             "logit_scale": (raw.get("logit_scale"), None),
-            "expansion_ratio": (raw.get("expansion_ratio", 4), 4),
             # (options of later llm-foundry MPTs that transformers' MPT ignores, with the weights' names unchanged)
             "norm_type": (str(raw.get("norm_type") or "layernorm").replace("low_precision_", ""), "layernorm"),
             "attn_config.qk_gn": (attn.get("qk_gn", False), False),

@@ -19,8 +19,12 @@ __all__ = ["OpenFlamingoDataCollator", "attention_mask_without_host_sync", "caus
 # The channel counts of the image arrays that the image processor reads (L, RGB, RGBA), first or last
 _ARRAY_CHANNELS = (1, 3, 4)
 
-# LM families (`model_type`) whose attention reads a 2-D padding mask on the device, without a host-side check of it
-_READ_2D_MASK_ON_DEVICE = ("mpt",)
+# LM families (`model_type`) known (tested) to take `causal_attention_mask_4d`'s boolean 4-D mask as it is, on both
+# transformers majors and with either attention; every other LM gets the 2-D mask, which is always read correctly
+# (MPT and MosaicGPT read it on the device; for the others only the host sync is kept). Not "every LM but MPT": on
+# transformers 4.x Falcon's eager attention adds the boolean mask to its scores (other logits, no error), and OPT,
+# Bloom and 4.x's XGLM fail on it.
+_TAKE_BOOLEAN_4D_MASK = ("gpt_neox", "llama")
 
 
 def causal_attention_mask_4d(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -35,13 +39,14 @@ def causal_attention_mask_4d(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def attention_mask_without_host_sync(attention_mask: torch.Tensor, config: PretrainedConfig) -> torch.Tensor:
     """`(batch, seq)` padding mask -> the form in which `config`'s LM uses it without a host sync (what a training
-    step captured as a CUDA graph needs): MPT and MosaicGPT read the 2-D mask on the device, as it is; transformers'
-    other LMs (GPT-NeoX, LLaMA, ...) check a 2-D mask on the host, so they get [`causal_attention_mask_4d`].
+    step captured as a CUDA graph needs, where the LM has one): GPT-NeoX and LLaMA check a 2-D mask on the host, so
+    they get [`causal_attention_mask_4d`]; every other LM gets the 2-D mask as it is (MPT and MosaicGPT read it on the
+    device; an LM not known to take the boolean 4-D mask keeps its host check rather than risk other numbers).
     `config`: the `OpenFlamingoConfig` or its `text_config`."""
     text_config = getattr(config, "text_config", config)
-    if text_config.model_type in _READ_2D_MASK_ON_DEVICE:
-        return attention_mask
-    return causal_attention_mask_4d(attention_mask)
+    if text_config.model_type in _TAKE_BOOLEAN_4D_MASK:
+        return causal_attention_mask_4d(attention_mask)
+    return attention_mask
 
 
 class OpenFlamingoDataCollator:
@@ -65,8 +70,9 @@ class OpenFlamingoDataCollator:
     the model's forward skips its own check of the `<image>` tokens (a device-to-host sync). Labels are the input ids
     with -100 for padding and `<image>`; with `interleaved=True` also for every token before the first `<image>` and
     for the tokens after each `<|endofchunk|>` up to the next `<image>`.
-    `<|endofchunk|>` and eos stay in the loss, as in the original. Position 0 is also set to -100: labels are shifted
-    inside the model, so it is never a target, and this keeps `Trainer`'s `num_items_in_batch` count exact.
+    `<|endofchunk|>` stays in the loss, as in the original, and so does eos, but for the one appended after an
+    interleaved document's last `<|endofchunk|>` (masked as above). Position 0 is also set to -100: labels are
+    shifted inside the model, so it is never a target, and this keeps `Trainer`'s `num_items_in_batch` count exact.
 
     With `Trainer`, pass `remove_unused_columns=False` in `TrainingArguments` (the columns are `text` and `images`,
     not model inputs).

@@ -161,7 +161,7 @@ class OpenFlamingoCausalLMOutputWithPast(ModelOutput):
             The LM's shifted cross-entropy, mean over the label tokens that are not -100 (with `Trainer`'s
             `num_items_in_batch`: their sum divided by it).
         logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
-            Scores of the language modelling head.
+            Scores of the language modelling head (of the last `logits_to_keep` positions only, when given).
         past_key_values (`Cache`, *optional*, returned when `use_cache=True`):
             The language model's key/value cache (also exposed as `cache` on transformers >= 5.24).
         hidden_states (`tuple(torch.FloatTensor)`, *optional*): the LM's hidden states, when asked for.
@@ -488,9 +488,9 @@ def _check_one_image_source(pixel_values: Any, image_hidden_states: Any, image_c
     ]
     if len(given) > 1:
         raise ValueError(
-            f"Pass the images once: {' and '.join(given)} were both given (pixel_values: images to encode; "
-            "image_hidden_states: images encoded by `get_image_features`; image_cache: an earlier output's keys and "
-            "values over them)."
+            f"Pass the images once: {', '.join(given[:-1])} and {given[-1]} were "
+            f"{'both' if len(given) == 2 else 'all'} given (pixel_values: images to encode; image_hidden_states: "
+            "images encoded by `get_image_features`; image_cache: an earlier output's keys and values over them)."
         )
 
 
@@ -760,23 +760,24 @@ def _original_layer_class(layer_class: type) -> type:
     return layer_class.__bases__[1] if issubclass(layer_class, _GatedDecoderLayerMixin) else layer_class
 
 
-def find_decoder_layers(language_model: nn.Module, num_layers: int) -> nn.ModuleList:
-    """The `nn.ModuleList` of the LM's `num_layers` decoder layers (e.g. `transformer.blocks`, `model.layers`).
+def find_decoder_layers(model: nn.Module, num_layers: int) -> nn.ModuleList:
+    """The `nn.ModuleList` of `model`'s `num_layers` repeated layers: an LM's decoder layers (e.g.
+    `transformer.blocks`, `model.layers`), or the vision tower's encoder layers ([`repeated_blocks`]).
 
     The outermost list of that length whose items all share one class is taken, so this works for any decoder-only
     LM without a table of attribute names.
     """
     candidates = [
         (name, module)
-        for name, module in language_model.named_modules()
+        for name, module in model.named_modules()
         if isinstance(module, nn.ModuleList)
         and len(module) == num_layers
         and len({_original_layer_class(type(layer)) for layer in module}) == 1
     ]
     if not candidates:
         raise ValueError(
-            f"Could not find the decoder layers of {type(language_model).__name__}: no nn.ModuleList of "
-            f"{num_layers} (text_config.num_hidden_layers) layers of one class."
+            f"Could not find the layers of {type(model).__name__}: no nn.ModuleList of {num_layers} layers of one "
+            "class (its config's num_hidden_layers)."
         )
     return min(candidates, key=lambda item: item[0].count("."))[1]
 
@@ -1542,6 +1543,12 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         `(batch or 1, heads or 1, seq, keys)` (see `forward`)."""
         batch, seq = batch_and_seq
         shape = tuple(attention_mask.shape)
+        if attention_mask.ndim in (5, 6) and attention_mask.is_floating_point():
+            raise ValueError(
+                f"attention_mask of shape {shape} looks like images: the forward's second positional argument is "
+                "`attention_mask` (as in transformers), not `pixel_values`: pass the images by keyword, "
+                "model(input_ids, pixel_values=...)."
+            )
         if attention_mask.ndim == 2:
             fits = shape[0] == batch and (shape[1] >= seq if spans_cache else shape[1] == seq)
             expected = f"({batch}, {'cached + ' if spans_cache else ''}{seq})"
@@ -1670,6 +1677,20 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 continued forward without it (and without images) is text only, as the LM's cache does not hold the
                 images.
             past_key_values (`Cache`, *optional*): the LM's key/value cache (`cache` on transformers >= 5.24).
+            inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
+                The LM's input embeddings, instead of `input_ids` (exactly one of the two). With images, the `<image>`
+                positions are the rows equal to the `<image>` token's input embedding, unless `image_indices` are
+                given; `image_indices` may cover only the last positions (a soft prompt before them, as PEFT's
+                prompt tuning prepends).
+            position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Passed to the LM (where its forward takes them).
+            use_cache (`bool`, *optional*):
+                Return the LM's cache (and `image_cache`); defaults to `config.use_cache`, and to `False` for a
+                training step (train mode, gradients on, no cache given).
+            output_attentions, output_hidden_states, return_dict (`bool`, *optional*):
+                As for any transformers model; default to the model's config. MPT / MosaicGPT with SDPA attention (the
+                default) return no attention weights.
+            cache (`Cache`, *optional*): `past_key_values` under its transformers >= 5.24 name (either one).
             labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
                 Targets for the LM loss; -100 is ignored. Shifted inside, as for any causal LM.
             logits_to_keep (`int` or `torch.Tensor`, defaults to 0):

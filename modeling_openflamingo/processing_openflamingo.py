@@ -46,7 +46,9 @@ def interleaved_label_mask(
     """Labels as the original's training code makes them for interleaved (MMC4-style) documents.
 
     -100 for padding, `<image>`, every token before the first `<image>`, and the tokens after each `<|endofchunk|>`
-    up to (not including) the next `<image>`. The `<|endofchunk|>` tokens and eos stay in the loss.
+    up to (not including) the next `<image>`. The `<|endofchunk|>` tokens stay in the loss, and eos does unless it is
+    among those tokens: the eos that ends a document right after its last `<|endofchunk|>` (as the data collator
+    appends it) is masked, as in the original.
 
     `input_ids` `(..., seq)` (one row or a batch) -> labels of the same shape.
     """
@@ -245,9 +247,10 @@ class OpenFlamingoProcessor(ProcessorMixin):
                 are dropped.
             padding_side: by default the processor's ([`padding_side`]: "left", for generation, unless set
                 otherwise), "right" when `return_labels=True` (training).
-            return_labels: also return `labels`: the input ids with pad and `<image>` set to -100 (eos stays), as
-                the original's training code makes them; also -100 where no real token precedes (each row's first
-                position, and with left padding the first real token), as nothing predicts those.
+            return_labels: also return `labels`: the input ids with pad and `<image>` set to -100 (eos stays unless
+                `interleaved` masks it), as the original's training code makes them; also -100 where no real token
+                precedes (each row's first position, and with left padding the first real token), as nothing predicts
+                those.
             interleaved: with `return_labels`, also mask as for MMC4-style interleaved documents (everything before
                 the first `<image>` and between each `<|endofchunk|>` and the next `<image>`).
 
@@ -379,6 +382,11 @@ class OpenFlamingoProcessor(ProcessorMixin):
         for name, value in text_kwargs.items():
             if name in ("text_pair", "text_target", "text_pair_target", "is_split_into_words") and value:
                 raise ValueError(f"OpenFlamingoProcessor takes `text` only (one string per row); got `{name}`.")
+            if name == "return_token_type_ids":  # (only a true value is left here)
+                raise ValueError(
+                    "return_token_type_ids=True is not supported: OpenFlamingo's forward takes no token type ids, so "
+                    "the processor never returns them."
+                )
             if name == "return_overflowing_tokens" and value:
                 raise ValueError(
                     "return_overflowing_tokens is not supported: the overflowing pieces of a row would have no images."

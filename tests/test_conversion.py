@@ -39,6 +39,7 @@ from modeling_openflamingo.checkpoint_conversion import (
     convert_openflamingo_checkpoint,
     dry_run,
     export_openflamingo_state_dict,
+    lm_config_from_dict,
     lm_family_of,
     load_torch_file,
     map_key,
@@ -279,6 +280,45 @@ def test_mpt_options_transformers_ignores_are_refused():
     mosaic = json.loads((FIXTURES / "tiny-mpt-1b-redpajama-200b" / "lm" / "config.json").read_text())
     with pytest.raises(ConversionError, match="MosaicGPT with alibi_bias_max=4 is not supported"):
         mosaic_gpt_to_mpt_config({**mosaic, "alibi_bias_max": 4})
+
+
+def test_a_gpt_neox_with_an_odd_number_of_rotary_dimensions_is_refused():
+    """The transformers the original ran (4.3x) and today's rotate an odd number of dimensions differently (the
+    original's queries and keys come out one dimension wider): refused; an even number converts, on either major's
+    spelling of the fraction (5.x keeps it in `rope_parameters`)."""
+    raw = json.loads((FIXTURES / "tiny-neox" / "lm" / "config.json").read_text())
+    with pytest.raises(ConversionError, match=r"odd number of rotary dimensions .*int\(4 \* 0.25\) = 1\)"):
+        lm_config_from_dict({**raw, "num_attention_heads": 8, "rotary_pct": 0.25})
+    with pytest.raises(ConversionError, match=r"int\(8 \* 0.375\) = 3\)"):
+        lm_config_from_dict({**raw, "rotary_pct": 0.375})
+    for even in (0.25, 0.5, 1.0):  # 2, 4 and 8 of 8
+        config, family = lm_config_from_dict({**raw, "rotary_pct": even})
+        assert family == "gpt_neox"
+    saved = lm_config_from_dict({**raw, "rotary_pct": 0.25})[0].to_dict()  # as this transformers writes it
+    lm_config_from_dict(saved)
+    with pytest.raises(ConversionError, match="odd number of rotary dimensions"):
+        lm_config_from_dict({**saved, "num_attention_heads": 8})
+
+
+def test_an_mpt_configs_expansion_ratio_is_what_its_weights_say(converted, tmp_path):
+    """transformers' MPT builds its MLP 4x wide whatever `expansion_ratio` says (as the original's transformers did):
+    an LM it built with another value converts and computes as the original ran it; an MLP really built narrower
+    (llm-foundry's MPT honours the value) does not fit and is refused, naming the weight."""
+    lm = tmp_path / "lm"
+    shutil.copytree(FIXTURES / "tiny-mpt" / "lm", lm)
+    config = json.loads((lm / "config.json").read_text())
+    (lm / "config.json").write_text(json.dumps({**config, "expansion_ratio": 2}))
+    out = convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt", lm=lm), output_dir=tmp_path / "ours")
+    assert_same_tensors(folder_tensors(out), folder_tensors(converted("tiny-mpt")))
+    weights = load_file(str(lm / "model.safetensors"))
+    for name, tensor in weights.items():
+        if name.endswith("ffn.up_proj.weight"):
+            weights[name] = tensor[: tensor.shape[0] // 2].contiguous()
+        elif name.endswith("ffn.down_proj.weight"):
+            weights[name] = tensor[:, : tensor.shape[1] // 2].contiguous()
+    save_file(weights, str(lm / "model.safetensors"))
+    with pytest.raises(ConversionError, match=r"ffn\.down_proj\.weight' has shape \(32, 64\) but the model needs"):
+        convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt", lm=lm), output_dir=tmp_path / "narrow")
 
 
 @pytest.mark.parametrize("family", ["tiny-mpt", "tiny-mpt-1b-redpajama-200b"])

@@ -637,6 +637,12 @@ def test_inputs_that_do_not_fit_each_other_are_errors():
         model(input_ids=ids, pixel_values=pixel_values, image_cache=cache)
     with pytest.raises(ValueError, match="Pass the images once: pixel_values and image_cache were both given"):
         model.generate(input_ids=ids, pixel_values=pixel_values, image_cache=cache, max_new_tokens=2)
+    features = model.get_image_features(pixel_values)
+    with pytest.raises(ValueError, match="pixel_values, image_hidden_states and image_cache were all given"):
+        model(input_ids=ids, pixel_values=pixel_values, image_hidden_states=features, image_cache=cache)
+    # the images by position land in `attention_mask` (the forward's second argument, as in transformers)
+    with pytest.raises(ValueError, match=r"looks like images.*model\(input_ids, pixel_values=\.\.\.\)"):
+        model(ids, pixel_values)
     with pytest.raises(ValueError, match="pixel_values has 1 rows but the text has 2"):  # before beams expand them
         model.generate(input_ids=ids, pixel_values=pixel_values[:1], num_beams=3, max_new_tokens=2)
     with pytest.raises(ValueError, match=r"attention_mask must have shape \(2, 10\).*got \(2, 9\)"):
@@ -739,7 +745,7 @@ def test_freeze_for_training_checks_its_arguments_before_changing_anything():
 
 
 def test_find_decoder_layers_error():
-    with pytest.raises(ValueError, match="Could not find the decoder layers"):
+    with pytest.raises(ValueError, match="Could not find the layers"):
         find_decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)), 4)
 
 
@@ -1631,6 +1637,8 @@ def test_processor_return_tensors(converted, tiny_images):
     # `return_token_type_ids=False` is the tokenizer's keyword, and what the processor asks of it anyway
     plain = processor(**kwargs, return_token_type_ids=False)
     assert plain.keys() == as_torch.keys() and torch.equal(plain["input_ids"], as_torch["input_ids"])
+    with pytest.raises(ValueError, match="return_token_type_ids=True is not supported: .* takes no token type ids"):
+        processor(**kwargs, return_token_type_ids=True)
 
 
 def test_image_token_in_the_vocabulary_becomes_a_special_token():

@@ -1514,3 +1514,35 @@ def test_a_training_step_with_image_indices_makes_no_host_sync(family):
         loss.backward()
     assert syncs.count == 0
     torch.testing.assert_close(loss, model(**batch, attention_mask=mask).loss, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("family", "attention"),
+    [("opt", "sdpa"), ("opt", "eager"), ("falcon", "eager"), ("bloom", "eager")],
+)
+def test_attention_mask_without_host_sync_keeps_the_2d_mask_for_other_lms(family, attention):
+    """Only the LM families known to take `causal_attention_mask_4d`'s boolean 4-D mask as it is get it (GPT-NeoX,
+    LLaMA, above). Others keep the 2-D mask and its host check rather than other numbers: OPT derives its positions
+    and Bloom its ALiBi from the 2-D mask (a 4-D one fails inside them), and on transformers 4.x Falcon's eager
+    attention adds the boolean mask to its scores (other logits, no error)."""
+    from transformers import AutoConfig
+
+    from .test_core import inputs, tiny_config
+
+    sizes = {
+        "opt": dict(hidden_size=32, num_attention_heads=4, num_hidden_layers=4, ffn_dim=64, word_embed_proj_dim=32),
+        "falcon": dict(hidden_size=32, num_attention_heads=4, num_hidden_layers=4),
+        "bloom": dict(hidden_size=32, n_head=4, n_layer=4),
+    }[family]
+    torch.manual_seed(0)
+    config = tiny_config(text_config=AutoConfig.for_model(family, vocab_size=403, **sizes))
+    model = modeling.OpenFlamingoForConditionalGeneration._from_config(config, attn_implementation=attention).eval()
+    ids, pixel_values = inputs()
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0  # right padding, as the collator pads
+    given_mask = attention_mask_without_host_sync(mask, model.config)
+    assert given_mask is mask
+    with torch.no_grad():
+        padded = model(ids, attention_mask=given_mask, pixel_values=pixel_values).logits[0, :-3]
+        alone = model(ids[:1, :-3], pixel_values=pixel_values[:1]).logits[0]
+    torch.testing.assert_close(padded, alone, rtol=1e-5, atol=1e-5)
