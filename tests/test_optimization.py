@@ -112,6 +112,11 @@ def test_clipping_in_fp32_matches_torchs_clipping_of_fp32_gradients(converted):
 
 
 def test_state_dict_keeps_the_masters_fp32_and_resumes_exactly(converted, tmp_path):
+    """The saved state loads back bit for bit (masters and moments fp32), and the next step continues the run: bit for
+    bit where the update is not compiled (the CPU); on CUDA each optimizer compiles its update anew, and inductor's
+    pointwise autotuning may pick kernels that round differently (an H100, runs 105-109: masters one fp32 rounding
+    apart after a step from equal states and gradients; bit for bit with one compiled update, or with
+    `triton.autotune_pointwise` off)."""
     _, _, ours, ours_opt = pair(converted)
     for seed in (0, 1):
         loss_and_backward(ours, batch(seed))
@@ -133,8 +138,11 @@ def test_state_dict_keeps_the_masters_fp32_and_resumes_exactly(converted, tmp_pa
     for model, opt in ((ours, ours_opt), (resumed, resumed_opt)):
         loss_and_backward(model, batch(2))
         opt.step()
-    for p, q in zip(ours.parameters(), resumed.parameters(), strict=True):
-        assert torch.equal(p, q)
+    compiled = DEVICE.type == "cuda"  # (the update compiles by default where the parameters are on CUDA)
+    tolerance = {"rtol": 1e-6, "atol": 1e-6} if compiled else {"rtol": 0, "atol": 0}
+    with ours_opt.master_weights(), resumed_opt.master_weights():
+        for p, q in zip(ours.parameters(), resumed.parameters(), strict=True):
+            torch.testing.assert_close(q, p, **tolerance)
 
 
 def test_master_weights_are_what_save_pretrained_writes(converted, tmp_path):
