@@ -767,11 +767,12 @@ def _lm_config_from_dict(raw: Mapping[str, Any], source: Any) -> tuple[Pretraine
         rope = getattr(config, "rope_parameters", None) or {}
         fraction = rope.get("partial_rotary_factor", getattr(config, "rotary_pct", 1.0))
         head_dim = config.hidden_size // config.num_attention_heads
-        if int(head_dim * fraction) % 2:
+        rotary = int(head_dim * fraction)
+        if rotary % 2:
             raise ConversionError(
                 f"{source}: GPT-NeoX with an odd number of rotary dimensions (int(head_dim * rotary_pct) = "
-                f"int({head_dim} * {fraction}) = {int(head_dim * fraction)}) is not supported: the transformers the "
-                "original ran and this one rotate them differently."
+                f"int({head_dim} * {fraction}) = {rotary}) is not supported: the transformers the original ran and "
+                "this one rotate them differently."
             )
     return config, family
 
