@@ -825,8 +825,18 @@ def mosaic_gpt_to_mpt_config(raw: Mapping[str, Any], source: Any = "config.json"
             "logit_scale": (raw.get("logit_scale"), None),
             "mlp_ratio": (raw.get("mlp_ratio", 4), 4),
             "alibi_bias_max": (raw.get("alibi_bias_max", 8), 8),
+            # (QK-LayerNorm after clipping: this package applies one or the other)
+            "attn_clip_qkv with attn_qk_ln": (raw.get("attn_clip_qkv") if raw.get("attn_qk_ln") else None, None),
         },
     )
+    n_heads = raw["n_heads"]
+    if n_heads & (n_heads - 1):
+        # MosaicGPT's ALiBi slopes are 2^(-8 i / n_heads), i = 1..n_heads; transformers' MPT interleaves those of the
+        # next power of two instead: the same only for a power of two (MPT-1B has 16 heads)
+        raise ConversionError(
+            f"{source}: MosaicGPT with n_heads={n_heads} is not supported (needs a power of two: its ALiBi slopes "
+            "differ from transformers' MPT otherwise)."
+        )
     return MptConfig(
         d_model=raw["d_model"],
         n_heads=raw["n_heads"],
@@ -870,6 +880,7 @@ def mpt_config_from_dict(raw: Mapping[str, Any], source: Any = "config.json") ->
             "attn_config.attn_type": (attn.get("attn_type", "multihead_attention"), "multihead_attention"),
             "attn_config.prefix_lm": (attn.get("prefix_lm", False), False),
             "attn_config.attn_uses_sequence_id": (attn.get("attn_uses_sequence_id", False), False),
+            "attn_config.clip_qkv with qk_ln": (attn.get("clip_qkv") if attn.get("qk_ln") else None, None),
             "no_bias": (raw.get("no_bias", True), True),
             "logit_scale": (raw.get("logit_scale"), None),
             # (options of later llm-foundry MPTs that transformers' MPT ignores, with the weights' names unchanged)

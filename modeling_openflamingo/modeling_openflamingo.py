@@ -1497,6 +1497,14 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             raise ValueError(f"labels must be integer token ids (-100 where ignored); got {labels.dtype}.")
         if torch.is_tensor(attention_mask):  # (not a flex attention `BlockMask`, which `generate` may make)
             self._check_attention_mask(attention_mask, batch_and_seq, spans_cache)
+            # (`generate` gives MPT 4-D masks in MPT's own convention, with a cache only)
+            if attention_mask.ndim == 4 and not spans_cache and _is_mpt(self.config.text_config):
+                raise ValueError(
+                    "A 4-D attention_mask with an MPT / MosaicGPT language model: transformers' MPT reads 4-D masks in "
+                    "its own way (5.x: True as masked, the opposite of the other LMs and of "
+                    "`causal_attention_mask_4d`; 4.x: other numbers again). Pass the 2-D padding mask, which MPT reads "
+                    "on the device (no host sync)."
+                )
         if pixel_values is not None:
             self._check_pixel_values(pixel_values)
         if image_hidden_states is not None:
@@ -1656,7 +1664,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 `(batch_size or 1, 1, sequence_length, keys)` goes to the LM: for GPT-NeoX, LLaMA, ... boolean
                 (`causal_attention_mask_4d`: True where a query attends to a key; made additive for an attention
                 other than SDPA) or additive. MPT / MosaicGPT read a 4-D mask in their own way (transformers 5.x's
-                `MptModel`: True where masked, as `generate` makes it for a static cache): give them the 2-D mask.
+                `MptModel`: True where masked, as `generate` makes it for a static cache): give them the 2-D mask (a
+                4-D one is refused unless continuing from a cache).
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_images, 3, H, W)`, *optional*):
                 The images of each row, in the order of its `<image>` tokens; rows with fewer images are zero-padded
                 (padding images are never attended while a row has no more `<image>` tokens than images of its own,

@@ -280,6 +280,16 @@ def test_mpt_options_transformers_ignores_are_refused():
     mosaic = json.loads((FIXTURES / "tiny-mpt-1b-redpajama-200b" / "lm" / "config.json").read_text())
     with pytest.raises(ConversionError, match="MosaicGPT with alibi_bias_max=4 is not supported"):
         mosaic_gpt_to_mpt_config({**mosaic, "alibi_bias_max": 4})
+    # MosaicGPT's ALiBi slopes are 2^(-8 i / n_heads); transformers' MPT interleaves those of the next power of two
+    # (llm-foundry's MPT too): the same for a power of two only (MPT-1B has 16 heads)
+    with pytest.raises(ConversionError, match=r"MosaicGPT with n_heads=6 is not supported \(needs a power of two"):
+        mosaic_gpt_to_mpt_config({**mosaic, "d_model": 48, "n_heads": 6})
+    assert mosaic_gpt_to_mpt_config({**mosaic, "d_model": 64, "n_heads": 8}).n_heads == 8
+    with pytest.raises(ConversionError, match="MosaicGPT with attn_clip_qkv with attn_qk_ln=6.0 is not supported"):
+        mosaic_gpt_to_mpt_config({**mosaic, "attn_clip_qkv": 6.0})
+    assert mosaic_gpt_to_mpt_config({**mosaic, "attn_qk_ln": False, "attn_clip_qkv": 6.0}).attn_config.clip_qkv == 6.0
+    with pytest.raises(ConversionError, match="MPT with attn_config.clip_qkv with qk_ln=6.0 is not supported"):
+        mpt_config_from_dict({**raw, "attn_config": {**raw["attn_config"], "qk_ln": True, "clip_qkv": 6.0}})
 
 
 def test_a_gpt_neox_with_an_odd_number_of_rotary_dimensions_is_refused():

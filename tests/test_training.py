@@ -1488,6 +1488,30 @@ def test_a_4d_mask_equals_the_2d_mask_with_either_attention(family, attn_impleme
     torch.testing.assert_close(given.logits[1, :-3], expected.logits[1, :-3])
 
 
+@pytest.mark.parametrize("family", ["mpt", "mosaic_gpt"])
+def test_a_4d_mask_is_refused_for_mpt(family):
+    """transformers' MPT reads 4-D masks in its own way (5.x: a boolean one with True as masked, the opposite of
+    `causal_attention_mask_4d`; 4.x: other logits for an additive one too): a 4-D mask of the caller is refused,
+    naming the 2-D mask; the masks `generate` gives MPT with a static cache (MPT's convention) still go through."""
+    from modeling_openflamingo import causal_attention_mask_4d
+
+    from .test_core import inputs, tiny_model
+
+    model = tiny_model(family).eval()
+    ids, pixel_values = inputs()
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0
+    boolean = causal_attention_mask_4d(mask)
+    additive = torch.zeros(boolean.shape).masked_fill(~boolean, torch.finfo(torch.float32).min)
+    for given in (boolean, additive):
+        with pytest.raises(ValueError, match="4-D attention_mask with an MPT / MosaicGPT .* Pass the 2-D padding mask"):
+            model(input_ids=ids, attention_mask=given, pixel_values=pixel_values)
+    if modeling._TRANSFORMERS_MAJOR >= 5:  # (4.x's MPT has no static cache)
+        kwargs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values, "max_new_tokens": 3}
+        static = model.generate(**kwargs, cache_implementation="static")
+        assert torch.equal(static, model.generate(**kwargs))
+
+
 @pytest.mark.parametrize("family", ["mpt", "mosaic_gpt", "gpt_neox", "llama"])
 def test_a_training_step_with_image_indices_makes_no_host_sync(family):
     """With `image_indices` (as the collator makes them) a training step never waits on the device: the host queues
