@@ -936,6 +936,24 @@ def open_clip_vision_config(open_clip_config: Mapping[str, Any], quick_gelu: boo
     for name in ("image_size", "patch_size"):
         if isinstance(vision[name], (list, tuple)):
             raise ConversionError(f"open_clip vision_cfg.{name}={vision[name]!r}: only square sizes are supported.")
+    # open_clip options that change what the tower computes (a tower that is not a plain ViT, the tokens the original
+    # takes from it, layer scale, other norms) and that `CLIPVisionModel` does not have
+    _require(
+        "open_clip config",
+        "a vision tower",
+        {
+            "timm_model_name": (vision.get("timm_model_name"), None),
+            "global_average_pool": (bool(vision.get("global_average_pool", False)), False),  # tokens with the CLS one
+            "pool_type": (vision.get("pool_type", "tok"), "tok"),
+            "attentional_pool": (bool(vision.get("attentional_pool", False)), False),
+            "input_patchnorm": (bool(vision.get("input_patchnorm", False)), False),
+            "ls_init_value": (vision.get("ls_init_value"), None),
+            "no_ln_pre": (bool(vision.get("no_ln_pre", False)), False),
+            "pos_embed_type": (vision.get("pos_embed_type", "learnable"), "learnable"),
+            "act_kwargs": (vision.get("act_kwargs") or None, None),
+            "norm_kwargs": (vision.get("norm_kwargs") or None, None),
+        },
+    )
     width = vision["width"]
     use_quick_gelu = cfg.get("quick_gelu", False) if quick_gelu is None else quick_gelu
     return CLIPVisionConfig(

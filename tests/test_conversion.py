@@ -1198,6 +1198,41 @@ def test_cli_names_the_lm_config_that_lacks_a_key(tmp_path, capsys):
     assert f"error: {lm / 'config.json'}: the LM config lacks 'd_model'." in capsys.readouterr().err
 
 
+def test_open_clip_options_that_change_the_tower_are_refused(tmp_path):
+    """open_clip options that `CLIPVisionModel` does not have and that change what the tower computes or which tokens
+    the original takes from it (`global_average_pool`: all of them, the CLS one too) are refused, by the conversion as
+    well, rather than converted into another model; defaults spelled out are not."""
+    from modeling_openflamingo.checkpoint_conversion import open_clip_vision_config
+
+    config = json.loads((FIXTURES / "tiny-mpt" / "open_clip_config.json").read_text())
+    for option, value in (
+        ("global_average_pool", True),
+        ("pool_type", "avg"),
+        ("attentional_pool", True),
+        ("input_patchnorm", True),
+        ("ls_init_value", 1e-5),
+        ("no_ln_pre", True),
+        ("pos_embed_type", "sin_cos_2d"),
+        ("norm_kwargs", {"eps": 1e-6}),
+        ("act_kwargs", {"approximate": "tanh"}),
+        ("timm_model_name", "vit_base_patch16_224"),
+    ):
+        changed = {**config, "vision_cfg": {**config["vision_cfg"], option: value}}
+        with pytest.raises(ConversionError, match=f"a vision tower with {option}=.* is not supported"):
+            open_clip_vision_config(changed)
+    defaults = {"global_average_pool": False, "pool_type": "tok", "ls_init_value": None, "patch_dropout": 0.0}
+    spelled_out = {**config, "vision_cfg": {**config["vision_cfg"], **defaults}}
+    assert open_clip_vision_config(spelled_out).to_dict() == open_clip_vision_config(config).to_dict()
+    changed = {**config, "vision_cfg": {**config["vision_cfg"], "global_average_pool": True}}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(changed))
+    with pytest.raises(ConversionError, match="global_average_pool=True is not supported"):
+        convert_openflamingo_checkpoint(
+            **fixture_kwargs("tiny-mpt", open_clip_config=tmp_path / "open_clip_config.json"),
+            output_dir=tmp_path / "out",
+        )
+    assert not (tmp_path / "out").exists()
+
+
 def test_dry_run_refuses_vision_options_it_would_not_read(capsys):
     with pytest.raises(SystemExit) as exit_:
         load_cli().parse_args(["--preset", "OpenFlamingo-3B-vitl-mpt1b", "--dry-run", "--vision", "openai/clip"])
