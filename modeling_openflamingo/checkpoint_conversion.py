@@ -900,6 +900,8 @@ def mpt_config_from_dict(raw: Mapping[str, Any], source: Any = "config.json") ->
         d_model=raw["d_model"],
         n_heads=raw["n_heads"],
         n_layers=raw["n_layers"],
+        # transformers' MPT builds its MLP 4x wide whatever the config says (as the original's did): the weights'
+        # shapes, checked when they are read, decide whether an `expansion_ratio` other than 4 converts
         expansion_ratio=4,
         max_seq_len=raw.get("max_seq_len", 2048),
         vocab_size=raw["vocab_size"],
