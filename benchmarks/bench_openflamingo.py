@@ -61,7 +61,7 @@ from modeling_openflamingo.optimization import MixedPrecisionAdamW, autocast_lin
 
 VOCAB = 50280
 EOC, MEDIA, PAD = 50277, 50278, 50279
-DEV = os.environ.get("BENCH_DEV", "cuda")
+DEV = os.environ.get("BENCH_DEV", "cuda")  # (--tiny without a GPU: "cpu")
 TINY = False  # --tiny: small shapes, for a smoke test of this script on a CPU
 RECORDS: list[dict[str, Any]] = []
 OUT_FILE = os.path.join(os.environ.get("OUT", "."), "openflamingo_bench.json")
@@ -522,7 +522,7 @@ def bench_model(name: str, args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    global TINY, OUT_FILE
+    global DEV, TINY, OUT_FILE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="of3b,of4b,of9b")
     parser.add_argument("--what", default="prefill,generate,beam,train,lm")
@@ -564,6 +564,8 @@ def main() -> None:
     parser.add_argument("--out", default=OUT_FILE)
     args = parser.parse_args()
     TINY, OUT_FILE = args.tiny, args.out
+    if TINY and "BENCH_DEV" not in os.environ and not torch.cuda.is_available():
+        DEV = "cpu"  # the smoke test on a machine without a GPU (the full sizes need one: they stay on "cuda")
     torch._dynamo.config.cache_size_limit = 64
     torch._dynamo.config.accumulated_cache_size_limit = 512
     inductor = dict(item.split("=", 1) for item in filter(None, args.inductor.split(",")))

@@ -1624,8 +1624,25 @@ def plan_conversion(
         }
         origin = {"checkpoint": checkpoint.name, "language model": lm.name, "vision tower": vision_source.name}
         part, keys = next((p, ks) for p, ks in by_part.items() if ks) if any(by_part.values()) else ("?", missing)
+
+        def source_name(key: str) -> str:
+            """`key` (ours) as the part's own file names it."""
+            if part == "checkpoint":
+                name = native_key_to_checkpoint(key, family)
+            elif part == "language model":
+                name = lm_key_to_original(key[len("language_model.") :], family)
+            elif part == "vision tower":
+                name = unmap_key(key[len(layout.vision_prefix) :], vision_rules)
+                name = name[0] if isinstance(name, tuple) else name
+                name = None if name is None else ("visual." if only_visual else "") + name
+            else:
+                name = None
+            return name if isinstance(name, str) else key
+
+        named = [source_name(key) for key in keys[:4]]
+        ours = "" if named == keys[:4] else f" (the converted model's {keys[:4]})"
         raise ConversionError(
-            f"{origin.get(part, '?')}: the {part} lacks {len(keys)} tensors the model needs, e.g. {keys[:4]}."
+            f"{origin.get(part, '?')}: the {part} lacks {len(keys)} tensors the model needs, e.g. {named}{ours}."
         )
     return ConversionPlan(tensors=tensors, aliases=aliases, invented_rows=invented, unused=unused)
 

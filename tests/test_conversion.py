@@ -1639,6 +1639,52 @@ def test_dry_run_says_what_a_local_checkpoint_lacks(tmp_path):
     assert "absent from it, taken from the other inputs: ['lang_encoder.embed_out.weight']" in report.summary()
 
 
+@pytest.mark.parametrize(
+    ("part", "dropped", "ours"),
+    [
+        ("checkpoint", "perceiver.layers.0.0.norm_media.weight", "perceiver.layers.0.attn.norm_media.weight"),
+        (
+            "checkpoint",
+            "lang_encoder.gpt_neox.layers.1.gated_cross_attn_layer.ff_gate",
+            "gated_cross_attn_layers.1.ff_gate",
+        ),
+        (
+            "lm",
+            "gpt_neox.layers.2.mlp.dense_h_to_4h.weight",
+            "language_model.gpt_neox.layers.2.mlp.dense_h_to_4h.weight",
+        ),
+        ("vision", "visual.transformer.resblocks.1.ln_1.weight", "vision_model.encoder.layers.1.layer_norm1.weight"),
+    ],
+)
+def test_a_missing_tensor_is_named_as_its_file_names_it(tmp_path, part, dropped, ours):
+    """The error names the key the user can look for in that file (and the converted model's name beside it)."""
+    src = FIXTURES / "tiny-neox"
+    overrides = {}
+    if part == "checkpoint":
+        state = torch.load(src / "checkpoint.pt", weights_only=True)
+        del state[dropped]
+        torch.save(state, tmp_path / "checkpoint.pt")
+        overrides["checkpoint"] = tmp_path / "checkpoint.pt"
+    elif part == "lm":
+        shutil.copytree(src / "lm", tmp_path / "lm")
+        state = load_file(tmp_path / "lm" / "model.safetensors")
+        del state[dropped]
+        save_file(state, tmp_path / "lm" / "model.safetensors", metadata={"format": "pt"})
+        overrides["lm"] = tmp_path / "lm"
+    else:
+        state = torch.load(src / "open_clip.pt", weights_only=True)
+        del state[dropped]
+        torch.save(state, tmp_path / "open_clip.pt")
+        overrides["open_clip_weights"] = tmp_path / "open_clip.pt"
+    with pytest.raises(ConversionError, match="lacks 1 tensors") as error:
+        build_converted_model(
+            resolve_inputs(**{k: v for k, v in fixture_kwargs("tiny-neox", **overrides).items() if k != "progress"}),
+            progress=False,
+        )
+    message = str(error.value)
+    assert repr(dropped) in message and ours in message, message  # (4.x nests the tower: vision_model.vision_model.)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The converted folder
 # --------------------------------------------------------------------------------------------------------------------
