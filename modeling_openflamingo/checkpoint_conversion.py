@@ -43,6 +43,7 @@ from transformers import (
     MptConfig,
     PretrainedConfig,
     PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
 )
 
 from . import conversion_hub as hub
@@ -50,7 +51,7 @@ from .configuration_openflamingo import VIT_L_14_CONFIG, OpenFlamingoConfig, gat
 from .conversion_errors import ConversionError
 from .conversion_presets import CHECKPOINT_FILENAME, DEFAULT_VISION, Preset, get_preset
 from .image_processing_openflamingo import OpenFlamingoImageProcessor
-from .modeling_openflamingo import OpenFlamingoForConditionalGeneration
+from .modeling_openflamingo import OpenFlamingoForConditionalGeneration, _drop_transformers_warnings
 from .processing_openflamingo import OpenFlamingoProcessor, add_openflamingo_tokens
 
 # ====================================================================================================================
@@ -1010,14 +1011,27 @@ def load_tokenizer(spec: str | os.PathLike, cache_dir: str | os.PathLike | None 
             "*.tiktoken); pass --tokenizer with the tokenizer the checkpoint was trained with (by default the LM's "
             "folder is used)."
         )
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     config_file = folder / "tokenizer_config.json"
-    if not config_file.is_file() or "clean_up_tokenization_spaces" not in _read_json(config_file, "tokenizer"):
+    settings = _read_json(config_file, "tokenizer") if config_file.is_file() else {}
+    if "clean_up_tokenization_spaces" not in settings:
         # decoded text as the original's: transformers 4.33 cleaned up tokenization spaces unless told otherwise
         # (" ." -> "."), later versions do not
         kwargs["clean_up_tokenization_spaces"] = True
+    special_map = folder / "special_tokens_map.json"
+    named = {**settings, **(_read_json(special_map, "tokenizer") if special_map.is_file() else {})}
+    if named.get("pad_token") is None:
+        # no pad token unless the files name one, as 4.33 read them: 5.x's GPT-NeoX class defaults to <|padding|>,
+        # which left <PAD> unadded (a vocabulary one short of the checkpoint's, padding with another id)
+        kwargs["pad_token"] = None
+    # With a tokenizer.json, its pipeline as saved, as 4.33's fast tokenizers ran it: 5.x's model classes rebuild it
+    # from the vocabulary (LLaMA's without the legacy prefix space: "<image>Output:" tokenized otherwise)
+    loader = PreTrainedTokenizerFast if (folder / "tokenizer.json").is_file() else AutoTokenizer
+    # (4.x warns that the files name another class: intended)
+    quiet = _drop_transformers_warnings(["The tokenizer class you load"], "transformers.tokenization_utils_base")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), **kwargs)
+        with quiet:
+            tokenizer = loader.from_pretrained(str(folder), **kwargs)
     except Exception as error:  # noqa: BLE001 - missing packages (protobuf, sentencepiece) and bad files alike
         raise ConversionError(f"tokenizer: {folder} cannot be loaded: {_first_line(error)}") from error
     return add_openflamingo_tokens(tokenizer)

@@ -1010,15 +1010,17 @@ _MPT_ATTENTION_SWITCH_WARNINGS = (
 
 
 @contextmanager
-def _drop_transformers_warnings(fragments: Sequence[str]) -> Iterator[None]:
-    """Drop the records of `transformers.modeling_utils`' logger that contain one of `fragments`, for the block."""
+def _drop_transformers_warnings(
+    fragments: Sequence[str], logger_name: str = "transformers.modeling_utils"
+) -> Iterator[None]:
+    """Drop the records of a transformers logger (`logger_name`) that contain one of `fragments`, for the block."""
 
     class _Drop(std_logging.Filter):
         def filter(self, record: std_logging.LogRecord) -> bool:
             message = record.getMessage()
             return not any(fragment in message for fragment in fragments)
 
-    target = std_logging.getLogger("transformers.modeling_utils")
+    target = std_logging.getLogger(logger_name)
     drop = _Drop()
     target.addFilter(drop)
     try:

@@ -41,6 +41,7 @@ from modeling_openflamingo.checkpoint_conversion import (
     export_openflamingo_state_dict,
     lm_config_from_dict,
     lm_family_of,
+    load_tokenizer,
     load_torch_file,
     map_key,
     mosaic_gpt_to_mpt_config,
@@ -856,6 +857,60 @@ def test_a_tokenizer_folder_without_a_vocabulary_is_named(tmp_path):
     assert not (tmp_path / "o").exists()
     with pytest.raises(ConversionError, match=r"tokenizer: .*lm holds no tokenizer files"):
         dry_run(lm=lm_only, cross_attn_every_n_layers=1)
+
+
+def _llama_style_tokenizer(folder: Path) -> None:
+    """A small tokenizer made as transformers 4.33 saved LLaMA's (the sentencepiece model converted to a
+    `tokenizer.json`): character pieces, the legacy normalizer that puts "▁" before every segment of text (after a
+    special token too) and for every space, BOS added by the template; its config names `LlamaTokenizer`."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+
+    pieces = ["<unk>", "<s>", "</s>", "▁", *"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ:.?"]
+    base = Tokenizer(models.BPE({piece: i for i, piece in enumerate(pieces)}, [], unk_token="<unk>"))
+    base.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    base.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    base.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    base.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in ("<unk>", "<s>", "</s>")])
+    folder.mkdir()
+    base.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": True, "add_eos_token": False}))
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "llama"])
+def test_tokenizer_files_tokenize_as_the_original_read_them(tmp_path, family):
+    """The hub's GPT-NeoX-20B and LLaMA tokenizer folders name their model's class. transformers 5.x's classes rebuild
+    the pipeline from the vocabulary (LLaMA's without 4.33's legacy "▁" after a special token: "<image>Output:" gave
+    other ids) and give GPT-NeoX a default pad token (`<PAD>` was then not added: a vocabulary one short). The
+    conversion reads the saved pipeline, as 4.33's fast tokenizers ran it, and adds `<PAD>` unless the files name a
+    pad token."""
+    from tokenizers import Tokenizer
+
+    folder = tmp_path / "tokenizer"
+    if family == "gpt_neox":
+        shutil.copytree(FIXTURES / "tiny-neox" / "tokenizer", folder)
+        settings = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**settings, "tokenizer_class": "GPTNeoXTokenizer"}))
+    else:
+        _llama_style_tokenizer(folder)
+    tokenizer = load_tokenizer(folder)
+    base = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    size = base.get_vocab_size(with_added_tokens=True)
+    assert len(tokenizer) == size + 3 and tokenizer.pad_token == "<PAD>"
+    assert tokenizer.convert_tokens_to_ids(["<|endofchunk|>", "<image>", "<PAD>"]) == [size, size + 1, size + 2]
+    for text in ("Output: a dog.", " Hello world", "Question: what is it? Short answer:"):
+        assert tokenizer(text)["input_ids"] == base.encode(text).ids, text
+    start = base.encode("").ids  # (LLaMA's BOS)
+    piece = base.encode("Output: a dog.", add_special_tokens=False).ids  # "▁Output..." for LLaMA, as 4.33 gave
+    assert tokenizer("<image>Output: a dog.<|endofchunk|>")["input_ids"] == [*start, size + 1, *piece, size]
+    # saved (as the converted folder's processor saves it), it loads as the same tokenizer on either major
+    tokenizer.save_pretrained(tmp_path / "saved")
+    reloaded = transformers.AutoTokenizer.from_pretrained(tmp_path / "saved")
+    text = "<image> Hello<|endofchunk|><image>Output:"
+    assert reloaded(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert len(reloaded) == len(tokenizer) and reloaded.pad_token == "<PAD>"
 
 
 def test_v1_duplicates_that_differ(tmp_path):
