@@ -51,7 +51,11 @@ from .configuration_openflamingo import VIT_L_14_CONFIG, OpenFlamingoConfig, gat
 from .conversion_errors import ConversionError
 from .conversion_presets import CHECKPOINT_FILENAME, DEFAULT_VISION, Preset, get_preset
 from .image_processing_openflamingo import OpenFlamingoImageProcessor
-from .modeling_openflamingo import OpenFlamingoForConditionalGeneration, _drop_transformers_warnings
+from .modeling_openflamingo import (
+    _TRANSFORMERS_MAJOR,
+    OpenFlamingoForConditionalGeneration,
+    _drop_transformers_warnings,
+)
 from .processing_openflamingo import OpenFlamingoProcessor, add_openflamingo_tokens
 
 # ====================================================================================================================
@@ -1026,7 +1030,16 @@ def load_tokenizer(spec: str | os.PathLike, cache_dir: str | os.PathLike | None 
         kwargs["pad_token"] = None
     # With a tokenizer.json, its pipeline as saved, as 4.33's fast tokenizers ran it: 5.x's model classes rebuild it
     # from the vocabulary (LLaMA's without the legacy prefix space: "<image>Output:" tokenized otherwise)
-    loader = PreTrainedTokenizerFast if (folder / "tokenizer.json").is_file() else AutoTokenizer
+    has_pipeline = (folder / "tokenizer.json").is_file()
+    if not has_pipeline and _TRANSFORMERS_MAJOR >= 5 and str(settings.get("tokenizer_class")).startswith("Llama"):
+        raise ConversionError(
+            f"tokenizer: {folder} holds a LLaMA sentencepiece model without tokenizer.json; transformers "
+            f"{_TRANSFORMERS_MAJOR}.x builds its pipeline without the legacy prefix space that the original's "
+            "transformers 4.33 used, so the token ids would differ from the ones the checkpoint was trained with "
+            "(e.g. for '<image>Output:'). Make the tokenizer.json with transformers 4.x (`AutoTokenizer."
+            "from_pretrained(folder).save_pretrained(folder)`), or convert with transformers 4.57."
+        )
+    loader = PreTrainedTokenizerFast if has_pipeline else AutoTokenizer
     # (4.x warns that the files name another class: intended)
     quiet = _drop_transformers_warnings(["The tokenizer class you load"], "transformers.tokenization_utils_base")
     try:

@@ -913,6 +913,17 @@ def test_tokenizer_files_tokenize_as_the_original_read_them(tmp_path, family):
     assert len(reloaded) == len(tokenizer) and reloaded.pad_token == "<PAD>"
 
 
+@pytest.mark.skipif(not IS_V5, reason="transformers 4.x builds LLaMA's legacy pipeline, as 4.33 did")
+def test_a_llama_sentencepiece_model_without_tokenizer_json_is_refused_on_v5(tmp_path):
+    """5.x would build it without the legacy prefix space (other ids than the original's): refused, with the way out."""
+    folder = tmp_path / "llama"
+    folder.mkdir()
+    (folder / "tokenizer.model").write_bytes(b"not read")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    with pytest.raises(ConversionError, match="without tokenizer.json.*legacy prefix space.*transformers 4.57"):
+        load_tokenizer(folder)
+
+
 def test_v1_duplicates_that_differ(tmp_path):
     state = _variant("v1_duplicates", torch.load(FIXTURES / "tiny-llama" / "checkpoint.pt", weights_only=True))
     state["lang_encoder.gated_cross_attn_layers.3.ff.1.weight"] += 1
