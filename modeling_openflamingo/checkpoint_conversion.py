@@ -1040,10 +1040,8 @@ def load_tokenizer(spec: str | os.PathLike, cache_dir: str | os.PathLike | None 
             "from_pretrained(folder).save_pretrained(folder)`), or convert with transformers 4.57."
         )
     loader = PreTrainedTokenizerFast if has_pipeline else AutoTokenizer
-    # (4.x warns that the files name another class: intended)
-    quiet = _drop_transformers_warnings(["The tokenizer class you load"], "transformers.tokenization_utils_base")
-    try:
-        with quiet:
+    try:  # (4.x warns that the files name another class: intended)
+        with _drop_transformers_warnings(["The tokenizer class you load"], "transformers.tokenization_utils_base"):
             tokenizer = loader.from_pretrained(str(folder), **kwargs)
     except Exception as error:  # noqa: BLE001 - missing packages (protobuf, sentencepiece) and bad files alike
         raise ConversionError(f"tokenizer: {folder} cannot be loaded: {_first_line(error)}") from error

@@ -1725,28 +1725,24 @@ def test_dry_run_says_what_a_local_checkpoint_lacks(tmp_path):
 def test_a_missing_tensor_is_named_as_its_file_names_it(tmp_path, part, dropped, ours):
     """The error names the key the user can look for in that file (and the converted model's name beside it)."""
     src = FIXTURES / "tiny-neox"
-    overrides = {}
-    if part == "checkpoint":
-        state = torch.load(src / "checkpoint.pt", weights_only=True)
-        del state[dropped]
-        torch.save(state, tmp_path / "checkpoint.pt")
-        overrides["checkpoint"] = tmp_path / "checkpoint.pt"
-    elif part == "lm":
+    if part == "lm":
         shutil.copytree(src / "lm", tmp_path / "lm")
         state = load_file(tmp_path / "lm" / "model.safetensors")
         del state[dropped]
         save_file(state, tmp_path / "lm" / "model.safetensors", metadata={"format": "pt"})
-        overrides["lm"] = tmp_path / "lm"
+        overrides = {"lm": tmp_path / "lm"}
     else:
-        state = torch.load(src / "open_clip.pt", weights_only=True)
+        file, argument = {
+            "checkpoint": ("checkpoint.pt", "checkpoint"),
+            "vision": ("open_clip.pt", "open_clip_weights"),
+        }[part]
+        state = torch.load(src / file, weights_only=True)
         del state[dropped]
-        torch.save(state, tmp_path / "open_clip.pt")
-        overrides["open_clip_weights"] = tmp_path / "open_clip.pt"
+        torch.save(state, tmp_path / file)
+        overrides = {argument: tmp_path / file}
     with pytest.raises(ConversionError, match="lacks 1 tensors") as error:
-        build_converted_model(
-            resolve_inputs(**{k: v for k, v in fixture_kwargs("tiny-neox", **overrides).items() if k != "progress"}),
-            progress=False,
-        )
+        convert_openflamingo_checkpoint(**fixture_kwargs("tiny-neox", **overrides), output_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
     message = str(error.value)
     assert repr(dropped) in message and ours in message, message  # (4.x nests the tower: vision_model.vision_model.)
 
