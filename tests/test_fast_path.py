@@ -3,6 +3,7 @@ greedy decoder that replays one compiled step (on a GPU, as a CUDA graph; here o
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import os
@@ -719,3 +720,71 @@ def test_prompt_step_capture_failure_falls_back_cleanly(monkeypatch):
     (prompt,) = decoder.prompt_steps.values()
     assert prompt.graph is None and prompt.eager
     torch.randn(4, device=DEVICE)  # the generator is not left "capturing"
+
+
+@needs_v5
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prompt_step_runs_the_blocks_compiled_and_puts_them_back(family, fast_path_on_cpu):
+    """The prompt step runs the model's repeated blocks compiled (on CUDA while its CUDA graph is captured; on the CPU,
+    with a backend named, at every run): `generate`'s tokens, the blocks as before afterwards (the decoding step's
+    compiled graph, which dynamo guards on them, is not recompiled), and a block the caller compiled keeps its own."""
+    # dynamo counts the blocks' compiled versions per code object (shared by all kinds and models), against a limit
+    # past which it runs them uncompiled: the compilations of earlier tests in this process do not count here
+    torch._dynamo.reset()
+    runs = []
+
+    def counting_backend(graph_module, example_inputs):
+        def run(*args):
+            runs.append(1)
+            return graph_module.forward(*args)
+
+        return run
+
+    entered = []
+    blocks_compiled = fast_decoding._blocks_compiled
+
+    def spy(model, backend):
+        entered.append(backend)
+        return blocks_compiled(model, backend)
+
+    fast_path_on_cpu.setattr(fast_decoding, "_blocks_compiled", spy)
+    fast_path_on_cpu.setattr(_StaticDecoder, "cpu_compile_backend", staticmethod(counting_backend))
+    model = tiny_model(family)
+    blocks = model.repeated_blocks()
+    blocks[0].compile(backend="eager")  # the caller's own compilation
+    callers = blocks[0]._compiled_call_impl
+    ids, mask, pixel_values = padded_prompt()
+    kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=4, min_new_tokens=4)
+    expected = model.generate(**kw)
+    assert torch.equal(model.generate(**kw, cache_implementation="static"), expected)
+    assert entered == [counting_backend]
+    with torch.no_grad(), blocks_compiled(model, counting_backend):
+        assert all(block._compiled_call_impl is not None for block in blocks)
+        runs.clear()
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values)
+    assert len(runs) >= len(blocks) - 1  # every block but the caller's compiled one ran a compiled graph
+    assert blocks[0]._compiled_call_impl is callers
+    assert all("_compiled_call_impl" not in vars(block) for block in blocks[1:])
+    with torch._dynamo.config.patch(error_on_recompile=True):  # the decoding step's graph still fits
+        assert torch.equal(model.generate(**kw, cache_implementation="static"), expected)
+
+
+@needs_v5
+@needs_cuda
+def test_prompt_step_whose_blocks_do_not_compile_is_captured_with_them_as_they_are(monkeypatch):
+    """A prompt step whose blocks fail to compile is captured with them uncompiled: a CUDA graph, `generate`'s
+    tokens."""
+
+    @contextlib.contextmanager
+    def failing(model, backend):
+        raise torch._dynamo.exc.Unsupported("a block that does not compile")
+        yield
+
+    monkeypatch.setattr(fast_decoding, "_blocks_compiled", failing)
+    model = tiny_model("mosaic_gpt")
+    ids, mask, pixel_values = padded_prompt()
+    kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=6, min_new_tokens=6)
+    assert torch.equal(model.generate(**kw, cache_implementation="static"), model.generate(**kw))
+    (decoder,) = _STATIC_DECODERS[model].values()
+    (prompt,) = decoder.prompt_steps.values()
+    assert prompt.graph is not None and prompt.compile_backend is None and not prompt.eager
