@@ -497,8 +497,9 @@ class _StaticDecoder:
 
     - the prompt step ([`_PromptStep`], one per prompt length and image shape): the vision tower and the Perceiver
       (for `pixel_values`), the cross-attention keys/values over the latents, the forward over the prompt into the
-      static cache, and the first tokens. Eager code, captured as it runs (no compilation), so that a new prompt
-      length costs one capture, not a compilation;
+      static cache, and the first tokens. Captured as it runs, with the model's repeated blocks compiled
+      ([`_blocks_compiled`]; once per kind of block and shape, then once with dynamic shapes), so that after the
+      second prompt length a new one costs a capture, not a compilation;
     - the decoding step (the forward of one token per row, the choice of the next tokens, the end-of-sequence
       bookkeeping): one `torch.compile`d function (`fullgraph=True`: no graph break, no host sync), captured once.
 
