@@ -48,6 +48,7 @@ from modeling_openflamingo import (  # noqa: E402
     OpenFlamingoConfig,
     OpenFlamingoForConditionalGeneration,
     decoding_kernels,
+    fast_decoding,
 )
 from modeling_openflamingo.checkpoint_conversion import preset_config  # noqa: E402
 from modeling_openflamingo.configuration_openflamingo import VIT_L_14_CONFIG  # noqa: E402
@@ -558,6 +559,13 @@ def main() -> None:
         "programmatic dependent launch for them and inductor's kernels; triton-no-pdl: without it), or cuBLAS / "
         "cuDNN only",
     )
+    parser.add_argument(
+        "--prompt-blocks",
+        default="compiled",
+        choices=["compiled", "eager"],
+        help="the fast path's prompt step: captured with the model's repeated blocks compiled, or as they are "
+        "(modeling_openflamingo.fast_decoding.COMPILE_PROMPT_BLOCKS)",
+    )
     parser.add_argument("--profile-train", action="store_true", help="write a profile of one training step")
     parser.add_argument("--profile", default="", help="MODE:BATCH pairs to profile, e.g. compiled:1,eager:8")
     parser.add_argument("--tiny", action="store_true", help="small shapes: a smoke test of this script")
@@ -573,12 +581,14 @@ def main() -> None:
         setattr(torch._inductor.config, key, type(getattr(torch._inductor.config, key))(int(value)))
     decoding_kernels.ENABLED = args.decode_kernels.startswith("triton")
     decoding_kernels.PROGRAMMATIC_DEPENDENT_LAUNCH = args.decode_kernels == "triton"
+    fast_decoding.COMPILE_PROMPT_BLOCKS = args.prompt_blocks == "compiled"
     gpu = torch.cuda.get_device_name() if DEV == "cuda" else DEV
     record(
         {
             "what": "environment",
             "inductor": inductor,
             "decode_kernels": args.decode_kernels,
+            "prompt_blocks": args.prompt_blocks,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "gpu": gpu,

@@ -88,6 +88,10 @@ _FAST_DECODE_CONFIG = {
     "_from_model_config": lambda v: True,
     "transformers_version": lambda v: True,
 }
+# The prompt step's CUDA graph is captured with the model's repeated blocks compiled ([`_blocks_compiled`]). False:
+# with the blocks as they are (no compilation for a new prompt shape; a slower prompt step). Read when a prompt step is
+# made: `forget_decoders(model)` drops those made before.
+COMPILE_PROMPT_BLOCKS = True
 # model -> {shape key -> decoder}; weak, so that a model and its decoders go together. Not on the model itself, so that
 # `copy.deepcopy` and `save_pretrained` never meet a CUDA graph.
 _STATIC_DECODERS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _StaticDecoder]] = weakref.WeakKeyDictionary()
@@ -957,7 +961,9 @@ class _PromptStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.eager = decoder.token.device.type != "cuda"
         # the backend that compiles the model's blocks for this step (None: they run as they are), until that fails
-        self.compile_backend = decoder.cpu_compile_backend if self.eager else "inductor"
+        self.compile_backend = (
+            (decoder.cpu_compile_backend if self.eager else "inductor") if COMPILE_PROMPT_BLOCKS else None
+        )
 
     def load(
         self,

@@ -767,6 +767,12 @@ def test_prompt_step_runs_the_blocks_compiled_and_puts_them_back(family, fast_pa
     assert all("_compiled_call_impl" not in vars(block) for block in blocks[1:])
     with torch._dynamo.config.patch(error_on_recompile=True):  # the decoding step's graph still fits
         assert torch.equal(model.generate(**kw, cache_implementation="static"), expected)
+    # turned off: prompt steps made after it run the blocks as they are
+    fast_path_on_cpu.setattr(fast_decoding, "COMPILE_PROMPT_BLOCKS", False)
+    forget_decoders(model)
+    entered.clear()
+    assert torch.equal(model.generate(**kw, cache_implementation="static"), expected)
+    assert entered == []
 
 
 @needs_v5
