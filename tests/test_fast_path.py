@@ -794,3 +794,25 @@ def test_prompt_step_whose_blocks_do_not_compile_is_captured_with_them_as_they_a
     (decoder,) = _STATIC_DECODERS[model].values()
     (prompt,) = decoder.prompt_steps.values()
     assert prompt.graph is not None and prompt.compile_backend is None and not prompt.eager
+
+
+@needs_v5
+def test_prompt_step_blocks_compiled_by_inductor_give_generates_tokens_over_prompt_lengths(fast_path_on_cpu):
+    """The prompt step's blocks compiled by inductor, as on the GPU (here its CPU code): three prompt lengths (the
+    second and third run dynamic-shape compilations), each `generate`'s tokens."""
+    torch._dynamo.reset()  # (the recompile limit: see above)
+    fast_path_on_cpu.setattr(_StaticDecoder, "cpu_compile_backend", "inductor")
+    entered = []
+    blocks_compiled = fast_decoding._blocks_compiled
+
+    def spy(model, backend):
+        entered.append(backend)
+        return blocks_compiled(model, backend)
+
+    fast_path_on_cpu.setattr(fast_decoding, "_blocks_compiled", spy)
+    model = tiny_model("mosaic_gpt")
+    ids, mask, pixel_values = padded_prompt(seq=12)
+    for start in (0, 2, 1):
+        kw = generate_kwargs(ids[:, start:], mask[:, start:], pixel_values, max_new_tokens=5, min_new_tokens=5)
+        assert torch.equal(model.generate(**kw, cache_implementation="static"), model.generate(**kw)), start
+    assert entered == ["inductor"] * 3
