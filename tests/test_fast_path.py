@@ -3,7 +3,6 @@ greedy decoder that replays one compiled step (on a GPU, as a CUDA graph; here o
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import gc
 import os
@@ -722,15 +721,24 @@ def test_prompt_step_capture_failure_falls_back_cleanly(monkeypatch):
     torch.randn(4, device=DEVICE)  # the generator is not left "capturing"
 
 
+def compiled_versions(function) -> int:
+    """How many compiled versions dynamo keeps for `function`'s code object."""
+    return len(torch._dynamo.eval_frame._debug_get_cache_entry_list(function.__code__))
+
+
+def prompt_block_versions(model) -> int:
+    """Compiled versions of `model`'s prompt-step function ([`fast_decoding._blocks_compiled`])."""
+    return compiled_versions(fast_decoding._PROMPT_BLOCK_CALLS[model][1]._torchdynamo_orig_callable)
+
+
 @needs_v5
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prompt_step_runs_the_blocks_compiled_and_puts_them_back(family, fast_path_on_cpu):
     """The prompt step runs the model's repeated blocks compiled (on CUDA while its CUDA graph is captured; on the CPU,
     with a backend named, at every run): `generate`'s tokens, the blocks as before afterwards (the decoding step's
-    compiled graph, which dynamo guards on them, is not recompiled), and a block the caller compiled keeps its own."""
-    # dynamo counts the blocks' compiled versions per code object (shared by all kinds and models), against a limit
-    # past which it runs them uncompiled: the compilations of earlier tests in this process do not count here
-    torch._dynamo.reset()
+    compiled graph, which dynamo guards on them, is not recompiled), a block the caller compiled keeps its own, and
+    the blocks' own functions get no compiled version (dynamo's recompile limit and dynamic-shape decisions for them,
+    which the caller's `compile_repeated_blocks()` uses, stay untouched)."""
     runs = []
 
     def counting_backend(graph_module, example_inputs):
@@ -740,14 +748,6 @@ def test_prompt_step_runs_the_blocks_compiled_and_puts_them_back(family, fast_pa
 
         return run
 
-    entered = []
-    blocks_compiled = fast_decoding._blocks_compiled
-
-    def spy(model, backend):
-        entered.append(backend)
-        return blocks_compiled(model, backend)
-
-    fast_path_on_cpu.setattr(fast_decoding, "_blocks_compiled", spy)
     fast_path_on_cpu.setattr(_StaticDecoder, "cpu_compile_backend", staticmethod(counting_backend))
     model = tiny_model(family)
     blocks = model.repeated_blocks()
@@ -755,64 +755,62 @@ def test_prompt_step_runs_the_blocks_compiled_and_puts_them_back(family, fast_pa
     callers = blocks[0]._compiled_call_impl
     ids, mask, pixel_values = padded_prompt()
     kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=4, min_new_tokens=4)
-    expected = model.generate(**kw)
+    expected = model.generate(**kw)  # (compiles the caller's block)
+    forwards = {type(block).forward for block in blocks}
+    versions = {forward: compiled_versions(forward) for forward in forwards}
     assert torch.equal(model.generate(**kw, cache_implementation="static"), expected)
-    assert entered == [counting_backend]
-    with torch.no_grad(), blocks_compiled(model, counting_backend):
-        assert all(block._compiled_call_impl is not None for block in blocks)
-        runs.clear()
-        model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values)
-    assert len(runs) >= len(blocks) - 1  # every block but the caller's compiled one ran a compiled graph
+    # a one-token call on the same decoder runs the prompt step only: its blocks' compiled graphs
+    runs.clear()
+    one = dict(kw, max_new_tokens=1, min_new_tokens=1)
+    assert torch.equal(model.generate(**one, cache_implementation="static"), model.generate(**one))
+    assert len(runs) >= len(blocks) - 1  # every block but the caller's compiled one
     assert blocks[0]._compiled_call_impl is callers
     assert all("_compiled_call_impl" not in vars(block) for block in blocks[1:])
     with torch._dynamo.config.patch(error_on_recompile=True):  # the decoding step's graph still fits
         assert torch.equal(model.generate(**kw, cache_implementation="static"), expected)
+    assert {forward: compiled_versions(forward) for forward in forwards} == versions
     # turned off: prompt steps made after it run the blocks as they are
     fast_path_on_cpu.setattr(fast_decoding, "COMPILE_PROMPT_BLOCKS", False)
     forget_decoders(model)
-    entered.clear()
-    assert torch.equal(model.generate(**kw, cache_implementation="static"), expected)
-    assert entered == []
+    runs.clear()
+    assert torch.equal(model.generate(**one, cache_implementation="static"), model.generate(**one))
+    assert len(runs) == 1  # the new decoder's step, compiled and run once as it is made
+
+
+@needs_v5
+def test_prompt_step_blocks_compiled_by_inductor_give_generates_tokens_over_prompt_lengths(fast_path_on_cpu):
+    """The prompt step's blocks compiled by inductor, as on the GPU (here its CPU code), over three prompt lengths:
+    each `generate`'s tokens; the second length compiles them again with a dynamic length, the third reuses that."""
+    fast_path_on_cpu.setattr(_StaticDecoder, "cpu_compile_backend", "inductor")
+    model = tiny_model("mosaic_gpt")
+    ids, mask, pixel_values = padded_prompt(seq=12)
+    versions = []
+    for start in (0, 2, 1):
+        kw = generate_kwargs(ids[:, start:], mask[:, start:], pixel_values, max_new_tokens=5, min_new_tokens=5)
+        assert torch.equal(model.generate(**kw, cache_implementation="static"), model.generate(**kw)), start
+        versions.append(prompt_block_versions(model))
+    assert 0 < versions[0] < versions[1] == versions[2]
 
 
 @needs_v5
 @needs_cuda
 def test_prompt_step_whose_blocks_do_not_compile_is_captured_with_them_as_they_are(monkeypatch):
-    """A prompt step whose blocks fail to compile is captured with them uncompiled: a CUDA graph, `generate`'s
-    tokens."""
+    """A prompt step whose blocks fail to compile is captured with them as they are: a CUDA graph, `generate`'s
+    tokens; the model's later prompt steps do not try again."""
+    attempts = []
 
-    @contextlib.contextmanager
-    def failing(model, backend):
-        raise torch._dynamo.exc.Unsupported("a block that does not compile")
-        yield
+    def failing_backend(graph_module, example_inputs):
+        attempts.append(1)
+        raise RuntimeError("a backend that fails")
 
-    monkeypatch.setattr(fast_decoding, "_blocks_compiled", failing)
+    monkeypatch.setattr(_StaticDecoder, "prompt_compile_backend", staticmethod(failing_backend))
     model = tiny_model("mosaic_gpt")
     ids, mask, pixel_values = padded_prompt()
-    kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=6, min_new_tokens=6)
-    assert torch.equal(model.generate(**kw, cache_implementation="static"), model.generate(**kw))
+    for start in (0, 2):
+        kw = generate_kwargs(ids[:, start:], mask[:, start:], pixel_values, max_new_tokens=6, min_new_tokens=6)
+        assert torch.equal(model.generate(**kw, cache_implementation="static"), model.generate(**kw))
+    assert len(attempts) == 1
     (decoder,) = _STATIC_DECODERS[model].values()
-    (prompt,) = decoder.prompt_steps.values()
-    assert prompt.graph is not None and prompt.compile_backend is None and not prompt.eager
-
-
-@needs_v5
-def test_prompt_step_blocks_compiled_by_inductor_give_generates_tokens_over_prompt_lengths(fast_path_on_cpu):
-    """The prompt step's blocks compiled by inductor, as on the GPU (here its CPU code): three prompt lengths (the
-    second and third run dynamic-shape compilations), each `generate`'s tokens."""
-    torch._dynamo.reset()  # (the recompile limit: see above)
-    fast_path_on_cpu.setattr(_StaticDecoder, "cpu_compile_backend", "inductor")
-    entered = []
-    blocks_compiled = fast_decoding._blocks_compiled
-
-    def spy(model, backend):
-        entered.append(backend)
-        return blocks_compiled(model, backend)
-
-    fast_path_on_cpu.setattr(fast_decoding, "_blocks_compiled", spy)
-    model = tiny_model("mosaic_gpt")
-    ids, mask, pixel_values = padded_prompt(seq=12)
-    for start in (0, 2, 1):
-        kw = generate_kwargs(ids[:, start:], mask[:, start:], pixel_values, max_new_tokens=5, min_new_tokens=5)
-        assert torch.equal(model.generate(**kw, cache_implementation="static"), model.generate(**kw)), start
-    assert entered == ["inductor"] * 3
+    assert len(decoder.prompt_steps) == 2
+    for prompt in decoder.prompt_steps.values():
+        assert prompt.graph is not None and prompt.compile_backend is None and not prompt.eager
