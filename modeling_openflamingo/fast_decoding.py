@@ -529,8 +529,8 @@ class _StaticDecoder:
     - the prompt step ([`_PromptStep`], one per prompt length and image shape): the vision tower and the Perceiver
       (for `pixel_values`), the cross-attention keys/values over the latents, the forward over the prompt into the
       static cache, and the first tokens. Captured as it runs, with the model's repeated blocks compiled
-      ([`_blocks_compiled`]; once per kind of block and shape, then once with dynamic shapes), so that after the
-      second prompt length a new one costs a capture, not a compilation;
+      ([`_blocks_compiled`]; once for the first prompt shape, once more with a dynamic length or batch size), so that
+      later prompt lengths cost a capture, not a compilation;
     - the decoding step (the forward of one token per row, the choice of the next tokens, the end-of-sequence
       bookkeeping): one `torch.compile`d function (`fullgraph=True`: no graph break, no host sync), captured once.
 
