@@ -163,6 +163,21 @@ def timed(fn: Callable[[], Any], reps: int, warmup: int = 1) -> tuple[float, lis
     return statistics.median(times), times
 
 
+def device_ms(fn: Callable[[], Any], reps: int = 20, before: Callable[[], Any] | None = None) -> float:
+    """Median device time of `fn()` in ms (CUDA events around it; `before()` runs outside them)."""
+    times = []
+    for _ in range(reps):
+        if before is not None:
+            before()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
 def record(rec: dict[str, Any]) -> None:
     rec = {"impl": "openflamingo-hf", **rec}
     RECORDS.append(rec)
@@ -271,6 +286,13 @@ def bench_generate(
                 "decode_step_ms": round(step_s * 1e3, 3),
                 "prompt_step_ms": round((med - (new_tokens - 1) * step_s) * 1e3, 2),
             }
+            # the prompt step's CUDA graph alone (the rest of `prompt_step_ms` is the call's host work before it),
+            # from this call's decoder (the model may keep others, of earlier batch sizes); positions reset before
+            # each replay (the next call loads and resets its own)
+            ours = [d for d in decoders if d.token.shape[0] == batch and d.max_len >= needed]
+            steps = [p for d in ours[:1] for p in d.prompt_steps.values() if p.input_ids.shape[1] == ids.shape[1]]
+            if len(ours) == 1 and len(steps) == 1 and steps[0].graph is not None:
+                split["prompt_graph_ms"] = round(device_ms(steps[0].run, before=ours[0]._reset_positions), 2)
     record(
         {
             "impl": f"transformers-{transformers.__version__} LM alone" if lm else "openflamingo-hf",
