@@ -992,7 +992,7 @@ class _PromptStep:
         self.eager = decoder.token.device.type != "cuda"
         # the backend that compiles the model's blocks for this step (None: they run as they are), until that fails
         backend = decoder.cpu_compile_backend if self.eager else decoder.prompt_compile_backend
-        failed = decoder.model in _PROMPT_BLOCK_CALLS and _PROMPT_BLOCK_CALLS[decoder.model] is None
+        failed = _PROMPT_BLOCK_CALLS.get(decoder.model, ()) is None  # (None: marked failed; absent: not tried)
         self.compile_backend = backend if COMPILE_PROMPT_BLOCKS and not failed else None
 
     def load(
