@@ -442,13 +442,15 @@ def _blocks_compiled(model: OpenFlamingoForConditionalGeneration, backend: Any) 
     H200: 21.9 -> 17.5 ms, run 116).
 
     Every block runs through one compiled function per model, a copy of [`_call_block`] with a code object of its
-    own: dynamo keeps compiled versions, counts them against its recompile limit and decides which dimensions are
-    dynamic per code object, so none of that is shared with other models or with the caller's own compilation of
-    the same blocks (transformers' blocks all enter through one function, `forward_with_checkpointing`). The vision,
-    Perceiver and gated blocks compile once per kind and input shape, the language model's decoder layers once per
-    layer (dynamo guards on each layer's index, through the static cache); a second prompt length or batch size
-    compiles them once more with that dimension dynamic (dynamo's automatic dynamic shapes), after which new shapes
-    reuse them."""
+    own: dynamo keeps compiled versions and counts them against its recompile limit per code object, so those are
+    not shared with other models or with the caller's own compilation of the same blocks (transformers' blocks all
+    enter through one function, `forward_with_checkpointing`). The language model's decoder layers compile once per
+    layer (dynamo guards on each layer's index, through the static cache), the other kinds once per kind. Which input
+    dimensions are compiled dynamic (dynamo's automatic dynamic shapes: those it saw change) dynamo decides per
+    function file, line and name, for the whole process: all block kinds and every model's copy share the decision.
+    So the first prompt step compiles the kinds after the first with the dimensions that differ between kinds (the
+    hidden states' length and width) dynamic; a new prompt length or batch size compiles the blocks once more where
+    a version still has it static, after which new shapes reuse them."""
     entry = _PROMPT_BLOCK_CALLS.get(model)
     if entry is None or entry[0] != backend:
         function = torch.compile(_function_with_own_code(_call_block), backend=backend)

@@ -728,7 +728,9 @@ def compiled_versions(function) -> int:
 
 def prompt_block_versions(model) -> int:
     """Compiled versions of `model`'s prompt-step function ([`fast_decoding._blocks_compiled`])."""
-    return compiled_versions(fast_decoding._PROMPT_BLOCK_CALLS[model][1]._torchdynamo_orig_callable)
+    entry = fast_decoding._PROMPT_BLOCK_CALLS.get(model, "never compiled")
+    assert isinstance(entry, tuple), f"the prompt step's blocks: {entry or 'their compilation failed'}"
+    return compiled_versions(entry[1]._torchdynamo_orig_callable)
 
 
 @needs_v5
@@ -784,7 +786,11 @@ def test_prompt_step_runs_the_blocks_compiled_and_puts_them_back(family, fast_pa
 @needs_v5
 def test_prompt_step_blocks_compiled_by_inductor_give_generates_tokens_over_prompt_lengths(fast_path_on_cpu):
     """The prompt step's blocks compiled by inductor, as on the GPU (here its CPU code), over three prompt lengths:
-    each `generate`'s tokens; the second length compiles them again with a dynamic length, the third reuses that."""
+    each `generate`'s tokens; the second length compiles them again with a dynamic length, the third reuses that.
+    From dynamo's fresh state: it keeps its automatic-dynamic decisions per function file, line and name for the
+    whole process, so every model's copy of the prompt step's function shares them, and an earlier test's prompt
+    lengths would make the first length's compilation dynamic already (it then has no second)."""
+    torch._dynamo.reset()
     fast_path_on_cpu.setattr(_StaticDecoder, "cpu_compile_backend", "inductor")
     model = tiny_model("mosaic_gpt")
     ids, mask, pixel_values = padded_prompt(seq=12)
