@@ -11,12 +11,13 @@ its CUDA graphs replay the computation, and read the memory, of the modules it w
 from __future__ import annotations
 
 import functools
+import itertools
 import operator
 import types
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -289,11 +290,13 @@ def _walked_modules(model: nn.Module) -> tuple[_ModuleWalk, list[nn.Module]]:
     return walk, modules
 
 
-def _function_with_own_code(function: types.FunctionType) -> types.FunctionType:
+def _function_with_own_code(function: types.FunctionType, name: str | None = None) -> types.FunctionType:
     """A copy of `function` whose code object is its own. dynamo keeps a code object's compiled versions with it and
     counts them against its recompile limit: a copy starts at none, and its versions (and the compiled functions
-    dynamo puts in the function's globals) go when the copy does."""
-    code = function.__code__.replace()  # a new code object, equal to the old
+    dynamo puts in the function's globals) go when the copy does. Its automatic-dynamic decisions (which input
+    dimensions it saw change) dynamo keeps per function file, line and name for the whole process: `name`, the code
+    object's, gives the copy decisions of its own too."""
+    code = function.__code__.replace(co_name=name or function.__code__.co_name)  # a new code object
     # globals of its own too (a copy of the module's): dynamo adds each compiled function to its frame's globals
     namespace = dict(function.__globals__)
     own = types.FunctionType(code, namespace, function.__name__, function.__defaults__, function.__closure__)
@@ -423,13 +426,31 @@ _COMPILED_CALL = "_compiled_call_impl"  # where `nn.Module.compile` puts a modul
 
 
 def _call_block(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """A block's call, hooks included: what [`_blocks_compiled`] compiles (a copy of its own per model)."""
+    """A block's call, hooks included: what [`_blocks_compiled`] compiles (a copy of its own per model and kind)."""
     return block._call_impl(*args, **kwargs)
 
 
-# model -> its prompt steps' compilation of [`_call_block`] and the backend it was made with; None after it failed
-# (a prompt step whose blocks did not compile): later prompt steps of that model run their blocks as they are.
-_PROMPT_BLOCK_CALLS: weakref.WeakKeyDictionary[nn.Module, tuple[Any, Any] | None] = weakref.WeakKeyDictionary()
+@dataclass
+class _PromptBlockCalls:
+    """A model's prompt-step compilations of [`_call_block`], one per block kind ([`_blocks_compiled`])."""
+
+    backend: Any
+    serial: int  # the model's, in the names of its copies of `_call_block`
+    by_kind: dict[type, Any] = field(default_factory=dict)
+
+    def of(self, block: nn.Module) -> Any:
+        """The compiled call for `block`'s kind, made at its first use."""
+        kind = type(block)
+        if kind not in self.by_kind:  # (kinds may share a class name: the gated decoder layers keep their LM's)
+            name = f"{_call_block.__name__}_{self.serial}_{len(self.by_kind)}_{kind.__name__}"
+            self.by_kind[kind] = torch.compile(_function_with_own_code(_call_block, name), backend=self.backend)
+        return self.by_kind[kind]
+
+
+# model -> its prompt steps' compilations of [`_call_block`]; None after they failed (a prompt step whose blocks did
+# not compile): later prompt steps of that model run their blocks as they are.
+_PROMPT_BLOCK_CALLS: weakref.WeakKeyDictionary[nn.Module, _PromptBlockCalls | None] = weakref.WeakKeyDictionary()
+_PROMPT_BLOCK_MODELS = itertools.count()
 
 
 @contextmanager
@@ -441,30 +462,29 @@ def _blocks_compiled(model: OpenFlamingoForConditionalGeneration, backend: Any) 
     masks and casts fuse into far fewer kernels than eager mode runs (of3b at batch 8, 3 images and 96 tokens, on an
     H200: 21.9 -> 17.5 ms, run 116).
 
-    Every block runs through one compiled function per model, a copy of [`_call_block`] with a code object of its
-    own: dynamo keeps compiled versions and counts them against its recompile limit per code object, so those are
-    not shared with other models or with the caller's own compilation of the same blocks (transformers' blocks all
-    enter through one function, `forward_with_checkpointing`). The language model's decoder layers compile once per
-    layer (dynamo guards on each layer's index, through the static cache), the other kinds once per kind. Which input
-    dimensions are compiled dynamic (dynamo's automatic dynamic shapes: those it saw change) dynamo decides per
-    function file, line and name, for the whole process: all block kinds and every model's copy share the decision.
-    So the first prompt step compiles the kinds after the first with the dimensions that differ between kinds (the
-    hidden states' length and width) dynamic; a new prompt length or batch size compiles the blocks once more where
-    a version still has it static, after which new shapes reuse them."""
-    entry = _PROMPT_BLOCK_CALLS.get(model)
-    if entry is None or entry[0] != backend:
-        function = torch.compile(_function_with_own_code(_call_block), backend=backend)
-        entry = _PROMPT_BLOCK_CALLS[model] = (backend, function)
-    compiled = entry[1]
+    Each block kind of each model runs through a compiled function of its own ([`_PromptBlockCalls`]), a copy of
+    [`_call_block`] with its own code object and name ([`_function_with_own_code`]). dynamo keeps compiled versions,
+    and counts them against its recompile limit, per code object, so those are not shared with other models or with
+    the caller's own compilation of the same blocks (transformers' blocks all enter through one function,
+    `forward_with_checkpointing`); and it decides which input dimensions to compile dynamic (those it saw change) per
+    function file, line and name for the whole process, so the name keeps one kind's shapes (the vision tower's
+    width and length, say) from making another kind's dynamic, or another model's. Each kind compiles for the first
+    prompt shape (the language model's decoder layers once per layer: dynamo guards on each layer's index, through
+    the static cache); a new prompt length compiles the kinds that see it (the language model's layers and the gated
+    blocks) again with a dynamic length, a new batch size every kind with a dynamic batch size, after which new
+    shapes reuse them."""
+    calls = _PROMPT_BLOCK_CALLS.get(model)
+    if calls is None or calls.backend != backend:
+        calls = _PROMPT_BLOCK_CALLS[model] = _PromptBlockCalls(backend, next(_PROMPT_BLOCK_MODELS))
     blocks = [block for block in model.repeated_blocks() if block._compiled_call_impl is None]
-    # versions: one per kind or layer, for a first shape, a dynamic prompt length and a dynamic batch size, with room
+    # versions of a kind: one per layer, for a first shape, a dynamic prompt length and a dynamic batch size, with room
     limit = max(4 * len(blocks), getattr(torch._dynamo.config, _RECOMPILE_LIMIT))
     # the instance attribute `_compiled_call_impl` is put back as it was (the class's None where the instance had
     # none), or the decoding step's compiled graph, which dynamo guards on it, would recompile
     own = [_COMPILED_CALL in vars(block) for block in blocks]
     try:
         for block in blocks:
-            setattr(block, _COMPILED_CALL, functools.partial(compiled, block))
+            setattr(block, _COMPILED_CALL, functools.partial(calls.of(block), block))
         with torch._dynamo.config.patch(**{_RECOMPILE_LIMIT: limit}):
             with _requires_grad_hooks_paused(_walked_modules(model)[1]):
                 yield

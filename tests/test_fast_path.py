@@ -726,11 +726,11 @@ def compiled_versions(function) -> int:
     return len(torch._dynamo.eval_frame._debug_get_cache_entry_list(function.__code__))
 
 
-def prompt_block_versions(model) -> int:
-    """Compiled versions of `model`'s prompt-step function ([`fast_decoding._blocks_compiled`])."""
-    entry = fast_decoding._PROMPT_BLOCK_CALLS.get(model, "never compiled")
-    assert isinstance(entry, tuple), f"the prompt step's blocks: {entry or 'their compilation failed'}"
-    return compiled_versions(entry[1]._torchdynamo_orig_callable)
+def prompt_block_versions(model) -> dict[type, int]:
+    """Compiled versions of `model`'s prompt-step functions, by block kind ([`fast_decoding._blocks_compiled`])."""
+    calls = fast_decoding._PROMPT_BLOCK_CALLS.get(model, "never compiled")
+    assert isinstance(calls, fast_decoding._PromptBlockCalls), f"the prompt step's blocks: {calls or 'not compiled'}"
+    return {kind: compiled_versions(function._torchdynamo_orig_callable) for kind, function in calls.by_kind.items()}
 
 
 @needs_v5
@@ -783,14 +783,58 @@ def test_prompt_step_runs_the_blocks_compiled_and_puts_them_back(family, fast_pa
     assert len(runs) == (DEVICE.type == "cpu")
 
 
+def has_symbolic_shapes(graph_module: torch.fx.GraphModule) -> bool:
+    """Whether any input of a graph that dynamo compiled has a dynamic size (or is a dynamic integer)."""
+    from torch.fx.experimental.symbolic_shapes import free_symbols
+
+    inputs = graph_module.graph.find_nodes(op="placeholder")
+    return any(free_symbols(node.meta["example_value"]) for node in inputs if "example_value" in node.meta)
+
+
+@needs_v5
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prompt_step_compiles_each_block_kind_for_its_own_shapes(family, fast_path_on_cpu):
+    """Each block kind of each model compiles for its own shapes: dynamo decides which input dimensions to compile
+    dynamic per function name for the whole process, so one function for all kinds (or models) had the widths and
+    lengths that differ between them compiled dynamic from the first prompt. Here every graph of a model's first
+    prompt is static, though another model of the family ran another prompt shape first; a new prompt length
+    compiles the kinds that see it (the language model's layers, the gated blocks) again, with a dynamic length, and
+    the vision tower's and Perceiver's graphs stay as they were."""
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(has_symbolic_shapes(graph_module))
+        return graph_module.forward
+
+    fast_path_on_cpu.setattr(_StaticDecoder, "cpu_compile_backend", staticmethod(recording_backend))
+    other_ids, other_pixels = inputs(batch=2, seq=9)
+    other = tiny_model(family, seed=1)
+    kw = generate_kwargs(other_ids, torch.ones_like(other_ids), other_pixels, max_new_tokens=2, min_new_tokens=2)
+    assert torch.equal(other.generate(**kw, cache_implementation="static"), other.generate(**kw))
+    model = tiny_model(family)
+    ids, mask, pixel_values = padded_prompt()
+    graphs.clear()
+    kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=2, min_new_tokens=2)
+    assert torch.equal(model.generate(**kw, cache_implementation="static"), model.generate(**kw))
+    first = prompt_block_versions(model)
+    kinds = {type(block) for block in model.repeated_blocks()}  # (the gated decoder layers: a kind of their own)
+    assert first.keys() == kinds and graphs and not any(graphs), (first, graphs)  # all static
+    graphs.clear()
+    kw = generate_kwargs(ids[:, 2:], mask[:, 2:], pixel_values, max_new_tokens=2, min_new_tokens=2)
+    assert torch.equal(model.generate(**kw, cache_implementation="static"), model.generate(**kw))
+    again = prompt_block_versions(model)
+    vision_kinds = {type(model.repeated_blocks()[0]), type(model.perceiver.layers[0])}
+    assert {kind: again[kind] for kind in vision_kinds} == {kind: first[kind] for kind in vision_kinds}
+    assert all(again[kind] > first[kind] for kind in again.keys() - vision_kinds), (first, again)
+    assert any(graphs), graphs  # the new length compiled dynamic
+
+
 @needs_v5
 def test_prompt_step_blocks_compiled_by_inductor_give_generates_tokens_over_prompt_lengths(fast_path_on_cpu):
     """The prompt step's blocks compiled by inductor, as on the GPU (here its CPU code), over three prompt lengths:
     each `generate`'s tokens; the second length compiles them again with a dynamic length, the third reuses that.
-    From dynamo's fresh state: it keeps its automatic-dynamic decisions per function file, line and name for the
-    whole process, so every model's copy of the prompt step's function shares them, and an earlier test's prompt
-    lengths would make the first length's compilation dynamic already (it then has no second)."""
-    torch._dynamo.reset()
+    Other tests' prompt shapes in the same process do not matter: each model's block kinds have compiled functions
+    of their own names, for which dynamo keeps its automatic-dynamic decisions (per function file, line and name)."""
     fast_path_on_cpu.setattr(_StaticDecoder, "cpu_compile_backend", "inductor")
     model = tiny_model("mosaic_gpt")
     ids, mask, pixel_values = padded_prompt(seq=12)
@@ -798,8 +842,8 @@ def test_prompt_step_blocks_compiled_by_inductor_give_generates_tokens_over_prom
     for start in (0, 2, 1):
         kw = generate_kwargs(ids[:, start:], mask[:, start:], pixel_values, max_new_tokens=5, min_new_tokens=5)
         assert torch.equal(model.generate(**kw, cache_implementation="static"), model.generate(**kw)), start
-        versions.append(prompt_block_versions(model))
-    assert 0 < versions[0] < versions[1] == versions[2]
+        versions.append(sum(prompt_block_versions(model).values()))
+    assert 0 < versions[0] < versions[1] == versions[2], versions
 
 
 @needs_v5
