@@ -807,6 +807,7 @@ def test_prompt_step_compiles_each_block_kind_for_its_own_shapes(family, fast_pa
         return graph_module.forward
 
     fast_path_on_cpu.setattr(_StaticDecoder, "cpu_compile_backend", staticmethod(recording_backend))
+    fast_path_on_cpu.setattr(_StaticDecoder, "prompt_compile_backend", staticmethod(recording_backend))  # (CUDA)
     other_ids, other_pixels = inputs(batch=2, seq=9)
     other = tiny_model(family, seed=1)
     kw = generate_kwargs(other_ids, torch.ones_like(other_ids), other_pixels, max_new_tokens=2, min_new_tokens=2)
