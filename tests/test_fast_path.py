@@ -729,7 +729,8 @@ def compiled_versions(function) -> int:
 def prompt_block_versions(model) -> dict[type, int]:
     """Compiled versions of `model`'s prompt-step functions, by block kind ([`fast_decoding._blocks_compiled`])."""
     calls = fast_decoding._PROMPT_BLOCK_CALLS.get(model, "never compiled")
-    assert isinstance(calls, fast_decoding._PromptBlockCalls), f"the prompt step's blocks: {calls or 'not compiled'}"
+    failed = "their compilation failed"
+    assert isinstance(calls, fast_decoding._PromptBlockCalls), f"the prompt step's blocks: {calls or failed}"
     return {kind: compiled_versions(function._torchdynamo_orig_callable) for kind, function in calls.by_kind.items()}
 
 
