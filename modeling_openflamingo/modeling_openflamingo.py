@@ -34,7 +34,14 @@ import torch
 import torch.nn.functional as F
 from packaging import version
 from torch import nn
-from transformers import AutoModelForCausalLM, CLIPVisionModel, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    CLIPVisionModel,
+    GenerationConfig,
+    GenerationMixin,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers import __version__ as _TRANSFORMERS_VERSION
 from transformers.cache_utils import Cache
 from transformers.generation.logits_process import LogitsProcessorList, UnbatchedClassifierFreeGuidanceLogitsProcessor
@@ -815,6 +822,23 @@ def _is_mpt(text_config: PretrainedConfig) -> bool:
     return getattr(text_config, "model_type", None) == "mpt"
 
 
+def _mpt_max_positions(text_config: PretrainedConfig) -> int | None:
+    """How many positions an MPT / MosaicGPT LM attends over at most (`max_seq_len`: `MptModel` builds its ALiBi
+    bias for that many keys); None for other LMs."""
+    return getattr(text_config, "max_seq_len", None) if _is_mpt(text_config) else None
+
+
+def _check_mpt_positions(limit: int | None, positions: int, what: str) -> None:
+    """An error for more positions than an MPT / MosaicGPT LM's `limit` ([`_mpt_max_positions`]), where a longer input
+    failed deep in the attention with a shape error (the original refused it too). `what` names the positions."""
+    if limit is not None and positions > limit:
+        raise ValueError(
+            f"{what} is {positions} positions, more than the MPT / MosaicGPT language model's max_seq_len of {limit} "
+            "(its ALiBi bias covers that many). Shorten the input, or raise `model.config.text_config.max_seq_len` "
+            "(ALiBi extrapolates to longer sequences, as MPT's model card shows)."
+        )
+
+
 def _layer_norm_factory(wqkv: nn.Module) -> dict[str, Any]:
     """Device and dtype for a LayerNorm beside `wqkv`: its weight's, which may not be the default dtype (transformers
     4.x's `dtype={"text_config": ...}`). A quantized `wqkv` (an integer `weight`, or none, as GPTQ's `qweight`) gives
@@ -949,6 +973,8 @@ class OpenFlamingoMptSdpaAttention(MptAttention):
             if position_bias.size(1) > 1:
                 query_length = seq_length + (cache.get_seq_length() if cache is not None else 0)
                 query_offset = max(0, position_bias.size(1) - query_length)
+            # (a static cache's keys count at their full length)
+            _check_mpt_positions(position_bias.size(2), key.shape[-2], "The attention's key length (cache included)")
             key_offset = max(0, position_bias.size(2) - key.shape[-2])
             bias = position_bias[:, query_offset:, key_offset:].to(query.dtype)
         if attention_mask is not None:
@@ -1495,6 +1521,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 )
         text = input_ids if input_ids is not None else inputs_embeds
         batch_and_seq = tuple(text.shape[:2])
+        if not spans_cache:  # (with a cache, its attention counts the keys: `OpenFlamingoMptSdpaAttention`)
+            _check_mpt_positions(_mpt_max_positions(self.config.text_config), batch_and_seq[1], "The input")
         if labels is not None and not _is_integer(labels):
             raise ValueError(f"labels must be integer token ids (-100 where ignored); got {labels.dtype}.")
         if torch.is_tensor(attention_mask):  # (not a flex attention `BlockMask`, which `generate` may make)
@@ -2039,6 +2067,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 image_cache=kwargs.get("image_cache"),
                 spans_cache=_lm_cache(kwargs) is not None,
             )
+        self._check_generated_positions(kwargs, generation_config)
         # with an assistant model, `pixel_values` stay: it encodes them with its own vision tower and Perceiver
         encode = self._prepare_images_for_generation(input_ids, kwargs) and kwargs.get("assistant_model") is None
         self._prepare_generated_image_state(kwargs)
@@ -2072,6 +2101,20 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         ):
             return
         kwargs["generated_image_state"] = image_indices[:, -1:].clone()
+
+    def _check_generated_positions(self, kwargs: dict[str, Any], generation_config: GenerationConfig) -> None:
+        """An MPT / MosaicGPT LM refuses a prompt plus `max_new_tokens` (or a `max_length`) beyond its `max_seq_len`
+        before decoding starts, rather than at the step that crosses it (or at the first, with a static cache)."""
+        limit = _mpt_max_positions(self.config.text_config)
+        text = next((kwargs[k] for k in ("inputs_embeds", "input_ids") if torch.is_tensor(kwargs.get(k))), None)
+        if limit is None or text is None:
+            return
+        max_new_tokens = kwargs.get("max_new_tokens", generation_config.max_new_tokens)
+        if max_new_tokens is not None:
+            total, what = text.shape[1] + max_new_tokens, f"The prompt ({text.shape[1]}) plus max_new_tokens"
+        else:
+            total, what = kwargs.get("max_length", generation_config.max_length), "max_length"
+        _check_mpt_positions(limit, total, what)
 
     def _check_cache_support(self, kwargs: dict[str, Any]) -> None:
         """A static (compileable) cache with an MPT / MosaicGPT LM needs transformers >= 5: 4.x's `MptModel` checks a

@@ -1392,3 +1392,44 @@ def test_flex_attention_with_a_static_cache_generates_as_sdpa():
         input_ids=ids, attention_mask=mask, pixel_values=pixel_values, cache_implementation="static", **kwargs
     )
     assert torch.equal(given, expected)
+
+
+@pytest.mark.parametrize("family", ["mpt", "mosaic_gpt"])
+def test_mpt_positions_beyond_max_seq_len_are_refused_clearly(family):
+    """MPT / MosaicGPT build their ALiBi bias for `max_seq_len` keys: more positions (the input, the cache and the
+    input, or a prompt plus its new tokens) are a clear error before anything runs, not a shape error deep in the
+    attention; raising `max_seq_len` extends the bias (ALiBi extrapolates) without changing shorter inputs' logits."""
+    from transformers import DynamicCache
+
+    from .test_core import PAD, inputs, tiny_model
+
+    model = tiny_model(family)
+    limit = model.config.text_config.max_seq_len
+    ids, pixel_values = inputs(batch=2, seq=limit + 1, images=2)
+    with pytest.raises(ValueError, match=f"The input is {limit + 1} positions, more than .* max_seq_len of {limit}"):
+        model(input_ids=ids, pixel_values=pixel_values)
+    fitting = model(input_ids=ids[:, :limit], pixel_values=pixel_values).logits
+    assert fitting.shape[1] == limit
+    # a cache and new tokens: counted where the keys meet the bias
+    prompt = ids[:, : limit - 4]
+    cache = model(input_ids=prompt, pixel_values=pixel_values, past_key_values=DynamicCache(), use_cache=True)
+    more = ids[:, limit - 4 : limit + 1]
+    with pytest.raises(ValueError, match=f"key length \\(cache included\\) is {limit + 1} positions"):
+        model(
+            input_ids=more,
+            attention_mask=torch.ones_like(ids),
+            past_key_values=cache.past_key_values,
+            image_cache=cache.image_cache,
+        )
+    # generate: before decoding, with either cache, for max_new_tokens or max_length
+    kw = {"input_ids": prompt, "pixel_values": pixel_values, "do_sample": False, "pad_token_id": PAD}
+    for extra in ({}, {"cache_implementation": "static"}):
+        with pytest.raises(ValueError, match=rf"The prompt \({limit - 4}\) plus max_new_tokens is {limit + 1} positions"):
+            model.generate(**kw, max_new_tokens=5, **extra)
+        assert model.generate(**kw, max_new_tokens=4, min_new_tokens=4, **extra).shape == (2, limit)
+    with pytest.raises(ValueError, match=f"max_length is {limit + 6} positions"):
+        model.generate(**kw, max_length=limit + 6)
+    # the remedy the error names
+    model.config.text_config.max_seq_len = 2 * limit
+    assert model(input_ids=ids, pixel_values=pixel_values).logits.shape[1] == limit + 1
+    torch.testing.assert_close(model(input_ids=ids[:, :limit], pixel_values=pixel_values).logits, fitting)
