@@ -1424,7 +1424,8 @@ def test_mpt_positions_beyond_max_seq_len_are_refused_clearly(family):
     # generate: before decoding, with either cache, for max_new_tokens or max_length
     kw = {"input_ids": prompt, "pixel_values": pixel_values, "do_sample": False, "pad_token_id": PAD}
     for extra in ({}, {"cache_implementation": "static"}):
-        with pytest.raises(ValueError, match=rf"The prompt \({limit - 4}\) plus max_new_tokens is {limit + 1} positions"):
+        prompt_plus_new = rf"The prompt \({limit - 4}\) plus max_new_tokens is {limit + 1} positions"
+        with pytest.raises(ValueError, match=prompt_plus_new):
             model.generate(**kw, max_new_tokens=5, **extra)
         assert model.generate(**kw, max_new_tokens=4, min_new_tokens=4, **extra).shape == (2, limit)
     with pytest.raises(ValueError, match=f"max_length is {limit + 6} positions"):
