@@ -2109,12 +2109,17 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         text = next((kwargs[k] for k in ("inputs_embeds", "input_ids") if torch.is_tensor(kwargs.get(k))), None)
         if limit is None or text is None:
             return
-        max_new_tokens = kwargs.get("max_new_tokens", generation_config.max_new_tokens)
-        if max_new_tokens is not None:
-            total, what = text.shape[1] + max_new_tokens, f"The prompt ({text.shape[1]}) plus max_new_tokens"
-        else:
-            total, what = kwargs.get("max_length", generation_config.max_length), "max_length"
-        _check_mpt_positions(limit, total, what)
+        # as `generate` resolves them: an argument (None counts as unset), else the generation config's
+        max_new_tokens, max_length = (
+            next((v for v in (kwargs.get(name), getattr(generation_config, name, None)) if v is not None), None)
+            for name in ("max_new_tokens", "max_length")
+        )
+        if isinstance(max_new_tokens, int):
+            _check_mpt_positions(
+                limit, text.shape[1] + max_new_tokens, f"The prompt ({text.shape[1]}) plus max_new_tokens"
+            )
+        elif isinstance(max_length, int):
+            _check_mpt_positions(limit, max_length, "max_length")
 
     def _check_cache_support(self, kwargs: dict[str, Any]) -> None:
         """A static (compileable) cache with an MPT / MosaicGPT LM needs transformers >= 5: 4.x's `MptModel` checks a

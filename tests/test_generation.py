@@ -1430,6 +1430,8 @@ def test_mpt_positions_beyond_max_seq_len_are_refused_clearly(family):
         assert model.generate(**kw, max_new_tokens=4, min_new_tokens=4, **extra).shape == (2, limit)
     with pytest.raises(ValueError, match=f"max_length is {limit + 6} positions"):
         model.generate(**kw, max_length=limit + 6)
+    with pytest.raises(ValueError, match=f"max_length is {limit + 6} positions"):
+        model.generate(**kw, max_length=limit + 6, max_new_tokens=None)  # (None: unset, as `generate` reads it)
     # the remedy the error names
     model.config.text_config.max_seq_len = 2 * limit
     assert model(input_ids=ids, pixel_values=pixel_values).logits.shape[1] == limit + 1
