@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
-from transformers import CompileConfig, PretrainedConfig
+from transformers import CompileConfig, GenerationConfig, PretrainedConfig
 from transformers.utils import logging
 
 from .decoding_kernels import decoding_step_options
@@ -117,7 +117,7 @@ def generate_static(model: OpenFlamingoForConditionalGeneration, kwargs: dict[st
     if kwargs.get("do_sample") or kwargs.get("use_cache") is False:
         return None
     config = model.generation_config
-    if any(not _FAST_DECODE_CONFIG.get(k, lambda v: False)(v) for k, v in config.to_diff_dict().items()):
+    if any(not _FAST_DECODE_CONFIG.get(k, lambda v: False)(v) for k, v in _config_differences(config)):
         return None
     # the beam search settings, as `generate` resolves them: arguments, else the model's generation config, else
     # the defaults (transformers 5's `GenerationConfig` leaves unset fields None)
@@ -220,6 +220,26 @@ def generate_static(model: OpenFlamingoForConditionalGeneration, kwargs: dict[st
         # replaced its target (MosaicGPT's QK-LayerNorm to a PEFT-wrapped `Wqkv`, `modeling_openflamingo._follow_wqkv`)
         _DECODED_STATE[model] = _decoding_state(model)
     return sequences
+
+
+# What `GenerationConfig.to_dict` leaves out of a config's attributes
+_GENERATION_CONFIG_UNSERIALIZED = frozenset({"_commit_hash", "_original_object_hash", "_mask_length"})
+
+
+@functools.cache
+def _default_generation_config() -> dict[str, Any]:
+    return vars(GenerationConfig())
+
+
+def _config_differences(config: GenerationConfig) -> list[tuple[str, Any]]:
+    """The fields of `config.to_diff_dict()` (those that differ from `GenerationConfig()`), as `(name, value)`, without
+    its deep copies of both configs (most of the fast path's host work before its prompt step)."""
+    default, missing = _default_generation_config(), object()
+    return [
+        (name, value)
+        for name, value in vars(config).items()
+        if name not in _GENERATION_CONFIG_UNSERIALIZED and default.get(name, missing) != value
+    ]
 
 
 def forget_decoders(model: nn.Module) -> None:

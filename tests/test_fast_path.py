@@ -287,6 +287,35 @@ def test_fast_path_only_for_plain_greedy_and_beam_search_calls(fast_path_on_cpu)
     assert {type(d) for d in _STATIC_DECODERS[model].values()} == {_StaticGreedyDecoder, _StaticBeamDecoder}
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"max_length": 40, "num_beams": 3}, {"repetition_penalty": 1.3}, {"do_sample": True, "top_k": 5}],
+)
+def test_generation_config_differences_are_to_diff_dicts(settings, fast_path_on_cpu):
+    """The fast path reads the model's generation config's differences from `GenerationConfig()` without
+    `to_diff_dict`'s deep copies: the same fields (its `transformers_version` aside, which it always adds), and a
+    setting outside plain greedy / beam search in the model's config leaves the call to `GenerationMixin`."""
+    model = tiny_model("mosaic_gpt")
+    for name, value in settings.items():
+        setattr(model.generation_config, name, value)
+    config = model.generation_config
+    config._commit_hash = "abc"  # (what `to_dict` leaves out)
+    expected = {k: v for k, v in config.to_diff_dict().items() if k != "transformers_version"}
+    differences = dict(fast_decoding._config_differences(config))
+    assert {k: v for k, v in differences.items() if k != "transformers_version"} == expected
+    ids, mask, pixel_values = padded_prompt()
+    kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=2)
+    kw.pop("do_sample")  # the model's config says
+
+    def seeded_generate(**extra):
+        torch.manual_seed(0)  # (the sampling case)
+        return model.generate(**kw, **extra)
+
+    assert torch.equal(seeded_generate(cache_implementation="static"), seeded_generate())
+    plain = not {"repetition_penalty", "do_sample"} & set(settings)
+    assert (model in _STATIC_DECODERS) == plain
+
+
 MANY_ENDS = [EOC, *range(5, 300, 2)]
 BEAM_CASES = [
     {"num_beams": 3, "max_new_tokens": 8, "min_new_tokens": 8},  # forced length, as the benchmark
