@@ -287,6 +287,7 @@ def test_fast_path_only_for_plain_greedy_and_beam_search_calls(fast_path_on_cpu)
     assert {type(d) for d in _STATIC_DECODERS[model].values()} == {_StaticGreedyDecoder, _StaticBeamDecoder}
 
 
+@needs_v5
 @pytest.mark.parametrize(
     "settings",
     [{}, {"max_length": 40, "num_beams": 3}, {"repetition_penalty": 1.3}, {"do_sample": True, "top_k": 5}],
