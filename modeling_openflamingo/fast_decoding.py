@@ -35,6 +35,7 @@ from .modeling_openflamingo import (
     OpenFlamingoImageCache,
     _fed_image_indices,
     _forward_parameters,
+    _generation_setting,
     _is_peft_layer,
     _position_ids_from_mask,
     _wrapper_prepare_inputs,
@@ -119,11 +120,9 @@ def generate_static(model: OpenFlamingoForConditionalGeneration, kwargs: dict[st
     config = model.generation_config
     if any(not _FAST_DECODE_CONFIG.get(k, lambda v: False)(v) for k, v in _config_differences(config)):
         return None
-    # the beam search settings, as `generate` resolves them: arguments, else the model's generation config, else
-    # the defaults (transformers 5's `GenerationConfig` leaves unset fields None)
+    # the beam search settings, as `generate` resolves them
     num_beams, length_penalty, early_stopping, num_return_sequences = (
-        next(v for v in (kwargs.get(name), getattr(config, name, None), default) if v is not None)
-        for name, default in _BEAM_SEARCH_DEFAULTS.items()
+        _generation_setting(kwargs, config, name, default) for name, default in _BEAM_SEARCH_DEFAULTS.items()
     )
     if num_beams == 1:
         # beam settings other than the defaults mean nothing here: `GenerationMixin` warns about them (or rejects

@@ -1215,6 +1215,12 @@ def _compiled_loss(compile_kwargs: dict[str, Any]) -> Any:
 _GENERATE_SIGNATURE = inspect.signature(GenerationMixin.generate)
 
 
+def _generation_setting(kwargs: dict[str, Any], config: GenerationConfig, name: str, default: Any = None) -> Any:
+    """A `generate` setting as `generate` resolves it: the argument, else the generation config's, else `default`
+    (None counts as unset at each step; transformers 5's `GenerationConfig` leaves unset fields None)."""
+    return next((v for v in (kwargs.get(name), getattr(config, name, None)) if v is not None), default)
+
+
 def _generate_keywords(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     """`generate`'s arguments as keywords: positional ones by `GenerationMixin.generate`'s signature (`inputs`,
     `generation_config`, `logits_processor`, ...), and `inputs` as `input_ids`, so that every check of the call reads
@@ -2109,10 +2115,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         text = next((kwargs[k] for k in ("inputs_embeds", "input_ids") if torch.is_tensor(kwargs.get(k))), None)
         if limit is None or text is None:
             return
-        # as `generate` resolves them: an argument (None counts as unset), else the generation config's
         max_new_tokens, max_length = (
-            next((v for v in (kwargs.get(name), getattr(generation_config, name, None)) if v is not None), None)
-            for name in ("max_new_tokens", "max_length")
+            _generation_setting(kwargs, generation_config, name) for name in ("max_new_tokens", "max_length")
         )
         if isinstance(max_new_tokens, int):
             _check_mpt_positions(
