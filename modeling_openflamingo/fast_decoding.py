@@ -2,10 +2,11 @@
 cache, one compiled decoding step replayed as a CUDA graph.
 
 `generate(..., cache_implementation="static")` with plain greedy decoding or plain beam search (no sampling, logits
-processors, streamers or extra outputs) on a CUDA device comes here ([`generate_static`]); every other call goes
-through `GenerationMixin`. The tokens are those of `GenerationMixin.generate`. A decoder ([`_StaticGreedyDecoder`],
-[`_StaticBeamDecoder`]) is made per model and shape and kept while the model stays as it was ([`_decoding_state`]):
-its CUDA graphs replay the computation, and read the memory, of the modules it was captured over.
+processors, streamers or extra outputs) on a CUDA device, by an LM with SDPA or eager attention, comes here
+([`generate_static`]); every other call goes through `GenerationMixin`. The tokens are those of
+`GenerationMixin.generate`. A decoder ([`_StaticGreedyDecoder`], [`_StaticBeamDecoder`]) is made per model and shape and
+kept while the model stays as it was ([`_decoding_state`]): its CUDA graphs replay the computation, and read the memory,
+of the modules it was captured over.
 """
 
 from __future__ import annotations
@@ -101,6 +102,11 @@ _STATIC_DECODERS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _StaticDecode
 _DECODED_STATE: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 
+# The LM attention implementations the decoders are tested with (`tests/test_fast_path.py`); with any other `generate`
+# runs through `GenerationMixin`
+_FAST_DECODE_ATTENTION = ("sdpa", "eager")
+
+
 def generate_static(model: OpenFlamingoForConditionalGeneration, kwargs: dict[str, Any]) -> torch.LongTensor | None:
     """`generate(cache_implementation="static")` for plain greedy decoding or plain beam search on a CUDA device,
     through [`_StaticGreedyDecoder`] or [`_StaticBeamDecoder`] (one compiled step replayed as a CUDA graph). None
@@ -115,6 +121,8 @@ def generate_static(model: OpenFlamingoForConditionalGeneration, kwargs: dict[st
         return None  # compilation settings of the caller's: `GenerationMixin`'s loop compiles with them
     if _TRANSFORMERS_MAJOR < 5:  # 4.x's static cache needs `cache_position` host-side
         return None
+    if model.config.text_config._attn_implementation not in _FAST_DECODE_ATTENTION:
+        return None  # flex attention: its mask's making branches on the mask's values, which the step cannot trace
     if kwargs.get("do_sample") or kwargs.get("use_cache") is False:
         return None
     config = model.generation_config

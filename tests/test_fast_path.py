@@ -466,6 +466,27 @@ def test_fast_path_gives_the_originals_ids(family, loaded, reference, fast_path_
 
 
 @needs_v5
+def test_fast_path_leaves_flex_attention_to_generate(fast_path_on_cpu):
+    """transformers makes flex attention's `BlockMask` after checking whether the 2-D mask has padding, a branch on
+    its values that the compiled decoding step cannot trace (it failed to compile on an H100): such a call runs
+    through `GenerationMixin`'s loop, as an attention implementation other than SDPA and eager does."""
+    from transformers import LlamaConfig
+
+    fast_path_on_cpu.setattr(_StaticDecoder, "cpu_compile_backend", "eager")  # traced by dynamo, as on the GPU
+    text_config = LlamaConfig(
+        hidden_size=32, num_attention_heads=2, num_hidden_layers=4, intermediate_size=64, vocab_size=403
+    )
+    model = tiny_model("llama", text_config=text_config, attn_implementation="flex_attention")
+    ids, mask, pixel_values = padded_prompt()
+    out = model.generate(**generate_kwargs(ids, mask, pixel_values, max_new_tokens=3), cache_implementation="static")
+    assert out.shape == (ids.shape[0], ids.shape[1] + 3) and not _STATIC_DECODERS.get(model)
+    model.set_attn_implementation("sdpa")  # the same model through the fast path
+    kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=3)
+    assert_fast_path_equals_generate(model, kw)
+    assert len(_STATIC_DECODERS[model]) == 1
+
+
+@needs_v5
 def test_fast_path_leaves_a_wrappers_prepare_inputs_to_generate(fast_path_on_cpu):
     """A wrapper that puts its own `prepare_inputs_for_generation` on the model for the call (PEFT's prompt learning,
     to add a prefix or virtual tokens) is run by `GenerationMixin`'s loop: the fast path, whose decoders never call

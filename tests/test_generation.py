@@ -19,6 +19,7 @@ from transformers import (
     AutoModelForImageTextToText,
     DynamicCache,
     GenerationConfig,
+    LlamaConfig,
     LogitsProcessor,
     LogitsProcessorList,
     StaticCache,
@@ -1389,8 +1390,12 @@ def test_flex_attention_with_a_static_cache_generates_as_sdpa():
     from .test_core import inputs, tiny_model
 
     device = torch.device(os.environ.get("OPENFLAMINGO_TEST_DEVICE", "cpu"))
-    flex = tiny_model("llama", attn_implementation="flex_attention").to(device)
-    sdpa = tiny_model("llama").to(device)
+    # heads of 16 dimensions, the least that CUDA's flex attention kernel takes
+    text_config = LlamaConfig(
+        hidden_size=32, num_attention_heads=2, num_hidden_layers=4, intermediate_size=64, vocab_size=403
+    )
+    flex = tiny_model("llama", text_config=text_config, attn_implementation="flex_attention").to(device)
+    sdpa = tiny_model("llama", text_config=copy.deepcopy(text_config)).to(device)
     ids, pixel_values = (tensor.to(device) for tensor in inputs(seq=6))
     mask = torch.ones_like(ids)
     masks_given = []
