@@ -102,7 +102,7 @@ _STATIC_DECODERS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _StaticDecode
 _DECODED_STATE: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 
-# The LM attention implementations the decoders are tested with (`tests/test_fast_path.py`); with any other `generate`
+# The LM attention implementations the decoders are tested with (`tests/test_fast_path.py`); with any other, `generate`
 # runs through `GenerationMixin`
 _FAST_DECODE_ATTENTION = ("sdpa", "eager")
 
