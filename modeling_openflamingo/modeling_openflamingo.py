@@ -1083,15 +1083,22 @@ _REQUESTED_LM_ATTENTION: contextvars.ContextVar[str | None] = contextvars.Contex
 )
 
 
+def _lm_attention_of(attn_implementation: Any) -> str | None:
+    """The LM's attention in an `attn_implementation` argument, as transformers reads it for a sub-model: a name is
+    the whole model's, and so the LM's; a dict names it under `"text_config"` (itself a name, or a dict whose `""`
+    entry is the LM's own). None: not asked for (a dict's `""` entry is the top-level model's only)."""
+    if isinstance(attn_implementation, dict):
+        attn_implementation = attn_implementation.get("text_config")
+        if isinstance(attn_implementation, dict):
+            attn_implementation = attn_implementation.get("")
+    return attn_implementation if isinstance(attn_implementation, str) else None
+
+
 @contextmanager
 def _lm_attention_requested(attn_implementation: Any) -> Iterator[None]:
-    """Within: `attn_implementation`'s `"text_config"` entry (a dict), or the name itself (a string, for the whole
-    model and so for the LM), as the LM's attention asked for (see `_REQUESTED_LM_ATTENTION`)."""
-    if isinstance(attn_implementation, dict):
-        requested = attn_implementation.get("text_config")
-    else:  # a name for the whole model is the LM's too
-        requested = attn_implementation if isinstance(attn_implementation, str) else None
-    token = _REQUESTED_LM_ATTENTION.set(requested)
+    """Within: the LM's attention asked for in `attn_implementation` ([`_lm_attention_of`]), for the model's
+    `__init__` (see `_REQUESTED_LM_ATTENTION`)."""
+    token = _REQUESTED_LM_ATTENTION.set(_lm_attention_of(attn_implementation))
     try:
         yield
     finally:
@@ -1249,15 +1256,15 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
 
     def __init__(self, config: OpenFlamingoConfig) -> None:
         config.check()  # again: `from_pretrained(path, **overrides)` sets fields after the config's __init__
-        # What was asked for the LM (read before `PreTrainedModel.__init__` resolves the whole model's value): by
-        # name in the building call (`attn_implementation={"text_config": ...}`), else the LM's value, else the
-        # model's. A config reused from a built MPT model (`from_config(model.config)`) holds the "eager" written
-        # below for MPT's own class (marked so): that LM ran SDPA, whatever the model's own value.
-        top = getattr(config, "_attn_implementation_internal", None)
+        # What was asked for the LM: by name in the building call (`attn_implementation="eager"` or
+        # `{"text_config": ...}`), else the LM's config's value (a name for the whole config is set there too), else
+        # nothing (the default, SDPA), as for any other LM: a dict's `""` entry is the top-level model's only. A
+        # config reused from a built MPT model (`from_config(model.config)`) holds the "eager" written below for MPT's
+        # own class (marked so): that LM ran SDPA, whatever the model's own value.
         text = getattr(config.text_config, "_attn_implementation_internal", None)
         if text == "eager" and getattr(config, LM_SDPA_WRITTEN_AS_EAGER, False):
             text = "sdpa"  # what that LM runs (this package's SDPA attention), whatever the model's own value
-        lm_requested = _REQUESTED_LM_ATTENTION.get() or text or top  # None: the default
+        lm_requested = _REQUESTED_LM_ATTENTION.get() or text  # None: the default
         super().__init__(config)
         # `_from_config`, as the LM's `from_config`: each built in its sub-config's dtype (transformers 4.x's
         # `from_pretrained(dtype={"vision_config": ..., "text_config": ..., "": ...})`)
@@ -1272,7 +1279,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         # p-tuning embed the tokens with the word embeddings of the first `PreTrainedModel` child
         self.vision_model, self.perceiver = vision_model, perceiver
         add_mpt_qk_layernorm(self.language_model, config.text_config)
-        lm_sdpa = (lm_requested or config._attn_implementation) != "eager"  # "eager" keeps MPT's own (weights)
+        lm_sdpa = lm_requested != "eager"  # "eager" keeps MPT's own (attention weights)
         if lm_sdpa:
             add_mpt_sdpa_attention(self.language_model, config.text_config)
         if _is_mpt(config.text_config):  # (its config says "eager" either way: transformers' MPT has no other)
@@ -1341,9 +1348,10 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
 
     def set_attn_implementation(self, attn_implementation: str | dict[str, str], *args: Any, **kwargs: Any) -> None:
         """[`~PreTrainedModel.set_attn_implementation`]. transformers' MPT has eager attention only: with an MPT /
-        MosaicGPT LM, "eager" (for the whole model, or `text_config`) switches to its `MptAttention` (attention
-        weights), any other value to [`OpenFlamingoMptSdpaAttention`] (the default); for MosaicGPT their
-        QK-LayerNorm variants, [`OpenFlamingoMosaicGPTAttention`] / [`OpenFlamingoMosaicGPTSdpaAttention`]."""
+        MosaicGPT LM, "eager" (for the whole model, or under `"text_config"` in a dict, whose `""` entry is the
+        top-level model's only) switches to its `MptAttention` (attention weights), any other value to
+        [`OpenFlamingoMptSdpaAttention`] (the default); for MosaicGPT their QK-LayerNorm variants,
+        [`OpenFlamingoMosaicGPTAttention`] / [`OpenFlamingoMosaicGPTSdpaAttention`]."""
         text = self.config.text_config
         if not _is_mpt(text):
             super().set_attn_implementation(attn_implementation, *args, **kwargs)
@@ -1351,10 +1359,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         # transformers warns that `MptForCausalLM` (and its `attn_config`) cannot switch: the switch is done below.
         with _drop_transformers_warnings(_MPT_ATTENTION_SWITCH_WARNINGS):
             super().set_attn_implementation(attn_implementation, *args, **kwargs)
-        requested = attn_implementation
-        if isinstance(attn_implementation, dict):
-            requested = attn_implementation.get("text_config", attn_implementation.get(""))
-        if requested is None:
+        requested = _lm_attention_of(attn_implementation)
+        if requested is None:  # (a dict's `""` entry is the top-level model's only: the LM keeps its attention)
             return
         add_mpt_sdpa_attention(self.language_model, text, sdpa=requested != "eager")
         add_mpt_static_cache_support(self.language_model, text)

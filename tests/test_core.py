@@ -817,6 +817,34 @@ def test_set_attn_implementation_updates_the_config_without_warnings(family):
             torch.testing.assert_close(model(input_ids=ids, pixel_values=pixel_values).logits, expected)
 
 
+@pytest.mark.parametrize("family", ["mpt", "mosaic_gpt", "llama"])
+def test_an_attention_dict_reaches_the_lm_as_transformers_reads_it(family, tmp_path):
+    """In an `attn_implementation` dict the `""` entry is the top-level model's only and the LM's is under
+    `"text_config"` (a name, or a dict with its own `""`), as transformers reads it for any sub-model: MPT's LM (whose
+    switch is this package's) followed `""` and ignored the nested form."""
+    from modeling_openflamingo import OpenFlamingoForConditionalGeneration
+
+    def lm_attention(model):
+        if family == "llama":
+            return model.language_model.config._attn_implementation
+        classes = mpt_attention_classes(family)
+        (attention,) = {type(m) for m in model.language_model.modules() if type(m) in classes.values()}
+        return next(name for name, cls in classes.items() if cls is attention)
+
+    tiny_model(family).save_pretrained(tmp_path)
+    cases = [({"": "eager"}, "sdpa"), ({"text_config": {"": "eager"}}, "eager"), ({"text_config": "eager"}, "eager")]
+    for request, expected in cases:
+        loaded = OpenFlamingoForConditionalGeneration.from_pretrained(tmp_path, attn_implementation=request)
+        assert lm_attention(loaded) == expected, request
+    switched = tiny_model(family)
+    switched.set_attn_implementation({"": "eager"})
+    assert lm_attention(switched) == "sdpa" and switched.config._attn_implementation == "eager"
+    switched.set_attn_implementation({"text_config": "eager"})
+    assert lm_attention(switched) == "eager"
+    switched.set_attn_implementation({"": "sdpa"})  # the LM keeps its eager attention
+    assert lm_attention(switched) == "eager"
+
+
 @pytest.mark.parametrize("family", ["mpt", "llama"])
 def test_the_whole_forward_compiles_in_one_graph_and_exports_from_plain_inputs(family):
     """`torch.compile(model, fullgraph=True)` and `torch.export` of the forward from input_ids and pixel_values alone:
