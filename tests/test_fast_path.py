@@ -28,7 +28,7 @@ from modeling_openflamingo.modeling_openflamingo import (
     _mpt_static_cache_view,
 )
 
-from .conftest import SWEEP, enable_checkpointing, is_checkpointing
+from .conftest import SWEEP, enable_checkpointing, is_checkpointing, needs_flex_with_static_cache
 from .test_core import EOC, MEDIA, PAD, mpt_attention_classes
 from .test_core import inputs as cpu_inputs
 from .test_core import tiny_model as cpu_tiny_model
@@ -466,6 +466,7 @@ def test_fast_path_gives_the_originals_ids(family, loaded, reference, fast_path_
 
 
 @needs_v5
+@needs_flex_with_static_cache
 def test_fast_path_leaves_flex_attention_to_generate(fast_path_on_cpu):
     """transformers makes flex attention's `BlockMask` after checking whether the 2-D mask has padding, a branch on
     its values that the compiled decoding step cannot trace (it failed to compile on an H100): such a call runs

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from packaging import version
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
@@ -31,7 +30,15 @@ from transformers import (
 from modeling_openflamingo import OpenFlamingoConfig, OpenFlamingoForConditionalGeneration
 from modeling_openflamingo.modeling_openflamingo import image_indices_from_input_ids
 
-from .conftest import FAMILIES, ROOT, SWEEP, enable_checkpointing, is_checkpointing, lm_cache_of
+from .conftest import (
+    FAMILIES,
+    ROOT,
+    SWEEP,
+    enable_checkpointing,
+    is_checkpointing,
+    lm_cache_of,
+    needs_flex_with_static_cache,
+)
 
 CAPTION_PROMPT = (
     "<image>Output:A photo of two cats.<|endofchunk|><image>Output:A bathroom sink.<|endofchunk|><image>Output:"
@@ -1374,10 +1381,7 @@ def test_generate_with_input_ids_and_the_embeddings_of_them(num_beams):
     assert torch.equal(got[:, -5:], expected[:, -5:])
 
 
-@pytest.mark.skipif(
-    version.parse("5") <= version.parse(transformers.__version__) < version.parse("5.24.0.dev0"),
-    reason="transformers 5.x before 5.24 fails on a flex BlockMask with a static cache itself (`.contiguous()`)",
-)
+@needs_flex_with_static_cache
 def test_flex_attention_with_a_static_cache_generates_as_sdpa():
     """With flex attention and a compileable cache, `generate` gives the model a flex `BlockMask`, not a tensor: it
     goes to the LM unchecked (reading its shape failed with AttributeError), and the LM gets that mask.
