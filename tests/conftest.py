@@ -29,13 +29,13 @@ FAMILIES = ["tiny-mpt", "tiny-mpt-1b-redpajama-200b", "tiny-neox", "tiny-llama"]
 # - LLaMA, seed 206, N=4 of 6 layers, grouped-query attention (2 key/value heads), 3 images a row; I;16, F, LA, P made
 #   from RGBA images.
 SWEEP = ["sweep-mpt-s213-n2-kv-cache", "sweep-neox-s202-l6-n4-parallel", "sweep-llama-s206-l6-n4-gqa"]
-# transformers >= 5.23 names gradient checkpointing "activation checkpointing" (methods and `TrainingArguments`); the
-# old names warn (deprecated); 4.x has the old names only. Tests use the installed version's.
 # transformers 5.x before 5.24 cannot generate with flex attention and a static cache, whatever the model
 needs_flex_with_static_cache = pytest.mark.skipif(
     version.parse("5") <= version.parse(transformers.__version__) < version.parse("5.24.0.dev0"),
     reason="transformers 5.x before 5.24 fails on a flex BlockMask with a static cache itself (`.contiguous()`)",
 )
+# transformers >= 5.23 names gradient checkpointing "activation checkpointing" (methods and `TrainingArguments`); the
+# old names warn (deprecated); 4.x has the old names only. Tests use the installed version's.
 NEW_NAMES = hasattr(PreTrainedModel, "activation_checkpointing_enable")
 CHECKPOINTING = "activation_checkpointing" if NEW_NAMES else "gradient_checkpointing"
 
