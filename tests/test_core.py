@@ -77,6 +77,11 @@ TEXT_CONFIGS = {
 }
 
 
+def flex_llama_text_config() -> LlamaConfig:
+    """The tiny LLaMA with heads of 16 dimensions (2 of them), the least that CUDA's flex attention kernel takes."""
+    return LlamaConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=4, intermediate_size=64, vocab_size=403)
+
+
 def tiny_config(family: str = "mpt", n: int = 2, text_config: object = None, **kwargs) -> OpenFlamingoConfig:
     """The tiny OpenFlamingo config of `family`'s LM (or of `text_config`, an LM config of another family)."""
     return OpenFlamingoConfig(

@@ -18,7 +18,6 @@ from transformers import (
     AutoModelForImageTextToText,
     DynamicCache,
     GenerationConfig,
-    LlamaConfig,
     LogitsProcessor,
     LogitsProcessorList,
     StaticCache,
@@ -1391,15 +1390,11 @@ def test_flex_attention_with_a_static_cache_generates_as_sdpa():
     (static cache or none, once it has recompiled for the decoding shapes)."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    from .test_core import inputs, tiny_model
+    from .test_core import flex_llama_text_config, inputs, tiny_model
 
     device = torch.device(os.environ.get("OPENFLAMINGO_TEST_DEVICE", "cpu"))
-    # heads of 16 dimensions, the least that CUDA's flex attention kernel takes
-    text_config = LlamaConfig(
-        hidden_size=32, num_attention_heads=2, num_hidden_layers=4, intermediate_size=64, vocab_size=403
-    )
-    flex = tiny_model("llama", text_config=text_config, attn_implementation="flex_attention").to(device)
-    sdpa = tiny_model("llama", text_config=copy.deepcopy(text_config)).to(device)
+    flex = tiny_model("llama", text_config=flex_llama_text_config(), attn_implementation="flex_attention").to(device)
+    sdpa = tiny_model("llama", text_config=flex_llama_text_config()).to(device)
     ids, pixel_values = (tensor.to(device) for tensor in inputs(seq=6))
     mask = torch.ones_like(ids)
     masks_given = []
