@@ -26,6 +26,7 @@ from transformers import (
     GPTNeoXConfig,
     LlamaConfig,
     MptConfig,
+    PretrainedConfig,
     PreTrainedModel,
     modeling_utils,
 )
@@ -57,29 +58,41 @@ def tiny_vision() -> CLIPVisionConfig:
     )
 
 
-TEXT_CONFIGS = {
-    "mpt": lambda: MptConfig(d_model=32, n_heads=4, n_layers=4, vocab_size=403, max_seq_len=64),
-    "mosaic_gpt": lambda: MptConfig(
-        d_model=32, n_heads=4, n_layers=4, vocab_size=403, max_seq_len=64, attn_config={"qk_ln": True}
+TEXT_CONFIGS = {  # each LM config with keyword overrides of its defaults
+    "mpt": lambda **kw: MptConfig(
+        **{"d_model": 32, "n_heads": 4, "n_layers": 4, "vocab_size": 403, "max_seq_len": 64, **kw}
     ),
-    "gpt_neox": lambda: GPTNeoXConfig(
-        hidden_size=32,
-        num_attention_heads=4,
-        num_hidden_layers=4,
-        intermediate_size=64,
-        vocab_size=403,
-        rotary_pct=1.0,
-        use_parallel_residual=False,
+    "mosaic_gpt": lambda **kw: TEXT_CONFIGS["mpt"](attn_config={"qk_ln": True}, **kw),
+    "gpt_neox": lambda **kw: GPTNeoXConfig(
+        **{
+            "hidden_size": 32,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 4,
+            "intermediate_size": 64,
+            "vocab_size": 403,
+            "rotary_pct": 1.0,
+            "use_parallel_residual": False,
+            **kw,
+        }
     ),
-    "llama": lambda: LlamaConfig(
-        hidden_size=32, num_attention_heads=4, num_hidden_layers=4, intermediate_size=64, vocab_size=403
+    "llama": lambda **kw: LlamaConfig(
+        **{
+            "hidden_size": 32,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 4,
+            "intermediate_size": 64,
+            "vocab_size": 403,
+            **kw,
+        }
     ),
 }
+# the families whose transformers LMs take flex attention (MPT's do not)
+FLEX_FAMILIES = ["llama", "gpt_neox"]
 
 
-def flex_llama_text_config() -> LlamaConfig:
-    """The tiny LLaMA with heads of 16 dimensions (2 of them), the least that CUDA's flex attention kernel takes."""
-    return LlamaConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=4, intermediate_size=64, vocab_size=403)
+def flex_text_config(family: str) -> PretrainedConfig:
+    """`family`'s tiny LM with heads of 16 dimensions (2 of them), the least that CUDA's flex attention kernel takes."""
+    return TEXT_CONFIGS[family](num_attention_heads=2)
 
 
 def tiny_config(family: str = "mpt", n: int = 2, text_config: object = None, **kwargs) -> OpenFlamingoConfig:

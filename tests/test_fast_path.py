@@ -29,7 +29,7 @@ from modeling_openflamingo.modeling_openflamingo import (
 )
 
 from .conftest import SWEEP, enable_checkpointing, is_checkpointing, needs_flex_with_static_cache
-from .test_core import EOC, MEDIA, PAD, flex_llama_text_config, mpt_attention_classes
+from .test_core import EOC, FLEX_FAMILIES, MEDIA, PAD, flex_text_config, mpt_attention_classes
 from .test_core import inputs as cpu_inputs
 from .test_core import tiny_model as cpu_tiny_model
 
@@ -467,12 +467,13 @@ def test_fast_path_gives_the_originals_ids(family, loaded, reference, fast_path_
 
 @needs_v5
 @needs_flex_with_static_cache
-def test_fast_path_leaves_flex_attention_to_generate(fast_path_on_cpu):
+@pytest.mark.parametrize("family", FLEX_FAMILIES)
+def test_fast_path_leaves_flex_attention_to_generate(fast_path_on_cpu, family):
     """transformers makes flex attention's `BlockMask` after checking whether the 2-D mask has padding, a branch on
     its values that the compiled decoding step cannot trace (it failed to compile on an H100): such a call runs
     through `GenerationMixin`'s loop, as an attention implementation other than SDPA and eager does."""
     fast_path_on_cpu.setattr(_StaticDecoder, "cpu_compile_backend", "eager")  # traced by dynamo, as on the GPU
-    model = tiny_model("llama", text_config=flex_llama_text_config(), attn_implementation="flex_attention")
+    model = tiny_model(family, text_config=flex_text_config(family), attn_implementation="flex_attention")
     ids, mask, pixel_values = padded_prompt()
     out = model.generate(**generate_kwargs(ids, mask, pixel_values, max_new_tokens=3), cache_implementation="static")
     assert out.shape == (ids.shape[0], ids.shape[1] + 3) and not _STATIC_DECODERS.get(model)

@@ -38,6 +38,7 @@ from .conftest import (
     lm_cache_of,
     needs_flex_with_static_cache,
 )
+from .test_core import FLEX_FAMILIES
 
 CAPTION_PROMPT = (
     "<image>Output:A photo of two cats.<|endofchunk|><image>Output:A bathroom sink.<|endofchunk|><image>Output:"
@@ -1381,7 +1382,8 @@ def test_generate_with_input_ids_and_the_embeddings_of_them(num_beams):
 
 
 @needs_flex_with_static_cache
-def test_flex_attention_with_a_static_cache_generates_as_sdpa():
+@pytest.mark.parametrize("family", FLEX_FAMILIES)
+def test_flex_attention_with_a_static_cache_generates_as_sdpa(family):
     """With flex attention and a compileable cache, `generate` gives the model a flex `BlockMask`, not a tensor: it
     goes to the LM unchecked (reading its shape failed with AttributeError), and the LM gets that mask.
 
@@ -1390,11 +1392,11 @@ def test_flex_attention_with_a_static_cache_generates_as_sdpa():
     (static cache or none, once it has recompiled for the decoding shapes)."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    from .test_core import flex_llama_text_config, inputs, tiny_model
+    from .test_core import flex_text_config, inputs, tiny_model
 
     device = torch.device(os.environ.get("OPENFLAMINGO_TEST_DEVICE", "cpu"))
-    flex = tiny_model("llama", text_config=flex_llama_text_config(), attn_implementation="flex_attention").to(device)
-    sdpa = tiny_model("llama", text_config=flex_llama_text_config()).to(device)
+    flex = tiny_model(family, text_config=flex_text_config(family), attn_implementation="flex_attention").to(device)
+    sdpa = tiny_model(family, text_config=flex_text_config(family)).to(device)
     ids, pixel_values = (tensor.to(device) for tensor in inputs(seq=6))
     mask = torch.ones_like(ids)
     masks_given = []
