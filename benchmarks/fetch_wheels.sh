@@ -18,8 +18,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target "$installed
   $(ls .whl-ours/*.whl | grep -v -E "/(hf_xet|kernels|pydantic|pydantic_core|annotated_types|typing_inspection|typer|rich|pygments|markdown_it_py|mdurl|shellingham|annotated_doc|tomlkit)-")
 rm -rf "$installed/bin"
 for model in "$installed"/transformers/models/*/; do
-  # (bloom: peft imports BloomPreTrainedModel, for the GPU tests with adapters)
-  case $(basename "$model") in auto | bloom | clip | encoder_decoder | gpt_neox | llama | mpt) ;; *) rm -rf "$model" ;; esac
+  # (bloom: peft imports BloomPreTrainedModel, for the GPU tests with adapters; opt: a test of other LMs' input forms)
+  case $(basename "$model") in auto | bloom | clip | encoder_decoder | gpt_neox | llama | mpt | opt) ;; *) rm -rf "$model" ;; esac
 done
 mkdir -p .whl-ours/min
 tar cJf .whl-ours/min/ours.txz -C "$installed" .
