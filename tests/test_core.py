@@ -840,7 +840,6 @@ def test_an_attention_dict_reaches_the_lm_as_transformers_reads_it(family, tmp_p
     """In an `attn_implementation` dict the `""` entry is the top-level model's only and the LM's is under
     `"text_config"` (a name, or a dict with its own `""`), as transformers reads it for any sub-model: MPT's LM (whose
     switch is this package's) followed `""` and ignored the nested form."""
-    from modeling_openflamingo import OpenFlamingoForConditionalGeneration
 
     def lm_attention(model):
         if family == "llama":
