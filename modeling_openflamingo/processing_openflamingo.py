@@ -255,7 +255,8 @@ class OpenFlamingoProcessor(ProcessorMixin):
                 the first `<image>` and between each `<|endofchunk|>` and the next `<image>`).
 
             **kwargs: the image processor's per-call options (`size`, `do_normalize`, `image_mean`, ...: see
-                [`~OpenFlamingoImageProcessor.preprocess`]; or under `images_kwargs`) and the tokenizer's
+                [`~OpenFlamingoImageProcessor.preprocess`]; or under `images_kwargs`; `device` returns `pixel_values` on
+                that device) and the tokenizer's
                 (`add_special_tokens`, `pad_to_multiple_of`, `truncation_side`, ...; or under `text_kwargs`). Any
                 other keyword is an error.
 
@@ -275,6 +276,11 @@ class OpenFlamingoProcessor(ProcessorMixin):
                 f"each image goes); got {text!r:.200}."
             )
         images_kwargs, kwargs = self._split_kwargs(kwargs)
+        device = images_kwargs.pop("device", None)
+        if device is not None and return_tensors != "pt":  # (`TensorType.PYTORCH` equals "pt")
+            raise ValueError(
+                f"`device` puts `pixel_values` on a device: it needs return_tensors='pt', not {return_tensors!r}."
+            )
         # the tokenizer options this call names may also come under `text_kwargs`
         padding = kwargs.pop("padding", padding)
         padding_side = kwargs.pop("padding_side", padding_side)
@@ -354,7 +360,13 @@ class OpenFlamingoProcessor(ProcessorMixin):
             ]
         if drop_mask:
             del data["attention_mask"]
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        if return_tensors is not None and not any(len(ids) for ids in data["input_ids"]):
+            # empty rows only: as the tokenizer's own tensors, integers (lists of empty lists would make floats)
+            data.update({key: np.zeros((len(texts), 0), np.int64) for key in data if key != "pixel_values"})
+        features = BatchFeature(data=data, tensor_type=return_tensors)
+        if device is not None and "pixel_values" in features:
+            features["pixel_values"] = features["pixel_values"].to(device)
+        return features
 
     def _split_kwargs(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """`(image processor's, tokenizer's)` keyword arguments of a call; an unknown keyword is an error (the
@@ -363,7 +375,7 @@ class OpenFlamingoProcessor(ProcessorMixin):
         images_kwargs = dict(kwargs.pop("images_kwargs", None) or {})
         text_kwargs = dict(kwargs.pop("text_kwargs", None) or {})
         for name in list(kwargs):
-            if name in IMAGE_KWARGS or name == "input_data_format":
+            if name in IMAGE_KWARGS or name in ("input_data_format", "device"):
                 images_kwargs[name] = kwargs.pop(name)
         for group, group_kwargs in (("images_kwargs", images_kwargs), ("text_kwargs", text_kwargs)):
             if "return_tensors" in group_kwargs:
@@ -397,8 +409,9 @@ class OpenFlamingoProcessor(ProcessorMixin):
                 stop_strings_tokenizer = ", 'tokenizer': processor.tokenizer" if name == "stop_strings" else ""
                 raise ValueError(
                     f"Unexpected keyword argument `{name}` for OpenFlamingoProcessor; it takes the image processor's "
-                    f"options {[*IMAGE_KWARGS, 'input_data_format']} and the tokenizer's (e.g. add_special_tokens, "
-                    "pad_to_multiple_of, truncation_side), flat or as `images_kwargs` / `text_kwargs`."
+                    f"options {[*IMAGE_KWARGS, 'input_data_format', 'device']} and the tokenizer's (e.g. "
+                    "add_special_tokens, pad_to_multiple_of, truncation_side), flat or as `images_kwargs` / "
+                    "`text_kwargs`."
                     + (
                         f" `{name}` is a generation option: pass it to `generate`, or to a pipeline as "
                         f"`generate_kwargs={{'{name}': ...{stop_strings_tokenizer}}}`."

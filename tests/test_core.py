@@ -1539,6 +1539,24 @@ def test_processor_passes_image_and_text_options_on(converted, tiny_images):
             processor(images=[image], text="<image>a", **{group: {"return_tensors": "np"}})
 
 
+def test_processor_device_and_empty_texts(converted, tiny_images):
+    """`device` (flat or under `images_kwargs`, as the image processor takes it) returns `pixel_values` there; empty
+    texts give integer ids as the tokenizer does, not the floats of a tensor made from empty lists."""
+    processor = AutoProcessor.from_pretrained(converted("tiny-neox"))
+    image = tiny_images[0]
+    for kwargs in ({"device": "meta"}, {"images_kwargs": {"device": "meta"}}):
+        out = processor(images=[image], text="<image>a", **kwargs)
+        assert out["pixel_values"].device.type == "meta" and out["pixel_values"].shape == (1, 1, 3, 32, 32)
+        assert out["input_ids"].device.type == "cpu"
+    with pytest.raises(ValueError, match="`device` puts `pixel_values` on a device: it needs return_tensors='pt'"):
+        processor(images=[image], text="<image>a", device="cpu", return_tensors="np")
+    for text, return_tensors in (("", "pt"), (["", ""], "np")):
+        out = processor(text=text, return_tensors=return_tensors, return_labels=True)
+        rows = 1 if isinstance(text, str) else len(text)
+        for key in ("input_ids", "attention_mask", "labels"):
+            assert out[key].dtype in (torch.int64, np.int64) and tuple(out[key].shape) == (rows, 0), key
+
+
 def test_processor_refuses_images_nested_too_deeply(converted, tiny_images):
     """A row's images as a list of lists (the original's `(batch, images, frames)` layout) is an error: each inner
     list counted as one image and the image processor flattened them, so images went to the next rows, silently."""
