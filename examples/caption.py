@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Few-shot image captioning, as the original OpenFlamingo evaluation does it (COCO / Flickr30k).
 
-Each demonstration is `<image>Output:{caption}<|endofchunk|>`, the query `<image>Output:`; generation uses beam search
+Each demonstration is `<image>Output:{caption}<|endofchunk|>` followed by a newline, the query `<image>Output:`
+(`open_flamingo/eval/evaluate.py`, `evaluate_captioning`); generation uses beam search
 with 3 beams, at most 20 new tokens and length_penalty 0 (the evaluation's defaults), and the output is post-processed
 as there: cut at the first "Output", double quotes removed. Several query images are captioned in one batch.
 
@@ -37,11 +38,10 @@ def postprocess_captioning_generation(text: str) -> str:
 
 
 def build_prompt(num_shots: int) -> str:
-    """The demonstrations then the query. Zero-shot, as in the original evaluation: two demonstrations' text, no
-    images (so the model still sees the format)."""
-    if num_shots == 0:
-        return "".join(caption_prompt(c) for c in DEMONSTRATIONS[:2]).replace("<image>", "") + caption_prompt()
-    return "".join(caption_prompt(c) for c in DEMONSTRATIONS[:num_shots]) + caption_prompt()
+    """The demonstrations, each followed by "\n", then the query. Zero-shot, as in the original evaluation: two
+    demonstrations' text, no images (so the model still sees the format)."""
+    context = "".join(caption_prompt(c) + "\n" for c in DEMONSTRATIONS[: num_shots or 2])
+    return (context.replace("<image>", "") if num_shots == 0 else context) + caption_prompt()
 
 
 def main() -> None:

@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Few-shot visual question answering, as the original OpenFlamingo evaluation does it (VQAv2, OK-VQA, TextVQA, ...).
+"""Few-shot visual question answering, as the original OpenFlamingo evaluation does it for VQAv2 and VizWiz.
 
-Each demonstration is `<image>Question:{question} Short answer:{answer}<|endofchunk|>`, the query ends
-`Short answer:`; generation uses beam search with 3 beams, at most 5 new tokens and length_penalty 0 (the
-evaluation's defaults), and the answer is post-processed as there: cut at the first "Question", "Answer" or "Short",
-then at the first ", ".
+Each demonstration is `<image>Question:{question} Short answer:{answer}<|endofchunk|>` followed by a newline, the
+query ends `Short answer:` (`open_flamingo/eval/evaluate.py`, `evaluate_vqa`); generation uses beam search with 3
+beams, at most 5 new tokens and length_penalty 0 (the evaluation's defaults), and the answer is post-processed as
+there: cut at the first "Question", "Answer" or "Short", then at the first ", ". (The evaluation post-processes
+OK-VQA answers otherwise, and generates up to 10 tokens for TextVQA: `--max-new-tokens 10`.)
 
 Runs offline on the tiny demo model (random weights: the answers are gibberish); pass `--model` for a converted
 OpenFlamingo folder or hub id.
@@ -42,13 +43,10 @@ def postprocess_vqa_generation(text: str) -> str:
 
 
 def build_prompt(question: str, num_shots: int) -> str:
-    """The demonstrations then the query. Zero-shot, as in the original evaluation: two demonstrations' text, no
-    images."""
-    if num_shots == 0:
-        context = "".join(vqa_prompt(q, a) for q, a in DEMONSTRATIONS[:2]).replace("<image>", "")
-    else:
-        context = "".join(vqa_prompt(q, a) for q, a in DEMONSTRATIONS[:num_shots])
-    return context + vqa_prompt(question)
+    """The demonstrations, each followed by "\n", then the query. Zero-shot, as in the original evaluation: two
+    demonstrations' text, no images."""
+    context = "".join(vqa_prompt(q, a) + "\n" for q, a in DEMONSTRATIONS[: num_shots or 2])
+    return (context.replace("<image>", "") if num_shots == 0 else context) + vqa_prompt(question)
 
 
 def main() -> None:

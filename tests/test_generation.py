@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import runpy
 import subprocess
 import sys
 import threading
@@ -1004,6 +1005,24 @@ def test_examples_run_offline(converted):
     assert caption.count("image ") == 4 and caption_static_cache == ([caption] if static_cache else [])
     assert vqa.count(" -> ") == 3
     assert classify.count("image ") == 4 and "(" in classify
+
+
+def test_example_prompts_are_the_evaluations(monkeypatch):
+    """caption.py and vqa.py build prompts as `open_flamingo/eval/evaluate.py` does: a newline after each
+    demonstration; zero-shot, two demonstrations' text without their `<image>` tokens."""
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    caption, vqa = (runpy.run_path(str(ROOT / "examples" / name)) for name in ("caption.py", "vqa.py"))
+    cats, sink = ("A photo of two cats on a couch.", "A white bathroom sink under a mirror.")
+    assert caption["build_prompt"](2) == (
+        f"<image>Output:{cats}<|endofchunk|>\n<image>Output:{sink}<|endofchunk|>\n<image>Output:"
+    )
+    assert caption["build_prompt"](1) == f"<image>Output:{cats}<|endofchunk|>\n<image>Output:"
+    assert caption["build_prompt"](0) == f"Output:{cats}<|endofchunk|>\nOutput:{sink}<|endofchunk|>\n<image>Output:"
+    demo = "Question:How many cats are there? Short answer:two<|endofchunk|>\n"
+    assert vqa["build_prompt"]("Why?", 1) == f"<image>{demo}<image>Question:Why? Short answer:"
+    assert vqa["build_prompt"]("Why?", 0) == (
+        f"{demo}Question:What room is this? Short answer:bathroom<|endofchunk|>\n<image>Question:Why? Short answer:"
+    )
 
 
 @pytest.mark.parametrize("family", ["mpt", "gpt_neox", "llama"])
