@@ -25,6 +25,11 @@ def demo_model_dir() -> Path:
 
     cache = Path(os.environ.get("OPENFLAMINGO_DEMO_DIR", Path.home() / ".cache" / "openflamingo-hf" / "tiny-demo"))
     if not (cache / "config.json").is_file():
+        if cache.exists() and (not cache.is_dir() or any(cache.iterdir())):
+            raise SystemExit(
+                f"error: the demo model is converted into {cache} (OPENFLAMINGO_DEMO_DIR, or the default under "
+                "~/.cache), which holds something else: set OPENFLAMINGO_DEMO_DIR to a new or empty folder."
+            )
         convert_openflamingo_checkpoint(
             checkpoint=FIXTURE / "checkpoint.pt",
             lm=FIXTURE / "lm",

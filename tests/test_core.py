@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -1884,6 +1885,20 @@ def test_demo_runs_offline(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "caption:" in result.stdout
+
+
+def test_demo_refuses_a_folder_of_other_files(tmp_path, monkeypatch):
+    """OPENFLAMINGO_DEMO_DIR naming a folder that holds other files: an error that names the variable, the files
+    left as they were (the converter's own refusal spoke of an `--overwrite` the user never passed)."""
+    from .conftest import ROOT
+
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    demo_model = runpy.run_path(str(ROOT / "examples" / "demo_model.py"))
+    (tmp_path / "notes.txt").write_text("mine")
+    monkeypatch.setenv("OPENFLAMINGO_DEMO_DIR", str(tmp_path))
+    with pytest.raises(SystemExit, match="set OPENFLAMINGO_DEMO_DIR to a new or empty folder"):
+        demo_model["demo_model_dir"]()
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
 @pytest.mark.parametrize("family", ["mpt", "llama"])
