@@ -481,6 +481,12 @@ def _text_only_forward(model: nn.Module, input_ids: torch.Tensor, **kwargs: Any)
     return model(input_ids, image_indices=torch.zeros_like(input_ids), **kwargs)
 
 
+def _holds_no_images(images: Any) -> bool:
+    """`pixel_values` or `image_hidden_states` of zero images (`(batch, 0, ...)`, as a collator may stack a text-only
+    batch's empty image lists): taken as no images given."""
+    return torch.is_tensor(images) and images.ndim >= 2 and images.shape[1] == 0
+
+
 def _check_one_image_source(pixel_values: Any, image_hidden_states: Any, image_cache: Any) -> None:
     """The images come as one of `pixel_values`, `image_hidden_states` and `image_cache`: with two, which one counts
     would be a guess."""
@@ -1712,7 +1718,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 The images of each row, in the order of its `<image>` tokens; rows with fewer images are zero-padded
                 (padding images are never attended while a row has no more `<image>` tokens than images of its own,
                 which the processor checks: the model cannot tell padding from an image). The original 6-D layout
-                `(batch, num_images, 1, 3, H, W)` is accepted too.
+                `(batch, num_images, 1, 3, H, W)` is accepted too. Zero images (`num_images == 0`) are as none given.
             image_hidden_states (`torch.FloatTensor` of shape `(batch_size, num_images, num_latents, dim)`, *optional*):
                 Already encoded images ([`get_image_features`]), instead of `pixel_values`.
             image_indices (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
@@ -1768,6 +1774,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             image_indices=image_indices,
             labels=labels,
             image_cache=image_cache,
+        )
+        pixel_values, image_hidden_states = (
+            None if _holds_no_images(x) else x for x in (pixel_values, image_hidden_states)
         )
         continuing = past is not None and past.get_seq_length() > 0
         if use_cache is None and past is None and self.training and torch.is_grad_enabled():
@@ -2079,6 +2088,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 image_cache=kwargs.get("image_cache"),
                 spans_cache=_lm_cache(kwargs) is not None,
             )
+        for key in ("pixel_values", "image_hidden_states"):
+            if _holds_no_images(kwargs.get(key)):
+                del kwargs[key]
         self._check_generated_positions(kwargs, generation_config)
         # with an assistant model, `pixel_values` stay: it encodes them with its own vision tower and Perceiver
         encode = self._prepare_images_for_generation(input_ids, kwargs) and kwargs.get("assistant_model") is None
@@ -2843,9 +2855,13 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         if missing or unexpected:
             where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
             gated = any(k.startswith("gated_cross_attn_layers.") for k in (*missing, *unexpected))
+            found = [
+                f"{len(keys)} {what} (e.g. {keys[:3]})"
+                for what, keys in (("missing", missing), ("unexpected", unexpected))
+                if keys
+            ]
             raise ValueError(
-                f"The weights of {where} do not fit its config: {len(missing)} tensors missing (e.g. {missing[:3]}), "
-                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})."
+                f"The weights of {where} do not fit its config: tensors {', '.join(found)}."
                 + (" Was cross_attn_every_n_layers (or the LM's depth) changed?" if gated else "")
                 + " Pass output_loading_info=True to load it anyway and inspect the report."
             )

@@ -738,8 +738,16 @@ def test_from_pretrained_refuses_weights_that_do_not_fit_the_config(converted, t
     config = json.loads((folder / "config.json").read_text())
     config["cross_attn_every_n_layers"] = 1
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="do not fit its config"):
+    with pytest.raises(ValueError, match=r"do not fit its config: tensors \d+ missing \(e.g. \['gated_") as error:
         OpenFlamingoForConditionalGeneration.from_pretrained(folder)
+    assert "unexpected" not in str(error.value)  # (no "0 unexpected (e.g. [])")
+    config["cross_attn_every_n_layers"] = 4  # a block before layer 3 only: layer 1's are left over
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"fit its config: tensors \d+ unexpected \(e.g. \['gated_") as error:
+        OpenFlamingoForConditionalGeneration.from_pretrained(folder)
+    assert "missing" not in str(error.value)
+    config["cross_attn_every_n_layers"] = 1
+    (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="Was cross_attn_every_n_layers"):
         AutoModelForImageTextToText.from_pretrained(folder)
     model, info = AutoModelForImageTextToText.from_pretrained(folder, output_loading_info=True)
@@ -1899,6 +1907,25 @@ def test_demo_refuses_a_folder_of_other_files(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="set OPENFLAMINGO_DEMO_DIR to a new or empty folder"):
         demo_model["demo_model_dir"]()
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("family", ["mpt", "llama"])
+def test_zero_images_are_a_text_only_call(family):
+    """`pixel_values` / `image_hidden_states` of zero images (a collator's stack of a text-only batch's empty image
+    lists) are as none given, in the forward and in `generate`: they were refused as "images were given"."""
+    model = tiny_model(family).eval()
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    empty = {"pixel_values": torch.zeros(2, 0, 3, 32, 32), "image_hidden_states": torch.zeros(2, 0, 4, 32)}
+    kw = {"max_new_tokens": 3, "min_new_tokens": 3}
+    with torch.no_grad():
+        text_only = model(ids).logits
+        for name, images in empty.items():
+            assert torch.equal(model(ids, **{name: images}).logits, text_only), name
+            for beams in (1, 2):
+                expected = model.generate(input_ids=ids, num_beams=beams, **kw)
+                assert torch.equal(model.generate(input_ids=ids, num_beams=beams, **{name: images}, **kw), expected)
+        with pytest.raises(ValueError, match="input_ids contain <image> tokens but no images were given"):
+            model(torch.tensor([[5, model.config.media_token_id, 7]]), pixel_values=empty["pixel_values"][:1])
 
 
 @pytest.mark.parametrize("family", ["mpt", "llama"])
