@@ -1198,20 +1198,31 @@ def _new_token_rows_not_loadable() -> ValueError:
     )
 
 
-def _adapter_holds_new_token_rows(adapter: Any, state_dict: Mapping[str, Any] | None) -> bool:
-    """Whether a PEFT adapter (a local folder, or its state dict) holds `new_token_embeddings` rows; False when
-    that cannot be told without loading it (a hub id)."""
+def _adapter_new_token_rows(adapter: Any, state_dict: Mapping[str, Any] | None) -> tuple[str, int] | None:
+    """The key and number of the `new_token_embeddings` rows that a PEFT adapter (a local folder, or its state dict)
+    holds; None when it holds none, or when that cannot be told without loading it (a hub id)."""
     if state_dict is not None:
-        keys = list(state_dict)
+        shapes = {key: tuple(getattr(value, "shape", ())) for key, value in state_dict.items()}
     else:
         path = os.path.join(adapter, "adapter_model.safetensors") if adapter is not None else None
         if path is None or not os.path.isfile(path):
-            return False
+            return None
         from safetensors import safe_open
 
         with safe_open(path, "pt") as weights:
-            keys = list(weights.keys())
-    return any(".new_token_embeddings." in f".{key}" for key in keys)
+            shapes = {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}
+    for key, shape in shapes.items():
+        if ".new_token_embeddings." in f".{key}" and key.endswith("weight") and len(shape) == 2:
+            return key, shape[0]
+    return None
+
+
+def _new_token_rows_mismatch(key: str, rows: int, token_ids: list[int]) -> ValueError:
+    return ValueError(
+        f"{key} holds {rows} trained embedding rows, but this model trains {len(token_ids)} (token ids {token_ids}): "
+        "set it up with the `new_token_ids` the rows were trained with, freeze_for_training(new_token_ids=[...]), "
+        "before loading them."
+    )
 
 
 # `torch.compile`d versions of the loss, one per set of compile arguments (a model keeps the arguments, which pickle).
@@ -2660,8 +2671,11 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             train_new_token_embeddings (`bool`, defaults to `True`):
                 Also train the embedding rows of the added tokens.
             new_token_ids (`Sequence[int]`, *optional*):
-                The token ids whose rows train. Defaults to `config.eoc_token_id`, `config.media_token_id` and
-                `config.pad_token_id` (those that are set).
+                The token ids whose rows train (held in ascending order). Defaults to `config.eoc_token_id`,
+                `config.media_token_id` and `config.pad_token_id` (those that are set). A PEFT adapter saved with
+                `modules_to_save=model.peft_modules_to_save()` holds the rows, not their ids: load it into a model
+                set up with the same `new_token_ids` (another number of rows is refused; other ids of the same
+                number would take the rows).
         """
         if any(_is_peft_layer(type(module)) for module in self.modules()):
             raise ValueError(
@@ -2699,7 +2713,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             try:  # ints (numpy's and 0-d integer tensors too), not strings, floats or a bare int
                 if isinstance(new_token_ids, (str, bytes)):
                     raise TypeError
-                token_ids = list(dict.fromkeys(operator.index(i) for i in new_token_ids))
+                token_ids = sorted({operator.index(i) for i in new_token_ids})  # one order, however given
             except TypeError:
                 raise ValueError(f"new_token_ids must be a list of token ids (ints); got {new_token_ids!r}.") from None
             if not token_ids:
@@ -2872,9 +2886,13 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         [`freeze_for_training`]) this model has no place for (transformers 5 would drop them with a logged report):
         before anything is loaded when the adapter is a local folder or a state dict; otherwise after, with the added
         adapter deleted again where PEFT can (`delete_adapter` needs peft >= 0.22 on transformers 5)."""
-        if "new_token_embeddings" in self._modules:
+        held = _adapter_new_token_rows(peft_model_id, kwargs.get("adapter_state_dict"))
+        rows = self._modules.get("new_token_embeddings")
+        if rows is not None:
+            if held is not None and held[1] != len(rows.token_id_list):
+                raise _new_token_rows_mismatch(*held, rows.token_id_list)
             return super().load_adapter(peft_model_id, *args, **kwargs)
-        if _adapter_holds_new_token_rows(peft_model_id, kwargs.get("adapter_state_dict")):
+        if held is not None:
             raise _new_token_rows_not_loadable()
         before = set(getattr(self, "peft_config", None) or ())
         info = super().load_adapter(peft_model_id, *args, **kwargs)
@@ -3064,8 +3082,15 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 state_dict.setdefault(name, state_dict[given])
 
     def _new_token_load_hook(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        """A state dict without the rows (e.g. a folder written by [`save_pretrained`]) gives them from its matrix."""
+        """A state dict without the rows (e.g. a folder written by [`save_pretrained`]) gives them from its matrix;
+        rows of another number than this model trains (an adapter trained with other `new_token_ids`) are an error."""
         rows_key = f"{prefix}new_token_embeddings.weight"
+        ids = getattr(self._modules.get("new_token_embeddings"), "token_id_list", None)
+        for key, value in state_dict.items():
+            # the rows, also as PEFT's `modules_to_save` wraps them (`new_token_embeddings.modules_to_save.<name>.`)
+            if ids and key.startswith(f"{prefix}new_token_embeddings.") and key.endswith(".weight"):
+                if torch.is_tensor(value) and value.ndim == 2 and value.shape[0] != len(ids):
+                    raise _new_token_rows_mismatch(key, value.shape[0], ids)
         if rows_key in state_dict or "new_token_embeddings" not in self._modules:
             return
         for key in self._new_token_embedding_keys():

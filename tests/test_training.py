@@ -148,7 +148,8 @@ def test_new_token_rows_get_the_gradient_of_the_originals_masked_embedding(conve
     original(**inputs, labels=inputs["input_ids"]).loss.backward()
     matrix_grad = original.get_input_embeddings().weight.grad
 
-    torch.testing.assert_close(ours.new_token_embeddings.weight.grad, matrix_grad[[MEDIA, EOC]], rtol=1e-5, atol=1e-7)
+    rows = sorted([MEDIA, EOC])  # (held in ascending order)
+    torch.testing.assert_close(ours.new_token_embeddings.weight.grad, matrix_grad[rows], rtol=1e-5, atol=1e-7)
     assert ours.new_token_embeddings.weight.grad.abs().sum() > 0
 
 
@@ -1014,6 +1015,23 @@ def test_trainer_with_lora_on_the_lm_and_the_recipe(converted, tmp_path):
         torch.testing.assert_close(base(**inputs).logits, plain_logits, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"call `model.freeze_for_training\(\)` before loading"):
         AutoModelForImageTextToText.from_pretrained(tmp_path / "adapter")
+    # rows trained for other ids: another number is refused by both routes, before anything is loaded
+    mismatch = (
+        r"new_token_embeddings\S* holds 3 trained embedding rows, but this model trains 2 \(token ids \[400, 401\]\)"
+    )
+    other, _ = load(converted, family)
+    other.freeze_for_training(new_token_ids=[MEDIA, EOC])
+    with pytest.raises(ValueError, match=mismatch):
+        other.load_adapter(str(tmp_path / "adapter"))
+    assert not getattr(other, "peft_config", None)
+    with pytest.raises(ValueError, match=mismatch):
+        peft.PeftModel.from_pretrained(other, tmp_path / "adapter")
+    # the rows are held in ascending id order, however the ids are given: each goes back to its own token
+    shuffled, _ = load(converted, family)
+    shuffled.freeze_for_training(new_token_ids=[PAD, MEDIA, EOC])
+    shuffled = peft.PeftModel.from_pretrained(shuffled, tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(shuffled(**inputs).logits, adapted, rtol=0, atol=1e-6)
     base.freeze_for_training()  # the same model, as the error says
     base.load_adapter(str(tmp_path / "adapter"))
     base.eval()
