@@ -371,6 +371,12 @@ def load_torch_file(path: str | os.PathLike, verify: bool = True) -> dict[str, A
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format: no mmap
     except Exception as error:  # noqa: BLE001 - re-raised with the file named
+        try:  # a damaged record (the pickle's too) is the reason, whatever the unpickler made of its bytes
+            _check_zip_records(path)
+        except ConversionError as corrupt:
+            raise corrupt from error
+        except (zipfile.BadZipFile, OSError, EOFError):
+            pass  # (not readable as a zip at all: told below)
         text = str(error)
         # torch wraps every unpickling failure of `weights_only=True` in advice to load the file without it: only
         # its own reason is passed on

@@ -620,14 +620,21 @@ def test_intact_torch_file_that_weights_only_cannot_read_is_not_called_corrupt(t
         load_torch_file(path)
 
 
-def test_checkpoint_with_a_flipped_byte_in_a_tensor_is_refused(tmp_path):
-    """torch does not check the zip records' CRC-32; the converter does, so a corrupt tensor is not converted."""
+@pytest.mark.parametrize("record", ["tensor", "pickle"])
+def test_checkpoint_with_flipped_bytes_is_refused_as_corrupt(tmp_path, record):
+    """torch does not check the zip records' CRC-32; the converter does, so a corrupt tensor is not converted. A
+    damaged pickle is named corrupt too, not a file "that needs code to load" (the unpickler's reading of the bytes),
+    which would send the user to load it without weights_only."""
     import zipfile
 
     source = FIXTURES / "tiny-mpt" / "checkpoint.pt"
     with zipfile.ZipFile(source) as archive:
-        info = max(archive.infolist(), key=lambda i: i.file_size)  # a tensor's storage
-        assert "/data/" in info.filename and info.compress_type == zipfile.ZIP_STORED
+        if record == "tensor":
+            info = max(archive.infolist(), key=lambda i: i.file_size)  # a tensor's storage
+            assert "/data/" in info.filename
+        else:
+            info = next(i for i in archive.infolist() if i.filename.endswith("/data.pkl"))
+        assert info.compress_type == zipfile.ZIP_STORED
     data = bytearray(source.read_bytes())
     # the record's bytes follow its local header: 30 bytes, the name, and the local extra field (its length at 28)
     name_length, extra_length = (
@@ -635,7 +642,8 @@ def test_checkpoint_with_a_flipped_byte_in_a_tensor_is_refused(tmp_path):
         int.from_bytes(data[info.header_offset + 28 : info.header_offset + 30], "little"),
     )
     offset = info.header_offset + 30 + name_length + extra_length
-    data[offset + info.file_size // 2] ^= 0x01
+    for i in range(8 if record == "pickle" else 1):
+        data[offset + info.file_size // 2 + i] ^= 0x01 if record == "tensor" else 0x5A
     path = tmp_path / "checkpoint.pt"
     path.write_bytes(bytes(data))
     with pytest.raises(ConversionError, match=rf"{path}: record {info.filename} does not match its CRC-32"):
