@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextvars
 import errno
+import fnmatch
 import functools
 import json
 import os
@@ -1637,6 +1638,12 @@ def plan_conversion(
             tensors[target] = TensorPlan(source, key, need, part=(index, count) if count > 1 else None)
 
     vision_keys = vision_source.keys()
+    if any(key.startswith(("lang_encoder.", "perceiver.")) for key in vision_keys):
+        raise ConversionError(
+            f"{vision_source.name}: an OpenFlamingo checkpoint (keys starting with 'lang_encoder.' or 'perceiver.'), "
+            "not a vision tower's weights: it goes to --checkpoint; --open-clip-weights takes the open_clip CLIP "
+            "weights (or --vision a transformers CLIP model)."
+        )
     only_visual = any(k.startswith("visual.") for k in vision_keys)  # a full open_clip CLIP state dict
     for key in vision_keys:
         if not only_visual or key.startswith("visual."):
@@ -1945,6 +1952,27 @@ def _check_replaceable(output_dir: Path, inputs: Iterable[str | os.PathLike | No
     for path in inputs:
         if path is not None and hub.is_local(path) and Path(path).expanduser().resolve().is_relative_to(output_dir):
             raise ConversionError(f"{path} is an input of this conversion and lies in {output_dir}, which it replaces.")
+    others = sorted(entry.name for entry in output_dir.iterdir() if not _written_by_a_conversion(entry))
+    if others:
+        raise ConversionError(
+            f"{output_dir} holds what a conversion does not write ({', '.join(others[:5])}"
+            f"{', ...' if len(others) > 5 else ''}): --overwrite replaces an earlier conversion and nothing else. "
+            "Move those out, or convert into another folder and copy the files over (e.g. into a git clone of a hub "
+            "repository)."
+        )
+
+
+# what a conversion writes: config, generation, processor and tokenizer files (`*.json`, `*.txt`, `*.model`, ...), the
+# weights, the model card and the modeling code (`*.py`; `__pycache__` when it was imported from the folder)
+_CONVERSION_FILES = ("*.json", "*.safetensors", "*.py", "*.txt", "*.model", "*.jinja", "*.tiktoken", "README.md")
+
+
+def _written_by_a_conversion(entry: Path) -> bool:
+    if entry.name.startswith("."):
+        return False
+    if entry.is_dir() and not entry.is_symlink():
+        return entry.name == "__pycache__"
+    return any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in _CONVERSION_FILES)
 
 
 def _unused_sibling(path: Path, tag: str) -> Path:
@@ -2036,6 +2064,22 @@ def _fill_in_place(output_dir: Path, write: Callable[[Path], Any]) -> Path:
     return output_dir
 
 
+def _make_parents(path: Path) -> list[Path]:
+    """Make the missing folders above `path`; returns those it made, the deepest first (for `_remove_made`)."""
+    made = [parent for parent in path.parents if not parent.exists()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def _remove_made(folders: list[Path]) -> None:
+    """Remove the folders `_make_parents` made, if they are still empty (a failed write leaves nothing behind)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 def save_atomically(output_dir: str | os.PathLike, write: Callable[[Path], Any], overwrite: bool = True) -> Path:
     """Run `write(tmp_dir)` into a temporary sibling of `output_dir`, then move it into place.
 
@@ -2049,11 +2093,11 @@ def save_atomically(output_dir: str | os.PathLike, write: Callable[[Path], Any],
     if _is_empty_folder(output_dir):
         return _fill_in_place(output_dir, write)
     _check_not_the_working_directory(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    made = _make_parents(output_dir)
     tmp = _unused_sibling(output_dir, "tmp")
-    tmp.mkdir()  # with the umask's permissions, as any folder the user makes
     old = None
     try:
+        tmp.mkdir()  # with the umask's permissions, as any folder the user makes
         _write_into(tmp, output_dir, write)
         if not overwrite and (output_dir.exists() or output_dir.is_symlink()):
             raise FileExistsError(
@@ -2072,6 +2116,7 @@ def save_atomically(output_dir: str | os.PathLike, write: Callable[[Path], Any],
             raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_made(made)
         raise
     if old is not None:
         _remove(old)
@@ -2419,8 +2464,12 @@ def convert_hf_to_openflamingo(
     state = export_openflamingo_state_dict(
         source, config, include_lm, include_vision, v1_duplicates, dtype, progress=progress
     )
-    output_file.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{output_file.name}.tmp-", dir=output_file.parent)
+    made = _make_parents(output_file)
+    try:
+        handle, tmp = tempfile.mkstemp(prefix=f".{output_file.name}.tmp-", dir=output_file.parent)
+    except BaseException:
+        _remove_made(made)
+        raise
     os.close(handle)
     try:
         try:
@@ -2431,6 +2480,7 @@ def convert_hf_to_openflamingo(
         _move_into_place(Path(tmp), output_file, overwrite)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        _remove_made(made)
         raise
     return output_file
 

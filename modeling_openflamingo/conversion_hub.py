@@ -172,7 +172,8 @@ def push_folder_to_hub(
         hint = " Are you logged in (`hf auth login`) with a token that can write to it?" if status in (401, 403) else ""
         raise ConversionError(
             f"Uploading {folder} to the hub repo {repo_id} failed ({type(error).__name__}: {first_line}).{hint} "
-            f"The folder stays as it is: upload it later with `hf upload {repo_id} {folder} .`."
+            f"The folder stays as it is: upload it later with "
+            f"`hf upload {repo_id} {folder} .{' --private' if private else ''}`."
         ) from error
     return str(getattr(commit, "commit_url", commit))
 

@@ -679,6 +679,15 @@ def test_lm_weights_given_as_the_checkpoint_are_named(tmp_path):
         convert_openflamingo_checkpoint(**fixture_kwargs("tiny-neox", checkpoint=path), output_dir=tmp_path / "o")
 
 
+def test_the_checkpoint_given_as_the_vision_weights_is_named(tmp_path):
+    checkpoint = FIXTURES / "tiny-neox" / "checkpoint.pt"
+    with pytest.raises(ConversionError, match=rf"{checkpoint}: an OpenFlamingo checkpoint .* it goes to --checkpoint"):
+        convert_openflamingo_checkpoint(
+            **fixture_kwargs("tiny-neox", open_clip_weights=checkpoint), output_dir=tmp_path / "o"
+        )
+    assert not (tmp_path / "o").exists()
+
+
 def test_an_output_that_is_a_file_is_named(tmp_path):
     """Not "exists and is not empty (pass --overwrite)", which --overwrite would then refuse."""
     path = tmp_path / "a_file"
@@ -1111,6 +1120,13 @@ def test_overwrite_replaces_an_earlier_conversion_only(converted, tmp_path):
     assert not (again / "stale.txt").exists()
     assert_same_tensors(folder_tensors(again), folder_tensors(converted("tiny-mpt")))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "link", "o"]  # no temporary sibling left
+    # a conversion with what no conversion writes (a hub repository's git clone, the user's notes): refused, kept
+    (again / ".git").mkdir()
+    (again / ".git" / "HEAD").write_text("ref: refs/heads/main")
+    (again / "NOTES.md").write_text("mine")
+    with pytest.raises(ConversionError, match=r"holds what a conversion does not write \(\.git, NOTES\.md\)"):
+        convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt"), output_dir=again, overwrite=True)
+    assert (again / ".git" / "HEAD").is_file() and (again / "NOTES.md").read_text() == "mine"
 
 
 def test_overwrite_refuses_to_delete_an_input(converted, tmp_path):
@@ -1171,7 +1187,8 @@ sys.exit(cli.main({args!r}))
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="a file-size limit for a child process (POSIX)")
 def test_cli_writes_that_fail_midway_end_in_one_error_line(converted, tmp_path):
     """A write that fails midway (here a file-size limit; a full disk fails the same way) ends both CLIs with their
-    one-line error naming the output, not the writing library's traceback, and leaves nothing behind."""
+    one-line error naming the output, not the writing library's traceback, and leaves nothing behind (not the folders
+    it made for the output either)."""
     import resource
 
     def limited() -> None:  # 200 KB per file: the tiny model's weights do not fit
@@ -1180,11 +1197,11 @@ def test_cli_writes_that_fail_midway_end_in_one_error_line(converted, tmp_path):
     out = tmp_path / "out"
     reverse = [
         str(ROOT / "conversion" / "convert_hf_to_openflamingo.py"),
-        *("--model", str(converted("tiny-mpt")), "--output", str(out / "checkpoint.pt"), "--include-lm"),
-    ]
+        *("--model", str(converted("tiny-mpt")), "--output", str(out / "sub" / "checkpoint.pt"), "--include-lm"),
+    ]  # (`sub` made by the converter, and removed again)
     forward = [str(ROOT / "conversion" / "convert_openflamingo_checkpoint.py"), *cli_args("tiny-mpt", out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    for command, target in ((forward, out), (reverse, out / "checkpoint.pt")):
+    for command, target in ((forward, out), (reverse, out / "sub" / "checkpoint.pt")):
         out.mkdir(exist_ok=True)
         result = subprocess.run(
             [sys.executable, *command, "--no-progress"], preexec_fn=limited, env=env, capture_output=True, text=True
@@ -1259,6 +1276,10 @@ def test_save_atomically_names_the_output_of_a_failed_write_and_keeps_the_old_fo
     with pytest.raises(ConversionError, match=r"failed \(ValueError: You are trying .*\)\. Nothing was left") as error:
         save_atomically(output, write_a_bad_tensor)
     assert "make room" not in str(error.value) and "GB free" not in str(error.value)
+    # the folders it made above the output are removed again (those that were there stay)
+    with pytest.raises(ConversionError):
+        save_atomically(tmp_path / "deep" / "a" / "o", write)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
 
 
 def test_cli_names_the_lm_config_that_lacks_a_key(tmp_path, capsys):
@@ -1566,6 +1587,9 @@ def test_a_failed_upload_says_where_the_folder_is_and_asks_for_a_login_only_when
         message = str(raised.value)
         assert f"upload it later with `hf upload me/of-tiny {folder} .`" in message
         assert ("hf auth login" in message) == login, (status, message)
+    # asked for a private repo (which the failure may have left uncreated): so is the command it suggests
+    with pytest.raises(ConversionError, match=rf"`hf upload me/of-tiny {re.escape(str(folder))} \. --private`"):
+        push_folder_to_hub(folder, "me/of-tiny", private=True)
 
 
 def test_list_presets(capsys):
