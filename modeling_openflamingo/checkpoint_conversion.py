@@ -1398,6 +1398,9 @@ class ConversionPlan:
     aliases: list[tuple[TensorSource, str, str]] = field(default_factory=list)
     invented_rows: list[str] = field(default_factory=list)
     unused: dict[str, list[str]] = field(default_factory=dict)
+    # the parts ("language model", "vision tower") whose weights the checkpoint holds beyond the token embeddings (a
+    # full state dict): they win over the LM's and the vision tower's own files
+    checkpoint_parts: list[str] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         """How many tensors each input provides."""
@@ -1589,6 +1592,18 @@ def plan_conversion(
             "(<|endofchunk|>, <image>); every released checkpoint.pt holds them. Is it the whole checkpoint?"
         )
 
+    checkpoint_parts = [
+        part
+        for part, found in (
+            (
+                "language model",
+                any(t.startswith("language_model.") and t not in layout.embedding_keys for t in tensors),
+            ),
+            ("vision tower", bool(checkpoint_vision)),
+        )
+        if found
+    ]
+
     # -- the language model --
     lm_keys = {k[len("language_model.") :] for k in model_keys if k.startswith("language_model.")}
     invented: list[str] = []
@@ -1682,7 +1697,9 @@ def plan_conversion(
         raise ConversionError(
             f"{origin.get(part, '?')}: the {part} lacks {len(keys)} tensors the model needs, e.g. {named}{ours}."
         )
-    return ConversionPlan(tensors=tensors, aliases=aliases, invented_rows=invented, unused=unused)
+    return ConversionPlan(
+        tensors=tensors, aliases=aliases, invented_rows=invented, unused=unused, checkpoint_parts=checkpoint_parts
+    )
 
 
 def _fit_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:

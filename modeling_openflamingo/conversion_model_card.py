@@ -133,6 +133,10 @@ def render_model_card(converted: ConvertedModel, repo_id: str | None = None) -> 
     lm_title = preset.lm_title if preset else f"{_LM_TITLES.get(inputs.lm_family, inputs.lm_family)} language model"
     tags = ["openflamingo", "flamingo", "image-text-to-text", "multimodal", "few-shot"]
 
+    def _config_only(part: str) -> str:
+        """For a part whose weights the checkpoint held (a full state dict): its own file gave the config only."""
+        return " (its config; the weights are the checkpoint's)" if part in converted.plan.checkpoint_parts else ""
+
     lines = [
         "---",
         "library_name: transformers",
@@ -208,9 +212,12 @@ def render_model_card(converted: ConvertedModel, repo_id: str | None = None) -> 
         + (f" `--preset {preset.name}`" if preset else "")
         + " from:",
         "",
-        f"- checkpoint (perceiver, gated cross-attention, token embeddings): {_link(inputs.checkpoint_origin)}",
-        f"- language model: {_link(inputs.lm_origin)}; tokenizer: {_link(inputs.tokenizer_origin)}",
-        f"- vision tower: {_link(inputs.vision.origin)} ({inputs.vision.kind} layout)",
+        "- checkpoint (perceiver, gated cross-attention, token embeddings"
+        + "".join(f", {part}" for part in converted.plan.checkpoint_parts)
+        + f"): {_link(inputs.checkpoint_origin)}",
+        f"- language model{_config_only('language model')}: {_link(inputs.lm_origin)}; tokenizer: "
+        f"{_link(inputs.tokenizer_origin)}",
+        f"- vision tower{_config_only('vision tower')}: {_link(inputs.vision.origin)} ({inputs.vision.kind} layout)",
         "",
         "The token embedding rows come from the checkpoint (where it has them). "
         + (

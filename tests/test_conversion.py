@@ -412,6 +412,14 @@ def test_full_export_reconverts_to_the_same_model(converted, tmp_path):
     )
     out = convert_openflamingo_checkpoint(**fixture_kwargs(family, checkpoint=full), output_dir=tmp_path / "again")
     assert_same_tensors(folder_tensors(out), folder_tensors(converted(family)))
+    # the model card credits the weights to the checkpoint that held them, the LM's and tower's files with the configs
+    card = (out / "README.md").read_text()
+    assert "- checkpoint (perceiver, gated cross-attention, token embeddings, language model, vision tower): " in card
+    assert "- language model (its config; the weights are the checkpoint's): " in card
+    assert "- vision tower (its config; the weights are the checkpoint's): " in card
+    plain = (converted(family) / "README.md").read_text()
+    assert "- checkpoint (perceiver, gated cross-attention, token embeddings): " in plain
+    assert "the weights are the checkpoint's" not in plain
 
 
 def test_a_full_state_dicts_vision_tower_is_used(converted, tmp_path):
@@ -431,6 +439,8 @@ def test_a_full_state_dicts_vision_tower_is_used(converted, tmp_path):
     layer0 = prefix + "encoder.layers.0.self_attn."
     assert changed == {prefix + "pre_layrnorm.weight", *(layer0 + f"{p}_proj.weight" for p in "qkv")}
     torch.testing.assert_close(got[prefix + "pre_layrnorm.weight"], base[prefix + "pre_layrnorm.weight"] + 1.0)
+    card = (out / "README.md").read_text()
+    assert "token embeddings, vision tower): " in card and "- language model: " in card
 
 
 def test_v1_duplicates_export_and_reconvert(converted, tmp_path):
