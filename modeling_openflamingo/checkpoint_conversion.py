@@ -387,8 +387,11 @@ def load_torch_file(path: str | os.PathLike, verify: bool = True) -> dict[str, A
         # (`os`, `posix`, `sys`, ...: what a code-execution payload calls)
         unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", text)
         blocked = re.search(r"unsupported GLOBAL (\S+) whose module \S+ is blocked", text)
+        refused = (unsupported or blocked).group(1) if unsupported or blocked else None
         culprit = (
-            _find_unsafe_pickle_entry(path) if unsupported or blocked or isinstance(error, pickle.PickleError) else None
+            _find_unsafe_pickle_entry(path, refused)
+            if unsupported or blocked or isinstance(error, pickle.PickleError)
+            else None
         )
         where = f" {culprit}:" if culprit else ""
         if blocked:
@@ -487,8 +490,9 @@ class _Opaque:
 _SAFE_PICKLE_MODULES = ("torch", "collections", "builtins", "_codecs", "numpy")
 
 
-def _find_unsafe_pickle_entry(path: Path) -> str | None:
-    """Best effort: 'entry 'args' is a argparse.Namespace' for the first entry that needs non-torch code to load.
+def _find_unsafe_pickle_entry(path: Path, culprit: str | None = None) -> str | None:
+    """Best effort: 'entry 'args' is a argparse.Namespace' for the first entry that is `culprit` (the global torch's
+    unpickler refused), or without one (or when no entry is it), that needs non-torch code to load.
 
     The pickle is walked with every class replaced by an inert stand-in, so nothing is imported or executed.
     """
@@ -520,11 +524,11 @@ def _find_unsafe_pickle_entry(path: Path) -> str | None:
     except Exception:  # noqa: BLE001
         return None
 
-    def walk(obj: Any, where: str, depth: int = 0) -> str | None:
+    def walk(obj: Any, where: str, depth: int = 0, culprit: str | None = None) -> str | None:
         if depth > 12:
             return None
         if isinstance(obj, _Opaque):
-            if not obj.qualname.startswith(_SAFE_PICKLE_MODULES):
+            if obj.qualname == culprit if culprit else not obj.qualname.startswith(_SAFE_PICKLE_MODULES):
                 return f"entry {where or '(top level)'!s} is a {obj.qualname}"
             children: Iterable[tuple[str, Any]] = ((where, child) for child in obj.children)
         elif isinstance(obj, Mapping):
@@ -534,12 +538,12 @@ def _find_unsafe_pickle_entry(path: Path) -> str | None:
         else:
             return None
         for child_where, child in children:
-            found = walk(child, child_where, depth + 1)
+            found = walk(child, child_where, depth + 1, culprit)
             if found:
                 return found
         return None
 
-    return walk(root, "")
+    return (walk(root, "", culprit=culprit) if culprit else None) or walk(root, "")
 
 
 def unwrap_checkpoint(state_dict: Mapping[str, Any], path: str | os.PathLike = "checkpoint") -> dict[str, torch.Tensor]:

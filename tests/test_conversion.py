@@ -20,6 +20,7 @@ from types import SimpleNamespace
 from unittest import mock
 
 import huggingface_hub
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -815,6 +816,14 @@ def test_pickle_that_needs_code(tmp_path):
     message = str(error.value)
     assert str(path) in message and "'args'" in message and "argparse.Namespace" in message
     assert "needs code to load" in message
+    # numpy's and torch's own classes are named too: the entry that holds the class torch refused
+    for extra, named in (
+        ({"epoch": np.float64(3.0)}, r"entry 'epoch' is a numpy\.\S*scalar"),
+        ({"model": torch.nn.Linear(2, 2)}, r"entry 'model' is a torch\.nn\.modules\.linear\.Linear"),
+    ):
+        torch.save({"model_state_dict": state, **extra}, path)
+        with pytest.raises(ConversionError, match=named):
+            load_torch_file(path)
 
 
 class _CallsIntoOs:
