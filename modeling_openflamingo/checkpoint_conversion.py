@@ -1596,17 +1596,11 @@ def plan_conversion(
             "(<|endofchunk|>, <image>); every released checkpoint.pt holds them. Is it the whole checkpoint?"
         )
 
-    checkpoint_parts = [
-        part
-        for part, found in (
-            (
-                "language model",
-                any(t.startswith("language_model.") and t not in layout.embedding_keys for t in tensors),
-            ),
-            ("vision tower", bool(checkpoint_vision)),
-        )
-        if found
-    ]
+    checkpoint_parts = []  # (`tensors` holds the checkpoint's alone so far)
+    if any(t.startswith("language_model.") and t not in layout.embedding_keys for t in tensors):
+        checkpoint_parts.append("language model")
+    if checkpoint_vision:
+        checkpoint_parts.append("vision tower")
 
     # -- the language model --
     lm_keys = {k[len("language_model.") :] for k in model_keys if k.startswith("language_model.")}

@@ -1212,9 +1212,15 @@ def _adapter_new_token_rows(adapter: Any, state_dict: Mapping[str, Any] | None) 
         with safe_open(path, "pt") as weights:
             shapes = {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}
     for key, shape in shapes.items():
-        if ".new_token_embeddings." in f".{key}" and key.endswith("weight") and len(shape) == 2:
+        if _is_new_token_rows(key, shape):
             return key, shape[0]
     return None
+
+
+def _is_new_token_rows(key: str, shape: tuple[int, ...]) -> bool:
+    """Whether `key` holds rows trained after `freeze_for_training` (`new_token_embeddings.weight`, also as PEFT's
+    `modules_to_save` wraps it: `new_token_embeddings.modules_to_save.<name>.weight`)."""
+    return ".new_token_embeddings." in f".{key}" and key.endswith(".weight") and len(shape) == 2
 
 
 def _new_token_rows_mismatch(key: str, rows: int, token_ids: list[int]) -> ValueError:
@@ -3087,9 +3093,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         rows_key = f"{prefix}new_token_embeddings.weight"
         ids = getattr(self._modules.get("new_token_embeddings"), "token_id_list", None)
         for key, value in state_dict.items():
-            # the rows, also as PEFT's `modules_to_save` wraps them (`new_token_embeddings.modules_to_save.<name>.`)
-            if ids and key.startswith(f"{prefix}new_token_embeddings.") and key.endswith(".weight"):
-                if torch.is_tensor(value) and value.ndim == 2 and value.shape[0] != len(ids):
+            if ids and key.startswith(prefix) and torch.is_tensor(value):
+                if _is_new_token_rows(key[len(prefix) :], tuple(value.shape)) and value.shape[0] != len(ids):
                     raise _new_token_rows_mismatch(key, value.shape[0], ids)
         if rows_key in state_dict or "new_token_embeddings" not in self._modules:
             return
