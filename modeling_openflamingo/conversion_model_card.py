@@ -36,6 +36,15 @@ def _format_count(count: int) -> str:
     return f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.1f}M"
 
 
+def _placement(blocks: int, every_n: int) -> str:
+    """Where the gated blocks are, in words: "16 gated cross-attention blocks, before every 2nd decoder layer"."""
+    what = f"{blocks} gated cross-attention block{'' if blocks == 1 else 's'}"
+    if every_n == 1:
+        return f"{what}, one before each decoder layer"
+    suffix = "th" if every_n % 100 in (11, 12, 13) else {1: "st", 2: "nd", 3: "rd"}.get(every_n % 10, "th")
+    return f"{what}, before every {every_n}{suffix} decoder layer"
+
+
 def _vit_name(vision: object) -> str:
     known = {
         (1024, 24, 14): "ViT-L/14",
@@ -202,8 +211,7 @@ def render_model_card(converted: ConvertedModel, repo_id: str | None = None) -> 
         f"- language model: {lm_title} ({text.num_hidden_layers} layers, width {text.hidden_size}, vocabulary "
         f"{text.vocab_size} incl. `<|endofchunk|>`={config.eoc_token_id}, `<image>`={config.media_token_id}, "
         f"`<PAD>`={config.pad_token_id})",
-        f"- {blocks} gated cross-attention blocks, before every {n}{'st' if n == 1 else 'nd' if n == 2 else 'th'} "
-        f"decoder layer (`cross_attn_every_n_layers={n}`)",
+        f"- {_placement(blocks, n)} (`cross_attn_every_n_layers={n}`)",
         f"- {_format_count(_count_parameters(model))} parameters, stored in {dtype}",
         "",
         "## Conversion",

@@ -77,6 +77,7 @@ _FAST_DECODE_ARGUMENTS = frozenset(
 # mean plain greedy decoding or plain beam search.
 _FAST_DECODE_CONFIG = {
     "use_cache": lambda v: v is not False,
+    "cache_implementation": lambda v: True,  # read with the call's argument first (above)
     "output_attentions": lambda v: not v,
     "output_hidden_states": lambda v: not v,
     "pad_token_id": lambda v: True,
@@ -108,12 +109,16 @@ _FAST_DECODE_ATTENTION = ("sdpa", "eager")
 
 
 def generate_static(model: OpenFlamingoForConditionalGeneration, kwargs: dict[str, Any]) -> torch.LongTensor | None:
-    """`generate(cache_implementation="static")` for plain greedy decoding or plain beam search on a CUDA device,
-    through [`_StaticGreedyDecoder`] or [`_StaticBeamDecoder`] (one compiled step replayed as a CUDA graph). None
-    when the call asks for anything else (sampling, logits processors, streamers, extra outputs, transformers
-    4.x): `GenerationMixin`'s loop then runs it.
+    """`generate(cache_implementation="static")` (or the model's `generation_config.cache_implementation = "static"`)
+    for plain greedy decoding or plain beam search on a CUDA device, through [`_StaticGreedyDecoder`] or
+    [`_StaticBeamDecoder`] (one compiled step replayed as a CUDA graph). None when the call asks for anything else
+    (sampling, logits processors, streamers, extra outputs, transformers 4.x): `GenerationMixin`'s loop then runs it.
     """
-    if kwargs.get("cache_implementation") != "static" or not set(kwargs) <= _FAST_DECODE_ARGUMENTS:
+    config = model.generation_config
+    # the argument, else the model's generation config (as `generate` resolves it: an argument of None counts)
+    if kwargs.get("cache_implementation", config.cache_implementation) != "static":
+        return None
+    if not set(kwargs) <= _FAST_DECODE_ARGUMENTS:
         return None
     if _wrapper_prepare_inputs(model) is not None:
         return None  # `GenerationMixin`'s loop calls a wrapper's `prepare_inputs_for_generation`; the decoders never do
@@ -125,7 +130,6 @@ def generate_static(model: OpenFlamingoForConditionalGeneration, kwargs: dict[st
         return None  # flex attention: its mask's making branches on the mask's values, which the step cannot trace
     if kwargs.get("do_sample") or kwargs.get("use_cache") is False:
         return None
-    config = model.generation_config
     if any(not _FAST_DECODE_CONFIG.get(k, lambda v: False)(v) for k, v in _config_differences(config)):
         return None
     # the beam search settings, as `generate` resolves them
@@ -196,37 +200,41 @@ def generate_static(model: OpenFlamingoForConditionalGeneration, kwargs: dict[st
     if attention_mask is None:  # as `GenerationMixin`: from the pad token, when it is in the prompt and no eos
         infer = pad not in eos and bool((input_ids == pad).any())
         attention_mask = input_ids.ne(pad).long() if infer else torch.ones_like(input_ids)
-    decoders = _STATIC_DECODERS.setdefault(model, {})
-    if _DECODED_STATE.get(model) != _decoding_state(model):
-        # the model changed since the decoders were made (`model.to(...)`, tensors replaced, adapters added,
-        # switched or merged, train/eval, hooks added or removed): their CUDA graphs would replay the old
-        # computation on the old memory
-        decoders.clear()
-    decoder = decoders.get(key)
-    made = decoder is None
-    if made:
-        while len(decoders) >= 4:
-            decoders.pop(next(iter(decoders)))
-        if num_beams == 1:
-            decoder = _StaticGreedyDecoder(model, batch_size, max_len, num_images, eos)
-        else:
-            decoder = _StaticBeamDecoder(model, batch_size, max_len, num_images, eos, num_beams)
-        decoders[key] = decoder
-    sequences = decoder.generate(
-        input_ids,
-        attention_mask,
-        images,
-        image_indices,
-        max_new_tokens,
-        kwargs.get("min_new_tokens") or 0,
-        int(pad),
-        **options,
-    )
-    if made:
-        # the state as the new decoder's first call left it: a first forward may move a hook to a module that
-        # replaced its target (MosaicGPT's QK-LayerNorm to a PEFT-wrapped `Wqkv`, `modeling_openflamingo._follow_wqkv`)
-        _DECODED_STATE[model] = _decoding_state(model)
-    return sequences
+    # the decoders' tensors (static cache, inputs, graphs) outlive the call: made and used outside inference mode, so
+    # that a first call inside `torch.inference_mode()` leaves tensors that later calls outside it can update
+    with torch.inference_mode(False), torch.no_grad():
+        decoders = _STATIC_DECODERS.setdefault(model, {})
+        if _DECODED_STATE.get(model) != _decoding_state(model):
+            # the model changed since the decoders were made (`model.to(...)`, tensors replaced, adapters added,
+            # switched or merged, train/eval, hooks added or removed): their CUDA graphs would replay the old
+            # computation on the old memory
+            decoders.clear()
+        decoder = decoders.get(key)
+        made = decoder is None
+        if made:
+            while len(decoders) >= 4:
+                decoders.pop(next(iter(decoders)))
+            if num_beams == 1:
+                decoder = _StaticGreedyDecoder(model, batch_size, max_len, num_images, eos)
+            else:
+                decoder = _StaticBeamDecoder(model, batch_size, max_len, num_images, eos, num_beams)
+            decoders[key] = decoder
+        sequences = decoder.generate(
+            input_ids,
+            attention_mask,
+            images,
+            image_indices,
+            max_new_tokens,
+            kwargs.get("min_new_tokens") or 0,
+            int(pad),
+            **options,
+        )
+        if made:
+            # the state as the new decoder's first call left it: a first forward may move a hook to a module that
+            # replaced its target (MosaicGPT's QK-LayerNorm to a PEFT-wrapped `Wqkv`,
+            # `modeling_openflamingo._follow_wqkv`)
+            _DECODED_STATE[model] = _decoding_state(model)
+        return sequences
 
 
 # What `GenerationConfig.to_dict` leaves out of a config's attributes

@@ -52,6 +52,7 @@ from modeling_openflamingo.checkpoint_conversion import (
     save_atomically,
     unmap_key,
 )
+from modeling_openflamingo.conversion_model_card import _placement
 from modeling_openflamingo.conversion_presets import PRESETS, get_preset
 
 from .conftest import FAMILIES, FIXTURES, ROOT, cli_args, load_cli
@@ -1982,3 +1983,25 @@ def test_model_card_counts_a_pinned_revision_or_file_of_the_presets_repo_as_its_
         assert _replaced_parts_note(preset, inputs) == []
     inputs.checkpoint_origin = "someone/fine-tuned@v2"
     assert "another checkpoint [someone/fine-tuned@v2]" in _replaced_parts_note(preset, inputs)[0]
+
+
+@pytest.mark.parametrize(
+    ("blocks", "every_n", "words"),
+    [
+        (4, 1, "4 gated cross-attention blocks, one before each decoder layer"),
+        (16, 2, "16 gated cross-attention blocks, before every 2nd decoder layer"),
+        (1, 3, "1 gated cross-attention block, before every 3rd decoder layer"),
+        (8, 4, "8 gated cross-attention blocks, before every 4th decoder layer"),
+        (2, 11, "2 gated cross-attention blocks, before every 11th decoder layer"),
+        (1, 22, "1 gated cross-attention block, before every 22nd decoder layer"),
+    ],
+)
+def test_model_card_says_where_the_blocks_are(blocks, every_n, words):
+    assert _placement(blocks, every_n) == words
+
+
+def test_model_cards_of_the_fixtures_place_their_blocks(converted):
+    card = (converted("tiny-mpt") / "README.md").read_text()
+    assert "- 4 gated cross-attention blocks, one before each decoder layer (`cross_attn_every_n_layers=1`)" in card
+    card = (converted("tiny-neox") / "README.md").read_text()
+    assert "- 2 gated cross-attention blocks, before every 2nd decoder layer (`cross_attn_every_n_layers=2`)" in card

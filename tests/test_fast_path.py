@@ -241,6 +241,32 @@ def test_fast_path_without_attention_mask_infers_it_from_the_pad_token(num_beams
 
 
 @needs_v5
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_fast_path_from_the_generation_config_and_across_inference_mode(num_beams, fast_path_on_cpu):
+    """`model.generation_config.cache_implementation = "static"` (transformers' way to ask for a static cache) takes
+    the fast path as the argument does, and the argument still wins. A decoder first made inside
+    `torch.inference_mode()` (an evaluation loop's) serves calls outside it, and the other way round (its static cache
+    and inputs were inference tensors, which later calls could not update)."""
+    model = tiny_model("llama")
+    ids, mask, pixel_values = padded_prompt()
+    kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=5, num_beams=num_beams)
+    expected = model.generate(**kw)
+    model.generation_config.cache_implementation = "static"
+    with torch.inference_mode():  # the inputs as inference tensors too
+        inner = {k: v.clone() if torch.is_tensor(v) else v for k, v in kw.items()}
+        assert torch.equal(model.generate(**inner), expected)
+    assert len(_STATIC_DECODERS[model]) == 1
+    for _ in range(2):
+        assert torch.equal(model.generate(**kw), expected)
+        with torch.inference_mode():
+            assert torch.equal(model.generate(**kw), expected)
+    assert len(_STATIC_DECODERS[model]) == 1
+    forget_decoders(model)
+    assert torch.equal(model.generate(**kw, cache_implementation=None), expected)  # the dynamic cache
+    assert model not in _STATIC_DECODERS
+
+
+@needs_v5
 @pytest.mark.parametrize("family", ["mosaic_gpt", "llama"])
 def test_fast_greedy_path_compiled_step(family, fast_path_on_cpu):
     """The decoding step as the GPU runs it: compiled with `fullgraph=True` (backend "eager" here, for speed)."""
