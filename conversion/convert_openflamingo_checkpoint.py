@@ -112,8 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.preset is not None:
         try:
             get_preset(args.preset)
-        except KeyError as error:
-            parser.error(error.args[0])
+        except ConversionError as error:
+            parser.error(str(error))
     if args.cross_attn_every_n_layers is not None and args.cross_attn_every_n_layers < 1:
         parser.error(f"--cross-attn-every-n-layers must be >= 1; got {args.cross_attn_every_n_layers}")
     if not args.list_presets and not args.dry_run and not args.output_dir:

@@ -55,12 +55,22 @@ def resolve_model(model: str | None) -> str:
     return model if model else str(demo_model_dir())
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--model`, `--device` and `--dtype`, as every example takes them."""
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    """`--model` ([`resolve_model`] reads it), as every example takes it."""
+    parser.add_argument("--model", help="converted OpenFlamingo folder or hub id (default: the tiny demo model)")
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """`--device`: CUDA when there is one, else the CPU."""
     import torch
 
-    parser.add_argument("--model", help="converted OpenFlamingo folder or hub id (default: the tiny demo model)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--model`, `--device` and `--dtype`, as the inference examples take them."""
+    add_model_argument(parser)
+    add_device_argument(parser)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 import transformers
-from demo_model import DEMO_IMAGES, resolve_model
+from demo_model import DEMO_IMAGES, add_model_argument, resolve_model
 from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -61,7 +61,7 @@ def demo_dataset() -> Any:
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments the training examples share: `--model`, the dataset's (read by [`load_training_dataset`]),
     steps, batch size, learning rate, weight decay and seed."""
-    parser.add_argument("--model", help="converted OpenFlamingo folder or hub id (default: the tiny demo model)")
+    add_model_argument(parser)
     parser.add_argument("--dataset", help="datasets hub name or local folder (default: the demo captions)")
     parser.add_argument("--split", default="train")
     parser.add_argument("--text-column", default="text")
@@ -139,7 +139,9 @@ def next_token_label_smoothing(epsilon: float) -> Callable[..., torch.Tensor]:
 
     def loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        return OpenFlamingoForConditionalGeneration._loss(logits, labels, num_items_in_batch, label_smoothing=epsilon)
+        return OpenFlamingoForConditionalGeneration.causal_lm_loss(
+            logits, labels, num_items_in_batch, label_smoothing=epsilon
+        )
 
     return loss
 

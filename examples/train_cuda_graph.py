@@ -35,7 +35,7 @@ import functools
 from typing import Any
 
 import torch
-from demo_model import resolve_model
+from demo_model import add_device_argument, resolve_model
 from finetune import add_training_arguments, load_training_dataset, training_collator
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor, PretrainedConfig
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="bf16 autocast, with MixedPrecisionAdamW (bf16 Linear weights, fp32 masters)",
     )
     parser.add_argument("--warmup-steps", type=int, default=3, help="CUDA: steps run before the capture")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_argument(parser)
     parser.add_argument("--output-dir", help="save the trained model (and processor) here")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)

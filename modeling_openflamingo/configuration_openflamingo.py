@@ -52,7 +52,8 @@ def _is_int(value: Any) -> bool:
 
 
 def _as_int(value: Any) -> Any:
-    """A numpy (or other `numbers.Integral`) token id as an int; anything else as it is (`check` judges it)."""
+    """A numpy (or other `numbers.Integral`) integer as an int; anything else as it is (the caller's check judges
+    it)."""
     return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
 
 
@@ -183,17 +184,17 @@ class OpenFlamingoConfig(PretrainedConfig):
         self.use_cache = use_cache
         self.vision_config = vision_config
         self.text_config = text_config
-        self.cross_attn_every_n_layers = cross_attn_every_n_layers
-        self.cross_attn_heads = cross_attn_heads
-        self.cross_attn_dim_head = cross_attn_dim_head
-        self.cross_attn_ff_mult = cross_attn_ff_mult
+        self.cross_attn_every_n_layers = _as_int(cross_attn_every_n_layers)
+        self.cross_attn_heads = _as_int(cross_attn_heads)
+        self.cross_attn_dim_head = _as_int(cross_attn_dim_head)
+        self.cross_attn_ff_mult = _as_int(cross_attn_ff_mult)
         self.only_attend_immediate_media = only_attend_immediate_media
         self.generated_image_conditioning = generated_image_conditioning
-        self.perceiver_depth = perceiver_depth
-        self.perceiver_heads = perceiver_heads
-        self.perceiver_dim_head = perceiver_dim_head
-        self.perceiver_num_latents = perceiver_num_latents
-        self.perceiver_ff_mult = perceiver_ff_mult
+        self.perceiver_depth = _as_int(perceiver_depth)
+        self.perceiver_heads = _as_int(perceiver_heads)
+        self.perceiver_dim_head = _as_int(perceiver_dim_head)
+        self.perceiver_num_latents = _as_int(perceiver_num_latents)
+        self.perceiver_ff_mult = _as_int(perceiver_ff_mult)
         self.media_token_id = media_token_id
         self.eoc_token_id = eoc_token_id
         kwargs.setdefault("tie_word_embeddings", getattr(text_config, "tie_word_embeddings", False))

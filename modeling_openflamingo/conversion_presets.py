@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .conversion_errors import ConversionError
+
 # The vision tower of every released model: CLIP ViT-L/14 with OpenAI's weights (QuickGELU). The original loads it
 # with open_clip (`ViT-L-14`, pretrained `openai`), which downloads the open_clip-format files of this hub repo.
 # `openai/clip-vit-large-patch14` (transformers layout) holds the same weights and works as well (`--vision`).
@@ -346,12 +348,13 @@ _register(
 
 
 def get_preset(name: str) -> Preset:
-    """The preset named `name` (case-insensitive; the `openflamingo/` prefix and the v1 aliases are accepted)."""
+    """The preset named `name` (case-insensitive; the `openflamingo/` prefix and the v1 aliases are accepted); a
+    `ConversionError` listing the presets for any other name."""
     wanted = name.strip().lower().removeprefix("openflamingo/")
     for preset in PRESETS.values():
         if wanted in {preset.name.lower(), *(alias.lower() for alias in preset.aliases)}:
             return preset
-    raise KeyError(f"Unknown preset {name!r}; choose one of: {', '.join(PRESETS)}.")
+    raise ConversionError(f"Unknown preset {name!r}; choose one of: {', '.join(PRESETS)}.")
 
 
 __all__ = [

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from transformers import PretrainedConfig
 
+from .configuration_openflamingo import _as_int, _is_int
 from .modeling_openflamingo import image_indices_from_input_ids
 from .processing_openflamingo import IMAGE_TOKEN, _is_image_batch
 
@@ -103,11 +104,12 @@ class OpenFlamingoDataCollator:
     ) -> None:
         if not callable(processor) or getattr(processor, "tokenizer", None) is None:
             raise ValueError("OpenFlamingoDataCollator needs the model's OpenFlamingoProcessor (with a tokenizer).")
+        max_length, pad_to_multiple_of = _as_int(max_length), _as_int(pad_to_multiple_of)  # numpy's too
         for name, value, what in (
             ("max_length", max_length, "tokens per text"),
             ("pad_to_multiple_of", pad_to_multiple_of, "the padded length's multiple"),
         ):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            if value is not None and (not _is_int(value) or value < 1):
                 raise ValueError(f"{name} must be a positive int ({what}) or None; got {value!r}.")
         self.processor = processor
         self.interleaved = interleaved

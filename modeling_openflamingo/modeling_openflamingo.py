@@ -75,7 +75,13 @@ if __name__ == "modeling_openflamingo":  # pragma: no cover - see the test of co
     sys.modules[__name__] = _package
     __package__ = __name__
 
-from .configuration_openflamingo import LM_SDPA_WRITTEN_AS_EAGER, SAVED_PART_DTYPES, OpenFlamingoConfig
+from .configuration_openflamingo import (
+    LM_SDPA_WRITTEN_AS_EAGER,
+    SAVED_PART_DTYPES,
+    OpenFlamingoConfig,
+    _as_int,
+    _is_int,
+)
 from .decoding_kernels import scaled_dot_product_attention
 
 try:  # transformers >= 5: initialisers that leave loaded weights alone
@@ -1238,7 +1244,7 @@ _COMPILED_LOSSES: dict[str, Any] = {}
 def _compiled_loss(compile_kwargs: dict[str, Any]) -> Any:
     key = repr(sorted(compile_kwargs.items()))
     if key not in _COMPILED_LOSSES:
-        _COMPILED_LOSSES[key] = torch.compile(OpenFlamingoForConditionalGeneration._loss, **compile_kwargs)
+        _COMPILED_LOSSES[key] = torch.compile(OpenFlamingoForConditionalGeneration.causal_lm_loss, **compile_kwargs)
     return _COMPILED_LOSSES[key]
 
 
@@ -1938,7 +1944,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         loss = None
         if labels is not None:
             compiled = self._loss_compile_kwargs is not None
-            loss_function = _compiled_loss(self._loss_compile_kwargs) if compiled else self._loss
+            loss_function = _compiled_loss(self._loss_compile_kwargs) if compiled else self.causal_lm_loss
             loss = loss_function(logits, labels, num_items_in_batch)
 
         new_cache = getattr(outputs, _CACHE_FIELD, None)
@@ -1975,11 +1981,21 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         return additive.masked_fill(~attention_mask, torch.finfo(dtype).min)
 
     @staticmethod
-    def _loss(
+    def causal_lm_loss(
         logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: Any = None, label_smoothing: float = 0.0
     ) -> torch.Tensor:
-        """The causal LM loss: shifted cross-entropy in fp32, mean over labels != -100 (or sum / num_items_in_batch);
-        `label_smoothing` as `torch.nn.functional.cross_entropy` takes it (the model's forward uses none)."""
+        """The loss `forward` returns with `labels`: each position's logits score the next token (cross-entropy in
+        fp32), the mean over labels != -100, or their sum divided by `num_items_in_batch` (`Trainer`'s count of the
+        accumulated batch's targets) when it is given. `label_smoothing` as `torch.nn.functional.cross_entropy` takes
+        it (`forward` uses none): a `Trainer` `compute_loss_func` can call this with it (`examples/finetune.py`).
+
+        Args:
+            logits (`torch.Tensor` of shape `(batch_size, sequence_length, vocab_size)`): the model's logits.
+            labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`): the input ids, -100 where no loss
+                is wanted (not shifted: position t's logits score `labels[:, t + 1]`).
+
+        Returns:
+            `torch.Tensor`: the loss, a 0-d fp32 tensor."""
         logits = logits[:, :-1].float().flatten(0, 1)
         targets = labels[:, 1:].to(logits.device).flatten()
         if num_items_in_batch is None:
@@ -2518,11 +2534,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             )
         num_candidates, max_len = candidates.shape
 
-        if candidates_per_forward is not None and (
-            not isinstance(candidates_per_forward, int)
-            or isinstance(candidates_per_forward, bool)
-            or candidates_per_forward < 1
-        ):
+        candidates_per_forward = _as_int(candidates_per_forward)  # numpy's too
+        if candidates_per_forward is not None and (not _is_int(candidates_per_forward) or candidates_per_forward < 1):
             raise ValueError(
                 f"candidates_per_forward must be an int >= 1 (or None: all); got {candidates_per_forward!r}."
             )

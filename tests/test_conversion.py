@@ -48,6 +48,7 @@ from modeling_openflamingo.checkpoint_conversion import (
     mosaic_gpt_to_mpt_config,
     mpt_config_from_dict,
     native_key_to_checkpoint,
+    preset_config,
     resolve_inputs,
     save_atomically,
     unmap_key,
@@ -1617,6 +1618,9 @@ def test_list_presets(capsys):
     printed = capsys.readouterr().out
     assert all(name in printed for name in PRESETS)
     assert get_preset("openflamingo/OpenFlamingo-9B").name == "OpenFlamingo-9B-deprecated"
+    # an unknown name is the conversion's own error (a ValueError, as every other bad input), through the API too
+    with pytest.raises(ConversionError, match=r"^Unknown preset 'OpenFlamingo-3B'; choose one of: OpenFlamingo-3B"):
+        preset_config("OpenFlamingo-3B")
 
 
 # --------------------------------------------------------------------------------------------------------------------

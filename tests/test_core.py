@@ -212,6 +212,10 @@ def test_config_errors():
     for name, value in (("perceiver_num_latents", 0), ("cross_attn_heads", 0), ("perceiver_depth", 2.0)):
         with pytest.raises(ValueError, match=f"`{name}` must be a positive int; got {value!r}"):
             OpenFlamingoConfig(text_config=TEXT_CONFIGS["mpt"](), **{name: value})
+    # numpy integers are ints (and the config stays JSON-serializable)
+    sizes = {"cross_attn_every_n_layers": np.int64(2), "perceiver_depth": np.int32(3), "cross_attn_heads": np.int64(2)}
+    config = OpenFlamingoConfig(text_config=TEXT_CONFIGS["mpt"](), **sizes)
+    assert {name: json.loads(config.to_json_string())[name] for name in sizes} == {k: int(v) for k, v in sizes.items()}
     # token ids outside the LM's embedding rows (403 in the tiny LMs) would fail in the embedding lookup (on CUDA as
     # a device-side assert)
     with pytest.raises(ValueError, match=r"`media_token_id` must be a token id in 0\.\.402 .*got 403"):

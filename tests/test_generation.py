@@ -11,6 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -909,6 +910,8 @@ def test_score_continuations_inputs(loaded, tiny_images):
     for chunk in (0, -1, 1.5):  # refused whether or not the candidates need a second forward
         with pytest.raises(ValueError, match="candidates_per_forward must be an int >= 1"):
             model.score_continuations(**batch, continuations=[[5], [9]], candidates_per_forward=chunk)
+    chunked = model.score_continuations(**batch, continuations=candidates, candidates_per_forward=np.int64(1))
+    torch.testing.assert_close(chunked, model.score_continuations(**batch, continuations=candidates))
 
 
 # --------------------------------------------------------------------------------------------------------------------

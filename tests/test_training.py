@@ -475,6 +475,10 @@ def test_collator_inputs_and_errors(converted, tiny_images, tmp_path):
     for name, bad in (("max_length", 0), ("max_length", True), ("pad_to_multiple_of", 0), ("pad_to_multiple_of", -3)):
         with pytest.raises(ValueError, match=f"{name} must be a positive int"):
             OpenFlamingoDataCollator(processor, **{name: bad})
+    # numpy integers are integers (a length computed with numpy)
+    numpy_sized = OpenFlamingoDataCollator(processor, max_length=np.int64(12), pad_to_multiple_of=np.int32(8))
+    assert (numpy_sized.max_length, numpy_sized.pad_to_multiple_of) == (12, 8)
+    assert type(numpy_sized.max_length) is int
     # arrays are images, as the processor reads them
     array = np.asarray(tiny_images[0].convert("RGB"))
     from_array = OpenFlamingoDataCollator(processor)([{"text": "<image>x", "images": [array]}])
@@ -1190,7 +1194,13 @@ def test_finetune_trainer_label_smoothing_scores_the_next_token(converted, tmp_p
     with torch.no_grad():
         expected = model(**inputs).loss
         smoothed = trainer.compute_loss(model, dict(inputs))
+        logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
     torch.testing.assert_close(smoothed, expected, rtol=1e-4, atol=1e-4)
+    # the public loss is forward's: a mean over the targets, or their sum over `num_items_in_batch`
+    loss = modeling.OpenFlamingoForConditionalGeneration.causal_lm_loss
+    assert torch.equal(loss(logits, inputs["labels"]), expected)
+    targets = inputs["labels"][:, 1:].ne(-100).sum()
+    torch.testing.assert_close(loss(logits, inputs["labels"], num_items_in_batch=2 * targets), expected / 2)
 
 
 def smoothed_step_as_4x1_and_2x2(tmp_path, make_model, dataset, collator, **overrides) -> list[dict]:
