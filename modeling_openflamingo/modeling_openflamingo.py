@@ -1502,6 +1502,16 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         patches = patches[:, 1:].unflatten(0, (batch_size, num_images))
         return self.perceiver(patches.to(self.perceiver.latents.dtype))
 
+    def _text_only_batches_run_the_image_path(self, labels: torch.Tensor | None) -> bool:
+        """Whether a forward without images runs the image path on a blank image (see `forward`): in a loss step
+        (training, or an evaluation with labels; never generation) under `torch.distributed` with several ranks."""
+        return (
+            ((self.training and torch.is_grad_enabled()) or labels is not None)
+            and torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1
+        )
+
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`pixel_values` checked against the config, as `(batch, num_images, 3, H, W)` (from the 6-D layout too)."""
         if not (torch.is_tensor(pixel_values) and pixel_values.is_floating_point()):
@@ -1742,6 +1752,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 (padding images are never attended while a row has no more `<image>` tokens than images of its own,
                 which the processor checks: the model cannot tell padding from an image). The original 6-D layout
                 `(batch, num_images, 1, 3, H, W)` is accepted too. Zero images (`num_images == 0`) are as none given.
+                None (and no `image_hidden_states` / `image_cache`): text only. Under `torch.distributed` with several
+                ranks a loss step of text only runs the image path on a blank image that no token attends to (the
+                same result; every rank then runs the same modules, as DDP and FSDP need).
             image_hidden_states (`torch.FloatTensor` of shape `(batch_size, num_images, num_latents, dim)`, *optional*):
                 Already encoded images ([`get_image_features`]), instead of `pixel_values`.
             image_indices (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
@@ -1879,7 +1892,21 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 self._image_indices(input_ids, num_images)
             raise ValueError("With inputs_embeds and images, pass image_indices.")
 
-        if pixel_values is not None:
+        blank_image = None
+        if not has_images and self._text_only_batches_run_the_image_path(labels):
+            # A text-only batch in distributed training (DDP, FSDP, DeepSpeed ZeRO-3): the vision tower, the Perceiver
+            # and every block's cross-attention run on one blank image that no token attends to (their output is
+            # masked to exactly zero), so that every rank runs the same modules whatever its batch holds: DDP waits
+            # for every trainable parameter's gradient, FSDP and ZeRO-3 gather each unit's parameters in collectives
+            # that every rank must join (a rank skipping them hangs the others or fails their collective).
+            text = input_ids if input_ids is not None else inputs_embeds
+            batch_size, seq_len = text.shape[:2]
+            size = self.config.vision_config.image_size
+            blank = torch.zeros(1, 1, 3, size, size, device=text.device)  # (cast to the tower's dtype there)
+            blank_image = self.get_image_features(blank).expand(batch_size, -1, -1, -1)
+            key_values = self._cross_attention_key_values(blank_image)
+            image_indices = torch.zeros(batch_size, seq_len, dtype=torch.long, device=blank.device)
+        elif pixel_values is not None:
             image_hidden_states = self.get_image_features(pixel_values)
         elif image_hidden_states is not None:
             # given features in the dtype of the model's own (the Perceiver's), as `pixel_values` are cast
@@ -1919,7 +1946,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 image_indices,
                 key_values[0][0].shape[-2],
                 self.config.perceiver_num_latents,
-                self.config.only_attend_immediate_media,
+                # (a blank image is attended by no token: with `False`, tokens before the first image would average it)
+                self.config.only_attend_immediate_media or blank_image is not None,
             )
         active = _ActiveCrossAttention(
             self.gated_cross_attn_layers,
@@ -1949,7 +1977,11 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
 
         new_cache = getattr(outputs, _CACHE_FIELD, None)
         new_image_cache = None
-        if key_values is not None and (use_cache if use_cache is not None else new_cache is not None):
+        if (
+            blank_image is None
+            and key_values is not None
+            and (use_cache if use_cache is not None else new_cache is not None)
+        ):
             last = image_indices[:, -1] if image_indices.shape[-1] else image_cache.last_image_index
             new_image_cache = OpenFlamingoImageCache(key_values=key_values, last_image_index=last)
         output = OpenFlamingoCausalLMOutputWithPast(

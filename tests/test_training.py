@@ -1436,6 +1436,63 @@ def test_fsdp_two_cpu_processes(converted, tmp_path):
     assert not torch.equal(trained_state["perceiver.latents"], original_state["perceiver.latents"])
 
 
+@pytest.mark.parametrize("only_attend_immediate_media", [True, False])
+def test_a_text_only_batch_runs_the_image_path_on_a_blank_image_under_torch_distributed(
+    monkeypatch, only_attend_immediate_media
+):
+    """With several ranks, a loss step without images runs the vision tower, the Perceiver and every block's
+    cross-attention on one blank image that no token attends to (so that every rank runs the same modules): the same
+    loss and logits as without it, bit for bit (with `only_attend_immediate_media=False` too, where tokens before the
+    first image would otherwise average the blank's latents), and every trainable parameter gets a gradient. Not in
+    generation, nor with one process."""
+    from .test_core import MEDIA, inputs, tiny_model
+
+    model = tiny_model("gpt_neox", only_attend_immediate_media=only_attend_immediate_media).train()
+    model.freeze_for_training()
+    ids = inputs(batch=2, seq=10)[0]
+    ids = ids.masked_fill(ids == MEDIA, 7)  # no <image> token
+    expected = model(input_ids=ids, labels=ids)
+    assert not model._text_only_batches_run_the_image_path(ids)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *args, **kwargs: 2)
+    tower_calls = []
+    model.vision_model.register_forward_hook(lambda *args: tower_calls.append(1))
+    model.zero_grad()
+    got = model(input_ids=ids, labels=ids)
+    got.loss.backward()
+    assert tower_calls == [1]
+    assert torch.equal(got.loss, expected.loss) and torch.equal(got.logits, expected.logits)
+    assert got.image_hidden_states is None and got.image_cache is None
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    with torch.no_grad():  # generation (no labels, no gradients) keeps the text-only path
+        model.generate(input_ids=ids[:, :4], max_new_tokens=2, pad_token_id=0)
+        model.eval()(input_ids=ids)
+    assert tower_calls == [1]
+
+
+def test_a_text_only_batch_on_one_rank_of_ddp_and_fsdp(tmp_path):
+    """Rank 0 trains on a text-only batch, rank 1 on one with images (`tests/distributed_text_only_batch.py`, 2 CPU
+    processes): DDP with `find_unused_parameters=False` (as `Trainer` sets it with gradient checkpointing) failed at
+    the second step and FSDP2's collectives did not match; now both train, with the loss of the model alone."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    if not hasattr(pytest.importorskip("torch.distributed.fsdp"), "fully_shard"):
+        pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)")
+    script, report = ROOT / "tests" / "distributed_text_only_batch.py", tmp_path / "ranks.jsonl"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    process = subprocess.run([*command, str(report)], env=env, capture_output=True, text=True, timeout=240)
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-6000:]
+    ranks = sorted((json.loads(line) for line in report.read_text().splitlines()), key=lambda r: r["rank"])
+    assert [r["rank"] for r in ranks] == [0, 1]
+    for rank in ranks:
+        assert rank["blank"] and rank["ddp_missing_grads"] == [] and rank["trainable"] > 0
+        assert rank["loss_ddp"] == rank["loss_alone"]
+        assert abs(rank["loss_fsdp"] - rank["loss_alone"]) < 1e-6, rank
+
+
 if __name__ == "__main__":  # the FSDP worker, started by test_fsdp_two_cpu_processes through torchrun
     fsdp_worker(sys.argv[1], sys.argv[2])
 
