@@ -53,7 +53,7 @@ from modeling_openflamingo import (  # noqa: E402
 from modeling_openflamingo.checkpoint_conversion import preset_config  # noqa: E402
 from modeling_openflamingo.configuration_openflamingo import VIT_L_14_CONFIG  # noqa: E402
 from modeling_openflamingo.data_collator import attention_mask_without_host_sync  # noqa: E402
-from modeling_openflamingo.fast_decoding import _STATIC_DECODERS, _capture_cuda_graph  # noqa: E402
+from modeling_openflamingo.fast_decoding import _STATIC_DECODERS, _capture_cuda_graph, forget_decoders  # noqa: E402
 from modeling_openflamingo.modeling_openflamingo import (  # noqa: E402
     add_mpt_static_cache_support,
     image_indices_from_input_ids,
@@ -254,6 +254,9 @@ def bench_generate(
     counters = torch._dynamo.utils.counters
     counters.clear()
     outputs = []
+    if not lm:
+        # the decoders of earlier workloads (other batch sizes or beams) would count in this one's peak memory
+        forget_decoders(model)
 
     def run() -> None:
         out = model.generate(**kwargs)
@@ -614,6 +617,7 @@ def main() -> None:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "gpu": gpu,
+            "tiny": TINY,  # small stand-in shapes (a smoke test): not comparable with any full-size figure
             "cuda": torch.version.cuda,
             "python": sys.version.split()[0],
         }

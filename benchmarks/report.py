@@ -6,6 +6,9 @@ Ratios are taken against the original measured in the same files (the same GPU j
 run there (MosaicGPT's remote code is not on PyPI), the ratio is against the original's recorded figures of
 2026-11-24 on an H100 (`../shared/measurements/`), marked "(recorded)", and the GPU is named when ours ran on another.
 Variants (training trainables and optimizer, the decoding kernels) are named in their cell where not the default.
+Each file may hold several runs, each after its environment record (GPU, decoding kernels, `--tiny`); where the
+files hold one measurement more than once, a cell shows the best and says "best of N". `--tiny` runs get no ratio
+against the recorded full-size figures.
 """
 
 from __future__ import annotations
@@ -27,14 +30,17 @@ RECORDED: dict[tuple[str, str, int, int], tuple[float, float | None]] = {
 
 
 def load(paths: list[str]) -> list[dict[str, Any]]:
-    """The measurements of each file, each with its file's GPU and decoding kernels (from its environment record)."""
+    """The measurements of each file, each with the GPU, decoding kernels and shapes (`tiny`) of the environment record
+    before it (a file may hold several runs, each after its own environment record)."""
     records = []
     for path in paths:
         with open(path) as f:
             file_records = json.load(f)
-        environment = next((r for r in file_records if r.get("what") == "environment"), {})
-        context = {k: environment[k] for k in ("gpu", "decode_kernels") if k in environment}
-        records += [{**context, **r} for r in file_records]
+        context: dict[str, Any] = {}
+        for r in file_records:
+            if r.get("what") == "environment":
+                context = {k: r[k] for k in ("gpu", "decode_kernels", "tiny") if k in r}
+            records.append({**context, **r})
     return [r for r in records if "error" not in r and r.get("what") not in ("environment", "build")]
 
 
@@ -58,7 +64,9 @@ def fmt(x: float | None, what: str) -> str:
 
 
 def table(records: list[dict[str, Any]]) -> str:
-    groups: dict[tuple[str, str, int, int], dict[str, dict[str, Any]]] = {}
+    # (model, workload, batch, beams) -> column -> the column's runs (several where the files repeat a measurement:
+    # the cell shows the best of them and says so)
+    runs_of: dict[tuple[str, str, int, int], dict[str, list[dict[str, Any]]]] = {}
     for r in records:
         impl = r["impl"]
         if impl.startswith("open_flamingo"):
@@ -75,7 +83,11 @@ def table(records: list[dict[str, Any]]) -> str:
             # decoding variants: the fast path's kernels, where not the default ones
             if r["what"] == "generate" and r.get("decode_kernels", "triton") != "triton":
                 col += f", {r['decode_kernels']} decoding kernels"
-        groups.setdefault(key(r), {})[col] = r
+        runs_of.setdefault(key(r), {}).setdefault(col, []).append(r)
+    best_of = {"forward(prompt)": min}
+    groups = {
+        k: {c: best_of.get(k[1], max)(runs, key=value) for c, runs in columns.items()} for k, columns in runs_of.items()
+    }
     lines = [
         "| model | workload | original | ours (eager) | ours (compiled) | best / original | "
         "peak GB original / ours | LM alone eager / compiled |",
@@ -87,13 +99,13 @@ def table(records: list[dict[str, Any]]) -> str:
         g = groups[k]
         if not any(c.startswith("ours") for c in g):
             continue
-        ref = g.get("original")
-        ref_value, ref_mem, recorded = (value(ref), ref.get("peak_mem_gb"), False) if ref else (None, None, False)
-        if ref is None and k in RECORDED:
-            (ref_value, ref_mem), recorded = RECORDED[k], True
         ours = {c: value(r) for c, r in g.items() if c.startswith("ours")}
         best = min if what == "forward(prompt)" else max
         best_col = best(ours, key=ours.get)
+        ref = g.get("original")
+        ref_value, ref_mem, recorded = (value(ref), ref.get("peak_mem_gb"), False) if ref else (None, None, False)
+        if ref is None and k in RECORDED and not g[best_col].get("tiny"):  # (the recorded figures: full size)
+            (ref_value, ref_mem), recorded = RECORDED[k], True
         if what == "forward(prompt)":
             ratio = ref_value / ours[best_col] if ref_value else None
         else:
@@ -105,7 +117,9 @@ def table(records: list[dict[str, Any]]) -> str:
             workload = f"train step {batch}x{g[best_col].get('seq')}, {g[best_col].get('images_per_sample')} img, tok/s"
         else:
             workload = f"prompt forward b{batch}"
+        repeats = len(runs_of[k].get("original", []))
         ref_text = fmt(ref_value, what) + (" (recorded)" if recorded else "")
+        ref_text += f" (best of {repeats})" if repeats > 1 else ""
         ratio_text = f"{ratio:.1f}x" + (" (vs recorded)" if recorded else "") if ratio else "-"
         gpu = g[best_col].get("gpu", "")
         if ratio and recorded and gpu and "H100" not in gpu:  # the recorded figures are an H100's
@@ -118,7 +132,13 @@ def table(records: list[dict[str, Any]]) -> str:
         for plain, in_column in (("ours-eager", True), ("ours-compiled", False)):
             runs = {c: v for c, v in ours.items() if c.startswith("ours-eager") == in_column}
             pick = best(runs, key=runs.get) if runs else None
-            cells.append("-" if pick is None else fmt(runs[pick], what) + ("" if pick == plain else f" ({pick[5:]})"))
+            if pick is None:
+                cells.append("-")
+                continue
+            notes = [] if pick == plain else [pick[5:]]
+            if len(runs_of[k][pick]) > 1:
+                notes.append(f"best of {len(runs_of[k][pick])}")
+            cells.append(fmt(runs[pick], what) + (f" ({', '.join(notes)})" if notes else ""))
         lines.append(f"| {model} | {workload} | {ref_text} | {cells[0]} | {cells[1]} | {ratio_text} | {mem} | {lm} |")
     return "\n".join(lines)
 

@@ -72,6 +72,37 @@ def test_report_names_the_decoding_kernels_and_the_gpu_of_a_ratio_against_the_re
     assert library_best[4] == "358.0 (compiled, library decoding kernels)" and library_best[5] == "20.0x (vs recorded)"
 
 
+def test_report_reads_each_runs_environment_and_says_when_a_cell_is_the_best_of_several(tmp_path):
+    """A file of several runs (each after its own environment record): each measurement gets its own run's kernels
+    and shapes, a repeated measurement shows its best with "best of N" (not the last one silently), and a `--tiny` run
+    gets no ratio against the recorded full-size figures."""
+
+    def environment(decode_kernels: str, tiny: bool = False) -> dict:
+        return {"impl": "openflamingo-hf", "what": "environment", "gpu": "NVIDIA H100",
+                "decode_kernels": decode_kernels, "tiny": tiny}  # fmt: skip
+
+    def generate(batch: int, tok_per_s: float) -> dict:
+        return {"impl": "openflamingo-hf", "model": "of3b", "what": "generate", "mode": "compiled", "batch": batch,
+                "num_beams": 1, "new_tokens": 64, "new_tokens_per_s": tok_per_s, "peak_mem_gb": 5.0}  # fmt: skip
+
+    def rows(records: list[dict]) -> dict[str, list[str]]:
+        path = tmp_path / "runs.json"
+        path.write_text(json.dumps(records))
+        command = [sys.executable, str(ROOT / "benchmarks" / "report.py"), str(path)]
+        report = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        return {line.split(" | ")[1]: line.split(" | ") for line in report.splitlines() if "generate" in line}
+
+    got = rows([environment("triton"), generate(8, 2100.0), environment("library"), generate(8, 1900.0)])
+    assert got["generate b8, 64 new tok/s"][4] == "2,100.0"  # the triton run's (before: the library run's, unnamed)
+    got = rows([environment("library"), generate(8, 2100.0), environment("triton"), generate(8, 1900.0)])
+    assert got["generate b8, 64 new tok/s"][4] == "2,100.0 (compiled, library decoding kernels)"
+    got = rows([environment("triton"), generate(1, 350.0), generate(1, 360.0), generate(1, 340.0)])
+    assert got["generate b1, 64 new tok/s"][4] == "360.0 (best of 3)"
+    assert got["generate b1, 64 new tok/s"][5] == "20.1x (vs recorded)"
+    got = rows([environment("triton", tiny=True), generate(1, 9000.0)])
+    assert got["generate b1, 64 new tok/s"][2] == "-" and got["generate b1, 64 new tok/s"][5] == "-"
+
+
 def test_kernels_by_kind_sums_a_profiles_kernels(tmp_path):
     """`benchmarks/kernels_by_kind.py`: the kernels of a `*_kernels.tsv` (written next to a profile) summed by kind."""
     tsv = tmp_path / "profile_kernels.tsv"
