@@ -1862,7 +1862,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 raise ValueError(_CONTINUING_WITH_IMAGES)  # (as below, where it needs no input_ids either)
             last = image_cache.last_image_index.unsqueeze(-1) if continuing else placing_ids.new_zeros(())
             image_indices = _image_indices_after(last, placing_ids, self.config.media_token_id)
-        if image_indices is None and placing_ids is not None and self.config.media_token_id is not None:
+        # (traced without images: no check either, it reads input_ids on the host)
+        checks = image_indices is None and placing_ids is not None and self.config.media_token_id is not None
+        if checks and (has_images or not is_torchdynamo_compiling()):
             has_media = bool((placing_ids == self.config.media_token_id).any())
             if has_media and not has_images:
                 raise ValueError(

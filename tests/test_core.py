@@ -894,6 +894,16 @@ def test_the_whole_forward_compiles_in_one_graph_and_exports_from_plain_inputs(f
             )
             got = exported.module()(input_ids=ids, pixel_values=pixel_values, use_cache=False).logits
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+            # text only (a batch without images): no check reads input_ids on the host there either
+            text = ids.masked_fill(ids == MEDIA, 5)
+            expected_text = model(input_ids=text, use_cache=False).logits
+            torch.testing.assert_close(
+                compiled(input_ids=text, use_cache=False).logits, expected_text, rtol=0, atol=1e-6
+            )
+            exported = torch.export.export(model, (), {"input_ids": text, "use_cache": False})
+            torch.testing.assert_close(
+                exported.module()(input_ids=text, use_cache=False).logits, expected_text, rtol=0, atol=1e-6
+            )
             # continuing from an image cache: the fed <image> is counted on from the cached prompt's last image
             first = model(input_ids=ids[:, :4], pixel_values=pixel_values, use_cache=True)
             name, cache = lm_cache_of(first)
