@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextTo
 
 from .configuration_openflamingo import OpenFlamingoConfig
 from .data_collator import OpenFlamingoDataCollator, attention_mask_without_host_sync, causal_attention_mask_4d
-from .image_processing_openflamingo import OpenFlamingoImageProcessor
+from .image_processing_openflamingo import OpenFlamingoImageProcessor, open_image
 from .modeling_openflamingo import (
     OpenFlamingoCausalLMOutputWithPast,
     OpenFlamingoForConditionalGeneration,
@@ -56,4 +56,5 @@ __all__ = [
     "autocast_linear_parameters",
     "causal_attention_mask_4d",
     "gets_weight_decay",
+    "open_image",
 ]

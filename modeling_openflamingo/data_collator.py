@@ -12,6 +12,7 @@ import torch
 from transformers import PretrainedConfig
 
 from .configuration_openflamingo import _as_int, _is_int
+from .image_processing_openflamingo import open_image
 from .modeling_openflamingo import image_indices_from_input_ids
 from .processing_openflamingo import IMAGE_TOKEN, _is_image_batch
 
@@ -214,9 +215,9 @@ class OpenFlamingoDataCollator:
 
     @staticmethod
     def _load_image(image: Any, index: int) -> Any:
-        """A PIL image from a PIL image, a path (opened as it is stored, as the original's data pipelines open theirs),
-        or a `datasets` `{"bytes": ..., "path": ...}` dict (as `datasets` decodes it: turned upright by its EXIF
-        orientation, so that an undecoded `Image` feature gives what the decoded one gives)."""
+        """A PIL image from a PIL image, a path or URL (opened as it is stored, as the original's data pipelines open
+        theirs: [`open_image`]), or a `datasets` `{"bytes": ..., "path": ...}` dict (as `datasets` decodes it: turned
+        upright by its EXIF orientation, so that an undecoded `Image` feature gives what the decoded one gives)."""
         from PIL import ExifTags, Image, ImageOps
 
         if isinstance(image, Image.Image) or (isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim in (2, 3)):
@@ -228,7 +229,7 @@ class OpenFlamingoDataCollator:
                 return ImageOps.exif_transpose(opened)
             return opened
         if isinstance(image, (str, os.PathLike)):
-            return Image.open(image)
+            return open_image(image)
         raise ValueError(
             f"Sample {index}: cannot read an image from a {type(image).__name__}"
             + (f" of {image.ndim} dimensions" if isinstance(image, (np.ndarray, torch.Tensor)) else "")

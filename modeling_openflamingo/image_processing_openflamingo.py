@@ -23,7 +23,12 @@ Notable consequences of following open_clip exactly (rather than transformers' C
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import math
+import os
+import urllib.request
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -40,7 +45,13 @@ except ImportError:  # pragma: no cover
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "OpenFlamingoImageProcessor", "UnsupportedImageInputError"]
+__all__ = [
+    "OPENAI_CLIP_MEAN",
+    "OPENAI_CLIP_STD",
+    "OpenFlamingoImageProcessor",
+    "UnsupportedImageInputError",
+    "open_image",
+]
 
 # open_clip.constants.OPENAI_DATASET_MEAN / OPENAI_DATASET_STD
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -286,6 +297,35 @@ def _normalize_data_format(value: Any, name: str) -> str:
     raise ValueError(f"`{name}` must be 'channels_first' or 'channels_last', got {value!r}.")
 
 
+def open_image(source: str | os.PathLike | bytes) -> Image.Image:
+    """An image given as a file path, an http(s) URL, base64 data (a `data:image/...;base64,` URI or bare) or encoded
+    bytes (as transformers' chat messages give them: `{"type": "image", "path" | "url" | "base64": ...}`), opened as it
+    is stored: no RGB conversion or EXIF turn here, so that the transform reads it as the original's pipelines read
+    `PIL.Image.open(...)` (transformers' `load_image` converts to RGB first, which changes palette and grayscale
+    images' resizing)."""
+    data: Any = source
+    if isinstance(source, bytes):
+        data = io.BytesIO(source)
+    elif isinstance(source, str) and source.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(source, timeout=60) as response:
+                data = io.BytesIO(response.read())
+        except OSError as error:
+            raise OSError(f"Could not fetch the image at {source}: {error}") from error
+    elif isinstance(source, str) and not os.path.exists(source):
+        encoded = source.split(",", 1)[1] if source.startswith("data:image/") else source
+        try:
+            data = io.BytesIO(base64.b64decode(encoded, validate=True))
+        except (binascii.Error, ValueError):
+            raise FileNotFoundError(
+                f"Cannot read an image from {source[:100]!r}: no such file, and not an http(s) URL or base64 image "
+                "data."
+            ) from None
+    image = Image.open(data)
+    image.load()
+    return image
+
+
 def _flatten_images(images: Any, input_data_format: str | None) -> list[tuple[Image.Image, bool]]:
     """Flatten the supported input structures into a list of PIL images, each with whether it was given as a float
     array (in [0, 1]; its PIL image holds it times 255)."""
@@ -307,14 +347,11 @@ def _flatten_images(images: Any, input_data_format: str | None) -> list[tuple[Im
         return _flatten_array(tensor.numpy(), input_data_format, prefer_channels_first=True)
     if isinstance(images, np.ndarray):
         return _flatten_array(images, input_data_format, prefer_channels_first=False)
-    if isinstance(images, (str, bytes)):
-        raise UnsupportedImageInputError(
-            f"Unsupported image input of type {type(images).__name__}: load the image first, e.g. with "
-            "`PIL.Image.open(path)`."
-        )
+    if isinstance(images, (str, bytes, os.PathLike)):
+        return [(open_image(images), False)]
     raise UnsupportedImageInputError(
         f"Unsupported image input of type {type(images).__module__}.{type(images).__name__}: expected a "
-        "PIL.Image.Image, a numpy array, a torch.Tensor, or a (nested) list of those."
+        "PIL.Image.Image, a numpy array, a torch.Tensor, a path or URL, or a (nested) list of those."
     )
 
 

@@ -1779,6 +1779,19 @@ def test_a_chat_template_applies(converted, tiny_images):
     assert torch.equal(got["pixel_values"], expected["pixel_values"])
     with pytest.raises(ValueError, match="images and text only, not videos or audio"):
         processor(text="<image>a", images=[tiny_images[0]], videos=[tiny_images[1]])
+    # images as paths (or URLs, base64): opened as stored, as the processor opens them given directly
+    from PIL import Image
+
+    from .conftest import FIXTURES
+
+    path = str(FIXTURES / "tiny_images" / "image_4.png")  # a palette image
+    expected = processor(images=[Image.open(path)], text="<image>DescribeOutput:")
+    assert torch.equal(processor(images=path, text="<image>DescribeOutput:")["pixel_values"], expected["pixel_values"])
+    content = [{"type": "image", "path": path}, {"type": "text", "text": "Describe"}]
+    messages = [{"role": "user", "content": content}]
+    got = processor.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=True)
+    assert torch.equal(got["input_ids"], expected["input_ids"])
+    assert torch.equal(got["pixel_values"], expected["pixel_values"])
 
 
 def test_the_tokenizers_own_special_tokens_stay_special(tmp_path):

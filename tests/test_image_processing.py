@@ -467,11 +467,10 @@ def test_from_dict_and_size_dict() -> None:
 @pytest.mark.parametrize(
     ("bad_input", "match"),
     [
-        ("image.png", "load the image first"),
         (123, "Unsupported image input of type builtins.int"),
         ({"pixel_values": 1}, "Unsupported image input"),
         ([], "empty list"),
-        ([Image.new("RGB", (4, 4)), "x"], "Unsupported image input"),
+        ([Image.new("RGB", (4, 4)), 1.5], "Unsupported image input"),
         (np.zeros((8, 8, 2), dtype=np.uint8), "Cannot infer the channel dimension"),
         (np.zeros((5, 8, 9), dtype=np.uint8), "Cannot infer the channel dimension"),
         (np.zeros((8,), dtype=np.uint8), "must have 2 .* or 3 .* dimensions"),
@@ -491,6 +490,44 @@ def test_from_dict_and_size_dict() -> None:
 def test_bad_inputs_raise_value_error(processor_32: OpenFlamingoImageProcessor, bad_input: object, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         processor_32(bad_input)
+
+
+def test_paths_urls_base64_and_bytes_are_opened_as_stored(processor_32: OpenFlamingoImageProcessor, tmp_path) -> None:
+    """As transformers' chat messages give images (`{"type": "image", "path" | "url" | "base64": ...}`) and as stock
+    processors take them: opened as stored, so the pixels are those of `PIL.Image.open(path)` (a palette image stays
+    one until the transform converts it, as open_clip's does); a missing file is a `FileNotFoundError`."""
+    import base64
+    import functools
+    import http.server
+    import threading
+
+    def pixels(images: object) -> torch.Tensor:
+        return processor_32(images, return_tensors="pt")["pixel_values"]
+
+    folder = FIXTURES / "tiny_images"
+    paths = sorted(folder.glob("image_*.png"))
+    expected = pixels([Image.open(p) for p in paths])
+    assert any(Image.open(p).mode == "P" for p in paths)
+    assert torch.equal(pixels([str(p) for p in paths]), expected)
+    assert torch.equal(pixels(paths), expected)  # pathlib paths
+    data = [p.read_bytes() for p in paths]
+    assert torch.equal(pixels(data), expected)
+    encoded = [base64.b64encode(d).decode() for d in data]
+    assert torch.equal(pixels(encoded), expected)
+    assert torch.equal(pixels([f"data:image/png;base64,{e}" for e in encoded]), expected)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        urls = [f"http://127.0.0.1:{server.server_address[1]}/{p.name}" for p in paths]
+        assert torch.equal(pixels(urls), expected)
+        with pytest.raises(OSError, match=r"Could not fetch the image at http://127\.0\.0\.1:\d+/missing\.png"):
+            pixels(urls[0].rsplit("/", 1)[0] + "/missing.png")
+    finally:
+        server.shutdown()
+    with pytest.raises(FileNotFoundError, match=r"Cannot read an image from '.*nowhere\.png': no such file"):
+        pixels(str(tmp_path / "nowhere.png"))
 
 
 def test_wrong_channel_count_with_explicit_layout(processor_32: OpenFlamingoImageProcessor) -> None:
