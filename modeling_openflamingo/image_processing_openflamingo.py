@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.utils import logging
 
@@ -315,12 +315,14 @@ def open_image(source: str | os.PathLike | bytes) -> Image.Image:
     elif isinstance(source, str) and not os.path.exists(source):
         encoded = source.split(",", 1)[1] if source.startswith("data:image/") else source
         try:
-            data = io.BytesIO(base64.b64decode(encoded, validate=True))
-        except (binascii.Error, ValueError):
+            image = Image.open(io.BytesIO(base64.b64decode(encoded, validate=True)))
+        except (binascii.Error, ValueError, UnidentifiedImageError):  # (a short name may be valid base64)
             raise FileNotFoundError(
                 f"Cannot read an image from {source[:100]!r}: no such file, and not an http(s) URL or base64 image "
                 "data."
             ) from None
+        image.load()
+        return image
     image = Image.open(data)
     image.load()
     return image

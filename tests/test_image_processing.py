@@ -528,6 +528,8 @@ def test_paths_urls_base64_and_bytes_are_opened_as_stored(processor_32: OpenFlam
         server.shutdown()
     with pytest.raises(FileNotFoundError, match=r"Cannot read an image from '.*nowhere\.png': no such file"):
         pixels(str(tmp_path / "nowhere.png"))
+    with pytest.raises(FileNotFoundError, match=r"Cannot read an image from 'abcd': no such file"):
+        pixels("abcd")  # (valid base64, but of no image)
 
 
 def test_wrong_channel_count_with_explicit_layout(processor_32: OpenFlamingoImageProcessor) -> None:
