@@ -61,8 +61,10 @@ def main() -> None:
         loss = fsdp_model(**batch).loss
         loss.backward()
     result["loss_fsdp"] = loss.item()
+    dist.barrier()  # every rank's collectives done before any leaves (a rank that left early aborted the other)
     with open(sys.argv[1], "a") as out:
         out.write(json.dumps(result) + "\n")
+    dist.barrier()
     dist.destroy_process_group()
 
 

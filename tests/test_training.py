@@ -1483,7 +1483,11 @@ def test_a_text_only_batch_on_one_rank_of_ddp_and_fsdp(tmp_path):
     script, report = ROOT / "tests" / "distributed_text_only_batch.py", tmp_path / "ranks.jsonl"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
-    process = subprocess.run([*command, str(report)], env=env, capture_output=True, text=True, timeout=240)
+    for _ in range(2):  # once more after a failure: gloo's teardown aborted a process once in CI (before the barrier)
+        report.unlink(missing_ok=True)
+        process = subprocess.run([*command, str(report)], env=env, capture_output=True, text=True, timeout=240)
+        if process.returncode == 0:
+            break
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-6000:]
     ranks = sorted((json.loads(line) for line in report.read_text().splitlines()), key=lambda r: r["rank"])
     assert [r["rank"] for r in ranks] == [0, 1]
