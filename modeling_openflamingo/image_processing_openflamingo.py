@@ -303,15 +303,15 @@ def open_image(source: str | os.PathLike | bytes) -> Image.Image:
     is stored: no RGB conversion or EXIF turn here, so that the transform reads it as the original's pipelines read
     `PIL.Image.open(...)` (transformers' `load_image` converts to RGB first, which changes palette and grayscale
     images' resizing)."""
-    data: Any = source
     if isinstance(source, bytes):
-        data = io.BytesIO(source)
+        image = Image.open(io.BytesIO(source))
     elif isinstance(source, str) and source.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(source, timeout=60) as response:
-                data = io.BytesIO(response.read())
+                fetched = response.read()
         except OSError as error:
             raise OSError(f"Could not fetch the image at {source}: {error}") from error
+        image = Image.open(io.BytesIO(fetched))
     elif isinstance(source, str) and not os.path.exists(source):
         encoded = source.split(",", 1)[1] if source.startswith("data:image/") else source
         try:
@@ -321,9 +321,8 @@ def open_image(source: str | os.PathLike | bytes) -> Image.Image:
                 f"Cannot read an image from {source[:100]!r}: no such file, and not an http(s) URL or base64 image "
                 "data."
             ) from None
-        image.load()
-        return image
-    image = Image.open(data)
+    else:
+        image = Image.open(source)
     image.load()
     return image
 
