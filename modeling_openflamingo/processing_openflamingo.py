@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,9 @@ from .image_processing_openflamingo import _OVERRIDABLE as IMAGE_KWARGS
 IMAGE_TOKEN = "<image>"
 END_OF_CHUNK_TOKEN = "<|endofchunk|>"
 PAD_TOKEN = "<PAD>"
+# `apply_chat_template(..., sanitize_control_tokens=True)` (transformers 5) marks the special tokens written in user
+# text between these two characters (transformers' `_CONTROL_TOKEN_START` / `_END`): they are text, not images
+_MARKED_CONTROL_TOKENS = re.compile("\U000f0000.*?\U000f0001", re.S)
 
 
 def add_openflamingo_tokens(tokenizer: Any) -> Any:
@@ -290,7 +294,19 @@ class OpenFlamingoProcessor(ProcessorMixin):
             # as the tokenizer does for `max_length` alone (its check only fires with `padding=False`, and this call
             # pads "longest" by default, so it would keep every token without a word)
             truncation = True
-        image_counts = [t.count(IMAGE_TOKEN) for t in texts]
+        # `apply_chat_template`'s assistant mask asks where placeholders were expanded: none are, here
+        kwargs.pop("return_text_replacement_offsets", None)
+        if kwargs.get("sanitize_control_tokens"):
+            image_counts = [_MARKED_CONTROL_TOKENS.sub("", t).count(IMAGE_TOKEN) for t in texts]
+        else:
+            image_counts = [t.count(IMAGE_TOKEN) for t in texts]
+        if kwargs.get("split_special_tokens", getattr(self.tokenizer, "split_special_tokens", False)):
+            if images is not None:
+                raise ValueError(
+                    f"With split_special_tokens=True the tokenizer encodes {IMAGE_TOKEN} as plain text, so no token "
+                    "would mark where the images go: leave split_special_tokens off when giving images."
+                )
+            image_counts = [0] * len(texts)  # (an <image> in the text is text)
         image_rows = self._image_rows(images, image_counts, single)
         for row, (count, row_images) in enumerate(zip(image_counts, image_rows, strict=True)):
             if count != len(row_images):
@@ -325,6 +341,11 @@ class OpenFlamingoProcessor(ProcessorMixin):
         # row, or the last ones when it truncates from the left: their images are kept, in order.
         for row, (ids, row_images) in enumerate(zip(data["input_ids"], image_rows, strict=True)):
             kept = list(ids).count(self.image_token_id)
+            if kept < len(row_images) and truncation in (None, False, "do_not_truncate"):
+                raise ValueError(
+                    f"Text {row} has {len(row_images)} {IMAGE_TOKEN} tokens but the tokenizer encoded only {kept} of "
+                    f"them as the {IMAGE_TOKEN} token (id {self.image_token_id})."
+                )
             if kept < len(row_images):
                 first = len(row_images) - kept if truncation_side == "left" else 0
                 image_rows[row] = row_images[first : first + kept]
@@ -388,7 +409,13 @@ class OpenFlamingoProcessor(ProcessorMixin):
         # transformers 4.x's remote-code loading of a saved processor)
         tokenizer_call = inspect.signature(type(self.tokenizer).__call__).parameters
         known = {n for n, p in tokenizer_call.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
-        known = (known | {"truncation_side"}) - {"self", "text", "return_tensors", "return_token_type_ids"}
+        chat_template_options = {"sanitize_control_tokens", "return_text_replacement_offsets"}  # (transformers 5)
+        known = (known | {"truncation_side", "split_special_tokens"} | chat_template_options) - {
+            "self",
+            "text",
+            "return_tensors",
+            "return_token_type_ids",
+        }
         if not text_kwargs.get("return_token_type_ids", True):
             del text_kwargs["return_token_type_ids"]  # (never returned: the model takes none)
         for name, value in text_kwargs.items():

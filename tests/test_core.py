@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import re
@@ -1792,6 +1793,65 @@ def test_a_chat_template_applies(converted, tiny_images):
     got = processor.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=True)
     assert torch.equal(got["input_ids"], expected["input_ids"])
     assert torch.equal(got["pixel_values"], expected["pixel_values"])
+
+
+def test_chat_template_assistant_mask_and_sanitized_control_tokens(converted, tiny_images):
+    """`return_assistant_tokens_mask=True` (transformers 5 asks the processor for replacement offsets: none, nothing is
+    expanded)
+    marks the assistant's tokens; with `sanitize_control_tokens=True` an `<image>` typed in user text is text, not an
+    image slot, and the real image keeps its place."""
+    processor = AutoProcessor.from_pretrained(converted("tiny-mpt"))
+    processor.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}User:{% else %}Assistant:{% endif %}"
+        "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>{% elif m['role'] == 'assistant' %}"
+        "{% generation %}{{ c['text'] }}{% endgeneration %}{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+        "<|endofchunk|>{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+    )
+    question = [{"type": "image", "image": tiny_images[0]}, {"type": "text", "text": "what is"}]
+    chats = [
+        [{"role": "user", "content": question}, {"role": "assistant", "content": [{"type": "text", "text": "red"}]}],
+        [
+            {"role": "user", "content": [{"type": "text", "text": "hi there"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "yo yo"}]},
+        ],
+    ]
+    got = processor.apply_chat_template(
+        chats, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
+    )
+    for row, answer in enumerate(("red", "yo yo")):
+        masked = got["input_ids"][row][got["assistant_masks"][row].bool()]
+        assert processor.tokenizer.decode(masked) == answer
+    assert got["pixel_values"].shape[:2] == (2, 1)
+    if "sanitize_control_tokens" not in inspect.signature(processor.apply_chat_template).parameters:
+        return  # (transformers 5.25 has it, 4.57 not)
+    typed = [{"type": "image", "image": tiny_images[0]}, {"type": "text", "text": "ignore <image> this"}]
+    got = processor.apply_chat_template(
+        [{"role": "user", "content": typed}],
+        tokenize=True,
+        return_dict=True,
+        sanitize_control_tokens=True,
+        add_generation_prompt=True,
+    )
+    assert got["input_ids"][0].tolist().count(processor.image_token_id) == 1
+    assert torch.equal(got["pixel_values"], processor(images=[tiny_images[0]], text="<image>")["pixel_values"])
+    assert "<image> this" in processor.tokenizer.decode(got["input_ids"][0])
+
+
+def test_processor_refuses_images_when_special_tokens_are_split(converted, tiny_images):
+    """With `split_special_tokens=True` (on loading or per call) `<image>` is encoded as text: images would be dropped
+    without a word, so giving them is an error; text alone is encoded as asked."""
+    path = converted("tiny-mpt")
+    for processor, options in (
+        (AutoProcessor.from_pretrained(path, split_special_tokens=True), {}),
+        (AutoProcessor.from_pretrained(path), {"split_special_tokens": True}),
+    ):
+        with pytest.raises(ValueError, match="split_special_tokens=True the tokenizer encodes <image> as plain text"):
+            processor(images=[tiny_images[0]], text="<image>a cat", **options)
+        ids = processor(text="<image>a", **options)["input_ids"][0].tolist()
+        assert processor.image_token_id not in ids
+    processor = AutoProcessor.from_pretrained(path, split_special_tokens=True)
+    got = processor(images=[tiny_images[0]], text="<image>a cat", split_special_tokens=False)
+    assert got["input_ids"][0].tolist().count(processor.image_token_id) == 1
 
 
 def test_the_tokenizers_own_special_tokens_stay_special(tmp_path):
