@@ -1496,9 +1496,15 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         # a frozen tower runs without gradients (no activations kept), unless the pixels themselves need one
         # (saliency maps, adversarial images): freezing weights never stops the gradient to the inputs
         needs_grad = pixel_values.requires_grad or any(p.requires_grad for p in self.vision_model.parameters())
+        weight = self.vision_model.get_input_embeddings().weight
+        if pixel_values.device != weight.device and weight.device.type != "meta" and not hasattr(self, "hf_device_map"):
+            # (a model dispatched by a device map moves inputs itself)
+            raise ValueError(
+                f"pixel_values are on {pixel_values.device} but the vision tower is on {weight.device}: move the "
+                "inputs to the model's device (`processor(...).to(model.device)`)."
+            )
         with torch.set_grad_enabled(torch.is_grad_enabled() and needs_grad):
-            vision_dtype = self.vision_model.get_input_embeddings().weight.dtype
-            patches = self.vision_model(pixel_values=pixel_values.flatten(0, 1).to(vision_dtype)).last_hidden_state
+            patches = self.vision_model(pixel_values=pixel_values.flatten(0, 1).to(weight.dtype)).last_hidden_state
         patches = patches[:, 1:].unflatten(0, (batch_size, num_images))
         return self.perceiver(patches.to(self.perceiver.latents.dtype))
 

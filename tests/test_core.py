@@ -617,6 +617,12 @@ def test_errors_are_specific():
     first = model(input_ids=ids, pixel_values=pixel_values, use_cache=True)
     with pytest.raises(ValueError, match="image_cache"):
         model(input_ids=ids[:, :1], pixel_values=pixel_values, past_key_values=first.past_key_values)
+    # pixel_values left on another device than the model (here "meta": a CPU-only test) is named as such, not as
+    # the patch convolution's "Input type (torch.FloatTensor) and weight type (torch.cuda.FloatTensor)"
+    with pytest.raises(ValueError, match="pixel_values are on meta but the vision tower is on cpu"):
+        model(input_ids=ids, pixel_values=pixel_values.to("meta"))
+    with pytest.raises(ValueError, match="pixel_values are on meta but the vision tower is on cpu"):
+        model.generate(input_ids=ids, pixel_values=pixel_values.to("meta"), max_new_tokens=2)
 
 
 def test_inputs_that_do_not_fit_each_other_are_errors():
