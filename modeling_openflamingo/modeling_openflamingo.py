@@ -2338,8 +2338,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             # Continuing from a cache, the forward sees only the new tokens: it would decode them as text only.
             raise ValueError(
                 "input_ids contain <image> tokens but no images were given (pixel_values, image_hidden_states or "
-                "image_cache): continuing from past_key_values, pass the images again (or the previous output's "
-                "image_cache), as the prompt's tokens need them. If those <image> tokens were generated in a "
+                "image_cache): continuing from past_key_values, pass the images again (pixel_values, or the "
+                "image_hidden_states of `get_image_features`, or a forward output's image_cache), as the prompt's "
+                "tokens need them. If those <image> tokens were generated in a "
                 "text-only conversation, pass image_indices=torch.zeros_like(input_ids) to keep it text only."
             )
         if not has_media or not has_images:  # (two image sources: refused by `generate` before this)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import os
 import re
@@ -528,6 +529,41 @@ class OpenFlamingoProcessor(ProcessorMixin):
     def decode(self, *args: Any, **kwargs: Any) -> str:
         """Forwarded to the tokenizer's `decode`."""
         return self.tokenizer.decode(*args, **kwargs)
+
+    def post_process_image_text_to_text(
+        self, generated_outputs: Any, skip_special_tokens: bool = True, **kwargs: Any
+    ) -> list[str] | str:
+        """Decode `generate`'s output, `(batch, seq)` (a list of strings) or `(seq,)` (a string), as `batch_decode`
+        does, except that the clean-up of tokenization spaces (`" ." -> "."`) does not reach across a token that is
+        whitespace only, such as a prompt's trailing space: the image-text-to-text pipeline takes the decoded prompt
+        off the decoded sequence by string prefix, and `"Output: " + ","` cleaned as one string is `"Output:,"`, which
+        would leave the prompt in the new text."""
+        clean = kwargs.pop("clean_up_tokenization_spaces", None)
+        if clean is None:
+            clean = getattr(self.tokenizer, "clean_up_tokenization_spaces", False)
+        rows = generated_outputs.tolist() if hasattr(generated_outputs, "tolist") else list(generated_outputs)
+        single = not rows or not isinstance(rows[0], (list, tuple))
+        texts = []
+        for row in [rows] if single else rows:
+            row = list(row)
+            raw = self.tokenizer.decode(
+                row, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False, **kwargs
+            )
+            if not clean:
+                texts.append(raw)
+                continue
+            # where each whitespace-only token ends in the raw text (by the length of the text up to it: a
+            # sentencepiece tokenizer decodes a token differently alone than after others)
+            cuts = [0]
+            for end, token in enumerate(self.tokenizer.convert_ids_to_tokens(row), start=1):
+                if isinstance(token, str) and token and token.replace("\u0120", " ").replace("\u2581", " ").isspace():
+                    prefix = self.tokenizer.decode(
+                        row[:end], skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False, **kwargs
+                    )
+                    cuts.append(len(prefix))
+            cuts.append(len(raw))
+            texts.append("".join(self.tokenizer.clean_up_tokenization(raw[a:b]) for a, b in itertools.pairwise(cuts)))
+        return texts[0] if single else texts
 
 
 __all__ = ["OpenFlamingoProcessor", "add_openflamingo_tokens", "caption_label_mask", "interleaved_label_mask"]

@@ -18,6 +18,7 @@ import transformers
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
+    AutoProcessor,
     DynamicCache,
     GenerationConfig,
     LogitsProcessor,
@@ -966,6 +967,35 @@ def test_image_text_to_text_pipeline(converted, loaded, tiny_images):
     assert plain.startswith(stopped) and word.group() in stopped and len(stopped) < len(plain), (plain, stopped)
     # built from the folder as well
     assert pipeline("image-text-to-text", model=str(path)).processor is not None
+
+
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-neox"])  # sentencepiece-style and byte-level BPE
+def test_pipeline_new_text_after_a_prompt_ending_with_a_space(converted, loaded, tiny_images, family):
+    """A prompt ending with a space (a token of its own) and new text starting with punctuation: the tokenizer's
+    clean-up of `" ,"` must not join them, or the pipeline cannot find the decoded prompt in the decoded sequence and
+    returns the prompt in the new text. `post_process_image_text_to_text` cleans each side of a whitespace-only
+    token apart; a space inside a text is still cleaned."""
+    model, processor = loaded(family)
+    pipe = pipeline("image-text-to-text", model=model, processor=processor)
+    prompt = "<image>Output:A cat.<|endofchunk|><image>Output: "
+    comma = processor.tokenizer.convert_tokens_to_ids(",")
+    generate_kwargs = {"max_new_tokens": 3, "sequence_bias": {(comma,): 100.0}}  # (forces "," from random weights)
+    inputs = processor(images=[tiny_images[:2]], text=[prompt])
+    ids = model.generate(**inputs, **generate_kwargs)
+    new_text = processor.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert new_text == ",,,"
+    full = pipe(images=tiny_images[:2], text=prompt, generate_kwargs=dict(generate_kwargs))
+    assert full[0]["generated_text"] == prompt + new_text
+    new_only = pipe(images=tiny_images[:2], text=prompt, return_full_text=False, generate_kwargs=dict(generate_kwargs))
+    assert new_only[0]["generated_text"] == new_text
+    # as `batch_decode` otherwise: a row gives a string, a batch a list, and the clean-up applies within a piece (the
+    # tiny vocabularies have no "Ġ." token: one is added); a lone space token before punctuation is kept
+    processor = AutoProcessor.from_pretrained(converted(family))
+    processor.tokenizer.add_tokens([" .", " !"])
+    words = processor.tokenizer("a cat . Yes !", add_special_tokens=False)["input_ids"]
+    assert processor.post_process_image_text_to_text(torch.tensor(words)) == processor.decode(words) == "a cat. Yes!"
+    assert processor.post_process_image_text_to_text([words, words]) == processor.batch_decode([words, words])
+    assert processor.post_process_image_text_to_text([words], clean_up_tokenization_spaces=False) == ["a cat . Yes !"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
