@@ -424,6 +424,17 @@ def _is_integer(tensor: torch.Tensor) -> bool:
     return not (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool)
 
 
+def _check_left_on_cpu(name: str, tensor: torch.Tensor, device: torch.device, dispatched: bool) -> None:
+    """An input left on the CPU for weights on an accelerator is named as such (the patch convolution's error speaks of
+    tensor types). Not for a model dispatched by a device map (its hooks move inputs), nor for weights on the CPU or
+    the meta device (offloaded weights wait there for hooks that move them)."""
+    if tensor.device.type == "cpu" and device.type not in ("cpu", "meta") and not dispatched:
+        raise ValueError(
+            f"{name} is on the CPU but the model's weights are on {device}: move the inputs to the model's device "
+            "(`processor(...).to(model.device)`)."
+        )
+
+
 _CONTINUING_WITH_IMAGES = (
     "Continuing from past_key_values with images: pass `image_cache` (from the previous output) or `image_indices`, "
     "so that the new tokens know which image they follow."
@@ -1497,12 +1508,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         # (saliency maps, adversarial images): freezing weights never stops the gradient to the inputs
         needs_grad = pixel_values.requires_grad or any(p.requires_grad for p in self.vision_model.parameters())
         weight = self.vision_model.get_input_embeddings().weight
-        if pixel_values.device != weight.device and weight.device.type != "meta" and not hasattr(self, "hf_device_map"):
-            # (a model dispatched by a device map moves inputs itself)
-            raise ValueError(
-                f"pixel_values are on {pixel_values.device} but the vision tower is on {weight.device}: move the "
-                "inputs to the model's device (`processor(...).to(model.device)`)."
-            )
+        _check_left_on_cpu("pixel_values", pixel_values, weight.device, dispatched=hasattr(self, "hf_device_map"))
         with torch.set_grad_enabled(torch.is_grad_enabled() and needs_grad):
             patches = self.vision_model(pixel_values=pixel_values.flatten(0, 1).to(weight.dtype)).last_hidden_state
         patches = patches[:, 1:].unflatten(0, (batch_size, num_images))

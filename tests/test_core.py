@@ -617,12 +617,27 @@ def test_errors_are_specific():
     first = model(input_ids=ids, pixel_values=pixel_values, use_cache=True)
     with pytest.raises(ValueError, match="image_cache"):
         model(input_ids=ids[:, :1], pixel_values=pixel_values, past_key_values=first.past_key_values)
-    # pixel_values left on another device than the model (here "meta": a CPU-only test) is named as such, not as
-    # the patch convolution's "Input type (torch.FloatTensor) and weight type (torch.cuda.FloatTensor)"
-    with pytest.raises(ValueError, match="pixel_values are on meta but the vision tower is on cpu"):
-        model(input_ids=ids, pixel_values=pixel_values.to("meta"))
-    with pytest.raises(ValueError, match="pixel_values are on meta but the vision tower is on cpu"):
-        model.generate(input_ids=ids, pixel_values=pixel_values.to("meta"), max_new_tokens=2)
+
+
+def test_inputs_left_on_the_cpu_are_named():
+    """`pixel_values` left on the CPU for a model on a GPU: a ValueError that says so (the patch convolution's own
+    error speaks of "Input type (torch.FloatTensor) and weight type (torch.cuda.FloatTensor)"); not for a model
+    dispatched by a device map, nor for weights on the CPU or meta device (offloaded ones wait there for hooks)."""
+    from modeling_openflamingo.modeling_openflamingo import _check_left_on_cpu
+
+    pixels = torch.zeros(1, 1, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"pixel_values is on the CPU but the model's weights are on cuda:0"):
+        _check_left_on_cpu("pixel_values", pixels, torch.device("cuda:0"), dispatched=False)
+    _check_left_on_cpu("pixel_values", pixels, torch.device("cuda:0"), dispatched=True)
+    for device in ("cpu", "meta"):
+        _check_left_on_cpu("pixel_values", pixels, torch.device(device), dispatched=False)
+    if torch.cuda.is_available():
+        model = tiny_model().cuda()
+        ids, pixel_values = inputs()
+        with pytest.raises(ValueError, match="pixel_values is on the CPU but the model's weights are on cuda"):
+            model(input_ids=ids.cuda(), pixel_values=pixel_values)
+        with pytest.raises(ValueError, match="pixel_values is on the CPU but the model's weights are on cuda"):
+            model.generate(input_ids=ids.cuda(), pixel_values=pixel_values, max_new_tokens=2)
 
 
 def test_inputs_that_do_not_fit_each_other_are_errors():
