@@ -2526,7 +2526,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
     ) -> torch.FloatTensor:
         """
         Log-likelihood of each candidate continuation after each prompt (rank classification, as the original's
-        `get_rank_classifications`).
+        `get_rank_classifications` with `--no_kv_caching` or one prompt at a time: its default, cached path lets the
+        candidates attend to the left padding of a batch's shorter prompts; these scores do not depend on the batch).
 
         The prompts (e.g. few-shot demonstrations ending in `<image>Output:`) run through the model once, with their
         images; the LM's KV cache and the cross-attention keys/values of that one forward are then shared by every
