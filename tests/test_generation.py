@@ -813,6 +813,12 @@ def test_score_continuations_equals_brute_force_and_runs_the_prompt_once(family,
     torch.testing.assert_close(mean, expected / torch.tensor(lengths, dtype=torch.float32), atol=1e-4, rtol=0)
     chunked = model.score_continuations(**batch, continuations=candidates, candidates_per_forward=2)
     torch.testing.assert_close(chunked, scores, atol=1e-5, rtol=0)
+    # the short prompt's row, left-padded in the batch, scores as alone (the original's cached path does not: its
+    # candidates attend to that padding)
+    alone = processor(images=[tiny_images[3:4]], text=prompts[1:])
+    torch.testing.assert_close(
+        model.score_continuations(**alone, continuations=candidates)[0], scores[1], atol=1e-4, rtol=0
+    )
 
 
 def test_score_continuations_inputs(loaded, tiny_images):
