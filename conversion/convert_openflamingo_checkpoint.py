@@ -90,7 +90,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quick-gelu",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="the vision tower's activation (default: QuickGELU for presets and OpenAI weights, else its config's)",
+        help=(
+            "the vision tower's activation (default: QuickGELU for presets and for sources whose name contains "
+            "'openai', else the open_clip config's quick_gelu; required when that config has none)"
+        ),
     )
     out = parser.add_argument_group("output")
     out.add_argument("--output-dir", help="the folder to write (written elsewhere first, moved into place at the end)")

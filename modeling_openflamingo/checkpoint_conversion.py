@@ -973,7 +973,15 @@ def open_clip_vision_config(open_clip_config: Mapping[str, Any], quick_gelu: boo
         },
     )
     width = vision["width"]
-    use_quick_gelu = cfg.get("quick_gelu", False) if quick_gelu is None else quick_gelu
+    if quick_gelu is None and "quick_gelu" not in cfg:
+        # (the hub's timm/vit_large_patch14_clip_224.openai config has no such key: a copy of it under another name
+        # would otherwise become a GELU tower, silently wrong for OpenAI's weights)
+        raise ConversionError(
+            "The open_clip config does not say the vision tower's activation (no 'quick_gelu' key): pass "
+            "quick_gelu=True (--quick-gelu) for OpenAI's CLIP weights, which every released OpenFlamingo model uses, "
+            "or quick_gelu=False (--no-quick-gelu) for weights trained with GELU (e.g. LAION's)."
+        )
+    use_quick_gelu = cfg["quick_gelu"] if quick_gelu is None else quick_gelu
     return CLIPVisionConfig(
         hidden_size=width,
         intermediate_size=int(width * vision.get("mlp_ratio", 4.0)),
@@ -1098,9 +1106,9 @@ def resolve_vision(
 ) -> VisionInput:
     """The vision tower from open_clip files, an open_clip folder/hub repo, or a transformers CLIP folder/hub repo.
 
-    `quick_gelu` forces the activation (the OpenAI weights need QuickGELU; when unset it is taken from the config,
-    and assumed for sources whose name contains "openai"). `default_config` is used for open_clip weights given
-    without a config (a preset's ViT-L/14).
+    `quick_gelu` forces the activation (the OpenAI weights need QuickGELU; when unset it is assumed for sources whose
+    name contains "openai", else taken from the open_clip config, and a config that does not say is an error).
+    `default_config` is used for open_clip weights given without a config (a preset's ViT-L/14).
     """
     if vision is not None and open_clip_weights is not None:
         raise ConversionError("Pass either a vision source (--vision) or open_clip weights (--open-clip-weights).")

@@ -1526,6 +1526,33 @@ def test_vision_from_a_transformers_clip_hub_repo(converted, fake_hub, tmp_path)
     assert ("snapshot", "openai/clip-tiny", ("config.json", "model.safetensors")) in fake_hub.calls
 
 
+def test_an_open_clip_config_that_does_not_say_the_activation_needs_quick_gelu_given(tmp_path):
+    """A local copy of timm's OpenAI ViT-L/14 repo (its config has no `quick_gelu`) under a name without "openai":
+    an error asking for --quick-gelu / --no-quick-gelu, not a GELU tower silently wrong for OpenAI's weights; with
+    the flag, or under a name that says openai, it converts with QuickGELU."""
+    for name in ("vitl", "vit_large_patch14_clip_224.openai"):
+        folder = tmp_path / name
+        folder.mkdir()
+        for file, content in open_clip_repo_files("tiny-mpt").items():
+            if isinstance(content, Path):
+                shutil.copy(content, folder / file)
+            elif file.endswith(".json"):
+                (folder / file).write_text(content)
+    kwargs = fixture_kwargs("tiny-mpt", open_clip_config=None, open_clip_weights=None, vision=tmp_path / "vitl")
+    with pytest.raises(ConversionError, match=r"no 'quick_gelu' key\): pass quick_gelu=True \(--quick-gelu\)"):
+        convert_openflamingo_checkpoint(**kwargs, output_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    expected = folder_tensors(convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt"), output_dir=tmp_path / "r"))
+    for vision, quick_gelu in ((tmp_path / "vitl", True), (tmp_path / "vit_large_patch14_clip_224.openai", None)):
+        out = tmp_path / f"o-{vision.name}"
+        convert_openflamingo_checkpoint(**{**kwargs, "vision": vision, "quick_gelu": quick_gelu}, output_dir=out)
+        assert json.loads((out / "config.json").read_text())["vision_config"]["hidden_act"] == "quick_gelu"
+        assert_same_tensors(folder_tensors(out), expected)
+    out = tmp_path / "gelu"
+    convert_openflamingo_checkpoint(**{**kwargs, "quick_gelu": False}, output_dir=out)
+    assert json.loads((out / "config.json").read_text())["vision_config"]["hidden_act"] == "gelu"
+
+
 def test_hub_ids():
     from modeling_openflamingo.conversion_hub import HubSpec, parse_hub_spec
 
