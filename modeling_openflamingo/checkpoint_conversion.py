@@ -1785,9 +1785,10 @@ class ConvertedModel:
 
 
 def build_converted_model(
-    inputs: ConversionInputs, dtype: torch.dtype | None = None, progress: bool = True
+    inputs: ConversionInputs, dtype: torch.dtype | str | None = None, progress: bool = True
 ) -> ConvertedModel:
     """Plan, check, and load the model from resolved inputs (see `resolve_inputs`)."""
+    dtype = _checked_dtype(dtype)
     tok = inputs.tokenizer
     config = make_config(
         inputs.lm_config,
@@ -1842,7 +1843,7 @@ def convert_openflamingo_checkpoint(
     open_clip_weights: str | os.PathLike | None = None,
     cross_attn_every_n_layers: int | None = None,
     output_dir: str | os.PathLike | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     overwrite: bool = False,
     *,
     preset: str | Preset | None = None,
@@ -1863,6 +1864,7 @@ def convert_openflamingo_checkpoint(
     """
     if output_dir is None:
         raise ConversionError("output_dir is required.")
+    dtype = _checked_dtype(dtype)
     output_dir = Path(output_dir).expanduser().resolve()  # a symlink: its target is the folder written
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"{output_dir} is a file; the output is a folder: pass another path.")
@@ -1941,6 +1943,21 @@ def _is_empty_folder(path: Path) -> bool:
         path.is_dir()
         and not path.is_symlink()
         and all(entry.name == "lost+found" or _is_fill_leftover(entry) for entry in path.iterdir())
+    )
+
+
+def _checked_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """The output dtype of a conversion: a floating-point torch dtype or its name ("bfloat16", "torch.float16"), or
+    None for the stored one; anything else is refused before any input is read."""
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        return dtype
+    if isinstance(dtype, str):
+        named = getattr(torch, dtype.removeprefix("torch."), None)
+        if isinstance(named, torch.dtype) and named.is_floating_point:
+            return named
+    raise ConversionError(
+        f"dtype={dtype!r}: the converted weights take a floating-point dtype (torch.float32, torch.bfloat16, "
+        "torch.float16, or its name), or None for the checkpoint's own."
     )
 
 
@@ -2364,7 +2381,7 @@ def export_openflamingo_state_dict(
     include_lm: bool = False,
     include_vision: bool = False,
     v1_duplicates: bool = False,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     progress: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Our state dict in the original's `checkpoint.pt` format, with the original's exact key names.
@@ -2374,6 +2391,7 @@ def export_openflamingo_state_dict(
     `include_vision` the vision tower (`vision_encoder.*`, open_clip names), in the layout of the original's full
     state dict; `v1_duplicates` adds the second copies of the gated blocks that the v1 (LLaMA) release holds.
     """
+    dtype = _checked_dtype(dtype)
     source = state_dict if isinstance(state_dict, TensorSource) else TensorSource.from_state_dict("model", state_dict)
     family = lm_family_of(config)
     out: dict[str, torch.Tensor] = {}
@@ -2437,7 +2455,7 @@ def convert_hf_to_openflamingo(
     include_lm: bool = False,
     include_vision: bool = False,
     v1_duplicates: bool = False,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     overwrite: bool = False,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
@@ -2447,6 +2465,7 @@ def convert_hf_to_openflamingo(
     The file is a plain `torch.save`d dict of tensors that the original's `model.load_state_dict(..., strict=False)`
     reads. It is written to a temporary file and renamed into place.
     """
+    dtype = _checked_dtype(dtype)
     output_file = Path(output_file).expanduser()
     if output_file.is_dir():
         raise ConversionError(

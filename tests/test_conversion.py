@@ -1553,6 +1553,22 @@ def test_an_open_clip_config_that_does_not_say_the_activation_needs_quick_gelu_g
     assert json.loads((out / "config.json").read_text())["vision_config"]["hidden_act"] == "gelu"
 
 
+def test_the_output_dtype_is_checked_before_anything_is_read(converted, tmp_path):
+    """The Python API's `dtype`: a floating-point torch dtype or its name; "auto", an integer dtype or anything else is
+    a ConversionError before any input is read (an int8 `checkpoint.pt` of truncated weights was written)."""
+    out = convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt"), output_dir=tmp_path / "b", dtype="bfloat16")
+    assert {t.dtype for t in folder_tensors(out).values()} == {torch.bfloat16}
+    written = convert_hf_to_openflamingo(out, tmp_path / "f.pt", dtype="torch.float16", progress=False)
+    assert {t.dtype for t in torch.load(written, weights_only=True).values()} == {torch.float16}
+    missing = fixture_kwargs("tiny-mpt", checkpoint=tmp_path / "no-such-file.pt")  # (not reached)
+    for dtype in ("auto", "int8", torch.int8, torch.bool, 16):
+        with pytest.raises(ConversionError, match=r"the converted weights take a floating-point dtype"):
+            convert_openflamingo_checkpoint(**missing, output_dir=tmp_path / "o", dtype=dtype)
+        with pytest.raises(ConversionError, match=r"the converted weights take a floating-point dtype"):
+            convert_hf_to_openflamingo(out, tmp_path / "i.pt", dtype=dtype, progress=False)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "i.pt").exists()
+
+
 def test_hub_ids():
     from modeling_openflamingo.conversion_hub import HubSpec, parse_hub_spec
 
