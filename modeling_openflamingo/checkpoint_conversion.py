@@ -1523,7 +1523,8 @@ def _row_mismatch_hint(key: str, have: tuple[int, ...], need: tuple[int, ...], l
     if key in layout.embedding_keys and len(have) == 2 and have[1:] == need[1:]:
         return (
             f" The model's vocabulary ({need[0]}) is the tokenizer's length after adding <|endofchunk|>, <image> "
-            "and <PAD>: is the tokenizer the one the checkpoint was trained with?"
+            "and, when it has no pad token of its own, <PAD> (as the original does): is the tokenizer the one the "
+            "checkpoint was trained with (one that already has a pad token gives one row fewer)?"
         )
     return " Is the checkpoint from this model size (LM and vision tower)?"
 

@@ -1569,6 +1569,17 @@ def test_the_output_dtype_is_checked_before_anything_is_read(converted, tmp_path
     assert not (tmp_path / "o").exists() and not (tmp_path / "i.pt").exists()
 
 
+def test_a_tokenizer_with_its_own_pad_token_is_named_in_the_vocabulary_error(tmp_path):
+    """A tokenizer that already has a pad token gets no <PAD> (as in the original): one row fewer than the checkpoint's
+    matrix; the error says so rather than that <PAD> was added."""
+    tokenizer = tmp_path / "tokenizer"
+    shutil.copytree(FIXTURES / "tiny-llama" / "tokenizer", tokenizer)
+    config = json.loads((tokenizer / "tokenizer_config.json").read_text())
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps({**config, "pad_token": "<|endoftext|>"}))
+    with pytest.raises(ConversionError, match=r"when it has no pad token of its own, <PAD>.*gives one row fewer"):
+        convert_openflamingo_checkpoint(**fixture_kwargs("tiny-llama", tokenizer=tokenizer), output_dir=tmp_path / "o")
+
+
 def test_hub_ids():
     from modeling_openflamingo.conversion_hub import HubSpec, parse_hub_spec
 
