@@ -337,6 +337,26 @@ def _zip_pickle_name(path: Path) -> str | None:
         return None
 
 
+def _is_text(head: bytes) -> bool:
+    """Whether a file's first bytes are printable UTF-8 text (a cut multi-byte character at the end allowed)."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if error.start < len(head) - 3:
+            return False
+        text = head[: error.start].decode("utf-8")
+    return all(c.isprintable() or c in "\t\r\n" for c in text)
+
+
+def _is_torchscript(path: Path) -> bool:
+    """Whether `path` is a TorchScript archive (`torch.jit.save`: a zip with `constants.pkl` and `code/`)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(n.endswith("/constants.pkl") or n == "constants.pkl" for n in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def _not_a_checkpoint(path: Path) -> str:
     """Why `path` (which torch could not read) is no torch checkpoint, from its first bytes."""
     with open(path, "rb") as file:
@@ -348,6 +368,17 @@ def _not_a_checkpoint(path: Path) -> str:
         )
     if head.lstrip()[:1] == b"<":
         return "an HTML or XML page, not a torch checkpoint (a web page saved in its place?)"
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "a JSON file, not a torch checkpoint (a config given in place of the weights?)"
+    if head and _is_text(head):
+        return "a text file, not a torch checkpoint"
+    if _is_torchscript(path):
+        return (
+            "a TorchScript archive (torch.jit.save: code and weights, e.g. OpenAI's own ViT-L-14.pt), which is not "
+            "loaded here (running its code is unsafe); take the weights as a state dict or safetensors instead: for "
+            "OpenAI's CLIP, the default vision tower (timm/vit_large_patch14_clip_224.openai) or --vision "
+            "openai/clip-vit-large-patch14"
+        )
     # an intact torch zip file whose pickle `weights_only=True` does not read (e.g. `pickle_protocol=4`)
     if _zip_pickle_name(path) is not None:
         return (
@@ -364,6 +395,8 @@ def load_torch_file(path: str | os.PathLike, verify: bool = True) -> dict[str, A
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file.")
+    if _is_torchscript(path):  # (before torch, which would hand it to torch.jit.load with a warning, then refuse it)
+        raise ConversionError(f"{path}: {_not_a_checkpoint(path)}.")
     try:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -408,7 +441,12 @@ def load_torch_file(path: str | os.PathLike, verify: bool = True) -> dict[str, A
                 f"Load it in its own project and save the tensors alone (torch.save(state_dict) or safetensors). "
                 f"({message})"
             ) from error
-        raise ConversionError(f"{path}: {_not_a_checkpoint(path)}: {message}") from error
+        why = _not_a_checkpoint(path)
+        if why.startswith(("a Git LFS", "an HTML", "a JSON", "a text", "a TorchScript")):
+            # what the file is says it all (torch's text about it would only confuse: for a TorchScript archive it
+            # advises weights_only=False)
+            raise ConversionError(f"{path}: {why}.") from error
+        raise ConversionError(f"{path}: {why}: {message}") from error
     if not isinstance(obj, Mapping):
         raise ConversionError(f"{path}: expected a dict of tensors, got {type(obj).__name__}.")
     if verify:

@@ -609,13 +609,19 @@ def test_truncated_checkpoint(tmp_path):
         (b"version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 4096\n", "a Git LFS pointer"),
         (b"<!DOCTYPE html><html><body>Not found</body></html>", "an HTML or XML page"),
         (bytes(range(256)) * 16, "cannot be read as a torch checkpoint"),
+        (b"hello world\n" * 20, "a text file, not a torch checkpoint."),
+        (b'{"model_cfg": {"embed_dim": 768}}', "a JSON file, not a torch checkpoint"),
+        ("torchscript", "a TorchScript archive (torch.jit.save: code and weights"),
     ],
 )
 def test_file_that_is_no_checkpoint_is_named_as_such(tmp_path, content, says):
     """Files that are not checkpoints are not called unsafe pickles, and torch's advice to load them with
     `weights_only=False` is not passed on."""
     path = tmp_path / "checkpoint.pt"
-    path.write_bytes(content)
+    if content == "torchscript":  # (as OpenAI's own ViT-L-14.pt)
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), path)
+    else:
+        path.write_bytes(content)
     with pytest.raises(ConversionError) as error:
         convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt", checkpoint=path), output_dir=tmp_path / "o")
     message = str(error.value)
