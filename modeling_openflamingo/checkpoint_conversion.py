@@ -357,35 +357,29 @@ def _is_torchscript(path: Path) -> bool:
         return False
 
 
-def _not_a_checkpoint(path: Path) -> str:
-    """Why `path` (which torch could not read) is no torch checkpoint, from its first bytes."""
+def _not_a_checkpoint(path: Path) -> tuple[str, bool]:
+    """Why `path` (which torch could not read) is no torch checkpoint, from its first bytes; and whether that names
+    what the file is (then torch's own text about it adds nothing)."""
     with open(path, "rb") as file:
         head = file.read(64)
     if head.startswith(b"version https://git-lfs"):
         return (
             "a Git LFS pointer, not the file itself (cloned without git-lfs?): run `git lfs pull` in its repository, "
             "or download it with huggingface_hub"
-        )
+        ), True
     if head.lstrip()[:1] == b"<":
-        return "an HTML or XML page, not a torch checkpoint (a web page saved in its place?)"
+        return "an HTML or XML page, not a torch checkpoint (a web page saved in its place?)", True
     if head.lstrip()[:1] in (b"{", b"["):
-        return "a JSON file, not a torch checkpoint (a config given in place of the weights?)"
+        return "a JSON file, not a torch checkpoint (a config given in place of the weights?)", True
     if head and _is_text(head):
-        return "a text file, not a torch checkpoint"
-    if _is_torchscript(path):
-        return (
-            "a TorchScript archive (torch.jit.save: code and weights, e.g. OpenAI's own ViT-L-14.pt), which is not "
-            "loaded here (running its code is unsafe); take the weights as a state dict or safetensors instead: for "
-            "OpenAI's CLIP, the default vision tower (timm/vit_large_patch14_clip_224.openai) or --vision "
-            "openai/clip-vit-large-patch14"
-        )
+        return "a text file, not a torch checkpoint", True
     # an intact torch zip file whose pickle `weights_only=True` does not read (e.g. `pickle_protocol=4`)
     if _zip_pickle_name(path) is not None:
         return (
             "a torch file whose pickle weights_only=True cannot read: load it in its own project and save the "
             "tensors alone (torch.save(state_dict) with the default protocol, or safetensors)"
-        )
-    return "cannot be read as a torch checkpoint (truncated or corrupt?)"
+        ), False
+    return "cannot be read as a torch checkpoint (truncated or corrupt?)", False
 
 
 def load_torch_file(path: str | os.PathLike, verify: bool = True) -> dict[str, Any]:
@@ -396,7 +390,12 @@ def load_torch_file(path: str | os.PathLike, verify: bool = True) -> dict[str, A
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file.")
     if _is_torchscript(path):  # (before torch, which would hand it to torch.jit.load with a warning, then refuse it)
-        raise ConversionError(f"{path}: {_not_a_checkpoint(path)}.")
+        raise ConversionError(
+            f"{path}: a TorchScript archive (torch.jit.save: code and weights, e.g. OpenAI's own ViT-L-14.pt), which "
+            "is not loaded here (running its code is unsafe); take the weights as a state dict or safetensors "
+            "instead: for OpenAI's CLIP, the default vision tower (timm/vit_large_patch14_clip_224.openai) or "
+            "--vision openai/clip-vit-large-patch14."
+        )
     try:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -441,12 +440,8 @@ def load_torch_file(path: str | os.PathLike, verify: bool = True) -> dict[str, A
                 f"Load it in its own project and save the tensors alone (torch.save(state_dict) or safetensors). "
                 f"({message})"
             ) from error
-        why = _not_a_checkpoint(path)
-        if why.startswith(("a Git LFS", "an HTML", "a JSON", "a text", "a TorchScript")):
-            # what the file is says it all (torch's text about it would only confuse: for a TorchScript archive it
-            # advises weights_only=False)
-            raise ConversionError(f"{path}: {why}.") from error
-        raise ConversionError(f"{path}: {why}: {message}") from error
+        why, named = _not_a_checkpoint(path)
+        raise ConversionError(f"{path}: {why}." if named else f"{path}: {why}: {message}") from error
     if not isinstance(obj, Mapping):
         raise ConversionError(f"{path}: expected a dict of tensors, got {type(obj).__name__}.")
     if verify:
