@@ -297,10 +297,6 @@ class OpenFlamingoProcessor(ProcessorMixin):
             truncation = True
         # `apply_chat_template`'s assistant mask asks where placeholders were expanded: none are, here
         kwargs.pop("return_text_replacement_offsets", None)
-        if kwargs.get("sanitize_control_tokens"):
-            image_counts = [_MARKED_CONTROL_TOKENS.sub("", t).count(IMAGE_TOKEN) for t in texts]
-        else:
-            image_counts = [t.count(IMAGE_TOKEN) for t in texts]
         if kwargs.get("split_special_tokens", getattr(self.tokenizer, "split_special_tokens", False)):
             if images is not None:
                 raise ValueError(
@@ -308,6 +304,10 @@ class OpenFlamingoProcessor(ProcessorMixin):
                     "would mark where the images go: leave split_special_tokens off when giving images."
                 )
             image_counts = [0] * len(texts)  # (an <image> in the text is text)
+        elif kwargs.get("sanitize_control_tokens"):
+            image_counts = [_MARKED_CONTROL_TOKENS.sub("", t).count(IMAGE_TOKEN) for t in texts]
+        else:
+            image_counts = [t.count(IMAGE_TOKEN) for t in texts]
         image_rows = self._image_rows(images, image_counts, single)
         for row, (count, row_images) in enumerate(zip(image_counts, image_rows, strict=True)):
             if count != len(row_images):
