@@ -2219,7 +2219,14 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             _check_mpt_positions(
                 limit, text.shape[1] + max_new_tokens, f"The prompt ({text.shape[1]}) plus max_new_tokens"
             )
-        elif isinstance(max_length, int):
+        elif max_length is None or (kwargs.get("max_length") is None and max_length == GenerationConfig().max_length):
+            # no length set (or transformers 4's default of 20, which it reads as new tokens): `generate` makes
+            # transformers' default of 20 new tokens
+            default = max_length or 20
+            _check_mpt_positions(
+                limit, text.shape[1] + default, f"The prompt ({text.shape[1]}) plus the default {default} new tokens"
+            )
+        else:
             _check_mpt_positions(limit, max_length, "max_length")
 
     def _check_cache_support(self, kwargs: dict[str, Any]) -> None:

@@ -1509,6 +1509,14 @@ def test_mpt_positions_beyond_max_seq_len_are_refused_clearly(family):
         assert model.generate(**kw, max_new_tokens=4, min_new_tokens=4, **extra).shape == (2, limit)
     with pytest.raises(ValueError, match=f"max_length is {limit + 6} positions"):
         model.generate(**kw, max_length=limit + 6)
+    # no length given: transformers' default of 20 new tokens (4.x: its config's max_length=20, read as new tokens)
+    with pytest.raises(
+        ValueError, match=rf"The prompt \({limit - 4}\) plus the default 20 new tokens is {limit + 16} "
+    ):
+        model.generate(**kw)
+    assert model.generate(
+        input_ids=ids[:, : limit - 20], pixel_values=pixel_values, do_sample=False, pad_token_id=PAD, min_new_tokens=20
+    ).shape == (2, limit)
     with pytest.raises(ValueError, match=f"max_length is {limit + 6} positions"):
         model.generate(**kw, max_length=limit + 6, max_new_tokens=None)  # (None: unset, as `generate` reads it)
     # the remedy the error names
