@@ -1545,6 +1545,12 @@ def _check_gated_layers(found: Mapping[int, str], layout: ModelLayout, source: T
         )
     elif inferred and inferred != layout.cross_attn_every_n_layers:
         hint = f" The checkpoint was trained with N={inferred}: pass --cross-attn-every-n-layers {inferred}."
+    elif inferred and found_indices == expected[: len(found_indices)]:
+        fitting = f"{found_indices[-1] + 1}" + (f" to {found_indices[-1] + inferred}" if inferred > 1 else "")
+        hint = (
+            f" The language model has {layout.num_lm_layers} decoder layers, more than the checkpoint's blocks fit "
+            f"(an LM of {fitting}): is it the LM the checkpoint was trained with?"
+        )
     raise ConversionError(
         f"{source.name}: key {key!r}: the checkpoint has gated cross-attention blocks before decoder layers "
         f"{found_indices}, but cross_attn_every_n_layers={layout.cross_attn_every_n_layers} places them before "

@@ -2111,6 +2111,11 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         self._check_cache_support(kwargs)
         _check_one_image_source(*(kwargs.get(name) for name in ("pixel_values", "image_hidden_states", "image_cache")))
         input_ids = kwargs.get("input_ids")
+        if torch.is_tensor(input_ids) and input_ids.shape[-1] == 0 and kwargs.get("inputs_embeds") is None:
+            raise ValueError(
+                "generate needs a prompt of at least one token; input_ids has none (the released tokenizers add no "
+                "BOS token, so an empty text gives no tokens). Start the prompt with some text or an <image>."
+            )
         generation_config = kwargs.get("generation_config") or self.generation_config
         chunked = kwargs.get("prefill_chunk_size", getattr(generation_config, "prefill_chunk_size", None))
         if kwargs.get("assistant_early_exit", getattr(generation_config, "assistant_early_exit", None)) is not None:

@@ -2069,3 +2069,18 @@ def test_model_cards_of_the_fixtures_place_their_blocks(converted):
     assert "- 4 gated cross-attention blocks, one before each decoder layer (`cross_attn_every_n_layers=1`)" in card
     card = (converted("tiny-neox") / "README.md").read_text()
     assert "- 2 gated cross-attention blocks, before every 2nd decoder layer (`cross_attn_every_n_layers=2`)" in card
+
+
+def test_an_lm_deeper_than_the_checkpoints_is_named():
+    """A GPT-NeoX LM of 6 layers with a checkpoint trained on one of 4 (N=2 inferred): the error says the LM is
+    deeper than the checkpoint's blocks fit, not only that N places them elsewhere."""
+    src = FIXTURES / "tiny-neox"
+    with pytest.raises(
+        ConversionError, match=r"has 6 decoder layers, more than the checkpoint's blocks fit \(an LM of 4 to 5\)"
+    ):
+        dry_run(
+            checkpoint=src / "checkpoint.pt",
+            lm=FIXTURES / "sweep-neox-s202-l6-n4-parallel" / "lm",
+            tokenizer=src / "tokenizer",
+            vision_config=src / "open_clip_config.json",
+        )

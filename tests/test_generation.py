@@ -346,6 +346,9 @@ def test_text_only_prompts_without_pixel_values(family, loaded):
         assert torch.equal(out[i, -5:], one[0, -5:])
     beams = model.generate(**batch, max_new_tokens=5, min_new_tokens=5, num_beams=3)
     assert beams.shape == out.shape
+    # an empty text is no tokens (no BOS): a clear error, not an index / reshape error inside the LM
+    with pytest.raises(ValueError, match="generate needs a prompt of at least one token"):
+        model.generate(**processor(text=[""]), max_new_tokens=3)
 
 
 def test_prompt_lookup_decoding_equals_greedy(loaded, reference):
