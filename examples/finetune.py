@@ -158,6 +158,17 @@ class FlamingoTrainer(Trainer):
         if self.label_smoother is not None and self.compute_loss_func is None:
             self.compute_loss_func = next_token_label_smoothing(self.args.label_smoothing_factor)
 
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        """`Trainer`'s warnings for a resumed checkpoint's missing / unexpected names, counting what the model's load
+        fills in: a sharded checkpoint's names are compared with `state_dict()` before its load hooks rename them, tie
+        parameters and give the trained rows from the saved embedding matrix (`saved_names_load_report`)."""
+        model = self.accelerator.unwrap_model(self.model)
+        if isinstance(model, OpenFlamingoForConditionalGeneration):
+            missing = set(load_result.missing_keys)
+            saved = [name for name in model.state_dict() if name not in missing] + list(load_result.unexpected_keys)
+            load_result = torch.nn.modules.module._IncompatibleKeys(*model.saved_names_load_report(saved))
+        super()._issue_warnings_after_load(load_result)
+
     def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
         """Names of the parameters that get weight decay, by the original's rule."""
         return [name for name, _ in model.named_parameters() if gets_weight_decay(name)]

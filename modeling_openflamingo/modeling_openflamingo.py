@@ -25,7 +25,7 @@ import logging as std_logging
 import operator
 import os
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -3141,16 +3141,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             key.startswith(f"{prefix}new_token_embeddings.") for key in state_dict
         ):
             raise _new_token_rows_not_loadable()
-        if "vision_model" in self.vision_model._modules:  # transformers 4.x: the nested layout is the model's own
-            nested, flat = f"{prefix}vision_model.vision_model.", f"{prefix}vision_model."
-            renames = {key: nested + key[len(flat) :] for key in state_dict if key.startswith(flat)}
-            renames = {key: new for key, new in renames.items() if not key.startswith(nested)}
-        else:  # 5.x: `from_pretrained`'s renamings, the vision tower's nested names (registered above) included
-            renamings = _checkpoint_renamings(self)
-            keys = [key for key in state_dict if key.startswith(prefix)]
-            renames = {key: prefix + _apply_renamings(key[len(prefix) :], renamings) for key in keys}
-            renames = {key: new for key, new in renames.items() if new != key}
-        for key, new in renames.items():
+        for key, new in self._saved_name_renames(state_dict, prefix).items():
             state_dict[new] = state_dict.pop(key)
         if not _FILL_TIED_NAMES.get():
             return
@@ -3159,6 +3150,40 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             given = next((name for name in names if name in state_dict), None)
             for name in names if given is not None else ():
                 state_dict.setdefault(name, state_dict[given])
+
+    def _saved_name_renames(self, keys: Iterable[str], prefix: str = "") -> dict[str, str]:
+        """{saved name: this model's name} for the names among `keys` that a load renames: the vision tower's in this
+        transformers' layout (folders hold 4.x's `vision_model.vision_model.*` on either major), and on 5.x the LM's
+        own checkpoint renamings ([`_checkpoint_renamings`])."""
+        if "vision_model" in self.vision_model._modules:  # transformers 4.x: the nested layout is the model's own
+            nested, flat = f"{prefix}vision_model.vision_model.", f"{prefix}vision_model."
+            renames = {key: nested + key[len(flat) :] for key in keys if key.startswith(flat)}
+            return {key: new for key, new in renames.items() if not key.startswith(nested)}
+        # 5.x: `from_pretrained`'s renamings, the vision tower's nested names (registered above) included
+        renamings = _checkpoint_renamings(self)
+        renames = {
+            key: prefix + _apply_renamings(key[len(prefix) :], renamings) for key in keys if key.startswith(prefix)
+        }
+        return {key: new for key, new in renames.items() if new != key}
+
+    def saved_names_load_report(self, saved_names: Iterable[str]) -> tuple[list[str], list[str]]:
+        """`(missing, unexpected)`: this model's `state_dict` names that a saved folder holding `saved_names` (e.g. a
+        sharded checkpoint's index) leaves unloaded, and the saved names it does not take, counting what the load hooks
+        fill in: renamed names, tied parameters stored once, and rows trained by [`freeze_for_training`] (given from
+        the saved embedding matrix). transformers' `load_sharded_checkpoint` (which `Trainer` resumes from a sharded
+        checkpoint with) compares the names before the hooks run: `examples/finetune.py`'s `FlamingoTrainer` reports
+        this instead."""
+        names = list(saved_names)
+        renames = self._saved_name_renames(names)
+        loaded = {renames.get(name, name) for name in names}
+        for group in self._tied_parameter_names():
+            if loaded.intersection(group):
+                loaded.update(group)
+        if "new_token_embeddings" in self._modules and loaded.intersection(self._new_token_embedding_keys()):
+            loaded.add("new_token_embeddings.weight")
+        own = list(self.state_dict())
+        unexpected = dict.fromkeys(renames.get(name, name) for name in names if renames.get(name, name) not in own)
+        return [name for name in own if name not in loaded], list(unexpected)
 
     def _new_token_load_hook(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         """A state dict without the rows (e.g. a folder written by [`save_pretrained`]) gives them from its matrix;

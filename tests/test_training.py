@@ -566,6 +566,59 @@ def test_trainer_resumes_from_a_checkpoint_with_the_trained_rows(converted, tmp_
         torch.testing.assert_close(resumed_state[name], tensor, rtol=0, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("family", ["tiny-mpt", "tiny-neox"])
+def test_sharded_checkpoint_resume_reports_what_the_load_fills_in(converted, family, tmp_path):
+    """A sharded checkpoint (transformers 4.x shards a folder over 5 GB: every released model in fp32) is resumed by
+    `load_sharded_checkpoint`, which compares the index's names with `state_dict()` before the load hooks run: it
+    reports the tied output matrix, the trained rows (in the saved embedding matrix) and, on 5.x, the vision tower's and
+    GPT-NeoX's renamed names. `saved_names_load_report` counts what the load fills in, and `FlamingoTrainer` warns with
+    it: nothing, for a checkpoint that loads whole; a name really absent is still reported."""
+    try:
+        from transformers.trainer_utils import load_sharded_checkpoint
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import load_sharded_checkpoint
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging
+
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import finetune
+    finally:
+        sys.path.remove(str(EXAMPLES))
+
+    model, _ = load(converted, family)
+    model.freeze_for_training()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.01)
+    model.save_pretrained(tmp_path / "checkpoint", max_shard_size="30KB")
+    assert (tmp_path / "checkpoint" / "model.safetensors.index.json").exists()
+    target, _ = load(converted, family)
+    target.freeze_for_training()
+    result = load_sharded_checkpoint(target, str(tmp_path / "checkpoint"), strict=False)
+    assert result.missing_keys  # transformers' own comparison, before the hooks
+    loaded = target.state_dict()
+    assert torch.equal(loaded["new_token_embeddings.weight"], model.new_token_embeddings.weight)
+    for name, tensor in model.state_dict().items():
+        if name not in target._new_token_embedding_keys():  # (saved with the trained rows folded in)
+            assert torch.equal(loaded[name], tensor), name
+    index = json.loads((tmp_path / "checkpoint" / "model.safetensors.index.json").read_text())
+    assert target.saved_names_load_report(index["weight_map"]) == ([], [])
+    absent = [name for name in index["weight_map"] if "gated_cross_attn" in name][:1]
+    missing, unexpected = target.saved_names_load_report([n for n in index["weight_map"] if n not in absent])
+    assert (len(missing), unexpected) == (1, []) and missing[0].endswith(absent[0].rsplit(".", 3)[-1])
+
+    args = training_args(tmp_path, report_to=[])
+    trainer = finetune.FlamingoTrainer(model=target, args=args)
+    logger = logging.get_logger("transformers.trainer")
+    with CaptureLogger(logger) as captured:
+        trainer._issue_warnings_after_load(result)
+    assert "missing keys" not in captured.out and "unexpected keys" not in captured.out, captured.out
+    with CaptureLogger(logger) as captured:
+        trainer._issue_warnings_after_load(type(result)(result.missing_keys + missing, result.unexpected_keys))
+    assert f"missing keys in the checkpoint model loaded: {missing}" in captured.out, captured.out
+
+
 @pytest.mark.parametrize("freeze", [False, True])
 def test_safetensors_save_model_and_load_model_round_trip_a_tied_model(converted, freeze, tmp_path):
     """`safetensors.torch.save_model` / `load_model` (what accelerate's `save_state` / `load_state` use) on MPT's tied
