@@ -5,6 +5,7 @@ Importing this package registers the model with the Auto classes: `AutoConfig`, 
 for a folder without `tokenizer_config.json`).
 """
 
+import transformers
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 from .configuration_openflamingo import OpenFlamingoConfig
@@ -35,6 +36,13 @@ except ImportError:
     pass
 AutoImageProcessor.register(OpenFlamingoConfig, slow_image_processor_class=OpenFlamingoImageProcessor, exist_ok=True)
 AutoProcessor.register(OpenFlamingoConfig, OpenFlamingoProcessor, exist_ok=True)
+if int(transformers.__version__.split(".")[0]) >= 5:
+    # no video processor, known locally: 5.x's pipeline looks one up for every image-text model and, for a folder
+    # saved by 4.x (whose preprocessor_config.json names the image processor in a top-level `auto_map`), read that as
+    # remote code to run and asked "Do you wish to run the custom code? [y/N]"
+    from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING
+
+    VIDEO_PROCESSOR_MAPPING.register(OpenFlamingoConfig, {}, exist_ok=True)
 
 # `save_pretrained` writes an `auto_map` and copies the code, so saved folders load with `trust_remote_code=True`.
 OpenFlamingoConfig.register_for_auto_class()

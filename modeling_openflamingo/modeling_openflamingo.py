@@ -851,6 +851,11 @@ def _mpt_max_positions(text_config: PretrainedConfig) -> int | None:
     return getattr(text_config, "max_seq_len", None) if _is_mpt(text_config) else None
 
 
+def _untied_at_the_top_only(config: PretrainedConfig) -> bool:
+    """The model's config unties the output matrix (`tie_word_embeddings=False`) over an LM config that ties it."""
+    return config.tie_word_embeddings is False and getattr(config.text_config, "tie_word_embeddings", False) is True
+
+
 def _check_mpt_positions(limit: int | None, positions: int, what: str) -> None:
     """An error for more positions than an MPT / MosaicGPT LM's `limit` ([`_mpt_max_positions`]), where a longer input
     failed deep in the attention with a shape error (the original refused it too). `what` names the positions."""
@@ -1106,6 +1111,11 @@ _REQUESTED_LM_ATTENTION: contextvars.ContextVar[str | None] = contextvars.Contex
 )
 
 
+# Whether a `from_pretrained` is building the model: a config untied at the top only (`tie_word_embeddings=False` over
+# a tied LM) is untied after the weights load, from the loaded embeddings, not when the LM is built.
+_LOADING_PRETRAINED: contextvars.ContextVar[bool] = contextvars.ContextVar("openflamingo_loading", default=False)
+
+
 def _lm_attention_of(attn_implementation: Any) -> str | None:
     """The LM's attention in an `attn_implementation` argument, as transformers reads it for a sub-model: a name is
     the whole model's, and so the LM's; a dict names it under `"text_config"` (itself a name, or a dict whose `""`
@@ -1314,6 +1324,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             # asked for by name (`attn_implementation="sdpa"`): transformers' MPT has eager attention only, and the
             # SDPA one is this package's (`add_mpt_sdpa_attention`, after the LM is built)
             config.text_config._attn_implementation = "eager"
+        if _untied_at_the_top_only(config) and not _LOADING_PRETRAINED.get():
+            config.text_config.tie_word_embeddings = False  # the LM is built untied (from_pretrained: after loading)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         # registered after the LM, built before it (the same random initialisation as ever): PEFT's prompt tuning and
         # p-tuning embed the tokens with the word embeddings of the first `PreTrainedModel` child
@@ -1808,6 +1820,12 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         past = cache if cache is not None else past_key_values
+        if isinstance(past, (tuple, list)):
+            raise ValueError(
+                "past_key_values must be a transformers Cache (e.g. the `past_key_values` of an earlier output, or "
+                "`DynamicCache.from_legacy_cache(...)` for a tuple of per-layer (key, value) tensors); got a "
+                f"{type(past).__name__}."
+            )
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
@@ -2002,7 +2020,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             loss=loss,
             logits=logits,
             hidden_states=hidden_states,
-            attentions=outputs.attentions,
+            attentions=getattr(outputs, "attentions", None),  # (state-space LMs such as Mamba return none)
             image_hidden_states=image_hidden_states,
             image_cache=new_image_cache,
             **{_CACHE_FIELD: new_cache},
@@ -2097,7 +2115,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
 
         Returns:
             As `GenerationMixin.generate`: `torch.LongTensor` of shape
-            `(batch * num_return_sequences, prompt_len + new_tokens)` (prompt included), or a `GenerateOutput` with
+            `(batch * num_return_sequences, prompt_len + new_tokens)` (the prompt's ids included when `input_ids` were
+            given; from `inputs_embeds` alone, the new tokens only), or a `GenerateOutput` with
             `return_dict_in_generate=True`.
         """
         kwargs = _generate_keywords(args, kwargs)
@@ -2938,10 +2957,16 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 if isinstance(kwargs.get(key), dict):
                     main = kwargs[key].get("", torch.float32)
                     kwargs[key] = {"text_config": main, "vision_config": main, **kwargs[key]}
-        with _lm_attention_requested(kwargs.get("attn_implementation")):
-            if kwargs.pop("output_loading_info", False):
-                return super().from_pretrained(*args, output_loading_info=True, **kwargs)
-            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        loading_info = kwargs.pop("output_loading_info", False)
+        token = _LOADING_PRETRAINED.set(True)
+        try:
+            with _lm_attention_requested(kwargs.get("attn_implementation")):
+                model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        finally:
+            _LOADING_PRETRAINED.reset(token)
+        model._untie_if_configured()
+        if loading_info:
+            return model, info
         missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
         if any(key.startswith("new_token_embeddings.") for key in unexpected):  # an adapter's folder (transformers 5)
             raise _new_token_rows_not_loadable()
@@ -2959,6 +2984,19 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 + " Pass output_loading_info=True to load it anyway and inspect the report."
             )
         return model
+
+    def _untie_if_configured(self) -> None:
+        """A tied folder loaded with `tie_word_embeddings=False` (a config untied at the top only): the output matrix
+        becomes a parameter of its own, starting as the loaded embeddings (the same logits), as the bare LM's kwarg
+        unties it; the LM's own flag follows, so that `tie_weights` and the saved folder keep it apart."""
+        if not _untied_at_the_top_only(self.config):
+            return
+        output, embedding = self.get_output_embeddings(), self.get_input_embeddings()
+        if output is not None and getattr(output, "weight", None) is embedding.weight:
+            output.weight = nn.Parameter(
+                embedding.weight.detach().clone(), requires_grad=embedding.weight.requires_grad
+            )
+        self.config.text_config.tie_word_embeddings = False
 
     def load_adapter(self, peft_model_id: str | os.PathLike | None = None, *args: Any, **kwargs: Any) -> Any:
         """[`~PreTrainedModel.load_adapter`], refusing an adapter whose `new_token_embeddings` (rows trained after
@@ -2999,10 +3037,15 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         the folder's code and `auto_map` are those of this class, not of torch's FSDP module.
         """
         text_config = self.config.text_config
-        if self.config.tie_word_embeddings is False and getattr(text_config, "tie_word_embeddings", False):
+        output, embedding = self.get_output_embeddings(), self.get_input_embeddings()
+        untied = output is not None and getattr(output, "weight", None) is not embedding.weight
+        if self.config.tie_word_embeddings is False and getattr(text_config, "tie_word_embeddings", False) and untied:
             # untied at the top only (as PEFT's merge_and_unload of an adapted MPT `wte` leaves it): transformers 4.x
-            # ties by the LM's own flag when loading, which would drop the saved output matrix
+            # ties by the LM's own flag when loading, which would drop the saved output matrix. (Matrices that are
+            # still one are saved once, and their folder says so.)
             text_config.tie_word_embeddings = False
+        elif _untied_at_the_top_only(self.config) and output is not None and not untied:
+            self.config.tie_word_embeddings = True  # (one matrix: the folder holds it once)
         if "new_token_embeddings" in self._modules:
             if len(args) >= 2:  # (is_main_process, state_dict, ...) given positionally
                 args = (args[0], self._fold_new_token_embeddings(args[1]), *args[2:])

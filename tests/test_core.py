@@ -734,6 +734,37 @@ def test_inputs_that_fit_in_other_legitimate_forms_are_accepted():
         torch.testing.assert_close(got, opt(input_ids=ids, pixel_values=pixel_values).logits, rtol=0, atol=1e-5)
 
 
+def test_a_state_space_lm_without_attentions():
+    """`text_config` may be any causal LM `AutoModelForCausalLM` builds: Mamba's outputs have no `attentions`. Cached
+    generation equals uncached, and a left-padded row equals the row alone."""
+    from transformers import MambaConfig
+
+    text = MambaConfig(hidden_size=32, num_hidden_layers=4, state_size=4, vocab_size=403)
+    torch.manual_seed(0)
+    model = OpenFlamingoForConditionalGeneration(tiny_config(text_config=text)).eval()
+    ids, pixel_values = inputs()
+    out = model(input_ids=ids, pixel_values=pixel_values)
+    assert out.logits.shape == (*ids.shape, 403) and out.attentions is None
+    kw = {"pixel_values": pixel_values, "max_new_tokens": 4, "min_new_tokens": 4, "pad_token_id": PAD}
+    cached = model.generate(input_ids=ids, **kw)
+    assert torch.equal(cached, model.generate(input_ids=ids, use_cache=False, **kw))
+
+
+def test_a_legacy_tuple_cache_is_refused_clearly():
+    """A tuple of per-layer (key, value) tensors (4.x's deprecated legacy cache) is an error naming the remedy, not an
+    AttributeError inside the forward."""
+    model = tiny_model("llama")
+    ids, pixel_values = inputs()
+    out = model(input_ids=ids, pixel_values=pixel_values, use_cache=True)
+    legacy = (
+        tuple((layer.keys, layer.values) for layer in out.past_key_values.layers)
+        if hasattr(out.past_key_values, "layers")
+        else out.past_key_values.to_legacy_cache()
+    )
+    with pytest.raises(ValueError, match=r"past_key_values must be a transformers Cache .*from_legacy_cache.*tuple"):
+        model(input_ids=ids[:, -1:], past_key_values=legacy, image_cache=out.image_cache)
+
+
 def test_an_image_cache_must_fit_the_rows_and_the_model():
     """An image cache of other rows (or of another model) is an error, not other rows' images."""
     model = tiny_model()

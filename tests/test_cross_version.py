@@ -113,3 +113,27 @@ def test_longrope_writes_its_original_length_where_4x_reads_it():
     text = tiny_config(text_config=lm).to_dict()["text_config"]
     assert text["original_max_position_embeddings"] == 16
     assert text["rope_scaling"] == {**factors, "rope_type": "longrope", "original_max_position_embeddings": 16}
+
+
+@pytest.mark.parametrize("saved_by", ["by-transformers-4", "by-transformers-5.25"])
+def test_pipeline_of_a_saved_folder_asks_nothing(saved_by):
+    """transformers 5's pipeline looks up a video processor for every image-text model; a 4.x-saved folder's
+    top-level image-processor `auto_map` read as remote code made it ask "Do you wish to run the custom code? [y/N]"
+    (and wait 15 s for an answer). With the package imported nothing is asked, on either major."""
+    import subprocess
+    import sys
+
+    script = (
+        "import modeling_openflamingo\n"
+        "from PIL import Image\n"
+        "from transformers import pipeline\n"
+        f"pipe = pipeline('image-text-to-text', model={str(SAVED / saved_by / 'tiny-neox')!r})\n"
+        "out = pipe(text='<image>A photo of', images=[Image.new('RGB', (40, 30))], max_new_tokens=2)\n"
+        "print('OK', out[0]['input_text'])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "OK <image>A photo of" in done.stdout
+    assert "custom code" not in done.stdout + done.stderr, done.stdout + done.stderr

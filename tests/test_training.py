@@ -658,6 +658,34 @@ def test_keys_to_ignore_on_save_follow_the_tie(converted, tmp_path):
     assert torch.equal(saved["language_model.lm_head.weight"], head.weight.detach())
 
 
+@pytest.mark.parametrize("family", ["tiny-mpt", "tiny-mpt-1b-redpajama-200b"])
+def test_tie_word_embeddings_false_unties_a_tied_folder(converted, family, tmp_path):
+    """`from_pretrained(tied folder, tie_word_embeddings=False)` unties the output matrix as the bare LM's kwarg does:
+    it starts as the embeddings (same logits), trains apart, and its folder reloads untied. A tied model whose config
+    was set untied after building still saves a folder that reloads (the matrix stored once, the folder tied)."""
+    from safetensors.torch import load_file
+
+    path = converted(family)
+    tied, processor = load(converted, family)
+    inputs = sample_inputs()
+    untied = AutoModelForImageTextToText.from_pretrained(path, tie_word_embeddings=False)
+    assert untied.get_output_embeddings().weight is not untied.get_input_embeddings().weight
+    with torch.no_grad():
+        torch.testing.assert_close(untied(**inputs).logits, tied(**inputs).logits, rtol=0, atol=0)
+        untied.get_output_embeddings().weight.add_(0.5)
+    untied.save_pretrained(tmp_path / "untied")
+    assert "language_model.lm_head.weight" in load_file(tmp_path / "untied" / "model.safetensors")
+    again = AutoModelForImageTextToText.from_pretrained(tmp_path / "untied")
+    assert again.get_output_embeddings().weight is not again.get_input_embeddings().weight
+    assert torch.equal(again.get_output_embeddings().weight, untied.get_output_embeddings().weight)
+    tied.config.tie_word_embeddings = False  # the matrices are still one
+    tied.save_pretrained(tmp_path / "still-tied")
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "still-tied")
+    assert reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, tied(**inputs).logits, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("family", shared.FAMILIES)
 def test_load_state_dict_takes_a_saved_folders_weights(converted, family, tmp_path):
     """A saved folder's `model.safetensors` loads with `load_state_dict` (as `Trainer` resumes) without missing or
