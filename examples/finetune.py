@@ -147,7 +147,7 @@ def next_token_label_smoothing(epsilon: float) -> Callable[..., torch.Tensor]:
 
 
 class FlamingoTrainer(Trainer):
-    """`Trainer` with the original's weight decay (`gets_weight_decay`: the gated cross-attention blocks' weights)
+    """`Trainer` with the original's weight decay (`gets_weight_decay`: the gated cross-attention blocks, all of them)
     and, with `label_smoothing_factor`, a smoothed loss of the next token ([`next_token_label_smoothing`]): `Trainer`'s
     label smoother shifts the labels only for the causal LMs it knows by class name (this model shifts them inside its
     own loss), and on transformers 4.x it takes no `num_items_in_batch` (a per-batch mean under gradient

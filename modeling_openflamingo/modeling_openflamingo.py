@@ -563,15 +563,12 @@ def _fed_image_indices(
 def gets_weight_decay(parameter_name: str) -> bool:
     """Whether the original's training script decays this parameter (a name of ours, possibly under a wrapper's prefix).
 
-    Its rule, on its own names: `"gated_cross_attn_layer" in name and "ff_gate" not in name and "attn_gate" not in
-    name and "norm" not in name and "bias" not in name`. Its feed-forward LayerNorm is `ff.0` (ours: `ff.norm`), so
-    that LayerNorm's weight is decayed, the attention's (`attn.norm`, the same name in both) is not.
+    Its rule (open_flamingo 2.0.1, `train.py`'s `get_grouped_params`, without FSDP or with `--fsdp_use_orig_params`):
+    `"gated_cross_attn" in name`: every parameter of the gated cross-attention blocks (gates, biases and LayerNorms
+    too), none of the Perceiver's or the embeddings'. (open_flamingo 1.0 spared the gates, biases and norms; 2.0.1's
+    FSDP path without `--fsdp_use_orig_params` decays every trainable parameter.)
     """
-    return (
-        "gated_cross_attn_layers." in parameter_name
-        and not parameter_name.endswith(("attn_gate", "ff_gate", "bias"))
-        and ".attn.norm." not in parameter_name
-    )
+    return "gated_cross_attn_layers." in parameter_name
 
 
 class OpenFlamingoCrossAttention(nn.Module):
@@ -2882,9 +2879,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         return names
 
     def training_parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """AdamW parameter groups as in the original's training script ([`gets_weight_decay`]): weight decay on the
-        gated cross-attention blocks' weight matrices and feed-forward LayerNorm weight; none on their gates, biases
-        and attention LayerNorm, on the Perceiver and on the embedding rows. Trainable parameters only.
+        """AdamW parameter groups as in the original's training script ([`gets_weight_decay`]): weight decay on every
+        parameter of the gated cross-attention blocks; none on the Perceiver and on the embedding rows. Trainable
+        parameters only.
 
         Example: `torch.optim.AdamW(model.training_parameter_groups(0.1), lr=1e-4)`.
         """
