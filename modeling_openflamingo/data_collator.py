@@ -58,7 +58,9 @@ class OpenFlamingoDataCollator:
 
     Each sample is a mapping with a text (`text_column`, default `"text"`): a string with one `<image>` where each image
     goes and `<|endofchunk|>` after each image's text, e.g. `"<image>A photo of two cats.<|endofchunk|>"` (LAION-style)
-    or `"An intro. <image>A caption.<|endofchunk|>More text. <image>Another.<|endofchunk|>"` (MMC4-style); and its
+    or `"An intro.<image>A caption. More text.<|endofchunk|><image>Another.<|endofchunk|>"` (MMC4-style, laid out as the
+    original's `preprocess_interleaved`: `<|endofchunk|>` right before each later `<image>`; with `interleaved=True`,
+    text between an `<|endofchunk|>` and the next `<image>` is not trained on); and its
     images (`image_column`, default `"images"`, else `"image"`): a list of images in the order of the `<image>`
     tokens, one image, or nothing. An image is a `PIL.Image.Image`, a path, an array or tensor (HW, HWC or CHW; a 4-D
     one holds several, as `datasets`' "torch" / "numpy" formats give them, and so does a 3-D array that cannot be one
