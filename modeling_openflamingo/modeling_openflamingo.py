@@ -1434,16 +1434,34 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             if checkpoint_kwargs["use_reentrant"]:
                 self.enable_input_require_grads()
 
-        def enable_input_require_grads(self) -> None:
-            """[`~PreTrainedModel.enable_input_require_grads`] for both towers, as on transformers >= 5 (which hooks
-            every sub-model's input embeddings): the vision tower's patch embedding too, else a reentrant checkpoint
-            gives trainable weights inside the frozen tower (e.g. LoRA's) no gradient."""
-            super().enable_input_require_grads()
+    def enable_input_require_grads(self) -> None:
+        """[`~PreTrainedModel.enable_input_require_grads`] for both towers and the Perceiver: the input embeddings'
+        outputs (the vision tower's patch embedding too, as transformers >= 5.23 hooks every sub-model's) and the
+        Perceiver's input (the frozen tower's features, made without gradients) need a gradient, else a reentrant
+        checkpoint gives trainable weights inside a frozen part (e.g. LoRA's in the vision tower, the Perceiver or the
+        blocks' `to_kv`) no gradient."""
+        super().enable_input_require_grads()
+        if not hasattr(PreTrainedModel, "activation_checkpointing_enable"):  # transformers < 5.23: the LM's alone
             self.vision_model.enable_input_require_grads()
 
-        def disable_input_require_grads(self) -> None:
-            super().disable_input_require_grads()
+        def features_require_grads(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+            features = args[0] if args else None
+            if torch.is_tensor(features) and torch.is_grad_enabled() and not features.requires_grad:
+                return (features.detach().requires_grad_(True), *args[1:])
+            return None
+
+        previous = self.__dict__.pop("_perceiver_require_grads_hook", None)
+        if previous is not None:
+            previous.remove()
+        self._perceiver_require_grads_hook = self.perceiver.register_forward_pre_hook(features_require_grads)
+
+    def disable_input_require_grads(self) -> None:
+        super().disable_input_require_grads()
+        if not hasattr(PreTrainedModel, "activation_checkpointing_enable"):
             self.vision_model.disable_input_require_grads()
+        hook = self.__dict__.pop("_perceiver_require_grads_hook", None)
+        if hook is not None:
+            hook.remove()
 
     if _CHECKPOINTS_WITHOUT_GRADIENTS:  # transformers < 5.24 (then its checkpointed layers do this)
 

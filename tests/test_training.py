@@ -713,19 +713,25 @@ def test_trainer_bf16_and_gradient_checkpointing(converted, tmp_path):
 
 
 @pytest.mark.parametrize("checkpoint_kwargs", [None, {"use_reentrant": True}])
-@pytest.mark.parametrize("tower", ["language", "vision"])
+@pytest.mark.parametrize("tower", ["language", "vision", "perceiver", "to_kv"])
 def test_gradient_checkpointing_trains_a_first_layer(converted, checkpoint_kwargs, tower):
-    """With the embeddings frozen, nothing that enters the LM's first layer (before the first gated block, N=2) or
-    the vision tower's first layer needs a gradient: a reentrant checkpoint would give its trainable weights (e.g.
-    LoRA's) none, silently. The default is non-reentrant on every transformers version; asked for reentrant, the
-    output of both towers' input embeddings is made to need one (on transformers 4.x the vision tower's was not)."""
+    """With the embeddings frozen, nothing that enters the LM's first layer (before the first gated block, N=2), the
+    vision tower's first layer or the Perceiver (the frozen tower's features, made without gradients) needs a
+    gradient, nor the gated blocks' keys and values of the latents: a reentrant checkpoint would give their trainable
+    weights (e.g. LoRA's) none, silently. The default is non-reentrant on every transformers version; asked for
+    reentrant, the output of both towers' input embeddings and the Perceiver's input are made to need one (on
+    transformers 4.x the vision tower's was not; on every version the Perceiver's was not)."""
     model, _ = load(converted, "tiny-neox")
     assert "0" not in model.gated_cross_attn_layers
     model.requires_grad_(False)
     if tower == "language":
         first = find_decoder_layers(model.language_model, model.config.text_config.num_hidden_layers)[0]
-    else:
+    elif tower == "vision":
         first = find_decoder_layers(model.vision_model, model.config.vision_config.num_hidden_layers)[0]
+    elif tower == "perceiver":
+        first = model.perceiver.layers[0]
+    else:
+        first = next(iter(model.gated_cross_attn_layers.values())).attn.to_kv
     first.requires_grad_(True)
     model.train()
     shared.enable_checkpointing(model, **(checkpoint_kwargs or {}))
