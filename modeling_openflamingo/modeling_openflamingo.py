@@ -3013,6 +3013,17 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             )
         self.config.text_config.tie_word_embeddings = False
 
+    def enable_adapters(self) -> None:
+        """[`~PeftAdapterMixin.enable_adapters`], turning the adapters' `modules_to_save` copies back on too:
+        transformers' `disable_adapters` turns them off but its `enable_adapters` turned only the tuner layers (e.g.
+        LoRA's) back on: the recipe's Perceiver, gated blocks and trained rows silently stayed at the base weights."""
+        super().enable_adapters()
+        from peft.utils import ModulesToSaveWrapper
+
+        for module in self.modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                module.enable_adapters(True)
+
     def load_adapter(self, peft_model_id: str | os.PathLike | None = None, *args: Any, **kwargs: Any) -> Any:
         """[`~PreTrainedModel.load_adapter`], refusing an adapter whose `new_token_embeddings` (rows trained after
         [`freeze_for_training`]) this model has no place for (transformers 5 would drop them with a logged report):

@@ -1120,6 +1120,15 @@ def test_trainer_with_lora_on_the_lm_and_the_recipe(converted, tmp_path):
     base.eval()
     with torch.no_grad():
         torch.testing.assert_close(base(**inputs).logits, adapted, rtol=0, atol=1e-6)
+    try:  # transformers' switches (on 5.x they need peft >= 0.22)
+        base.disable_adapters()
+    except ValueError as error:
+        assert "peft" in str(error).lower(), error
+    else:
+        with torch.no_grad():
+            torch.testing.assert_close(base(**inputs).logits, plain_logits, rtol=0, atol=1e-6)
+            base.enable_adapters()  # the modules_to_save copies (Perceiver, gated blocks, rows) back on too
+            torch.testing.assert_close(base(**inputs).logits, adapted, rtol=0, atol=1e-6)
     base, _ = load(converted, family)
     base.freeze_for_training()
     reloaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter")
