@@ -89,13 +89,16 @@ def add_beam_search_arguments(parser: argparse.ArgumentParser, max_new_tokens: i
 
 
 def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """`generate` arguments from [`add_beam_search_arguments`]'s options."""
-    return {
+    """`generate` arguments from [`add_beam_search_arguments`]'s options (`length_penalty` with beams only: greedy
+    decoding has none, and transformers warns of it)."""
+    kwargs = {
         "max_new_tokens": args.max_new_tokens,
         "num_beams": args.num_beams,
-        "length_penalty": args.length_penalty,
         "cache_implementation": "static" if args.static_cache else None,
     }
+    if args.num_beams > 1:
+        kwargs["length_penalty"] = args.length_penalty
+    return kwargs
 
 
 def load_model_and_processor(args: argparse.Namespace) -> tuple[Any, Any]:
