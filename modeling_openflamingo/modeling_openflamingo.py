@@ -1444,7 +1444,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         if not hasattr(PreTrainedModel, "activation_checkpointing_enable"):  # transformers < 5.23: the LM's alone
             self.vision_model.enable_input_require_grads()
 
-        def features_require_grads(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        # (named as transformers' hook: decoding, under `no_grad`, needs nothing of it, and the fast path's
+        # decoders do not count it among the hooks that change a forward)
+        def make_inputs_require_grads(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
             features = args[0] if args else None
             if torch.is_tensor(features) and torch.is_grad_enabled() and not features.requires_grad:
                 return (features.detach().requires_grad_(True), *args[1:])
@@ -1453,7 +1455,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         previous = self.__dict__.pop("_perceiver_require_grads_hook", None)
         if previous is not None:
             previous.remove()
-        self._perceiver_require_grads_hook = self.perceiver.register_forward_pre_hook(features_require_grads)
+        self._perceiver_require_grads_hook = self.perceiver.register_forward_pre_hook(make_inputs_require_grads)
 
     def disable_input_require_grads(self) -> None:
         super().disable_input_require_grads()
