@@ -3066,14 +3066,13 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         """
         text_config = self.config.text_config
         output, embedding = self.get_output_embeddings(), self.get_input_embeddings()
-        untied = output is not None and getattr(output, "weight", None) is not embedding.weight
-        if self.config.tie_word_embeddings is False and getattr(text_config, "tie_word_embeddings", False) and untied:
-            # untied at the top only (as PEFT's merge_and_unload of an adapted MPT `wte` leaves it): transformers 4.x
-            # ties by the LM's own flag when loading, which would drop the saved output matrix. (Matrices that are
-            # still one are saved once, and their folder says so.)
-            text_config.tie_word_embeddings = False
-        elif _untied_at_the_top_only(self.config) and output is not None and not untied:
-            self.config.tie_word_embeddings = True  # (one matrix: the folder holds it once)
+        if _untied_at_the_top_only(self.config) and output is not None:
+            if getattr(output, "weight", None) is not embedding.weight:
+                # untied at the top only (as PEFT's merge_and_unload of an adapted MPT `wte` leaves it): transformers
+                # 4.x ties by the LM's own flag when loading, which would drop the saved output matrix
+                text_config.tie_word_embeddings = False
+            else:  # still one matrix: saved once, and the folder says so
+                self.config.tie_word_embeddings = True
         if "new_token_embeddings" in self._modules:
             if len(args) >= 2:  # (is_main_process, state_dict, ...) given positionally
                 args = (args[0], self._fold_new_token_embeddings(args[1]), *args[2:])
