@@ -1,12 +1,20 @@
 """openflamingo-hf: OpenFlamingo as a transformers model.
 
 Importing this package registers the model with the Auto classes: `AutoConfig`, `AutoModelForImageTextToText`,
-`AutoModelForVision2Seq` (transformers 4.x), `AutoImageProcessor` and `AutoProcessor` (and, on 4.x, `AutoTokenizer`
-for a folder without `tokenizer_config.json`).
+`AutoModelForVision2Seq` (transformers 4.x), `AutoModel` (the same class: there is no model without the LM's head, as
+for Llama 4), `AutoImageProcessor` and `AutoProcessor` (and, on 4.x, `AutoTokenizer` for a folder without
+`tokenizer_config.json`).
 """
 
 import transformers
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+)
 
 from .configuration_openflamingo import OpenFlamingoConfig
 from .data_collator import OpenFlamingoDataCollator, attention_mask_without_host_sync, causal_attention_mask_4d
@@ -25,6 +33,7 @@ __version__ = "0.1.0"
 
 AutoConfig.register("openflamingo", OpenFlamingoConfig, exist_ok=True)
 AutoModelForImageTextToText.register(OpenFlamingoConfig, OpenFlamingoForConditionalGeneration, exist_ok=True)
+AutoModel.register(OpenFlamingoConfig, OpenFlamingoForConditionalGeneration, exist_ok=True)
 try:  # transformers 4.x only
     from transformers import AutoModelForVision2Seq, PreTrainedTokenizerFast
 

@@ -60,11 +60,22 @@ OPS_NAMESPACE = (
 )
 
 
+def _triton() -> tuple[Any, Any]:
+    """`triton` and `triton.language` (there with CUDA builds of torch only). Imported inside a `try`: transformers'
+    remote-code loader requires every package that a file of a Hub folder imports, except in a `try` (or under an
+    `is_..._available()` check), and these kernels are never used without CUDA."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError as error:
+        raise ImportError("The decoding kernels need Triton, which comes with CUDA builds of torch.") from error
+    return triton, tl
+
+
 @functools.cache
 def _linear_kernel() -> Any:
     """The linear kernel, compiled on first use (Triton is only there with CUDA builds of torch)."""
-    import triton
-    import triton.language as tl
+    triton, tl = _triton()
 
     @triton.jit
     def small_batch_linear_kernel(
@@ -292,8 +303,7 @@ def decoding_step_options(device: torch.device, rows: int) -> dict[str, Any] | N
 @functools.cache
 def _attention_kernel() -> Any:
     """The single-query attention kernel, compiled on first use."""
-    import triton
-    import triton.language as tl
+    triton, tl = _triton()
 
     @triton.jit
     def single_query_attention_kernel(
@@ -371,7 +381,7 @@ def _attention_kernel() -> Any:
 def _attention_kernel_autotuned() -> Any:
     """The attention kernel with its block of keys and warps chosen by timing, once per (heads, keys, dim_head):
     with few programs (one per row and head), how many keys each loads at once decides its latency."""
-    import triton
+    triton, _ = _triton()
 
     configs = [
         triton.Config({"BLOCK_L": block_l}, num_warps=num_warps)

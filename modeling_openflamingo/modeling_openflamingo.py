@@ -48,7 +48,13 @@ from transformers.generation.logits_process import LogitsProcessorList, Unbatche
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.mpt.modeling_mpt import MptAttention
-from transformers.utils import ModelOutput, is_torchdynamo_compiling, logging
+from transformers.utils import (
+    ModelOutput,
+    is_accelerate_available,
+    is_peft_available,
+    is_torchdynamo_compiling,
+    logging,
+)
 
 if __name__ == "modeling_openflamingo":  # pragma: no cover - see the test of converted folders used as working dir
     # This is the copy of the model code that a saved folder carries (for `trust_remote_code`), found by name because
@@ -407,6 +413,20 @@ def _lm_cache(kwargs: dict[str, Any]) -> Any:
     return cache if cache is not None else kwargs.get("past_key_values")
 
 
+def _check_no_empty_row(attention_mask: Any, what: str) -> None:
+    """A batch's empty prompt (a row of padding only, as the processor gives for `""`) is refused as one alone is:
+    with nothing to attend to, the row's tokens would be made from padding."""
+    if torch.is_tensor(attention_mask) and attention_mask.ndim == 2 and attention_mask.shape[-1] > 0:
+        empty = (attention_mask == 0).all(dim=-1)
+        if bool(empty.any()):
+            rows = empty.nonzero().flatten().tolist()
+            raise ValueError(
+                f"{what} needs a prompt of at least one token in every row; attention_mask row(s) {rows} hold "
+                "padding only (an empty text: the released tokenizers add no BOS token). Start each prompt with some "
+                "text or an <image>."
+            )
+
+
 def _check_tensors(**named: Any) -> None:
     """A clear error for inputs given as lists or numpy arrays (`return_tensors="np"` / `None` outputs), which
     otherwise fail deep inside the LM or `generate` with an AttributeError. (A flex attention `BlockMask`, which
@@ -433,6 +453,41 @@ def _check_left_on_cpu(name: str, tensor: torch.Tensor, device: torch.device, di
             f"{name} is on the CPU but the model's weights are on {device}: move the inputs to the model's device "
             "(`processor(...).to(model.device)`)."
         )
+
+
+# The attribute of an LM cache that holds the images of the forward that filled it (see [`_image_cache_on`]): the
+# image cache, with the cache's rows and length it was stored for
+_IMAGE_CACHE_ATTRIBUTE = "openflamingo_image_cache"
+
+
+def _image_cache_on(cache: Any, rows: int, length: int) -> OpenFlamingoImageCache | None:
+    """The image cache that a forward with images stored on the LM cache `cache` it filled (None without one): as
+    mllama's cache holds its cross-attention states, a continued forward given only `past_key_values` goes on seeing
+    the prompt's images instead of decoding as text only. The state is the cache object's, not its layers': a cache
+    changed since (cropped, rows dropped: another length or number of `rows`) is an error, not stale images; rows
+    reordered in place are not seen (pass `image_cache` then). Not read or written while traced (`torch.compile`:
+    pass `image_cache` there; the fast path does)."""
+    stored = getattr(cache, _IMAGE_CACHE_ATTRIBUTE, None)
+    if stored is None or is_torchdynamo_compiling():
+        return None
+    image_cache, stored_rows, stored_length = stored
+    if (rows, length) != (stored_rows, stored_length):
+        raise ValueError(
+            f"past_key_values holds the images of the forward that filled it, for {stored_rows} rows and "
+            f"{stored_length} positions, but now has {length} positions and the input {rows} rows: the cache was "
+            "changed since (cropped, rows selected?). Pass that forward's `image_cache`, changed the same way, with "
+            "it (or `image_indices`: zeros for no image)."
+        )
+    return image_cache
+
+
+def _store_image_cache(cache: Any, image_cache: OpenFlamingoImageCache | None, rows: int, length: int) -> None:
+    """Store `image_cache` (None: forget the images) on the LM cache `cache`, of `rows` rows and `length` positions
+    after the forward, for [`_image_cache_on`]."""
+    if is_torchdynamo_compiling() or not hasattr(cache, "get_seq_length"):
+        return
+    if image_cache is not None or getattr(cache, _IMAGE_CACHE_ATTRIBUTE, None) is not None:
+        setattr(cache, _IMAGE_CACHE_ATTRIBUTE, None if image_cache is None else (image_cache, rows, length))
 
 
 _CONTINUING_WITH_IMAGES = (
@@ -1352,10 +1407,12 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         # Runs before any hook that `freeze_for_training` adds: those read the names this one puts in place.
         self.register_load_state_dict_pre_hook(self._state_dict_pre_load_hook)
         if self._auto_class is not None:
-            # transformers 4.x's AutoModelForVision2Seq loads saved folders with trust_remote_code too.
+            # transformers 4.x's AutoModelForVision2Seq, and AutoModel, load saved folders with trust_remote_code too.
+            name = f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}"
             config.auto_map = {
                 **(getattr(config, "auto_map", None) or {}),
-                "AutoModelForVision2Seq": f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}",
+                "AutoModelForVision2Seq": name,
+                "AutoModel": name,
             }
         self._no_split_modules = [
             type(decoder_layers[0]).__name__,
@@ -1518,6 +1575,10 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
 
     def get_decoder(self) -> nn.Module:
         return self.language_model.get_decoder()
+
+    def set_decoder(self, decoder: nn.Module) -> None:
+        """The LM's decoder (its base model, as [`get_decoder`] returns it), not the whole LM."""
+        self.language_model.set_decoder(decoder)
 
     # ---- images ----
 
@@ -1807,9 +1868,10 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 counted on from the prompt's last image.
             image_cache (`OpenFlamingoImageCache`, *optional*):
                 `output.image_cache` of an earlier call on the same rows: the cross-attention keys and values over the
-                images, reused instead of recomputed. Pass it with `past_key_values` to continue a sequence: a
-                continued forward without it (and without images) is text only, as the LM's cache does not hold the
-                images.
+                images, reused instead of recomputed. Pass it with `past_key_values` to continue a sequence. The
+                LM cache that a forward with images returns holds it too: a continued forward given that cache and
+                no image source uses the cache's images (`image_indices`, when given, say which one), so a loop that
+                passes only `past_key_values` after the first step (as for llava or mllama) goes on seeing them.
             past_key_values (`Cache`, *optional*): the LM's key/value cache (`cache` on transformers >= 5.24).
             inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
                 The LM's input embeddings, instead of `input_ids` (exactly one of the two). With images, the `<image>`
@@ -1858,10 +1920,20 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             labels=labels,
             image_cache=image_cache,
         )
+        # The images that a cache holds (see `_image_cache_on`), in eager mode: the cache's length is a tensor while
+        # traced (a static cache's), which the branches below would break the graph on
+        eager = not is_torchdynamo_compiling()
+        cached_length = past.get_seq_length() if eager and past is not None else 0
+        rows, new_positions = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        if eager and past is not None and cached_length == 0:
+            _store_image_cache(past, None, rows, 0)  # a new sequence (a reset or reused cache): no images yet
+        elif eager and cached_length > 0 and all(x is None for x in (pixel_values, image_hidden_states, image_cache)):
+            # the images of the forward that filled `past`, if it had any (`image_indices` given say which one)
+            image_cache = _image_cache_on(past, rows, cached_length)
+        continuing = cached_length > 0 if eager else past is not None and past.get_seq_length() > 0
         pixel_values, image_hidden_states = (
             None if _holds_no_images(x) else x for x in (pixel_values, image_hidden_states)
         )
-        continuing = past is not None and past.get_seq_length() > 0
         if use_cache is None and past is None and self.training and torch.is_grad_enabled():
             use_cache = False  # a training step has no use for a KV cache (and a compiled block would guard on it)
         # unset flags follow this model's config (as in any transformers model), not the LM's own `text_config`
@@ -2033,6 +2105,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         ):
             last = image_indices[:, -1] if image_indices.shape[-1] else image_cache.last_image_index
             new_image_cache = OpenFlamingoImageCache(key_values=key_values, last_image_index=last)
+        if eager and new_cache is not None and new_image_cache is not None:  # (`past` filled in place, or a new one)
+            _store_image_cache(new_cache, new_image_cache, rows, cached_length + new_positions)
         output = OpenFlamingoCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -2152,6 +2226,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 "generate needs a prompt of at least one token; input_ids has none (the released tokenizers add no "
                 "BOS token, so an empty text gives no tokens). Start the prompt with some text or an <image>."
             )
+        _check_no_empty_row(kwargs.get("attention_mask"), "generate")
         generation_config = kwargs.get("generation_config") or self.generation_config
         chunked = kwargs.get("prefill_chunk_size", getattr(generation_config, "prefill_chunk_size", None))
         if kwargs.get("assistant_early_exit", getattr(generation_config, "assistant_early_exit", None)) is not None:
@@ -2374,6 +2449,13 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         ):
             return False
         has_media = bool((input_ids == media).any())
+        cache = _lm_cache(kwargs)
+        cached_length = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
+        if has_media and not has_images and cached_length > 0:
+            # continuing from the cache of a call with images: its images
+            image_cache = _image_cache_on(cache, input_ids.shape[0], cached_length)
+            if image_cache is not None:
+                kwargs["image_cache"] = image_cache
         if image_cache is not None:
             # The images of an earlier call: the <image> tokens are numbered as with pixel_values, a continued
             # sequence's too (`generate` takes the whole sequence with past_key_values), so that an <image> beyond the
@@ -2623,7 +2705,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 f"attention_mask must have the shape of input_ids, {(batch_size, prompt_len)}; got "
                 f"{tuple(attention_mask.shape)}."
             )
-        elif bool((attention_mask[:, -1] == 0).any()):
+        else:
+            _check_no_empty_row(attention_mask, "score_continuations")
+        if bool((attention_mask[:, -1] == 0).any()):
             raise ValueError(
                 "score_continuations needs left-padded prompts (the candidates follow each prompt's last position): "
                 "attention_mask has padding at the end of a row (the processor pads left unless told otherwise)."
@@ -3020,11 +3104,14 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         transformers' `disable_adapters` turns them off but its `enable_adapters` turned only the tuner layers (e.g.
         LoRA's) back on: the recipe's Perceiver, gated blocks and trained rows silently stayed at the base weights."""
         super().enable_adapters()
-        from peft.utils import ModulesToSaveWrapper
+        # (peft is there past the line above: the check keeps transformers' remote-code loader, which requires every
+        # package a file imports outside such checks and `try` blocks, from requiring peft of a saved folder)
+        if is_peft_available():
+            from peft.utils import ModulesToSaveWrapper
 
-        for module in self.modules():
-            if isinstance(module, ModulesToSaveWrapper):
-                module.enable_adapters(True)
+            for module in self.modules():
+                if isinstance(module, ModulesToSaveWrapper):
+                    module.enable_adapters(True)
 
     def load_adapter(self, peft_model_id: str | os.PathLike | None = None, *args: Any, **kwargs: Any) -> Any:
         """[`~PreTrainedModel.load_adapter`], refusing an adapter whose `new_token_embeddings` (rows trained after
@@ -3116,9 +3203,10 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             if any(tensor.is_meta for tensor in state_dict.values()):
                 # parts offloaded by a device map (CPU / disk) are placeholders here: their weights are read back, as
                 # transformers does for a save without a given state dict (4.x only then)
-                from accelerate.utils.modeling import get_state_dict_offloaded_model
+                if is_accelerate_available():  # (a device map needs it; the check as in `enable_adapters`)
+                    from accelerate.utils.modeling import get_state_dict_offloaded_model
 
-                state_dict = get_state_dict_offloaded_model(self)
+                    state_dict = get_state_dict_offloaded_model(self)
         state_dict = dict(state_dict)
         rows = state_dict.pop("new_token_embeddings.weight", None)
         if rows is None:

@@ -349,6 +349,9 @@ def test_text_only_prompts_without_pixel_values(family, loaded):
     # an empty text is no tokens (no BOS): a clear error, not an index / reshape error inside the LM
     with pytest.raises(ValueError, match="generate needs a prompt of at least one token"):
         model.generate(**processor(text=[""]), max_new_tokens=3)
+    # ... in a batch too (a row of padding only), as alone, not tokens made from padding
+    with pytest.raises(ValueError, match=r"at least one token in every row; attention_mask row\(s\) \[0\]"):
+        model.generate(**processor(text=["", texts[0]]), max_new_tokens=3)
 
 
 def test_prompt_lookup_decoding_equals_greedy(loaded, reference):
@@ -834,6 +837,9 @@ def test_score_continuations_inputs(loaded, tiny_images):
     )
     with pytest.raises(ValueError, match="needs left-padded prompts"):
         model.score_continuations(**right, continuations=candidates)
+    empty = processor(text=["Output:", ""])
+    with pytest.raises(ValueError, match=r"score_continuations needs a prompt of at least one token in every row"):
+        model.score_continuations(**empty, continuations=candidates)
     with pytest.raises(ValueError, match="each a list of token ids"):  # one candidate's ids, not a list of them
         model.score_continuations(**batch, continuations=candidates[0])
     with pytest.raises(ValueError, match="negative token ids"):
@@ -935,7 +941,7 @@ def test_image_text_to_text_pipeline(converted, loaded, tiny_images):
     pipe = pipeline("image-text-to-text", model=model, processor=processor)
     prompt = "<image>Output:A cat.<|endofchunk|><image>Output:"
     result = pipe(images=tiny_images[:2], text=prompt, max_new_tokens=5, generate_kwargs={"min_new_tokens": 5})
-    inputs = processor(images=[tiny_images[:2]], text=[prompt])
+    inputs = processor(images=[tiny_images[:2]], text=[prompt]).to(model.device)
     ids = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5)
     new_text = processor.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert result == [{"input_text": prompt, "generated_text": prompt + new_text}]
@@ -989,7 +995,7 @@ def test_pipeline_new_text_after_a_prompt_ending_with_a_space(converted, loaded,
     prompt = "<image>Output:A cat.<|endofchunk|><image>Output: "
     comma = processor.tokenizer.convert_tokens_to_ids(",")
     generate_kwargs = {"max_new_tokens": 3, "sequence_bias": {(comma,): 100.0}}  # (forces "," from random weights)
-    inputs = processor(images=[tiny_images[:2]], text=[prompt])
+    inputs = processor(images=[tiny_images[:2]], text=[prompt]).to(model.device)
     ids = model.generate(**inputs, **generate_kwargs)
     new_text = processor.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert new_text == ",,,"
@@ -1091,9 +1097,10 @@ def test_generate_in_train_mode_with_gradient_checkpointing(family):
 
 
 @pytest.mark.parametrize("family", ["mpt", "gpt_neox"])
-def test_continuing_from_a_cache_without_the_images_is_an_error(family):
-    """The forward of a continued call sees only the new tokens, so without the images it would decode them as text
-    only (a silent wrong answer): `generate` refuses, as it does without the cache."""
+def test_continuing_from_a_cache_without_the_images(family):
+    """The forward of a continued call sees only the new tokens. The cache of a call with images holds them, so
+    `generate` continues from it with them; a cache without them (the images of a cache-less prompt) is refused, as
+    the prompt without the cache is, instead of decoding the new tokens as text only (a silent wrong answer)."""
     from .test_core import inputs, tiny_model
 
     model = tiny_model(family)
@@ -1103,15 +1110,87 @@ def test_continuing_from_a_cache_without_the_images_is_an_error(family):
     )
     name, cache = lm_cache_of(out)
     continued = torch.cat((out.sequences, torch.tensor([[5], [7]])), dim=1)
-    with pytest.raises(ValueError, match="continuing from past_key_values, pass the images again"):
-        model.generate(input_ids=continued, max_new_tokens=2, **{name: copy.deepcopy(cache)})
+    expected = model.generate(input_ids=continued, pixel_values=pixel_values, max_new_tokens=2, min_new_tokens=2)
+    got = model.generate(input_ids=continued, max_new_tokens=2, min_new_tokens=2, **{name: copy.deepcopy(cache)})
+    assert torch.equal(got, expected)
+    # with the images again, it continues the same way (the prompt's tokens are in the cache)
+    again = model.generate(
+        input_ids=continued, pixel_values=pixel_values, max_new_tokens=2, min_new_tokens=2,
+        **{name: copy.deepcopy(cache)},
+    )  # fmt: skip
+    assert torch.equal(again, expected)
     with pytest.raises(ValueError, match="<image> tokens but no images were given"):
         model.generate(input_ids=continued, max_new_tokens=2)
-    # with the images again, it continues (the prompt's tokens are in the cache; the new ones see the last image)
-    again = model.generate(
-        input_ids=continued, pixel_values=pixel_values, max_new_tokens=2, **{name: copy.deepcopy(cache)}
-    )
-    assert torch.equal(again, model.generate(input_ids=continued, pixel_values=pixel_values, max_new_tokens=2))
+    bare = DynamicCache()  # the prompt's tokens without its images
+    with torch.no_grad():
+        model(input_ids=out.sequences, image_indices=torch.zeros_like(out.sequences), past_key_values=bare)
+    with pytest.raises(ValueError, match="continuing from past_key_values, pass the images again"):
+        model.generate(input_ids=continued, max_new_tokens=2, **{name: bare})
+
+
+@pytest.mark.parametrize("family", ["mpt", "llama"])
+def test_a_forward_loop_given_only_the_cache_goes_on_seeing_the_images(family):
+    """A decoding loop as for llava or mllama: the images in the first forward, then only `past_key_values` and the
+    new token. The cache holds the images (as mllama's does), so the tokens are `generate`'s; `image_indices` of
+    zeros (no image) still makes a continued forward text only."""
+    from .test_core import inputs, tiny_model
+
+    model = tiny_model(family)
+    ids, pixel_values = inputs(batch=2)
+    new = 4
+    expected = model.generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=new, min_new_tokens=new)
+    eoc = model.generation_config.eos_token_id
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=pixel_values, past_key_values=DynamicCache(), use_cache=True)
+        tokens = []
+        for _ in range(new):
+            logits = out.logits[:, -1]
+            logits[:, eoc] = -float("inf")  # min_new_tokens
+            tokens.append(logits.argmax(-1, keepdim=True))
+            _, cache = lm_cache_of(out)
+            out = model(input_ids=tokens[-1], past_key_values=cache, use_cache=True)
+        assert torch.equal(torch.cat(tokens, dim=1), expected[:, ids.shape[1] :])
+        # image_indices given: as asked (here no image), not the cache's
+        _, cache = lm_cache_of(model(input_ids=ids, pixel_values=pixel_values, past_key_values=DynamicCache()))
+        step = torch.tensor([[5], [7]])
+        seeing = model(input_ids=step, past_key_values=copy.deepcopy(cache)).logits[:, -1]
+        blind = model(input_ids=step, past_key_values=copy.deepcopy(cache), image_indices=torch.zeros_like(step))
+        whole = torch.cat((ids, step), dim=1)
+        placed = image_indices_from_input_ids(whole, model.config.media_token_id, pixel_values.shape[1])
+        full = model(input_ids=whole, pixel_values=pixel_values).logits[:, -1]
+        placed[:, -1] = 0
+        full_blind = model(input_ids=whole, pixel_values=pixel_values, image_indices=placed).logits[:, -1]
+    torch.testing.assert_close(seeing, full, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(blind.logits[:, -1], full_blind, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(seeing, blind.logits[:, -1])
+
+
+def test_a_caches_images_are_its_own_until_it_is_reset_or_changed():
+    """The images a cache holds belong to its sequence: a new prompt in the same cache object (after `reset()`) does
+    not see them, and a cache changed since (cropped, rows selected) is an error, not a silent wrong image."""
+    from .test_core import inputs, tiny_model
+
+    model = tiny_model("llama")
+    ids, pixel_values = inputs(batch=2)
+    text = torch.tensor([[11, 12, 13], [14, 15, 16]])
+    step = torch.tensor([[5], [7]])
+    with torch.no_grad():
+        expected = model(input_ids=torch.cat((text, step), dim=1)).logits[:, -1]
+        cache = DynamicCache()
+        model(input_ids=ids, pixel_values=pixel_values, past_key_values=cache)
+        cache.crop(-cache.get_seq_length())  # emptied (4.57's `reset()` zeroes a dynamic cache, keeping its length)
+        model(input_ids=text, past_key_values=cache)  # a text-only prompt in the same cache object
+        got = model(input_ids=step, past_key_values=cache).logits[:, -1]
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+        cache = DynamicCache()
+        model(input_ids=ids, pixel_values=pixel_values, past_key_values=cache)
+        cropped = copy.deepcopy(cache)
+        cropped.crop(-2)  # (the last two positions off)
+        with pytest.raises(ValueError, match="the cache was changed since"):
+            model(input_ids=step, past_key_values=cropped)
+        with pytest.raises(ValueError, match="the cache was changed since"):
+            model(input_ids=step[:1], past_key_values=cache)  # one row of two
 
 
 @pytest.mark.parametrize("family", ["mpt", "llama"])
