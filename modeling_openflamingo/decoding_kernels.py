@@ -60,6 +60,19 @@ OPS_NAMESPACE = (
 )
 
 
+def is_traced() -> bool:
+    """Whether this code is being traced by `torch.compile` (dynamo) or `torch.export`, rather than run eagerly.
+
+    Not `torch.compiler.is_compiling()` (nor transformers' `is_torchdynamo_compiling()`, which returns it): that is a
+    process-wide flag, true in every thread while any one thread compiles something, so an eager forward in another
+    thread would take the traced branches (and run with another forward's state). `is_dynamo_compiling()` is true
+    only inside the frame that dynamo traces."""
+    if torch.compiler.is_dynamo_compiling():
+        return True
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch 2.5+
+    return bool(is_exporting is not None and is_exporting())
+
+
 def _triton() -> tuple[Any, Any]:
     """`triton` and `triton.language` (there with CUDA builds of torch only). Imported inside a `try`: transformers'
     remote-code loader requires every package that a file of a Hub folder imports, except in a `try` (or under an
@@ -497,7 +510,7 @@ def scaled_dot_product_attention(
         and query.shape[-1] <= 256
         and query.stride(-1) == key.stride(-1) == value.stride(-1) == 1
         and not torch.is_grad_enabled()
-        and torch.compiler.is_compiling()
+        and is_traced()
     ):
         return single_query_attention(query, key, value, attn_mask, scale)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)

@@ -28,7 +28,7 @@ from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_h
 from transformers import CompileConfig, GenerationConfig, PretrainedConfig
 from transformers.utils import logging
 
-from .decoding_kernels import decoding_step_options
+from .decoding_kernels import decoding_step_options, is_traced
 from .modeling_openflamingo import (
     _CACHE_FIELD,
     _RECOMPILE_LIMIT,
@@ -272,7 +272,7 @@ def _count_registration(module: nn.Module, name: str, value: Any) -> None:
     global _registrations
     # not inside a compiled function (an LM's forward may slice its `ModuleList`, which registers the layers in a new
     # one): dynamo would guard on the count and recompile at every call
-    if not torch.compiler.is_compiling():
+    if not is_traced():
         _registrations += 1
 
 

@@ -52,7 +52,6 @@ from transformers.utils import (
     ModelOutput,
     is_accelerate_available,
     is_peft_available,
-    is_torchdynamo_compiling,
     logging,
 )
 
@@ -88,7 +87,7 @@ from .configuration_openflamingo import (
     _as_int,
     _is_int,
 )
-from .decoding_kernels import scaled_dot_product_attention
+from .decoding_kernels import is_traced, scaled_dot_product_attention
 
 try:  # transformers >= 5: initialisers that leave loaded weights alone
     from transformers import initialization as init
@@ -231,7 +230,7 @@ def _autocast_enabled(tensor: torch.Tensor) -> bool:
     device_type = tensor.device.type
     if device_type == "meta":
         return False
-    if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device_type):
+    if not is_traced() and not torch.amp.is_autocast_available(device_type):
         return False
     return torch.is_autocast_enabled(device_type)
 
@@ -468,7 +467,7 @@ def _image_cache_on(cache: Any, rows: int, length: int) -> OpenFlamingoImageCach
     reordered in place are not seen (pass `image_cache` then). Not read or written while traced (`torch.compile`:
     pass `image_cache` there; the fast path does)."""
     stored = getattr(cache, _IMAGE_CACHE_ATTRIBUTE, None)
-    if stored is None or is_torchdynamo_compiling():
+    if stored is None or is_traced():
         return None
     image_cache, stored_rows, stored_length = stored
     if (rows, length) != (stored_rows, stored_length):
@@ -484,7 +483,7 @@ def _image_cache_on(cache: Any, rows: int, length: int) -> OpenFlamingoImageCach
 def _store_image_cache(cache: Any, image_cache: OpenFlamingoImageCache | None, rows: int, length: int) -> None:
     """Store `image_cache` (None: forget the images) on the LM cache `cache`, of `rows` rows and `length` positions
     after the forward, for [`_image_cache_on`]."""
-    if is_torchdynamo_compiling() or not hasattr(cache, "get_seq_length"):
+    if is_traced() or not hasattr(cache, "get_seq_length"):
         return
     if image_cache is not None or getattr(cache, _IMAGE_CACHE_ATTRIBUTE, None) is not None:
         setattr(cache, _IMAGE_CACHE_ATTRIBUTE, None if image_cache is None else (image_cache, rows, length))
@@ -763,13 +762,15 @@ _ACTIVE_CROSS_ATTENTION: contextvars.ContextVar[_ActiveCrossAttention | None] = 
 
 # torch.compile (dynamo) cannot trace `ContextVar.get`/`set` (each would break the graph, once per gated layer). While
 # it traces a forward, that forward's state is pushed on this list instead, and popped when the forward ends, so here
-# too nothing outlives the call. Eager calls use the context variable, which keeps concurrent threads apart.
+# too nothing outlives the call (dynamo traces one frame at a time, under its compile lock). Eager calls use the
+# context variable, which keeps concurrent threads apart: `is_traced`, not the process-wide `is_compiling`, tells them
+# apart, so an eager forward never reads the list that another thread's trace is filling.
 _TRACED_CROSS_ATTENTION: list[_ActiveCrossAttention] = []
 
 
 @contextmanager
 def _cross_attention_active(state: _ActiveCrossAttention) -> Iterator[None]:
-    if torch.compiler.is_compiling():
+    if is_traced():
         _TRACED_CROSS_ATTENTION.append(state)
         try:
             yield
@@ -794,7 +795,8 @@ class _GatedDecoderLayerMixin:
     flamingo_layer_idx: int
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        active = _TRACED_CROSS_ATTENTION[-1] if _TRACED_CROSS_ATTENTION else _ACTIVE_CROSS_ATTENTION.get()
+        traced = is_traced() and _TRACED_CROSS_ATTENTION  # (a compiled layer of an eager forward: the context variable)
+        active = _TRACED_CROSS_ATTENTION[-1] if traced else _ACTIVE_CROSS_ATTENTION.get()
         if active is not None:
             name = str(self.flamingo_layer_idx)
             key, value = active.key_values[name] if active.key_values is not None else (None, None)
@@ -1922,7 +1924,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         )
         # The images that a cache holds (see `_image_cache_on`), in eager mode: the cache's length is a tensor while
         # traced (a static cache's), which the branches below would break the graph on
-        eager = not is_torchdynamo_compiling()
+        eager = not is_traced()
         cached_length = past.get_seq_length() if eager and past is not None else 0
         rows, new_positions = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         if eager and past is not None and cached_length == 0:
@@ -1940,7 +1942,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if output_attentions is None:
             output_attentions = getattr(self.config, "output_attentions", False)
-        if output_attentions and not is_torchdynamo_compiling() and self._attention_weights_unavailable():
+        if output_attentions and not is_traced() and self._attention_weights_unavailable():
             logger.warning_once(
                 "output_attentions=True: MPT's attention runs through SDPA here, which returns no attention weights "
                 "(`attentions` holds None for the LM's layers). Load with attn_implementation='eager', or call "
@@ -1974,7 +1976,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             # `inputs_embeds` alone (e.g. PEFT's prompt tuning prepends learned ones): the <image> tokens are the rows
             # that equal the <image> token's embedding, as transformers' vision-language models find them
             placing_ids = self._media_ids_from_embeds(inputs_embeds)
-        if image_indices is None and placing_ids is not None and has_images and is_torchdynamo_compiling():
+        if image_indices is None and placing_ids is not None and has_images and is_traced():
             # traced (`torch.compile(model)`, `torch.export`): the checks below read input_ids on the host, a graph
             # break (an export error); the numbering is theirs, unchecked. Pass image_indices to have them checked.
             if continuing and image_cache is None:
@@ -1983,7 +1985,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             image_indices = _image_indices_after(last, placing_ids, self.config.media_token_id)
         # (traced without images: no check either, it reads input_ids on the host)
         checks = image_indices is None and placing_ids is not None and self.config.media_token_id is not None
-        if checks and (has_images or not is_torchdynamo_compiling()):
+        if checks and (has_images or not is_traced()):
             has_media = bool((placing_ids == self.config.media_token_id).any())
             if has_media and not has_images:
                 raise ValueError(

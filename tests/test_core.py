@@ -12,6 +12,9 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -570,6 +573,86 @@ def test_loss_ignores_minus_100_and_supports_num_items_in_batch():
     summed = model(input_ids=ids, pixel_values=pixel_values, labels=labels, num_items_in_batch=torch.tensor(7))
     expected = torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum") / 7
     torch.testing.assert_close(summed.loss, expected)
+
+
+@contextmanager
+def another_thread_compiling() -> Iterator[None]:
+    """Hold a `torch.compile` session open in another thread (its backend waits) for the body of the `with`: while it
+    lasts, `torch.compiler.is_compiling()` is true in every thread, this one's eager code included."""
+    started, release = threading.Event(), threading.Event()
+
+    def waiting_backend(graph_module, example_inputs):
+        started.set()
+        release.wait(120)
+        return graph_module.forward
+
+    compiled = torch.compile(lambda x: x * 2 + 1, backend=waiting_backend)
+    thread = threading.Thread(target=compiled, args=(torch.ones(3),))
+    thread.start()
+    try:
+        assert started.wait(120), "the compilation did not start"
+        yield
+    finally:
+        release.set()
+        thread.join()
+
+
+def test_eager_forwards_keep_their_state_while_another_thread_compiles():
+    """`torch.compiler.is_compiling()` (transformers' `is_torchdynamo_compiling()`) is a process-wide flag: while one
+    thread compiles anything, an eager forward in another thread must still run as eager. Two models' forwards in two
+    threads, interleaved by hooks so that each runs its LM while the other is inside its own, get their single-threaded
+    logits (not each other's gated blocks); a forward continued from the cache sees the prompt's images; a wrong
+    number of images is still an error; `generate` gives its tokens."""
+    models = [tiny_model("llama", seed=0), tiny_model("llama", seed=1)]
+    ids, pixel_values = inputs(seq=12)
+    with torch.no_grad():
+        expected = [model(input_ids=ids, pixel_values=pixel_values).logits for model in models]
+    generated = models[0].generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=4, do_sample=False)
+    assert not torch.allclose(expected[0], expected[1])
+    # thread 0 waits in its LM's first layer until thread 1 is in its own; thread 1 goes on when thread 0 is done
+    zero_inside, one_inside, zero_done = threading.Event(), threading.Event(), threading.Event()
+
+    def zero_waits(*_) -> None:
+        zero_inside.set()
+        one_inside.wait(60)
+
+    def one_waits(*_) -> None:
+        one_inside.set()
+        zero_done.wait(60)
+
+    find_decoder_layers(models[0].language_model, 4)[0].register_forward_pre_hook(zero_waits)
+    find_decoder_layers(models[1].language_model, 4)[0].register_forward_pre_hook(one_waits)
+    results: dict[int, torch.Tensor] = {}
+
+    def run(index: int) -> None:
+        try:
+            with torch.no_grad():
+                results[index] = models[index](input_ids=ids, pixel_values=pixel_values).logits
+        finally:
+            if index == 0:
+                zero_done.set()
+
+    with another_thread_compiling():
+        assert torch.compiler.is_compiling()  # (the flag that this thread must not follow)
+        threads = [threading.Thread(target=run, args=(index,)) for index in (0, 1)]
+        threads[0].start()
+        assert zero_inside.wait(60)
+        threads[1].start()
+        for thread in threads:
+            thread.join()
+        assert one_inside.is_set() and zero_done.is_set()
+        for index in (0, 1):
+            torch.testing.assert_close(results[index], expected[index], atol=0, rtol=0)
+
+        model = tiny_model("llama")
+        with torch.no_grad():
+            first = model(input_ids=ids[:, :8], pixel_values=pixel_values, use_cache=True)
+            second = model(input_ids=ids[:, 8:], past_key_values=first.past_key_values)
+        torch.testing.assert_close(second.logits, expected[0][:, 8:], atol=1e-5, rtol=0)
+        with pytest.raises(ValueError, match=r"<image> tokens but only 1 images"):
+            model(input_ids=ids, pixel_values=pixel_values[:, :1])
+        again = models[0].generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=4, do_sample=False)
+        assert torch.equal(again, generated)
 
 
 def test_output_fields_and_tuple_output():

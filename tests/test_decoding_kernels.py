@@ -149,7 +149,7 @@ def test_scaled_dot_product_attention_takes_the_kernel_only_for_its_dtypes(monke
     calls = []
     kernel = decoding_kernels.single_query_attention
     monkeypatch.setattr(decoding_kernels, "single_query_attention", lambda *a: calls.append(a[0].dtype) or kernel(*a))
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # as inside the compiled decoding step
+    monkeypatch.setattr(decoding_kernels, "is_traced", lambda: True)  # as inside the compiled decoding step
     torch.manual_seed(0)
     for dtype in (torch.float64, torch.float32):
         query = torch.randn(2, 4, 1, 16, dtype=dtype, device=DEVICE)
