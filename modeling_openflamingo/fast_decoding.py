@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import itertools
 import operator
+import threading
 import types
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -101,6 +102,15 @@ COMPILE_PROMPT_BLOCKS = True
 _STATIC_DECODERS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _StaticDecoder]] = weakref.WeakKeyDictionary()
 # model -> what its decoders were made over ([`_decoding_state`])
 _DECODED_STATE: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+# model -> the lock that a call holds while it makes or runs the model's decoders: their static cache, inputs and
+# graphs are the model's, not the call's, so two threads generating with one model would write into each other's
+_DECODER_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_DECODER_LOCKS_LOCK = threading.Lock()
+
+
+def _decoder_lock(model: nn.Module) -> threading.RLock:
+    with _DECODER_LOCKS_LOCK:
+        return _DECODER_LOCKS.setdefault(model, threading.RLock())
 
 
 # The LM attention implementations the decoders are tested with (`tests/test_fast_path.py`); with any other, `generate`
@@ -201,8 +211,9 @@ def generate_static(model: OpenFlamingoForConditionalGeneration, kwargs: dict[st
         infer = pad not in eos and bool((input_ids == pad).any())
         attention_mask = input_ids.ne(pad).long() if infer else torch.ones_like(input_ids)
     # the decoders' tensors (static cache, inputs, graphs) outlive the call: made and used outside inference mode, so
-    # that a first call inside `torch.inference_mode()` leaves tensors that later calls outside it can update
-    with torch.inference_mode(False), torch.no_grad():
+    # that a first call inside `torch.inference_mode()` leaves tensors that later calls outside it can update; one
+    # call at a time per model (threads: each other's tokens otherwise)
+    with _decoder_lock(model), torch.inference_mode(False), torch.no_grad():
         decoders = _STATIC_DECODERS.setdefault(model, {})
         if _DECODED_STATE.get(model) != _decoding_state(model):
             # the model changed since the decoders were made (`model.to(...)`, tensors replaced, adapters added,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import gc
 import os
+import threading
 import weakref
 
 import pytest
@@ -447,6 +448,53 @@ def test_decoders_do_not_keep_the_model_alive_and_copies_work(fast_path_on_cpu):
     del model, twin
     gc.collect()
     assert all(r() is None for r in refs)  # the decoders' compiled steps and caches went with them
+
+
+@needs_v5
+def test_threads_generating_with_one_model_take_its_decoders_in_turn(fast_path_on_cpu):
+    """A model's decoders (static cache, inputs, graphs) are the model's: two threads' `generate` calls run them one at
+    a time, each with its own tokens. Each call waits in its decoder for the other to come in (it would, without the
+    model's lock, and write into the same cache) and gives up after a while."""
+    model = tiny_model("llama")
+    ids, mask, pixel_values = padded_prompt()
+    kws = [
+        generate_kwargs(ids, mask, pixel_values, max_new_tokens=6, min_new_tokens=6),
+        generate_kwargs(ids.flip(0), mask.flip(0), pixel_values.flip(0), max_new_tokens=6, min_new_tokens=6),
+    ]
+    expected = [model.generate(**kw) for kw in kws]
+    assert not torch.equal(expected[0], expected[1])
+    inside, most_inside, entered, lock = [0], [0], threading.Event(), threading.Lock()
+    real_generate = _StaticGreedyDecoder.generate
+
+    def waiting_generate(self, *args, **kwargs):
+        with lock:
+            inside[0] += 1
+            most_inside[0] = max(most_inside[0], inside[0])
+        if entered.is_set():
+            entered.clear()
+        else:
+            entered.set()
+            entered.wait(0.5)  # (the other call, if it could come in)
+        try:
+            return real_generate(self, *args, **kwargs)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    fast_path_on_cpu.setattr(_StaticGreedyDecoder, "generate", waiting_generate)
+    results: dict[int, torch.Tensor] = {}
+
+    def run(index: int) -> None:
+        results[index] = model.generate(**kws[index], cache_implementation="static")
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most_inside[0] == 1
+    for index in (0, 1):
+        assert torch.equal(results[index], expected[index])
 
 
 @needs_v5
