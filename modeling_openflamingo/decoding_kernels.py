@@ -73,6 +73,13 @@ def is_traced() -> bool:
     return bool(is_exporting is not None and is_exporting())
 
 
+def is_capturing_cuda_graph() -> bool:
+    """Whether the current CUDA stream is capturing a CUDA graph (the fast path's steps): reading a device value on
+    the host is an error there, and Python state set there is not set again when the graph is replayed. Does not
+    initialise CUDA (without it, nothing captures)."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
 def _triton() -> tuple[Any, Any]:
     """`triton` and `triton.language` (there with CUDA builds of torch only). Imported inside a `try`: transformers'
     remote-code loader requires every package that a file of a Hub folder imports, except in a `try` (or under an

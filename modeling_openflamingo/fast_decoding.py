@@ -566,15 +566,26 @@ def _capture_cuda_graph(
     torch.cuda.current_stream(device).wait_stream(stream)
     before_each_run()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        function()
+    pool = torch.cuda.graph_pool_handle() if pool is None else pool
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            function()
+    except Exception:
+        _clean_up_failed_capture(pool)
+        raise
     return graph
 
 
-def _release_cuda_rng_from_failed_capture() -> None:
-    """A capture that failed inside leaves the CUDA generator marked as capturing (its end never ran), and every later
-    random op on the device raises ("Offset increment outside graph capture"). A small capture that ends normally
-    marks it free again."""
+def _clean_up_failed_capture(pool: Any) -> None:
+    """What a capture into `pool` that failed inside (a host sync, an op that CUDA graphs do not allow) leaves behind,
+    as its end never ran: the caching allocator still sends the capture stream's allocations to `pool` (the next
+    capture into it raises "beginAllocateToPool: already recording to mempool_id"), and the CUDA generator is still
+    marked as capturing (every later random op on the device raises "Offset increment outside graph capture"; a
+    small capture that ends normally marks it free again)."""
+    end_allocating = getattr(torch._C, "_cuda_endAllocateToPool", None)  # (private: the end `torch.cuda.graph` skipped)
+    if end_allocating is not None:
+        end_allocating(torch.cuda.current_device(), pool)
+    torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         torch.empty(1, device=torch.cuda.current_device()).fill_(0)
@@ -1110,8 +1121,6 @@ class _PromptStep:
                         f"The prompt step of fast decoding runs without a CUDA graph: {type(cause).__name__}: {cause}"
                     )
                     self.eager = True
-                torch.cuda.synchronize()
-                _release_cuda_rng_from_failed_capture()
 
     def run(self) -> None:
         if self.graph is not None:

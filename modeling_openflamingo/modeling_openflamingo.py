@@ -87,7 +87,7 @@ from .configuration_openflamingo import (
     _as_int,
     _is_int,
 )
-from .decoding_kernels import is_traced, scaled_dot_product_attention
+from .decoding_kernels import is_capturing_cuda_graph, is_traced, scaled_dot_product_attention
 
 try:  # transformers >= 5: initialisers that leave loaded weights alone
     from transformers import initialization as init
@@ -1922,9 +1922,10 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             labels=labels,
             image_cache=image_cache,
         )
-        # The images that a cache holds (see `_image_cache_on`), in eager mode: the cache's length is a tensor while
-        # traced (a static cache's), which the branches below would break the graph on
-        eager = not is_traced()
+        # The images that a cache holds (see `_image_cache_on`), in eager mode only: a static cache's length is a
+        # device tensor, which the branches below would break a traced graph on, and which a CUDA graph's capture (the
+        # fast path's prompt step) cannot read on the host (nor would the replayed graph run them)
+        eager = not is_traced() and not is_capturing_cuda_graph()
         cached_length = past.get_seq_length() if eager and past is not None else 0
         rows, new_positions = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         if eager and past is not None and cached_length == 0:

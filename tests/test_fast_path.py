@@ -992,3 +992,29 @@ def test_prompt_step_whose_blocks_do_not_compile_is_captured_with_them_as_they_a
     assert len(decoder.prompt_steps) == 2
     for prompt in decoder.prompt_steps.values():
         assert prompt.graph is not None and prompt.compile_backend is None and not prompt.eager
+
+
+@needs_v5
+@needs_cuda
+def test_prompt_step_whose_compiled_blocks_fail_inside_the_capture_is_captured_with_them_as_they_are(monkeypatch):
+    """Compiled blocks that run, but not inside a CUDA graph's capture (here: a host sync there), fail that capture:
+    the prompt step is captured again with the blocks as they are (the failed capture cleaned up: its memory pool is
+    free for the next one, the generator is not left capturing), and gives `generate`'s tokens."""
+
+    def syncing_backend(graph_module, example_inputs):
+        def run(*args):
+            if torch.cuda.is_current_stream_capturing():
+                torch.zeros((), device=DEVICE).item()  # a host sync: not allowed while capturing
+            return graph_module.forward(*args)
+
+        return run
+
+    monkeypatch.setattr(_StaticDecoder, "prompt_compile_backend", staticmethod(syncing_backend))
+    model = tiny_model("llama")
+    ids, mask, pixel_values = padded_prompt()
+    kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=6, min_new_tokens=6)
+    assert torch.equal(model.generate(**kw, cache_implementation="static"), model.generate(**kw))
+    (decoder,) = _STATIC_DECODERS[model].values()
+    (prompt,) = decoder.prompt_steps.values()
+    assert prompt.graph is not None and prompt.compile_backend is None and not prompt.eager
+    torch.randn(4, device=DEVICE)  # the generator is not left "capturing"
