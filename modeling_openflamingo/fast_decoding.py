@@ -555,40 +555,38 @@ def _capture_cuda_graph(
 ) -> torch.cuda.CUDAGraph:
     """A CUDA graph of `function()`, after `warm_up_runs` runs on a side stream (which compile, and set up cuBLAS
     workspaces, autotuning and lazily made tensors). `before_each_run()` puts the state that `function` reads back in
-    place. `pool`: a memory pool shared with other graphs that are never replayed at the same time."""
+    place. `pool`: a memory pool shared with other graphs that are never replayed at the same time; after a capture
+    that failed, it takes no other capture (torch leaves it marked as being recorded to): pass a new one then."""
     device = torch.cuda.current_device()
+    caller_stream = torch.cuda.current_stream(device)
     stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
+    stream.wait_stream(caller_stream)
     with torch.cuda.stream(stream):
         for _ in range(warm_up_runs):
             before_each_run()
             function()
-    torch.cuda.current_stream(device).wait_stream(stream)
+    caller_stream.wait_stream(stream)
     before_each_run()
     graph = torch.cuda.CUDAGraph()
-    pool = torch.cuda.graph_pool_handle() if pool is None else pool
     try:
         with torch.cuda.graph(graph, pool=pool):
             function()
     except Exception:
-        _clean_up_failed_capture(pool)
+        _clean_up_failed_capture(caller_stream)
         raise
     return graph
 
 
-def _clean_up_failed_capture(pool: Any) -> None:
-    """What a capture into `pool` that failed inside (a host sync, an op that CUDA graphs do not allow) leaves behind,
-    as its end never ran: the caching allocator still sends the capture stream's allocations to `pool` (the next
-    capture into it raises "beginAllocateToPool: already recording to mempool_id"), and the CUDA generator is still
-    marked as capturing (every later random op on the device raises "Offset increment outside graph capture"; a
-    small capture that ends normally marks it free again)."""
-    end_allocating = getattr(torch._C, "_cuda_endAllocateToPool", None)  # (private: the end `torch.cuda.graph` skipped)
-    if end_allocating is not None:
-        end_allocating(torch.cuda.current_device(), pool)
+def _clean_up_failed_capture(caller_stream: torch.cuda.Stream) -> None:
+    """Undo what a capture that failed inside (a host sync, an op that CUDA graphs do not allow) leaves behind, as
+    `torch.cuda.graph`'s end stops at the error: the capture stream stays the current one (put `caller_stream` back),
+    and the CUDA generator stays marked as capturing (every later random op on the device raises "Offset increment
+    outside graph capture"; a small capture that ends normally marks it free again)."""
+    torch.cuda.set_stream(caller_stream)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        torch.empty(1, device=torch.cuda.current_device()).fill_(0)
+        torch.empty(1, device=caller_stream.device).fill_(0)
 
 
 def _key_value_dtype(model: nn.Module, block: nn.Module) -> torch.dtype:
@@ -1105,6 +1103,7 @@ class _PromptStep:
                     warm_up_runs=2 if compiled else 1,
                 )
             except Exception as error:
+                decoder.prompt_pool = torch.cuda.graph_pool_handle()  # (a failed capture's pool takes no other)
                 if not (compiled or isinstance(error, RuntimeError)):
                     raise
                 # what failed inside the capture (not the capture's own end); e.g. a host sync in some LM's code

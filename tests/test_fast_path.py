@@ -840,6 +840,7 @@ def test_prompt_step_capture_failure_falls_back_cleanly(monkeypatch):
     (decoder,) = _STATIC_DECODERS[model].values()
     (prompt,) = decoder.prompt_steps.values()
     assert prompt.graph is None and prompt.eager
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()  # the capture stream is not left current
     torch.randn(4, device=DEVICE)  # the generator is not left "capturing"
 
 
@@ -998,8 +999,9 @@ def test_prompt_step_whose_blocks_do_not_compile_is_captured_with_them_as_they_a
 @needs_cuda
 def test_prompt_step_whose_compiled_blocks_fail_inside_the_capture_is_captured_with_them_as_they_are(monkeypatch):
     """Compiled blocks that run, but not inside a CUDA graph's capture (here: a host sync there), fail that capture:
-    the prompt step is captured again with the blocks as they are (the failed capture cleaned up: its memory pool is
-    free for the next one, the generator is not left capturing), and gives `generate`'s tokens."""
+    the prompt step is captured again with the blocks as they are (in a new memory pool: torch leaves the failed
+    capture's marked as being recorded to; the caller's stream current again, the generator not left capturing), and
+    gives `generate`'s tokens."""
 
     def syncing_backend(graph_module, example_inputs):
         def run(*args):
@@ -1017,4 +1019,5 @@ def test_prompt_step_whose_compiled_blocks_fail_inside_the_capture_is_captured_w
     (decoder,) = _STATIC_DECODERS[model].values()
     (prompt,) = decoder.prompt_steps.values()
     assert prompt.graph is not None and prompt.compile_backend is None and not prompt.eager
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()  # the capture stream is not left current
     torch.randn(4, device=DEVICE)  # the generator is not left "capturing"
