@@ -820,6 +820,62 @@ def test_fast_path_prompt_steps_per_prompt_shape(fast_path_on_cpu):
 
 
 @needs_v5
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prompt_step_reads_no_cache_value_on_the_host(family, fast_path_on_cpu):
+    """The prompt step, which CUDA captures into a graph, reads nothing of the static cache's on the host (the cache's
+    length is a device tensor there; a capture does not allow reading one: when the forward compared it with 0, every
+    prompt step on CUDA failed its capture and ran uncompiled, without a graph). Simulated on the CPU: while the step
+    runs, `is_capturing_cuda_graph()` (and transformers' `is_cuda_stream_capturing()`) is true and the cache's length,
+    and what is computed from it, refuses host reads; `generate`'s tokens."""
+    from modeling_openflamingo.fast_decoding import _PromptStep
+
+    capturing = []
+
+    class Refusing(torch.Tensor):
+        def _refuse(self) -> torch.Tensor:
+            if capturing:
+                raise AssertionError("a device value was read on the host while the prompt step would be captured")
+            return self.as_subclass(torch.Tensor)
+
+        def __bool__(self):
+            return bool(self._refuse())
+
+        def __int__(self):
+            return int(self._refuse())
+
+        def __index__(self):
+            return self._refuse().__index__()
+
+        def item(self):
+            return self._refuse().item()
+
+    step, layer = _PromptStep._step, transformers.cache_utils.StaticLayer
+    get_seq_length = layer.get_seq_length
+
+    def captured_step(self):
+        capturing.append(True)
+        try:
+            step(self)
+        finally:
+            capturing.pop()
+
+    def refusing_length(self, *args, **kwargs):
+        length = get_seq_length(self, *args, **kwargs)
+        return length.as_subclass(Refusing) if torch.is_tensor(length) else length
+
+    model = tiny_model(family)
+    ids, mask, pixel_values = padded_prompt()
+    kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=4, min_new_tokens=4)
+    expected = model.generate(**kw)
+    fast_path_on_cpu.setattr(modeling, "is_capturing_cuda_graph", lambda: bool(capturing))
+    # (transformers' own check, through which its mask functions leave such values alone while a stream captures)
+    fast_path_on_cpu.setattr(transformers.utils.import_utils, "is_cuda_stream_capturing", lambda: bool(capturing))
+    fast_path_on_cpu.setattr(_PromptStep, "_step", captured_step)
+    fast_path_on_cpu.setattr(layer, "get_seq_length", refusing_length)
+    assert torch.equal(model.generate(**kw, cache_implementation="static"), expected)
+
+
+@needs_v5
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs: run with OPENFLAMINGO_TEST_DEVICE=cuda on a GPU")
 def test_prompt_step_capture_failure_falls_back_cleanly(monkeypatch):
     """A prompt step that cannot be captured (here: a host sync inside) runs eagerly: same tokens, and the device's
