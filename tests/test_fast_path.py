@@ -865,14 +865,22 @@ def test_prompt_step_reads_no_cache_value_on_the_host(family, fast_path_on_cpu):
 
     model = tiny_model(family)
     ids, mask, pixel_values = padded_prompt()
-    kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=4, min_new_tokens=4)
-    expected = model.generate(**kw)
+    with torch.no_grad():
+        hidden = model.get_image_features(pixel_values)
+    calls = [  # greedy and beam search, with pixel values and with the Perceiver's latents
+        generate_kwargs(ids, mask, pixel_values, max_new_tokens=4, min_new_tokens=4),
+        generate_kwargs(ids, mask, pixel_values, max_new_tokens=4, min_new_tokens=4, num_beams=2),
+        {**generate_kwargs(ids, mask, None, max_new_tokens=4, min_new_tokens=4), "image_hidden_states": hidden},
+    ]
+    expected = [model.generate(**kw) for kw in calls]
     fast_path_on_cpu.setattr(modeling, "is_capturing_cuda_graph", lambda: bool(capturing))
     # (transformers' own check, through which its mask functions leave such values alone while a stream captures)
     fast_path_on_cpu.setattr(transformers.utils.import_utils, "is_cuda_stream_capturing", lambda: bool(capturing))
     fast_path_on_cpu.setattr(_PromptStep, "_step", captured_step)
     fast_path_on_cpu.setattr(layer, "get_seq_length", refusing_length)
-    assert torch.equal(model.generate(**kw, cache_implementation="static"), expected)
+    for kw, tokens in zip(calls, expected, strict=True):
+        assert torch.equal(model.generate(**kw, cache_implementation="static"), tokens)
+    assert len(_STATIC_DECODERS[model]) == 2  # (greedy and beam search: the fast path took both)
 
 
 @needs_v5
