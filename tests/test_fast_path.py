@@ -883,6 +883,20 @@ def test_prompt_step_reads_no_cache_value_on_the_host(family, fast_path_on_cpu):
     assert len(_STATIC_DECODERS[model]) == 2  # (greedy and beam search: the fast path took both)
 
 
+def prompt_step_after_failed_captures():
+    """The prompt step of the tiny LLaMA model's fast-path `generate` (which gives `GenerationMixin`'s tokens), made
+    where captures fail: they leave neither the capture stream current nor the device's generator "capturing"."""
+    model = tiny_model("llama")
+    ids, mask, pixel_values = padded_prompt()
+    kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=6, min_new_tokens=6)
+    assert torch.equal(model.generate(**kw, cache_implementation="static"), model.generate(**kw))
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    torch.randn(4, device=DEVICE)  # (raises "Offset increment outside graph capture" if it were)
+    (decoder,) = _STATIC_DECODERS[model].values()
+    (prompt,) = decoder.prompt_steps.values()
+    return prompt
+
+
 @needs_v5
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs: run with OPENFLAMINGO_TEST_DEVICE=cuda on a GPU")
 def test_prompt_step_capture_failure_falls_back_cleanly(monkeypatch):
@@ -897,15 +911,8 @@ def test_prompt_step_capture_failure_falls_back_cleanly(monkeypatch):
         bool(self.decoder.unfinished.any())  # a host sync: not allowed while capturing
 
     monkeypatch.setattr(_PromptStep, "_step", syncing_step)
-    model = tiny_model("llama")
-    ids, mask, pixel_values = padded_prompt()
-    kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=6, min_new_tokens=6)
-    assert torch.equal(model.generate(**kw, cache_implementation="static"), model.generate(**kw))
-    (decoder,) = _STATIC_DECODERS[model].values()
-    (prompt,) = decoder.prompt_steps.values()
+    prompt = prompt_step_after_failed_captures()
     assert prompt.graph is None and prompt.eager
-    assert torch.cuda.current_stream() == torch.cuda.default_stream()  # the capture stream is not left current
-    torch.randn(4, device=DEVICE)  # the generator is not left "capturing"
 
 
 def compiled_versions(function) -> int:
@@ -1076,12 +1083,5 @@ def test_prompt_step_whose_compiled_blocks_fail_inside_the_capture_is_captured_w
         return run
 
     monkeypatch.setattr(_StaticDecoder, "prompt_compile_backend", staticmethod(syncing_backend))
-    model = tiny_model("llama")
-    ids, mask, pixel_values = padded_prompt()
-    kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=6, min_new_tokens=6)
-    assert torch.equal(model.generate(**kw, cache_implementation="static"), model.generate(**kw))
-    (decoder,) = _STATIC_DECODERS[model].values()
-    (prompt,) = decoder.prompt_steps.values()
+    prompt = prompt_step_after_failed_captures()
     assert prompt.graph is not None and prompt.compile_backend is None and not prompt.eager
-    assert torch.cuda.current_stream() == torch.cuda.default_stream()  # the capture stream is not left current
-    torch.randn(4, device=DEVICE)  # the generator is not left "capturing"
