@@ -459,15 +459,23 @@ def _check_left_on_cpu(name: str, tensor: torch.Tensor, device: torch.device, di
 _IMAGE_CACHE_ATTRIBUTE = "openflamingo_image_cache"
 
 
+def _cache_images_apply() -> bool:
+    """Whether the images that an LM cache holds ([`_image_cache_on`], [`_store_image_cache`]) are read and written
+    here: in eager code only. Not while traced (`torch.compile`, `torch.export`: a static cache's length is a tensor,
+    which the branches on it would break the graph on; pass `image_cache` there, as the fast path does), nor while a
+    CUDA graph is captured (the fast path's prompt step: that length is a device tensor, which the capture cannot read
+    on the host, and the replayed graph would not run this Python)."""
+    return not is_traced() and not is_capturing_cuda_graph()
+
+
 def _image_cache_on(cache: Any, rows: int, length: int) -> OpenFlamingoImageCache | None:
     """The image cache that a forward with images stored on the LM cache `cache` it filled (None without one): as
     mllama's cache holds its cross-attention states, a continued forward given only `past_key_values` goes on seeing
     the prompt's images instead of decoding as text only. The state is the cache object's, not its layers': a cache
     changed since (cropped, rows dropped: another length or number of `rows`) is an error, not stale images; rows
-    reordered in place are not seen (pass `image_cache` then). Not read or written while traced (`torch.compile`:
-    pass `image_cache` there; the fast path does)."""
+    reordered in place are not seen (pass `image_cache` then). Only in eager code ([`_cache_images_apply`])."""
     stored = getattr(cache, _IMAGE_CACHE_ATTRIBUTE, None)
-    if stored is None or is_traced():
+    if stored is None or not _cache_images_apply():
         return None
     image_cache, stored_rows, stored_length = stored
     if (rows, length) != (stored_rows, stored_length):
@@ -483,7 +491,7 @@ def _image_cache_on(cache: Any, rows: int, length: int) -> OpenFlamingoImageCach
 def _store_image_cache(cache: Any, image_cache: OpenFlamingoImageCache | None, rows: int, length: int) -> None:
     """Store `image_cache` (None: forget the images) on the LM cache `cache`, of `rows` rows and `length` positions
     after the forward, for [`_image_cache_on`]."""
-    if is_traced() or not hasattr(cache, "get_seq_length"):
+    if not _cache_images_apply() or not hasattr(cache, "get_seq_length"):
         return
     if image_cache is not None or getattr(cache, _IMAGE_CACHE_ATTRIBUTE, None) is not None:
         setattr(cache, _IMAGE_CACHE_ATTRIBUTE, None if image_cache is None else (image_cache, rows, length))
@@ -1922,10 +1930,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             labels=labels,
             image_cache=image_cache,
         )
-        # The images that a cache holds (see `_image_cache_on`), in eager mode only: a static cache's length is a
-        # device tensor, which the branches below would break a traced graph on, and which a CUDA graph's capture (the
-        # fast path's prompt step) cannot read on the host (nor would the replayed graph run them)
-        eager = not is_traced() and not is_capturing_cuda_graph()
+        # The images that a cache holds, in eager code only (`_cache_images_apply`: not traced, not captured)
+        eager = _cache_images_apply()
         cached_length = past.get_seq_length() if eager and past is not None else 0
         rows, new_positions = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         if eager and past is not None and cached_length == 0:
