@@ -60,11 +60,29 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="converted OpenFlamingo folder or hub id (default: the tiny demo model)")
 
 
+def available_device(name: str) -> str:
+    """`name` if this torch can run on that device (argparse's `type` for `--device`), else a clear usage error."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise argparse.ArgumentTypeError(f"{name!r} is not a device: {error}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            build = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+            raise argparse.ArgumentTypeError(f"{name!r}: torch {torch.__version__} ({build}) sees no CUDA device")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{name!r}: torch sees {count} CUDA device(s), numbered from 0")
+    return name
+
+
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     """`--device`: CUDA when there is one, else the CPU."""
     import torch
 
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=available_device)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -25,6 +25,7 @@ Launch with torchrun (one process per GPU). NCCL's NVLink multicast (NVLS) is ke
     NCCL_NVLS_ENABLE=0 torchrun --standalone --nproc_per_node 2 examples/fsdp_of9b.py \\
         --max-steps 30 --per-device-batch-size 8 --check-reload --output-json of9b_2gpu.json
     torchrun --standalone --nproc_per_node 2 examples/fsdp_of9b.py --shape tiny --max-steps 4   # CPU smoke run (gloo)
+    # (on the CPU each process builds the whole model: a shape that does not fit the host's memory is refused)
     python examples/fsdp_of9b.py --describe          # parameter counts and FSDP units of the shape (meta device)
 """
 
@@ -258,6 +259,33 @@ def build_model(config: OpenFlamingoConfig, device: torch.device, dtype: torch.d
     return model
 
 
+def available_host_memory_gib() -> float | None:
+    """The host's available memory (`MemAvailable` of /proc/meminfo) in GiB; None where that is not known."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo if ":" in line)
+        return int(fields["MemAvailable"].split()[0]) * 1024 / GIB
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_host_memory(config: OpenFlamingoConfig, dtype: torch.dtype, processes: int) -> None:
+    """On the CPU, each of the host's `processes` builds the whole model before FSDP shards it: refuse at once, with
+    the figures, a shape whose weights alone do not fit the host's available memory (rather than be killed later)."""
+    available = available_host_memory_gib()
+    if available is None:
+        return
+    weights = sum(p.numel() for p in build_model(config, torch.device("meta"), dtype, 0).parameters())
+    needed = weights * dtype.itemsize * processes / GIB
+    if needed > available:
+        raise SystemExit(
+            f"error: on the CPU each of the {processes} processes builds the whole model before FSDP shards it: "
+            f"{weights / 1e9:.2f} B parameters in {str(dtype).removeprefix('torch.')} take {needed:.1f} GiB for the "
+            f"weights alone, and this host has {available:.1f} GiB available. Run on GPUs, or `--shape tiny` for a "
+            "CPU smoke run."
+        )
+
+
 def release_optimizer_state(trainer: Any) -> None:
     """Free the optimizer's state (after training), so that the reload check has the memory."""
     optimizer = getattr(trainer, "optimizer", None)
@@ -468,6 +496,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     on_cpu = not torch.cuda.is_available()
     bf16 = args.precision == "bf16" or (args.precision == "auto" and not on_cpu)
     output_dir = Path(args.output_dir)
+    if on_cpu:
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's processes on this host
+        check_host_memory(selected.config, torch.bfloat16 if bf16 else torch.float32, processes)
 
     training_args = TrainingArguments(
         output_dir=str(output_dir / "trainer"),

@@ -148,3 +148,19 @@ def test_scaling_against_a_baseline(tmp_path):
     assert scaling["comparable"] and scaling["baseline_world_size"] == 1
     assert scaling["per_gpu_efficiency"] == 0.9 and scaling["speedup_total"] == 3.6
     assert not recipe.scaling({**run, "seq_len": 128}, str(tmp_path / "one.json"))["comparable"]
+
+
+def test_a_shape_too_large_for_the_cpu_hosts_memory_is_refused_before_building(monkeypatch):
+    """On the CPU every process builds the whole model before FSDP shards it: the of9b shape on a host without the
+    memory stops at once with the figures (not an out-of-memory kill minutes later); the tiny shape goes on."""
+    recipe = recipe_module()
+    if sys.platform == "linux":  # read from /proc/meminfo
+        assert 0 < recipe.available_host_memory_gib() < 1e6
+    monkeypatch.setattr(recipe, "available_host_memory_gib", lambda: 24.0)
+    of9b = recipe.shape("of9b").config
+    with pytest.raises(SystemExit, match=r"each of the 2 processes .* 8\.13 B parameters in float32 take 60\.6 GiB .* "
+                       r"24\.0 GiB available\. Run on GPUs, or `--shape tiny`"):  # fmt: skip
+        recipe.check_host_memory(of9b, torch.float32, 2)
+    recipe.check_host_memory(recipe.shape("tiny").config, torch.float32, 2)
+    monkeypatch.setattr(recipe, "available_host_memory_gib", lambda: None)  # not known: no check
+    recipe.check_host_memory(of9b, torch.float32, 2)

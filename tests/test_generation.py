@@ -1055,6 +1055,30 @@ def test_examples_run_offline(converted):
     assert classify.count("image ") == 4 and "(" in classify
 
 
+def test_examples_refuse_a_device_this_torch_cannot_use(monkeypatch, capsys):
+    """`--device` names a device this torch can run on, or the example stops with a usage error saying why (not
+    torch's own assertion later, after the model loaded)."""
+    import argparse
+
+    demo_model = runpy.run_path(str(ROOT / "examples" / "demo_model.py"))
+    parser = argparse.ArgumentParser(prog="example")
+    demo_model["add_device_argument"](parser)
+    assert parser.parse_args(["--device", "cpu"]).device == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    refused = [("cuda", "sees no CUDA device"), ("cuda:0", "sees no CUDA device"), ("gpu", "not a device")]
+    for device, message in refused:
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--device", device])
+        error = capsys.readouterr().err
+        assert f"argument --device: '{device}'" in error and message in error, error
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert parser.parse_args(["--device", "cuda:1"]).device == "cuda:1"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--device", "cuda:2"])
+    assert "torch sees 2 CUDA device(s), numbered from 0" in capsys.readouterr().err
+
+
 def test_example_prompts_are_the_evaluations(monkeypatch):
     """caption.py and vqa.py build prompts as `open_flamingo/eval/evaluate.py` does: a newline after each
     demonstration; zero-shot, two demonstrations' text without their `<image>` tokens."""
