@@ -34,7 +34,9 @@ from .modeling_openflamingo import (
     _CACHE_FIELD,
     _RECOMPILE_LIMIT,
     _TRANSFORMERS_MAJOR,
+    INFERRED_MASK,
     OpenFlamingoImageCache,
+    _check_no_empty_row,
     _fed_image_indices,
     _forward_parameters,
     _generation_setting,
@@ -210,6 +212,7 @@ def generate_static(model: OpenFlamingoForConditionalGeneration, kwargs: dict[st
     if attention_mask is None:  # as `GenerationMixin`: from the pad token, when it is in the prompt and no eos
         infer = pad not in eos and bool((input_ids == pad).any())
         attention_mask = input_ids.ne(pad).long() if infer else torch.ones_like(input_ids)
+        _check_no_empty_row(attention_mask, INFERRED_MASK)
     # the decoders' tensors (static cache, inputs, graphs) outlive the call: made and used outside inference mode, so
     # that a first call inside `torch.inference_mode()` leaves tensors that later calls outside it can update; one
     # call at a time per model (threads: each other's tokens otherwise)
@@ -691,12 +694,15 @@ class _StaticDecoder:
         )
 
     def _no_early_end(self, scores: torch.Tensor) -> torch.Tensor:
-        """`min_new_tokens` as `generate` applies it: no end of sequence before it (`scores`: `(rows, vocab)`)."""
+        """`min_new_tokens` as `generate` applies it: no end of sequence before it (`scores`: `(rows, vocab)`). The end
+        ids found in the vocabulary, as `MinNewTokensLengthLogitsProcessor` finds them: one outside it (negative, or
+        past the LM head's width; `generate` warns that it never matches) is no index into `scores`."""
         if self.eos_token_ids is None:
             return scores
-        eos_scores = scores.index_select(1, self.eos_token_ids)
+        vocab = torch.arange(scores.shape[-1], device=scores.device)
+        is_eos = (vocab.unsqueeze(-1) == self.eos_token_ids).any(-1)
         too_early = self.step < self.min_new_tokens
-        return scores.index_copy(1, self.eos_token_ids, eos_scores.masked_fill(too_early, float("-inf")))
+        return scores.masked_fill(is_eos & too_early, float("-inf"))
 
     def _ends(self, tokens: torch.Tensor) -> torch.Tensor:
         """Which of `tokens` end a sequence (not `torch.isin`: with many end ids it sorts, and syncs with the host,

@@ -412,6 +412,10 @@ def _lm_cache(kwargs: dict[str, Any]) -> Any:
     return cache if cache is not None else kwargs.get("past_key_values")
 
 
+# `_check_no_empty_row`'s `what` for the mask that `generate` infers where none is given
+INFERRED_MASK = "generate (no attention_mask given: the one inferred from pad_token_id)"
+
+
 def _check_no_empty_row(attention_mask: Any, what: str) -> None:
     """A batch's empty prompt (a row of padding only, as the processor gives for `""`) is refused as one alone is:
     with nothing to attend to, the row's tokens would be made from padding."""
@@ -2180,6 +2184,15 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         return {k: v for k, v in kwargs.items() if v is not None and (accepted is None or k in accepted)}
 
     # ---- generation ----
+
+    def _prepare_attention_mask_for_generation(
+        self, inputs_tensor: torch.Tensor, generation_config: GenerationConfig, model_kwargs: dict[str, Any]
+    ) -> torch.LongTensor:
+        """`GenerationMixin`'s mask for a call given none (from the pad token, where it is in the prompt and is no end
+        id), with a row of padding only refused as in a given mask."""
+        attention_mask = super()._prepare_attention_mask_for_generation(inputs_tensor, generation_config, model_kwargs)
+        _check_no_empty_row(attention_mask, INFERRED_MASK)
+        return attention_mask
 
     @torch.no_grad()
     def generate(self, *args: Any, **kwargs: Any) -> Any:

@@ -268,6 +268,44 @@ def test_fast_path_from_the_generation_config_and_across_inference_mode(num_beam
 
 
 @needs_v5
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_fast_path_with_end_ids_outside_the_vocabulary(num_beams, fast_path_on_cpu):
+    """An `eos_token_id` outside the vocabulary (negative, or past the LM head's 403 ids): `generate` warns that it
+    never matches and stops at the others; the fast path too (its `min_new_tokens` masking indexed the scores with
+    it, an out-of-bounds error)."""
+    model = tiny_model("llama")
+    ids, mask, pixel_values = padded_prompt()
+    ends = model.generate(**generate_kwargs(ids, mask, pixel_values, max_new_tokens=6, eos_token_id=None))
+    ended = int(ends[1, ids.shape[1] + 1])  # a token that row 1 generates: calls below end there
+    for eos in (-1, 1000, [ended, -1], [-1, ended], [ended, 403]):
+        for extra in ({}, {"min_new_tokens": 3}, {"pad_token_id": 0}):
+            kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=6, num_beams=num_beams, eos_token_id=eos)
+            assert_fast_path_equals_generate(model, {**kw, **extra})
+    assert model in _STATIC_DECODERS
+
+
+@needs_v5
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_a_row_of_padding_only_is_refused_with_the_mask_inferred_too(num_beams, fast_path_on_cpu):
+    """Without `attention_mask`, `generate` infers it from the pad token (`GenerationMixin`'s rule); a row that is
+    padding only by that mask is refused as with the mask given, by the fast path and `GenerationMixin` alike (with
+    `pad_token_id` the <image> token, such a row's tokens differed between the two)."""
+    model = tiny_model("mpt")
+    ids, pixel_values = inputs(batch=2, seq=3, images=3)
+    ids[1] = MEDIA
+    kw = dict(input_ids=ids, pixel_values=pixel_values, max_new_tokens=8, do_sample=False, eos_token_id=None)
+    kw["num_beams"] = num_beams
+    for static in ({}, {"cache_implementation": "static"}):
+        with pytest.raises(ValueError, match=r"inferred from pad_token_id.*attention_mask row\(s\) \[1\]"):
+            model.generate(**kw, **static, pad_token_id=MEDIA)
+        text = {**kw, "input_ids": torch.tensor([[5, 6, 7], [PAD] * 3], device=DEVICE), "pixel_values": None}
+        with pytest.raises(ValueError, match=r"attention_mask row\(s\) \[1\] hold padding only"):
+            model.generate(**text, **static, pad_token_id=PAD)
+        # no mask is inferred where the pad id is an end id (`GenerationMixin`'s rule): nothing to refuse
+        assert model.generate(**{**text, "eos_token_id": PAD}, **static, pad_token_id=PAD).shape[0] == 2
+
+
+@needs_v5
 @pytest.mark.parametrize("family", ["mosaic_gpt", "llama"])
 def test_fast_greedy_path_compiled_step(family, fast_path_on_cpu):
     """The decoding step as the GPU runs it: compiled with `fullgraph=True` (backend "eager" here, for speed)."""
