@@ -526,6 +526,17 @@ def _peft_prompt_learning(model: nn.Module) -> bool:
     return bool(getattr(config, "is_prompt_learning", False))
 
 
+@functools.cache
+def _peft_reads_past_key_values() -> bool:
+    """Whether the installed PEFT's prompt learning reads and replaces the LM cache as `past_key_values` whatever
+    transformers names it (peft <= 0.21; 0.22 reads transformers' own name, `cache` on transformers >= 5.24)."""
+    try:
+        from peft.import_utils import get_transformers_cache_name
+    except ImportError:  # (peft <= 0.21)
+        return True
+    return get_transformers_cache_name() == "past_key_values"
+
+
 def _covers_after_a_soft_prompt(image_indices: Any, batch_and_seq: tuple[int, ...]) -> bool:
     """Whether `image_indices` are those of the last positions of a `(batch, seq)` text only: a 2-D tensor of its rows
     and fewer positions, as with a soft prompt before the embedded tokens (PEFT's prompt tuning)."""
@@ -2581,6 +2592,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             _CACHE_FIELD != "past_key_values"
             and model_inputs.get(_CACHE_FIELD) is not None
             and _peft_prompt_learning(self)
+            and _peft_reads_past_key_values()
         ):
             # peft 0.21 reads and replaces the cache as `past_key_values` (transformers >= 5.24 names it `cache`):
             # without it, prompt tuning adds the virtual tokens again at every step, prefix tuning drops the prefix

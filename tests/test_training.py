@@ -948,7 +948,7 @@ def test_prompt_tuning_and_p_tuning(kind, family):
     tokens' embeddings: the images are placed by the `<image>` embeddings, or by a collator's `image_indices`, which
     cover the tokens after the soft prompt (checked against those embeddings). The loss, the gradients (the prompt's
     only) and `generate` are the model's own with the soft prompt's embeddings prepended, on transformers >= 5.24 too
-    (which names the cache `cache`, where peft 0.21 looks for `past_key_values`)."""
+    (which names the cache `cache`, where peft 0.21 looks for `past_key_values`; peft 0.22 reads `cache`)."""
     from .test_core import MEDIA, PAD, inputs, tiny_model
 
     model = tiny_model(family)
