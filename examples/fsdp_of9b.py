@@ -275,7 +275,7 @@ def check_host_memory(config: OpenFlamingoConfig, dtype: torch.dtype, processes:
     available = available_host_memory_gib()
     if available is None:
         return
-    weights = sum(p.numel() for p in build_model(config, torch.device("meta"), dtype, 0).parameters())
+    weights = parameter_counts(build_model(config, torch.device("meta"), dtype, 0))["total"]
     needed = weights * dtype.itemsize * processes / GIB
     if needed > available:
         raise SystemExit(

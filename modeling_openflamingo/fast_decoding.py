@@ -699,8 +699,7 @@ class _StaticDecoder:
         past the LM head's width; `generate` warns that it never matches) is no index into `scores`."""
         if self.eos_token_ids is None:
             return scores
-        vocab = torch.arange(scores.shape[-1], device=scores.device)
-        is_eos = (vocab.unsqueeze(-1) == self.eos_token_ids).any(-1)
+        is_eos = self._ends(torch.arange(scores.shape[-1], device=scores.device))  # (vocab,)
         too_early = self.step < self.min_new_tokens
         return scores.masked_fill(is_eos & too_early, float("-inf"))
 
