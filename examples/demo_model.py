@@ -75,6 +75,14 @@ def available_device(name: str) -> str:
             raise argparse.ArgumentTypeError(f"{name!r}: torch {torch.__version__} ({build}) sees no CUDA device")
         if device.index is not None and device.index >= count:
             raise argparse.ArgumentTypeError(f"{name!r}: torch sees {count} CUDA device(s), numbered from 0")
+    elif device.type == "meta":
+        raise argparse.ArgumentTypeError(f"{name!r} holds no data: the examples need a device that computes")
+    elif device.type != "cpu":  # mps, xpu, ...: whether this torch makes a tensor there (its error says why not)
+        try:
+            torch.empty(0, device=device)
+        except Exception as error:
+            reason = (str(error).strip().split(". ")[0].splitlines() or [type(error).__name__])[0]
+            raise argparse.ArgumentTypeError(f"{name!r}: torch {torch.__version__} cannot use it: {reason}") from None
     return name
 
 

@@ -259,14 +259,57 @@ def build_model(config: OpenFlamingoConfig, device: torch.device, dtype: torch.d
     return model
 
 
-def available_host_memory_gib() -> float | None:
-    """The host's available memory (`MemAvailable` of /proc/meminfo) in GiB; None where that is not known."""
+def cgroup_memory_headroom(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes that this process's memory cgroup, and each above it, still lets it take (the limit less the usage; the
+    page cache, which the kernel reclaims, counted as free, as MemAvailable counts it), the least of them; None where
+    no cgroup file tells.
+    A container's limit (Docker's `--memory`, a Kubernetes pod's) shows in its cgroup, not in /proc/meminfo."""
     try:
-        with open("/proc/meminfo") as meminfo:
-            fields = dict(line.split(":", 1) for line in meminfo if ":" in line)
-        return int(fields["MemAvailable"].split()[0]) * 1024 / GIB
-    except (OSError, KeyError, ValueError):
+        lines = (proc / "self" / "cgroup").read_text().splitlines()
+    except OSError:
         return None
+    headrooms = []
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "" and path:  # cgroup v2
+            root, limit_file, usage_file, prefix = cgroups, "memory.max", "memory.current", ""
+        elif "memory" in controllers.split(","):  # v1
+            root, limit_file, usage_file = cgroups / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes"
+            prefix = "total_"  # (the figures of the cgroup and those below it)
+        else:
+            continue
+        parts = [part for part in path.split("/") if part]
+        # the process's cgroup and those above it, as far as this mount shows them (a container's mount starts at
+        # its own cgroup, while /proc/self/cgroup may name the host's path)
+        for depth in range(len(parts), -1, -1):
+            folder = root.joinpath(*parts[:depth])
+            try:
+                limit = (folder / limit_file).read_text().strip()
+                if limit == "max":
+                    continue
+                usage = int((folder / usage_file).read_text())
+                stat = (row.split() for row in (folder / "memory.stat").read_text().splitlines())
+                counts = {fields[0]: int(fields[1]) for fields in stat if len(fields) == 2}
+                reclaimable = sum(counts.get(f"{prefix}{lru}_file", 0) for lru in ("active", "inactive"))
+            except (OSError, ValueError):
+                continue
+            headrooms.append(int(limit) - usage + reclaimable)
+    return min(headrooms) if headrooms else None
+
+
+def available_host_memory_gib(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The memory available to this process in GiB: the host's (`MemAvailable` of /proc/meminfo), or less where its
+    memory cgroup allows less ([`cgroup_memory_headroom`]); None where neither is known."""
+    figures = []
+    try:
+        fields = dict(line.split(":", 1) for line in (proc / "meminfo").read_text().splitlines() if ":" in line)
+        figures.append(int(fields["MemAvailable"].split()[0]) * 1024)
+    except (OSError, KeyError, ValueError):
+        pass
+    headroom = cgroup_memory_headroom(proc, cgroups)
+    if headroom is not None:
+        figures.append(max(headroom, 0))
+    return min(figures) / GIB if figures else None
 
 
 def check_host_memory(config: OpenFlamingoConfig, dtype: torch.dtype, processes: int) -> None:

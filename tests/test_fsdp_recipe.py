@@ -164,3 +164,43 @@ def test_a_shape_too_large_for_the_cpu_hosts_memory_is_refused_before_building(m
     recipe.check_host_memory(recipe.shape("tiny").config, torch.float32, 2)
     monkeypatch.setattr(recipe, "available_host_memory_gib", lambda: None)  # not known: no check
     recipe.check_host_memory(of9b, torch.float32, 2)
+
+
+def test_the_memory_available_is_that_of_the_process_cgroup_where_less(tmp_path):
+    """In a container (Docker's `--memory`, a Kubernetes pod) /proc/meminfo shows the whole host's memory, while the
+    process may take only what its memory cgroup allows: the check reads the least (cgroup v2 and v1, the limit
+    less the usage, the page cache counted as free, that of a cgroup above the process's too)."""
+    recipe = recipe_module()
+    proc, cgroups, gib = tmp_path / "proc", tmp_path / "cgroup", 2**30
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text(f"MemTotal:  {512 * 2**20} kB\nMemAvailable:  {500 * 2**20} kB\n")
+
+    def cgroup(folder: Path, limit: str, usage: int, stat: str) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        v1 = folder.is_relative_to(cgroups / "memory")
+        (folder / ("memory.limit_in_bytes" if v1 else "memory.max")).write_text(limit + "\n")
+        (folder / ("memory.usage_in_bytes" if v1 else "memory.current")).write_text(f"{usage}\n")
+        (folder / "memory.stat").write_text(stat)
+
+    # no cgroup file (not Linux, or no memory controller): the host's figure
+    assert recipe.available_host_memory_gib(proc, cgroups) == 500.0
+    # cgroup v2, a container at its own cgroup's root: 32 GiB limit, 20 GiB used of which 4 GiB page cache
+    (proc / "self" / "cgroup").write_text("0::/\n")
+    stat = f"anon {16 * gib}\nfile {5 * gib}\nactive_file {gib}\ninactive_file {3 * gib}\nshmem {gib}\n"
+    cgroup(cgroups, str(32 * gib), 20 * gib, stat)
+    assert recipe.available_host_memory_gib(proc, cgroups) == 16.0
+    # unlimited ("max"): the host's; a limit set on a cgroup above the process's counts
+    cgroup(cgroups, "max", 20 * gib, "")
+    (proc / "self" / "cgroup").write_text("0::/user.slice/session.scope\n")
+    cgroup(cgroups / "user.slice" / "session.scope", "max", 1 * gib, "")
+    assert recipe.available_host_memory_gib(proc, cgroups) == 500.0
+    cgroup(cgroups / "user.slice", str(8 * gib), 2 * gib, "")
+    assert recipe.available_host_memory_gib(proc, cgroups) == 6.0
+    # cgroup v1, a container whose /proc/self/cgroup names the host's path (its mount starts at its own cgroup)
+    (proc / "self" / "cgroup").write_text("4:memory:/docker/0123abcd\n3:cpu,cpuacct:/docker/0123abcd\n")
+    stat = f"inactive_file 0\ntotal_inactive_file {gib}\ntotal_active_file {gib}\n"  # (total_: with those below)
+    cgroup(cgroups / "memory", str(24 * gib), 2 * gib, stat)
+    assert recipe.available_host_memory_gib(proc, cgroups) == 24.0
+    # v1 without a limit: the page-rounded maximum
+    cgroup(cgroups / "memory", "9223372036854771712", 1 * gib, "")
+    assert recipe.available_host_memory_gib(proc, cgroups) == 500.0

@@ -1066,6 +1066,10 @@ def test_examples_refuse_a_device_this_torch_cannot_use(monkeypatch, capsys):
     assert parser.parse_args(["--device", "cpu"]).device == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     refused = [("cuda", "sees no CUDA device"), ("cuda:0", "sees no CUDA device"), ("gpu", "not a device")]
+    refused.append(("meta", "holds no data"))  # (a device torch knows, which computes nothing: the model fails later)
+    # devices of other backends, where this torch has none: refused with torch's reason, not its error after loading
+    usable = {"xpu": torch.xpu.is_available(), "mps": torch.backends.mps.is_available()}
+    refused += [(device, "cannot use it") for device, available in usable.items() if not available]
     for device, message in refused:
         with pytest.raises(SystemExit):
             parser.parse_args(["--device", device])
