@@ -532,8 +532,10 @@ def _peft_reads_past_key_values() -> bool:
     transformers names it (peft <= 0.21; 0.22 reads transformers' own name, `cache` on transformers >= 5.24)."""
     try:
         from peft.import_utils import get_transformers_cache_name
-    except ImportError:  # (peft <= 0.21)
-        return True
+    except ImportError:  # peft <= 0.21; or a later one that moved the helper, which still reads transformers' name
+        import peft
+
+        return version.parse(peft.__version__).release < (0, 22)
     return get_transformers_cache_name() == "past_key_values"
 
 

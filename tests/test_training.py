@@ -940,6 +940,28 @@ def test_the_recipe_refuses_quantized_trainables():
     assert model.perceiver.latents.requires_grad and not next(model.vision_model.parameters()).requires_grad
 
 
+@pytest.mark.parametrize(
+    ("peft_version", "helper_answer", "expected"),
+    [("0.21.2", None, True), ("0.22.0", "cache", False), ("0.22.0", "past_key_values", True), ("0.23.0", None, False)],
+)
+def test_which_cache_name_peft_reads(monkeypatch, peft_version, helper_answer, expected):
+    """PEFT <= 0.21 reads the cache as `past_key_values`; 0.22 asks transformers for its name
+    (`get_transformers_cache_name`); a later PEFT without that helper is taken to read transformers' name too."""
+    import peft
+    import peft.import_utils
+
+    monkeypatch.setattr(peft, "__version__", peft_version)
+    if helper_answer is None:
+        monkeypatch.delattr(peft.import_utils, "get_transformers_cache_name", raising=False)
+    else:
+        monkeypatch.setattr(peft.import_utils, "get_transformers_cache_name", lambda: helper_answer, raising=False)
+    modeling._peft_reads_past_key_values.cache_clear()
+    try:
+        assert modeling._peft_reads_past_key_values() is expected
+    finally:
+        modeling._peft_reads_past_key_values.cache_clear()
+
+
 @pytest.mark.parametrize("kind", ["prompt_tuning", "p_tuning"])
 @pytest.mark.parametrize("family", ["llama", "gpt_neox", "mpt"])
 def test_prompt_tuning_and_p_tuning(kind, family):
