@@ -585,12 +585,19 @@ def unwrap_checkpoint(state_dict: Mapping[str, Any], path: str | os.PathLike = "
         state_dict = state_dict["model_state_dict"]
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
+        if not isinstance(key, str):
+            raise ConversionError(
+                f"{path}: entry {key!r} is named by a {type(key).__name__}; a state dict's names are strings."
+            )
         for part in CHECKPOINT_WRAPPER_PARTS:
             key = key.replace(part, "")
         while key.startswith(CHECKPOINT_WRAPPER_PREFIXES):
             key = key.split(".", 1)[1]
         if not isinstance(value, torch.Tensor):
             raise ConversionError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor.")
+        if value.is_meta or value.layout != torch.strided:
+            what = "a meta tensor, with no data" if value.is_meta else f"a {value.layout} tensor"
+            raise ConversionError(f"{path}: entry {key!r} is {what}; a weight is a dense tensor with its values.")
         out[key] = value
     if not out:
         raise ConversionError(f"{path} holds no tensors (an empty state dict).")
@@ -980,13 +987,22 @@ def open_clip_vision_config(open_clip_config: Mapping[str, Any], quick_gelu: boo
     """`CLIPVisionConfig` of an open_clip model config (`{"vision_cfg": ..., "quick_gelu": ...}`, or the hub's
     `open_clip_config.json` with its `model_cfg`). `quick_gelu` overrides the config's activation."""
     cfg = open_clip_config.get("model_cfg", open_clip_config)
-    vision = cfg.get("vision_cfg", cfg)
+    vision = cfg.get("vision_cfg", cfg) if isinstance(cfg, Mapping) else cfg
+    if not isinstance(vision, Mapping):
+        raise ConversionError(f"open_clip config: vision_cfg is a {type(vision).__name__}, not an object of settings.")
     for name in ("width", "layers", "image_size", "patch_size"):
         if name not in vision:
             raise ConversionError(f"open_clip config: vision_cfg has no {name!r}.")
     for name in ("image_size", "patch_size"):
         if isinstance(vision[name], (list, tuple)):
             raise ConversionError(f"open_clip vision_cfg.{name}={vision[name]!r}: only square sizes are supported.")
+    for name in ("width", "layers", "image_size", "patch_size", "head_width"):
+        value = vision.get(name, 64)
+        if not _is_positive_int(value):
+            raise ConversionError(f"open_clip vision_cfg.{name}={value!r}: a positive integer is needed.")
+    mlp_ratio = vision.get("mlp_ratio", 4.0)
+    if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not mlp_ratio > 0:
+        raise ConversionError(f"open_clip vision_cfg.mlp_ratio={mlp_ratio!r}: a positive number is needed.")
     # open_clip options that change what the tower computes (a tower that is not a plain ViT, the tokens the original
     # takes from it, layer scale, other norms) and that `CLIPVisionModel` does not have
     _require(
@@ -1032,6 +1048,8 @@ def transformers_clip_vision_config(raw: Mapping[str, Any], source: Any = "confi
     """The vision config of a transformers CLIP `config.json` (`clip` or `clip_vision_model`)."""
     model_type = raw.get("model_type")
     if model_type == "clip":
+        if not isinstance(raw.get("vision_config") or {}, Mapping):
+            raise ConversionError(f"{source}: vision_config is a {type(raw['vision_config']).__name__}, not an object.")
         vision = dict(raw.get("vision_config") or {})
         vision.setdefault("projection_dim", raw.get("projection_dim", 512))
     elif model_type == "clip_vision_model":
@@ -1039,9 +1057,33 @@ def transformers_clip_vision_config(raw: Mapping[str, Any], source: Any = "confi
     else:
         raise ConversionError(f"{source}: model_type={model_type!r} is not a transformers CLIP model.")
     vision.pop("model_type", None)
-    return CLIPVisionConfig(
-        **{k: v for k, v in vision.items() if not k.startswith("_") and k != "transformers_version"}
-    )
+    try:
+        config = CLIPVisionConfig(
+            **{k: v for k, v in vision.items() if not k.startswith("_") and k != "transformers_version"}
+        )
+    except Exception as error:  # noqa: BLE001 - transformers' own checks (TypeError, its strict dataclasses)
+        message = " ".join(str(error).split()) or type(error).__name__
+        raise ConversionError(f"{source}: the CLIP vision config is not one transformers accepts: {message}") from error
+    for name in _VISION_SIZES:
+        value = getattr(config, name, None)
+        if not _is_positive_int(value):
+            raise ConversionError(f"{source}: vision_config.{name}={value!r}: a positive integer is needed.")
+    return config
+
+
+# the sizes of a CLIP vision config that build the tower (checked: transformers 4.x does not, and torch then fails)
+_VISION_SIZES = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "image_size",
+    "patch_size",
+)
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 # ====================================================================================================================
@@ -1122,11 +1164,14 @@ class VisionInput:
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         raise
     except Exception as error:  # noqa: BLE001
         raise ConversionError(f"{what}: {path} is not valid JSON: {_first_line(error)}") from error
+    if not isinstance(data, dict):  # every file read here is a JSON object of settings
+        raise ConversionError(f"{what}: {path} holds a JSON {type(data).__name__}, not an object of settings.")
+    return data
 
 
 def resolve_vision(
@@ -2402,7 +2447,11 @@ def dry_run(
 
 def lm_family_of(config: OpenFlamingoConfig | Mapping[str, Any]) -> str:
     """The original LM family of a model of ours (MosaicGPT is the MPT config with QK-LayerNorm)."""
-    text = config["text_config"] if isinstance(config, Mapping) else config.text_config.to_dict()
+    text = config.get("text_config") if isinstance(config, Mapping) else config.text_config.to_dict()
+    if not isinstance(text, Mapping):
+        raise ConversionError(
+            "The model config has no text_config (the language model's config): is it an OpenFlamingo config?"
+        )
     model_type = text.get("model_type")
     if model_type == "mpt":
         if text.get("original_model_type") in ("mpt", "mosaic_gpt"):
@@ -2481,12 +2530,43 @@ def export_openflamingo_state_dict(
         put(name, key, source.load(key))
     if fused:
         raise ConversionError(f"{source.name}: incomplete fused vision tensors {sorted(fused)}.")
+    _check_released_format(out, config, family, source.name)
     if v1_duplicates:
         for name in [n for n in out if ".gated_cross_attn_layer." in n]:
             alias = unmap_key(name, _alias_rules(family))
             if isinstance(alias, str) and alias != name:
                 out[alias] = out[name]
     return out
+
+
+def _check_released_format(
+    exported: Mapping[str, torch.Tensor], config: OpenFlamingoConfig | Mapping[str, Any], family: str, name: str
+) -> None:
+    """The export holds every tensor of the released format that the config's model has, in its shape, and nothing of
+    ours that the original's model lacks: the original loads it with `load_state_dict(..., strict=False)`, which
+    would keep a missing tensor (the Perceiver, a gated block, the trained embedding rows) at its random or untrained
+    value without a word."""
+    if isinstance(config, Mapping):
+        try:
+            config = OpenFlamingoConfig.from_dict(dict(config))
+        except Exception as error:  # noqa: BLE001 - the folder's config cannot be built
+            raise ConversionError(f"{name}: its config cannot be read: {_first_line(error)}") from error
+    manifest = released_checkpoint_manifest(model_layout(build_empty_model(config)), family)
+    missing = [key for key in manifest if key not in exported]
+    if missing:
+        raise ConversionError(
+            f"{name}: lacks {len(missing)} tensors of the released checkpoint format that the model's config needs, "
+            f"e.g. {missing[:4]}; the original would keep them untrained (strict=False). Are the weights whole, and "
+            "the config (e.g. cross_attn_every_n_layers) the one they were saved with?"
+        )
+    for key, shape in manifest.items():
+        if tuple(exported[key].shape) != shape:
+            raise ConversionError(
+                f"{name}: {key!r} has shape {tuple(exported[key].shape)} but the model's config needs {shape}."
+            )
+    foreign = [k for k in exported if not k.startswith(("lang_encoder.", "vision_encoder.")) and k not in manifest]
+    if foreign:
+        raise ConversionError(f"{name}: keys {foreign[:4]} have no place in the original's model.")
 
 
 def convert_hf_to_openflamingo(

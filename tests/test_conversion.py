@@ -1031,6 +1031,121 @@ def test_empty_and_integer_checkpoints_are_named(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def _json_variant(source: Path, folder: Path, name: str, edit) -> Path:
+    """A copy of `source` (a folder) with its JSON file `name` replaced by `edit(contents)`."""
+    shutil.copytree(source, folder)
+    (folder / name).write_text(json.dumps(edit(json.loads((folder / name).read_text()))))
+    return folder
+
+
+def _open_clip_config(tmp_path: Path, edit) -> Path:
+    path = tmp_path / "open_clip_config.json"
+    path.write_text(json.dumps(edit(json.loads((FIXTURES / "tiny-mpt" / "open_clip_config.json").read_text()))))
+    return path
+
+
+def _with_vision_cfg(**settings):
+    return lambda config: {**config, "vision_cfg": {**config["vision_cfg"], **settings}}
+
+
+@pytest.mark.parametrize(
+    "part, edit, says",
+    [
+        ("tokenizer_config.json", lambda c: [c], "tokenizer_config.json holds a JSON list, not an object"),
+        ("special_tokens_map.json", lambda c: "<PAD>", "special_tokens_map.json holds a JSON str, not an object"),
+        ("open_clip", lambda c: [c], "open_clip_config.json holds a JSON list, not an object"),
+        ("open_clip", lambda c: {**c, "vision_cfg": None}, "vision_cfg is a NoneType, not an object"),
+        ("open_clip", _with_vision_cfg(layers="2"), r"vision_cfg.layers='2': a positive integer is needed"),
+        ("open_clip", _with_vision_cfg(head_width=0), r"vision_cfg.head_width=0: a positive integer is needed"),
+        ("open_clip", _with_vision_cfg(mlp_ratio="4"), r"vision_cfg.mlp_ratio='4': a positive number is needed"),
+    ],
+)
+def test_config_files_of_the_wrong_shape_are_named(part, edit, says, tmp_path):
+    """Hand-edited or mixed-up config files end in an error that names the file and the setting (they raised
+    AttributeError, TypeError, ZeroDivisionError or a transformers validation error, a traceback in the CLI)."""
+    if part == "open_clip":
+        kwargs = fixture_kwargs("tiny-mpt", open_clip_config=_open_clip_config(tmp_path, edit))
+    else:
+        tokenizer = _json_variant(FIXTURES / "tiny-mpt" / "tokenizer", tmp_path / "tokenizer", part, edit)
+        kwargs = fixture_kwargs("tiny-mpt", tokenizer=tokenizer)
+    with pytest.raises(ConversionError, match=says):
+        convert_openflamingo_checkpoint(**kwargs, output_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "edit, says",
+    [
+        (lambda c: {**c, "vision_config": [1]}, "vision_config is a list, not an object"),
+        (
+            lambda c: {**c, "vision_config": {**c["vision_config"], "num_hidden_layers": None}},
+            "num_hidden_layers",
+        ),
+        (lambda c: {**c, "vision_config": {**c["vision_config"], "hidden_size": "32"}}, "hidden_size"),
+    ],
+)
+def test_a_transformers_clip_config_of_the_wrong_shape_is_named(edit, says, converted, tmp_path):
+    make_transformers_clip_folder(converted("tiny-neox"), tmp_path / "clip")
+    vision = _json_variant(tmp_path / "clip", tmp_path / "clip-edited", "config.json", edit)
+    kwargs = fixture_kwargs("tiny-neox", open_clip_config=None, open_clip_weights=None, vision=vision)
+    with pytest.raises(ConversionError, match=rf"{vision}: .*{says}"):
+        convert_openflamingo_checkpoint(**kwargs, output_dir=tmp_path / "o")
+
+
+@pytest.mark.parametrize(
+    "entry, says",
+    [
+        ((3, torch.zeros(1)), "entry 3 is named by a int; a state dict's names are strings"),
+        ("sparse", "entry 'perceiver.latents' is a torch.sparse_coo tensor"),
+        ("meta", "entry 'perceiver.latents' is a meta tensor, with no data"),
+    ],
+)
+def test_checkpoint_entries_that_are_no_named_dense_tensors_are_named(entry, says, tmp_path):
+    """A non-string name raised AttributeError, a sparse tensor NotImplementedError; a meta tensor was reported as a
+    parameter that no input provides."""
+    state = torch.load(FIXTURES / "tiny-mpt" / "checkpoint.pt", weights_only=True)
+    if entry == "sparse":
+        state["perceiver.latents"] = state["perceiver.latents"].to_sparse()
+    elif entry == "meta":
+        state["perceiver.latents"] = torch.empty(state["perceiver.latents"].shape, device="meta")
+    else:
+        state[entry[0]] = entry[1]
+    path = tmp_path / "checkpoint.pt"
+    torch.save(state, path)
+    with pytest.raises(ConversionError, match=rf"{path}: {says}"):
+        convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt", checkpoint=path), output_dir=tmp_path / "o")
+
+
+def _without(*fragments):
+    return lambda tensors: {k: v for k, v in tensors.items() if not any(f in k for f in fragments)}
+
+
+@pytest.mark.parametrize(
+    "weights, config, says",
+    [
+        (_without("perceiver."), None, r"lacks 69 tensors of the released checkpoint format .*'perceiver.latents'"),
+        (_without("embed_in"), None, r"lacks 1 tensors .*\['lang_encoder.gpt_neox.embed_in.weight'\]"),
+        (_without("gated_cross_attn_layers.3."), None, r"lacks \d+ tensors .*gpt_neox.layers.3.gated_cross_attn"),
+        (lambda t: {**t, "foo.weight": torch.zeros(1)}, None, r"keys \['foo.weight'\] have no place"),
+        (None, lambda c: {k: v for k, v in c.items() if k != "text_config"}, "The model config has no text_config"),
+        (None, lambda c: [c], "holds a JSON list, not an object"),
+    ],
+)
+def test_reverse_conversion_refuses_an_export_the_original_would_load_half(weights, config, says, converted, tmp_path):
+    """The original reads checkpoint.pt with `load_state_dict(..., strict=False)`: a folder whose weights lack the
+    Perceiver, a gated block or the trained embedding rows was exported without them (exit 0), and the original would
+    have run with those left random or untrained. A config without text_config raised KeyError."""
+    folder = tmp_path / "model"
+    shutil.copytree(converted("tiny-neox"), folder)
+    if weights is not None:
+        save_file(weights(load_file(str(folder / "model.safetensors"))), str(folder / "model.safetensors"))
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps(config(json.loads((folder / "config.json").read_text()))))
+    with pytest.raises(ConversionError, match=says):
+        convert_hf_to_openflamingo(folder, tmp_path / "checkpoint.pt", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
 def test_reverse_conversion_refuses_a_folder_and_the_models_own_files(converted, tmp_path, capsys):
     cli = load_reverse_cli()
     model = converted("tiny-mpt")
