@@ -2198,6 +2198,16 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
 
     # ---- generation ----
 
+    def _resolved_generation_config(self, kwargs: dict[str, Any]) -> GenerationConfig:
+        """The generation config that `generate` decodes with: the model's, or a `generation_config` given to the call
+        completed as transformers completes it (the fields it leaves unset taken from the model's, on transformers
+        >= 4.50), so that the checks before decoding read the settings the decoding will use."""
+        given = kwargs.get("generation_config")
+        if given is None:
+            return self.generation_config
+        others = {name: value for name, value in kwargs.items() if name != "generation_config"}
+        return self._prepare_generation_config(given, **others)[0]
+
     def _prepare_attention_mask_for_generation(
         self, inputs_tensor: torch.Tensor, generation_config: GenerationConfig, model_kwargs: dict[str, Any]
     ) -> torch.LongTensor:
@@ -2262,13 +2272,23 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 "BOS token, so an empty text gives no tokens). Start the prompt with some text or an <image>."
             )
         _check_no_empty_row(kwargs.get("attention_mask"), "generate")
-        generation_config = kwargs.get("generation_config") or self.generation_config
+        generation_config = self._resolved_generation_config(kwargs)
         chunked = kwargs.get("prefill_chunk_size", getattr(generation_config, "prefill_chunk_size", None))
         if kwargs.get("assistant_early_exit", getattr(generation_config, "assistant_early_exit", None)) is not None:
             raise ValueError(
                 "assistant_early_exit (self-speculative decoding from an early layer, as LayerSkip models are trained "
                 "for) is not supported: OpenFlamingo's LMs have no early-exit head, and the early layers alone skip "
                 "the later cross-attention blocks. Use prompt_lookup_num_tokens or an assistant_model instead."
+            )
+        media = self.config.media_token_id
+        if kwargs.get("token_healing", getattr(generation_config, "token_healing", None)) and (
+            any(kwargs.get(name) is not None for name in ("pixel_values", "image_hidden_states", "image_cache"))
+            or (torch.is_tensor(input_ids) and media is not None and bool((input_ids == media).any()))
+        ):
+            raise ValueError(
+                "token_healing with images is not supported: transformers' token healing decodes the prompt with "
+                "skip_special_tokens=True and tokenizes that text again, which drops the <image> (and "
+                "<|endofchunk|>) tokens, so the images would no longer be placed. Leave token_healing unset."
             )
         if kwargs.get("inputs_embeds") is not None and kwargs.get("assistant_model") is not None:
             raise ValueError(
@@ -2342,7 +2362,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         forward over the whole sequence per step (`"sequence"`); candidates that an assistant or prompt lookup feeds
         and then rejects would corrupt the state, so those calls decode as `"sequence"` too."""
         image_indices = kwargs.get("image_indices")
-        generation_config = kwargs.get("generation_config") or self.generation_config
+        generation_config = self._resolved_generation_config(kwargs)
         use_cache = kwargs.get("use_cache", getattr(generation_config, "use_cache", True))
         if (
             self.config.generated_image_conditioning == "sequence"
@@ -2386,7 +2406,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         With `use_cache=False` no cache is made from `cache_implementation`: only a cache object given is refused."""
         if not _is_mpt(self.config.text_config) or _TRANSFORMERS_MAJOR >= 5:
             return
-        config = kwargs.get("generation_config") or self.generation_config
+        config = self._resolved_generation_config(kwargs)
         implementation = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
         if kwargs.get("use_cache", getattr(config, "use_cache", True)) is False:
             implementation = None  # no cache is made (a cache object given is still one)

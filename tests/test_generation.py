@@ -1633,3 +1633,41 @@ def test_mpt_positions_beyond_max_seq_len_are_refused_clearly(family):
     model.config.text_config.max_seq_len = 2 * limit
     assert model(input_ids=ids, pixel_values=pixel_values).logits.shape[1] == limit + 1
     torch.testing.assert_close(model(input_ids=ids[:, :limit], pixel_values=pixel_values).logits, fitting)
+
+
+@pytest.mark.parametrize("family", ["mpt", "mosaic_gpt"])
+def test_a_given_generation_config_is_read_with_the_models_defaults(family):
+    """`generate(generation_config=...)`: transformers (>= 4.50) takes the fields that the given config leaves unset
+    from the model's `generation_config`, and the checks before decoding read the same settings. The MPT length check
+    read the given config alone: with the model's `max_new_tokens` it refused a prompt that fits (for transformers'
+    default of 20 new tokens), and let through one that does not (decoding up to an error in the forward)."""
+    from .test_core import inputs, tiny_model
+
+    model = tiny_model(family)
+    limit = model.config.text_config.max_seq_len
+    ids, pixel_values = inputs(batch=1, seq=limit - 14, images=2)
+    model.generation_config.max_new_tokens = 5
+    expected = model.generate(input_ids=ids, pixel_values=pixel_values, num_beams=2)
+    got = model.generate(input_ids=ids, pixel_values=pixel_values, generation_config=GenerationConfig(num_beams=2))
+    assert got.shape[1] == limit - 9
+    assert torch.equal(got, expected)
+    model.generation_config.max_new_tokens = 40
+    short = ids[:, : limit - 34]
+    with pytest.raises(ValueError, match=rf"The prompt \({limit - 34}\) plus max_new_tokens is {limit + 6} positions"):
+        model.generate(input_ids=short, pixel_values=pixel_values, generation_config=GenerationConfig(num_beams=2))
+
+
+def test_token_healing_with_images_is_refused(loaded, tiny_images):
+    """transformers' token healing decodes the prompt with `skip_special_tokens=True` and tokenizes the text again:
+    the `<image>` tokens were dropped and `generate` went on without placing the images (a silent wrong answer)."""
+    model, processor = loaded("tiny-llama")
+    inputs = processor(images=[tiny_images[:2]], text=["<image>Output:a cat<|endofchunk|><image>Output: htt"])
+    with pytest.raises(ValueError, match="token_healing with images is not supported"):
+        model.generate(**inputs, max_new_tokens=3, token_healing=True, tokenizer=processor.tokenizer)
+    with pytest.raises(ValueError, match="token_healing with images is not supported"):
+        model.generate(
+            **inputs,
+            max_new_tokens=3,
+            tokenizer=processor.tokenizer,
+            generation_config=GenerationConfig(token_healing=True, max_new_tokens=3),
+        )
