@@ -39,25 +39,66 @@ def lm_config(name):
             if fn.endswith(".py"):
                 shutil.copy(os.path.join(code, fn), d)
         cfg = {
-            "architectures": ["MosaicGPT"], "model_type": "mosaic_gpt",
-            "auto_map": {"AutoConfig": "configuration_mosaic_gpt.MosaicGPTConfig",
-                         "AutoModelForCausalLM": "mosaic_gpt.MosaicGPT"},
-            "d_model": 2048, "n_heads": 16, "n_layers": 24, "mlp_ratio": 4, "max_seq_len": 2048,
-            "vocab_size": VOCAB, "alibi": True, "alibi_bias_max": 8, "attn_qk_ln": True,
-            "attn_clip_qkv": None, "attn_impl": "torch", "attn_pdrop": 0, "resid_pdrop": 0, "emb_pdrop": 0,
-            "no_bias": True, "low_precision_layernorm": True, "logit_scale": None, "softmax_scale": None,
-            "prefix_lm": False, "attn_uses_sequence_id": False, "embedding_fraction": 1.0,
-            "init_device": DEV, "param_init_fn": "kaiming_normal_", "init_std": 0.02, "use_cache": True,
+            "architectures": ["MosaicGPT"],
+            "model_type": "mosaic_gpt",
+            "auto_map": {
+                "AutoConfig": "configuration_mosaic_gpt.MosaicGPTConfig",
+                "AutoModelForCausalLM": "mosaic_gpt.MosaicGPT",
+            },
+            "d_model": 2048,
+            "n_heads": 16,
+            "n_layers": 24,
+            "mlp_ratio": 4,
+            "max_seq_len": 2048,
+            "vocab_size": VOCAB,
+            "alibi": True,
+            "alibi_bias_max": 8,
+            "attn_qk_ln": True,
+            "attn_clip_qkv": None,
+            "attn_impl": "torch",
+            "attn_pdrop": 0,
+            "resid_pdrop": 0,
+            "emb_pdrop": 0,
+            "no_bias": True,
+            "low_precision_layernorm": True,
+            "logit_scale": None,
+            "softmax_scale": None,
+            "prefix_lm": False,
+            "attn_uses_sequence_id": False,
+            "embedding_fraction": 1.0,
+            "init_device": DEV,
+            "param_init_fn": "kaiming_normal_",
+            "init_std": 0.02,
+            "use_cache": True,
         }
         with open(os.path.join(d, "config.json"), "w") as f:
             json.dump(cfg, f)
         return AutoConfig.from_pretrained(d, trust_remote_code=True), 1, "transformer.blocks", True
     if name == "of4b":
-        return GPTNeoXConfig(hidden_size=2560, num_attention_heads=32, num_hidden_layers=32,
-                             intermediate_size=10240, rotary_pct=1.0, use_parallel_residual=False,
-                             vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, tie_word_embeddings=False), 2, "gpt_neox.layers", False
+        return (
+            GPTNeoXConfig(
+                hidden_size=2560,
+                num_attention_heads=32,
+                num_hidden_layers=32,
+                intermediate_size=10240,
+                rotary_pct=1.0,
+                use_parallel_residual=False,
+                vocab_size=VOCAB,
+                bos_token_id=0,
+                eos_token_id=0,
+                tie_word_embeddings=False,
+            ),
+            2,
+            "gpt_neox.layers",
+            False,
+        )
     if name == "of9b":
-        return MptConfig(d_model=4096, n_heads=32, n_layers=32, max_seq_len=2048, vocab_size=VOCAB), 4, "transformer.blocks", False
+        return (
+            MptConfig(d_model=4096, n_heads=32, n_layers=32, max_seq_len=2048, vocab_size=VOCAB),
+            4,
+            "transformer.blocks",
+            False,
+        )
     raise ValueError(name)
 
 
@@ -68,12 +109,14 @@ def build(name, dtype):
         clip.visual.output_tokens = True
         lm = AutoModelForCausalLM.from_config(cfg, trust_remote_code=True)
         if mosaic:
+
             class EmbeddingFnMixin:
                 def get_input_embeddings(self):
                     return self.transformer.wte
 
                 def set_input_embeddings(self, e):
                     self.transformer.wte = e
+
             extend_instance(lm, EmbeddingFnMixin)
         extend_instance(lm, FlamingoLMMixin)
         lm.set_decoder_layers_attr_name(layers_attr)
@@ -122,14 +165,34 @@ def bench_generate(model, name, batch, new_tokens=64, num_beams=1):
 
     def run():
         with torch.no_grad():
-            out = model.generate(vision_x=vision, lang_x=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, num_beams=num_beams, pad_token_id=PAD, do_sample=False)
+            out = model.generate(
+                vision_x=vision,
+                lang_x=ids,
+                attention_mask=mask,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                num_beams=num_beams,
+                pad_token_id=PAD,
+                do_sample=False,
+            )
         assert out.shape[1] == ids.shape[1] + new_tokens, out.shape
+
     med, ts = timed(run)
-    rec = {"impl": "open_flamingo-2.0.1", "model": name, "what": "generate", "batch": batch, "num_beams": num_beams,
-           "prompt_tokens": ids.shape[1], "images": 3, "new_tokens": new_tokens, "seconds_median": round(med, 4),
-           "seconds_all": [round(t, 4) for t in ts], "new_tokens_per_s": round(batch * new_tokens / med, 1),
-           "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2), "dtype": "bf16"}
+    rec = {
+        "impl": "open_flamingo-2.0.1",
+        "model": name,
+        "what": "generate",
+        "batch": batch,
+        "num_beams": num_beams,
+        "prompt_tokens": ids.shape[1],
+        "images": 3,
+        "new_tokens": new_tokens,
+        "seconds_median": round(med, 4),
+        "seconds_all": [round(t, 4) for t in ts],
+        "new_tokens_per_s": round(batch * new_tokens / med, 1),
+        "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "dtype": "bf16",
+    }
     print(json.dumps(rec), flush=True)
     return rec
 
@@ -141,9 +204,17 @@ def bench_prefill(model, name, batch):
     def run():
         with torch.no_grad():
             model(vision_x=vision, lang_x=ids, attention_mask=mask)
+
     med, ts = timed(run)
-    rec = {"impl": "open_flamingo-2.0.1", "model": name, "what": "forward(prompt)", "batch": batch,
-           "prompt_tokens": ids.shape[1], "images": 3, "seconds_median": round(med, 4)}
+    rec = {
+        "impl": "open_flamingo-2.0.1",
+        "model": name,
+        "what": "forward(prompt)",
+        "batch": batch,
+        "prompt_tokens": ids.shape[1],
+        "images": 3,
+        "seconds_median": round(med, 4),
+    }
     print(json.dumps(rec), flush=True)
     return rec
 
@@ -168,10 +239,20 @@ def bench_train(name, batch=8, seq=256, n_images=5, steps=5):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     med, ts = timed(step, reps=steps)
-    rec = {"impl": "open_flamingo-2.0.1", "model": name, "what": "train_step", "batch": batch, "seq": ids.shape[1],
-           "images_per_sample": n_images, "seconds_median": round(med, 4), "tokens_per_s": round(batch * ids.shape[1] / med, 1),
-           "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2), "precision": "fp32 weights + bf16 autocast"}
+    rec = {
+        "impl": "open_flamingo-2.0.1",
+        "model": name,
+        "what": "train_step",
+        "batch": batch,
+        "seq": ids.shape[1],
+        "images_per_sample": n_images,
+        "seconds_median": round(med, 4),
+        "tokens_per_s": round(batch * ids.shape[1] / med, 1),
+        "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "precision": "fp32 weights + bf16 autocast",
+    }
     print(json.dumps(rec), flush=True)
     del model, opt
     torch.cuda.empty_cache()
