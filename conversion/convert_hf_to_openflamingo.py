@@ -17,8 +17,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from modeling_openflamingo.checkpoint_conversion import (  # noqa: E402
@@ -28,7 +26,8 @@ from modeling_openflamingo.checkpoint_conversion import (  # noqa: E402
     raise_on_termination,
 )
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# the output dtypes, by the names the conversion functions take
+DTYPES = ("bfloat16", "float16", "float32")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also the second copies of the gated blocks (lang_encoder.gated_cross_attn_layers.*), as the v1 "
         "(LLaMA) release has them",
     )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: the model's stored dtype")
+    parser.add_argument("--dtype", choices=DTYPES, help="default: the model's stored dtype")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument("--cache-dir", help="huggingface_hub cache folder (for a hub id)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -63,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             include_lm=args.include_lm,
             include_vision=args.include_vision,
             v1_duplicates=args.v1_duplicates,
-            dtype=DTYPES[args.dtype] if args.dtype else None,
+            dtype=args.dtype,
             overwrite=args.overwrite,
             cache_dir=args.cache_dir,
             progress=not args.no_progress,

@@ -27,8 +27,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from modeling_openflamingo.checkpoint_conversion import (  # noqa: E402
@@ -46,7 +44,8 @@ from modeling_openflamingo.conversion_presets import (  # noqa: E402
     get_preset,
 )
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# the output dtypes, by the names the conversion functions take
+DTYPES = ("bfloat16", "float16", "float32")
 
 
 def shard_size(value: str) -> str | int:
@@ -97,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     out = parser.add_argument_group("output")
     out.add_argument("--output-dir", help="the folder to write (written elsewhere first, moved into place at the end)")
-    out.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's dtype")
+    out.add_argument("--dtype", choices=DTYPES, help="default: the checkpoint's dtype")
     out.add_argument("--max-shard-size", default="5GB", type=shard_size, help="largest safetensors shard (default 5GB)")
     out.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty output folder")
     out.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the converted folder to this hub repo")
@@ -186,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             open_clip_weights=args.open_clip_weights,
             cross_attn_every_n_layers=args.cross_attn_every_n_layers,
             output_dir=args.output_dir,
-            dtype=DTYPES[args.dtype] if args.dtype else None,
+            dtype=args.dtype,
             overwrite=args.overwrite,
             preset=args.preset,
             vision=args.vision,

@@ -235,8 +235,6 @@ def fsdp_training_arguments(on_cpu: bool) -> dict[str, Any]:
     blocks, Perceiver layers, CLIP encoder layers); frozen and trainable parameters mix freely. On transformers 4.x
     this also sets the `FSDP_*` variables through which 4.x passes FSDP settings to accelerate (if they are unset).
     """
-    import transformers
-
     if int(transformers.__version__.split(".")[0]) >= 5:
         return {"fsdp": True, "fsdp_config": {"version": 2, "reshard_after_forward": True}}
     os.environ.setdefault("FSDP_VERSION", "2")
@@ -304,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in ("save_steps", "save_total_limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    resume: str | bool | None = args.resume_from_checkpoint
+    resume: str | None = args.resume_from_checkpoint
     if resume == "latest":
         # the newest checkpoint-N in the output folder; none yet (a first run of a resumable job): from the start
         resume = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None

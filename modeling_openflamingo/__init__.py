@@ -6,7 +6,6 @@ for Llama 4), `AutoImageProcessor` and `AutoProcessor` (and, on 4.x, `AutoTokeni
 `tokenizer_config.json`).
 """
 
-import transformers
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -20,6 +19,7 @@ from .configuration_openflamingo import OpenFlamingoConfig
 from .data_collator import OpenFlamingoDataCollator, attention_mask_without_host_sync, causal_attention_mask_4d
 from .image_processing_openflamingo import OpenFlamingoImageProcessor, open_image
 from .modeling_openflamingo import (
+    _TRANSFORMERS_MAJOR,
     OpenFlamingoCausalLMOutputWithPast,
     OpenFlamingoForConditionalGeneration,
     OpenFlamingoImageCache,
@@ -45,7 +45,7 @@ except ImportError:
     pass
 AutoImageProcessor.register(OpenFlamingoConfig, slow_image_processor_class=OpenFlamingoImageProcessor, exist_ok=True)
 AutoProcessor.register(OpenFlamingoConfig, OpenFlamingoProcessor, exist_ok=True)
-if int(transformers.__version__.split(".")[0]) >= 5:
+if _TRANSFORMERS_MAJOR >= 5:
     # no video processor, known locally: 5.x's pipeline looks one up for every image-text model and, for a folder
     # saved by 4.x (whose preprocessor_config.json names the image processor in a top-level `auto_map`), read that as
     # remote code to run and asked "Do you wish to run the custom code? [y/N]"

@@ -49,7 +49,7 @@ from transformers import (
 
 from . import conversion_hub as hub
 from .configuration_openflamingo import VIT_L_14_CONFIG, OpenFlamingoConfig, gated_layer_indices
-from .conversion_errors import ConversionError
+from .conversion_errors import ConversionError, _first_line
 from .conversion_presets import CHECKPOINT_FILENAME, DEFAULT_VISION, Preset, get_preset
 from .image_processing_openflamingo import OpenFlamingoImageProcessor
 from .modeling_openflamingo import (
@@ -144,7 +144,7 @@ INPUT_EMBEDDINGS: dict[str, str] = {
 def in_released_checkpoint(original_key: str, family: str) -> bool:
     """Whether a `checkpoint.pt` key (original naming) is part of the released format."""
     if not original_key.startswith("lang_encoder."):
-        return not original_key.startswith("vision_encoder.")
+        return not original_key.startswith(_CHECKPOINT_VISION_PREFIX)
     lm_key = original_key[len("lang_encoder.") :]
     return (
         ".gated_cross_attn_layer." in original_key
@@ -321,11 +321,6 @@ def checkpoint_alias_primary(key: str, family: str) -> str | None:
 # ====================================================================================================================
 # Reading files
 # ====================================================================================================================
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _zip_pickle_name(path: Path) -> str | None:
@@ -747,22 +742,22 @@ def weights_source(path: str | os.PathLike) -> TensorSource:
 _SHARD = r"(-\d+-of-\d+)?"
 
 
-def hf_weight_files(files: Iterable[str], stem: str = "model") -> list[str]:
+def hf_weight_files(files: Iterable[str]) -> list[str]:
     """The weight files of a HF model folder: `model*.safetensors` (+ index) if any, else `pytorch_model*.bin`."""
     files = list(files)
-    safetensors = [f for f in files if re.fullmatch(rf"{stem}{_SHARD}\.safetensors", f)]
+    safetensors = [f for f in files if re.fullmatch(rf"model{_SHARD}\.safetensors", f)]
     if safetensors:
-        return safetensors + [f for f in files if f == f"{stem}.safetensors.index.json"]
-    bins = [f for f in files if re.fullmatch(rf"pytorch_{stem}{_SHARD}\.bin", f)]
-    return bins + [f for f in files if f == f"pytorch_{stem}.bin.index.json"]
+        return safetensors + [f for f in files if f == "model.safetensors.index.json"]
+    bins = [f for f in files if re.fullmatch(rf"pytorch_model{_SHARD}\.bin", f)]
+    return bins + [f for f in files if f == "pytorch_model.bin.index.json"]
 
 
-def hf_folder_source(folder: str | os.PathLike, stem: str = "model") -> TensorSource:
+def hf_folder_source(folder: str | os.PathLike) -> TensorSource:
     """The weights of a HF model folder (single file or sharded; safetensors preferred over .bin)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder.")
-    chosen = hf_weight_files((p.name for p in folder.iterdir()), stem)
+    chosen = hf_weight_files(p.name for p in folder.iterdir())
     index = next((f for f in chosen if f.endswith(".index.json")), None)
     if index is not None:
         try:
@@ -774,11 +769,11 @@ def hf_folder_source(folder: str | os.PathLike, stem: str = "model") -> TensorSo
         shards = [f for f in weights if not re.search(r"-\d+-of-\d+\.", f)][:1]
         if weights and not shards:
             raise ConversionError(
-                f"{folder}: holds shards ({weights[0]}, ...) but not their index ({stem}.safetensors.index.json or "
-                f"pytorch_{stem}.bin.index.json), which names the shard of every tensor."
+                f"{folder}: holds shards ({weights[0]}, ...) but not their index (model.safetensors.index.json or "
+                "pytorch_model.bin.index.json), which names the shard of every tensor."
             )
     if not shards:
-        raise FileNotFoundError(f"{folder}: no weights ({stem}.safetensors, its shards, or pytorch_{stem}.bin) found.")
+        raise FileNotFoundError(f"{folder}: no weights (model.safetensors, its shards, or pytorch_model.bin) found.")
     if shards[0].endswith(".safetensors"):
         return safetensors_source(
             [folder / s for s in shards], name=str(folder if len(shards) > 1 else folder / shards[0])
@@ -1245,7 +1240,6 @@ class ConversionInputs:
     lm_origin: str
     lm_config: PretrainedConfig
     lm_family: str
-    lm_raw_vocab_size: int
     tokenizer: Any
     tokenizer_origin: str
     vision: VisionInput
@@ -1318,7 +1312,6 @@ def resolve_inputs(
         lm_origin=str(lm),
         lm_config=lm_config,
         lm_family=family,
-        lm_raw_vocab_size=int(raw_lm_config.get("vocab_size", lm_config.vocab_size)),
         tokenizer=tok,
         tokenizer_origin=str(tokenizer),
         vision=vision_input,
@@ -2429,12 +2422,7 @@ def dry_run(
     )
     vision_source = TensorSource.from_manifest("vision tower (open_clip layout)", open_clip_manifest(layout))
     plan = plan_conversion(layout, family, checkpoint_source, lm_source, vision_source, OPEN_CLIP_KEY_RULES)
-    seen: set[int] = set()
-    num_parameters = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            num_parameters += p.numel()
+    num_parameters = sum(p.numel() for p in model.parameters())  # (each tied parameter once)
     held = {checkpoint_alias_primary(k, family) or k for k in checkpoint_source.keys()} if checked else set()
     present = frozenset(k for k in manifest if k in held)
     return DryRunReport(config, layout, plan, manifest, checked, num_parameters, preset, present)
@@ -2517,10 +2505,10 @@ def export_openflamingo_state_dict(
                 parts = fused.setdefault(name, [None] * count)
                 parts[index] = source.load(key)
                 if all(p is not None for p in parts):
-                    put("vision_encoder." + name, key, torch.cat(parts, dim=0))
+                    put(_CHECKPOINT_VISION_PREFIX + name, key, torch.cat(parts, dim=0))
                     del fused[name]
             else:
-                put("vision_encoder." + original, key, source.load(key))
+                put(_CHECKPOINT_VISION_PREFIX + original, key, source.load(key))
             continue
         name = native_key_to_checkpoint(key, family)
         if name is None:

@@ -27,7 +27,9 @@ def check_transformers_version(installed: str = transformers.__version__) -> Non
         )
 
 
-check_transformers_version()  # (here, as every module of the package and of a saved folder's code imports this one)
+# (here: importing the package runs it, as its `__init__` imports this module first, and so does loading a saved
+# folder's config, model or processor through the Auto classes; its image processor alone does not import this)
+check_transformers_version()
 
 # CLIP ViT-L/14 at 224 px (OpenAI weights), the vision tower of every released OpenFlamingo model.
 VIT_L_14_CONFIG: dict[str, Any] = {

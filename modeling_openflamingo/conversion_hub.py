@@ -14,7 +14,7 @@ from pathlib import Path
 
 import huggingface_hub
 
-from .conversion_errors import ConversionError
+from .conversion_errors import ConversionError, _first_line
 
 # "org/name", optionally followed by "/path/in/repo" and "@revision"
 _HUB_SPEC = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.\-]*/[\w.\-]+)(?P<path>(/[^@]+)?)(@(?P<revision>[\w.\-/]+))?$")
@@ -48,7 +48,6 @@ def is_local(spec: str | os.PathLike) -> bool:
 
 
 def _hub_error(what: str, spec: object, error: Exception) -> ConversionError:
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     # `runs/my-run/checkpoint.pt` with a typo reads as a hub id: say so when its first folder is a local one
     first = Path(str(spec)).expanduser().parts[0] if str(spec) else ""
     local_hint = (
@@ -58,7 +57,7 @@ def _hub_error(what: str, spec: object, error: Exception) -> ConversionError:
     )
     return ConversionError(
         f"{what}: {spec!s} is no local path, and downloading it from the Hugging Face Hub failed "
-        f"({type(error).__name__}: {first_line}). Pass a local path, check the repo id, or log in "
+        f"({type(error).__name__}: {_first_line(error)}). Pass a local path, check the repo id, or log in "
         f"(`hf auth login`) for gated repos.{local_hint}"
     )
 
@@ -167,12 +166,11 @@ def push_folder_to_hub(
             repo_id=repo_id, repo_type="model", folder_path=str(folder), commit_message=commit_message
         )
     except Exception as error:  # noqa: BLE001
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         status = getattr(getattr(error, "response", None), "status_code", None)
         hint = " Are you logged in (`hf auth login`) with a token that can write to it?" if status in (401, 403) else ""
         raise ConversionError(
-            f"Uploading {folder} to the hub repo {repo_id} failed ({type(error).__name__}: {first_line}).{hint} "
-            f"The folder stays as it is: upload it later with "
+            f"Uploading {folder} to the hub repo {repo_id} failed ({type(error).__name__}: {_first_line(error)})."
+            f"{hint} The folder stays as it is: upload it later with "
             f"`hf upload {repo_id} {folder} .{' --private' if private else ''}`."
         ) from error
     return str(getattr(commit, "commit_url", commit))

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
-
 from .conversion_presets import CODE_URL, DEFAULT_VISION, EVAL_METRICS, PAPER, PAPER_URL, SHOTS, Preset
 
 if TYPE_CHECKING:
@@ -20,16 +18,6 @@ def _link(origin: str) -> str:
 
     spec = None if is_local(origin) else parse_hub_spec(origin)
     return f"[{origin}](https://huggingface.co/{spec.repo_id})" if spec else f"`{origin}`"
-
-
-def _count_parameters(model: torch.nn.Module) -> int:
-    seen: set[int] = set()
-    total = 0
-    for parameter in model.parameters():
-        if id(parameter) not in seen:
-            seen.add(id(parameter))
-            total += parameter.numel()
-    return total
 
 
 def _format_count(count: int) -> str:
@@ -212,7 +200,7 @@ def render_model_card(converted: ConvertedModel, repo_id: str | None = None) -> 
         f"{text.vocab_size} incl. `<|endofchunk|>`={config.eoc_token_id}, `<image>`={config.media_token_id}, "
         f"`<PAD>`={config.pad_token_id})",
         f"- {_placement(blocks, n)} (`cross_attn_every_n_layers={n}`)",
-        f"- {_format_count(_count_parameters(model))} parameters, stored in {dtype}",
+        f"- {_format_count(sum(p.numel() for p in model.parameters()))} parameters, stored in {dtype}",
         "",
         "## Conversion",
         "",

@@ -12,14 +12,11 @@ import torch
 from transformers import PretrainedConfig
 
 from .configuration_openflamingo import _as_int, _is_int
-from .image_processing_openflamingo import open_image
+from .image_processing_openflamingo import _CHANNELS_TO_MODE, open_image
 from .modeling_openflamingo import image_indices_from_input_ids
 from .processing_openflamingo import IMAGE_TOKEN, _is_image_batch
 
 __all__ = ["OpenFlamingoDataCollator", "attention_mask_without_host_sync", "causal_attention_mask_4d"]
-
-# The channel counts of the image arrays that the image processor reads (L, RGB, RGBA), first or last
-_ARRAY_CHANNELS = (1, 3, 4)
 
 # LM families (`model_type`) known (tested) to take `causal_attention_mask_4d`'s boolean 4-D mask as it is, on both
 # transformers majors and with either attention; every other LM gets the 2-D mask, which is always read correctly
@@ -203,7 +200,7 @@ class OpenFlamingoDataCollator:
         `(num_images, H, W)` stack, which is read as such when it cannot be one image (no dimension of 1, 3 or 4
         channels first or last); otherwise it is one image (HWC or CHW), unless the text asks for as many images as
         its first dimension holds, which is ambiguous."""
-        channels = _ARRAY_CHANNELS
+        channels = _CHANNELS_TO_MODE  # the channel counts the image processor reads (L, RGB, RGBA)
         if value.shape[0] not in channels and value.shape[-1] not in channels:
             return list(value)
         wanted = text.count(IMAGE_TOKEN)

@@ -19,8 +19,7 @@ At batch 1, on GPUs of compute capability 9.0 and up, the decoding step's Triton
 launched with programmatic dependent launch (`PROGRAMMATIC_DEPENDENT_LAUNCH`): each kernel waits on the device for the
 previous one's results (`gdc_wait`) instead of being launched after it ends.
 
-`ENABLED = False` turns all of it off (the library's kernels then run everywhere); the kernels need torch >= 2.6 (custom
-inductor passes) and are off before it.
+`ENABLED = False` turns all of it off (the library's kernels then run everywhere).
 """
 
 from __future__ import annotations
@@ -33,14 +32,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-try:
-    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
-except ImportError:  # torch < 2.6: no custom inductor passes
-    CustomGraphPass, get_hash_for_files = object, None
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 # Whether the decoding step uses these kernels (`_StaticDecoder` reads it when it compiles its step).
-ENABLED = get_hash_for_files is not None
+ENABLED = True
 # Whether a decoding step of up to `MAX_ROWS` rows launches its kernels with programmatic dependent launch on GPUs that
 # have it (compute capability 9.0 and up): each kernel is launched while the previous one runs and waits on the device
 # for its results (inductor's `triton.enable_pdl` for its kernels, `launch_pdl` for these), which hides a launch's
@@ -67,10 +62,7 @@ def is_traced() -> bool:
     process-wide flag, true in every thread while any one thread compiles something, so an eager forward in another
     thread would take the traced branches (and run with another forward's state). `is_dynamo_compiling()` is true
     only inside the frame that dynamo traces."""
-    if torch.compiler.is_dynamo_compiling():
-        return True
-    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch 2.5+
-    return bool(is_exporting is not None and is_exporting())
+    return torch.compiler.is_dynamo_compiling() or torch.compiler.is_exporting()
 
 
 def is_capturing_cuda_graph() -> bool:

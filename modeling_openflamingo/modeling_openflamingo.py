@@ -95,8 +95,8 @@ except ImportError:  # transformers 4.x
     from torch.nn import init
 
 logger = logging.get_logger(__name__)
-# dynamo's limit of compiled versions per function (`cache_size_limit` before torch 2.6)
-_RECOMPILE_LIMIT = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+# dynamo's limit of compiled versions per function (the name of its option)
+_RECOMPILE_LIMIT = "recompile_limit"
 
 # One on-disk layout for both transformers majors: 4.x's `CLIPVisionModel` nests its weights under `vision_model.`,
 # 5.x's does not. 5.x renames the 4.x names on load and back on save, so every saved folder loads on both.
@@ -1839,7 +1839,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         row = self.get_input_embeddings()(ids).to(inputs_embeds.dtype)
         return torch.where((inputs_embeds == row).all(dim=-1), media, -1)
 
-    def _cross_attention_key_values(self, image_hidden_states: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], ...]:
+    def _cross_attention_key_values(
+        self, image_hidden_states: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
         blocks = self.gated_cross_attn_layers.values()
         return tuple(block(image_hidden_states, return_key_values=True) for block in blocks)
 
