@@ -48,7 +48,7 @@ from transformers import (
 )
 
 from . import conversion_hub as hub
-from .configuration_openflamingo import VIT_L_14_CONFIG, OpenFlamingoConfig, gated_layer_indices
+from .configuration_openflamingo import VIT_L_14_CONFIG, OpenFlamingoConfig, _is_int, gated_layer_indices
 from .conversion_errors import ConversionError, _first_line
 from .conversion_presets import CHECKPOINT_FILENAME, DEFAULT_VISION, Preset, get_preset
 from .image_processing_openflamingo import OpenFlamingoImageProcessor
@@ -993,7 +993,7 @@ def open_clip_vision_config(open_clip_config: Mapping[str, Any], quick_gelu: boo
             raise ConversionError(f"open_clip vision_cfg.{name}={vision[name]!r}: only square sizes are supported.")
     for name in ("width", "layers", "image_size", "patch_size", "head_width"):
         value = vision.get(name, 64)
-        if not _is_positive_int(value):
+        if not _is_int(value) or value < 1:
             raise ConversionError(f"open_clip vision_cfg.{name}={value!r}: a positive integer is needed.")
     mlp_ratio = vision.get("mlp_ratio", 4.0)
     if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not mlp_ratio > 0:
@@ -1061,7 +1061,7 @@ def transformers_clip_vision_config(raw: Mapping[str, Any], source: Any = "confi
         raise ConversionError(f"{source}: the CLIP vision config is not one transformers accepts: {message}") from error
     for name in _VISION_SIZES:
         value = getattr(config, name, None)
-        if not _is_positive_int(value):
+        if not _is_int(value) or value < 1:
             raise ConversionError(f"{source}: vision_config.{name}={value!r}: a positive integer is needed.")
     return config
 
@@ -1075,10 +1075,6 @@ _VISION_SIZES = (
     "image_size",
     "patch_size",
 )
-
-
-def _is_positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 # ====================================================================================================================
@@ -2332,13 +2328,18 @@ class DryRunReport:
         return "\n".join(lines)
 
 
+def _config_checkpoint_manifest(config: OpenFlamingoConfig, family: str) -> dict[str, tuple[int, ...]]:
+    """The keys and shapes of the released `checkpoint.pt` of a model of `config` (built empty)."""
+    return released_checkpoint_manifest(model_layout(build_empty_model(config)), family)
+
+
 def _preset_checkpoint_manifest(preset: Preset) -> dict[str, tuple[int, ...]]:
     """The keys and shapes of `preset`'s released `checkpoint.pt`, from its own (embedded) parts."""
     lm_config, family = lm_config_from_dict(dict(preset.lm_config), f"{preset.name} (embedded LM config)")
     config = make_config(
         lm_config, CLIPVisionConfig(**VIT_L_14_CONFIG), preset.cross_attn_every_n_layers, **preset.tokens
     )
-    return released_checkpoint_manifest(model_layout(build_empty_model(config)), family)
+    return _config_checkpoint_manifest(config, family)
 
 
 def dry_run(
@@ -2539,7 +2540,7 @@ def _check_released_format(
             config = OpenFlamingoConfig.from_dict(dict(config))
         except Exception as error:  # noqa: BLE001 - the folder's config cannot be built
             raise ConversionError(f"{name}: its config cannot be read: {_first_line(error)}") from error
-    manifest = released_checkpoint_manifest(model_layout(build_empty_model(config)), family)
+    manifest = _config_checkpoint_manifest(config, family)
     missing = [key for key in manifest if key not in exported]
     if missing:
         raise ConversionError(
@@ -2552,7 +2553,8 @@ def _check_released_format(
             raise ConversionError(
                 f"{name}: {key!r} has shape {tuple(exported[key].shape)} but the model's config needs {shape}."
             )
-    foreign = [k for k in exported if not k.startswith(("lang_encoder.", "vision_encoder.")) and k not in manifest]
+    ours = ("lang_encoder.", _CHECKPOINT_VISION_PREFIX)  # (the LM's and the vision tower's, which --include-* add)
+    foreign = [k for k in exported if not k.startswith(ours) and k not in manifest]
     if foreign:
         raise ConversionError(f"{name}: keys {foreign[:4]} have no place in the original's model.")
 

@@ -2265,7 +2265,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 "generate(vision_x, lang_x) is generate(input_ids=lang_x, pixel_values=vision_x) here."
             )
         _check_tensors(**{k: kwargs.get(k) for k in ("input_ids", "attention_mask", "pixel_values", "image_indices")})
-        self._check_cache_support(kwargs)
+        generation_config = self._resolved_generation_config(kwargs)
+        self._check_cache_support(kwargs, generation_config)
         _check_one_image_source(*(kwargs.get(name) for name in ("pixel_values", "image_hidden_states", "image_cache")))
         input_ids = kwargs.get("input_ids")
         if torch.is_tensor(input_ids) and input_ids.shape[-1] == 0 and kwargs.get("inputs_embeds") is None:
@@ -2274,7 +2275,6 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 "BOS token, so an empty text gives no tokens). Start the prompt with some text or an <image>."
             )
         _check_no_empty_row(kwargs.get("attention_mask"), "generate")
-        generation_config = self._resolved_generation_config(kwargs)
         chunked = kwargs.get("prefill_chunk_size", getattr(generation_config, "prefill_chunk_size", None))
         if kwargs.get("assistant_early_exit", getattr(generation_config, "assistant_early_exit", None)) is not None:
             raise ValueError(
@@ -2346,7 +2346,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         self._check_generated_positions(kwargs, generation_config)
         # with an assistant model, `pixel_values` stay: it encodes them with its own vision tower and Perceiver
         encode = self._prepare_images_for_generation(input_ids, kwargs) and kwargs.get("assistant_model") is None
-        self._prepare_generated_image_state(kwargs)
+        self._prepare_generated_image_state(kwargs, generation_config)
         from .fast_decoding import generate_static  # (imported here: that module imports this one)
 
         with _gradient_checkpointing_paused(self):
@@ -2357,14 +2357,13 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 kwargs["image_hidden_states"] = self.get_image_features(kwargs.pop("pixel_values"))
             return super().generate(**kwargs)
 
-    def _prepare_generated_image_state(self, kwargs: dict[str, Any]) -> None:
+    def _prepare_generated_image_state(self, kwargs: dict[str, Any], generation_config: GenerationConfig) -> None:
         """With `config.generated_image_conditioning="original_kv_cache"` and a cache (the original's generation with a
         KV cache), `generated_image_state` in `kwargs`: each row's image after the prompt, `(batch, 1)`, which
         [`prepare_inputs_for_generation`] updates as generated tokens are fed. Without a cache the original ran one
         forward over the whole sequence per step (`"sequence"`); candidates that an assistant or prompt lookup feeds
         and then rejects would corrupt the state, so those calls decode as `"sequence"` too."""
         image_indices = kwargs.get("image_indices")
-        generation_config = self._resolved_generation_config(kwargs)
         use_cache = kwargs.get("use_cache", getattr(generation_config, "use_cache", True))
         if (
             self.config.generated_image_conditioning == "sequence"
@@ -2402,15 +2401,14 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         else:
             _check_mpt_positions(limit, max_length, "max_length")
 
-    def _check_cache_support(self, kwargs: dict[str, Any]) -> None:
+    def _check_cache_support(self, kwargs: dict[str, Any], generation_config: GenerationConfig) -> None:
         """A static (compileable) cache with an MPT / MosaicGPT LM needs transformers >= 5: 4.x's `MptModel` checks a
         4-D mask against the cache's filled length, not its fixed one, and fails deep inside with a shape error.
         With `use_cache=False` no cache is made from `cache_implementation`: only a cache object given is refused."""
         if not _is_mpt(self.config.text_config) or _TRANSFORMERS_MAJOR >= 5:
             return
-        config = self._resolved_generation_config(kwargs)
-        implementation = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
-        if kwargs.get("use_cache", getattr(config, "use_cache", True)) is False:
+        implementation = kwargs.get("cache_implementation", getattr(generation_config, "cache_implementation", None))
+        if kwargs.get("use_cache", getattr(generation_config, "use_cache", True)) is False:
             implementation = None  # no cache is made (a cache object given is still one)
         caches = (kwargs.get(name) for name in ("past_key_values", "cache"))
         if implementation in _COMPILEABLE_CACHES or any(getattr(c, "is_compileable", False) for c in caches):
