@@ -50,6 +50,7 @@ from transformers import (
 from . import conversion_hub as hub
 from .configuration_openflamingo import VIT_L_14_CONFIG, OpenFlamingoConfig, _is_int, gated_layer_indices
 from .conversion_errors import ConversionError, _first_line
+from .conversion_model_card import LICENSE_FILE, render_license, render_model_card
 from .conversion_presets import CHECKPOINT_FILENAME, DEFAULT_VISION, Preset, get_preset
 from .image_processing_openflamingo import OpenFlamingoImageProcessor
 from .modeling_openflamingo import (
@@ -1963,14 +1964,13 @@ def convert_openflamingo_checkpoint(
             cache_dir=cache_dir,
         )
     converted = build_converted_model(inputs, dtype, progress)
-    from .conversion_model_card import render_model_card
-
-    card = render_model_card(converted, repo_id=repo_id)
+    card, license_text = render_model_card(converted, repo_id=repo_id), render_license(converted)
 
     def write(tmp: Path) -> None:
         converted.model.save_pretrained(tmp, max_shard_size=max_shard_size)
         converted.processor.save_pretrained(tmp)
         (tmp / "README.md").write_text(card)
+        (tmp / LICENSE_FILE).write_text(license_text)
 
     # only the earlier conversion checked above is replaced: a folder that appears meanwhile is kept
     return save_atomically(output_dir, write, overwrite=overwrite and replaces)
@@ -2077,8 +2077,11 @@ def _check_replaceable(output_dir: Path, inputs: Iterable[str | os.PathLike | No
 
 
 # what a conversion writes: config, generation, processor and tokenizer files (`*.json`, `*.txt`, `*.model`, ...), the
-# weights, the model card and the modeling code (`*.py`; `__pycache__` when it was imported from the folder)
-_CONVERSION_FILES = ("*.json", "*.safetensors", "*.py", "*.txt", "*.model", "*.jinja", "*.tiktoken", "README.md")
+# weights, the model card and its LICENSE.md, and the modeling code (`*.py`; `__pycache__` when it was imported from
+# the folder)
+_CONVERSION_FILES = (
+    "*.json", "*.safetensors", "*.py", "*.txt", "*.model", "*.jinja", "*.tiktoken", "README.md", LICENSE_FILE,
+)  # fmt: skip
 
 
 def _written_by_a_conversion(entry: Path) -> bool:

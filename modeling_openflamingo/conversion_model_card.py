@@ -1,4 +1,4 @@
-"""The README.md model card written next to a converted model."""
+"""The README.md model card and the LICENSE.md written next to a converted model."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ from .conversion_presets import CODE_URL, DEFAULT_VISION, EVAL_METRICS, PAPER, P
 
 if TYPE_CHECKING:
     from .checkpoint_conversion import ConvertedModel
+
+LICENSE_FILE = "LICENSE.md"  # the card's `license_link`: the licenses of the folder's parts
+LICENSE_NAME = "openflamingo-parts"  # the card's `license_name` (`license: other`: the parts' terms differ)
 
 _LM_TITLES = {"mosaic_gpt": "MosaicGPT", "mpt": "MPT", "gpt_neox": "GPT-NeoX", "llama": "LLaMA"}
 
@@ -61,15 +64,14 @@ def _evaluation(preset: Preset) -> list[str]:
     return [*lines, ""]
 
 
-def _licenses(preset: Preset | None, lm_origin: str, vision_origin: str) -> list[str]:
+def _license_table(preset: Preset | None, lm_origin: str, vision_origin: str) -> list[str]:
+    """Each part's license: the card's License section and LICENSE.md."""
     lm_license = preset.lm_license if preset else "see the language model's own license"
     if vision_origin == DEFAULT_VISION:  # the released models' tower
         vision = f"| vision tower: CLIP ViT-L/14 (OpenAI weights) | {_link(vision_origin)} | MIT |"
     else:
         vision = f"| vision tower | {_link(vision_origin)} | see the vision tower's own license |"
     lines = [
-        "## License",
-        "",
         "This folder combines parts released under different terms; the most restrictive applies to the whole:",
         "",
         "| part | source | license |",
@@ -85,6 +87,14 @@ def _licenses(preset: Preset | None, lm_origin: str, vision_origin: str) -> list
     if preset is not None and preset.lm_family == "llama":
         lines += ["LLaMA's license restricts use to non-commercial research.", ""]
     return lines
+
+
+def render_license(converted: ConvertedModel) -> str:
+    """LICENSE.md of a converted folder (the card's `license_link`): the license of each of its parts."""
+    inputs = converted.inputs
+    title = inputs.preset.title if inputs.preset else "OpenFlamingo (converted)"
+    table = _license_table(inputs.preset, inputs.lm_origin, inputs.vision.origin)
+    return "\n".join([f"# Licenses: {title}", "", *table])
 
 
 def _of_repo(origin: str, repo_id: str) -> bool:
@@ -139,6 +149,8 @@ def render_model_card(converted: ConvertedModel, repo_id: str | None = None) -> 
         "library_name: transformers",
         "pipeline_tag: image-text-to-text",
         "license: other",
+        f"license_name: {LICENSE_NAME}",
+        f"license_link: {LICENSE_FILE}",
         "tags:",
         *[f"- {tag}" for tag in tags],
         *(["base_model:", f"- {preset.checkpoint}"] if preset else []),
@@ -227,7 +239,11 @@ def render_model_card(converted: ConvertedModel, repo_id: str | None = None) -> 
         "original's `checkpoint.pt`.",
         "",
         *(_evaluation(preset) if preset else []),
-        *_licenses(preset, inputs.lm_origin, inputs.vision.origin),
+        "## License",
+        "",
+        *_license_table(preset, inputs.lm_origin, inputs.vision.origin),
+        f"The same table is in [{LICENSE_FILE}]({LICENSE_FILE}).",
+        "",
         "## Citation",
         "",
         "```bibtex",
@@ -245,4 +261,4 @@ def render_model_card(converted: ConvertedModel, repo_id: str | None = None) -> 
     return "\n".join(lines)
 
 
-__all__ = ["render_model_card"]
+__all__ = ["LICENSE_FILE", "render_license", "render_model_card"]

@@ -1560,6 +1560,14 @@ def test_preset_downloads_every_part_from_the_hub(fake_hub, tmp_path):
     assert "Apache-2.0" in card and "MIT" in card
     assert "| vision tower: CLIP ViT-L/14 (OpenAI weights) |" in card
     assert "but with another" not in card  # every part is the preset's own
+    # `license: other` names its license and links the file that holds each part's (the hub shows both)
+    front_matter = card.split("---\n")[1].splitlines()
+    assert {"license: other", "license_name: openflamingo-parts", "license_link: LICENSE.md"} <= set(front_matter)
+    licenses = (out / "LICENSE.md").read_text()
+    assert licenses.startswith("# Licenses: OpenFlamingo-3B (CLIP ViT-L/14, MPT-1B)\n")
+    table = [line for line in licenses.splitlines() if line.startswith("| ")]
+    assert len(table) == 5 and all(line in card for line in table)  # the card's License section: the same table
+    assert "| language model | [anas-awadalla/mpt-1b-redpajama-200b]" in licenses and "| Apache-2.0 |" in licenses
     size = model.config.vision_config.image_size
     assert f"`pixel_values` is `(batch, num_images, 3, {size}, {size})`" in card
 
