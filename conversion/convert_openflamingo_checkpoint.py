@@ -142,8 +142,9 @@ def list_presets() -> str:
     lines = []
     for preset in PRESETS.values():
         lines.append(
-            f"{preset.name}\n    checkpoint: {preset.checkpoint}/checkpoint.pt\n"
-            f"    lm: {preset.lm or '(yours: --lm)'}  [{preset.lm_family}]\n"
+            f"{preset.name}: {preset.title}\n    checkpoint: {preset.checkpoint}/checkpoint.pt\n"
+            f"    lm: {preset.lm or '(yours: --lm)'}  [{preset.lm_family}"
+            f"{', instruction-tuned' if preset.instruction_tuned else ''}]\n"
             f"    tokenizer: {preset.tokenizer or '(the LM folder)'}\n"
             f"    vision: {DEFAULT_VISION} (or {TRANSFORMERS_VISION})\n"
             f"    cross_attn_every_n_layers: {preset.cross_attn_every_n_layers}"

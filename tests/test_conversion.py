@@ -1799,7 +1799,9 @@ def test_a_failed_upload_says_where_the_folder_is_and_asks_for_a_login_only_when
 def test_list_presets(capsys):
     assert load_cli().main(["--list-presets"]) == 0
     printed = capsys.readouterr().out
-    assert all(name in printed for name in PRESETS)
+    assert all(f"{name}: {preset.title}\n" in printed for name, preset in PRESETS.items())
+    assert "lm: anas-awadalla/mpt-1b-redpajama-200b-dolly  [mosaic_gpt, instruction-tuned]\n" in printed
+    assert "lm: anas-awadalla/mpt-1b-redpajama-200b  [mosaic_gpt]\n" in printed
     assert get_preset("openflamingo/OpenFlamingo-9B").name == "OpenFlamingo-9B-deprecated"
     # an unknown name is the conversion's own error (a ValueError, as every other bad input), through the API too
     with pytest.raises(ConversionError, match=r"^Unknown preset 'OpenFlamingo-3B'; choose one of: OpenFlamingo-3B"):
