@@ -135,10 +135,14 @@ def load_training_dataset(args: argparse.Namespace) -> Any:
 def next_token_label_smoothing(epsilon: float) -> Callable[..., torch.Tensor]:
     """A `Trainer` `compute_loss_func`: the model's own loss (each position's logits score the next token; -100 labels
     ignored; summed and divided by `num_items_in_batch`, the targets of the whole accumulated batch, or else the mean
-    over this batch's targets) with label smoothing `epsilon`, the same smoothing as `Trainer`'s label smoother."""
+    over this batch's targets) with label smoothing `epsilon`, the same smoothing as `Trainer`'s label smoother.
+    Under PEFT's prompt learning (prompt tuning, p-tuning) the logits begin with the virtual tokens' positions, which
+    PEFT gives -100 labels in the model's own loss: the loss scores the positions of the batch's own tokens."""
 
     def loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        if labels is not None and logits.shape[1] > labels.shape[1]:  # a soft prompt prepended (never a target)
+            logits = logits[:, logits.shape[1] - labels.shape[1] :]
         return OpenFlamingoForConditionalGeneration.causal_lm_loss(
             logits, labels, num_items_in_batch, label_smoothing=epsilon
         )

@@ -1313,6 +1313,39 @@ def test_finetune_trainer_label_smoothing_scores_the_next_token(converted, tmp_p
     torch.testing.assert_close(loss(logits, inputs["labels"], num_items_in_batch=2 * targets), expected / 2)
 
 
+@pytest.mark.parametrize("family", ["tiny-mpt", "tiny-neox"])
+def test_finetune_trainer_label_smoothing_with_prompt_tuning(converted, family, tmp_path):
+    """PEFT's prompt tuning prepends its virtual tokens' logits (their labels, -100, only in the model's own loss):
+    `FlamingoTrainer`'s smoothed loss scores the batch's own tokens, as the model's loss does (it failed with
+    "Expected input batch_size (18) to match target batch_size (12)"), and trains the prompt."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import finetune
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    model, processor = load(converted, family)
+    text = model.config.text_config
+    keys = {"num_layers": text.num_hidden_layers, "token_dim": text.hidden_size}  # (MPT's names PEFT does not know)
+    config = peft.PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=3, num_attention_heads=text.num_attention_heads, **keys
+    )
+    adapted = peft.get_peft_model(model, config)
+    collator = OpenFlamingoDataCollator(processor)
+    dataset = caption_dataset()
+    batch = collator([dataset[i] for i in range(len(dataset))])
+    with torch.no_grad():
+        expected = adapted(**batch).loss  # PEFT's -100 labels for the soft prompt
+        outputs = adapted(**{k: v for k, v in batch.items() if k != "labels"})
+        targets = batch["labels"][:, 1:].ne(-100).sum()
+        for num_items_in_batch in (None, targets):
+            got = finetune.next_token_label_smoothing(0.0)(outputs, batch["labels"], num_items_in_batch)
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    prompt = adapted.prompt_encoder["default"].embedding.weight.detach().clone()
+    args = training_args(tmp_path, label_smoothing_factor=0.1, max_steps=1, weight_decay=0.0)
+    finetune.FlamingoTrainer(model=adapted, args=args, train_dataset=dataset, data_collator=collator).train()
+    assert not torch.equal(adapted.prompt_encoder["default"].embedding.weight, prompt)
+
+
 def smoothed_step_as_4x1_and_2x2(tmp_path, make_model, dataset, collator, **overrides) -> list[dict]:
     """One `FlamingoTrainer` step with label smoothing over 4 rows, as 4 x 1 and as 2 x 2 (gradient accumulation),
     each on a model from `make_model()`: the first log entry of each run."""
