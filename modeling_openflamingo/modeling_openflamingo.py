@@ -182,8 +182,15 @@ class OpenFlamingoCausalLMOutputWithPast(ModelOutput):
             Scores of the language modelling head (of the last `logits_to_keep` positions only, when given).
         past_key_values (`Cache`, *optional*, returned when `use_cache=True`):
             The language model's key/value cache (also exposed as `cache` on transformers >= 5.24).
-        hidden_states (`tuple(torch.FloatTensor)`, *optional*): the LM's hidden states, when asked for.
-        attentions (`tuple(torch.FloatTensor)`, *optional*): the LM's self-attention weights, when asked for.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+            The LM's hidden states, each of shape `(batch_size, sequence_length, hidden_size)`: the input embeddings
+            (before any gated block), then the output of each decoder layer (as the LM returns the last one, e.g.
+            after its final norm); `num_hidden_layers + 1` of them.
+        attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
+            The LM's self-attention weights, one per decoder layer, each of shape `(batch_size, num_heads,
+            sequence_length, keys)` (`keys`: the cached and the new positions); with an attention that returns no
+            weights (SDPA, the default) the LM's own placeholder (`None` per layer for MPT, an empty tuple for the
+            others on transformers 5).
         image_hidden_states (`torch.FloatTensor` of shape `(batch_size, num_images, num_latents, vision_hidden_size)`):
             The Perceiver Resampler's output for the images of the batch, when images were given.
         image_cache ([`OpenFlamingoImageCache`], *optional*, returned with a cache when images are involved):
@@ -465,23 +472,40 @@ _IMAGE_CACHE_ATTRIBUTE = "openflamingo_image_cache"
 
 def _cache_images_apply() -> bool:
     """Whether the images that an LM cache holds ([`_image_cache_on`], [`_store_image_cache`]) are read and written
-    here: in eager code only. Not while traced (`torch.compile`, `torch.export`: a static cache's length is a tensor,
-    which the branches on it would break the graph on; pass `image_cache` there, as the fast path does), nor while a
-    CUDA graph is captured (the fast path's prompt step: that length is a device tensor, which the capture cannot read
-    on the host, and the replayed graph would not run this Python)."""
+    here in eager code. Traced, see [`_cache_images_apply_traced`]."""
     return not is_traced() and not is_capturing_cuda_graph()
 
 
-def _image_cache_on(cache: Any, rows: int, length: int) -> OpenFlamingoImageCache | None:
+def _cache_images_apply_traced(cache: Any, image_indices: Any) -> bool:
+    """Whether a forward traced by `torch.compile` reads and writes the images that the LM cache `cache` holds (None:
+    whichever cache), as eager code does: `torch.compile(model)` in a loop that passes only `past_key_values` after
+    the first step (as for llava or mllama) decoded the later tokens as text only. Only for a cache whose length is a
+    Python number (a dynamic cache's; not a static cache's, a tensor, which the branches on it would break the graph
+    on), and not where the caller places the images itself (`image_indices`: the fast path's steps, which pass
+    `image_cache`), nor under `torch.export` or while a CUDA graph is captured (Python state set there is not set at
+    a replay). The checks of the cache's rows and length are the eager code's only: traced, a check of a length
+    that grows at every step would compile the forward anew at every step."""
+    return (
+        torch.compiler.is_dynamo_compiling()
+        and not torch.compiler.is_exporting()
+        and not is_capturing_cuda_graph()
+        and image_indices is None
+        and (cache is None or (hasattr(cache, "get_seq_length") and not torch.is_tensor(cache.get_seq_length())))
+    )
+
+
+def _image_cache_on(cache: Any, rows: int | None, length: int | None) -> OpenFlamingoImageCache | None:
     """The image cache that a forward with images stored on the LM cache `cache` it filled (None without one): as
     mllama's cache holds its cross-attention states, a continued forward given only `past_key_values` goes on seeing
     the prompt's images instead of decoding as text only. The state is the cache object's, not its layers': a cache
     changed since (cropped, rows dropped: another length or number of `rows`) is an error, not stale images; rows
-    reordered in place are not seen (pass `image_cache` then). Only in eager code ([`_cache_images_apply`])."""
+    reordered in place are not seen (pass `image_cache` then). `rows` and `length` None (traced): not checked."""
     stored = getattr(cache, _IMAGE_CACHE_ATTRIBUTE, None)
-    if stored is None or not _cache_images_apply():
+    if stored is None:
         return None
     image_cache, stored_rows, stored_length = stored
+    if rows is None or length is None or stored_rows is None or stored_length is None:
+        return image_cache
     if (rows, length) != (stored_rows, stored_length):
         raise ValueError(
             f"past_key_values holds the images of the forward that filled it, for {stored_rows} rows and "
@@ -492,10 +516,12 @@ def _image_cache_on(cache: Any, rows: int, length: int) -> OpenFlamingoImageCach
     return image_cache
 
 
-def _store_image_cache(cache: Any, image_cache: OpenFlamingoImageCache | None, rows: int, length: int) -> None:
+def _store_image_cache(
+    cache: Any, image_cache: OpenFlamingoImageCache | None, rows: int | None, length: int | None
+) -> None:
     """Store `image_cache` (None: forget the images) on the LM cache `cache`, of `rows` rows and `length` positions
-    after the forward, for [`_image_cache_on`]."""
-    if not _cache_images_apply() or not hasattr(cache, "get_seq_length"):
+    after the forward (None, traced: unchecked), for [`_image_cache_on`]."""
+    if not hasattr(cache, "get_seq_length"):
         return
     if image_cache is not None or getattr(cache, _IMAGE_CACHE_ATTRIBUTE, None) is not None:
         setattr(cache, _IMAGE_CACHE_ATTRIBUTE, None if image_cache is None else (image_cache, rows, length))
@@ -1900,7 +1926,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
                 images, reused instead of recomputed. Pass it with `past_key_values` to continue a sequence. The
                 LM cache that a forward with images returns holds it too: a continued forward given that cache and
                 no image source uses the cache's images (`image_indices`, when given, say which one), so a loop that
-                passes only `past_key_values` after the first step (as for llava or mllama) goes on seeing them.
+                passes only `past_key_values` after the first step (as for llava or mllama) goes on seeing them,
+                under `torch.compile` too (with a dynamic cache; with a static one, pass `image_cache`).
             past_key_values (`Cache`, *optional*): the LM's key/value cache (`cache` on transformers >= 5.24).
             inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
                 The LM's input embeddings, instead of `input_ids` (exactly one of the two). With images, the `<image>`
@@ -1931,7 +1958,8 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         if isinstance(past, (tuple, list)):
             raise ValueError(
                 "past_key_values must be a transformers Cache (e.g. the `past_key_values` of an earlier output, or "
-                "`DynamicCache.from_legacy_cache(...)` for a tuple of per-layer (key, value) tensors); got a "
+                "`transformers.DynamicCache(legacy)` for a tuple `legacy` of per-layer (key, value) tensors; "
+                "`DynamicCache.from_legacy_cache` is gone in transformers 5); got a "
                 f"{type(past).__name__}."
             )
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
@@ -1949,16 +1977,40 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             labels=labels,
             image_cache=image_cache,
         )
-        # The images that a cache holds, in eager code only (`_cache_images_apply`: not traced, not captured)
+        # The images that a cache holds: in eager code (`_cache_images_apply`), and traced by `torch.compile` with
+        # a dynamic cache (`_cache_images_apply_traced`: unchecked there)
         eager = _cache_images_apply()
-        cached_length = past.get_seq_length() if eager and past is not None else 0
+        # (whether traced code may: decided on the caller's `image_indices`, before they are made below)
+        may_trace_images = not eager and _cache_images_apply_traced(None, image_indices)
+        traced = may_trace_images and past is not None and _cache_images_apply_traced(past, None)
+        cached_length = past.get_seq_length() if (eager or traced) and past is not None else 0
         rows, new_positions = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        if eager and past is not None and cached_length == 0:
-            _store_image_cache(past, None, rows, 0)  # a new sequence (a reset or reused cache): no images yet
-        elif eager and cached_length > 0 and all(x is None for x in (pixel_values, image_hidden_states, image_cache)):
+        checked = (rows, cached_length) if eager else (None, None)
+        if (eager or traced) and past is not None and cached_length == 0:
+            _store_image_cache(past, None, *checked)  # a new sequence (a reset or reused cache): no images yet
+        elif (
+            (eager or traced)
+            and cached_length > 0
+            and all(x is None for x in (pixel_values, image_hidden_states, image_cache))
+        ):
             # the images of the forward that filled `past`, if it had any (`image_indices` given say which one)
-            image_cache = _image_cache_on(past, rows, cached_length)
-        continuing = cached_length > 0 if eager else past is not None and past.get_seq_length() > 0
+            image_cache = _image_cache_on(past, *checked)
+        continuing = cached_length > 0 if eager or traced else past is not None and past.get_seq_length() > 0
+        if (
+            eager
+            and isinstance(cached_length, int)
+            and torch.is_tensor(attention_mask)
+            and attention_mask.ndim == 2
+            and attention_mask.shape[-1] < cached_length + new_positions
+        ):
+            # the LM reads such a mask as that of the first positions (its own forward takes it silently): the
+            # cached keys were masked or attended by the wrong columns, and the new tokens' logits were others
+            raise ValueError(
+                f"attention_mask has {attention_mask.shape[-1]} positions, but past_key_values holds {cached_length} "
+                f"and input_ids add {new_positions}: continuing from a cache, the 2-D mask covers the cached tokens "
+                f"too, (batch, cached + new) = {(rows, cached_length + new_positions)} (append the new tokens' ones "
+                "to the previous mask)."
+            )
         pixel_values, image_hidden_states = (
             None if _holds_no_images(x) else x for x in (pixel_values, image_hidden_states)
         )
@@ -2133,8 +2185,11 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         ):
             last = image_indices[:, -1] if image_indices.shape[-1] else image_cache.last_image_index
             new_image_cache = OpenFlamingoImageCache(key_values=key_values, last_image_index=last)
-        if eager and new_cache is not None and new_image_cache is not None:  # (`past` filled in place, or a new one)
-            _store_image_cache(new_cache, new_image_cache, rows, cached_length + new_positions)
+        if new_cache is not None and new_image_cache is not None:  # (`past` filled in place, or a new one)
+            if eager:
+                _store_image_cache(new_cache, new_image_cache, rows, cached_length + new_positions)
+            elif traced or (may_trace_images and past is None and _cache_images_apply_traced(new_cache, None)):
+                _store_image_cache(new_cache, new_image_cache, None, None)
         output = OpenFlamingoCausalLMOutputWithPast(
             loss=loss,
             logits=logits,

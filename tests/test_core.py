@@ -29,6 +29,7 @@ from transformers import (
     AutoProcessor,
     CLIPConfig,
     CLIPVisionConfig,
+    DynamicCache,
     GPTNeoXConfig,
     LlamaConfig,
     MptConfig,
@@ -852,8 +853,35 @@ def test_a_legacy_tuple_cache_is_refused_clearly():
         if hasattr(out.past_key_values, "layers")
         else out.past_key_values.to_legacy_cache()
     )
-    with pytest.raises(ValueError, match=r"past_key_values must be a transformers Cache .*from_legacy_cache.*tuple"):
+    with pytest.raises(ValueError, match=r"past_key_values must be a transformers Cache .*DynamicCache\(legacy\)"):
         model(input_ids=ids[:, -1:], past_key_values=legacy, image_cache=out.image_cache)
+    # the remedy it names works on both majors (5.x has no `DynamicCache.from_legacy_cache`, which it named)
+    step = torch.tensor([[5], [7]])
+    with torch.no_grad():
+        expected = model(input_ids=step, past_key_values=out.past_key_values, image_cache=out.image_cache).logits
+        got = model(input_ids=step, past_key_values=DynamicCache(legacy), image_cache=out.image_cache).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["mpt", "llama", "gpt_neox"])
+def test_a_mask_of_the_new_tokens_alone_after_a_cache_is_refused(family):
+    """Continuing from a cache, a 2-D attention_mask of the new tokens only (a common slip in hand-written decoding
+    loops) is an error naming the shape: the LMs read it as the mask of the first positions and returned other
+    logits, silently. The mask over the cached and the new tokens gives the full forward's."""
+    model = tiny_model(family)
+    ids, pixel_values = inputs(batch=2, seq=10)
+    with torch.no_grad():
+        expected = model(input_ids=ids, pixel_values=pixel_values).logits[:, 5:]
+        out = model(input_ids=ids[:, :5], pixel_values=pixel_values, use_cache=True)
+        _, cache = lm_cache_of(out)
+        with pytest.raises(
+            ValueError,
+            match=r"attention_mask has 5 positions, but past_key_values holds 5 and "
+            r"input_ids add 5: .*\(2, 10\)",
+        ):
+            model(input_ids=ids[:, 5:], past_key_values=cache, attention_mask=torch.ones(2, 5, dtype=torch.long))
+        got = model(input_ids=ids[:, 5:], past_key_values=cache, attention_mask=torch.ones_like(ids)).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_an_image_cache_must_fit_the_rows_and_the_model():

@@ -1193,6 +1193,37 @@ def test_a_forward_loop_given_only_the_cache_goes_on_seeing_the_images(family):
     assert not torch.allclose(seeing, blind.logits[:, -1])
 
 
+@pytest.mark.parametrize("family", ["mpt", "llama"])
+def test_a_compiled_forward_loop_given_only_the_cache_goes_on_seeing_the_images(family):
+    """The loop above through `torch.compile(model)` (one graph per call): the prompt's images stay with the dynamic
+    cache, as in eager code, whether the loop made the cache or the LM did; a text-only prompt in the same cache
+    object after it does not see them. (The traced forward neither stored nor read them: the later tokens were
+    decoded as text only, silently.)"""
+    from .test_core import MEDIA, inputs, tiny_model
+
+    model = tiny_model(family)
+    ids, pixel_values = inputs(batch=2, seq=10)
+    text = ids.masked_fill(ids == MEDIA, 5)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        with torch.no_grad():
+            expected = model(input_ids=ids, pixel_values=pixel_values).logits
+            expected_text = model(input_ids=text).logits
+            for given in (DynamicCache(), None):
+                out = compiled(input_ids=ids[:, :5], pixel_values=pixel_values, past_key_values=given, use_cache=True)
+                _, cache = lm_cache_of(out)
+                for t in range(5, 8):
+                    step = compiled(input_ids=ids[:, t : t + 1], past_key_values=cache).logits[:, -1]
+                    torch.testing.assert_close(step, expected[:, t], rtol=1e-5, atol=1e-5)
+            cache.crop(-cache.get_seq_length())  # emptied: a new sequence in the same cache object
+            compiled(input_ids=text[:, :5], past_key_values=cache)
+            got = compiled(input_ids=text[:, 5:], past_key_values=cache).logits
+            torch.testing.assert_close(got, expected_text[:, 5:], rtol=1e-5, atol=1e-5)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_a_caches_images_are_its_own_until_it_is_reset_or_changed():
     """The images a cache holds belong to its sequence: a new prompt in the same cache object (after `reset()`) does
     not see them, and a cache changed since (cropped, rows selected) is an error, not a silent wrong image."""
