@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -59,10 +58,10 @@ class OpenFlamingoDataCollator:
     original's `preprocess_interleaved`: `<|endofchunk|>` right before each later `<image>`; with `interleaved=True`,
     text between an `<|endofchunk|>` and the next `<image>` is not trained on); and its
     images (`image_column`, default `"images"`, else `"image"`): a list of images in the order of the `<image>`
-    tokens, one image, or nothing. An image is a `PIL.Image.Image`, a path, an array or tensor (HW, HWC or CHW; a 4-D
-    one holds several, as `datasets`' "torch" / "numpy" formats give them, and so does a 3-D array that cannot be one
-    image: "numpy"'s `(n, H, W)` stack of grayscale images; those formats give a palette image's indices, not its
-    colours: keep such a column unformatted), or a `datasets` `Image` feature's
+    tokens, one image, or nothing. An image is a `PIL.Image.Image`, a path, encoded image bytes (a binary column), an
+    array or tensor (HW, HWC or CHW; a 4-D one holds several, as `datasets`' "torch" / "numpy" formats give them, and
+    so does a 3-D array that cannot be one image: "numpy"'s `(n, H, W)` stack of grayscale images; those formats give
+    a palette image's indices, not its colours: keep such a column unformatted), or a `datasets` `Image` feature's
     undecoded `{"bytes": ..., "path": ...}`; decoded `Image` features (PIL images) work as they are.
 
     The batch is built by the processor (`return_labels=True`, right padding) and holds `input_ids`,
@@ -89,7 +88,8 @@ class OpenFlamingoDataCollator:
         append_eos (`bool`, defaults to `True`): append the tokenizer's eos token to each text that does not end with
             it, as the original's data pipeline did.
         text_column (`str`, defaults to `"text"`), image_column (`str`, defaults to `"images"`): the sample keys.
-        pad_to_multiple_of (`int`, *optional*): pad the sequence length to a multiple of this.
+        pad_to_multiple_of (`int`, *optional*): pad the sequence length to a multiple of this (with `max_length`, a
+            divisor of it).
     """
 
     def __init__(
@@ -111,6 +111,12 @@ class OpenFlamingoDataCollator:
         ):
             if value is not None and (not _is_int(value) or value < 1):
                 raise ValueError(f"{name} must be a positive int ({what}) or None; got {value!r}.")
+        if max_length is not None and pad_to_multiple_of is not None and max_length % pad_to_multiple_of:
+            # (the tokenizer refuses it too, but only at the first batch, once training has started)
+            raise ValueError(
+                f"max_length ({max_length}) must be a multiple of pad_to_multiple_of ({pad_to_multiple_of}): a "
+                "truncated text is padded to a multiple of it."
+            )
         self.processor = processor
         self.interleaved = interleaved
         self.max_length = max_length
@@ -214,23 +220,26 @@ class OpenFlamingoDataCollator:
 
     @staticmethod
     def _load_image(image: Any, index: int) -> Any:
-        """A PIL image from a PIL image, a path or URL (opened as it is stored, as the original's data pipelines open
-        theirs: [`open_image`]), or a `datasets` `{"bytes": ..., "path": ...}` dict (as `datasets` decodes it: turned
-        upright by its EXIF orientation, so that an undecoded `Image` feature gives what the decoded one gives)."""
+        """A PIL image from a PIL image, a path or URL or encoded bytes (opened as it is stored, as the original's data
+        pipelines open theirs: [`open_image`]), or a `datasets` `{"bytes": ..., "path": ...}` dict (as `datasets`
+        decodes it: turned upright by its EXIF orientation, so that an undecoded `Image` feature gives what the decoded
+        one gives)."""
         from PIL import ExifTags, Image, ImageOps
 
         if isinstance(image, Image.Image) or (isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim in (2, 3)):
             return image  # an array is read by the image processor (HW, HWC or CHW)
         if isinstance(image, dict) and (image.get("bytes") is not None or image.get("path") is not None):
-            opened = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") is not None else image["path"])
-            opened.load()
+            # (a path may be an http(s) URL, which `datasets` decodes too)
+            opened = open_image(bytes(image["bytes"]) if image.get("bytes") is not None else image["path"])
             if opened.getexif().get(ExifTags.Base.Orientation) is not None:  # (as `datasets` checks it)
                 return ImageOps.exif_transpose(opened)
             return opened
         if isinstance(image, (str, os.PathLike)):
             return open_image(image)
+        if isinstance(image, (bytes, bytearray)):  # encoded image bytes (a binary column), as the processor opens them
+            return open_image(bytes(image))
         raise ValueError(
             f"Sample {index}: cannot read an image from a {type(image).__name__}"
             + (f" of {image.ndim} dimensions" if isinstance(image, (np.ndarray, torch.Tensor)) else "")
-            + "; give PIL images, arrays (HW, HWC or CHW), paths, or a datasets Image feature."
+            + "; give PIL images, arrays (HW, HWC or CHW), paths, encoded image bytes, or a datasets Image feature."
         )

@@ -313,10 +313,19 @@ def open_image(source: str | os.PathLike | bytes) -> Image.Image:
             raise OSError(f"Could not fetch the image at {source}: {error}") from error
         image = Image.open(io.BytesIO(fetched))
     elif isinstance(source, str) and not os.path.exists(source):
-        encoded = source.split(",", 1)[1] if source.startswith("data:image/") else source
+        data_uri = source.startswith("data:image/")
+        encoded = source.partition(",")[2] if data_uri else source
+        # without line breaks: MIME base64 (`base64.encodebytes`, many tools) breaks lines, which transformers'
+        # `load_image` reads too
+        encoded = "".join(encoded.split())
         try:
             image = Image.open(io.BytesIO(base64.b64decode(encoded, validate=True)))
         except (binascii.Error, ValueError, UnidentifiedImageError):  # (a short name may be valid base64)
+            if data_uri:
+                raise ValueError(
+                    f"Cannot read an image from the data URI {source[:100]!r}: no base64 image data follows "
+                    "'data:image/...;base64,'."
+                ) from None
             raise FileNotFoundError(
                 f"Cannot read an image from {source[:100]!r}: no such file, and not an http(s) URL or base64 image "
                 "data."

@@ -15,6 +15,7 @@ import torch
 import transformers
 from transformers import BatchFeature, GenerationConfig, ProcessorMixin
 
+from .image_processing_openflamingo import _CHANNELS_FIRST, _normalize_data_format
 from .image_processing_openflamingo import _OVERRIDABLE as IMAGE_KWARGS
 
 IMAGE_TOKEN = "<image>"
@@ -23,6 +24,12 @@ PAD_TOKEN = "<PAD>"
 # `apply_chat_template(..., sanitize_control_tokens=True)` (transformers 5) marks the special tokens written in user
 # text between these two characters (transformers' `_CONTROL_TOKEN_START` / `_END`): they are text, not images
 _MARKED_CONTROL_TOKENS = re.compile("\U000f0000.*?\U000f0001", re.S)
+# the whitespace a token's text writes as other characters: sentencepiece's "\u2581" (space) and byte-level BPE's
+# stand-ins for the whitespace bytes (GPT-2 / GPT-NeoX: "\u0120" space, "\u010a" newline, "\u0109" tab, ...), so that a
+# token such as "\u010a\u0120" (newline, space) counts as whitespace only
+_WHITESPACE_OF_TOKEN_TEXT = str.maketrans(
+    {"\u2581": " ", **{chr(256 + byte): chr(byte) for byte in (9, 10, 11, 12, 13, 32)}}
+)
 
 
 def add_openflamingo_tokens(tokenizer: Any) -> Any:
@@ -100,6 +107,24 @@ def _write_portable_tokenizer_config(save_directory: str | os.PathLike) -> None:
 def _is_image_batch(item: Any) -> bool:
     """A numpy array or torch tensor of shape `(num_images, ...)`, 4-D, as the image processor reads it."""
     return isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim == 4
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two values of one keyword are equal (arrays and tensors element by element)."""
+    if a is b:
+        return True
+    try:
+        equal = a == b
+        return bool(equal) if isinstance(equal, bool) else bool(np.all(np.asarray(equal)))
+    except (TypeError, ValueError, RuntimeError):  # (arrays of other shapes)
+        return False
+
+
+def _given_twice(name: str, group: str) -> ValueError:
+    return ValueError(
+        f"`{name}` was given twice with different values, as a keyword argument and under `{group}`: give it once "
+        "(transformers' processors refuse it too)."
+    )
 
 
 def _check_padding_side(side: Any) -> None:
@@ -212,14 +237,17 @@ class OpenFlamingoProcessor(ProcessorMixin):
 
     @property
     def image_token_id(self) -> int:
+        """The id of `<image>` (the config's `media_token_id`)."""
         return self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
     @property
     def end_of_chunk_token_id(self) -> int:
+        """The id of `<|endofchunk|>` (the config's `eoc_token_id`; `generate` stops at it by default)."""
         return self.tokenizer.convert_tokens_to_ids(END_OF_CHUNK_TOKEN)
 
     @property
     def model_input_names(self) -> list[str]:
+        """The model inputs a call returns (`labels` too with `return_labels=True`)."""
         return ["input_ids", "attention_mask", "pixel_values"]
 
     def __call__(
@@ -246,6 +274,8 @@ class OpenFlamingoProcessor(ProcessorMixin):
                 one image. Rows may have different numbers of images (and none); `pixel_values` is
                 zero-padded to the batch's largest count.
             text: one string or a list of strings, with one `<image>` where each image goes.
+            padding: as the tokenizer's; defaults to `"longest"` (rows of a batch come out as one tensor).
+            truncation: as the tokenizer's (see `max_length`).
             max_length: with `truncation` unset, truncates to `max_length` tokens unless `padding="max_length"`
                 (also under the default `padding="longest"`, where the tokenizer alone would not: it does only for
                 `padding=False`); a `pad_to_multiple_of` must then divide it. The images of cut `<image>` tokens
@@ -258,10 +288,13 @@ class OpenFlamingoProcessor(ProcessorMixin):
                 those.
             interleaved: with `return_labels`, also mask as for MMC4-style interleaved documents (everything before
                 the first `<image>` and between each `<|endofchunk|>` and the next `<image>`).
+            return_tensors: `"pt"` (the default, unlike transformers' own processors, whose default is lists),
+                `"np"`, or `None` for lists (`pixel_values` then a list of `(max_images, 3, H, W)` arrays, one per
+                row).
 
             **kwargs: the image processor's per-call options (`size`, `do_normalize`, `image_mean`, ...: see
                 [`~OpenFlamingoImageProcessor.preprocess`]; or under `images_kwargs`; `device` returns `pixel_values` on
-                that device) and the tokenizer's
+                that device; `data_format` only as `"channels_first"`) and the tokenizer's
                 (`add_special_tokens`, `pad_to_multiple_of`, `truncation_side`, ...; or under `text_kwargs`). Any
                 other keyword is an error.
 
@@ -286,7 +319,16 @@ class OpenFlamingoProcessor(ProcessorMixin):
             raise ValueError(
                 f"`device` puts `pixel_values` on a device: it needs return_tensors='pt', not {return_tensors!r}."
             )
-        # the tokenizer options this call names may also come under `text_kwargs`
+        # the tokenizer options this call names may also come under `text_kwargs` (not both ways with different values:
+        # one of them was ignored without a word)
+        for name, value, default in (
+            ("padding", padding, "longest"),
+            ("padding_side", padding_side, None),
+            ("truncation", truncation, None),
+            ("max_length", max_length, None),
+        ):
+            if name in kwargs and value != default and not _same(kwargs[name], value):
+                raise _given_twice(name, "text_kwargs")
         padding = kwargs.pop("padding", padding)
         padding_side = kwargs.pop("padding_side", padding_side)
         truncation = kwargs.pop("truncation", truncation)
@@ -316,6 +358,7 @@ class OpenFlamingoProcessor(ProcessorMixin):
                 )
         if padding_side is None:
             padding_side = "right" if return_labels else self.padding_side
+        _check_padding_side(padding_side)  # (the tokenizer's own error names a `direction`, or is a TypeError)
         # the tokenizer's call takes no `truncation_side` (it reads its attribute): set for this call when given
         truncation_side = kwargs.pop("truncation_side", None) or self.tokenizer.truncation_side
         saved_side, self.tokenizer.truncation_side = self.tokenizer.truncation_side, truncation_side
@@ -397,8 +440,19 @@ class OpenFlamingoProcessor(ProcessorMixin):
         images_kwargs = dict(kwargs.pop("images_kwargs", None) or {})
         text_kwargs = dict(kwargs.pop("text_kwargs", None) or {})
         for name in list(kwargs):
-            if name in IMAGE_KWARGS or name in ("input_data_format", "device"):
+            if name in IMAGE_KWARGS or name in ("input_data_format", "data_format", "device"):
+                if name in images_kwargs and not _same(images_kwargs[name], kwargs[name]):
+                    raise _given_twice(name, "images_kwargs")
                 images_kwargs[name] = kwargs.pop(name)
+            elif name in text_kwargs and not _same(text_kwargs[name], kwargs[name]):
+                raise _given_twice(name, "text_kwargs")
+        data_format = images_kwargs.get("data_format")
+        if data_format is not None and _normalize_data_format(data_format, "data_format") != _CHANNELS_FIRST:
+            raise ValueError(
+                f"data_format={data_format!r} is not supported by OpenFlamingoProcessor: `pixel_values` is "
+                "`(batch, num_images, 3, H, W)` (channels first), the layout the model takes; for channels-last "
+                "pixels, call the image processor itself."
+            )
         for group, group_kwargs in (("images_kwargs", images_kwargs), ("text_kwargs", text_kwargs)):
             if "return_tensors" in group_kwargs:
                 raise ValueError(
@@ -556,7 +610,7 @@ class OpenFlamingoProcessor(ProcessorMixin):
             # sentencepiece tokenizer decodes a token differently alone than after others)
             cuts = [0]
             for end, token in enumerate(self.tokenizer.convert_ids_to_tokens(row), start=1):
-                if isinstance(token, str) and token and token.replace("\u0120", " ").replace("\u2581", " ").isspace():
+                if isinstance(token, str) and token and token.translate(_WHITESPACE_OF_TOKEN_TEXT).isspace():
                     prefix = self.tokenizer.decode(
                         row[:end], skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False, **kwargs
                     )

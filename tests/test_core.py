@@ -1775,6 +1775,46 @@ def test_processor_passes_image_and_text_options_on(converted, tiny_images):
     for group in ("text_kwargs", "images_kwargs"):
         with pytest.raises(ValueError, match=f"not under `{group}`"):
             processor(images=[image], text="<image>a", **{group: {"return_tensors": "np"}})
+    # an option given both flat and nested with other values is an error, as for transformers' processors (the nested
+    # value won for the options the call names, the flat one for the others, silently); the same value is taken
+    for name, flat, nested, group in (
+        ("padding_side", "left", "right", "text_kwargs"),
+        ("max_length", 2, 4, "text_kwargs"),
+        ("truncation", True, False, "text_kwargs"),
+        ("pad_to_multiple_of", 4, 8, "text_kwargs"),
+        ("size", 16, 24, "images_kwargs"),
+        ("image_mean", np.full(3, 0.5), np.full(3, 0.4), "images_kwargs"),
+    ):
+        with pytest.raises(ValueError, match=f"`{name}` was given twice with different values, .* under `{group}`"):
+            processor(images=[[image], [image]], text=texts, **{name: flat, group: {name: nested}})
+        same = processor(images=[[image], [image]], text=texts, **{name: flat, group: {name: copy.deepcopy(flat)}})
+        assert torch.equal(
+            same["pixel_values"], processor(images=[[image], [image]], text=texts, **{name: flat})["pixel_values"]
+        )
+
+
+def test_processor_names_a_bad_padding_side_and_refuses_channels_last_pixels(converted, tiny_images):
+    """A bad `padding_side` is an error naming it (the tokenizer said "Unknown `direction`", raised a TypeError for a
+    non-string, or took it without a word when nothing was padded); `data_format` is channels first only: under
+    `images_kwargs` channels last gave `pixel_values` `(batch, num_images, H, W, 3)`, not the documented layout."""
+    processor = AutoProcessor.from_pretrained(converted("tiny-neox"))
+    image = tiny_images[0]
+    for side in ("middle", "LEFT", 1):
+        for call in (
+            {"text": ["a b", "a"]},
+            {"text": ["a b", "a"], "padding": False, "return_tensors": None},
+            {"text": "<image>a", "images": [image], "return_labels": True},
+        ):
+            with pytest.raises(ValueError, match=f"padding_side must be 'left' or 'right', got {side!r}"):
+                processor(**call, padding_side=side)
+            with pytest.raises(ValueError, match=f"padding_side must be 'left' or 'right', got {side!r}"):
+                processor(**call, text_kwargs={"padding_side": side})
+    expected = processor(images=[image], text="<image>a")["pixel_values"]
+    for options in ({"data_format": "channels_first"}, {"images_kwargs": {"data_format": "channels_first"}}):
+        assert torch.equal(processor(images=[image], text="<image>a", **options)["pixel_values"], expected)
+    for options in ({"data_format": "channels_last"}, {"images_kwargs": {"data_format": "channels_last"}}):
+        with pytest.raises(ValueError, match=r"data_format='channels_last' is not supported .*\(batch, num_images, 3"):
+            processor(images=[image], text="<image>a", **options)
 
 
 def test_processor_device_and_empty_texts(converted, tiny_images):

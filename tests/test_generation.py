@@ -1013,6 +1013,38 @@ def test_pipeline_new_text_after_a_prompt_ending_with_a_space(converted, loaded,
     assert processor.post_process_image_text_to_text([words], clean_up_tokenization_spaces=False) == ["a cat . Yes !"]
 
 
+def test_pipeline_new_text_after_a_prompt_ending_with_a_newline_and_space():
+    """A byte-level BPE token of several whitespace characters, such as newline + space ("\u010a\u0120", as GPT-NeoX's
+    vocabulary has whitespace tokens for code), counts as whitespace only: the clean-up of `" ,"` no longer joins a
+    prompt ending with it to the new text (the decoded prompt was no prefix of the decoded sequence, and the
+    pipeline's new text held the whole prompt)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from modeling_openflamingo import OpenFlamingoImageProcessor, OpenFlamingoProcessor
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator(["Question: what is it?\n Answer: a cat , a dog .\n " * 50], trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|endoftext|>", clean_up_tokenization_spaces=True
+    )
+    processor = OpenFlamingoProcessor(OpenFlamingoImageProcessor(size=32), tokenizer)
+    prompt = processor.tokenizer("<image>Question: what is it?\n ")["input_ids"]
+    assert processor.tokenizer.convert_ids_to_tokens(prompt)[-1] == "\u010a\u0120"
+    comma = processor.tokenizer.convert_tokens_to_ids(",")
+    decoded_prompt, decoded = processor.post_process_image_text_to_text([prompt, prompt + [comma, comma]])
+    assert decoded_prompt == "Question: what is it?\n "
+    assert decoded == decoded_prompt + ",,"
+    assert processor.post_process_image_text_to_text(processor.tokenizer("a cat , a dog .")["input_ids"]) == (
+        "a cat, a dog."
+    )
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # examples
 # --------------------------------------------------------------------------------------------------------------------

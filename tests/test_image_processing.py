@@ -515,6 +515,15 @@ def test_paths_urls_base64_and_bytes_are_opened_as_stored(processor_32: OpenFlam
     encoded = [base64.b64encode(d).decode() for d in data]
     assert torch.equal(pixels(encoded), expected)
     assert torch.equal(pixels([f"data:image/png;base64,{e}" for e in encoded]), expected)
+    # MIME base64 (line breaks every 76 characters, as `base64.encodebytes` writes it), as transformers' `load_image`
+    # reads it (it was "no such file")
+    mime = [base64.encodebytes(d).decode() for d in data]
+    assert all("\n" in e.strip() for e in mime)
+    assert torch.equal(pixels(mime), expected)
+    assert torch.equal(pixels([f"data:image/png;base64,{e}" for e in mime]), expected)
+    for uri in ("data:image/png;base64", "data:image/png;base64,", "data:image/png;base64,!!!!"):
+        with pytest.raises(ValueError, match="Cannot read an image from the data URI .* no base64 image data"):
+            pixels(uri)  # (an IndexError, or "no such file")
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
     handler.log_message = lambda *args: None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)

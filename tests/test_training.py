@@ -433,6 +433,29 @@ def test_collator_decodes_an_undecoded_datasets_image_as_datasets_does(converted
     assert not torch.equal(as_stored, expected)
 
 
+def test_collator_reads_an_undecoded_datasets_image_at_a_url(converted, tiny_images, tmp_path):
+    """A `datasets` `Image(decode=False)` value whose path is an http(s) URL (which `datasets` decodes) is fetched, as
+    a URL given as a string is (PIL was handed the URL as a file name: FileNotFoundError)."""
+    import functools
+    import http.server
+    import threading
+
+    _, processor = load(converted, "tiny-mpt")
+    tiny_images[0].save(tmp_path / "image.png")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/image.png"
+        collator = OpenFlamingoDataCollator(processor)
+        got = collator([{"text": "<image>x", "images": [{"bytes": None, "path": url}]}])["pixel_values"]
+    finally:
+        server.shutdown()
+    expected = collator([{"text": "<image>x", "images": [str(tmp_path / "image.png")]}])["pixel_values"]
+    assert torch.equal(got, expected)
+
+
 def test_collator_inputs_and_errors(converted, tiny_images, tmp_path):
     _, processor = load(converted, "tiny-llama")
     path = tmp_path / "image.png"
@@ -468,9 +491,18 @@ def test_collator_inputs_and_errors(converted, tiny_images, tmp_path):
         with pytest.raises(ValueError, match=f"{name} must be a positive int"):
             OpenFlamingoDataCollator(processor, **{name: bad})
     # numpy integers are integers (a length computed with numpy)
-    numpy_sized = OpenFlamingoDataCollator(processor, max_length=np.int64(12), pad_to_multiple_of=np.int32(8))
-    assert (numpy_sized.max_length, numpy_sized.pad_to_multiple_of) == (12, 8)
+    numpy_sized = OpenFlamingoDataCollator(processor, max_length=np.int64(16), pad_to_multiple_of=np.int32(8))
+    assert (numpy_sized.max_length, numpy_sized.pad_to_multiple_of) == (16, 8)
     assert type(numpy_sized.max_length) is int
+    with pytest.raises(ValueError, match=r"max_length \(30\) must be a multiple of pad_to_multiple_of \(8\)"):
+        OpenFlamingoDataCollator(processor, max_length=30, pad_to_multiple_of=8)  # (failed at the first batch)
+    # encoded image bytes (a binary column) are opened as the processor opens them
+    encoded = path.read_bytes()
+    expected = processor(images=[encoded], text="<image>x" + processor.tokenizer.eos_token, return_labels=True)
+    for value in (encoded, [encoded], [bytearray(encoded)]):
+        got = OpenFlamingoDataCollator(processor)([{"text": "<image>x", "images": value}])
+        assert torch.equal(got["pixel_values"], expected["pixel_values"])
+        assert torch.equal(got["input_ids"], expected["input_ids"])
     # arrays are images, as the processor reads them
     array = np.asarray(tiny_images[0].convert("RGB"))
     from_array = OpenFlamingoDataCollator(processor)([{"text": "<image>x", "images": [array]}])
