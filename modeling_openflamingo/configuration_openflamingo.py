@@ -9,6 +9,7 @@ from typing import Any
 import transformers
 from packaging.specifiers import SpecifierSet
 from transformers import AutoConfig, CLIPVisionConfig, PretrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 # The transformers releases this package works with (pyproject.toml's requirement, the same): 4.57.x, and 5.x from
 # 5.18 (5.0 loaded the vision tower's weights under the wrong names, and 5.4-5.17's image processors need torchvision).
@@ -59,6 +60,37 @@ def _as_int(value: Any) -> Any:
     return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
 
 
+def _check_text_config_type(model_type: Any, config_class: type | None = None, saved_by: Any = None) -> None:
+    """Refuse a text config that a saved folder could not load again as the same config: `config.json` keeps only its
+    `model_type`, which `AutoConfig` maps to transformers' own class. `config_class`: the class of a config object
+    (None for a dict); `saved_by`: the `transformers_version` of the config that held it, where it was read from a
+    file."""
+    if model_type == "mosaic_gpt":
+        raise ValueError(
+            "`text_config` is a MosaicGPT config (model_type 'mosaic_gpt', MPT-1B's remote code), which "
+            "transformers has no class for: make it an MptConfig with "
+            "`modeling_openflamingo.checkpoint_conversion.mosaic_gpt_to_mpt_config(config_dict)` (of a config object: "
+            "its `to_dict()`; QK-LayerNorm kept), as the converter does."
+        )
+    if model_type not in CONFIG_MAPPING:
+        # (transformers' own error listed every model type it knows, this one's `openflamingo` among them, without
+        # saying which config named the unknown one)
+        raise ValueError(
+            f"`text_config` is a language model of model_type {model_type!r}, which this transformers "
+            f"({transformers.__version__}) has no config class for"
+            + (f" (the config was saved by transformers {saved_by})" if saved_by else "")
+            + ": install a transformers release that has this model, or give a text config of a model type it knows."
+        )
+    if config_class is not None and not issubclass(config_class, CONFIG_MAPPING[model_type]):
+        raise ValueError(
+            f"`text_config` is a {config_class.__module__}.{config_class.__name__} (remote code?), not transformers' "
+            f"{CONFIG_MAPPING[model_type].__name__} for model_type {model_type!r}: a saved model would load with the "
+            "latter (and this one makes `AutoModelForCausalLM` run the LM repository's own code). Give transformers' "
+            "config, e.g. `modeling_openflamingo.checkpoint_conversion.lm_config_from_dict(text_config.to_dict())[0]` "
+            "(MPT, MosaicGPT, GPT-NeoX, LLaMA) or `AutoConfig.for_model(model_type, **config_dict)`."
+        )
+
+
 def gated_layer_indices(cross_attn_every_n_layers: int, num_layers: int) -> list[int]:
     """The decoder layers (of `num_layers`) that a gated cross-attention block precedes: every layer `i` with
     `(i + 1) % cross_attn_every_n_layers == 0`, as the original places them."""
@@ -88,8 +120,9 @@ class OpenFlamingoConfig(PretrainedConfig):
             The vision tower. Defaults to CLIP ViT-L/14 at 224 px with QuickGELU (the released models).
         text_config (`PretrainedConfig` or `dict`, *optional*):
             The language model's own config (`mpt`, `gpt_neox`, `llama`, or any decoder-only causal LM that
-            `AutoModelForCausalLM.from_config` builds). MosaicGPT (OpenFlamingo-3B) is an `MptConfig` whose
-            `attn_config.qk_ln` is `True`. Defaults to an `MptConfig`.
+            `AutoModelForCausalLM.from_config` builds), of transformers' class for its `model_type` (a saved folder
+            loads it as that class): not an LM repository's remote-code config. MosaicGPT (OpenFlamingo-3B) is an
+            `MptConfig` whose `attn_config.qk_ln` is `True`. Defaults to an `MptConfig`.
         cross_attn_every_n_layers (`int`, defaults to 1):
             A gated cross-attention block is placed before decoder layer `i` (0-based) when `(i + 1) % N == 0`.
         cross_attn_heads (`int`, defaults to 8), cross_attn_dim_head (`int`, defaults to 64),
@@ -166,21 +199,17 @@ class OpenFlamingoConfig(PretrainedConfig):
         elif isinstance(text_config, dict):
             if "model_type" not in text_config:
                 raise ValueError("`text_config` needs a `model_type` (for example 'mpt', 'gpt_neox' or 'llama').")
-            if text_config["model_type"] == "mosaic_gpt":
-                raise ValueError(
-                    "`text_config` is a MosaicGPT config (model_type 'mosaic_gpt', MPT-1B's remote code), which "
-                    "transformers has no class for: make it an MptConfig with "
-                    "`modeling_openflamingo.checkpoint_conversion.mosaic_gpt_to_mpt_config(config_dict)` (QK-LayerNorm "
-                    "kept), as the converter does."
-                )
             text_config = dict(text_config)
-            text_config = AutoConfig.for_model(text_config.pop("model_type"), **text_config)
+            model_type = text_config.pop("model_type")
+            _check_text_config_type(model_type, saved_by=kwargs.get("transformers_version"))
+            text_config = AutoConfig.for_model(model_type, **text_config)
         for name, value, kind in (
             ("vision_config", vision_config, CLIPVisionConfig),
             ("text_config", text_config, PretrainedConfig),
         ):
             if not isinstance(value, kind):
                 raise ValueError(f"`{name}` must be a {kind.__name__} or a dict; got {type(value).__name__}.")
+        _check_text_config_type(getattr(text_config, "model_type", None), type(text_config))
         # The composite's `use_cache` governs generation (transformers' MptConfig defaults it to False).
         text_config.use_cache = use_cache
         self.use_cache = use_cache

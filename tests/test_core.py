@@ -193,6 +193,22 @@ def test_config_round_trip(family, tmp_path):
         assert loaded.text_config.attn_config.qk_ln is True
 
 
+def test_a_folder_whose_lm_this_transformers_does_not_know_says_so(tmp_path):
+    """A folder saved by a transformers that knows its LM (a newer release), loaded by one that does not: the error
+    names the LM config's model type and the release that saved the folder, not a list of every model type."""
+    tiny_config("llama").save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["text_config"]["model_type"] = "no_such_lm"
+    saved["transformers_version"] = "9.1.0"
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    for load in (AutoConfig.from_pretrained, AutoModelForImageTextToText.from_pretrained):
+        with pytest.raises(ValueError) as error:
+            load(tmp_path)
+        message = str(error.value)
+        assert f"model_type 'no_such_lm', which this transformers ({transformers.__version__}) has no config" in message
+        assert "(the config was saved by transformers 9.1.0)" in message and len(message) < 400, message
+
+
 @pytest.mark.parametrize(("n", "expected"), [(1, [0, 1, 2, 3]), (2, [1, 3]), (4, [3]), (3, [2])])
 def test_cross_attn_layer_placement(n, expected):
     model = OpenFlamingoForConditionalGeneration(tiny_config("llama", n))
@@ -208,6 +224,26 @@ def test_config_errors():
     # MosaicGPT's own config (no transformers class; transformers' error listed every model type it knows)
     with pytest.raises(ValueError, match=r"MosaicGPT config .*mosaic_gpt_to_mpt_config\(config_dict\)"):
         OpenFlamingoConfig(text_config={"model_type": "mosaic_gpt", "d_model": 32, "n_heads": 4, "n_layers": 2})
+    # an LM model type this transformers does not know: named as the LM's (transformers' own error listed every model
+    # type it knows, `openflamingo` among them, without saying which config named the unknown one)
+    with pytest.raises(ValueError, match=r"^`text_config` is a language model of model_type 'no_such_lm', which this "):
+        OpenFlamingoConfig(text_config={"model_type": "no_such_lm", "hidden_size": 4})
+
+    # config objects of an LM's remote code (`AutoConfig.from_pretrained(lm, trust_remote_code=True)`, as the
+    # original's users load MPT-1B's): refused as their dicts are (they were taken, whatever their layer count, and
+    # the model's `AutoModelForCausalLM.from_config` then asked to run the LM repository's code)
+    class MosaicGPTConfig(PretrainedConfig):  # (MPT-1B's configuration_mosaic_gpt.py: no attribute_map)
+        model_type = "mosaic_gpt"
+
+    class MPTConfig(PretrainedConfig):  # (MPT-7B's configuration_mpt.py: transformers' model type, its own class)
+        model_type = "mpt"
+
+    with pytest.raises(ValueError, match=r"MosaicGPT config .*mosaic_gpt_to_mpt_config\(config_dict\)"):
+        OpenFlamingoConfig(text_config=MosaicGPTConfig(n_layers=4), cross_attn_every_n_layers=9)
+    with pytest.raises(
+        ValueError, match=r"is a .*\.MPTConfig \(remote code\?\), not transformers' MptConfig .*lm_config_from_dict"
+    ):
+        OpenFlamingoConfig(text_config=MPTConfig(n_layers=4))
     with pytest.raises(ValueError, match="cross_attn_every_n_layers"):
         OpenFlamingoConfig(cross_attn_every_n_layers=0)
     # more than the LM's layers would build no gated block at all (images silently ignored); not an int
