@@ -12,7 +12,9 @@ of the modules it was captured over.
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
+import numbers
 import operator
 import threading
 import types
@@ -26,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
-from transformers import CompileConfig, GenerationConfig, PretrainedConfig
+from transformers import CompileConfig, GenerationConfig, GenerationMixin, PretrainedConfig
 from transformers.utils import logging
 
+from .configuration_openflamingo import _is_int
 from .decoding_kernels import decoding_step_options, is_traced
 from .modeling_openflamingo import (
     _CACHE_FIELD,
@@ -40,6 +43,7 @@ from .modeling_openflamingo import (
     _fed_image_indices,
     _forward_parameters,
     _generation_setting,
+    _is_integer,
     _is_peft_layer,
     _position_ids_from_mask,
     _wrapper_prepare_inputs,
@@ -124,7 +128,8 @@ def generate_static(model: OpenFlamingoForConditionalGeneration, kwargs: dict[st
     """`generate(cache_implementation="static")` (or the model's `generation_config.cache_implementation = "static"`)
     for plain greedy decoding or plain beam search on a CUDA device, through [`_StaticGreedyDecoder`] or
     [`_StaticBeamDecoder`] (one compiled step replayed as a CUDA graph). None when the call asks for anything else
-    (sampling, logits processors, streamers, extra outputs, transformers 4.x): `GenerationMixin`'s loop then runs it.
+    (sampling, logits processors, streamers, extra outputs, transformers 4.x, a subclass's own generation methods):
+    `GenerationMixin`'s loop then runs it.
     """
     config = model.generation_config
     # the argument, else the model's generation config (as `generate` resolves it: an argument of None counts)
@@ -134,10 +139,14 @@ def generate_static(model: OpenFlamingoForConditionalGeneration, kwargs: dict[st
         return None
     if _wrapper_prepare_inputs(model) is not None:
         return None  # `GenerationMixin`'s loop calls a wrapper's `prepare_inputs_for_generation`; the decoders never do
+    if _overrides_generation_methods(type(model)) or _patched_generation_methods(model):
+        return None  # a subclass's or the instance's own inputs, logits processors or loop: `GenerationMixin`'s
     if kwargs.get("compile_config") not in (None, CompileConfig()):
         return None  # compilation settings of the caller's: `GenerationMixin`'s loop compiles with them
     if _TRANSFORMERS_MAJOR < 5:  # 4.x's static cache needs `cache_position` host-side
         return None
+    if model.config._get_generation_parameters():
+        return None  # generation settings on the model's config (legacy): `GenerationMixin` refuses them
     if model.config.text_config._attn_implementation not in _FAST_DECODE_ATTENTION:
         return None  # flex attention: its mask's making branches on the mask's values, which the step cannot trace
     if kwargs.get("do_sample") or kwargs.get("use_cache") is False:
@@ -178,13 +187,16 @@ def generate_static(model: OpenFlamingoForConditionalGeneration, kwargs: dict[st
     ):
         return None
     eos = kwargs.get("eos_token_id", config.eos_token_id)
-    if torch.is_tensor(eos):
-        eos = eos.flatten().tolist()
-    eos = () if eos is None else tuple(int(e) for e in ([eos] if isinstance(eos, int) else eos))
+    eos = () if eos is None else _token_ids(eos)
     pad = kwargs.get("pad_token_id", config.pad_token_id)
-    pad = eos[0] if pad is None and eos else pad
-    if pad is None:
-        return None
+    if pad is None:  # as `GenerationMixin`: the first end id
+        pad = eos[:1] if eos else None
+    else:  # one id (a list of them is for `GenerationMixin` to judge)
+        pad = None if isinstance(pad, (list, tuple)) else _token_ids(pad)
+    min_new_tokens = kwargs.get("min_new_tokens")
+    if eos is None or not pad or len(pad) != 1 or not (min_new_tokens is None or _is_int(min_new_tokens)):
+        return None  # no pad id, or ids or a length of a kind that `GenerationMixin` judges (floats, strings, ...)
+    (pad,) = pad
     images = None
     if pixel_values is not None:
         images = _PromptImages("pixel_values", model._check_pixel_values(pixel_values))
@@ -198,7 +210,11 @@ def generate_static(model: OpenFlamingoForConditionalGeneration, kwargs: dict[st
     max_len = -(-needed // 64) * 64
     max_len = needed if limit is not None and max_len > limit else max_len
     num_images = None if images is None else images.tensor.shape[1]
-    key = (batch_size, max_len, num_images, eos, num_beams, model.config.generated_image_conditioning)
+    # the autocast state too: a decoder's static cache (and on CUDA its graphs) holds the dtypes and computation of the
+    # state it was made in (one made under autocast failed a call outside it, and the other way round)
+    device_type = model.device.type
+    autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    key = (batch_size, max_len, num_images, eos, num_beams, model.config.generated_image_conditioning, autocast)
     attention_mask = kwargs.get("attention_mask")
     options = {}
     if num_beams > 1:
@@ -239,8 +255,8 @@ def generate_static(model: OpenFlamingoForConditionalGeneration, kwargs: dict[st
             images,
             image_indices,
             max_new_tokens,
-            kwargs.get("min_new_tokens") or 0,
-            int(pad),
+            min_new_tokens or 0,
+            pad,
             **options,
         )
         if made:
@@ -249,6 +265,52 @@ def generate_static(model: OpenFlamingoForConditionalGeneration, kwargs: dict[st
             # `modeling_openflamingo._follow_wqkv`)
             _DECODED_STATE[model] = _decoding_state(model)
         return sequences
+
+
+# The `GenerationMixin` methods that a `generate` call may run and the decoders stand in for: all but `generate` itself
+# (a subclass's override calls on through `super()`) and `compute_transition_scores` (never called by `generate`)
+_GENERATION_METHODS = frozenset(
+    name
+    for name, value in vars(GenerationMixin).items()
+    if callable(value) or isinstance(value, (staticmethod, classmethod))
+) - {"generate", "compute_transition_scores"}
+
+
+@functools.cache
+def _overrides_generation_methods(cls: type) -> bool:
+    """Whether `cls`, a subclass of `OpenFlamingoForConditionalGeneration`, has its own version of a method of
+    [`_GENERATION_METHODS`] (`prepare_inputs_for_generation`, `_get_logits_processor`, `_get_stopping_criteria`,
+    `_sample`, `_beam_search`, ...): its inputs, logits processors or loop, which the decoders would skip."""
+    from .modeling_openflamingo import OpenFlamingoForConditionalGeneration as base
+
+    return any(
+        inspect.getattr_static(cls, n, None) is not inspect.getattr_static(base, n, None) for n in _GENERATION_METHODS
+    )
+
+
+def _patched_generation_methods(model: nn.Module) -> bool:
+    """Whether `model` has an instance attribute of its own for a method of [`_GENERATION_METHODS`] (other than its
+    class's, bound); a wrapper's `prepare_inputs_for_generation` is [`_wrapper_prepare_inputs`]'s to find."""
+    own = vars(model)
+    if _GENERATION_METHODS.isdisjoint(own):
+        return False
+    return any(
+        getattr(own[name], "__func__", None) is not inspect.getattr_static(type(model), name, None)
+        for name in _GENERATION_METHODS.intersection(own)
+        if name != "prepare_inputs_for_generation"
+    )
+
+
+def _token_ids(value: Any) -> tuple[int, ...] | None:
+    """`eos_token_id` / `pad_token_id` as ints: an int or numpy integer, an integer tensor, or a list or tuple of ints
+    or numpy integers. None for anything else (floats, strings, bools), which the call leaves to `GenerationMixin`: it
+    takes float ids and refuses strings."""
+    if torch.is_tensor(value):
+        return tuple(value.flatten().tolist()) if _is_integer(value) else None
+    values = value if isinstance(value, (list, tuple)) else (value,)
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values):
+        return None
+    return tuple(int(v) for v in values)
 
 
 # What `GenerationConfig.to_dict` leaves out of a config's attributes

@@ -7,6 +7,7 @@ import copy
 import gc
 import os
 import threading
+import types
 import weakref
 
 import pytest
@@ -593,6 +594,122 @@ def test_fast_path_leaves_flex_attention_to_generate(fast_path_on_cpu, family):
     kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=3)
     assert_fast_path_equals_generate(model, kw)
     assert len(_STATIC_DECODERS[model]) == 1
+
+
+@needs_v5
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_decoders_are_kept_per_autocast_state(num_beams, fast_path_on_cpu):
+    """A decoder's static cache (and on CUDA its graphs) holds the dtypes of the autocast state it was made in: a call
+    under another state gets a decoder of its own. Before, a decoder made under `torch.autocast` failed a later call
+    outside it (`index_copy_(): self and source expected to have the same dtype`), and the other way round."""
+    model = tiny_model("llama")
+    ids, mask, pixel_values = padded_prompt()
+    kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=4, num_beams=num_beams)
+    expected = model.generate(**kw)
+    assert torch.equal(model.generate(**kw, cache_implementation="static"), expected)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        autocast = model.generate(**kw, cache_implementation="static")
+        assert torch.equal(model.generate(**kw, cache_implementation="static"), autocast)
+    assert len(_STATIC_DECODERS[model]) == 2
+    assert torch.equal(model.generate(**kw, cache_implementation="static"), expected)
+    forget_decoders(model)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):  # a decoder made under autocast first
+        assert torch.equal(model.generate(**kw, cache_implementation="static"), autocast)
+    assert torch.equal(model.generate(**kw, cache_implementation="static"), expected)
+    assert len(_STATIC_DECODERS[model]) == 2
+
+
+@needs_v5
+def test_fast_path_leaves_generation_settings_on_the_model_config_to_generate(fast_path_on_cpu):
+    """Generation settings on `model.config` (the legacy place): `GenerationMixin` refuses them, where the fast path
+    decoded without them (here without the repetition penalty)."""
+    model = tiny_model("llama")
+    ids, mask, pixel_values = padded_prompt()
+    kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=4)
+    model.config.repetition_penalty = 5.0
+    for static in ({}, {"cache_implementation": "static"}):
+        with pytest.raises(ValueError, match="modified the pretrained model configuration to control generation"):
+            model.generate(**kw, **static)
+    assert model not in _STATIC_DECODERS
+
+
+@needs_v5
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_fast_path_reads_token_ids_and_lengths_as_generate_does(num_beams, fast_path_on_cpu):
+    """End and pad ids as numpy integers (`generate` takes them; the fast path failed: "'numpy.int64' object is not
+    iterable") decode on the fast path; ids or lengths of other kinds are `GenerationMixin`'s to judge (it refuses a
+    string id and a fractional `min_new_tokens`, which the fast path took)."""
+    np = pytest.importorskip("numpy")
+    model = tiny_model("llama")
+    ids, mask, pixel_values = padded_prompt()
+    kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=6, num_beams=num_beams)
+    ended = int(model.generate(**kw, eos_token_id=None)[1, ids.shape[1] + 1])  # a token that row 1 generates
+    for ends in (np.int64(ended), [np.int64(EOC), np.int64(ended)]):
+        assert_fast_path_equals_generate(model, {**kw, "eos_token_id": ends, "pad_token_id": np.int64(PAD)})
+    assert model in _STATIC_DECODERS
+    forget_decoders(model)
+    for wrong in ({"eos_token_id": str(ended)}, {"min_new_tokens": 2.5}):
+        with pytest.raises((TypeError, ValueError)) as eager:
+            model.generate(**kw, **wrong)
+        with pytest.raises(type(eager.value)):
+            model.generate(**kw, **wrong, cache_implementation="static")
+    assert model not in _STATIC_DECODERS
+
+
+@needs_v5
+@pytest.mark.parametrize("num_beams", [1, 2])
+@pytest.mark.parametrize("method", ["_get_logits_processor", "prepare_inputs_for_generation"])
+def test_fast_path_leaves_a_subclasss_generation_methods_to_generate(method, num_beams, fast_path_on_cpu):
+    """A subclass with its own version of a `GenerationMixin` method that `generate` runs (here a logits processor
+    added in `_get_logits_processor`, or inputs changed in `prepare_inputs_for_generation`): the call goes through
+    `GenerationMixin`, which runs it; the fast path skipped it (other tokens). A subclass's own `generate` (calling
+    on through `super()`) keeps the fast path."""
+    from transformers import LogitsProcessor
+
+    from modeling_openflamingo import OpenFlamingoForConditionalGeneration
+
+    class Ban(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            return scores.index_fill(-1, torch.arange(0, 400, 2, device=scores.device), float("-inf"))
+
+    def get_logits_processor(self, *args, **kwargs):
+        processors = OpenFlamingoForConditionalGeneration._get_logits_processor(self, *args, **kwargs)
+        processors.append(Ban())
+        return processors
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        model_inputs = OpenFlamingoForConditionalGeneration.prepare_inputs_for_generation(self, *args, **kwargs)
+        model_inputs["input_ids"] = model_inputs["input_ids"] // 2 * 2  # (even ids)
+        return model_inputs
+
+    own = {
+        "_get_logits_processor": get_logits_processor,
+        "prepare_inputs_for_generation": prepare_inputs_for_generation,
+    }
+    subclass = type("Subclass", (OpenFlamingoForConditionalGeneration,), {method: own[method]})
+    source = tiny_model("llama")
+    model = subclass(source.config).to(DEVICE).eval()
+    model.load_state_dict(source.state_dict())
+    ids, mask, pixel_values = padded_prompt()
+    kw = generate_kwargs(ids, mask, pixel_values, max_new_tokens=6, num_beams=num_beams)
+    expected = model.generate(**kw)
+    assert not torch.equal(expected, source.generate(**kw))  # the subclass's method changes the tokens
+    assert torch.equal(model.generate(**kw, cache_implementation="static"), expected)
+    assert model not in _STATIC_DECODERS
+    # the same method put on an instance of the class itself
+    model = tiny_model("llama")
+    setattr(model, method, types.MethodType(own[method], model))
+    assert torch.equal(model.generate(**kw, cache_implementation="static"), expected)
+    assert model not in _STATIC_DECODERS
+    wrapper = type(
+        "Wrapper",
+        (OpenFlamingoForConditionalGeneration,),
+        {"generate": lambda self, **k: super(wrapper, self).generate(**k)},
+    )
+    model = wrapper(source.config).to(DEVICE).eval()
+    model.load_state_dict(source.state_dict())
+    assert_fast_path_equals_generate(model, kw)
+    assert model in _STATIC_DECODERS
 
 
 @needs_v5
