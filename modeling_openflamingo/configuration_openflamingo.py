@@ -65,6 +65,8 @@ def _check_text_config_type(model_type: Any, config_class: type | None = None, s
     `model_type`, which `AutoConfig` maps to transformers' own class. `config_class`: the class of a config object
     (None for a dict); `saved_by`: the `transformers_version` of the config that held it, where it was read from a
     file."""
+    if not model_type:  # (a bare PretrainedConfig: no LM class is known for it)
+        raise ValueError("`text_config` needs a `model_type` (for example 'mpt', 'gpt_neox' or 'llama').")
     if model_type == "mosaic_gpt":
         raise ValueError(
             "`text_config` is a MosaicGPT config (model_type 'mosaic_gpt', MPT-1B's remote code), which "
@@ -197,10 +199,8 @@ class OpenFlamingoConfig(PretrainedConfig):
         if text_config is None:
             text_config = AutoConfig.for_model("mpt")
         elif isinstance(text_config, dict):
-            if "model_type" not in text_config:
-                raise ValueError("`text_config` needs a `model_type` (for example 'mpt', 'gpt_neox' or 'llama').")
             text_config = dict(text_config)
-            model_type = text_config.pop("model_type")
+            model_type = text_config.pop("model_type", None)
             _check_text_config_type(model_type, saved_by=kwargs.get("transformers_version"))
             text_config = AutoConfig.for_model(model_type, **text_config)
         for name, value, kind in (

@@ -490,7 +490,17 @@ def _cache_images_apply_traced(cache: Any, image_indices: Any) -> bool:
         and not torch.compiler.is_exporting()
         and not is_capturing_cuda_graph()
         and image_indices is None
-        and (cache is None or (hasattr(cache, "get_seq_length") and not torch.is_tensor(cache.get_seq_length())))
+        and (cache is None or _is_dynamic_cache(cache))
+    )
+
+
+def _is_dynamic_cache(cache: Any) -> bool:
+    """A cache that grows (transformers' `DynamicCache`): its length is a Python number. Not a static one, whose
+    length is a tensor once filled (and 0 before its first update: `is_compileable` tells it apart then)."""
+    return (
+        hasattr(cache, "get_seq_length")
+        and not getattr(cache, "is_compileable", False)
+        and not torch.is_tensor(cache.get_seq_length())
     )
 
 

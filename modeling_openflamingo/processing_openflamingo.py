@@ -113,6 +113,8 @@ def _same(a: Any, b: Any) -> bool:
     """Whether two values of one keyword are equal (arrays and tensors element by element)."""
     if a is b:
         return True
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):  # (a list and a tuple of one value are equal)
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     try:
         equal = a == b
         return bool(equal) if isinstance(equal, bool) else bool(np.all(np.asarray(equal)))

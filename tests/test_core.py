@@ -228,6 +228,10 @@ def test_config_errors():
     # type it knows, `openflamingo` among them, without saying which config named the unknown one)
     with pytest.raises(ValueError, match=r"^`text_config` is a language model of model_type 'no_such_lm', which this "):
         OpenFlamingoConfig(text_config={"model_type": "no_such_lm", "hidden_size": 4})
+    # none at all: as a dict, or a bare PretrainedConfig (was told to install a transformers release that has it)
+    for text_config in ({"hidden_size": 4}, PretrainedConfig()):
+        with pytest.raises(ValueError, match=r"^`text_config` needs a `model_type` \(for example"):
+            OpenFlamingoConfig(text_config=text_config)
 
     # config objects of an LM's remote code (`AutoConfig.from_pretrained(lm, trust_remote_code=True)`, as the
     # original's users load MPT-1B's): refused as their dicts are (they were taken, whatever their layer count, and
@@ -1826,6 +1830,36 @@ def test_processor_passes_image_and_text_options_on(converted, tiny_images):
         same = processor(images=[[image], [image]], text=texts, **{name: flat, group: {name: copy.deepcopy(flat)}})
         assert torch.equal(
             same["pixel_values"], processor(images=[[image], [image]], text=texts, **{name: flat})["pixel_values"]
+        )
+
+
+def test_processor_takes_one_value_given_flat_and_nested_as_a_list_and_a_tuple():
+    """The same value given flat and under `images_kwargs` / `text_kwargs` as a list and a tuple (or a list of
+    tensors) is one value, not "given twice with different values" (a list never equals a tuple in Python)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from modeling_openflamingo import OpenFlamingoImageProcessor, OpenFlamingoProcessor
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator(["a cat, a dog. " * 50], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
+    processor = OpenFlamingoProcessor(OpenFlamingoImageProcessor(size=32), tokenizer)
+    image = np.zeros((40, 40, 3), dtype=np.uint8)
+    expected = processor(images=[image], text="<image>a cat", image_mean=[0.5, 0.5, 0.5])["pixel_values"]
+    for nested in ((0.5, 0.5, 0.5), [torch.tensor(0.5)] * 3):
+        got = processor(
+            images=[image], text="<image>a cat", image_mean=[0.5, 0.5, 0.5], images_kwargs={"image_mean": nested}
+        )
+        assert torch.equal(got["pixel_values"], expected)
+    with pytest.raises(ValueError, match="`image_mean` was given twice with different values"):
+        processor(
+            images=[image], text="<image>a cat", image_mean=[0.5, 0.5, 0.5], images_kwargs={"image_mean": (0.4,) * 3}
         )
 
 

@@ -1225,6 +1225,27 @@ def test_a_forward_loop_given_only_the_cache_goes_on_seeing_the_images(family):
     assert not torch.allclose(seeing, blind.logits[:, -1])
 
 
+def test_only_a_dynamic_cache_holds_images_while_traced(monkeypatch):
+    """Traced by `torch.compile`, the cache's images are stored and read on a dynamic cache only: a static cache before
+    its first update reports length 0 as a Python number too (it was taken for a dynamic one and given the images,
+    unchecked); a caller's `image_indices` and `torch.export` keep them off."""
+    from transformers import StaticCache
+
+    from modeling_openflamingo.modeling_openflamingo import _cache_images_apply_traced
+
+    from .test_core import tiny_config
+
+    static = StaticCache(config=tiny_config("llama").text_config, max_cache_len=8)
+    assert static.get_seq_length() == 0 and not torch.is_tensor(static.get_seq_length())
+    assert not _cache_images_apply_traced(DynamicCache(), None)  # eager: not traced
+    monkeypatch.setattr(torch.compiler, "is_dynamo_compiling", lambda: True)
+    assert _cache_images_apply_traced(DynamicCache(), None) and _cache_images_apply_traced(None, None)
+    assert not _cache_images_apply_traced(static, None)
+    assert not _cache_images_apply_traced(DynamicCache(), torch.zeros(1, 1, dtype=torch.long))
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    assert not _cache_images_apply_traced(DynamicCache(), None)
+
+
 @pytest.mark.parametrize("family", ["mpt", "llama"])
 def test_a_compiled_forward_loop_given_only_the_cache_goes_on_seeing_the_images(family):
     """The loop above through `torch.compile(model)` (one graph per call): the prompt's images stay with the dynamic
