@@ -147,6 +147,11 @@ def generate_static(model: OpenFlamingoForConditionalGeneration, kwargs: dict[st
         return None
     if model.config._get_generation_parameters():
         return None  # generation settings on the model's config (legacy): `GenerationMixin` refuses them
+    if torch.is_autocast_enabled(model.device.type):
+        # a decoder's static cache (and on CUDA its graphs) holds the dtypes and computation of one precision: one made
+        # under autocast failed a later call outside it and the other way round, and on transformers 5.18 a call under
+        # autocast failed at once (fp32 and bf16 keys in one static cache)
+        return None
     if model.config.text_config._attn_implementation not in _FAST_DECODE_ATTENTION:
         return None  # flex attention: its mask's making branches on the mask's values, which the step cannot trace
     if kwargs.get("do_sample") or kwargs.get("use_cache") is False:
@@ -210,11 +215,7 @@ def generate_static(model: OpenFlamingoForConditionalGeneration, kwargs: dict[st
     max_len = -(-needed // 64) * 64
     max_len = needed if limit is not None and max_len > limit else max_len
     num_images = None if images is None else images.tensor.shape[1]
-    # the autocast state too: a decoder's static cache (and on CUDA its graphs) holds the dtypes and computation of the
-    # state it was made in (one made under autocast failed a call outside it, and the other way round)
-    device_type = model.device.type
-    autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-    key = (batch_size, max_len, num_images, eos, num_beams, model.config.generated_image_conditioning, autocast)
+    key = (batch_size, max_len, num_images, eos, num_beams, model.config.generated_image_conditioning)
     attention_mask = kwargs.get("attention_mask")
     options = {}
     if num_beams > 1:
