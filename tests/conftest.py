@@ -162,3 +162,22 @@ def sample_inputs(seed: int = 0) -> dict[str, torch.Tensor]:
     input_ids[:, 6] = EOC
     input_ids[:, 7] = MEDIA
     return {"input_ids": input_ids, "pixel_values": torch.randn(2, 2, 3, 32, 32, generator=generator)}
+
+
+def byte_level_processor(corpus: str, vocab_size: int, **tokenizer_kwargs):
+    """An OpenFlamingoProcessor over a small byte-level BPE tokenizer trained on `corpus` (a GPT-NeoX-like vocabulary,
+    whose tokens may hold several whitespace characters), with a 32 px image processor."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from modeling_openflamingo import OpenFlamingoImageProcessor, OpenFlamingoProcessor
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator([corpus * 50], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", **tokenizer_kwargs)
+    return OpenFlamingoProcessor(OpenFlamingoImageProcessor(size=32), tokenizer)

@@ -47,7 +47,7 @@ from modeling_openflamingo.modeling_openflamingo import (
     find_decoder_layers,
 )
 
-from .conftest import lm_cache_of, seeded
+from .conftest import byte_level_processor, lm_cache_of, seeded
 
 IS_V4 = transformers.__version__.startswith("4.")
 MEDIA, EOC, PAD = 401, 400, 402
@@ -1836,20 +1836,7 @@ def test_processor_passes_image_and_text_options_on(converted, tiny_images):
 def test_processor_takes_one_value_given_flat_and_nested_as_a_list_and_a_tuple():
     """The same value given flat and under `images_kwargs` / `text_kwargs` as a list and a tuple (or a list of
     tensors) is one value, not "given twice with different values" (a list never equals a tuple in Python)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from modeling_openflamingo import OpenFlamingoImageProcessor, OpenFlamingoProcessor
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    backend.train_from_iterator(["a cat, a dog. " * 50], trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
-    processor = OpenFlamingoProcessor(OpenFlamingoImageProcessor(size=32), tokenizer)
+    processor = byte_level_processor("a cat, a dog. ", vocab_size=300)
     image = np.zeros((40, 40, 3), dtype=np.uint8)
     expected = processor(images=[image], text="<image>a cat", image_mean=[0.5, 0.5, 0.5])["pixel_values"]
     for nested in ((0.5, 0.5, 0.5), [torch.tensor(0.5)] * 3):

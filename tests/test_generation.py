@@ -36,6 +36,7 @@ from .conftest import (
     FAMILIES,
     ROOT,
     SWEEP,
+    byte_level_processor,
     enable_checkpointing,
     is_checkpointing,
     lm_cache_of,
@@ -1018,22 +1019,8 @@ def test_pipeline_new_text_after_a_prompt_ending_with_a_newline_and_space():
     vocabulary has whitespace tokens for code), counts as whitespace only: the clean-up of `" ,"` no longer joins a
     prompt ending with it to the new text (the decoded prompt was no prefix of the decoded sequence, and the
     pipeline's new text held the whole prompt)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from modeling_openflamingo import OpenFlamingoImageProcessor, OpenFlamingoProcessor
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    backend.train_from_iterator(["Question: what is it?\n Answer: a cat , a dog .\n " * 50], trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|endoftext|>", clean_up_tokenization_spaces=True
-    )
-    processor = OpenFlamingoProcessor(OpenFlamingoImageProcessor(size=32), tokenizer)
+    corpus = "Question: what is it?\n Answer: a cat , a dog .\n "
+    processor = byte_level_processor(corpus, vocab_size=400, clean_up_tokenization_spaces=True)
     prompt = processor.tokenizer("<image>Question: what is it?\n ")["input_ids"]
     assert processor.tokenizer.convert_ids_to_tokens(prompt)[-1] == "\u010a\u0120"
     comma = processor.tokenizer.convert_tokens_to_ids(",")
