@@ -1992,7 +1992,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         eager = _cache_images_apply()
         # (whether traced code may: decided on the caller's `image_indices`, before they are made below)
         may_trace_images = not eager and _cache_images_apply_traced(None, image_indices)
-        traced = may_trace_images and past is not None and _cache_images_apply_traced(past, None)
+        traced = may_trace_images and past is not None and _is_dynamic_cache(past)
         cached_length = past.get_seq_length() if (eager or traced) and past is not None else 0
         rows, new_positions = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         checked = (rows, cached_length) if eager else (None, None)
@@ -2198,7 +2198,7 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         if new_cache is not None and new_image_cache is not None:  # (`past` filled in place, or a new one)
             if eager:
                 _store_image_cache(new_cache, new_image_cache, rows, cached_length + new_positions)
-            elif traced or (may_trace_images and past is None and _cache_images_apply_traced(new_cache, None)):
+            elif traced or (may_trace_images and past is None and _is_dynamic_cache(new_cache)):
                 _store_image_cache(new_cache, new_image_cache, None, None)
         output = OpenFlamingoCausalLMOutputWithPast(
             loss=loss,
