@@ -2785,6 +2785,11 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
         candidate, so scoring K class names costs one prompt forward plus one forward over the candidates' tokens
         (none at all when every candidate is a single token), not K prompt forwards.
 
+        This is the model's own method: a PEFT wrapper hands it on unchanged, so under prompt tuning, p-tuning or
+        prefix tuning (whose virtual tokens only the wrapper's `forward` and `generate` add) it scores the model
+        without them; score such a model with the wrapper's `forward` (README, "PEFT"). Adapters inside the layers
+        (LoRA and the like) are scored.
+
         Args:
             input_ids (`torch.LongTensor` of shape `(batch, prompt_len)`):
                 The prompts, left-padded (the processor's default), `<image>` where each image stands.

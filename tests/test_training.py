@@ -1062,6 +1062,46 @@ def test_prompt_tuning_and_p_tuning(kind, family):
         adapted.generate(input_ids=ids, prefill_chunk_size=4, **settings)
 
 
+@pytest.mark.parametrize("kind", ["prompt_tuning", "prefix_tuning"])
+def test_score_continuations_under_prompt_learning_is_the_models_own_and_forward_scores_the_adapter(kind):
+    """README: PEFT hands `score_continuations` on to the model unchanged, and prompt learning adds its virtual tokens
+    or prefix only in the wrapper's `forward` / `generate`: `peft_model.score_continuations` scores the model without
+    them. The way README gives instead, the wrapper's forward over prompt + candidate, scores the adapted model: for
+    prompt tuning, the model's own scores with the soft prompt's embeddings prepended."""
+    from .test_core import MEDIA, inputs, tiny_model
+
+    model = tiny_model("llama")
+    text = model.config.text_config
+    keys = {"num_layers": text.num_hidden_layers, "token_dim": text.hidden_size}
+    keys["num_attention_heads"] = text.num_attention_heads
+    config_class = peft.PromptTuningConfig if kind == "prompt_tuning" else peft.PrefixTuningConfig
+    adapted = peft.get_peft_model(model, config_class(task_type="CAUSAL_LM", num_virtual_tokens=3, **keys)).eval()
+    with torch.no_grad():
+        adapted.prompt_encoder["default"].embedding.weight.normal_()
+    ids, pixel_values = inputs(batch=2, seq=8)
+    candidates = [[5, 6, 7], [8], [9, 10]]
+    with torch.no_grad():
+        own = model.score_continuations(ids, candidates, pixel_values=pixel_values)
+        torch.testing.assert_close(adapted.score_continuations(ids, candidates, pixel_values=pixel_values), own)
+        scores, expected = torch.zeros(2, 3), torch.zeros(2, 3)
+        prompt = adapted.get_prompt(batch_size=2) if kind == "prompt_tuning" else None
+        for k, candidate in enumerate(candidates):
+            full = torch.cat((ids, torch.tensor([candidate]).expand(2, -1)), dim=1)
+            targets = full[:, -len(candidate) :].unsqueeze(-1)
+            image_indices = modeling.image_indices_from_input_ids(full, MEDIA, pixel_values.shape[1])
+            logits = adapted(input_ids=full, pixel_values=pixel_values, image_indices=image_indices).logits
+            log_probs = logits[:, -len(candidate) - 1 : -1].log_softmax(dim=-1)
+            scores[:, k] = log_probs.gather(-1, targets).squeeze(-1).sum(-1)
+            if prompt is not None:  # the model's own forward with the soft prompt's embeddings before the tokens
+                embeds = torch.cat((prompt, model.get_input_embeddings()(full)), dim=1)
+                logits = model(inputs_embeds=embeds, pixel_values=pixel_values, image_indices=image_indices).logits
+                log_probs = logits[:, -len(candidate) - 1 : -1].log_softmax(dim=-1)
+                expected[:, k] = log_probs.gather(-1, targets).squeeze(-1).sum(-1)
+    assert (scores - own).abs().max() > 1e-2  # the adapter changes the scores
+    if prompt is not None:
+        torch.testing.assert_close(scores, expected, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("conditioning", ["sequence", "original_kv_cache"])
 def test_prefix_tuning_generates_as_the_model_does_after_the_prefix_tokens(conditioning):
     """PEFT's prefix tuning (its own `prepare_inputs_for_generation`, which does not name this model's generation
