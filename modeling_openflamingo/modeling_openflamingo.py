@@ -1917,7 +1917,9 @@ class OpenFlamingoForConditionalGeneration(OpenFlamingoPreTrainedModel, Generati
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_images, 3, H, W)`, *optional*):
                 The images of each row, in the order of its `<image>` tokens; rows with fewer images are zero-padded
                 (padding images are never attended while a row has no more `<image>` tokens than images of its own,
-                which the processor checks: the model cannot tell padding from an image). The original 6-D layout
+                which the processor checks: the model cannot tell padding from an image; with
+                `only_attend_immediate_media=False` a row's tokens before its first image average every latent,
+                padding included, as in the original: README, Exactness). The original 6-D layout
                 `(batch, num_images, 1, 3, H, W)` is accepted too. Zero images (`num_images == 0`) are as none given.
                 None (and no `image_hidden_states` / `image_cache`): text only. Under `torch.distributed` with several
                 ranks a loss step of text only runs the image path on a blank image that no token attends to (the
