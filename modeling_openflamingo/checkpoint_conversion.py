@@ -13,9 +13,9 @@ allocated, so peak memory stays near one copy of the model.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import errno
-import fnmatch
 import functools
 import json
 import os
@@ -2076,12 +2076,17 @@ def _check_replaceable(output_dir: Path, inputs: Iterable[str | os.PathLike | No
         )
 
 
-# what a conversion writes: config, generation, processor and tokenizer files (`*.json`, `*.txt`, `*.model`, ...), the
-# weights, the model card and its LICENSE.md, and the modeling code (`*.py`; `__pycache__` when it was imported from
-# the folder)
-_CONVERSION_FILES = (
-    "*.json", "*.safetensors", "*.py", "*.txt", "*.model", "*.jinja", "*.tiktoken", "README.md", LICENSE_FILE,
-)  # fmt: skip
+# What a conversion writes, by name: the weights, the config, generation, processor and tokenizer files (under the names
+# transformers saves them), the model card and its LICENSE.md, and the modeling code (this package's modules;
+# `__pycache__` when it was imported from the folder). Any other file (notes.txt, eval_results.json, a train.py) is the
+# user's: `--overwrite` refuses to delete it.
+_CONVERSION_FILE = re.compile(
+    r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
+    r"|(generation_|processor_|preprocessor_|tokenizer_)?config\.json|tokenizer\.json|special_tokens_map\.json"
+    r"|added_tokens\.json|vocab\.(json|txt)|merges\.txt|(tokenizer|spiece|sentencepiece\.bpe)\.model"
+    r"|chat_template\.(jinja|json)|[^/]*\.tiktoken|README\.md|" + re.escape(LICENSE_FILE)
+)
+_CODE_FILES = frozenset(path.name for path in Path(__file__).resolve().parent.glob("*.py")) - {"__init__.py"}
 
 
 def _written_by_a_conversion(entry: Path) -> bool:
@@ -2089,7 +2094,7 @@ def _written_by_a_conversion(entry: Path) -> bool:
         return False
     if entry.is_dir() and not entry.is_symlink():
         return entry.name == "__pycache__"
-    return any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in _CONVERSION_FILES)
+    return entry.name in _CODE_FILES or _CONVERSION_FILE.fullmatch(entry.name) is not None
 
 
 def _unused_sibling(path: Path, tag: str) -> Path:
@@ -2130,17 +2135,33 @@ def _write_failed(target: Path, error: Exception) -> ConversionError:
         sign in str(error) for sign in ("No space left", "Disk quota exceeded", "File too large", "unexpected pos")
     )  # ("unexpected pos": torch's writer, which keeps the system's reason to itself)
     if not no_room:
-        return ConversionError(
-            f"Writing {target} failed ({type(error).__name__}: {reason}). Nothing was left in its place."
-        )
+        return ConversionError(f"Writing {target} failed ({type(error).__name__}: {reason}). {_NOTHING_LEFT}.")
     try:
         free = f"; {shutil.disk_usage(_nearest_existing(target)).free / 1e9:.2f} GB free there now"
     except OSError:
         free = ""
     return ConversionError(
-        f"Writing {target} failed ({type(error).__name__}: {reason}){free}. Nothing was left in its place; make room "
+        f"Writing {target} failed ({type(error).__name__}: {reason}){free}. {_NOTHING_LEFT}; make room "
         "(or raise the file-size limit, `ulimit -f`) and run again."
     )
+
+
+_NOTHING_LEFT = "Nothing was left in its place"
+
+
+def _left_behind(error: BaseException, leftovers: Iterable[Path]) -> BaseException | None:
+    """After the clean-up of a failed write: None if it removed everything; else what to raise instead of `error`,
+    naming what stayed (its file system turned read-only or went away): a ConversionError for a failure (whose
+    message said that nothing was left), `error` itself with a note for an interruption (Ctrl-C, SIGTERM)."""
+    left = [str(path) for path in leftovers if path.exists() or path.is_symlink()]
+    if not left:
+        return None
+    said = f"Its partial files could not be removed: delete {', '.join(left)} yourself"
+    if not isinstance(error, Exception):
+        error.add_note(said + ".")
+        return error
+    text = str(error) if isinstance(error, ConversionError) else f"{type(error).__name__}: {_first_line(error)}"
+    return ConversionError(text.replace(_NOTHING_LEFT, said) if _NOTHING_LEFT in text else f"{text} {said}.")
 
 
 def _write_into(tmp: Path, output_dir: Path, write: Callable[[Path], Any]) -> None:
@@ -2173,10 +2194,13 @@ def _fill_in_place(output_dir: Path, write: Callable[[Path], Any]) -> Path:
             os.replace(entry, output_dir / entry.name)
             moved.append(output_dir / entry.name)
         tmp.rmdir()
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
         for path in moved:  # empty again, as it was
-            _remove(path, missing_ok=True)
+            with contextlib.suppress(OSError):  # (named below if it stays)
+                _remove(path, missing_ok=True)
+        if (instead := _left_behind(error, [tmp, *moved])) is not None and instead is not error:
+            raise instead from error
         raise
     return output_dir
 
@@ -2231,12 +2255,18 @@ def save_atomically(output_dir: str | os.PathLike, write: Callable[[Path], Any],
                 os.replace(old, output_dir)
                 old = None
             raise
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_made(made)
+        if (instead := _left_behind(error, [tmp])) is not None and instead is not error:
+            raise instead from error
         raise
     if old is not None:
-        _remove(old)
+        try:
+            _remove(old)
+        except (KeyboardInterrupt, SystemExit):  # stopped while deleting the old folder: the new one is in place
+            shutil.rmtree(old, ignore_errors=True)
+            raise
     return output_dir
 
 
@@ -2456,6 +2486,17 @@ def lm_family_of(config: OpenFlamingoConfig | Mapping[str, Any]) -> str:
     return model_type
 
 
+# What only an unmerged PEFT model's weights are named: LoRA's `lora_*`, the `base_layer` that every PEFT tuner layer
+# (LoRA, IA3, LoHa, LoKr, ...) wraps, `modules_to_save`' copies, a trainable-tokens adapter, a `PeftModel`'s prefix.
+_PEFT_KEY = re.compile(
+    r"(^|\.)(lora_\w+|base_layer|modules_to_save|original_module|token_adapter)\.|^base_model\.model\."
+)
+
+
+def _is_peft_key(key: str) -> bool:
+    return _PEFT_KEY.search(key) is not None
+
+
 def export_openflamingo_state_dict(
     state_dict: Mapping[str, torch.Tensor] | TensorSource,
     config: OpenFlamingoConfig | Mapping[str, Any],
@@ -2492,9 +2533,9 @@ def export_openflamingo_state_dict(
                 f"{source.name}: key {key!r} holds the rows trained after freeze_for_training(); fold them into the "
                 "embedding matrix first (model.merge_new_token_embeddings()), or pass the model itself."
             )
-        if "lora_" in key or key.startswith("base_model.model."):
+        if _is_peft_key(key):
             raise ConversionError(
-                f"{source.name}: key {key!r} is a PEFT adapter weight; merge the adapter first "
+                f"{source.name}: key {key!r} belongs to an unmerged PEFT adapter; merge the adapter first "
                 "(model = model.merge_and_unload()) and save the merged model."
             )
         vision_prefix = next((p for p in ("vision_model.vision_model.", "vision_model.") if key.startswith(p)), None)
@@ -2597,6 +2638,14 @@ def convert_hf_to_openflamingo(
             f"{output_file} is a file of {model}, the model this conversion reads: --overwrite does not replace it."
         )
     if isinstance(model, nn.Module):
+        peft_configs = getattr(model, "peft_config", None)  # a PeftModel, or a model with adapters loaded
+        prompts = [name for name, c in (peft_configs or {}).items() if getattr(c, "is_prompt_learning", False)]
+        if prompts:
+            raise ConversionError(
+                f"{type(model).__name__} has prompt-learning adapters ({', '.join(prompts)}: prompt / prefix / "
+                "p-tuning), whose virtual tokens have no place in the original's checkpoint and cannot be merged; "
+                "export model.get_base_model() to leave them out."
+            )
         config: Any = model.config
         # the rows trained after `freeze_for_training()` folded into the embedding matrix, as `save_pretrained` does
         fold = getattr(model, "_fold_new_token_embeddings", None)
@@ -2633,9 +2682,12 @@ def convert_hf_to_openflamingo(
             raise _write_failed(output_file, error) from error
         _mode_by_umask(Path(tmp), 0o666)  # mkstemp makes it owner-only
         _move_into_place(Path(tmp), output_file, overwrite)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as error:
+        with contextlib.suppress(OSError):  # (named below if it stays)
+            Path(tmp).unlink(missing_ok=True)
         _remove_made(made)
+        if (instead := _left_behind(error, [Path(tmp)])) is not None and instead is not error:
+            raise instead from error
         raise
     return output_file
 

@@ -147,6 +147,10 @@ def push_problem(repo_id: str) -> str | None:
     return None
 
 
+# Removed from the hub repo by an upload unless the folder has them: the weights' files (the folder's own are uploaded)
+STALE_ON_THE_HUB = ["*.safetensors", "*.safetensors.index.json"]
+
+
 def push_folder_to_hub(
     folder: str | os.PathLike,
     repo_id: str,
@@ -155,16 +159,33 @@ def push_folder_to_hub(
     token: str | None = None,
 ) -> str:
     """Create `repo_id` (if needed) and upload `folder` to it in one commit; returns the commit URL. `private=None`
-    creates the repo with the hub's default visibility (public, unless the organization's default is private)."""
+    creates the repo with the hub's default visibility (public, unless the organization's default is private);
+    `private=True` refuses an existing public repo. Weight files of the repo that the folder lacks (an earlier upload's
+    shards or single file) are deleted in the same commit."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ConversionError(f"{folder}: not a converted model folder (no config.json).")
     api = huggingface_hub.HfApi(token=token)
     try:
         api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
+        # `private` is ignored for a repo that exists already: a public one is not uploaded to when private was asked
+        if private and not api.repo_info(repo_id=repo_id, repo_type="model").private:
+            raise ConversionError(
+                f"The hub repo {repo_id} exists and is public, and --private does not change an existing repo: "
+                f"nothing was uploaded, and {folder} stays as it is. Make the repo private on the hub first, or push "
+                "without --private."
+            )
         commit = api.upload_folder(
-            repo_id=repo_id, repo_type="model", folder_path=str(folder), commit_message=commit_message
+            repo_id=repo_id,
+            repo_type="model",
+            folder_path=str(folder),
+            commit_message=commit_message,
+            # weights of an earlier upload that this folder does not have (another shard count or dtype): left in the
+            # repo, an old `model.safetensors` is what transformers loads, ahead of the new shards' index
+            delete_patterns=STALE_ON_THE_HUB,
         )
+    except ConversionError:
+        raise
     except Exception as error:  # noqa: BLE001
         status = getattr(getattr(error, "response", None), "status_code", None)
         hint = " Are you logged in (`hf auth login`) with a token that can write to it?" if status in (401, 403) else ""

@@ -6,6 +6,7 @@ No test touches the network: `huggingface_hub` is replaced by a fake hub backed 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import functools
 import importlib.util
 import json
@@ -465,6 +466,46 @@ def test_reverse_refuses_unmerged_adapters(converted):
     state["language_model.model.layers.0.self_attn.q_proj.lora_A.default.weight"] = torch.zeros(2, 32)
     with pytest.raises(ConversionError, match="merge the adapter"):
         export_openflamingo_state_dict(state, model.config)
+
+
+@pytest.mark.parametrize(
+    "adapter",
+    [
+        (
+            "IA3Config",
+            {"target_modules": ["query_key_value", "dense_4h_to_h"], "feedforward_modules": ["dense_4h_to_h"]},
+        ),
+        ("LoKrConfig", {"target_modules": ["query_key_value"], "r": 2}),
+        ("LoHaConfig", {"target_modules": ["to_q"], "r": 2}),  # the perceiver's and the gated blocks' queries
+    ],
+    ids=["ia3", "lokr", "loha"],
+)
+def test_reverse_refuses_every_unmerged_peft_adapter(adapter, converted, tmp_path):
+    """Not only LoRA's `lora_*` weights: an unmerged IA3 / LoKr model exported with include_lm wrote its layers as
+    `...query_key_value.base_layer.weight` and `...ia3_l.default` (names the original ignores with strict=False, so it
+    kept the LM's own weights) and exited 0; a LoHa on the queries failed as an incomplete folder."""
+    peft = pytest.importorskip("peft")
+    name, settings = adapter
+    model = peft.get_peft_model(
+        AutoModelForImageTextToText.from_pretrained(converted("tiny-neox")), getattr(peft, name)(**settings)
+    )
+    for include_lm in (False, True):
+        with pytest.raises(ConversionError, match="merge the adapter first"):
+            convert_hf_to_openflamingo(model, tmp_path / "c.pt", include_lm=include_lm, progress=False)
+    assert not (tmp_path / "c.pt").exists()
+    merged = convert_hf_to_openflamingo(model.merge_and_unload(), tmp_path / "c.pt", include_lm=True, progress=False)
+    assert not [k for k in torch.load(merged, weights_only=True) if "base_layer" in k or "default" in k]
+
+
+def test_reverse_refuses_a_prompt_tuned_peft_model(converted, tmp_path):
+    """Prompt tuning's virtual tokens cannot be merged nor held by the original's checkpoint: the export dropped them
+    without a word (exit 0)."""
+    peft = pytest.importorskip("peft")
+    base = AutoModelForImageTextToText.from_pretrained(converted("tiny-neox"))
+    model = peft.get_peft_model(base, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    with pytest.raises(ConversionError, match="prompt-learning adapters .*model.get_base_model"):
+        convert_hf_to_openflamingo(model, tmp_path / "c.pt", progress=False)
+    assert convert_hf_to_openflamingo(model.get_base_model(), tmp_path / "c.pt", progress=False).is_file()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1254,12 +1295,13 @@ def test_overwrite_replaces_an_earlier_conversion_only(converted, tmp_path):
         convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt"), output_dir=out, overwrite=True)
     assert (out / "keep.txt").read_text() == "mine"
     shutil.copytree(converted("tiny-mpt"), tmp_path / "earlier")
-    (tmp_path / "earlier" / "stale.txt").write_text("from before")
+    (tmp_path / "earlier" / "merges.txt").write_text("from before")  # an earlier conversion's tokenizer file
+    (tmp_path / "earlier" / "model-00001-of-00002.safetensors").write_text("from before")  # its shards
     link = tmp_path / "link"
     link.symlink_to(tmp_path / "earlier")  # a symlink: the folder it names is replaced
     again = convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt"), output_dir=link, overwrite=True)
     assert again == (tmp_path / "earlier").resolve() and link.is_symlink()
-    assert not (again / "stale.txt").exists()
+    assert not (again / "merges.txt").exists() and not (again / "model-00001-of-00002.safetensors").exists()
     assert_same_tensors(folder_tensors(again), folder_tensors(converted("tiny-mpt")))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "link", "o"]  # no temporary sibling left
     # a conversion with what no conversion writes (a hub repository's git clone, the user's notes): refused, kept
@@ -1269,6 +1311,15 @@ def test_overwrite_replaces_an_earlier_conversion_only(converted, tmp_path):
     with pytest.raises(ConversionError, match=r"holds what a conversion does not write \(\.git, NOTES\.md\)"):
         convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt"), output_dir=again, overwrite=True)
     assert (again / ".git" / "HEAD").is_file() and (again / "NOTES.md").read_text() == "mine"
+    # files of the kinds a conversion writes (*.txt, *.json, *.py) but not of its names: the user's too (were deleted)
+    shutil.rmtree(again / ".git")
+    (again / "NOTES.md").unlink()
+    mine = {"notes.txt": "mine", "eval_results.json": '{"cider": 74.1}', "train.py": "print('mine')"}
+    for name, text in mine.items():
+        (again / name).write_text(text)
+    with pytest.raises(ConversionError, match=r"holds what a conversion does not write \(eval_results\.json, notes"):
+        convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt"), output_dir=again, overwrite=True)
+    assert all((again / name).read_text() == text for name, text in mine.items())
 
 
 def test_overwrite_refuses_to_delete_an_input(converted, tmp_path):
@@ -1422,6 +1473,69 @@ def test_save_atomically_names_the_output_of_a_failed_write_and_keeps_the_old_fo
     with pytest.raises(ConversionError):
         save_atomically(tmp_path / "deep" / "a" / "o", write)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+
+
+def test_a_write_whose_partial_files_cannot_be_removed_names_them(converted, tmp_path, monkeypatch):
+    """A target that turns read-only mid-write (or goes away): the hidden temporary folder / file cannot be removed.
+    The error said "Nothing was left in its place" (a 9B model's tens of GB stayed hidden); the way back lost the
+    write's own error to the clean-up's OSError and kept the folder it made. Now each names what stayed."""
+    import errno
+
+    import modeling_openflamingo.checkpoint_conversion as conversion
+
+    def read_only(folder: Path) -> None:
+        (folder / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(conversion.shutil, "rmtree", lambda *args, **kwargs: None)  # as on a read-only file system
+    for output in (tmp_path / "o", tmp_path / "empty"):
+        if output.name == "empty":
+            output.mkdir()  # filled in place, from a hidden folder inside it
+        with pytest.raises(ConversionError, match="Its partial files could not be removed: delete .*yourself") as error:
+            save_atomically(output, read_only)
+        left = Path(str(error.value).split("delete ")[1].split(" yourself")[0])
+        assert left.is_dir() and left.name.startswith((".o.tmp-", ".tmp-")) and "Nothing was left" not in str(error)
+        assert "Writing" in str(error.value) and "Read-only file system" in str(error.value)
+    with pytest.raises(KeyboardInterrupt) as stopped:  # an interruption stays one, with a note
+        save_atomically(tmp_path / "p", lambda folder: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert "Its partial files could not be removed" in stopped.value.__notes__[0]
+    monkeypatch.undo()
+
+    def save_then_read_only(obj, path, *args, **kwargs):
+        Path(path).write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:747] . open file failed with strerror: Read-only")
+
+    def unlink(self, missing_ok=False):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(torch, "save", save_then_read_only)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with pytest.raises(ConversionError, match=r"Writing .*c\.pt failed \(RuntimeError: .*Its partial files could"):
+        convert_hf_to_openflamingo(converted("tiny-neox"), tmp_path / "sub" / "c.pt", progress=False)
+    monkeypatch.undo()
+    assert [p.name[:10] for p in (tmp_path / "sub").iterdir()] == [".c.pt.tmp-"]  # named above
+
+
+def test_a_stop_while_the_old_folder_is_deleted_leaves_no_hidden_copy(converted, tmp_path, monkeypatch):
+    """`--overwrite` moves the earlier conversion aside and deletes it once the new one is in place; SIGTERM or Ctrl-C
+    during that deletion left the old folder as a hidden `.NAME.old-*` (a full copy of the model)."""
+    import modeling_openflamingo.checkpoint_conversion as conversion
+
+    out = tmp_path / "o"
+    shutil.copytree(converted("tiny-mpt"), out)
+    real_remove = conversion._remove
+
+    def stopped_midway(path: Path, missing_ok: bool = False) -> None:
+        if path.name.startswith(".o.old-"):
+            (path / "README.md").unlink()
+            raise SystemExit(143)  # SIGTERM, as raise_on_termination() turns it into
+        real_remove(path, missing_ok)
+
+    monkeypatch.setattr(conversion, "_remove", stopped_midway)
+    with pytest.raises(SystemExit):
+        convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt"), output_dir=out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+    assert_same_tensors(folder_tensors(out), folder_tensors(converted("tiny-mpt")))
 
 
 def test_cli_names_the_lm_config_that_lacks_a_key(tmp_path, capsys):
@@ -1749,6 +1863,70 @@ def test_push_to_hub(monkeypatch, tmp_path):
         == 0
     )
     api.create_repo.assert_called_once_with(repo_id="me/of-tiny", repo_type="model", private=None, exist_ok=True)
+
+
+class FakeHubRepo:
+    """`HfApi` over local folders, with the hub's semantics: `create_repo(exist_ok=True)` keeps an existing repo's
+    visibility, `upload_folder` adds and replaces files and deletes only what `delete_patterns` match (and was not
+    uploaded in the same commit)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.private, self.commits = root, {}, []
+
+    def __call__(self, token=None):
+        return self
+
+    def create_repo(self, repo_id, repo_type=None, private=None, exist_ok=False):
+        if repo_id not in self.private:
+            (self.root / repo_id).mkdir(parents=True)
+            self.private[repo_id] = bool(private)
+
+    def repo_info(self, repo_id, repo_type=None):
+        return SimpleNamespace(private=self.private[repo_id])
+
+    def upload_folder(self, repo_id, folder_path, repo_type=None, commit_message=None, delete_patterns=None):
+        repo, added = self.root / repo_id, {p.name for p in Path(folder_path).iterdir()}
+        for path in list(repo.iterdir()):
+            if path.name not in added and any(fnmatch.fnmatch(path.name, p) for p in delete_patterns or ()):
+                path.unlink()
+        for name in added:
+            shutil.copy(Path(folder_path) / name, repo / name)
+        self.commits.append(commit_message)
+        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/{len(self.commits)}")
+
+
+def test_a_push_replaces_the_weights_of_an_earlier_upload_and_keeps_a_public_repo_public(monkeypatch, tmp_path):
+    """Pushed again with other shards (here one file, then 4 shards), the repo kept the first upload's
+    `model.safetensors`, which transformers loads ahead of the new shards' index: the old weights. `--private` on a
+    repo that exists as a public one uploaded to it (the hub ignores `private` for an existing repo)."""
+    from modeling_openflamingo.conversion_hub import push_folder_to_hub
+
+    hub = FakeHubRepo(tmp_path / "hub")
+    monkeypatch.setattr(huggingface_hub, "HfApi", hub)
+    first = convert_openflamingo_checkpoint(**fixture_kwargs("tiny-neox"), output_dir=tmp_path / "first")
+    (first / "mine.txt").write_text("a file of the repo's owner")  # not a weight: stays in the repo
+    push_folder_to_hub(first, "me/of-tiny")
+    state = load_file(str(first / "model.safetensors"))
+    state["perceiver.latents"] = state["perceiver.latents"] + 100  # a fine-tuned model, converted again sharded
+    second = tmp_path / "second"
+    shutil.copytree(first, second)
+    (second / "model.safetensors").unlink()
+    save_file(state, str(second / "model.safetensors"), metadata={"format": "pt"})
+    second = convert_hf_to_openflamingo(second, tmp_path / "second.pt", progress=False)
+    second = convert_openflamingo_checkpoint(
+        **fixture_kwargs("tiny-neox", checkpoint=second), output_dir=tmp_path / "sharded", max_shard_size="800KB"
+    )
+    assert not (second / "model.safetensors").exists()
+    push_folder_to_hub(second, "me/of-tiny")
+    repo = tmp_path / "hub" / "me" / "of-tiny"
+    assert not (repo / "model.safetensors").exists() and (repo / "mine.txt").is_file()
+    latents = AutoModelForImageTextToText.from_pretrained(repo).perceiver.latents
+    assert torch.equal(latents, state["perceiver.latents"])
+    with pytest.raises(ConversionError, match="exists and is public, and --private does not change an existing repo"):
+        push_folder_to_hub(second, "me/of-tiny", private=True)
+    assert len(hub.commits) == 2
+    push_folder_to_hub(second, "me/private-tiny", private=True)  # a new repo: made private
+    assert hub.private["me/private-tiny"] and len(hub.commits) == 3
 
 
 def test_push_to_hub_that_cannot_work_is_refused_before_converting(monkeypatch, tmp_path, capsys):
