@@ -98,7 +98,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     out.add_argument("--output-dir", help="the folder to write (written elsewhere first, moved into place at the end)")
     out.add_argument("--dtype", choices=DTYPES, help="default: the checkpoint's dtype")
     out.add_argument("--max-shard-size", default="5GB", type=shard_size, help="largest safetensors shard (default 5GB)")
-    out.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty output folder")
+    out.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier conversion in --output-dir (a folder that is not one is refused)",
+    )
     out.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the converted folder to this hub repo")
     out.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     out.add_argument("--cache-dir", help="huggingface_hub cache folder for the downloads")

@@ -3,7 +3,8 @@
 cross-attention blocks and the added tokens' embedding rows trained), optionally with LoRA on the LM, FSDP and
 gradient checkpointing.
 
-Without `--model` it trains the tiny demo model on captions of the six demo images (CPU, seconds). Examples:
+Without `--model` it trains the tiny demo model on captions of the six demo images (CPU, about a minute on two
+cores). Examples:
 
     python examples/finetune.py                                   # tiny demo model, demo captions
     python examples/finetune.py --lora --gradient-checkpointing   # + LoRA on the LM's attention
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import transformers
 from demo_model import DEMO_IMAGES, add_model_argument, resolve_model
 from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
@@ -306,6 +308,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in ("save_steps", "save_total_limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.fsdp and "LOCAL_RANK" not in os.environ and not (dist.is_available() and dist.is_initialized()):
+        # FSDP needs torch.distributed's process group: without a launcher, accelerate falls back to no FSDP on a
+        # GPU, and on the CPU (CPUFSDPTrainer) the first step fails once the model and data are loaded
+        parser.error(
+            "--fsdp shards the model across processes: launch with torchrun, e.g. "
+            "`torchrun --nproc_per_node 2 examples/finetune.py --fsdp` (one process per GPU)"
+        )
     resume: str | None = args.resume_from_checkpoint
     if resume == "latest":
         # the newest checkpoint-N in the output folder; none yet (a first run of a resumable job): from the start

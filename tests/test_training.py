@@ -1259,6 +1259,23 @@ def test_finetune_example_runs(converted, tmp_path):
     torch._dynamo.reset()
 
 
+def test_finetune_example_refuses_fsdp_without_a_launcher(monkeypatch, capsys):
+    """`--fsdp` run with plain `python` (no torchrun): a usage error naming torchrun, before the model is loaded (it
+    failed at the first step on the CPU, after loading, with torch's `RANK expected, but not set`)."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import finetune
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    loaded = []
+    monkeypatch.setattr(finetune, "resolve_model", lambda model: loaded.append(model) or model)
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.main(["--fsdp", "--max-steps", "1"])
+    assert exit_info.value.code == 2 and not loaded
+    assert "--fsdp shards the model across processes: launch with torchrun" in capsys.readouterr().err
+
+
 def test_finetune_example_checkpoints_and_resumes(converted, tmp_path):
     """`--save-steps` writes checkpoints; `--resume-from-checkpoint latest` (or a path) goes on from the newest one
     with the same losses as a run without the break."""
