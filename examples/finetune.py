@@ -277,6 +277,18 @@ def training_arguments(args: argparse.Namespace, on_cpu: bool) -> TrainingArgume
     )
 
 
+def launched_as_one_of_several_processes() -> bool:
+    """Whether a launcher started this process for torch.distributed, as accelerate tells: torchrun (and
+    `accelerate launch`'s GPU launchers) set LOCAL_RANK; on the CPU accelerate also takes an MPI launch's world size
+    (`accelerate launch --cpu --mpirun_hostfile ...`, `mpirun -n 2`), which sets no LOCAL_RANK."""
+    if "LOCAL_RANK" in os.environ or (dist.is_available() and dist.is_initialized()):
+        return True
+    if torch.cuda.is_available():  # accelerate's multi-GPU state needs LOCAL_RANK
+        return False
+    sizes = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "WORLD_SIZE")
+    return any(os.environ.get(name, "").isdigit() and int(os.environ[name]) > 1 for name in sizes)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Fine-tune, save to `--output-dir`, and return the first and last logged losses."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -308,7 +320,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in ("save_steps", "save_total_limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.fsdp and "LOCAL_RANK" not in os.environ and not (dist.is_available() and dist.is_initialized()):
+    if args.fsdp and not launched_as_one_of_several_processes():
         # FSDP needs torch.distributed's process group: without a launcher, accelerate falls back to no FSDP on a
         # GPU, and on the CPU (CPUFSDPTrainer) the first step fails once the model and data are loaded
         parser.error(

@@ -2077,7 +2077,7 @@ def _check_replaceable(output_dir: Path, inputs: Iterable[str | os.PathLike | No
 
 
 # What a conversion writes, by name: the weights, the config, generation, processor and tokenizer files (under the names
-# transformers saves them), the model card and its LICENSE.md, and the modeling code (this package's modules;
+# transformers saves them), the model card and its LICENSE.md, and the modeling code (`_code_files()`;
 # `__pycache__` when it was imported from the folder). Any other file (notes.txt, eval_results.json, a train.py) is the
 # user's: `--overwrite` refuses to delete it.
 _CONVERSION_FILE = re.compile(
@@ -2086,7 +2086,23 @@ _CONVERSION_FILE = re.compile(
     r"|added_tokens\.json|vocab\.(json|txt)|merges\.txt|(tokenizer|spiece|sentencepiece\.bpe)\.model"
     r"|chat_template\.(jinja|json)|[^/]*\.tiktoken|README\.md|" + re.escape(LICENSE_FILE)
 )
-_CODE_FILES = frozenset(path.name for path in Path(__file__).resolve().parent.glob("*.py")) - {"__init__.py"}
+
+
+@functools.cache
+def _code_files() -> frozenset[str]:
+    """The modeling code a conversion writes: transformers copies the modules of the classes registered for the auto
+    classes and what they import relatively (not every module of this package: a `data_collator.py` or
+    `optimization.py` in the folder is the user's)."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    classes = (
+        OpenFlamingoConfig,
+        OpenFlamingoForConditionalGeneration,
+        OpenFlamingoImageProcessor,
+        OpenFlamingoProcessor,
+    )
+    modules = {sys.modules[cls.__module__].__file__ for cls in classes}
+    return frozenset(Path(path).name for module in modules for path in (module, *get_relative_import_files(module)))
 
 
 def _written_by_a_conversion(entry: Path) -> bool:
@@ -2094,7 +2110,7 @@ def _written_by_a_conversion(entry: Path) -> bool:
         return False
     if entry.is_dir() and not entry.is_symlink():
         return entry.name == "__pycache__"
-    return entry.name in _CODE_FILES or _CONVERSION_FILE.fullmatch(entry.name) is not None
+    return entry.name in _code_files() or _CONVERSION_FILE.fullmatch(entry.name) is not None
 
 
 def _unused_sibling(path: Path, tag: str) -> Path:
@@ -2158,7 +2174,10 @@ def _left_behind(error: BaseException, leftovers: Iterable[Path]) -> BaseExcepti
         return None
     said = f"Its partial files could not be removed: delete {', '.join(left)} yourself"
     if not isinstance(error, Exception):
-        error.add_note(said + ".")
+        if hasattr(error, "add_note"):
+            error.add_note(said + ".")
+        else:  # Python 3.10 has no notes (an AttributeError here replaced the interruption); its args are its own
+            print(f"{type(error).__name__}: {said}.", file=sys.stderr)  # (SystemExit's are the exit status)
         return error
     text = str(error) if isinstance(error, ConversionError) else f"{type(error).__name__}: {_first_line(error)}"
     return ConversionError(text.replace(_NOTHING_LEFT, said) if _NOTHING_LEFT in text else f"{text} {said}.")

@@ -147,8 +147,15 @@ def push_problem(repo_id: str) -> str | None:
     return None
 
 
-# Removed from the hub repo by an upload unless the folder has them: the weights' files (the folder's own are uploaded)
-STALE_ON_THE_HUB = ["*.safetensors", "*.safetensors.index.json"]
+# Removed from the hub repo by an upload unless the folder has them: the weights' files at the repo's top level, under
+# the names transformers saves them (the folder's own are uploaded). huggingface_hub matches `delete_patterns` with
+# fnmatch against the whole path, where `*` matches `/` too: `*.safetensors` would also delete an adapter, ONNX export
+# or original checkpoint that the owner keeps in a subfolder.
+STALE_ON_THE_HUB = [
+    "model.safetensors",
+    "model-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].safetensors",
+    "model.safetensors.index.json",
+]
 
 
 def push_folder_to_hub(
@@ -160,8 +167,8 @@ def push_folder_to_hub(
 ) -> str:
     """Create `repo_id` (if needed) and upload `folder` to it in one commit; returns the commit URL. `private=None`
     creates the repo with the hub's default visibility (public, unless the organization's default is private);
-    `private=True` refuses an existing public repo. Weight files of the repo that the folder lacks (an earlier upload's
-    shards or single file) are deleted in the same commit."""
+    `private=True` refuses an existing public repo. Weight files at the repo's top level that the folder
+    lacks (an earlier upload's shards or single file) are deleted in the same commit; subfolders are left alone."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ConversionError(f"{folder}: not a converted model folder (no config.json).")

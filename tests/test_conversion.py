@@ -1315,9 +1315,12 @@ def test_overwrite_replaces_an_earlier_conversion_only(converted, tmp_path):
     shutil.rmtree(again / ".git")
     (again / "NOTES.md").unlink()
     mine = {"notes.txt": "mine", "eval_results.json": '{"cider": 74.1}', "train.py": "print('mine')"}
+    # modules of this package that a conversion does not copy (named as a user's own may be): were deleted too
+    mine |= {"data_collator.py": "# mine", "optimization.py": "# mine"}
     for name, text in mine.items():
         (again / name).write_text(text)
-    with pytest.raises(ConversionError, match=r"holds what a conversion does not write \(eval_results\.json, notes"):
+    does_not_write = r"\(data_collator\.py, eval_results\.json, notes\.txt, optimization\.py, train\.py\)"
+    with pytest.raises(ConversionError, match=rf"holds what a conversion does not write {does_not_write}"):
         convert_openflamingo_checkpoint(**fixture_kwargs("tiny-mpt"), output_dir=again, overwrite=True)
     assert all((again / name).read_text() == text for name, text in mine.items())
 
@@ -1475,7 +1478,7 @@ def test_save_atomically_names_the_output_of_a_failed_write_and_keeps_the_old_fo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
 
 
-def test_a_write_whose_partial_files_cannot_be_removed_names_them(converted, tmp_path, monkeypatch):
+def test_a_write_whose_partial_files_cannot_be_removed_names_them(converted, tmp_path, monkeypatch, capsys):
     """A target that turns read-only mid-write (or goes away): the hidden temporary folder / file cannot be removed.
     The error said "Nothing was left in its place" (a 9B model's tens of GB stayed hidden); the way back lost the
     write's own error to the clean-up's OSError and kept the folder it made. Now each names what stayed."""
@@ -1498,7 +1501,19 @@ def test_a_write_whose_partial_files_cannot_be_removed_names_them(converted, tmp
         assert "Writing" in str(error.value) and "Read-only file system" in str(error.value)
     with pytest.raises(KeyboardInterrupt) as stopped:  # an interruption stays one, with a note
         save_atomically(tmp_path / "p", lambda folder: (_ for _ in ()).throw(KeyboardInterrupt))
-    assert "Its partial files could not be removed" in stopped.value.__notes__[0]
+    if sys.version_info >= (3, 11):
+        assert "Its partial files could not be removed" in stopped.value.__notes__[0]
+
+    class NoNotes(KeyboardInterrupt):  # as on Python 3.10, which has no add_note (its AttributeError replaced this)
+        def __getattribute__(self, name):
+            if name == "add_note":
+                raise AttributeError(name)
+            return super().__getattribute__(name)
+
+    capsys.readouterr()
+    with pytest.raises(NoNotes):
+        save_atomically(tmp_path / "q", lambda folder: (_ for _ in ()).throw(NoNotes))
+    assert "Its partial files could not be removed: delete" in capsys.readouterr().err
     monkeypatch.undo()
 
     def save_then_read_only(obj, path, *args, **kwargs):
@@ -1927,6 +1942,23 @@ def test_a_push_replaces_the_weights_of_an_earlier_upload_and_keeps_a_public_rep
     assert len(hub.commits) == 2
     push_folder_to_hub(second, "me/private-tiny", private=True)  # a new repo: made private
     assert hub.private["me/private-tiny"] and len(hub.commits) == 3
+
+
+def test_a_push_deletes_only_the_top_level_weights_of_an_earlier_upload():
+    """huggingface_hub matches `delete_patterns` against the whole path with fnmatch (`*` matches `/`): the patterns
+    were `*.safetensors`, which deleted an adapter, an ONNX export or the original checkpoint that the repo's owner
+    keeps in a subfolder. Matched here as `upload_folder` matches them (both huggingface_hub majors)."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from modeling_openflamingo.conversion_hub import STALE_ON_THE_HUB
+
+    remote = [
+        "model.safetensors", "model-00001-of-00002.safetensors", "model.safetensors.index.json", "config.json",
+        "adapter/adapter_model.safetensors", "onnx/model.safetensors", "original/model-00001-of-00002.safetensors",
+        "original/model.safetensors.index.json", "notes.safetensors",
+    ]  # fmt: skip
+    deleted = sorted(filter_repo_objects(remote, allow_patterns=STALE_ON_THE_HUB))
+    assert deleted == ["model-00001-of-00002.safetensors", "model.safetensors", "model.safetensors.index.json"]
 
 
 def test_push_to_hub_that_cannot_work_is_refused_before_converting(monkeypatch, tmp_path, capsys):

@@ -1267,13 +1267,43 @@ def test_finetune_example_refuses_fsdp_without_a_launcher(monkeypatch, capsys):
         import finetune
     finally:
         sys.path.remove(str(EXAMPLES))
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    for name in ("LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
     loaded = []
     monkeypatch.setattr(finetune, "resolve_model", lambda model: loaded.append(model) or model)
     with pytest.raises(SystemExit) as exit_info:
         finetune.main(["--fsdp", "--max-steps", "1"])
     assert exit_info.value.code == 2 and not loaded
     assert "--fsdp shards the model across processes: launch with torchrun" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("size", ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "WORLD_SIZE"])
+def test_finetune_example_takes_fsdp_under_an_mpi_launch_on_the_cpu(size, monkeypatch):
+    """accelerate's multi-CPU state also comes from an MPI launch (`accelerate launch --cpu --mpirun_hostfile ...`,
+    `mpirun -n 2`), which sets no LOCAL_RANK: `--fsdp` is not refused there (it trains, sharded, in 2 processes);
+    on a GPU accelerate needs LOCAL_RANK, so there it still is."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import finetune
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    for name in ("LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(size, "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert finetune.launched_as_one_of_several_processes()
+
+    def past_the_check(model):
+        raise RuntimeError("past the check")
+
+    monkeypatch.setattr(finetune, "resolve_model", past_the_check)
+    with pytest.raises(RuntimeError, match="past the check"):
+        finetune.main(["--fsdp", "--max-steps", "1"])
+    monkeypatch.setenv(size, "1")
+    assert not finetune.launched_as_one_of_several_processes()
+    monkeypatch.setenv(size, "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not finetune.launched_as_one_of_several_processes()
 
 
 def test_finetune_example_checkpoints_and_resumes(converted, tmp_path):
