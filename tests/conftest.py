@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -162,6 +165,16 @@ def sample_inputs(seed: int = 0) -> dict[str, torch.Tensor]:
     input_ids[:, 6] = EOC
     input_ids[:, 7] = MEDIA
     return {"input_ids": input_ids, "pixel_values": torch.randn(2, 2, 3, 32, 32, generator=generator)}
+
+
+def example_module(name: str) -> ModuleType:
+    """`examples/<name>.py` as a module (the examples import their siblings, e.g. `demo_model`, from their folder)."""
+    examples = str(ROOT / "examples")
+    sys.path.insert(0, examples)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(examples)
 
 
 def byte_level_processor(corpus: str, vocab_size: int, **tokenizer_kwargs):

@@ -16,24 +16,14 @@ import torch
 from modeling_openflamingo.processing_openflamingo import interleaved_label_mask
 
 try:
-    from .conftest import ROOT
+    from .conftest import ROOT, example_module
 except ImportError:  # imported outside the package
-    from conftest import ROOT
+    from conftest import ROOT, example_module
 
 pytest.importorskip("accelerate")
 
 EXAMPLES = ROOT / "examples"
 SCRIPT = EXAMPLES / "fsdp_of9b.py"
-
-
-def recipe_module() -> Any:
-    """`examples/fsdp_of9b.py` as a module."""
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import fsdp_of9b
-    finally:
-        sys.path.remove(str(EXAMPLES))
-    return fsdp_of9b
 
 
 def fsdp_on_cpu_available() -> str | None:
@@ -103,7 +93,7 @@ def test_tiny_shape_on_two_cpu_processes(tmp_path, precision):
 
 
 def test_synthetic_interleaved_samples():
-    recipe = recipe_module()
+    recipe = example_module("fsdp_of9b")
     config = recipe.shape("of9b").config
     dataset = recipe.SyntheticInterleavedDataset(config, num_samples=4, seq_len=256, images_per_sample=5, seed=0)
     sample = dataset[1]
@@ -125,7 +115,7 @@ def test_synthetic_interleaved_samples():
 
 def test_of9b_shape_parameter_counts():
     """The full-size shape, built on the meta device: CLIP ViT-L/14, MPT-7B (vocab 50280), N=4."""
-    result = recipe_module().main(["--describe"])
+    result = example_module("fsdp_of9b").main(["--describe"])
     parameters = result["parameters"]
     assert parameters["vision_model"] == 303_179_776
     assert parameters["language_model"] == 6_648_664_064
@@ -138,7 +128,7 @@ def test_of9b_shape_parameter_counts():
 
 
 def test_scaling_against_a_baseline(tmp_path):
-    recipe = recipe_module()
+    recipe = example_module("fsdp_of9b")
     workload = {"shape": "of9b", "seq_len": 256, "images_per_sample": 5, "per_device_batch_size": 8}
     workload.update(precision="bf16", gradient_checkpointing=True)
     baseline = {**workload, "world_size": 1, "tokens_per_s_per_gpu": 1000.0, "tokens_per_s_total": 1000.0}
@@ -153,7 +143,7 @@ def test_scaling_against_a_baseline(tmp_path):
 def test_a_shape_too_large_for_the_cpu_hosts_memory_is_refused_before_building(monkeypatch):
     """On the CPU every process builds the whole model before FSDP shards it: the of9b shape on a host without the
     memory stops at once with the figures (not an out-of-memory kill minutes later); the tiny shape goes on."""
-    recipe = recipe_module()
+    recipe = example_module("fsdp_of9b")
     if sys.platform == "linux":  # read from /proc/meminfo
         assert 0 < recipe.available_host_memory_gib() < 1e6
     monkeypatch.setattr(recipe, "available_host_memory_gib", lambda: 24.0)
@@ -170,7 +160,7 @@ def test_the_memory_available_is_that_of_the_process_cgroup_where_less(tmp_path)
     """In a container (Docker's `--memory`, a Kubernetes pod) /proc/meminfo shows the whole host's memory, while the
     process may take only what its memory cgroup allows: the check reads the least (cgroup v2 and v1, the limit
     less the usage, the page cache counted as free, that of a cgroup above the process's too)."""
-    recipe = recipe_module()
+    recipe = example_module("fsdp_of9b")
     proc, cgroups, gib = tmp_path / "proc", tmp_path / "cgroup", 2**30
     (proc / "self").mkdir(parents=True)
     (proc / "meminfo").write_text(f"MemTotal:  {512 * 2**20} kB\nMemAvailable:  {500 * 2**20} kB\n")

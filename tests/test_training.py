@@ -12,7 +12,6 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
@@ -28,10 +27,10 @@ from modeling_openflamingo.modeling_openflamingo import OpenFlamingoNewTokenEmbe
 
 try:
     from . import conftest as shared
-    from .conftest import EOC, FIXTURES, MEDIA, PAD, ROOT, lm_cache_of, sample_inputs
+    from .conftest import EOC, FIXTURES, MEDIA, PAD, ROOT, example_module, lm_cache_of, sample_inputs
 except ImportError:  # run as a script: the FSDP worker under torchrun
     import conftest as shared
-    from conftest import EOC, FIXTURES, MEDIA, PAD, ROOT, lm_cache_of, sample_inputs
+    from conftest import EOC, FIXTURES, MEDIA, PAD, ROOT, example_module, lm_cache_of, sample_inputs
 
 datasets = pytest.importorskip("datasets")
 peft = pytest.importorskip("peft")
@@ -591,16 +590,6 @@ def test_trainer_resumes_from_a_checkpoint_with_the_trained_rows(converted, tmp_
         torch.testing.assert_close(resumed_state[name], tensor, rtol=0, atol=1e-6, msg=name)
 
 
-def finetune_module() -> ModuleType:
-    """`examples/finetune.py` as a module."""
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import finetune
-    finally:
-        sys.path.remove(str(EXAMPLES))
-    return finetune
-
-
 def no_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
     """The environment of a process that no launcher (torchrun, accelerate, MPI) started."""
     for name in ("LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "WORLD_SIZE"):
@@ -621,7 +610,7 @@ def test_sharded_checkpoint_resume_reports_what_the_load_fills_in(converted, fam
     from transformers.testing_utils import CaptureLogger
     from transformers.utils import logging
 
-    finetune = finetune_module()
+    finetune = example_module("finetune")
 
     model, _ = load(converted, family)
     model.freeze_for_training()
@@ -1254,7 +1243,7 @@ def test_trainer_with_lora_on_the_lm_and_the_recipe(converted, tmp_path):
 
 
 def test_finetune_example_runs(converted, tmp_path):
-    finetune = finetune_module()
+    finetune = example_module("finetune")
     argv = ["--model", str(converted("tiny-mpt-1b-redpajama-200b")), "--output-dir", str(tmp_path / "out")]
     result = finetune.main([*argv, "--max-steps", "6", "--learning-rate", "1e-2"])
     assert result["last_loss"] < result["first_loss"]
@@ -1271,7 +1260,7 @@ def test_finetune_example_runs(converted, tmp_path):
 def test_finetune_example_refuses_fsdp_without_a_launcher(monkeypatch, capsys):
     """`--fsdp` run with plain `python` (no torchrun): a usage error naming torchrun, before the model is loaded (it
     failed at the first step on the CPU, after loading, with torch's `RANK expected, but not set`)."""
-    finetune = finetune_module()
+    finetune = example_module("finetune")
     no_launcher(monkeypatch)
     loaded = []
     monkeypatch.setattr(finetune, "resolve_model", lambda model: loaded.append(model) or model)
@@ -1286,7 +1275,7 @@ def test_finetune_example_takes_fsdp_under_an_mpi_launch_on_the_cpu(size, monkey
     """accelerate's multi-CPU state also comes from an MPI launch (`accelerate launch --cpu --mpirun_hostfile ...`,
     `mpirun -n 2`), which sets no LOCAL_RANK: `--fsdp` is not refused there (it trains, sharded, in 2 processes);
     on a GPU accelerate needs LOCAL_RANK, so there it still is."""
-    finetune = finetune_module()
+    finetune = example_module("finetune")
     no_launcher(monkeypatch)
     monkeypatch.setenv(size, "2")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -1308,7 +1297,7 @@ def test_finetune_example_takes_fsdp_under_an_mpi_launch_on_the_cpu(size, monkey
 def test_finetune_example_checkpoints_and_resumes(converted, tmp_path):
     """`--save-steps` writes checkpoints; `--resume-from-checkpoint latest` (or a path) goes on from the newest one
     with the same losses as a run without the break."""
-    finetune = finetune_module()
+    finetune = example_module("finetune")
 
     def losses(result: dict) -> list[float]:
         return [entry["loss"] for entry in result["trainer"].state.log_history if "loss" in entry]
@@ -1332,7 +1321,7 @@ def test_finetune_example_on_a_caption_dataset_with_an_image_column(converted, t
     column gets a message naming the flag."""
     import datasets
 
-    finetune = finetune_module()
+    finetune = example_module("finetune")
     rows = {"image": [image.convert("RGB") for image in tiny_images[:4]], "caption": ["a b", "c", "d e f", "g"]}
     datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).save_to_disk(tmp_path / "captions")
     argv = ["--model", str(converted("tiny-mpt-1b-redpajama-200b")), "--output-dir", str(tmp_path / "out")]
@@ -1354,7 +1343,7 @@ def test_finetune_example_skips_rows_without_a_caption(tiny_images, tmp_path, ca
 
     import datasets
 
-    finetune = finetune_module()
+    finetune = example_module("finetune")
     images = [image.convert("RGB") for image in tiny_images[:4]]
     rows = {"image": images, "caption": ["a cat", None, " ", "  a dog\n"]}
     datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).save_to_disk(tmp_path / "captions")
@@ -1376,7 +1365,7 @@ def test_finetune_example_seeds_the_lora_weights(converted, tmp_path, monkeypatc
     it: two runs with other random states before them train the same adapter."""
     from safetensors.torch import load_file
 
-    finetune = finetune_module()
+    finetune = example_module("finetune")
     argv = ["--model", str(converted("tiny-neox")), "--max-steps", "1", "--lora", "--seed", "3"]
     adapters = []
     for run, state in enumerate((1, 2)):
@@ -1393,7 +1382,7 @@ def test_finetune_trainer_label_smoothing_scores_the_next_token(converted, tmp_p
     each position's own token: it shifts only for the causal LMs it knows)."""
     from transformers import TrainingArguments
 
-    finetune = finetune_module()
+    finetune = example_module("finetune")
     model, _ = load(converted, "tiny-mpt")
     inputs = sample_inputs()
     inputs["labels"] = inputs["input_ids"].clone()
@@ -1416,7 +1405,7 @@ def test_finetune_trainer_label_smoothing_with_prompt_tuning(converted, family, 
     """PEFT's prompt tuning prepends its virtual tokens' logits (their labels, -100, only in the model's own loss):
     `FlamingoTrainer`'s smoothed loss scores the batch's own tokens, as the model's loss does (it failed with
     "Expected input batch_size (18) to match target batch_size (12)"), and trains the prompt."""
-    finetune = finetune_module()
+    finetune = example_module("finetune")
     model, processor = load(converted, family)
     text = model.config.text_config
     keys = {"num_layers": text.num_hidden_layers, "token_dim": text.hidden_size}  # (MPT's names PEFT does not know)
@@ -1443,7 +1432,7 @@ def test_finetune_trainer_label_smoothing_with_prompt_tuning(converted, family, 
 def smoothed_step_as_4x1_and_2x2(tmp_path, make_model, dataset, collator, **overrides) -> list[dict]:
     """One `FlamingoTrainer` step with label smoothing over 4 rows, as 4 x 1 and as 2 x 2 (gradient accumulation),
     each on a model from `make_model()`: the first log entry of each run."""
-    finetune = finetune_module()
+    finetune = example_module("finetune")
     logs = []
     for batch_size, accumulation in ((4, 1), (2, 2)):
         args = training_args(
