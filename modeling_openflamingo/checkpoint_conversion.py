@@ -2165,22 +2165,22 @@ def _write_failed(target: Path, error: Exception) -> ConversionError:
 _NOTHING_LEFT = "Nothing was left in its place"
 
 
-def _left_behind(error: BaseException, leftovers: Iterable[Path]) -> BaseException | None:
-    """After the clean-up of a failed write: None if it removed everything; else what to raise instead of `error`,
-    naming what stayed (its file system turned read-only or went away): a ConversionError for a failure (whose
-    message said that nothing was left), `error` itself with a note for an interruption (Ctrl-C, SIGTERM)."""
+def _name_leftovers(error: BaseException, leftovers: Iterable[Path]) -> None:
+    """After the clean-up of a failed write, whose caller then re-raises `error`: if some of `leftovers` stayed (its
+    file system turned read-only or went away), name them: a failure raises a ConversionError instead (its message
+    said that nothing was left), an interruption (Ctrl-C, SIGTERM) gets a note."""
     left = [str(path) for path in leftovers if path.exists() or path.is_symlink()]
     if not left:
-        return None
+        return
     said = f"Its partial files could not be removed: delete {', '.join(left)} yourself"
     if not isinstance(error, Exception):
         if hasattr(error, "add_note"):
             error.add_note(said + ".")
         else:  # Python 3.10 has no notes (an AttributeError here replaced the interruption); its args are its own
             print(f"{type(error).__name__}: {said}.", file=sys.stderr)  # (SystemExit's are the exit status)
-        return error
+        return
     text = str(error) if isinstance(error, ConversionError) else f"{type(error).__name__}: {_first_line(error)}"
-    return ConversionError(text.replace(_NOTHING_LEFT, said) if _NOTHING_LEFT in text else f"{text} {said}.")
+    raise ConversionError(text.replace(_NOTHING_LEFT, said) if _NOTHING_LEFT in text else f"{text} {said}.") from error
 
 
 def _write_into(tmp: Path, output_dir: Path, write: Callable[[Path], Any]) -> None:
@@ -2218,8 +2218,7 @@ def _fill_in_place(output_dir: Path, write: Callable[[Path], Any]) -> Path:
         for path in moved:  # empty again, as it was
             with contextlib.suppress(OSError):  # (named below if it stays)
                 _remove(path, missing_ok=True)
-        if (instead := _left_behind(error, [tmp, *moved])) is not None and instead is not error:
-            raise instead from error
+        _name_leftovers(error, [tmp, *moved])
         raise
     return output_dir
 
@@ -2277,8 +2276,7 @@ def save_atomically(output_dir: str | os.PathLike, write: Callable[[Path], Any],
     except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_made(made)
-        if (instead := _left_behind(error, [tmp])) is not None and instead is not error:
-            raise instead from error
+        _name_leftovers(error, [tmp])
         raise
     if old is not None:
         try:
@@ -2705,8 +2703,7 @@ def convert_hf_to_openflamingo(
         with contextlib.suppress(OSError):  # (named below if it stays)
             Path(tmp).unlink(missing_ok=True)
         _remove_made(made)
-        if (instead := _left_behind(error, [Path(tmp)])) is not None and instead is not error:
-            raise instead from error
+        _name_leftovers(error, [Path(tmp)])
         raise
     return output_file
 
